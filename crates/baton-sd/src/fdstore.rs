@@ -48,14 +48,12 @@ impl<'a> StoredName<'a> {
         if let Some(l) = name.strip_prefix("listen/") {
             return StoredName::Listener(l);
         }
-        if let Some(rest) = name.strip_prefix("conn/") {
-            if let Some((pid, seq)) = rest.split_once('/') {
-                if let (Some(pid), Some(seq)) = (crate::wire::parse_decimal(pid), crate::wire::parse_decimal(seq)) {
-                    if let Ok(pid) = u32::try_from(pid) {
-                        return StoredName::Connection { pid, seq };
-                    }
-                }
-            }
+        if let Some(rest) = name.strip_prefix("conn/")
+            && let Some((pid, seq)) = rest.split_once('/')
+            && let (Some(pid), Some(seq)) = (crate::wire::parse_decimal(pid), crate::wire::parse_decimal(seq))
+            && let Ok(pid) = u32::try_from(pid)
+        {
+            return StoredName::Connection { pid, seq };
         }
         StoredName::Other(name)
     }

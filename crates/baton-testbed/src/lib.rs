@@ -1,1 +1,90 @@
-//! placeholder
+//! Test support for Baton: boots a **real systemd** as PID 1 of fresh private
+//! namespaces so integration tests can check protocol behaviour (socket
+//! activation, `sd_notify`, the fd store, restarts) against the systemd
+//! versions we support.
+//!
+//! - [`Flavor::Host`]: the host's own systemd (252 on Debian 12), on an
+//!   overlay of the host root.
+//! - [`Flavor::Trixie`]: systemd 257 from a Debian trixie root built once with
+//!   debootstrap and cached (see [`ensure_trixie_root`]).
+//!
+//! ```no_run
+//! use baton_testbed::{skip_unless_root, Flavor, Testbed};
+//!
+//! # fn main() -> Result<(), baton_testbed::Error> {
+//! if !skip_unless_root("example") {
+//!     return Ok(());
+//! }
+//! let tb = Testbed::boot(Flavor::Host)?;
+//! tb.install_unit("demo.service", "[Service]\nExecStart=/bin/sleep infinity\n")?;
+//! tb.systemctl_checked(&["start", "demo.service"])?;
+//! assert_eq!(tb.show("demo.service", "ActiveState")?, "active");
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # What is shared with the host
+//!
+//! - the **network namespace**: services listen on the host's 127.0.0.1 (use
+//!   [`free_loopback_port`] for unique ports);
+//! - [`Testbed::scratch`] and the cargo target directory, bind-mounted at the
+//!   same absolute paths (more with [`TestbedBuilder::bind`]);
+//! - nothing else is writable: all other changes land in a tmpfs upper layer
+//!   that disappears with the testbed. The host's /tmp, /dev, /run and
+//!   journal are never touched. systemd boots `baton-testbed.target`
+//!   (sysinit + sockets) so none of the host's enabled services start.
+//!
+//! # Requirements
+//!
+//! Root, Linux with cgroup2 (unified or hybrid), `util-linux` (`unshare`,
+//! `nsenter`), `systemd` on the host; `debootstrap` and access to a Debian
+//! mirror the first time a [`Flavor::Trixie`] testbed is booted.
+//!
+//! # Environment
+//!
+//! - `BATON_TESTBED_CACHE`: path of the cached trixie root (default
+//!   [`DEFAULT_TRIXIE_CACHE`]).
+//! - `BATON_TESTBED_MIRROR`: Debian mirror for debootstrap (default
+//!   `http://deb.debian.org/debian`).
+//! - `BATON_TESTBED_STATE_DIR`: where per-testbed state directories go
+//!   (default [`DEFAULT_STATE_BASE`]).
+//! - `CI`: when `true`, [`skip_unless_root`] panics instead of skipping.
+
+mod boot;
+mod cargo;
+mod cgroup;
+mod cmd;
+mod error;
+pub mod mounts;
+mod rootfs;
+mod support;
+mod testbed;
+
+use std::fmt;
+
+pub use boot::{DEFAULT_BOOT_TIMEOUT, DEFAULT_COMMAND_TIMEOUT, DEFAULT_STATE_BASE, STATE_DIR_ENV, TestbedBuilder};
+pub use cargo::{cargo_bin, try_cargo_bin};
+pub use cmd::CmdOutput;
+pub use error::{Error, Result};
+pub use rootfs::{CACHE_ENV, DEFAULT_TRIXIE_CACHE, MIRROR_ENV, ensure_trixie_root, trixie_cache_path};
+pub use support::{free_loopback_port, poll_until, skip_unless_root};
+pub use testbed::Testbed;
+
+/// Which systemd a [`Testbed`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Flavor {
+    /// The host's systemd (252 on Debian 12), lower layer `/`.
+    Host,
+    /// systemd 257 from a cached Debian trixie root (lower layer
+    /// [`trixie_cache_path`]), built with debootstrap on first use.
+    Trixie,
+}
+
+impl fmt::Display for Flavor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Flavor::Host => "host",
+            Flavor::Trixie => "trixie",
+        })
+    }
+}

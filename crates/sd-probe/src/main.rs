@@ -149,10 +149,10 @@ async fn run(opts: Options, mut fds: ListenFds, mut report: Report) -> i32 {
         }
     };
     let notify = |states: &[NotifyState<'_>]| {
-        if let Some(n) = &notifier {
-            if let Err(e) = n.notify(states) {
-                eprintln!("baton-sd-probe: notify: {e}");
-            }
+        if let Some(n) = &notifier
+            && let Err(e) = n.notify(states)
+        {
+            eprintln!("baton-sd-probe: notify: {e}");
         }
     };
 
@@ -226,12 +226,12 @@ async fn run(opts: Options, mut fds: ListenFds, mut report: Report) -> i32 {
     let status = opts.status.clone().unwrap_or_else(|| format!("serving as pid {}", std::process::id()));
     notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
 
-    if opts.barrier {
-        if let Some(n) = &notifier {
-            match n.barrier_async(Duration::from_secs(5)).await {
-                Ok(()) => report.line("barrier ok"),
-                Err(e) => report.line(format!("barrier error {e}")),
-            }
+    if opts.barrier
+        && let Some(n) = &notifier
+    {
+        match n.barrier_async(Duration::from_secs(5)).await {
+            Ok(()) => report.line("barrier ok"),
+            Err(e) => report.line(format!("barrier error {e}")),
         }
     }
     if opts.watchdog {
