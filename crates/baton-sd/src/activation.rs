@@ -133,14 +133,38 @@ impl ListenFds {
     /// Only the first call in a process can return fds; later calls return an
     /// empty set. A `LISTEN_PID` naming another process also gives an empty
     /// set ([`other_pid`](Self::other_pid) says so): those fds were meant for
-    /// someone else and are left alone.
+    /// someone else and are left alone. If an fd that `LISTEN_FDS` promises
+    /// is not open, the error names the first missing one and no fd is
+    /// changed or taken.
     pub fn from_env() -> Result<Self, ActivationError> {
         let var = |name: &'static str| match std::env::var_os(name) {
             None => Ok(None),
             Some(v) => v.into_string().map(Some).map_err(|_| ActivationError::NotUtf8 { var: name }),
         };
         let (pid, fds, names) = (var("LISTEN_PID")?, var("LISTEN_FDS")?, var("LISTEN_FDNAMES")?);
-        let outcome = ListenEnv::parse(pid.as_deref(), fds.as_deref(), names.as_deref(), std::process::id())?;
+        // Before one name per fd is allocated, make sure the fds exist: a
+        // garbage `LISTEN_FDS=2147483000` without `LISTEN_FDNAMES` must fail at
+        // the first closed fd (as `sd_listen_fds(3)` does), not build two
+        // billion names first. F_GETFD changes nothing. Once the fds are
+        // taken they may have been closed by their new owner; later calls
+        // return an empty set without looking.
+        let check_open = |count: usize| -> Result<(), ActivationError> {
+            if TAKEN.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            for i in 0..count {
+                let raw = LISTEN_FDS_START + i as RawFd;
+                // SAFETY: only used for this fcntl(F_GETFD), which reports a
+                // closed fd number as EBADF without touching anything.
+                let borrowed = unsafe { BorrowedFd::borrow_raw(raw) };
+                if let Err(e) = rustix::io::fcntl_getfd(borrowed) {
+                    return Err(ActivationError::NotOpen { fd: raw, count, source: e.into() });
+                }
+            }
+            Ok(())
+        };
+        let outcome =
+            ListenEnv::parse_checked(pid.as_deref(), fds.as_deref(), names.as_deref(), std::process::id(), check_open)?;
         let env = match outcome {
             ListenOutcome::NotActivated => return Ok(Self::empty()),
             ListenOutcome::OtherPid { listen_pid, own_pid } => {

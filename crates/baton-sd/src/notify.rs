@@ -83,6 +83,9 @@ impl Notifier {
     /// (a leading `@` stands for the abstract namespace's NUL byte).
     pub fn new(address: &str) -> Result<Self, NotifyError> {
         let invalid = |reason| NotifyError::InvalidSocket { value: address.to_owned(), reason };
+        if address.len() < 2 || address.contains('\0') {
+            return Err(invalid("expected an absolute path or an @abstract name of at least one character"));
+        }
         let addr = if let Some(name) = address.strip_prefix('@') {
             SocketAddrUnix::new_abstract_name(name.as_bytes())
                 .map_err(|_| invalid("abstract name too long (108 bytes at most)"))?
@@ -155,10 +158,15 @@ impl Notifier {
             let mut pfd = [rustix::event::PollFd::new(&read_end, rustix::event::PollFlags::IN)];
             match rustix::event::poll(&mut pfd, Some(&ts)) {
                 Ok(0) => return Err(self.barrier_timeout(timeout)),
-                // POLLHUP: every write end is closed, the receiver is done.
-                Ok(_) => return Ok(()),
+                Ok(_) => {
+                    // Only end-of-file (every write end closed) acknowledges
+                    // the barrier; bytes written into the pipe do not.
+                    if drain_pipe(&read_end).map_err(|e| self.io(e))? {
+                        return Ok(());
+                    }
+                }
                 Err(rustix::io::Errno::INTR) if !left.is_zero() => continue,
-                Err(e) => return Err(NotifyError::Io { socket: self.display.clone(), source: e.into() }),
+                Err(e) => return Err(self.io(e)),
             }
         }
     }
@@ -171,12 +179,27 @@ impl Notifier {
         // neither closed nor replaced while the AsyncFd lives.
         let fd = unsafe { tokio::io::unix::AsyncFd::register_with_interest(read_end, tokio::io::Interest::READABLE) }
             .map_err(|e| NotifyError::Io { socket: self.display.clone(), source: e.into() })?;
-        // A pipe whose writers are all gone is readable (EOF / POLLHUP).
-        match tokio::time::timeout(timeout, fd.readable()).await {
-            Ok(Ok(_)) => Ok(()),
+        let wait_eof = async {
+            loop {
+                let mut guard = fd.readable().await?;
+                // Only end-of-file (every write end closed) acknowledges the
+                // barrier; bytes written into the pipe do not.
+                match guard.try_io(|inner| drain_pipe(inner.get_ref()).map_err(std::io::Error::from)) {
+                    Ok(Ok(true)) => return Ok(()),
+                    Ok(Ok(false)) | Err(_) => continue,
+                    Ok(Err(e)) => return Err(e),
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, wait_eof).await {
+            Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(NotifyError::Io { socket: self.display.clone(), source: e }),
             Err(_) => Err(self.barrier_timeout(timeout)),
         }
+    }
+
+    fn io(&self, e: rustix::io::Errno) -> NotifyError {
+        NotifyError::Io { socket: self.display.clone(), source: e.into() }
     }
 
     /// Sends `BARRIER=1` with a pipe's write end, closes our copy of it and
@@ -192,6 +215,21 @@ impl Notifier {
 
     fn barrier_timeout(&self, timeout: Duration) -> NotifyError {
         NotifyError::BarrierTimeout { socket: self.display.clone(), timeout }
+    }
+}
+
+/// Reads everything available from a non-blocking pipe: `Ok(true)` at
+/// end-of-file, `Ok(false)` when it would block (data was discarded).
+fn drain_pipe(fd: &OwnedFd) -> Result<bool, rustix::io::Errno> {
+    let mut buf = [0u8; 256];
+    loop {
+        match rustix::io::read(fd, &mut buf) {
+            Ok(0) => return Ok(true),
+            Ok(_) => continue,
+            Err(rustix::io::Errno::AGAIN) => return Ok(false),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e),
+        }
     }
 }
 

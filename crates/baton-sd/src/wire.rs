@@ -17,8 +17,9 @@
 
 use std::fmt;
 
-/// systemd drops a notify datagram whose payload is this long or longer
-/// (`NOTIFY_BUFFER_MAX`, equal to `PIPE_BUF`, in 252–257).
+/// The longest notify payload systemd accepts (`NOTIFY_BUFFER_MAX`, equal
+/// to `PIPE_BUF`, in 252–257): PID 1 receives into a buffer one byte larger
+/// and drops anything longer or truncated.
 pub const NOTIFY_BUFFER_MAX: usize = 4096;
 
 /// The most fds systemd 252–257 accepts in one notify datagram
@@ -137,12 +138,17 @@ impl NotifyState<'_> {
                 value: e.to_string(),
                 reason: "systemd accepts errno values 0..=4095",
             }),
-            Self::MainPid(0) => {
-                Err(WireError::InvalidValue { key: "MAINPID", value: "0".into(), reason: "a pid must be positive" })
-            }
+            Self::MainPid(p) if !pid_is_valid(u64::from(*p)) => Err(WireError::InvalidValue {
+                key: "MAINPID",
+                value: p.to_string(),
+                reason: "a pid must be in 1..=2147483647 (a positive pid_t)",
+            }),
             Self::FdName(n) => validate_fdname(n).map_err(WireError::from),
             Self::Other(line) => {
-                if line.contains(['\n', '\r']) || line.contains('\0') {
+                if line.contains('\0') {
+                    return Err(WireError::Nul);
+                }
+                if line.contains(['\n', '\r']) {
                     return Err(WireError::NewlineInValue { key: key_of(line).to_owned() });
                 }
                 match line.split_once('=') {
@@ -175,9 +181,9 @@ fn check_value(key: &'static str, value: &str) -> Result<(), WireError> {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum WireError {
-    /// The datagram is at least [`NOTIFY_BUFFER_MAX`] bytes; systemd drops it.
+    /// The datagram is longer than [`NOTIFY_BUFFER_MAX`] bytes; systemd drops it.
     #[error(
-        "notify message is {len} bytes; systemd drops messages of 4096 bytes or more: shorten STATUS= or split the message"
+        "notify message is {len} bytes; systemd drops messages over 4096 bytes: shorten STATUS= or split the message"
     )]
     TooLarge {
         /// Length of the payload in bytes.
@@ -250,7 +256,7 @@ pub fn encode(states: &[NotifyState<'_>]) -> Result<String, WireError> {
         // Writing to a String cannot fail.
         let _ = writeln!(out, "{state}");
     }
-    if out.len() >= NOTIFY_BUFFER_MAX {
+    if out.len() > NOTIFY_BUFFER_MAX {
         return Err(WireError::TooLarge { len: out.len() });
     }
     Ok(out)
@@ -352,11 +358,11 @@ impl<'a> Message<'a> {
 }
 
 /// Parses a received notify datagram with systemd 252's rules: at most
-/// 4095 bytes, no NUL except one trailing byte, lines split on `\n` or `\r`
+/// 4096 bytes, no NUL except one trailing byte, lines split on `\n` or `\r`
 /// with empty lines skipped, unknown keys kept, invalid values of known keys
 /// set aside in [`Message::invalid`]. Never panics.
 pub fn parse(datagram: &[u8]) -> Result<Message<'_>, WireError> {
-    if datagram.len() >= NOTIFY_BUFFER_MAX {
+    if datagram.len() > NOTIFY_BUFFER_MAX {
         return Err(WireError::TooLarge { len: datagram.len() });
     }
     let body = datagram.strip_suffix(b"\0").unwrap_or(datagram);
@@ -406,9 +412,9 @@ fn parse_line(line: &str) -> Result<NotifyState<'_>, &'static str> {
             Some(e) if e <= ERRNO_MAX => NotifyState::Errno(e),
             _ => return Err("ERRNO= must be a decimal errno 0..=4095"),
         },
-        ("MAINPID", v) => match parse_decimal(v).and_then(|n| u32::try_from(n).ok()) {
-            Some(p) if p > 0 => NotifyState::MainPid(p),
-            _ => return Err("MAINPID= must be a positive pid"),
+        ("MAINPID", v) => match parse_pid(v) {
+            Some(p) => NotifyState::MainPid(p),
+            None => return Err("MAINPID= must be a positive pid"),
         },
         ("WATCHDOG_USEC", v) => {
             NotifyState::WatchdogUsec(parse_decimal(v).ok_or("WATCHDOG_USEC= must be a decimal u64")?)
@@ -421,6 +427,18 @@ fn parse_line(line: &str) -> Result<NotifyState<'_>, &'static str> {
         }
         _ => NotifyState::Other(line),
     })
+}
+
+/// Whether `p` is a pid systemd's `parse_pid()` accepts: positive and
+/// representable as `pid_t`.
+fn pid_is_valid(p: u64) -> bool {
+    (1..=i32::MAX as u64).contains(&p)
+}
+
+/// A strict decimal pid in `1..=i32::MAX` (systemd's `parse_pid()` refuses
+/// what does not fit `pid_t`).
+fn parse_pid(s: &str) -> Option<u32> {
+    parse_decimal(s).filter(|p| pid_is_valid(*p)).map(|p| p as u32)
 }
 
 /// Strict unsigned decimal: digits only, no sign, no spaces, no overflow.
@@ -508,23 +526,38 @@ impl ListenEnv {
     /// means one empty name. systemd itself produces that when a single fd
     /// was stored with an empty `FDNAME=`, and libsystemd 252 would then
     /// reject its own environment.
+    ///
+    /// Without `LISTEN_FDNAMES` the result holds one `unknown` per fd, so
+    /// memory grows with `LISTEN_FDS` (up to `INT_MAX - 3` names): code
+    /// reading an untrusted environment should first check that the fds
+    /// exist, as [`ListenFds::from_env`](crate::ListenFds::from_env) does.
     pub fn parse(
         pid: Option<&str>,
         fds: Option<&str>,
         names: Option<&str>,
         own_pid: u32,
     ) -> Result<ListenOutcome, EnvError> {
+        Self::parse_checked(pid, fds, names, own_pid, |_| Ok(()))
+    }
+
+    /// [`parse`](Self::parse), calling `check` with the validated fd count
+    /// before one name per fd is allocated, so that a huge `LISTEN_FDS`
+    /// can be refused before it costs memory.
+    pub(crate) fn parse_checked<E: From<EnvError>>(
+        pid: Option<&str>,
+        fds: Option<&str>,
+        names: Option<&str>,
+        own_pid: u32,
+        check: impl FnOnce(usize) -> Result<(), E>,
+    ) -> Result<ListenOutcome, E> {
         let Some(pid_str) = pid else {
             return Ok(ListenOutcome::NotActivated);
         };
-        let listen_pid =
-            parse_decimal(pid_str).and_then(|p| u32::try_from(p).ok()).filter(|p| *p > 0).ok_or_else(|| {
-                EnvError::InvalidVar {
-                    var: "LISTEN_PID",
-                    value: pid_str.to_owned(),
-                    expected: "a positive decimal pid",
-                }
-            })?;
+        let listen_pid = parse_pid(pid_str).ok_or_else(|| EnvError::InvalidVar {
+            var: "LISTEN_PID",
+            value: pid_str.to_owned(),
+            expected: "a positive decimal pid",
+        })?;
         if listen_pid != own_pid {
             return Ok(ListenOutcome::OtherPid { listen_pid, own_pid });
         }
@@ -537,19 +570,22 @@ impl ListenEnv {
             value: fds_str.to_owned(),
             expected: "a decimal fd count of at least 1",
         })? as usize;
+        if let Some(list) = names {
+            // Counting first keeps a mismatch from allocating anything.
+            let n = list.split(':').count();
+            if n != count {
+                return Err(EnvError::NameCount {
+                    names: list.to_owned(),
+                    count: if list.is_empty() { 0 } else { n },
+                    fds: count,
+                }
+                .into());
+            }
+        }
+        check(count)?;
         let names = match names {
             None => vec!["unknown".to_owned(); count],
-            Some(list) => {
-                let names: Vec<String> = list.split(':').map(str::to_owned).collect();
-                if names.len() != count {
-                    return Err(EnvError::NameCount {
-                        names: list.to_owned(),
-                        count: if list.is_empty() { 0 } else { names.len() },
-                        fds: count,
-                    });
-                }
-                names
-            }
+            Some(list) => list.split(':').map(str::to_owned).collect(),
         };
         Ok(ListenOutcome::Activated(ListenEnv { pid: listen_pid, names }))
     }
@@ -591,8 +627,8 @@ mod tests {
         assert_eq!(encode(&[NotifyState::Status("a\0b")]), Err(WireError::Nul));
         let long = "x".repeat(4090);
         assert!(matches!(encode(&[NotifyState::Status(&long)]), Err(WireError::TooLarge { len: 4098 })));
-        let fits = "x".repeat(4095 - "STATUS=\n".len());
-        assert_eq!(encode(&[NotifyState::Status(&fits)]).unwrap().len(), 4095);
+        let fits = "x".repeat(4096 - "STATUS=\n".len());
+        assert_eq!(encode(&[NotifyState::Status(&fits)]).unwrap().len(), 4096);
         assert!(matches!(encode(&[NotifyState::FdName("a:b")]), Err(WireError::FdName(_))));
         assert!(matches!(encode(&[NotifyState::FdName(&"n".repeat(256))]), Err(WireError::FdName(_))));
         assert!(encode(&[NotifyState::FdName(&"n".repeat(255))]).is_ok());
@@ -613,8 +649,8 @@ mod tests {
         assert_eq!(parse(b"READY=1\0").unwrap().lifecycle(), Some(Lifecycle::Ready));
         assert_eq!(parse(b"READY=1\0\0"), Err(WireError::Nul));
         assert_eq!(parse(b"REA\0DY=1"), Err(WireError::Nul));
-        assert!(matches!(parse(&[b'x'; 4096]), Err(WireError::TooLarge { .. })));
-        assert!(parse(&[b'x'; 4095]).is_ok());
+        assert!(matches!(parse(&[b'x'; 4097]), Err(WireError::TooLarge { .. })));
+        assert!(parse(&[b'x'; 4096]).is_ok());
         assert_eq!(parse(b"READY=0").unwrap().lifecycle(), None);
         assert_eq!(parse(b"READY=1\r\nWATCHDOG=1").unwrap().fields, vec![NotifyState::Ready, NotifyState::Watchdog]);
         assert_eq!(parse(b"BARRIER=1").unwrap().barrier(), BarrierUse::Valid);
@@ -653,5 +689,44 @@ mod tests {
         let [(_, p), (_, n), (_, names)] = env.to_vars().unwrap();
         assert_eq!(ListenEnv::parse(Some(&p), Some(&n), Some(&names), 42), Ok(Activated(env)));
         assert!(ListenEnv { pid: 1, names: vec!["a:b".into()] }.to_vars().is_err());
+    }
+
+    #[test]
+    fn pids_must_fit_pid_t() {
+        // systemd's parse_pid() refuses what does not fit pid_t.
+        assert!(encode(&[NotifyState::MainPid(i32::MAX as u32)]).is_ok());
+        let err = encode(&[NotifyState::MainPid(i32::MAX as u32 + 1)]).unwrap_err();
+        assert!(matches!(err, WireError::InvalidValue { key: "MAINPID", .. }), "{err}");
+        assert!(encode(&[NotifyState::MainPid(u32::MAX)]).is_err());
+        assert_eq!(parse(b"MAINPID=2147483647").unwrap().fields, vec![NotifyState::MainPid(i32::MAX as u32)]);
+        let m = parse(b"MAINPID=2147483648").unwrap();
+        assert!(m.fields.is_empty());
+        assert_eq!(m.invalid.len(), 1);
+        let err = ListenEnv::parse(Some("2147483648"), Some("1"), None, 7).unwrap_err();
+        assert!(matches!(err, EnvError::InvalidVar { var: "LISTEN_PID", .. }), "{err}");
+    }
+
+    #[test]
+    fn nul_in_other_line_is_reported_as_nul() {
+        assert_eq!(encode(&[NotifyState::Other("X_A=b\0c")]), Err(WireError::Nul));
+        assert!(matches!(encode(&[NotifyState::Other("X_A=b\nc")]), Err(WireError::NewlineInValue { .. })));
+    }
+
+    #[test]
+    fn check_runs_before_names_are_allocated() {
+        // Without LISTEN_FDNAMES, a huge LISTEN_FDS would otherwise cost one
+        // String per promised fd before anything could refuse it.
+        let mut seen = None;
+        let out = ListenEnv::parse_checked(Some("7"), Some("2147483644"), None, 7, |count| {
+            seen = Some(count);
+            Err(EnvError::InvalidVar { var: "LISTEN_FDS", value: count.to_string(), expected: "open fds" })
+        });
+        assert!(out.is_err());
+        assert_eq!(seen, Some(2147483644));
+        // A name-count mismatch is reported before the check runs.
+        let out = ListenEnv::parse_checked(Some("7"), Some("3"), Some("a:b"), 7, |_| -> Result<(), EnvError> {
+            panic!("check must not run")
+        });
+        assert!(matches!(out, Err(EnvError::NameCount { count: 2, fds: 3, .. })));
     }
 }
