@@ -25,8 +25,11 @@
 //! | `--barrier` | send `BARRIER=1` after `READY=1` and report `barrier ok` |
 //! | `--watchdog` | ping the watchdog when `WATCHDOG_USEC` asks for it |
 //! | `--reload` | on SIGHUP: `RELOADING=1` + `MONOTONIC_USEC`, report `reloaded`, `READY=1` |
+//! | `--fail-if-exists FILE` | exit 3 before `READY=1` while FILE exists (fault tests) |
+//! | `--hang-if-exists FILE` | never send `READY=1` while FILE exists (fault tests) |
 //!
-//! On SIGTERM it sends `STOPPING=1`, reports `stopping` and exits 0.
+//! On SIGTERM it sends `STOPPING=1`, stops accepting, finishes the
+//! connections it accepted, reports `stopping` and exits 0.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -34,7 +37,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use baton_sd::shutdown::Shutdown;
+use baton_sd::shutdown::{Drain, Shutdown};
 use baton_sd::{FdKind, ListenFds, Notifier, NotifyState, watchdog};
 use tokio::io::AsyncWriteExt;
 use tokio::signal::unix::{SignalKind, signal};
@@ -51,6 +54,8 @@ struct Options {
     barrier: bool,
     watchdog: bool,
     reload: bool,
+    fail_if_exists: Option<String>,
+    hang_if_exists: Option<String>,
 }
 
 fn parse_args() -> Result<Options, String> {
@@ -74,6 +79,8 @@ fn parse_args() -> Result<Options, String> {
             "--barrier" => o.barrier = true,
             "--watchdog" => o.watchdog = true,
             "--reload" => o.reload = true,
+            "--fail-if-exists" => o.fail_if_exists = Some(value()?),
+            "--hang-if-exists" => o.hang_if_exists = Some(value()?),
             other => return Err(format!("unknown option {other:?}")),
         }
     }
@@ -182,16 +189,23 @@ async fn run(opts: Options, mut fds: ListenFds, mut report: Report) -> i32 {
         }
     }
 
+    let drain = Drain::new();
+    let mut acceptors = Vec::new();
     for name in &opts.serve {
         match fds.take_tokio_tcp_listener(name.as_str()) {
             Ok(Some(listener)) => {
                 let reply = format!("{name} {}\n", std::process::id());
-                tokio::spawn(async move {
+                let drain = drain.clone();
+                acceptors.push(tokio::spawn(async move {
                     while let Ok((mut stream, _)) = listener.accept().await {
                         let reply = reply.clone();
-                        tokio::spawn(async move { stream.write_all(reply.as_bytes()).await });
+                        let guard = drain.track();
+                        tokio::spawn(async move {
+                            let _ = stream.write_all(reply.as_bytes()).await;
+                            drop(guard);
+                        });
                     }
-                });
+                }));
             }
             Ok(None) => report.line(format!("missing listener {name}")),
             Err(e) => {
@@ -222,6 +236,18 @@ async fn run(opts: Options, mut fds: ListenFds, mut report: Report) -> i32 {
         }
     }
 
+    if let Some(f) = &opts.fail_if_exists
+        && std::path::Path::new(f).exists()
+    {
+        report.line("failing before ready");
+        return 3;
+    }
+    if let Some(f) = &opts.hang_if_exists
+        && std::path::Path::new(f).exists()
+    {
+        report.line("hanging before ready");
+        std::future::pending::<()>().await;
+    }
     report.line("ready");
     let status = opts.status.clone().unwrap_or_else(|| format!("serving as pid {}", std::process::id()));
     notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
@@ -255,7 +281,14 @@ async fn run(opts: Options, mut fds: ListenFds, mut report: Report) -> i32 {
     loop {
         tokio::select! {
             (sig, sent) = shutdown.wait(notifier.as_deref()) => {
-                report.line(format!("stopping signal={sig:?} notified={}", sent.is_ok()));
+                // Stop accepting (dropping the listeners), then finish what
+                // was accepted: the listening socket itself stays open in the
+                // manager, so new connections wait for the next generation.
+                for a in &acceptors {
+                    a.abort();
+                }
+                let drained = drain.wait_idle(Duration::from_secs(10)).await.is_ok();
+                report.line(format!("stopping signal={sig:?} notified={} drained={drained}", sent.is_ok()));
                 return 0;
             }
             _ = hup.recv(), if opts.reload => {

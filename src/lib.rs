@@ -1,0 +1,28 @@
+//! Baton's supervisor, as a library so the `baton` binary, the integration
+//! tests and the benchmarks share one implementation.
+//!
+//! The pieces, each in its own module:
+//!
+//! - [`listen`]: `[NAME=]ADDR` listen specs, binding sockets with their
+//!   options, and taking inherited sockets (from systemd or another Baton).
+//! - [`spawn`]: starting one generation of the app exactly as systemd would
+//!   (fds at 3.., `LISTEN_*`, `NOTIFY_SOCKET`, `LISTEN_PID` set after fork
+//!   without allocating), in its own process group, tracked by pidfd.
+//! - [`reaper`]: reaps every child (Baton is a subreaper) and reports exits.
+//! - [`notify_server`]: the receiving end of `sd_notify`, with systemd's
+//!   credential checks and limits.
+//! - [`store`]: Baton's own fd store (`FDSTORE=1` from the app), polled for
+//!   hang-ups.
+//! - [`supervisor`]: the generation state machine: start, READY, overlapped
+//!   restart, drain, crash backoff.
+//! - [`control`]: the control socket and the client side of `baton restart`,
+//!   `status`, `stop`.
+#![warn(missing_docs)]
+
+pub mod control;
+pub mod listen;
+pub mod notify_server;
+pub mod reaper;
+pub mod spawn;
+pub mod store;
+pub mod supervisor;

@@ -1,0 +1,432 @@
+//! Baton's own fd store.
+//!
+//! The app sends `FDSTORE=1` (with `FDNAME=` and fds) to keep fds — its
+//! listeners, live connections, memfds with state — across a restart; the
+//! next generation receives them after the sockets in `LISTEN_FDS`, with
+//! their names in `LISTEN_FDNAMES`. The semantics are systemd 252's
+//! (`service_add_fd_store()`, `on_fd_store_io()` and
+//! `service_remove_fd_store()` in `src/core/service.c`):
+//!
+//! - a maximum (`--fdstore-max`, systemd's `FileDescriptorStoreMax=`); 0
+//!   disables the store and every fd sent is closed;
+//! - when the store is full, the fd that does not fit and all remaining fds
+//!   of that message are closed (checked *before* de-duplication, as in
+//!   systemd);
+//! - an fd referring to the same open file description as an entry already
+//!   stored is closed silently (systemd's `same_fd()`);
+//! - polled entries (the default) are removed automatically when they report
+//!   `EPOLLHUP` or `EPOLLERR` — a connection whose peer is gone — while
+//!   `FDPOLL=0` entries and fds that cannot be polled (regular files,
+//!   memfds) are kept until removed;
+//! - `FDSTOREREMOVE=1` removes every entry with the given name.
+//!
+//! # Hang-up detection
+//!
+//! Exactly as systemd (`sd_event_add_io(…, fd, 0, …)`), polled entries are
+//! registered with an *empty* event mask in a private epoll instance: the
+//! kernel reports only `EPOLLHUP` and `EPOLLERR` for them, never
+//! readability. A stored connection whose client pipelines data, or
+//! half-closes its side (`EPOLLRDHUP`), therefore never wakes Baton. The
+//! epoll fd itself is registered with tokio once and becomes readable only
+//! when some entry hung up. Using a private epoll instance also sidesteps
+//! tokio's rule that one fd is registered only once: a stored fd may share its
+//! open file description with one of Baton's own listening sockets, which is
+//! registered in tokio's epoll, not in ours.
+//!
+//! Order: [`FdStore::entries`] yields insertion order. systemd 252 passes its
+//! store newest-first (it prepends) and documents the order as arbitrary;
+//! insertion order is the one an app can reason about.
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+
+use rustix::event::epoll;
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+
+/// `KCMP_FILE` from `<linux/kcmp.h>`: compare two fds' open file
+/// descriptions.
+const KCMP_FILE: libc::c_int = 0;
+
+/// The outcome for one fd given to [`FdStore::add`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Added {
+    /// The fd is now in the store.
+    Stored,
+    /// The store already holds this open file description; the fd was
+    /// closed (systemd does the same, silently).
+    Duplicate,
+}
+
+/// Why fds could not be stored. The fds counted in `closed` are closed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The store is disabled (maximum 0).
+    #[error(
+        "the fd store is disabled: closed {closed} fd(s) the app sent with FDSTORE=1; start Baton with \
+         --fdstore-max N to keep them"
+    )]
+    Disabled {
+        /// How many fds were closed.
+        closed: usize,
+    },
+    /// The store holds its maximum already.
+    #[error(
+        "the fd store is full ({max} fds): closed the remaining {closed} fd(s); raise --fdstore-max or have the \
+         app remove entries with FDSTOREREMOVE=1"
+    )]
+    Full {
+        /// The store's maximum.
+        max: usize,
+        /// How many fds were closed.
+        closed: usize,
+    },
+    /// Watching an fd for hang-ups failed for a reason other than the fd
+    /// being unpollable (e.g. `fs.epoll.max_user_watches` reached). As in
+    /// systemd, that fd and the remaining ones were closed.
+    #[error(
+        "could not watch a stored fd for hang-ups: {source}; closed {closed} fd(s) (raise \
+         fs.epoll.max_user_watches, or send FDPOLL=0 for fds that need no watching)"
+    )]
+    Watch {
+        /// How many fds were closed.
+        closed: usize,
+        /// The epoll error.
+        source: io::Error,
+    },
+}
+
+/// A polled entry that hung up and was removed from the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hangup {
+    /// The entry's name (`FDNAME=`).
+    pub name: String,
+}
+
+#[derive(Debug)]
+struct Entry {
+    /// Key in the epoll instance, unique for the store's lifetime.
+    id: u64,
+    name: String,
+    fd: OwnedFd,
+    /// Registered in the epoll instance (must be deleted from it before the
+    /// fd is closed: other processes may hold copies of the description, and
+    /// epoll forgets an fd only when the description's last copy closes).
+    polled: bool,
+}
+
+/// The private epoll instance, created on the first polled entry and handed
+/// to tokio on the first [`FdStore::hangup`].
+#[derive(Debug)]
+enum Watcher {
+    None,
+    Plain(OwnedFd),
+    Registered(AsyncFd<OwnedFd>),
+    /// tokio refused to register it: hang-ups go unnoticed (logged once).
+    Unregistrable(OwnedFd),
+}
+
+impl Watcher {
+    fn epoll_fd(&self) -> Option<BorrowedFd<'_>> {
+        match self {
+            Watcher::None => None,
+            Watcher::Plain(fd) | Watcher::Unregistrable(fd) => Some(fd.as_fd()),
+            Watcher::Registered(afd) => Some(afd.get_ref().as_fd()),
+        }
+    }
+}
+
+/// Baton's fd store. See the [module docs](self).
+#[derive(Debug)]
+pub struct FdStore {
+    max: usize,
+    entries: Vec<Entry>,
+    next_id: u64,
+    watcher: Watcher,
+    spurious_wakeups: u64,
+}
+
+impl FdStore {
+    /// An empty store holding at most `max` fds; 0 disables it.
+    ///
+    /// Needs no runtime; [`hangup`](Self::hangup) must be awaited within a
+    /// tokio runtime.
+    pub fn new(max: usize) -> FdStore {
+        FdStore { max, entries: Vec::new(), next_id: 0, watcher: Watcher::None, spurious_wakeups: 0 }
+    }
+
+    /// The maximum number of entries.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// The number of entries.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the store holds no fd.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Adds one datagram's fds under one name. `poll` is false for
+    /// `FDPOLL=0`.
+    ///
+    /// Returns the outcome per fd, or a [`StoreError`] once an fd cannot be
+    /// stored: that fd and all the following ones are closed (the ones
+    /// before it stay stored). No fds is always `Ok`, even when the store is
+    /// disabled.
+    pub fn add(&mut self, name: &str, fds: Vec<OwnedFd>, poll: bool) -> Result<Vec<Added>, StoreError> {
+        let mut outcome = Vec::with_capacity(fds.len());
+        let mut fds = fds.into_iter();
+        while let Some(fd) = fds.next() {
+            // Dropping `fd` and the iterator closes what is left.
+            let closed = 1 + fds.len();
+            if self.entries.len() >= self.max {
+                return Err(if self.max == 0 {
+                    StoreError::Disabled { closed }
+                } else {
+                    StoreError::Full { max: self.max, closed }
+                });
+            }
+            if self.entries.iter().any(|e| same_fd(e.fd.as_fd(), fd.as_fd())) {
+                outcome.push(Added::Duplicate);
+                continue;
+            }
+            let id = self.next_id;
+            self.next_id += 1;
+            let polled = if poll {
+                match self.watch(fd.as_fd(), id) {
+                    Ok(polled) => polled,
+                    Err(source) => return Err(StoreError::Watch { closed, source }),
+                }
+            } else {
+                false
+            };
+            self.entries.push(Entry { id, name: name.to_owned(), fd, polled });
+            outcome.push(Added::Stored);
+        }
+        Ok(outcome)
+    }
+
+    /// `FDSTOREREMOVE=1`: removes and closes every entry named `name`;
+    /// returns how many.
+    pub fn remove(&mut self, name: &str) -> usize {
+        let before = self.entries.len();
+        let mut kept = Vec::with_capacity(before);
+        for entry in std::mem::take(&mut self.entries) {
+            if entry.name == name {
+                self.close(entry);
+            } else {
+                kept.push(entry);
+            }
+        }
+        self.entries = kept;
+        before - self.entries.len()
+    }
+
+    /// The entries in insertion order, for passing to the next generation.
+    pub fn entries(&self) -> impl Iterator<Item = (&str, BorrowedFd<'_>)> {
+        self.entries.iter().map(|e| (e.name.as_str(), e.fd.as_fd()))
+    }
+
+    /// Waits until a polled entry hangs up (`EPOLLHUP`/`EPOLLERR`), removes
+    /// and closes it, and says which.
+    ///
+    /// Pending forever while nothing polled hangs up. Cancel-safe: the
+    /// hang-up is taken from epoll and the entry removed within one poll, so
+    /// it can be a branch of `tokio::select!` in a loop.
+    pub async fn hangup(&mut self) -> Hangup {
+        if let Watcher::Plain(_) = self.watcher {
+            let Watcher::Plain(ep) = std::mem::replace(&mut self.watcher, Watcher::None) else { unreachable!() };
+            // SAFETY: the `OwnedFd` moves into the `AsyncFd`, which owns it
+            // until dropped: it stays open, refers to the same epoll
+            // instance, and `as_raw_fd()` returns the same number throughout.
+            self.watcher = match unsafe { AsyncFd::register_with_interest(ep, Interest::READABLE) } {
+                Ok(afd) => Watcher::Registered(afd),
+                Err(e) => {
+                    let (ep, e) = e.into_parts();
+                    tracing::error!("fd store: cannot watch stored fds for hang-ups: {e}; they stay stored");
+                    Watcher::Unregistrable(ep)
+                }
+            };
+        }
+        let FdStore { entries, watcher, spurious_wakeups, .. } = self;
+        let Watcher::Registered(afd) = &*watcher else {
+            // Nothing polled yet (a later call will see new entries), or
+            // hang-ups cannot be watched at all.
+            return std::future::pending().await;
+        };
+        loop {
+            let mut guard = match afd.readable().await {
+                Ok(guard) => guard,
+                Err(e) => {
+                    tracing::error!("fd store: watching for hang-ups failed: {e}; stored fds stay stored");
+                    return std::future::pending().await;
+                }
+            };
+            let mut events = [const { MaybeUninit::<epoll::Event>::uninit() }; 16];
+            let zero = rustix::time::Timespec { tv_sec: 0, tv_nsec: 0 };
+            let (found, more) = match epoll::wait(afd.get_ref(), &mut events, Some(&zero)) {
+                // Every registered id belongs to a live entry (ids leave
+                // epoll before their entry goes), so the first event is
+                // normally the one; looking past unknown ids keeps even a
+                // stale registration from hiding real hang-ups.
+                Ok((ready, _)) => {
+                    (ready.iter().find_map(|ev| entries.iter().position(|e| e.id == ev.data.u64())), ready.len() > 1)
+                }
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => {
+                    tracing::error!("fd store: epoll_wait failed: {e}; stored fds stay stored");
+                    return std::future::pending().await;
+                }
+            };
+            let Some(pos) = found else {
+                // Nothing to report: wait for the next edge.
+                *spurious_wakeups += 1;
+                guard.clear_ready();
+                continue;
+            };
+            if more {
+                // Level-triggered: the other pending hang-ups are reported
+                // again by the next epoll_wait, so keep the readiness.
+                guard.retain_ready();
+            } else {
+                // The one pending event is handled (its entry leaves epoll
+                // below). A hang-up arriving meanwhile is a new edge for the
+                // reactor, which `clear_ready` does not swallow.
+                guard.clear_ready();
+            }
+            let entry = entries.remove(pos);
+            let name = entry.name.clone();
+            close_entry(watcher.epoll_fd(), entry);
+            return Hangup { name };
+        }
+    }
+
+    /// Empties the store, closing everything.
+    pub fn clear(&mut self) {
+        for entry in std::mem::take(&mut self.entries) {
+            self.close(entry);
+        }
+    }
+
+    /// How often [`hangup`](Self::hangup) woke up without any hang-up to
+    /// report. Stays 0 when readable-but-alive entries cause no wake-ups;
+    /// for tests.
+    #[doc(hidden)]
+    pub fn spurious_wakeups(&self) -> u64 {
+        self.spurious_wakeups
+    }
+
+    /// Registers `fd` for hang-ups. `Ok(false)` when it cannot be polled
+    /// (epoll says `EPERM`: regular files, memfds), which systemd accepts as
+    /// "never hangs up".
+    fn watch(&mut self, fd: BorrowedFd<'_>, id: u64) -> io::Result<bool> {
+        if let Watcher::None = self.watcher {
+            self.watcher = Watcher::Plain(epoll::create(epoll::CreateFlags::CLOEXEC)?);
+        }
+        let ep = self.watcher.epoll_fd().expect("created above");
+        // An empty mask: only EPOLLHUP and EPOLLERR, which epoll always
+        // reports, level-triggered until the entry is deleted.
+        match epoll::add(ep, fd, epoll::EventData::new_u64(id), epoll::EventFlags::empty()) {
+            Ok(()) => Ok(true),
+            Err(rustix::io::Errno::PERM) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn close(&self, entry: Entry) {
+        close_entry(self.watcher.epoll_fd(), entry);
+    }
+}
+
+fn close_entry(epoll_fd: Option<BorrowedFd<'_>>, entry: Entry) {
+    if entry.polled
+        && let Some(ep) = epoll_fd
+    {
+        let _ = epoll::delete(ep, &entry.fd);
+    }
+    drop(entry);
+}
+
+/// systemd's `same_fd()`: whether two fds refer to the same open file
+/// description. `kcmp(KCMP_FILE)` answers exactly; where it is unavailable
+/// (`ENOSYS`, or `EPERM`/`EACCES` under a restrictive seccomp or Yama
+/// policy), the fallback is the same inode (and file type), not a device, and
+/// the same file status flags — which tells the two ends of a pipe apart but
+/// may take two separate opens of one file with equal flags for one.
+/// Any other error counts as "different", so the fd is stored rather than
+/// lost.
+fn same_fd(a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> bool {
+    if a.as_raw_fd() == b.as_raw_fd() {
+        return true;
+    }
+    let pid = libc::pid_t::try_from(std::process::id()).unwrap_or(0);
+    // SAFETY: kcmp takes only integers (pids, a type, two fd numbers) and
+    // touches no memory of ours.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            pid,
+            pid,
+            KCMP_FILE,
+            a.as_raw_fd() as libc::c_ulong,
+            b.as_raw_fd() as libc::c_ulong,
+        )
+    };
+    match r {
+        0 => true,
+        r if r > 0 => false,
+        _ => match io::Error::last_os_error().raw_os_error() {
+            Some(libc::ENOSYS | libc::EPERM | libc::EACCES) => same_fd_by_stat(a, b),
+            _ => false,
+        },
+    }
+}
+
+/// The `fstat` + `F_GETFL` fallback of [`same_fd`].
+fn same_fd_by_stat(a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> bool {
+    let (Ok(sa), Ok(sb)) = (rustix::fs::fstat(a), rustix::fs::fstat(b)) else {
+        return false;
+    };
+    let kind = |st: &rustix::fs::Stat| st.st_mode & libc::S_IFMT;
+    if sa.st_dev != sb.st_dev || sa.st_ino != sb.st_ino || kind(&sa) != kind(&sb) {
+        return false;
+    }
+    // Two fds of one device node may be quite different device contexts.
+    if kind(&sa) == libc::S_IFCHR || kind(&sa) == libc::S_IFBLK {
+        return false;
+    }
+    matches!((rustix::fs::fcntl_getfl(a), rustix::fs::fcntl_getfl(b)), (Ok(fa), Ok(fb)) if fa == fb)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_fd_tells_descriptions_apart() {
+        let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap();
+        let r2 = r.try_clone().unwrap();
+        assert!(same_fd(r.as_fd(), r2.as_fd()));
+        assert!(!same_fd(r.as_fd(), w.as_fd()), "pipe ends are different descriptions");
+        let f1 = std::fs::File::open("/proc/self/exe").unwrap();
+        let f2 = std::fs::File::open("/proc/self/exe").unwrap();
+        assert!(!same_fd(f1.as_fd(), f2.as_fd()), "kcmp sees two opens of one file as different");
+    }
+
+    #[test]
+    fn stat_fallback_matches_systemd() {
+        let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap();
+        let r2 = r.try_clone().unwrap();
+        assert!(same_fd_by_stat(r.as_fd(), r2.as_fd()));
+        assert!(!same_fd_by_stat(r.as_fd(), w.as_fd()), "same inode, different flags");
+        let null1 = std::fs::File::open("/dev/null").unwrap();
+        let null2 = null1.try_clone().unwrap();
+        assert!(!same_fd_by_stat(null1.as_fd(), null2.as_fd()), "device fds always count as different");
+    }
+}

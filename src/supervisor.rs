@@ -1,0 +1,943 @@
+//! The generation state machine.
+//!
+//! One task owns all state and reacts to events — control requests, notify
+//! datagrams, child exits, fd-store hang-ups, timers, signals — so there are
+//! no locks and every transition is in one place:
+//!
+//! ```text
+//!   spawn ──► Starting ──READY=1──► (HealthCheck) ──► Active ──restart──► Draining ──exit──► gone
+//!                │                                         │
+//!                └── exit / ready timeout / bad health ──► killed; the Active one keeps serving
+//! ```
+//!
+//! At most one generation is starting at a time. Restart requests that
+//! arrive meanwhile wait for the *next* restart, which starts as soon as the
+//! current one ends, and all of them get its outcome.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use baton_sd::wire::{self, BarrierUse, Lifecycle, NotifyState};
+use baton_sd::{FdPoll, Notifier};
+use rustix::process::Signal;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::control::{
+    GenerationStatus, Incoming, Request, Response, RestartDone, RestartFailure, SocketStatus, Status,
+};
+use crate::listen::BoundSocket;
+use crate::notify_server::{Datagram, NotifyServer};
+use crate::reaper::{self, Reaper};
+use crate::spawn::{AppCommand, Child, GenerationSetup};
+use crate::store::FdStore;
+
+/// Who may send notifications (`NotifyAccess=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NotifyAccess {
+    /// Only a generation's main process.
+    #[default]
+    Main,
+    /// The main process and Baton's control processes (the health check).
+    Exec,
+    /// Any process of the generation's process group.
+    All,
+}
+
+/// Crash-restart policy for generations that die on their own.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    /// Delay before the first restart.
+    pub initial: Duration,
+    /// Upper bound of the doubling delay.
+    pub max: Duration,
+    /// Crashes allowed within `interval` before Baton gives up.
+    pub burst: u32,
+    /// The window for `burst`.
+    pub interval: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(30),
+            burst: 10,
+            interval: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Everything `baton run` was asked to do.
+pub struct Config {
+    /// Instance name (logs, status).
+    pub name: String,
+    /// The app.
+    pub command: AppCommand,
+    /// Listening sockets, passed to every generation at 3.. in this order.
+    pub sockets: Vec<BoundSocket>,
+    /// Fd-store entries inherited at start (from systemd's store).
+    pub stored: Vec<(String, OwnedFd)>,
+    /// How long a new generation may take to send READY=1.
+    pub ready_timeout: Duration,
+    /// Signal that asks a generation to drain and exit.
+    pub stop_signal: Signal,
+    /// Drain deadline after the stop signal; then SIGKILL.
+    pub stop_timeout: Duration,
+    /// Who may notify.
+    pub notify_access: NotifyAccess,
+    /// `WATCHDOG_USEC` for generations, enforced.
+    pub watchdog: Option<Duration>,
+    /// Fd-store capacity (0 disables it).
+    pub fdstore_max: usize,
+    /// Shell command that must succeed after READY=1 before the cutover.
+    pub health_cmd: Option<String>,
+    /// Draining generations allowed at once; the oldest is killed beyond.
+    pub max_draining: usize,
+    /// Crash-restart policy.
+    pub backoff: Backoff,
+}
+
+/// How a supervisor run ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// Stopped on request (signal or `baton stop`).
+    Stopped,
+    /// Gave up: the app kept dying.
+    CrashLoop(String),
+}
+
+/// Fatal errors of the supervisor itself.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SupervisorError {
+    /// A socket, signal handler or the notify socket failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What Baton was doing.
+        context: &'static str,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Starting,
+    HealthCheck { pid: u32 },
+    Active,
+    Draining { kill_at: Instant, killed: bool },
+}
+
+struct Generation {
+    number: u64,
+    child: Child,
+    main_pid: u32,
+    state: State,
+    spawned_at: Instant,
+    ready_at: Option<Instant>,
+    /// Start deadline (Starting/HealthCheck), extended by EXTEND_TIMEOUT_USEC.
+    start_deadline: Instant,
+    status_text: Option<String>,
+    watchdog: Option<Duration>,
+    last_ping: Instant,
+}
+
+impl Generation {
+    fn state_name(&self) -> &'static str {
+        match self.state {
+            State::Starting => "starting",
+            State::HealthCheck { .. } => "health-check",
+            State::Active => "active",
+            State::Draining { .. } => "draining",
+        }
+    }
+
+    fn pgid(&self) -> u32 {
+        self.child.pid
+    }
+}
+
+/// Why a restart is happening.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trigger {
+    /// The first generation.
+    Initial,
+    /// `baton restart` or SIGHUP.
+    Requested,
+    /// The active generation died or asked to be replaced.
+    Replace,
+}
+
+struct Restart {
+    generation: u64,
+    trigger: Trigger,
+    waiters: Vec<oneshot::Sender<Response>>,
+}
+
+/// The running supervisor.
+pub struct Supervisor {
+    cfg: Config,
+    notify: NotifyServer,
+    reaper: Reaper,
+    store: FdStore,
+    upstream: Option<Arc<Notifier>>,
+    generations: Vec<Generation>,
+    next_number: u64,
+    restart: Option<Restart>,
+    /// Requests that arrived during a restart: served by the next one.
+    pending: Vec<oneshot::Sender<Response>>,
+    pending_requested: bool,
+    /// When to start a crash replacement (backoff).
+    scheduled: Option<Instant>,
+    crashes: VecDeque<Instant>,
+    consecutive_failures: u32,
+    started: Instant,
+    restarts: u64,
+    crash_restarts: u64,
+    last_failure: Option<String>,
+    stopping: Option<Vec<oneshot::Sender<Response>>>,
+    ended: Option<Ended>,
+}
+
+impl Supervisor {
+    /// Sets up the notify socket, reaper and store. Must run inside a tokio
+    /// runtime, before any generation is spawned.
+    pub fn new(cfg: Config, notify: NotifyServer, upstream: Option<Arc<Notifier>>) -> Result<Self, SupervisorError> {
+        let io = |context| move |source| SupervisorError::Io { context, source };
+        reaper::become_subreaper().map_err(io("becoming the subreaper of the app's processes"))?;
+        let reaper = Reaper::start().map_err(io("starting the child reaper"))?;
+        let mut store = FdStore::new(cfg.fdstore_max);
+        let mut cfg = cfg;
+        for (name, fd) in std::mem::take(&mut cfg.stored) {
+            // Inherited entries are already in systemd's store: keep them
+            // here without forwarding again.
+            if let Err(e) = store.add(&name, vec![fd], true) {
+                tracing::warn!(event = "fdstore-inherit-failed", name = %name, "{e}");
+            }
+        }
+        Ok(Supervisor {
+            cfg,
+            notify,
+            reaper,
+            store,
+            upstream,
+            generations: Vec::new(),
+            next_number: 1,
+            restart: None,
+            pending: Vec::new(),
+            pending_requested: false,
+            scheduled: None,
+            crashes: VecDeque::new(),
+            consecutive_failures: 0,
+            started: Instant::now(),
+            restarts: 0,
+            crash_restarts: 0,
+            last_failure: None,
+            stopping: None,
+            ended: None,
+        })
+    }
+
+    /// Runs until stopped. `control` delivers requests from the control
+    /// socket.
+    pub async fn run(mut self, mut control: mpsc::Receiver<Incoming>) -> Result<Ended, SupervisorError> {
+        let io = |context| move |source| SupervisorError::Io { context, source };
+        let mut hup = signal(SignalKind::hangup()).map_err(io("installing the SIGHUP handler"))?;
+        let mut term = signal(SignalKind::terminate()).map_err(io("installing the SIGTERM handler"))?;
+        let mut int = signal(SignalKind::interrupt()).map_err(io("installing the SIGINT handler"))?;
+        self.begin_restart(Trigger::Initial, Vec::new());
+        loop {
+            if let Some(ended) = self.ended.take() {
+                return Ok(ended);
+            }
+            let deadline = self.next_deadline();
+            tokio::select! {
+                Some(incoming) = control.recv() => self.on_control(incoming),
+                received = self.notify.recv() => match received {
+                    Ok(Ok(datagram)) => self.on_datagram(datagram),
+                    Ok(Err(dropped)) => tracing::warn!(event = "notify-dropped", "notify message dropped: {dropped}"),
+                    Err(e) => return Err(SupervisorError::Io { context: "receiving notify messages", source: e }),
+                },
+                Some(exit) = self.reaper.next() => self.on_exit(exit.pid, &exit.status),
+                hangup = self.store.hangup() => {
+                    tracing::info!(event = "fdstore-hangup", name = %hangup.name, "stored fd hung up; removed");
+                }
+                _ = tokio::time::sleep_until(deadline.into()) => self.on_timers(),
+                _ = hup.recv() => self.request_restart(None),
+                _ = term.recv() => self.begin_stop(None),
+                _ = int.recv() => self.begin_stop(None),
+            }
+        }
+    }
+
+    fn next_deadline(&self) -> Instant {
+        let far = Instant::now() + Duration::from_secs(3600);
+        let mut next = far;
+        if let Some(at) = self.scheduled {
+            next = next.min(at);
+        }
+        for g in &self.generations {
+            match g.state {
+                State::Starting | State::HealthCheck { .. } => next = next.min(g.start_deadline),
+                State::Draining { kill_at, killed: false } => next = next.min(kill_at),
+                State::Active => {
+                    if let Some(w) = g.watchdog {
+                        next = next.min(g.last_ping + w);
+                    }
+                }
+                State::Draining { killed: true, .. } => {}
+            }
+        }
+        next
+    }
+
+    // ---- control ------------------------------------------------------
+
+    fn on_control(&mut self, incoming: Incoming) {
+        match incoming.request {
+            Request::Restart { wait } => {
+                if self.stopping.is_some() {
+                    let _ = incoming.reply.send(Response::Stopping);
+                } else if wait {
+                    self.request_restart(Some(incoming.reply));
+                } else {
+                    self.request_restart(None);
+                    let _ = incoming.reply.send(Response::Accepted);
+                }
+            }
+            Request::Status => {
+                let _ = incoming.reply.send(Response::Status(Box::new(self.status())));
+            }
+            Request::Stop => self.begin_stop(Some(incoming.reply)),
+        }
+    }
+
+    /// A restart request: starts one now, or joins the next one if a
+    /// restart is already running (so changes made before this request are
+    /// picked up).
+    fn request_restart(&mut self, waiter: Option<oneshot::Sender<Response>>) {
+        if self.stopping.is_some() {
+            return;
+        }
+        if self.restart.is_some() {
+            self.pending.extend(waiter);
+            self.pending_requested = true;
+        } else {
+            self.scheduled = None;
+            self.begin_restart(Trigger::Requested, waiter.into_iter().collect());
+        }
+    }
+
+    fn status(&self) -> Status {
+        let now = Instant::now();
+        Status {
+            name: self.cfg.name.clone(),
+            pid: std::process::id(),
+            uptime_s: (now - self.started).as_secs_f64(),
+            generations: self
+                .generations
+                .iter()
+                .map(|g| GenerationStatus {
+                    generation: g.number,
+                    pid: g.main_pid,
+                    state: g.state_name().to_owned(),
+                    status_text: g.status_text.clone(),
+                    uptime_s: (now - g.spawned_at).as_secs_f64(),
+                    ready_ms: g.ready_at.map(|r| (r - g.spawned_at).as_millis() as u64),
+                })
+                .collect(),
+            sockets: self
+                .cfg
+                .sockets
+                .iter()
+                .map(|s| SocketStatus { name: s.name.clone(), local: s.local.clone() })
+                .collect(),
+            fdstore: self.store.len(),
+            restarts: self.restarts,
+            crash_restarts: self.crash_restarts,
+            last_failure: self.last_failure.clone(),
+            restarting: self.restart.is_some(),
+        }
+    }
+
+    // ---- restarts -----------------------------------------------------
+
+    fn active(&self) -> Option<&Generation> {
+        self.generations.iter().find(|g| g.state == State::Active)
+    }
+
+    fn begin_restart(&mut self, trigger: Trigger, waiters: Vec<oneshot::Sender<Response>>) {
+        let number = self.next_number;
+        self.next_number += 1;
+        if trigger != Trigger::Initial {
+            self.upstream_notify(&[
+                NotifyState::Reloading,
+                NotifyState::monotonic_usec_now(),
+                NotifyState::Status(&format!("starting generation {number}")),
+            ]);
+        }
+        // Our own start/reload timeout upstream must not fire before the
+        // app's ready timeout does.
+        self.upstream_notify(&[NotifyState::ExtendTimeoutUsec(self.cfg.ready_timeout.as_micros() as u64 + 5_000_000)]);
+        self.restart = Some(Restart { generation: number, trigger, waiters });
+        match self.spawn(number) {
+            Ok(g) => {
+                tracing::info!(
+                    event = "spawned",
+                    generation = number,
+                    pid = g.child.pid,
+                    "generation {number} started as pid {}",
+                    g.child.pid
+                );
+                self.generations.push(g);
+            }
+            Err(reason) => self.finish_restart(Err(reason)),
+        }
+    }
+
+    fn spawn(&self, number: u64) -> Result<Generation, String> {
+        let fds: Vec<(BorrowedFd<'_>, &str)> = self
+            .cfg
+            .sockets
+            .iter()
+            .map(|s| (s.fd.as_fd(), s.name.as_str()))
+            .chain(self.store.entries().map(|(name, fd)| (fd, name)))
+            .collect();
+        let extra = [("BATON_GENERATION", number.to_string())];
+        let setup = GenerationSetup {
+            fds: &fds,
+            notify_socket: Some(self.notify.address()),
+            watchdog_usec: self.cfg.watchdog.map(|w| w.as_micros() as u64),
+            extra_env: &extra,
+        };
+        let child = self.cfg.command.spawn(&setup).map_err(|e| e.to_string())?;
+        let now = Instant::now();
+        Ok(Generation {
+            number,
+            main_pid: child.pid,
+            child,
+            state: State::Starting,
+            spawned_at: now,
+            ready_at: None,
+            start_deadline: now + self.cfg.ready_timeout,
+            status_text: None,
+            watchdog: self.cfg.watchdog,
+            last_ping: now,
+        })
+    }
+
+    /// The starting generation is ready (and healthy): retire the old one.
+    fn cutover(&mut self, number: u64) {
+        let now = Instant::now();
+        let stop_timeout = self.cfg.stop_timeout;
+        let stop_signal = self.cfg.stop_signal;
+        let mut replaced = None;
+        for g in &mut self.generations {
+            if g.state == State::Active {
+                replaced = Some(g.number);
+                g.state = State::Draining { kill_at: now + stop_timeout, killed: false };
+                if let Err(e) = g.child.signal_group(stop_signal) {
+                    tracing::warn!(
+                        event = "signal-failed",
+                        generation = g.number,
+                        "cannot signal generation {}: {e}",
+                        g.number
+                    );
+                }
+                tracing::info!(
+                    event = "draining",
+                    generation = g.number,
+                    pid = g.main_pid,
+                    "generation {} draining",
+                    g.number
+                );
+            }
+        }
+        let Some(g) = self.generations.iter_mut().find(|g| g.number == number) else { return };
+        g.state = State::Active;
+        g.last_ping = now;
+        let done = RestartDone {
+            generation: number,
+            pid: g.main_pid,
+            ready_ms: g.ready_at.map_or(0, |r| (r - g.spawned_at).as_millis() as u64),
+            replaced,
+        };
+        self.enforce_draining_limit();
+        self.finish_restart(Ok(done));
+    }
+
+    /// Kills the oldest draining generations beyond `max_draining`.
+    fn enforce_draining_limit(&mut self) {
+        let mut draining: Vec<usize> = (0..self.generations.len())
+            .filter(|&i| matches!(self.generations[i].state, State::Draining { killed: false, .. }))
+            .collect();
+        while draining.len() > self.cfg.max_draining {
+            let i = draining.remove(0);
+            let g = &mut self.generations[i];
+            tracing::warn!(
+                event = "drain-limit",
+                generation = g.number,
+                "too many draining generations; killing {}",
+                g.number
+            );
+            let _ = g.child.signal_group(Signal::KILL);
+            g.state = State::Draining { kill_at: Instant::now(), killed: true };
+        }
+    }
+
+    /// Ends the running restart with an outcome for all its callers, then
+    /// starts the next one if requests arrived meanwhile.
+    fn finish_restart(&mut self, outcome: Result<RestartDone, String>) {
+        let Some(restart) = self.restart.take() else { return };
+        let response = match outcome {
+            Ok(done) => {
+                self.consecutive_failures = 0;
+                if restart.trigger != Trigger::Initial {
+                    self.restarts += 1;
+                }
+                tracing::info!(
+                    event = "ready",
+                    generation = done.generation,
+                    pid = done.pid,
+                    ready_ms = done.ready_ms,
+                    "generation {} ready after {} ms",
+                    done.generation,
+                    done.ready_ms
+                );
+                let status = format!("generation {} serving as pid {}", done.generation, done.pid);
+                self.upstream_notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+                Response::Restarted(done)
+            }
+            Err(reason) => {
+                let serving = self.active().map(|g| g.number);
+                let status_text = self.take_failed(restart.generation);
+                let message = format!("generation {} failed: {reason}", restart.generation);
+                tracing::error!(event = "restart-failed", generation = restart.generation, "{message}");
+                self.last_failure = Some(message.clone());
+                let status = match serving {
+                    Some(s) => format!("{message}; generation {s} keeps serving"),
+                    None => message.clone(),
+                };
+                // A reload must always end with READY=1, or systemd waits
+                // for it until its timeout.
+                self.upstream_notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+                if serving.is_none() || restart.trigger == Trigger::Replace {
+                    // Nothing is serving: keep trying, with backoff.
+                    self.schedule_replacement();
+                }
+                Response::RestartFailed(RestartFailure { generation: restart.generation, reason, status_text, serving })
+            }
+        };
+        for w in restart.waiters {
+            let _ = w.send(response.clone());
+        }
+        if self.pending_requested && self.ended.is_none() && self.stopping.is_none() {
+            self.pending_requested = false;
+            let waiters = std::mem::take(&mut self.pending);
+            self.scheduled = None;
+            self.begin_restart(Trigger::Requested, waiters);
+        }
+    }
+
+    /// Kills a generation that failed to start and returns its last STATUS=.
+    fn take_failed(&mut self, number: u64) -> Option<String> {
+        let g = self.generations.iter_mut().find(|g| g.number == number)?;
+        let _ = g.child.signal_group(Signal::KILL);
+        g.state = State::Draining { kill_at: Instant::now(), killed: true };
+        g.status_text.clone()
+    }
+
+    /// Backoff for replacing a generation that died on its own (or a first
+    /// start that failed); gives up after `burst` failures in `interval`.
+    fn schedule_replacement(&mut self) {
+        let now = Instant::now();
+        self.crashes.push_back(now);
+        while self.crashes.front().is_some_and(|t| now - *t > self.cfg.backoff.interval) {
+            self.crashes.pop_front();
+        }
+        if self.crashes.len() as u32 > self.cfg.backoff.burst {
+            let reason = format!(
+                "{} failures within {:?}; giving up (see the log for each)",
+                self.crashes.len(),
+                self.cfg.backoff.interval
+            );
+            tracing::error!(event = "crash-loop", "{reason}");
+            self.last_failure = Some(reason.clone());
+            self.ended = Some(Ended::CrashLoop(reason));
+            self.kill_all();
+            return;
+        }
+        let shift = self.consecutive_failures.min(16);
+        self.consecutive_failures += 1;
+        let delay = (self.cfg.backoff.initial * 2u32.pow(shift)).min(self.cfg.backoff.max);
+        tracing::info!(event = "backoff", delay_ms = delay.as_millis() as u64, "next start in {delay:?}");
+        self.scheduled = Some(now + delay);
+    }
+
+    // ---- events -------------------------------------------------------
+
+    fn on_timers(&mut self) {
+        let now = Instant::now();
+        if self.scheduled.is_some_and(|at| at <= now) {
+            self.scheduled = None;
+            if self.restart.is_none() && self.stopping.is_none() {
+                self.crash_restarts += 1;
+                self.begin_restart(Trigger::Replace, Vec::new());
+            }
+        }
+        let mut failed = None;
+        let mut watchdog = Vec::new();
+        for g in &mut self.generations {
+            match g.state {
+                State::Starting | State::HealthCheck { .. } if g.start_deadline <= now => {
+                    failed = Some((g.number, format!("no READY=1 within {:?}", self.cfg.ready_timeout)));
+                }
+                State::Draining { kill_at, killed: false } if kill_at <= now => {
+                    tracing::warn!(
+                        event = "forced-kill",
+                        generation = g.number,
+                        "generation {} still running at the stop deadline; SIGKILL",
+                        g.number
+                    );
+                    let _ = g.child.signal_group(Signal::KILL);
+                    g.state = State::Draining { kill_at, killed: true };
+                }
+                State::Active if g.watchdog.is_some_and(|w| g.last_ping + w <= now) => watchdog.push(g.number),
+                _ => {}
+            }
+        }
+        if let Some((number, reason)) = failed {
+            self.fail_starting(number, reason);
+        }
+        for number in watchdog {
+            self.watchdog_expired(number, "watchdog timeout: no WATCHDOG=1 in time");
+        }
+    }
+
+    fn fail_starting(&mut self, number: u64, reason: String) {
+        if self.restart.as_ref().is_some_and(|r| r.generation == number) {
+            self.finish_restart(Err(reason));
+        }
+    }
+
+    /// Like systemd: SIGABRT to the hung generation; its exit then triggers
+    /// a replacement.
+    fn watchdog_expired(&mut self, number: u64, why: &str) {
+        let Some(g) = self.generations.iter_mut().find(|g| g.number == number) else { return };
+        tracing::error!(event = "watchdog", generation = number, pid = g.main_pid, "generation {number}: {why}");
+        self.last_failure = Some(format!("generation {number}: {why}"));
+        let _ = g.child.signal_group(Signal::ABORT);
+        g.watchdog = None;
+        let now = Instant::now();
+        g.state = State::Draining { kill_at: now + self.cfg.stop_timeout, killed: false };
+        self.replace_active();
+    }
+
+    /// The active generation is gone or going: start a replacement now,
+    /// unless a restart is already under way (it becomes the replacement).
+    fn replace_active(&mut self) {
+        if self.stopping.is_some() || self.restart.is_some() {
+            return;
+        }
+        self.crash_restarts += 1;
+        self.begin_restart(Trigger::Replace, Vec::new());
+    }
+
+    fn on_exit(&mut self, pid: u32, status: &std::process::ExitStatus) {
+        let how = reaper::describe(status);
+        // Health check processes.
+        if let Some(g) = self.generations.iter().find(|g| g.state == State::HealthCheck { pid }) {
+            let number = g.number;
+            if status.success() {
+                tracing::info!(event = "health-ok", generation = number, "health check passed");
+                self.cutover(number);
+            } else {
+                self.fail_starting(number, format!("health check {how}"));
+            }
+            return;
+        }
+        let Some(i) = self.generations.iter().position(|g| g.child.pid == pid) else {
+            // An orphaned grandchild we reaped as subreaper.
+            tracing::debug!(event = "reaped", pid, "reaped pid {pid} ({how})");
+            return;
+        };
+        let g = self.generations.remove(i);
+        match g.state {
+            State::Starting | State::HealthCheck { .. } => {
+                let mut reason = format!("{how} before READY=1");
+                if let Some(s) = &g.status_text {
+                    reason.push_str(&format!(" (last status: {s})"));
+                }
+                tracing::warn!(event = "exited", generation = g.number, pid, "generation {} {reason}", g.number);
+                // Kill what it left behind in its process group.
+                let _ = g.child.signal_group(Signal::KILL);
+                self.fail_starting(g.number, reason);
+            }
+            State::Active => {
+                tracing::error!(
+                    event = "crashed",
+                    generation = g.number,
+                    pid,
+                    "generation {} {how} while serving",
+                    g.number
+                );
+                self.last_failure = Some(format!("generation {} {how} while serving", g.number));
+                let _ = g.child.signal_group(Signal::KILL);
+                if self.stopping.is_none() {
+                    if self.restart.is_some() {
+                        // The starting generation becomes the replacement.
+                    } else {
+                        self.schedule_replacement();
+                    }
+                }
+            }
+            State::Draining { .. } => {
+                tracing::info!(event = "retired", generation = g.number, pid, "generation {} {how}", g.number);
+                let _ = g.child.signal_group(Signal::KILL);
+            }
+        }
+        self.check_stopped();
+    }
+
+    fn on_datagram(&mut self, mut d: Datagram) {
+        let Some(index) = self.attribute(d.pid) else {
+            tracing::warn!(
+                event = "notify-refused",
+                sender = d.pid,
+                "notify message from pid {} refused: not a generation's {} process",
+                d.pid,
+                match self.cfg.notify_access {
+                    NotifyAccess::All => "",
+                    _ => "main",
+                }
+            );
+            return;
+        };
+        let msg = match wire::parse(&d.payload) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(
+                    event = "notify-refused",
+                    sender = d.pid,
+                    "notify message from pid {} refused: {e}",
+                    d.pid
+                );
+                return;
+            }
+        };
+        for bad in &msg.invalid {
+            tracing::warn!(event = "notify-invalid", sender = d.pid, "ignoring {:?}: {}", bad.line, bad.reason);
+        }
+        match msg.barrier() {
+            BarrierUse::Valid if d.fds.len() == 1 => {
+                // Everything sent before was processed (one task, in order):
+                // closing the fd is the acknowledgement.
+                d.fds.clear();
+                return;
+            }
+            BarrierUse::None => {}
+            _ => {
+                tracing::warn!(
+                    event = "notify-refused",
+                    sender = d.pid,
+                    "BARRIER=1 must come alone with exactly one fd; ignoring the message"
+                );
+                return;
+            }
+        }
+        let number = self.generations[index].number;
+        let now = Instant::now();
+        if let Some(pid) = msg.find(|f| match f {
+            NotifyState::MainPid(p) => Some(*p),
+            _ => None,
+        }) {
+            let g = &mut self.generations[index];
+            if same_group(pid, g.pgid()) {
+                g.main_pid = pid;
+            } else {
+                tracing::warn!(
+                    event = "notify-invalid",
+                    "MAINPID={pid} is not in generation {number}'s process group; ignored"
+                );
+            }
+        }
+        {
+            let g = &mut self.generations[index];
+            if let Some(s) = msg.status() {
+                g.status_text = Some(s.to_owned());
+            }
+            for f in &msg.fields {
+                match f {
+                    NotifyState::Watchdog => g.last_ping = now,
+                    NotifyState::WatchdogUsec(0) => g.watchdog = None,
+                    NotifyState::WatchdogUsec(u) => {
+                        g.watchdog = Some(Duration::from_micros(*u));
+                        g.last_ping = now;
+                    }
+                    NotifyState::ExtendTimeoutUsec(u) => {
+                        let until = now + Duration::from_micros(*u);
+                        match &mut g.state {
+                            State::Starting | State::HealthCheck { .. } => {
+                                g.start_deadline = g.start_deadline.max(until);
+                            }
+                            State::Draining { kill_at, killed: false } => *kill_at = (*kill_at).max(until),
+                            _ => {}
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if msg.has(&NotifyState::WatchdogTrigger) {
+            self.watchdog_expired(number, "WATCHDOG=trigger");
+        }
+        if msg.has(&NotifyState::FdStoreRemove) {
+            if let Some(name) = msg.fdname() {
+                let n = self.store.remove(name);
+                tracing::debug!(event = "fdstore-remove", name, removed = n);
+                let upstream_name = format!("app/{name}");
+                self.upstream_notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(&upstream_name)]);
+            }
+        } else if msg.has(&NotifyState::FdStore) && !d.fds.is_empty() {
+            let name = msg.fdname().unwrap_or("stored").to_owned();
+            let poll = !msg.has(&NotifyState::FdPollDisable);
+            let fds = std::mem::take(&mut d.fds);
+            self.store_fds(&name, fds, poll);
+        }
+        if !d.fds.is_empty() {
+            tracing::warn!(event = "notify-fds-closed", "closing {} fd(s) sent without FDSTORE=1", d.fds.len());
+        }
+        match msg.lifecycle() {
+            Some(Lifecycle::Ready) => self.on_ready(index),
+            Some(Lifecycle::Stopping) => {
+                if self.generations[index].state == State::Active {
+                    tracing::info!(
+                        event = "stopping",
+                        generation = number,
+                        "generation {number} is stopping on its own; starting a replacement"
+                    );
+                    let g = &mut self.generations[index];
+                    g.state = State::Draining { kill_at: now + self.cfg.stop_timeout, killed: false };
+                    self.replace_active();
+                }
+            }
+            Some(Lifecycle::Reloading) | None => {}
+        }
+    }
+
+    fn store_fds(&mut self, name: &str, fds: Vec<OwnedFd>, poll: bool) {
+        // Forward first (the store takes ownership): under systemd, the
+        // store must survive Baton itself. The `app/` prefix tells the next
+        // Baton which entries are the app's.
+        if let Some(up) = &self.upstream {
+            let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
+            let poll = if poll { FdPoll::Poll } else { FdPoll::NoPoll };
+            if let Err(e) = up.store_fds(&format!("app/{name}"), &borrowed, poll) {
+                tracing::warn!(event = "fdstore-forward-failed", name, "cannot forward to systemd's fd store: {e}");
+            }
+        }
+        if let Err(e) = self.store.add(name, fds, poll) {
+            tracing::warn!(event = "fdstore-full", name, "{e}");
+        }
+    }
+
+    fn on_ready(&mut self, index: usize) {
+        let now = Instant::now();
+        let g = &mut self.generations[index];
+        if g.state != State::Starting {
+            return; // READY=1 after a reload of the app itself, or repeated
+        }
+        g.ready_at = Some(now);
+        let number = g.number;
+        let pid = g.main_pid;
+        match &self.cfg.health_cmd {
+            None => self.cutover(number),
+            Some(cmd) => {
+                let sh = AppCommand::new("/bin/sh".as_ref(), &["-c".into(), cmd.into()]);
+                let extra = [("BATON_PID", pid.to_string()), ("BATON_GENERATION", number.to_string())];
+                let setup = GenerationSetup { fds: &[], notify_socket: None, watchdog_usec: None, extra_env: &extra };
+                match sh.and_then(|sh| sh.spawn(&setup)) {
+                    Ok(child) => self.generations[index].state = State::HealthCheck { pid: child.pid },
+                    Err(e) => self.fail_starting(number, format!("cannot run the health check: {e}")),
+                }
+            }
+        }
+    }
+
+    /// Which generation a notify sender belongs to, per `NotifyAccess`.
+    fn attribute(&self, pid: u32) -> Option<usize> {
+        if let Some(i) = self.generations.iter().position(|g| g.main_pid == pid) {
+            return Some(i);
+        }
+        match self.cfg.notify_access {
+            NotifyAccess::Main => None,
+            NotifyAccess::Exec => self.generations.iter().position(|g| g.state == State::HealthCheck { pid }),
+            NotifyAccess::All => self.generations.iter().position(|g| same_group(pid, g.pgid())),
+        }
+    }
+
+    // ---- stopping -----------------------------------------------------
+
+    fn begin_stop(&mut self, reply: Option<oneshot::Sender<Response>>) {
+        if let Some(waiters) = &mut self.stopping {
+            waiters.extend(reply);
+            return;
+        }
+        tracing::info!(event = "stopping", "stopping all generations");
+        self.upstream_notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+        self.stopping = Some(reply.into_iter().collect());
+        self.scheduled = None;
+        if let Some(r) = self.restart.take() {
+            for w in r.waiters {
+                let _ = w.send(Response::Stopping);
+            }
+        }
+        for w in self.pending.drain(..) {
+            let _ = w.send(Response::Stopping);
+        }
+        let now = Instant::now();
+        for g in &mut self.generations {
+            if !matches!(g.state, State::Draining { .. }) {
+                let _ = g.child.signal_group(self.cfg.stop_signal);
+                g.state = State::Draining { kill_at: now + self.cfg.stop_timeout, killed: false };
+            }
+        }
+        self.check_stopped();
+    }
+
+    fn check_stopped(&mut self) {
+        if self.generations.is_empty()
+            && let Some(waiters) = self.stopping.take()
+        {
+            for w in waiters {
+                let _ = w.send(Response::Stopping);
+            }
+            self.ended.get_or_insert(Ended::Stopped);
+        }
+    }
+
+    fn kill_all(&mut self) {
+        for g in &mut self.generations {
+            let _ = g.child.signal_group(Signal::KILL);
+        }
+    }
+
+    fn upstream_notify(&self, states: &[NotifyState<'_>]) {
+        if let Some(up) = &self.upstream
+            && let Err(e) = up.notify(states)
+        {
+            tracing::warn!(event = "upstream-notify-failed", "notifying the service manager failed: {e}");
+        }
+    }
+}
+
+/// Whether `pid` is in process group `pgid` (read from /proc; false if the
+/// process is gone).
+fn same_group(pid: u32, pgid: u32) -> bool {
+    rustix::process::Pid::from_raw(pid as i32)
+        .and_then(|p| rustix::process::getpgid(Some(p)).ok())
+        .is_some_and(|g| g.as_raw_nonzero().get() as u32 == pgid)
+}
