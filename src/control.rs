@@ -85,6 +85,9 @@ pub struct RestartFailure {
     pub reason: String,
     /// Its last `STATUS=`.
     pub status_text: Option<String>,
+    /// The last lines it printed.
+    #[serde(default)]
+    pub log_tail: Vec<String>,
     /// The generation still serving, if any.
     pub serving: Option<u64>,
 }

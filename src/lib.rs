@@ -11,6 +11,8 @@
 //! - [`reaper`]: reaps every child (Baton is a subreaper) and reports exits.
 //! - [`notify_server`]: the receiving end of `sd_notify`, with systemd's
 //!   credential checks and limits.
+//! - [`output`]: passes each generation's output through and keeps its last
+//!   lines for failure reports.
 //! - [`store`]: Baton's own fd store (`FDSTORE=1` from the app), polled for
 //!   hang-ups.
 //! - [`supervisor`]: the generation state machine: start, READY, overlapped
@@ -22,6 +24,7 @@
 pub mod control;
 pub mod listen;
 pub mod notify_server;
+pub mod output;
 pub mod reaper;
 pub mod spawn;
 pub mod store;

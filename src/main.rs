@@ -271,6 +271,12 @@ fn print_response(response: &Response, json: bool) -> ExitCode {
             if let Some(s) = &f.status_text {
                 eprintln!("  last status: {s}");
             }
+            if !f.log_tail.is_empty() {
+                eprintln!("  last output:");
+                for line in &f.log_tail {
+                    eprintln!("    {line}");
+                }
+            }
             match f.serving {
                 Some(s) => eprintln!("  generation {s} keeps serving"),
                 None => eprintln!("  no generation is serving"),

@@ -164,6 +164,8 @@ pub struct GenerationSetup<'a> {
     /// Extra variables (e.g. `BATON_GENERATION=3`), added after the inherited
     /// environment; an inherited variable of the same name is replaced.
     pub extra_env: &'a [(&'a str, String)],
+    /// Where the child's stdout and stderr go (`None`: inherited from Baton).
+    pub output: Option<BorrowedFd<'a>>,
 }
 
 /// A started generation's main process.
@@ -252,7 +254,8 @@ impl AppCommand {
         let mut plan = ExecPlan::build(self, setup)?;
         let (status_read, status_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
             .map_err(|e| SpawnError::Io { context: "creating the exec status pipe", source: e.into() })?;
-        let child_plan = plan.child_plan(self, status_write.as_raw_fd());
+        let output = setup.output.map_or(-1, |fd| fd.as_raw_fd());
+        let child_plan = plan.child_plan(self, status_write.as_raw_fd(), output);
 
         // Block every signal in this thread across fork(), so that none of
         // Baton's handlers (tokio's write into its self-pipe, shared with the
@@ -452,6 +455,7 @@ struct ChildPlan {
     scratch: *mut c_int,
     count: usize,
     status_fd: c_int,
+    output: c_int,
     empty_mask: *const libc::sigset_t,
 }
 
@@ -529,7 +533,7 @@ impl ExecPlan {
         Ok(ExecPlan { env_storage, envp, argv, pid_slots, sources, scratch, empty_mask: SigSet::empty() })
     }
 
-    fn child_plan(&mut self, cmd: &AppCommand, status_fd: RawFd) -> ChildPlan {
+    fn child_plan(&mut self, cmd: &AppCommand, status_fd: RawFd, output: RawFd) -> ChildPlan {
         ChildPlan {
             program: cmd.program_c.as_ptr(),
             argv: self.argv.as_ptr(),
@@ -539,6 +543,7 @@ impl ExecPlan {
             scratch: self.scratch.as_mut_ptr(),
             count: self.sources.len(),
             status_fd,
+            output,
             empty_mask: &self.empty_mask.0,
         }
     }
@@ -574,6 +579,7 @@ const STEP_DUP: u32 = 2;
 const STEP_PLACE: u32 = 3;
 const STEP_CLOSE: u32 = 4;
 const STEP_EXEC: u32 = 5;
+const STEP_OUTPUT: u32 = 6;
 
 fn step_name(step: u32) -> &'static str {
     match step {
@@ -581,6 +587,7 @@ fn step_name(step: u32) -> &'static str {
         STEP_DUP => "duplicating the passed fds out of the way (F_DUPFD_CLOEXEC)",
         STEP_PLACE => "placing the passed fds at 3.. (dup3)",
         STEP_CLOSE => "closing Baton's other fds",
+        STEP_OUTPUT => "connecting stdout and stderr to Baton (dup2)",
         _ => "an unknown step",
     }
 }
@@ -640,6 +647,12 @@ unsafe fn child_after_fork(plan: &ChildPlan) -> ! {
 
         if libc::setpgid(0, 0) != 0 {
             fail(status_fd, STEP_SETPGID);
+        }
+
+        // Output first: the source keeps its number (close-on-exec), so the
+        // placement below may overwrite or close it freely.
+        if plan.output >= 0 && (libc::dup2(plan.output, 1) < 0 || libc::dup2(plan.output, 2) < 0) {
+            fail(status_fd, STEP_OUTPUT);
         }
 
         // Phase 1: move every source (and the status pipe) above every target

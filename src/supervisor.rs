@@ -143,6 +143,7 @@ struct Generation {
     status_text: Option<String>,
     watchdog: Option<Duration>,
     last_ping: Instant,
+    output: crate::output::Tail,
 }
 
 impl Generation {
@@ -200,6 +201,9 @@ pub struct Supervisor {
     last_failure: Option<String>,
     stopping: Option<Vec<oneshot::Sender<Response>>>,
     ended: Option<Ended>,
+    /// Status and output of a starting generation that already exited, for
+    /// the failure report.
+    failed_output: Option<(u64, Option<String>, crate::output::Tail)>,
 }
 
 impl Supervisor {
@@ -238,6 +242,7 @@ impl Supervisor {
             last_failure: None,
             stopping: None,
             ended: None,
+            failed_output: None,
         })
     }
 
@@ -407,13 +412,19 @@ impl Supervisor {
             .chain(self.store.entries().map(|(name, fd)| (fd, name)))
             .collect();
         let extra = [("BATON_GENERATION", number.to_string())];
+        let (output_fd, output) =
+            crate::output::capture().map_err(|e| format!("cannot create the pipe for its output: {e}"))?;
         let setup = GenerationSetup {
             fds: &fds,
             notify_socket: Some(self.notify.address()),
             watchdog_usec: self.cfg.watchdog.map(|w| w.as_micros() as u64),
             extra_env: &extra,
+            output: Some(output_fd.as_fd()),
         };
         let child = self.cfg.command.spawn(&setup).map_err(|e| e.to_string())?;
+        // Only the child (and its descendants) may hold the write end, so
+        // the copying task sees end-of-file when they are all gone.
+        drop(output_fd);
         let now = Instant::now();
         Ok(Generation {
             number,
@@ -426,6 +437,7 @@ impl Supervisor {
             status_text: None,
             watchdog: self.cfg.watchdog,
             last_ping: now,
+            output,
         })
     }
 
@@ -513,7 +525,7 @@ impl Supervisor {
             }
             Err(reason) => {
                 let serving = self.active().map(|g| g.number);
-                let status_text = self.take_failed(restart.generation);
+                let (status_text, log_tail) = self.take_failed(restart.generation).unwrap_or_default();
                 let message = format!("generation {} failed: {reason}", restart.generation);
                 tracing::error!(event = "restart-failed", generation = restart.generation, "{message}");
                 self.last_failure = Some(message.clone());
@@ -528,7 +540,13 @@ impl Supervisor {
                     // Nothing is serving: keep trying, with backoff.
                     self.schedule_replacement();
                 }
-                Response::RestartFailed(RestartFailure { generation: restart.generation, reason, status_text, serving })
+                Response::RestartFailed(RestartFailure {
+                    generation: restart.generation,
+                    reason,
+                    status_text,
+                    log_tail,
+                    serving,
+                })
             }
         };
         for w in restart.waiters {
@@ -542,12 +560,18 @@ impl Supervisor {
         }
     }
 
-    /// Kills a generation that failed to start and returns its last STATUS=.
-    fn take_failed(&mut self, number: u64) -> Option<String> {
+    /// Kills a generation that failed to start and returns its last
+    /// STATUS= and output lines (from `failed_output` if it already exited).
+    fn take_failed(&mut self, number: u64) -> Option<(Option<String>, Vec<String>)> {
+        if let Some((n, status, tail)) = self.failed_output.take()
+            && n == number
+        {
+            return Some((status, tail.lines()));
+        }
         let g = self.generations.iter_mut().find(|g| g.number == number)?;
         let _ = g.child.signal_group(Signal::KILL);
         g.state = State::Draining { kill_at: Instant::now(), killed: true };
-        g.status_text.clone()
+        Some((g.status_text.clone(), g.output.lines()))
     }
 
     /// Backoff for replacing a generation that died on its own (or a first
@@ -674,6 +698,7 @@ impl Supervisor {
                 tracing::warn!(event = "exited", generation = g.number, pid, "generation {} {reason}", g.number);
                 // Kill what it left behind in its process group.
                 let _ = g.child.signal_group(Signal::KILL);
+                self.failed_output = Some((g.number, g.status_text.clone(), g.output.clone()));
                 self.fail_starting(g.number, reason);
             }
             State::Active => {
@@ -858,7 +883,13 @@ impl Supervisor {
             Some(cmd) => {
                 let sh = AppCommand::new("/bin/sh".as_ref(), &["-c".into(), cmd.into()]);
                 let extra = [("BATON_PID", pid.to_string()), ("BATON_GENERATION", number.to_string())];
-                let setup = GenerationSetup { fds: &[], notify_socket: None, watchdog_usec: None, extra_env: &extra };
+                let setup = GenerationSetup {
+                    fds: &[],
+                    notify_socket: None,
+                    watchdog_usec: None,
+                    extra_env: &extra,
+                    output: None,
+                };
                 match sh.and_then(|sh| sh.spawn(&setup)) {
                     Ok(child) => self.generations[index].state = State::HealthCheck { pid: child.pid },
                     Err(e) => self.fail_starting(number, format!("cannot run the health check: {e}")),

@@ -243,6 +243,8 @@ fn failed_restarts_leave_the_old_generation_serving() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("exited with status 3 before READY=1"), "{err}");
     assert!(err.contains("generation 1 keeps serving"), "{err}");
+    // The app's last output comes with the failure.
+    assert!(err.contains("last output:") && err.contains("failing before READY=1"), "{err}");
     assert_eq!(ask(b.port).unwrap(), format!("http {pid1}"));
     std::fs::remove_file(&fail).unwrap();
 

@@ -240,6 +240,7 @@ async fn run(opts: Options, mut fds: ListenFds, mut report: Report) -> i32 {
         && std::path::Path::new(f).exists()
     {
         report.line("failing before ready");
+        eprintln!("baton-sd-probe: {f} exists, failing before READY=1");
         return 3;
     }
     if let Some(f) = &opts.hang_if_exists
