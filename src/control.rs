@@ -211,6 +211,8 @@ pub enum ControlError {
 #[derive(Debug)]
 pub struct ControlServer {
     path: PathBuf,
+    accept: tokio::task::JoinHandle<()>,
+    slots: Arc<Semaphore>,
 }
 
 impl ControlServer {
@@ -243,8 +245,17 @@ impl ControlServer {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
         let (tx, rx) = mpsc::channel(MAX_CLIENTS);
-        tokio::spawn(accept_loop(listener, tx));
-        Ok((ControlServer { path: path.to_owned() }, rx))
+        let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+        let accept = tokio::spawn(accept_loop(listener, tx, Arc::clone(&slots)));
+        Ok((ControlServer { path: path.to_owned(), accept, slots }, rx))
+    }
+
+    /// Stops accepting and waits (at most `grace`) until every client
+    /// already connected has its answer — so `baton stop` hears "stopped"
+    /// before the process exits.
+    pub async fn shutdown(self, grace: Duration) {
+        self.accept.abort();
+        let _ = tokio::time::timeout(grace, self.slots.acquire_many(MAX_CLIENTS as u32)).await;
     }
 
     /// The socket path.
@@ -255,12 +266,12 @@ impl ControlServer {
 
 impl Drop for ControlServer {
     fn drop(&mut self) {
+        self.accept.abort();
         let _ = std::fs::remove_file(&self.path);
     }
 }
 
-async fn accept_loop(listener: UnixListener, tx: mpsc::Sender<Incoming>) {
-    let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+async fn accept_loop(listener: UnixListener, tx: mpsc::Sender<Incoming>, slots: Arc<Semaphore>) {
     let own_uid = rustix::process::geteuid().as_raw();
     loop {
         let Ok((stream, _)) = listener.accept().await else {

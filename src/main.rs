@@ -523,7 +523,7 @@ fn run(args: RunArgs) -> ExitCode {
         tracing::info!(event = "started", control = %server.path().display(), "baton {name}: control socket {}", server.path().display());
         let supervisor = Supervisor::new(config, notify, upstream).map_err(|e| e.to_string())?;
         let ended = supervisor.run(requests).await.map_err(|e| e.to_string());
-        drop(server);
+        server.shutdown(Duration::from_secs(2)).await;
         ended
     });
     match result {

@@ -25,6 +25,7 @@ pub struct Tail(Arc<Mutex<Lines>>);
 struct Lines {
     done: VecDeque<String>,
     partial: Vec<u8>,
+    closed: bool,
 }
 
 impl Tail {
@@ -36,6 +37,15 @@ impl Tail {
             out.push(String::from_utf8_lossy(&lines.partial).into_owned());
         }
         out
+    }
+
+    /// Whether every writer is gone and all output has been read.
+    pub fn is_closed(&self) -> bool {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).closed
+    }
+
+    fn close(&self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
     }
 
     fn push(&self, bytes: &[u8]) {
@@ -57,9 +67,9 @@ impl Tail {
 
 /// Creates the pipe for one generation. Returns the write end to hand to the
 /// child (blocking, close-on-exec: the spawn dups it onto 1 and 2) and the
-/// tail, and starts the task that copies the output. Must run inside a tokio
-/// runtime.
-pub fn capture() -> std::io::Result<(OwnedFd, Tail)> {
+/// tail, and starts the task that copies the output; `closed` is notified
+/// when the output ends. Must run inside a tokio runtime.
+pub fn capture(closed: Arc<tokio::sync::Notify>) -> std::io::Result<(OwnedFd, Tail)> {
     let (read_end, write_end) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
     // Only our end is non-blocking: the app's writes must block, not fail,
     // when the pipe is full.
@@ -81,6 +91,8 @@ pub fn capture() -> std::io::Result<(OwnedFd, Tail)> {
             // Losing Baton's stderr must not stop the tail.
             let _ = stderr.write_all(&buf[..n]).await;
         }
+        kept.close();
+        closed.notify_one();
     });
     Ok((write_end, tail))
 }
@@ -105,16 +117,13 @@ mod tests {
 
     #[tokio::test]
     async fn capture_passes_output_through_and_keeps_the_tail() {
-        let (write_end, tail) = capture().unwrap();
+        let closed = Arc::new(tokio::sync::Notify::new());
+        let (write_end, tail) = capture(Arc::clone(&closed)).unwrap();
         let mut w = std::fs::File::from(write_end);
         std::io::Write::write_all(&mut w, b"hello\nworld\n").unwrap();
         drop(w);
-        for _ in 0..200 {
-            if tail.lines() == ["hello", "world"] {
-                return;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-        panic!("tail: {:?}", tail.lines());
+        closed.notified().await;
+        assert!(tail.is_closed());
+        assert_eq!(tail.lines(), ["hello", "world"]);
     }
 }

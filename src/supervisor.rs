@@ -144,6 +144,8 @@ struct Generation {
     watchdog: Option<Duration>,
     last_ping: Instant,
     output: crate::output::Tail,
+    /// The running health check, killed with the generation if it fails.
+    health: Option<Child>,
 }
 
 impl Generation {
@@ -204,6 +206,19 @@ pub struct Supervisor {
     /// Status and output of a starting generation that already exited, for
     /// the failure report.
     failed_output: Option<(u64, Option<String>, crate::output::Tail)>,
+    /// A starting generation that exited: its failure is reported once its
+    /// output has been read to the end (bounded by the deadline), so the
+    /// report has its last lines.
+    pending_exit: Option<PendingExit>,
+    output_closed: Arc<tokio::sync::Notify>,
+}
+
+struct PendingExit {
+    number: u64,
+    reason: String,
+    status_text: Option<String>,
+    output: crate::output::Tail,
+    deadline: Instant,
 }
 
 impl Supervisor {
@@ -243,6 +258,8 @@ impl Supervisor {
             stopping: None,
             ended: None,
             failed_output: None,
+            pending_exit: None,
+            output_closed: Arc::new(tokio::sync::Notify::new()),
         })
     }
 
@@ -271,6 +288,7 @@ impl Supervisor {
                     tracing::info!(event = "fdstore-hangup", name = %hangup.name, "stored fd hung up; removed");
                 }
                 _ = tokio::time::sleep_until(deadline.into()) => self.on_timers(),
+                _ = self.output_closed.notified(), if self.pending_exit.is_some() => self.report_pending_exit(false),
                 _ = hup.recv() => self.request_restart(None),
                 _ = term.recv() => self.begin_stop(None),
                 _ = int.recv() => self.begin_stop(None),
@@ -283,6 +301,9 @@ impl Supervisor {
         let mut next = far;
         if let Some(at) = self.scheduled {
             next = next.min(at);
+        }
+        if let Some(p) = &self.pending_exit {
+            next = next.min(p.deadline);
         }
         for g in &self.generations {
             match g.state {
@@ -412,8 +433,8 @@ impl Supervisor {
             .chain(self.store.entries().map(|(name, fd)| (fd, name)))
             .collect();
         let extra = [("BATON_GENERATION", number.to_string())];
-        let (output_fd, output) =
-            crate::output::capture().map_err(|e| format!("cannot create the pipe for its output: {e}"))?;
+        let (output_fd, output) = crate::output::capture(Arc::clone(&self.output_closed))
+            .map_err(|e| format!("cannot create the pipe for its output: {e}"))?;
         let setup = GenerationSetup {
             fds: &fds,
             notify_socket: Some(self.notify.address()),
@@ -438,6 +459,7 @@ impl Supervisor {
             watchdog: self.cfg.watchdog,
             last_ping: now,
             output,
+            health: None,
         })
     }
 
@@ -569,14 +591,34 @@ impl Supervisor {
             return Some((status, tail.lines()));
         }
         let g = self.generations.iter_mut().find(|g| g.number == number)?;
-        let _ = g.child.signal_group(Signal::KILL);
-        g.state = State::Draining { kill_at: Instant::now(), killed: true };
+        if let Some(h) = g.health.take() {
+            let _ = h.signal_group(Signal::KILL);
+        }
+        // Like systemd after a failed start: ask it to stop, so connections
+        // it already accepted from the shared socket are finished, and
+        // SIGKILL only at the stop deadline.
+        let _ = g.child.signal_group(self.cfg.stop_signal);
+        g.state = State::Draining { kill_at: Instant::now() + self.cfg.stop_timeout, killed: false };
         Some((g.status_text.clone(), g.output.lines()))
     }
 
     /// Backoff for replacing a generation that died on its own (or a first
     /// start that failed); gives up after `burst` failures in `interval`.
     fn schedule_replacement(&mut self) {
+        if !self.note_failure() {
+            return;
+        }
+        let now = Instant::now();
+        let shift = self.consecutive_failures.min(16);
+        self.consecutive_failures += 1;
+        let delay = (self.cfg.backoff.initial * 2u32.pow(shift)).min(self.cfg.backoff.max);
+        tracing::info!(event = "backoff", delay_ms = delay.as_millis() as u64, "next start in {delay:?}");
+        self.scheduled = Some(now + delay);
+    }
+
+    /// Records a failure; `false` (and the crash-loop verdict) once `burst`
+    /// failures happened within `interval`.
+    fn note_failure(&mut self) -> bool {
         let now = Instant::now();
         self.crashes.push_back(now);
         while self.crashes.front().is_some_and(|t| now - *t > self.cfg.backoff.interval) {
@@ -592,19 +634,18 @@ impl Supervisor {
             self.last_failure = Some(reason.clone());
             self.ended = Some(Ended::CrashLoop(reason));
             self.kill_all();
-            return;
+            return false;
         }
-        let shift = self.consecutive_failures.min(16);
-        self.consecutive_failures += 1;
-        let delay = (self.cfg.backoff.initial * 2u32.pow(shift)).min(self.cfg.backoff.max);
-        tracing::info!(event = "backoff", delay_ms = delay.as_millis() as u64, "next start in {delay:?}");
-        self.scheduled = Some(now + delay);
+        true
     }
 
     // ---- events -------------------------------------------------------
 
     fn on_timers(&mut self) {
         let now = Instant::now();
+        if self.pending_exit.as_ref().is_some_and(|p| p.deadline <= now) {
+            self.report_pending_exit(true);
+        }
         if self.scheduled.is_some_and(|at| at <= now) {
             self.scheduled = None;
             if self.restart.is_none() && self.stopping.is_none() {
@@ -616,8 +657,14 @@ impl Supervisor {
         let mut watchdog = Vec::new();
         for g in &mut self.generations {
             match g.state {
-                State::Starting | State::HealthCheck { .. } if g.start_deadline <= now => {
+                State::Starting if g.start_deadline <= now => {
                     failed = Some((g.number, format!("no READY=1 within {:?}", self.cfg.ready_timeout)));
+                }
+                State::HealthCheck { .. } if g.start_deadline <= now => {
+                    failed = Some((
+                        g.number,
+                        format!("health check did not finish within the ready timeout of {:?}", self.cfg.ready_timeout),
+                    ));
                 }
                 State::Draining { kill_at, killed: false } if kill_at <= now => {
                     tracing::warn!(
@@ -641,6 +688,17 @@ impl Supervisor {
         }
     }
 
+    /// Reports a starting generation's exit once its output is complete (or
+    /// `anyway`, at the deadline).
+    fn report_pending_exit(&mut self, anyway: bool) {
+        if !anyway && !self.pending_exit.as_ref().is_some_and(|p| p.output.is_closed()) {
+            return;
+        }
+        let Some(p) = self.pending_exit.take() else { return };
+        self.failed_output = Some((p.number, p.status_text, p.output));
+        self.fail_starting(p.number, p.reason);
+    }
+
     fn fail_starting(&mut self, number: u64, reason: String) {
         if self.restart.as_ref().is_some_and(|r| r.generation == number) {
             self.finish_restart(Err(reason));
@@ -657,7 +715,11 @@ impl Supervisor {
         g.watchdog = None;
         let now = Instant::now();
         g.state = State::Draining { kill_at: now + self.cfg.stop_timeout, killed: false };
-        self.replace_active();
+        // A hung generation counts as a failure: an app that always hangs
+        // ends in the crash-loop verdict, not in endless replacements.
+        if self.note_failure() {
+            self.replace_active();
+        }
     }
 
     /// The active generation is gone or going: start a replacement now,
@@ -673,8 +735,9 @@ impl Supervisor {
     fn on_exit(&mut self, pid: u32, status: &std::process::ExitStatus) {
         let how = reaper::describe(status);
         // Health check processes.
-        if let Some(g) = self.generations.iter().find(|g| g.state == State::HealthCheck { pid }) {
+        if let Some(g) = self.generations.iter_mut().find(|g| g.state == State::HealthCheck { pid }) {
             let number = g.number;
+            g.health = None;
             if status.success() {
                 tracing::info!(event = "health-ok", generation = number, "health check passed");
                 self.cutover(number);
@@ -698,8 +761,14 @@ impl Supervisor {
                 tracing::warn!(event = "exited", generation = g.number, pid, "generation {} {reason}", g.number);
                 // Kill what it left behind in its process group.
                 let _ = g.child.signal_group(Signal::KILL);
-                self.failed_output = Some((g.number, g.status_text.clone(), g.output.clone()));
-                self.fail_starting(g.number, reason);
+                self.pending_exit = Some(PendingExit {
+                    number: g.number,
+                    reason,
+                    status_text: g.status_text.clone(),
+                    output: g.output.clone(),
+                    deadline: Instant::now() + Duration::from_millis(500),
+                });
+                self.report_pending_exit(false);
             }
             State::Active => {
                 tracing::error!(
@@ -891,7 +960,11 @@ impl Supervisor {
                     output: None,
                 };
                 match sh.and_then(|sh| sh.spawn(&setup)) {
-                    Ok(child) => self.generations[index].state = State::HealthCheck { pid: child.pid },
+                    Ok(child) => {
+                        let g = &mut self.generations[index];
+                        g.state = State::HealthCheck { pid: child.pid };
+                        g.health = Some(child);
+                    }
                     Err(e) => self.fail_starting(number, format!("cannot run the health check: {e}")),
                 }
             }
@@ -931,6 +1004,9 @@ impl Supervisor {
         }
         let now = Instant::now();
         for g in &mut self.generations {
+            if let Some(h) = g.health.take() {
+                let _ = h.signal_group(Signal::KILL);
+            }
             if !matches!(g.state, State::Draining { .. }) {
                 let _ = g.child.signal_group(self.cfg.stop_signal);
                 g.state = State::Draining { kill_at: now + self.cfg.stop_timeout, killed: false };
@@ -952,6 +1028,9 @@ impl Supervisor {
 
     fn kill_all(&mut self) {
         for g in &mut self.generations {
+            if let Some(h) = g.health.take() {
+                let _ = h.signal_group(Signal::KILL);
+            }
             let _ = g.child.signal_group(Signal::KILL);
         }
     }
@@ -968,7 +1047,13 @@ impl Supervisor {
 /// Whether `pid` is in process group `pgid` (read from /proc; false if the
 /// process is gone).
 fn same_group(pid: u32, pgid: u32) -> bool {
-    rustix::process::Pid::from_raw(pid as i32)
-        .and_then(|p| rustix::process::getpgid(Some(p)).ok())
-        .is_some_and(|g| g.as_raw_nonzero().get() as u32 == pgid)
+    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+    if pid <= 0 {
+        return false;
+    }
+    // libc rather than rustix: the kernel answers 0 for a process whose group
+    // is outside our pid namespace, which rustix's non-zero Pid cannot hold.
+    // SAFETY: getpgid only reads kernel state for the given pid.
+    let group = unsafe { libc::getpgid(pid) };
+    group > 0 && group as u32 == pgid
 }

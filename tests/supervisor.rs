@@ -253,6 +253,9 @@ fn failed_restarts_leave_the_old_generation_serving() {
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no READY=1 within 2s"), "{err}");
+    // The hung generation was asked to stop (SIGTERM, like systemd after a
+    // start timeout) and finishes what it accepted; then only 1 is left.
+    poll_until("the failed generation gone", WAIT, || (b.status().generations.len() == 1).then_some(())).unwrap();
     assert_eq!(ask(b.port).unwrap(), format!("http {pid1}"));
     let status = b.status();
     assert!(status.last_failure.as_deref().unwrap_or("").contains("no READY=1"), "{status:?}");
@@ -378,10 +381,11 @@ fn no_fd_leak_over_200_restarts() {
         b.wait_active(n);
     }
     poll_until("draining generations gone", WAIT, || (b.status().generations.len() == 1).then_some(())).unwrap();
-    // Control connections from our own status polls close asynchronously;
-    // a real leak never returns to the starting count.
+    // Control connections from our own status polls and the output pipe of
+    // a retiring generation close asynchronously; a real leak never returns
+    // to the starting count.
     let settled = poll_until("baton's fd count back to its start", Duration::from_secs(10), || {
-        (b.baton_fds() == before).then_some(())
+        (b.baton_fds() <= before).then_some(())
     });
     let after = b.baton_fds();
     eprintln!("baton fds: {before} before, {after} after 200 restarts");

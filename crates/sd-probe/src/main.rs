@@ -27,6 +27,12 @@
 //! | `--reload` | on SIGHUP: `RELOADING=1` + `MONOTONIC_USEC`, report `reloaded`, `READY=1` |
 //! | `--fail-if-exists FILE` | exit 3 before `READY=1` while FILE exists (fault tests) |
 //! | `--hang-if-exists FILE` | never send `READY=1` while FILE exists (fault tests) |
+//! | `--reply-delay-ms N` | wait N ms before answering each connection (a slow request, in flight when a signal comes) |
+//! | `--ignore-sigterm` | on SIGTERM (and SIGINT) report `ignoring signal=SIGTERM` and keep serving: only SIGKILL ends it (fault tests) |
+//! | `--stop-on-usr1` | on SIGUSR1 send `STOPPING=1` on its own, report `stopping-self`, then stop as on SIGTERM (fault tests) |
+//! | `--abuse` | after `READY=1`, send the malformed notify datagrams described at [`send_abuse`], then `STATUS=abuse done by PID` and a barrier; report `abuse sent=N barrier=.. fds-closed=..` (fault tests) |
+//! | `--abuse-only` | send that battery as an unrelated helper process (no listeners, no `READY=1`), report, exit 0 |
+//! | `--timestamps` | end every report line with ` pid=PID mono_us=T` (`CLOCK_MONOTONIC`, µs; `start` is taken first thing in `main`) and report `signal-received` the moment a stop signal arrives (benchmarks) |
 //!
 //! On SIGTERM it sends `STOPPING=1`, stops accepting, finishes the
 //! connections it accepted, reports `stopping` and exits 0.
@@ -56,6 +62,12 @@ struct Options {
     reload: bool,
     fail_if_exists: Option<String>,
     hang_if_exists: Option<String>,
+    reply_delay: Duration,
+    ignore_sigterm: bool,
+    stop_on_usr1: bool,
+    abuse: bool,
+    abuse_only: bool,
+    timestamps: bool,
 }
 
 fn parse_args() -> Result<Options, String> {
@@ -81,6 +93,12 @@ fn parse_args() -> Result<Options, String> {
             "--reload" => o.reload = true,
             "--fail-if-exists" => o.fail_if_exists = Some(value()?),
             "--hang-if-exists" => o.hang_if_exists = Some(value()?),
+            "--reply-delay-ms" => o.reply_delay = ms(value()?)?,
+            "--ignore-sigterm" => o.ignore_sigterm = true,
+            "--stop-on-usr1" => o.stop_on_usr1 = true,
+            "--abuse" => o.abuse = true,
+            "--abuse-only" => o.abuse_only = true,
+            "--timestamps" => o.timestamps = true,
             other => return Err(format!("unknown option {other:?}")),
         }
     }
@@ -89,18 +107,44 @@ fn parse_args() -> Result<Options, String> {
 
 /// Appends observations to the report file, one line each, flushed at once so
 /// a crash loses nothing already reported.
-struct Report(Option<File>);
+struct Report {
+    file: Option<File>,
+    /// `--timestamps`: suffix every line with the pid and `CLOCK_MONOTONIC`.
+    timestamps: bool,
+}
 
 impl Report {
     fn line(&mut self, line: impl AsRef<str>) {
-        if let Some(f) = &mut self.0 {
+        self.line_at(line, mono_us());
+    }
+
+    /// A line observed at `at` (µs of `CLOCK_MONOTONIC`).
+    fn line_at(&mut self, line: impl AsRef<str>, at: u64) {
+        if let Some(f) = &mut self.file {
+            let mut text = line.as_ref().to_owned();
+            if self.timestamps {
+                text.push_str(&format!(" pid={} mono_us={at}", std::process::id()));
+            }
+            text.push('\n');
+            // One write(2) per line: several generations append to the same
+            // file (O_APPEND), and a line split over two writes could be
+            // interleaved with another process's line.
             // A failing report must not change the service's behaviour.
-            let _ = writeln!(f, "{}", line.as_ref());
+            let _ = f.write_all(text.as_bytes());
         }
     }
 }
 
+/// `CLOCK_MONOTONIC` in µs: the same clock in every process of the machine,
+/// so a benchmark can compare this probe's timestamps with its own.
+fn mono_us() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    t.tv_sec as u64 * 1_000_000 + t.tv_nsec as u64 / 1_000
+}
+
 fn main() {
+    // Before anything else: `--timestamps` reports it as the start time.
+    let started = mono_us();
     let opts = match parse_args() {
         Ok(o) => o,
         Err(e) => {
@@ -108,13 +152,17 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let mut report = Report(opts.report.as_ref().map(|p| {
+    let file = opts.report.as_ref().map(|p| {
         OpenOptions::new().create(true).append(true).open(p).unwrap_or_else(|e| {
             eprintln!("baton-sd-probe: cannot open report {p}: {e}");
             std::process::exit(2);
         })
-    }));
-    report.line(format!("start pid={}", std::process::id()));
+    });
+    let mut report = Report { file, timestamps: opts.timestamps };
+    report.line_at(format!("start pid={}", std::process::id()), started);
+    if opts.abuse_only {
+        std::process::exit(abuse_only(&mut report));
+    }
     // SAFETY: still single-threaded: the runtime is built below.
     let fds = match unsafe { ListenFds::from_env_and_unset() } {
         Ok(fds) => fds,
@@ -196,11 +244,15 @@ async fn run(opts: Options, mut fds: ListenFds, mut report: Report) -> i32 {
             Ok(Some(listener)) => {
                 let reply = format!("{name} {}\n", std::process::id());
                 let drain = drain.clone();
+                let delay = opts.reply_delay;
                 acceptors.push(tokio::spawn(async move {
                     while let Ok((mut stream, _)) = listener.accept().await {
                         let reply = reply.clone();
                         let guard = drain.track();
                         tokio::spawn(async move {
+                            if !delay.is_zero() {
+                                tokio::time::sleep(delay).await;
+                            }
                             let _ = stream.write_all(reply.as_bytes()).await;
                             drop(guard);
                         });
@@ -247,7 +299,12 @@ async fn run(opts: Options, mut fds: ListenFds, mut report: Report) -> i32 {
         && std::path::Path::new(f).exists()
     {
         report.line("hanging before ready");
-        std::future::pending::<()>().await;
+        // Never ready, but still stops cleanly when told to, like a real
+        // app stuck in a slow start.
+        let (sig, _) = shutdown.wait(notifier.as_deref()).await;
+        let drained = stop_serving(&acceptors, &drain).await;
+        report.line(format!("stopping signal={sig:?} notified=true drained={drained}"));
+        return 0;
     }
     report.line("ready");
     let status = opts.status.clone().unwrap_or_else(|| format!("serving as pid {}", std::process::id()));
@@ -260,6 +317,13 @@ async fn run(opts: Options, mut fds: ListenFds, mut report: Report) -> i32 {
             Ok(()) => report.line("barrier ok"),
             Err(e) => report.line(format!("barrier error {e}")),
         }
+    }
+    if opts.abuse
+        && let Some(n) = &notifier
+    {
+        let sent = send_abuse(n);
+        let barrier = n.barrier_async(Duration::from_secs(5)).await;
+        report.line(abuse_outcome(sent, barrier));
     }
     if opts.watchdog {
         match (watchdog::watchdog_timeout(), &notifier) {
@@ -279,17 +343,32 @@ async fn run(opts: Options, mut fds: ListenFds, mut report: Report) -> i32 {
             return 1;
         }
     };
+    // Only installed when asked for: an installed handler changes what the
+    // signal does to the process (SIGUSR1 would no longer kill it).
+    let optional = |wanted: bool, kind: SignalKind| if wanted { signal(kind).ok() } else { None };
+    let mut ignored_term = optional(opts.ignore_sigterm, SignalKind::terminate());
+    let mut usr1 = optional(opts.stop_on_usr1, SignalKind::user_defined1());
     loop {
         tokio::select! {
-            (sig, sent) = shutdown.wait(notifier.as_deref()) => {
-                // Stop accepting (dropping the listeners), then finish what
-                // was accepted: the listening socket itself stays open in the
-                // manager, so new connections wait for the next generation.
-                for a in &acceptors {
-                    a.abort();
+            (sig, sent) = shutdown.wait(notifier.as_deref()), if !opts.ignore_sigterm => {
+                if opts.timestamps {
+                    report.line(format!("signal-received signal={sig:?}"));
                 }
-                let drained = drain.wait_idle(Duration::from_secs(10)).await.is_ok();
+                let drained = stop_serving(&acceptors, &drain).await;
                 report.line(format!("stopping signal={sig:?} notified={} drained={drained}", sent.is_ok()));
+                return 0;
+            }
+            () = next_signal(&mut ignored_term) => {
+                report.line("ignoring signal=SIGTERM");
+            }
+            () = next_signal(&mut usr1) => {
+                // The app decides to stop by itself (e.g. a fatal config
+                // change): tell the manager first, so it starts a
+                // replacement instead of seeing a crash.
+                notify(&[NotifyState::Stopping, NotifyState::Status("stopping on its own")]);
+                report.line("stopping-self");
+                let drained = stop_serving(&acceptors, &drain).await;
+                report.line(format!("stopping signal=SIGUSR1 notified=true drained={drained}"));
                 return 0;
             }
             _ = hup.recv(), if opts.reload => {
@@ -299,6 +378,145 @@ async fn run(opts: Options, mut fds: ListenFds, mut report: Report) -> i32 {
             }
         }
     }
+}
+
+/// Stops accepting (dropping the listeners), then finishes what was
+/// accepted: the listening socket itself stays open in the manager, so new
+/// connections wait for the next generation. Returns whether everything
+/// drained within 10 s.
+async fn stop_serving(acceptors: &[tokio::task::JoinHandle<()>], drain: &Drain) -> bool {
+    for a in acceptors {
+        a.abort();
+    }
+    drain.wait_idle(Duration::from_secs(10)).await.is_ok()
+}
+
+/// The next delivery of an optional signal; never resolves without one.
+async fn next_signal(signal: &mut Option<tokio::signal::unix::Signal>) {
+    match signal {
+        Some(s) => {
+            if s.recv().await.is_none() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending::<()>().await,
+    }
+}
+
+/// `--abuse-only`: the battery from a process that is not the generation's
+/// main process (or not in any generation at all), then exit.
+fn abuse_only(report: &mut Report) -> i32 {
+    match Notifier::from_env() {
+        Ok(Some(n)) => {
+            let sent = send_abuse(&n);
+            let barrier = n.barrier(Duration::from_secs(5));
+            report.line(abuse_outcome(sent, barrier));
+            0
+        }
+        Ok(None) => {
+            report.line("error abuse: NOTIFY_SOCKET is not set");
+            1
+        }
+        Err(e) => {
+            report.line(format!("error abuse: {e}"));
+            1
+        }
+    }
+}
+
+/// The report line after [`send_abuse`] and the barrier that follows it.
+fn abuse_outcome(sent: Result<(usize, bool), String>, barrier: Result<(), baton_sd::NotifyError>) -> String {
+    let barrier = match barrier {
+        Ok(()) => "ok".to_owned(),
+        Err(e) => format!("error({e})"),
+    };
+    match sent {
+        Ok((n, closed)) => format!("abuse sent={n} barrier={barrier} fds-closed={closed}"),
+        Err(e) => format!("error abuse: {e} barrier={barrier}"),
+    }
+}
+
+/// Sends notify datagrams that a correct manager must refuse or ignore
+/// without changing state, then a valid `STATUS=abuse done by PID`. Each malformed
+/// datagram is sent twice, once ending in `READY=1` and once in
+/// `STOPPING=1`, so a manager that wrongly acted on it would visibly change
+/// the generation's state (a starting one becomes active, an active one is
+/// replaced):
+///
+/// - longer than `NOTIFY_BUFFER_MAX` (5000 bytes with an fd, and 64 KiB);
+/// - a NUL byte inside; `BARRIER=1` with other assignments;
+///
+/// and these, which are harmless but must not upset the manager:
+///
+/// - garbage (non-UTF-8, lines without `=`, empty lines), an empty datagram,
+///   a 4000-byte line, invalid values of known keys (`MAINPID=0`,
+///   `MAINPID=` of the parent process, `WATCHDOG=bogus`,
+///   an overflowing `EXTEND_TIMEOUT_USEC`, `ERRNO=99999`, `FDNAME=a:b`);
+/// - `BARRIER=1` with no fd and with two; fds without `FDSTORE=1` (3, and
+///   250 in one datagram); `FDSTORE=1` without fds; `FDSTOREREMOVE=1`
+///   without `FDNAME=`;
+/// - a flood of 1000 one-byte datagrams.
+///
+/// Every fd sent is a duplicate of one pipe's write end: once the manager
+/// has processed (and closed) all of them, the read end sees end-of-file,
+/// which is the returned `bool` (waited for up to 5 s). Returns how many
+/// datagrams were sent.
+fn send_abuse(n: &Notifier) -> Result<(usize, bool), String> {
+    use std::os::fd::{AsFd, BorrowedFd};
+    let (read_end, write_end) =
+        rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(|e| format!("creating the pipe: {e}"))?;
+    let w = write_end.as_fd();
+    let mut battery: Vec<(Vec<u8>, Vec<BorrowedFd<'_>>)> = Vec::new();
+    for lifecycle in ["READY=1", "STOPPING=1"] {
+        let big = |len: usize| format!("STATUS={}\n{lifecycle}", "x".repeat(len)).into_bytes();
+        battery.push((big(5000), vec![w]));
+        battery.push((big(64 * 1024), vec![]));
+        battery.push((format!("STATUS=nul\0{lifecycle}\n").into_bytes(), vec![]));
+        battery.push((format!("{lifecycle}\0").repeat(2).into_bytes(), vec![]));
+        battery.push((format!("BARRIER=1\n{lifecycle}").into_bytes(), vec![w]));
+    }
+    let mut garbage = b"\xff\xfe\x80\x01garbage\n\r\n===\n=\nREADY\nSTOPPING=yes\nREADY=0\n".to_vec();
+    garbage.extend_from_slice(b"STATUS=\xc3\x28\n");
+    battery.push((garbage, vec![]));
+    battery.push((Vec::new(), vec![]));
+    battery.push(("A".repeat(4000).into_bytes(), vec![]));
+    // The parent is outside the generation's process group, except for a
+    // helper forked by the main process, for which MAINPID= names the main
+    // process itself: either way nothing changes.
+    let parent = rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get());
+    battery.push((
+        format!(
+            "MAINPID=0\nMAINPID={parent}\nWATCHDOG=bogus\nWATCHDOG_USEC=abc\n\
+             EXTEND_TIMEOUT_USEC=99999999999999999999999\nERRNO=99999\nFDNAME=a:b"
+        )
+        .into_bytes(),
+        vec![],
+    ));
+    battery.push((b"BARRIER=1".to_vec(), vec![]));
+    battery.push((b"BARRIER=1".to_vec(), vec![w, w]));
+    battery.push((b"STATUS=fds without FDSTORE=1".to_vec(), vec![w; 3]));
+    battery.push((b"FDNAME=junk".to_vec(), vec![w; 250]));
+    battery.push((b"FDSTORE=1\nFDNAME=nofds".to_vec(), vec![]));
+    battery.push((b"FDSTOREREMOVE=1".to_vec(), vec![]));
+    for _ in 0..1000 {
+        battery.push((b"x".to_vec(), vec![]));
+    }
+    for (i, (payload, fds)) in battery.iter().enumerate() {
+        n.send_raw(payload, fds).map_err(|e| format!("datagram {i} of {}: {e}", battery.len()))?;
+    }
+    let done = format!("abuse done by {}", std::process::id());
+    n.notify(&[NotifyState::Status(&done)]).map_err(|e| e.to_string())?;
+    let sent = battery.len() + 1;
+    drop(battery);
+    drop(write_end);
+    // End-of-file once every copy of the write end is closed.
+    let ts = rustix::time::Timespec { tv_sec: 5, tv_nsec: 0 };
+    let mut pfd = [rustix::event::PollFd::new(&read_end, rustix::event::PollFlags::IN)];
+    let closed = match rustix::event::poll(&mut pfd, Some(&ts)) {
+        Ok(0) | Err(_) => false,
+        Ok(_) => matches!(rustix::io::read(&read_end, &mut [0u8; 1]), Ok(0)),
+    };
+    Ok((sent, closed))
 }
 
 fn store_memfd(notifier: Option<&Notifier>, name: &str, text: &str) -> Result<(), Box<dyn std::error::Error>> {

@@ -1,0 +1,295 @@
+//! The life of one generation: start, serve, drain, hand over, exit.
+//!
+//! 1. Take the passed fds (before any thread exists) and build the runtime.
+//! 2. `STATUS=starting`; the test knobs `--startup-delay` and
+//!    `--fail-startup` act here, before any passed fd is touched.
+//! 3. Open the root, get the listening socket ([`crate::listener`]), the
+//!    generation ([`crate::generation`]) and the handed-over connections
+//!    ([`crate::handoff::adopt`]).
+//! 4. Serve the adopted connections, then `READY=1` — only now can every
+//!    request be answered — and accept new ones. Ping the watchdog if asked.
+//! 5. On SIGTERM/SIGINT: `STOPPING=1`, stop accepting (a passed or stored
+//!    listener stays open in the manager, so new connections wait in its
+//!    backlog), let in-flight requests finish within `--drain-timeout`,
+//!    hand each connection over as soon as it is idle, `BARRIER=1`, exit 0.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use baton_sd::shutdown::Shutdown;
+use baton_sd::{ActivationError, ListenFds, Notifier, NotifyError, NotifyState, StoredName, watchdog};
+use clap::Parser;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+
+use crate::config::Config;
+use crate::conn::{self, DrainSignal, Outcome};
+use crate::files::{Files, FilesError};
+use crate::generation::{self, GENERATION_FDNAME, GenerationError};
+use crate::handoff::{self, HandoffPlan, HandoffWorker, NameBudget};
+use crate::listener::{self, ListenError, Origin};
+use crate::logging;
+use crate::service::{Handler, Identity};
+
+/// Why a generation could not start (or serve).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AppError {
+    /// `LISTEN_*` is malformed or a passed fd is unusable.
+    #[error(transparent)]
+    Activation(#[from] ActivationError),
+    /// `WATCHDOG_USEC`/`WATCHDOG_PID` are malformed.
+    #[error(transparent)]
+    Env(#[from] baton_sd::wire::EnvError),
+    /// `NOTIFY_SOCKET` is unusable.
+    #[error(transparent)]
+    Notify(#[from] NotifyError),
+    /// The root directory cannot be opened.
+    #[error(transparent)]
+    Files(#[from] FilesError),
+    /// No listening socket.
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+    /// `BATON_GENERATION` is malformed.
+    #[error(transparent)]
+    Generation(#[from] GenerationError),
+    /// The runtime, signal handlers or a socket could not be set up.
+    #[error("{what}: {source}")]
+    Setup {
+        /// What was being set up.
+        what: &'static str,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// `--fail-startup` was given.
+    #[error("failing on purpose before READY=1 (--fail-startup)")]
+    FailStartup,
+}
+
+fn setup(what: &'static str) -> impl FnOnce(std::io::Error) -> AppError {
+    move |source| AppError::Setup { what, source }
+}
+
+/// `baton-httpd`'s `main`: parses the command line, runs one generation,
+/// and maps the outcome to the exit status.
+pub fn main() -> ExitCode {
+    let config = Config::parse();
+    logging::init();
+    // SAFETY: no other thread exists yet; the runtime is built below.
+    let fds = unsafe { ListenFds::from_env_and_unset() };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = config.threads {
+        builder.worker_threads(n.get());
+    }
+    let result = match builder.enable_all().build() {
+        Ok(rt) => rt.block_on(run(config, fds)),
+        Err(e) => Err(setup("starting the tokio runtime")(e)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            if let Ok(Some(n)) = Notifier::from_env() {
+                let status = format!("failed: {e}");
+                let _ = n.notify(&[NotifyState::Status(&status)]);
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn status(notifier: Option<&Notifier>, text: &str) {
+    if let Some(n) = notifier
+        && let Err(e) = n.notify(&[NotifyState::Status(text)])
+    {
+        tracing::warn!(error = %e, "cannot send STATUS=");
+    }
+}
+
+/// Runs one generation to the end (see the [module docs](self)). `fds` is
+/// what [`ListenFds::from_env_and_unset`] returned before the runtime
+/// started.
+pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Result<(), AppError> {
+    let notifier = Notifier::from_env()?.map(Arc::new);
+    let n = notifier.as_deref();
+    status(n, "starting");
+    let mut shutdown = Shutdown::install().map_err(setup("installing the SIGTERM handler"))?;
+
+    if !config.startup_delay.is_zero() {
+        status(n, &format!("starting: waiting {:?} (--startup-delay)", config.startup_delay));
+        tokio::select! {
+            () = tokio::time::sleep(config.startup_delay) => {}
+            (signal, _) = shutdown.wait(n) => {
+                tracing::info!(?signal, "stopped while starting");
+                return Ok(());
+            }
+        }
+    }
+    if config.fail_startup {
+        return Err(AppError::FailStartup);
+    }
+
+    let mut fds = fds?;
+    let files = Files::open(&config.root)?;
+    // Names that will be passed to the next generation again: everything
+    // but connections, plus what this start may add to the store.
+    let mut kept: Vec<String> = fds
+        .names()
+        .map(|(_, name, _)| name)
+        .filter(|name| !matches!(StoredName::parse(name), StoredName::Connection { .. }))
+        .map(str::to_owned)
+        .collect();
+    let acquired = listener::acquire(&mut fds, &config.socket_name, config.listen, n.filter(|_| config.handoff))?;
+    let generation = generation::determine(&mut fds, n)?;
+    let adoption = handoff::adopt(&mut fds, n);
+    for (fd, name, available) in fds.names() {
+        if available {
+            tracing::info!(fd, name, "ignoring a passed fd this server does not use");
+        }
+    }
+    drop(fds);
+    for extra in [GENERATION_FDNAME.to_owned(), StoredName::Listener(&config.socket_name).to_string()] {
+        if !kept.contains(&extra) {
+            kept.push(extra);
+        }
+    }
+
+    let identity = Identity {
+        pid: std::process::id(),
+        generation,
+        started: SystemTime::now(),
+        adopted: adoption.streams.len() as u64,
+    };
+    let handler = Handler::new(files, identity);
+    acquired.listener.set_nonblocking(true).map_err(setup("making the listening socket non-blocking"))?;
+    let listener = TcpListener::from_std(acquired.listener).map_err(setup("registering the listening socket"))?;
+    let local = listener.local_addr().map_err(setup("reading the listening address"))?;
+
+    let drain = DrainSignal::new();
+    let mut conns: JoinSet<Outcome> = JoinSet::new();
+    for stream in adoption.streams {
+        match adopt_stream(stream) {
+            Ok(s) => {
+                conns.spawn(conn::drive(s, handler.clone(), drain.clone()));
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot serve an adopted connection; closing it"),
+        }
+    }
+    let adopted = conns.len();
+
+    let serving = format!(
+        "serving on {local} ({}), generation {generation}, {adopted} connections adopted",
+        match acquired.origin {
+            Origin::Passed => "passed socket",
+            Origin::Stored => "stored socket",
+            Origin::Bound => "bound socket",
+        }
+    );
+    if let Some(arc) = &notifier {
+        arc.notify(&[NotifyState::Ready, NotifyState::Status(&serving)])?;
+        if let Some(timeout) = watchdog::watchdog_timeout()? {
+            // Detached: it pings until the process exits.
+            drop(watchdog::spawn_watchdog(Arc::clone(arc), timeout));
+        }
+    }
+    tracing::info!(rejected = adoption.rejected, root = %config.root.display(), "{serving}");
+
+    let fail_after_ready = async {
+        match config.fail_after_ready {
+            Some(delay) => tokio::time::sleep(delay).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(fail_after_ready);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    // Small responses must not wait for Nagle.
+                    let _ = stream.set_nodelay(true);
+                    conns.spawn(conn::drive(stream, handler.clone(), drain.clone()));
+                }
+                Err(e) => accept_failed(e).await,
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            (signal, sent) = shutdown.wait(n) => {
+                if let Err(e) = sent {
+                    tracing::warn!(error = %e, "cannot send STOPPING=1");
+                }
+                tracing::info!(?signal, connections = conns.len(), "stopping");
+                break;
+            }
+            () = &mut fail_after_ready => {
+                tracing::error!("exiting abruptly with status 1 (--fail-after-ready)");
+                std::process::exit(1);
+            }
+        }
+    }
+
+    // Stop accepting. A passed or stored listener stays open in the manager.
+    drop(listener);
+    let open = conns.len();
+    status(n, &format!("draining {open} connections"));
+    drain.start();
+    let worker = HandoffWorker::spawn(HandoffPlan {
+        notifier: notifier.clone(),
+        enabled: config.handoff,
+        pid: std::process::id(),
+        budget: NameBudget::new(kept.iter().map(String::as_str), handoff::fdstore_max_from_env()),
+    });
+    let deadline = tokio::time::Instant::now() + config.drain_timeout;
+    let mut cut = 0;
+    loop {
+        match tokio::time::timeout_at(deadline, conns.join_next()).await {
+            Ok(Some(Ok(Outcome::Idle(stream)))) => worker.hand_over(stream).await,
+            Ok(Some(Ok(Outcome::Closed))) => {}
+            Ok(Some(Err(e))) => tracing::error!(error = %e, "a connection task failed"),
+            Ok(None) => break,
+            Err(_) => {
+                cut = conns.len();
+                tracing::warn!(
+                    connections = cut,
+                    deadline = ?config.drain_timeout,
+                    "drain deadline passed; closing connections still busy"
+                );
+                conns.shutdown().await;
+                break;
+            }
+        }
+    }
+    let report = worker.finish(n).await;
+    let summary = format!(
+        "stopped: {} connections handed over, {} closed idle, {} cut at the drain deadline",
+        report.stored,
+        report.closed_no_handoff + report.closed_over_budget + report.store_failed,
+        cut
+    );
+    tracing::info!(
+        with_queued_bytes = report.with_queued_bytes,
+        over_budget = report.closed_over_budget,
+        store_failed = report.store_failed,
+        "{summary}"
+    );
+    status(n, &summary);
+    Ok(())
+}
+
+fn adopt_stream(stream: std::net::TcpStream) -> std::io::Result<TcpStream> {
+    stream.set_nonblocking(true)?;
+    let _ = stream.set_nodelay(true);
+    TcpStream::from_std(stream)
+}
+
+/// Accept errors are per connection (the client gave up) or resource
+/// exhaustion; neither should stop the server. On exhaustion, pause so the
+/// loop does not spin while the listener stays readable.
+async fn accept_failed(e: std::io::Error) {
+    let exhausted = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM));
+    if exhausted {
+        tracing::warn!(error = %e, "cannot accept: out of resources; pausing 100 ms");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    } else {
+        tracing::debug!(error = %e, "accept failed");
+    }
+}

@@ -1,0 +1,377 @@
+//! Serving one connection so that, at shutdown, it can be taken back from
+//! hyper intact and handed to the next generation.
+//!
+//! # How a connection is stopped at a request boundary
+//!
+//! hyper owns the socket while it serves. To take it back *between*
+//! requests, without hyper writing `Connection: close` or shutting the socket
+//! down, the socket is wrapped in `HandoffIo`. Once draining starts, the
+//! wrapper reports end-of-stream to hyper's next read, but only when that is
+//! safe:
+//!
+//! - no request is in flight (counted by `TrackedService`: from the
+//!   handler call until the response body ended or was dropped);
+//! - everything hyper wrote has been flushed (hyper goes idle only after a
+//!   flush, and the wrapper checks it too);
+//! - the wrapper holds no bytes of its own to deliver first.
+//!
+//! hyper then treats the connection as closed by the client while idle,
+//! finishes without touching the socket (`poll_without_shutdown`), and
+//! [`Connection::into_parts`](hyper::server::conn::http1::Connection::into_parts)
+//! returns the socket and hyper's read buffer.
+//!
+//! # Bytes already read are never lost
+//!
+//! If hyper had already read part of the next request (the client pipelined
+//! it), the read buffer is not empty. Such a connection is not handed over:
+//! it is served again by a fresh hyper connection that first gets those
+//! bytes back, and the end-of-stream trick is re-armed only after a request
+//! completes — so the connection is served to completion, or until it is
+//! idle with nothing buffered, and then handed over; all within the drain
+//! deadline. Bytes the client sent that are still in the kernel's receive
+//! queue stay there when the fd is handed over: the next generation reads
+//! them.
+//!
+//! # Cost per request
+//!
+//! Two atomic counter updates on a per-connection state and one `Arc` clone
+//! (the guard carried by the response body), plus an atomic-waker update per
+//! wake-up of the connection task; nothing shared between connections is
+//! touched per request. See the benchmark.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
+use std::sync::{Arc, Mutex};
+
+use atomic_waker::AtomicWaker;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes};
+use http::{Request, Response};
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::rt::{Read, ReadBufCursor, Write};
+use hyper::server::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::service::{Handler, ResponseFuture};
+
+/// The HTTP/1.1 settings shared by `baton-httpd` and the benchmark's plain
+/// hyper server: keep-alive on, no header-read timeout (it would also close
+/// idle keep-alive connections, which are meant to stay open across
+/// restarts).
+pub fn http1_builder() -> http1::Builder {
+    let mut b = http1::Builder::new();
+    b.keep_alive(true).header_read_timeout(None);
+    b
+}
+
+/// How serving a connection ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The client closed it, or it failed; nothing to hand over.
+    Closed,
+    /// Draining stopped it at a request boundary with nothing buffered: it
+    /// can be handed over (or closed) as is.
+    Idle(TcpStream),
+}
+
+/// State shared by the wrapper, the service and the response bodies of one
+/// connection. Everything runs on the connection's task; atomics only make
+/// it `Send`.
+#[derive(Debug)]
+struct ConnState {
+    /// Requests between the handler call and the end of their response.
+    in_flight: AtomicUsize,
+    /// Nothing written since the last successful flush.
+    flushed: AtomicBool,
+    /// Draining has started.
+    draining: AtomicBool,
+    /// End-of-stream may be faked: false after a restart with buffered bytes,
+    /// until a request completes.
+    armed: AtomicBool,
+    /// End-of-stream was faked (rather than sent by the client).
+    faked_eof: AtomicBool,
+    /// The connection task, for [`DrainSignal::start`].
+    waker: AtomicWaker,
+}
+
+impl ConnState {
+    fn may_stop_reading(&self) -> bool {
+        self.draining.load(Relaxed)
+            && self.armed.load(Relaxed)
+            && self.in_flight.load(Relaxed) == 0
+            && self.flushed.load(Relaxed)
+    }
+}
+
+/// The socket as hyper sees it (see the [module docs](self)).
+#[derive(Debug)]
+struct HandoffIo {
+    stream: TokioIo<TcpStream>,
+    /// Bytes read by an earlier hyper connection, delivered first.
+    prefix: Bytes,
+    state: Arc<ConnState>,
+}
+
+impl Read for HandoffIo {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, mut buf: ReadBufCursor<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix[..n]);
+            this.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        if this.state.may_stop_reading() {
+            this.state.faked_eof.store(true, Relaxed);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.stream).poll_read(cx, buf)
+    }
+}
+
+impl Write for HandoffIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        this.state.flushed.store(false, Relaxed);
+        Pin::new(&mut this.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        this.state.flushed.store(false, Relaxed);
+        Pin::new(&mut this.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        ready!(Pin::new(&mut this.stream).poll_flush(cx))?;
+        let was_flushed = this.state.flushed.swap(true, Relaxed);
+        // hyper goes idle right after this flush, but does not read again if
+        // its last read was pending: wake the task once so that the drain
+        // check in `poll_read` runs. Only on a transition, so this cannot
+        // loop.
+        if !was_flushed && this.state.draining.load(Relaxed) {
+            cx.waker().wake_by_ref();
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+/// The handler, counting requests in flight.
+#[derive(Debug)]
+struct TrackedService {
+    handler: Handler,
+    state: Arc<ConnState>,
+}
+
+/// One request in flight; dropping it ends the request.
+#[derive(Debug)]
+struct RequestGuard(Arc<ConnState>);
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Relaxed) == 1 {
+            self.0.armed.store(true, Relaxed);
+        }
+    }
+}
+
+impl hyper::service::Service<Request<Incoming>> for TrackedService {
+    type Response = Response<TrackedBody>;
+    type Error = Infallible;
+    type Future = TrackedFuture;
+
+    fn call(&self, req: Request<Incoming>) -> TrackedFuture {
+        self.state.in_flight.fetch_add(1, Relaxed);
+        let guard = RequestGuard(Arc::clone(&self.state));
+        TrackedFuture { inner: self.handler.handle(req), guard: Some(guard) }
+    }
+}
+
+/// The handler's future, carrying the request's guard to the response body.
+#[derive(Debug)]
+struct TrackedFuture {
+    inner: ResponseFuture,
+    guard: Option<RequestGuard>,
+}
+
+impl Future for TrackedFuture {
+    type Output = Result<Response<TrackedBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let response = ready!(Pin::new(&mut this.inner).poll(cx))?;
+        let guard = this.guard.take();
+        Poll::Ready(Ok(response.map(|inner| TrackedBody { inner, guard })))
+    }
+}
+
+/// A response body that ends its request when it ends (or is dropped).
+#[derive(Debug)]
+struct TrackedBody {
+    inner: crate::body::Body,
+    guard: Option<RequestGuard>,
+}
+
+impl hyper::body::Body for TrackedBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        let this = self.get_mut();
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        if frame.is_none() {
+            this.guard = None;
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Tells every connection that draining has started. Cheap to clone.
+///
+/// Each connection registers its state once (a lock per connection, not per
+/// request); [`start`](Self::start) flags them all and wakes their tasks.
+/// Nothing is polled per request: a connection only re-checks its own flag
+/// when hyper reads.
+#[derive(Debug, Clone, Default)]
+pub struct DrainSignal {
+    inner: Arc<Registry>,
+}
+
+#[derive(Debug, Default)]
+struct Registry {
+    started: AtomicBool,
+    next_id: AtomicU64,
+    conns: Mutex<HashMap<u64, Arc<ConnState>>>,
+}
+
+/// Removes a connection from the registry when its task ends.
+struct Registration {
+    registry: Arc<Registry>,
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.registry.lock().remove(&self.id);
+    }
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<ConnState>>> {
+        // A panic elsewhere cannot leave the map inconsistent (single
+        // inserts and removes): keep using it.
+        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl DrainSignal {
+    /// A signal no connection has seen yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Starts draining: every connection, present or registering later,
+    /// stops at its next request boundary.
+    pub fn start(&self) {
+        self.inner.started.store(true, SeqCst);
+        for state in self.inner.lock().values() {
+            state.draining.store(true, Relaxed);
+            state.waker.wake();
+        }
+    }
+
+    fn register(&self, state: &Arc<ConnState>) -> Registration {
+        let id = self.inner.next_id.fetch_add(1, Relaxed);
+        self.inner.lock().insert(id, Arc::clone(state));
+        // After the insert: either `start` saw this entry, or its flag
+        // (stored before it took the lock) is visible here.
+        if self.inner.started.load(SeqCst) {
+            state.draining.store(true, Relaxed);
+        }
+        Registration { registry: Arc::clone(&self.inner), id }
+    }
+}
+
+/// Serves `stream` until the client closes it, or — once `drain` has
+/// started — until it is idle with nothing buffered ([`Outcome::Idle`]).
+///
+/// The caller bounds the drain with its deadline by dropping (aborting) the
+/// future.
+pub async fn drive(stream: TcpStream, handler: Handler, drain: DrainSignal) -> Outcome {
+    let state = Arc::new(ConnState {
+        in_flight: AtomicUsize::new(0),
+        flushed: AtomicBool::new(true),
+        draining: AtomicBool::new(false),
+        armed: AtomicBool::new(true),
+        faked_eof: AtomicBool::new(false),
+        waker: AtomicWaker::new(),
+    });
+    let _registration = drain.register(&state);
+    let builder = http1_builder();
+    let mut stream = stream;
+    let mut prefix = Bytes::new();
+    loop {
+        let io = HandoffIo { stream: TokioIo::new(stream), prefix, state: Arc::clone(&state) };
+        let service = TrackedService { handler: handler.clone(), state: Arc::clone(&state) };
+        let mut conn = builder.serve_connection(io, service);
+        let result = poll_fn(|cx| {
+            // So that `DrainSignal::start` can wake an idle connection.
+            state.waker.register(cx.waker());
+            conn.poll_without_shutdown(cx)
+        })
+        .await;
+        let parts = conn.into_parts();
+        if !state.faked_eof.swap(false, Relaxed) {
+            // The client closed the connection, sent `Connection: close`, or
+            // it failed: hyper is done with it.
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+            return Outcome::Closed;
+        }
+        stream = parts.io.stream.into_inner();
+        if parts.read_buf.is_empty() {
+            return match result {
+                Ok(()) => Outcome::Idle(stream),
+                Err(e) => {
+                    // Cannot happen by the rules above (no request in
+                    // flight), but if it does the connection state is
+                    // unknown: close rather than hand over.
+                    tracing::warn!(error = %e, "connection failed at the drain point; closing it");
+                    Outcome::Closed
+                }
+            };
+        }
+        // hyper had read part of a request: serve on with those bytes first.
+        tracing::debug!(buffered = parts.read_buf.len(), "connection has a buffered partial request; serving it first");
+        prefix = parts.read_buf;
+        state.armed.store(false, Relaxed);
+    }
+}

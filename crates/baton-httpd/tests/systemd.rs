@@ -1,0 +1,222 @@
+//! baton-httpd under a real systemd — 252 (the host's) and 257 (Debian
+//! trixie), booted by `baton-testbed` — as a `.socket` + `Type=notify`
+//! `.service` pair, restarted with `systemctl restart` (stop, then start;
+//! the fd store outlives the process). The scenarios are those of
+//! `tests/handoff.rs`, written against [`Deployment`]; a `baton restart`
+//! deployment only has to implement that trait.
+//!
+//! Each test boots its own testbed, so a failure shows that test's journal.
+
+mod common;
+
+use std::path::PathBuf;
+
+use baton_testbed::{Flavor, Testbed, free_loopback_port, skip_unless_root};
+use common::client::{HttpConn, raise_nofile};
+use common::scenarios::{self, Deployment, WAIT};
+
+const SERVICE: &str = "baton-httpd.service";
+const SOCKET: &str = "baton-httpd.socket";
+
+/// baton-httpd as a socket-activated systemd service in a testbed.
+struct Systemd {
+    tb: Testbed,
+    port: u16,
+    root: PathBuf,
+    extra: Vec<String>,
+    restart_policy: &'static str,
+}
+
+impl Systemd {
+    /// Boots `flavor`, installs the units and starts the service; `None`
+    /// when the test may skip (see [`skip_unless_root`]).
+    fn boot(flavor: Flavor, test: &str) -> Option<Self> {
+        Self::boot_with(flavor, test, "on-failure")
+    }
+
+    fn boot_with(flavor: Flavor, test: &str, restart_policy: &'static str) -> Option<Self> {
+        if !skip_unless_root(test) {
+            return None;
+        }
+        let tb = Testbed::boot(flavor).unwrap_or_else(|e| panic!("{test}: boot {flavor}: {e}"));
+        let root = scenarios::make_root(tb.scratch());
+        let port = free_loopback_port();
+        let d = Self { tb, port, root, extra: Vec::new(), restart_policy };
+        d.tb.install_unit(
+            SOCKET,
+            &format!(
+                "[Socket]\nListenStream=127.0.0.1:{port}\nFileDescriptorName=http\nService={SERVICE}\nBacklog=4096\n"
+            ),
+        )
+        .expect("install the socket unit");
+        d.install_service();
+        d.ok(&["start", SOCKET]);
+        d.ok(&["start", SERVICE]);
+        Some(d)
+    }
+
+    fn install_service(&self) {
+        let unit = format!(
+            "[Unit]\nStartLimitIntervalSec=0\n\
+             [Service]\nType=notify\nExecStart={bin} --root {root} --threads 2 {extra}\n\
+             FileDescriptorStoreMax=4096\nLimitNOFILE=16384\nRestart={restart}\nRestartSec=200ms\n\
+             Environment=RUST_LOG=info\n",
+            bin = common::BIN,
+            root = self.root.display(),
+            extra = self.extra.join(" "),
+            restart = self.restart_policy,
+        );
+        self.tb.install_unit(SERVICE, &unit).expect("install the service unit");
+    }
+
+    fn ok(&self, args: &[&str]) {
+        self.tb.systemctl_checked(args).unwrap_or_else(|e| panic!("systemctl {args:?}: {e}"));
+    }
+
+    fn show(&self, prop: &str) -> String {
+        self.tb.show(SERVICE, prop).unwrap_or_else(|e| panic!("show {prop}: {e}"))
+    }
+
+    fn main_pid(&self) -> u32 {
+        self.show("MainPID").parse().unwrap_or(0)
+    }
+}
+
+impl Deployment for Systemd {
+    fn describe(&self) -> String {
+        format!("systemd {}", self.tb.systemd_version())
+    }
+
+    fn port(&self) -> u16 {
+        self.port
+    }
+
+    fn restart(&mut self) {
+        // Returns once the new instance sent READY=1 (Type=notify).
+        self.ok(&["restart", SERVICE]);
+    }
+
+    fn begin_restart(&mut self) {
+        self.ok(&["restart", "--no-block", SERVICE]);
+    }
+
+    fn wait_status(&mut self, what: &str, pred: &dyn Fn(&str) -> bool) {
+        self.tb
+            .wait_for(what, WAIT, || pred(&self.show("StatusText")))
+            .unwrap_or_else(|e| panic!("{e}\nStatusText={}", self.show("StatusText")));
+    }
+
+    fn finish_restart(&mut self, old_pid: u32) {
+        self.tb
+            .wait_for("the new generation to be ready", WAIT, || {
+                let pid = self.main_pid();
+                pid != 0
+                    && pid != old_pid
+                    && self.show("ActiveState") == "active"
+                    && self.show("StatusText").starts_with("serving")
+            })
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    fn set_extra_args(&mut self, args: &[&str]) {
+        self.extra = args.iter().map(|s| s.to_string()).collect();
+        self.install_service();
+    }
+}
+
+fn keepalive(flavor: Flavor, test: &str) {
+    let Some(mut d) = Systemd::boot(flavor, test) else { return };
+    scenarios::keepalive_across_restart(&mut d, 20);
+    // Adopted connections were removed from the store: a second restart
+    // hands over exactly the same 20 again, no duplicates.
+    scenarios::keepalive_across_restart(&mut d, 20);
+}
+
+fn thousand_idle(flavor: Flavor, test: &str) {
+    assert!(raise_nofile(4096) >= 2100, "RLIMIT_NOFILE too low for 1,000 connections on both sides");
+    let Some(mut d) = Systemd::boot(flavor, test) else { return };
+    scenarios::keepalive_across_restart(&mut d, 1000);
+}
+
+fn in_flight(flavor: Flavor, test: &str) {
+    let Some(mut d) = Systemd::boot(flavor, test) else { return };
+    scenarios::in_flight_and_pipelined(&mut d);
+    scenarios::drain_deadline(&mut d);
+}
+
+/// Generations that fail to start (`Restart=on-failure` retries them) leave
+/// the handed-over connections in the store; the first one that starts
+/// adopts them.
+fn failed_generations(flavor: Flavor, test: &str) {
+    let Some(mut d) = Systemd::boot(flavor, test) else { return };
+    let mut conns: Vec<HttpConn> = (0..5).map(|_| HttpConn::connect(d.port).unwrap()).collect();
+    let old = d.main_pid();
+    for c in &mut conns {
+        assert_eq!(c.get("/healthz").unwrap().pid(), old);
+    }
+    d.set_extra_args(&["--fail-startup"]);
+    d.begin_restart();
+    d.tb.wait_for("two failed starts", WAIT, || d.show("NRestarts").parse::<u32>().unwrap_or(0) >= 2)
+        .unwrap_or_else(|e| panic!("{e}"));
+    d.set_extra_args(&[]);
+    d.finish_restart(old);
+    let new = d.main_pid();
+    for c in &mut conns {
+        let r = c.get("/healthz").unwrap_or_else(|e| panic!("{}: a connection was lost: {e}", d.describe()));
+        assert_eq!(r.pid(), new);
+    }
+    let doc: serde_json::Value = serde_json::from_slice(&conns[0].get("/.well-known/baton").unwrap().body).unwrap();
+    assert_eq!(doc["adopted_connections"], 5, "{doc}");
+}
+
+/// When no generation follows (the next start fails and nothing restarts
+/// it), systemd releases the store: the handed-over connections are closed,
+/// not leaked; a later start finds none.
+fn never_adopted(flavor: Flavor, test: &str) {
+    let Some(mut d) = Systemd::boot_with(flavor, test, "no") else { return };
+    let mut conns: Vec<HttpConn> = (0..3).map(|_| HttpConn::connect(d.port).unwrap()).collect();
+    for c in &mut conns {
+        c.get("/healthz").unwrap();
+    }
+    d.set_extra_args(&["--fail-startup"]);
+    let out = d.tb.systemctl(&["restart", SERVICE]).unwrap();
+    assert!(!out.success(), "the restart should fail: {out:?}");
+    assert_eq!(d.show("ActiveState"), "failed");
+    for (i, c) in conns.iter_mut().enumerate() {
+        assert!(c.closed_by_server(WAIT), "{}: connection {i} still open after the store was released", d.describe());
+    }
+    d.set_extra_args(&[]);
+    d.ok(&["start", SERVICE]);
+    let mut c = HttpConn::connect(d.port).unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&c.get("/.well-known/baton").unwrap().body).unwrap();
+    assert_eq!(doc["adopted_connections"], 0, "{doc}");
+    // The generation counter went with the store.
+    assert_eq!(doc["generation"], 1, "{doc}");
+}
+
+/// The service logs natively to the journal, and STATUS= reaches systemd.
+fn journal_and_status(flavor: Flavor, test: &str) {
+    let Some(d) = Systemd::boot(flavor, test) else { return };
+    let status = d.show("StatusText");
+    assert!(status.starts_with("serving on 127.0.0.1:") && status.contains("passed socket"), "{status}");
+    let journal = d.tb.journal(Some(SERVICE)).unwrap();
+    assert!(journal.contains("serving on 127.0.0.1"), "{journal}");
+    // Native records carry our fields; a plain stderr line would not.
+    let out =
+        d.tb.run_checked(&["journalctl", "--no-pager", "-b", "-u", SERVICE, "-o", "verbose", "-g", "serving on"])
+            .unwrap();
+    assert!(out.stdout.contains("ROOT="), "native journal fields expected:\n{}", out.stdout);
+}
+
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {
+        mod systemd_252 {
+            $( #[test] fn $name() { super::$name(baton_testbed::Flavor::Host, concat!("systemd_252::", stringify!($name))) } )*
+        }
+        mod systemd_257 {
+            $( #[test] fn $name() { super::$name(baton_testbed::Flavor::Trixie, concat!("systemd_257::", stringify!($name))) } )*
+        }
+    };
+}
+
+on_both!(keepalive, thousand_idle, in_flight, failed_generations, never_adopted, journal_and_status);
