@@ -13,6 +13,8 @@
 //!   credential checks and limits.
 //! - [`output`]: passes each generation's output through and keeps its last
 //!   lines for failure reports.
+//! - [`handoff`]: moves connections a draining generation stores straight
+//!   to the running one (overlapped restarts).
 //! - [`store`]: Baton's own fd store (`FDSTORE=1` from the app), polled for
 //!   hang-ups.
 //! - [`supervisor`]: the generation state machine: start, READY, overlapped
@@ -21,7 +23,9 @@
 //!   `status`, `stop`.
 #![warn(missing_docs)]
 
+pub mod cli;
 pub mod control;
+pub mod handoff;
 pub mod listen;
 pub mod notify_server;
 pub mod output;
@@ -29,3 +33,4 @@ pub mod reaper;
 pub mod spawn;
 pub mod store;
 pub mod supervisor;
+pub mod units;

@@ -4,219 +4,19 @@
 //! take, a crash loop); 2 bad usage; 3 no baton is running at the control
 //! socket; 4 the control conversation failed.
 
-use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use baton::cli::{Access, Cli, Command, NotifyArgs, RunArgs, Target};
 use baton::control::{self, Request, Response};
-use baton::listen::{self, BoundSocket, ListenSpec, SocketOptions};
+use baton::listen::{self, BoundSocket, SocketOptions};
 use baton::notify_server::NotifyServer;
 use baton::spawn::AppCommand;
 use baton::supervisor::{Backoff, Config, Ended, NotifyAccess, Supervisor};
 use baton_sd::{FdPoll, ListenFds, Notifier, NotifyState, StoredName};
-use clap::{Args, Parser, Subcommand, ValueEnum};
-
-/// Restart Linux services without dropping a connection.
-///
-/// Baton holds your service's listening sockets, starts the new generation,
-/// waits for its READY=1, and only then retires the old one.
-#[derive(Debug, Parser)]
-#[command(name = "baton", version, about, long_about)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Run COMMAND under supervision, holding its sockets.
-    Run(RunArgs),
-    /// Start a new generation and retire the current one once it is ready.
-    Restart(RestartArgs),
-    /// Show generations, sockets and the last failure.
-    Status(StatusArgs),
-    /// Stop all generations and the supervisor.
-    Stop(Target),
-    /// Send a notification to $NOTIFY_SOCKET (like systemd-notify).
-    Notify(NotifyArgs),
-}
-
-#[derive(Debug, Args)]
-struct Target {
-    /// Instance name (default: the app's program name).
-    #[arg(long, short = 'n', default_value = "baton")]
-    name: String,
-    /// Control socket path (default: derived from --name).
-    #[arg(long)]
-    control: Option<PathBuf>,
-}
-
-impl Target {
-    fn path(&self) -> PathBuf {
-        self.control.clone().unwrap_or_else(|| control::default_path(&self.name))
-    }
-}
-
-#[derive(Debug, Args)]
-struct RestartArgs {
-    #[command(flatten)]
-    target: Target,
-    /// Return once the request is accepted instead of waiting for the outcome.
-    #[arg(long, conflicts_with = "wait")]
-    no_block: bool,
-    /// Wait for the outcome (the default).
-    #[arg(long)]
-    wait: bool,
-}
-
-#[derive(Debug, Args)]
-struct StatusArgs {
-    #[command(flatten)]
-    target: Target,
-    /// Print JSON.
-    #[arg(long)]
-    json: bool,
-}
-
-#[derive(Debug, Args)]
-struct RunArgs {
-    /// Socket to hold and pass on, as [NAME=]ADDR: 127.0.0.1:8080, [::]:443, 8080,
-    /// udp:ADDR, unix:/path, unix:@abstract, seqpacket:/path. Repeatable.
-    #[arg(long = "listen", short = 'l', value_name = "[NAME=]ADDR")]
-    listen: Vec<ListenSpec>,
-    /// Instance name, for the control socket and logs (default: the program's name).
-    #[arg(long, short = 'n')]
-    name: Option<String>,
-    /// Control socket path (default: $RUNTIME_DIRECTORY/NAME.sock, /run/baton/NAME.sock as root).
-    #[arg(long)]
-    control: Option<PathBuf>,
-    /// listen() backlog.
-    #[arg(long)]
-    backlog: Option<u32>,
-    /// Set SO_REUSEPORT.
-    #[arg(long)]
-    reuse_port: bool,
-    /// IPV6_V6ONLY for IPv6 sockets.
-    #[arg(long)]
-    v6_only: Option<bool>,
-    /// Allow binding addresses not (yet) configured (IP_FREEBIND).
-    #[arg(long)]
-    freebind: bool,
-    /// Mode of unix socket files, octal.
-    #[arg(long, value_parser = parse_mode)]
-    socket_mode: Option<u32>,
-    /// Owner uid of unix socket files.
-    #[arg(long)]
-    socket_uid: Option<u32>,
-    /// Owner gid of unix socket files.
-    #[arg(long)]
-    socket_gid: Option<u32>,
-    /// How long a new generation may take to send READY=1.
-    #[arg(long, default_value = "90s", value_parser = parse_duration)]
-    ready_timeout: Duration,
-    /// Signal asking a generation to drain and exit.
-    #[arg(long, default_value = "SIGTERM", value_parser = parse_signal)]
-    stop_signal: rustix::process::Signal,
-    /// Drain deadline after the stop signal, then SIGKILL.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
-    stop_timeout: Duration,
-    /// Who may send notifications.
-    #[arg(long, value_enum, default_value = "main")]
-    notify_access: Access,
-    /// Watchdog interval for generations (WATCHDOG_USEC), enforced.
-    #[arg(long, value_parser = parse_duration)]
-    watchdog: Option<Duration>,
-    /// Fd-store capacity (FDSTORE=1 from the app); 0 disables it.
-    #[arg(long, default_value_t = 4096)]
-    fdstore_max: usize,
-    /// Shell command run after READY=1 (with BATON_PID set); the cutover happens only if it succeeds.
-    #[arg(long)]
-    health_cmd: Option<String>,
-    /// Draining generations allowed at once; the oldest is killed beyond this.
-    #[arg(long, default_value_t = 4)]
-    max_draining: usize,
-    /// Crash restarts allowed within --restart-interval before giving up.
-    #[arg(long, default_value_t = 10)]
-    restart_burst: u32,
-    /// Window for --restart-burst.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
-    restart_interval: Duration,
-    /// The app and its arguments.
-    #[arg(last = true, required = true, value_name = "COMMAND")]
-    command: Vec<OsString>,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum Access {
-    Main,
-    Exec,
-    All,
-}
-
-#[derive(Debug, Args)]
-struct NotifyArgs {
-    /// READY=1.
-    #[arg(long)]
-    ready: bool,
-    /// RELOADING=1 with MONOTONIC_USEC.
-    #[arg(long)]
-    reloading: bool,
-    /// STOPPING=1.
-    #[arg(long)]
-    stopping: bool,
-    /// STATUS=TEXT.
-    #[arg(long)]
-    status: Option<String>,
-    /// Fd to store (FDSTORE=1); repeatable.
-    #[arg(long = "fd")]
-    fds: Vec<i32>,
-    /// FDNAME= for --fd.
-    #[arg(long)]
-    fdname: Option<String>,
-    /// Do not wait for the manager to process the message (no BARRIER=1).
-    #[arg(long)]
-    no_block: bool,
-    /// More assignments, KEY=VALUE.
-    assignments: Vec<String>,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration (e.g. 90s, 500ms, 2min)"))?;
-    let secs = match unit.trim() {
-        "" | "s" | "sec" => n,
-        "ms" => n / 1000.0,
-        "m" | "min" => n * 60.0,
-        "h" => n * 3600.0,
-        other => return Err(format!("unknown unit {other:?} in {s:?}: use ms, s, min or h")),
-    };
-    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
-}
-
-fn parse_mode(s: &str) -> Result<u32, String> {
-    u32::from_str_radix(s.trim_start_matches("0o"), 8).map_err(|_| format!("{s:?} is not an octal mode like 0660"))
-}
-
-fn parse_signal(s: &str) -> Result<rustix::process::Signal, String> {
-    use rustix::process::Signal;
-    let name = s.trim().to_ascii_uppercase();
-    let name = name.strip_prefix("SIG").unwrap_or(&name);
-    Ok(match name {
-        "TERM" => Signal::TERM,
-        "INT" => Signal::INT,
-        "QUIT" => Signal::QUIT,
-        "HUP" => Signal::HUP,
-        "USR1" => Signal::USR1,
-        "USR2" => Signal::USR2,
-        "KILL" => Signal::KILL,
-        "WINCH" => Signal::WINCH,
-        _ => return Err(format!("unsupported signal {s:?}: use TERM, INT, QUIT, HUP, USR1, USR2, WINCH or KILL")),
-    })
-}
+use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -226,6 +26,13 @@ fn main() -> ExitCode {
         Command::Status(args) => client(&args.target, Request::Status, args.json),
         Command::Stop(target) => client(&target, Request::Stop, false),
         Command::Notify(args) => notify(args),
+        Command::Units(args) => match baton::units::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("baton units: {e}");
+                ExitCode::from(if e.is_usage() { 2 } else { 1 })
+            }
+        },
     }
 }
 
@@ -521,9 +328,19 @@ fn run(args: RunArgs) -> ExitCode {
         let notify_path = control_path.with_extension("notify");
         let notify = NotifyServer::bind(&notify_path).map_err(|e| format!("notify socket {}: {e}", notify_path.display()))?;
         tracing::info!(event = "started", control = %server.path().display(), "baton {name}: control socket {}", server.path().display());
-        let supervisor = Supervisor::new(config, notify, upstream).map_err(|e| e.to_string())?;
+        let supervisor = Supervisor::new(config, notify, upstream.clone())
+            .and_then(|s| s.with_handoff(&control_path.with_extension("handoff")))
+            .map_err(|e| e.to_string())?;
         let ended = supervisor.run(requests).await.map_err(|e| e.to_string());
         server.shutdown(Duration::from_secs(2)).await;
+        // systemd attributes a datagram by its sender's pid: fds forwarded to
+        // its store just before we exit (connections a stopping generation
+        // handed over) must be processed while we still exist.
+        if let Some(up) = &upstream
+            && let Err(e) = up.barrier_async(Duration::from_secs(5)).await
+        {
+            tracing::warn!("systemd did not confirm the last notifications: {e}");
+        }
         ended
     });
     match result {

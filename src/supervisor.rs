@@ -146,6 +146,8 @@ struct Generation {
     output: crate::output::Tail,
     /// The running health check, killed with the generation if it fails.
     health: Option<Child>,
+    /// Its `$BATON_HANDOFF_SOCKET` connection, once it connected.
+    handoff: Option<OwnedFd>,
 }
 
 impl Generation {
@@ -211,6 +213,7 @@ pub struct Supervisor {
     /// report has its last lines.
     pending_exit: Option<PendingExit>,
     output_closed: Arc<tokio::sync::Notify>,
+    handoff: Option<(crate::handoff::HandoffServer, mpsc::Receiver<crate::handoff::Peer>)>,
 }
 
 struct PendingExit {
@@ -260,7 +263,17 @@ impl Supervisor {
             failed_output: None,
             pending_exit: None,
             output_closed: Arc::new(tokio::sync::Notify::new()),
+            handoff: None,
         })
+    }
+
+    /// Offers generations a handoff socket (`$BATON_HANDOFF_SOCKET`) at
+    /// `path`, for connections stored during an overlapped restart.
+    pub fn with_handoff(mut self, path: &std::path::Path) -> Result<Self, SupervisorError> {
+        let server = crate::handoff::HandoffServer::bind(path)
+            .map_err(|source| SupervisorError::Io { context: "creating the handoff socket", source })?;
+        self.handoff = Some(server);
+        Ok(self)
     }
 
     /// Runs until stopped. `control` delivers requests from the control
@@ -289,6 +302,7 @@ impl Supervisor {
                 }
                 _ = tokio::time::sleep_until(deadline.into()) => self.on_timers(),
                 _ = self.output_closed.notified(), if self.pending_exit.is_some() => self.report_pending_exit(false),
+                Some(peer) = next_peer(&mut self.handoff) => self.on_handoff_peer(peer),
                 _ = hup.recv() => self.request_restart(None),
                 _ = term.recv() => self.begin_stop(None),
                 _ = int.recv() => self.begin_stop(None),
@@ -432,7 +446,10 @@ impl Supervisor {
             .map(|s| (s.fd.as_fd(), s.name.as_str()))
             .chain(self.store.entries().map(|(name, fd)| (fd, name)))
             .collect();
-        let extra = [("BATON_GENERATION", number.to_string())];
+        let mut extra = vec![("BATON_GENERATION", number.to_string())];
+        if let Some((server, _)) = &self.handoff {
+            extra.push((baton_sd::handoff::HANDOFF_SOCKET_ENV, server.path().display().to_string()));
+        }
         let (output_fd, output) = crate::output::capture(Arc::clone(&self.output_closed))
             .map_err(|e| format!("cannot create the pipe for its output: {e}"))?;
         let setup = GenerationSetup {
@@ -460,6 +477,7 @@ impl Supervisor {
             last_ping: now,
             output,
             health: None,
+            handoff: None,
         })
     }
 
@@ -899,7 +917,9 @@ impl Supervisor {
             let name = msg.fdname().unwrap_or("stored").to_owned();
             let poll = !msg.has(&NotifyState::FdPollDisable);
             let fds = std::mem::take(&mut d.fds);
-            self.store_fds(&name, fds, poll);
+            if let Some(fds) = self.push_to_active(index, &name, fds) {
+                self.store_fds(&name, fds, poll);
+            }
         }
         if !d.fds.is_empty() {
             tracing::warn!(event = "notify-fds-closed", "closing {} fd(s) sent without FDSTORE=1", d.fds.len());
@@ -919,6 +939,56 @@ impl Supervisor {
                 }
             }
             Some(Lifecycle::Reloading) | None => {}
+        }
+    }
+
+    /// Connections stored by a generation that is not the active one go
+    /// straight to the active generation, if it listens for them. Returns
+    /// the fds that still need storing.
+    fn push_to_active(&mut self, sender: usize, name: &str, fds: Vec<OwnedFd>) -> Option<Vec<OwnedFd>> {
+        if baton_sd::StoredName::parse(name) != baton_sd::StoredName::Connection
+            || self.generations[sender].state == State::Active
+        {
+            return Some(fds);
+        }
+        // No active generation (Baton is stopping): keep them in the store,
+        // forwarded to systemd's, for whoever runs next.
+        let Some(active) = self.generations.iter().find(|g| g.state == State::Active) else { return Some(fds) };
+        let Some(conn) = &active.handoff else { return Some(fds) };
+        let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
+        match crate::handoff::push(conn, name, &borrowed) {
+            Ok(()) => {
+                tracing::debug!(
+                    event = "handoff",
+                    generation = active.number,
+                    count = fds.len(),
+                    "moved {} fd(s) to generation {}",
+                    fds.len(),
+                    active.number
+                );
+                None
+            }
+            Err(e) => {
+                tracing::warn!(
+                    event = "handoff-failed",
+                    generation = active.number,
+                    "cannot move connections to generation {}: {e}; keeping them in the store",
+                    active.number
+                );
+                Some(fds)
+            }
+        }
+    }
+
+    fn on_handoff_peer(&mut self, peer: crate::handoff::Peer) {
+        match self.generations.iter_mut().find(|g| g.main_pid == peer.pid || g.child.pid == peer.pid) {
+            Some(g) => g.handoff = Some(peer.conn),
+            None => tracing::warn!(
+                event = "handoff-refused",
+                sender = peer.pid,
+                "handoff connection from pid {} refused: not a generation's main process",
+                peer.pid
+            ),
         }
     }
 
@@ -991,6 +1061,11 @@ impl Supervisor {
             return;
         }
         tracing::info!(event = "stopping", "stopping all generations");
+        if self.restart.as_ref().is_some_and(|r| r.trigger != Trigger::Initial) {
+            // We announced RELOADING=1; systemd 252 ignores STOPPING=1 until
+            // the reload is over, so end it first, in its own datagram.
+            self.upstream_notify(&[NotifyState::Ready]);
+        }
         self.upstream_notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
         self.stopping = Some(reply.into_iter().collect());
         self.scheduled = None;
@@ -1041,6 +1116,16 @@ impl Supervisor {
         {
             tracing::warn!(event = "upstream-notify-failed", "notifying the service manager failed: {e}");
         }
+    }
+}
+
+/// The next handoff connection, or never when there is no handoff socket.
+async fn next_peer(
+    handoff: &mut Option<(crate::handoff::HandoffServer, mpsc::Receiver<crate::handoff::Peer>)>,
+) -> Option<crate::handoff::Peer> {
+    match handoff {
+        Some((_, rx)) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -382,6 +382,8 @@ fn passing_health_check_cuts_over_and_sees_the_new_generations_pid() {
     let pid2 = b.active_pid();
     assert_ne!(pid1, pid2);
     load.finish("restart with a passing health check");
+    // Generation 1 may take a connection or two before handling its SIGTERM.
+    b.wait_status("generation 1 gone", |s| s.generations.len() == 1);
     assert_eq!(ask(b.port).unwrap(), format!("http {pid2}"));
 
     // The check ran for the new generation, after its READY=1 and before the

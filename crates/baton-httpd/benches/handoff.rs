@@ -19,8 +19,10 @@
 //!    new one started by the manager once the old one exited (systemd's
 //!    restart), then one request on every connection. Reported: the time
 //!    from SIGTERM until every connection was answered by the new pid, with
-//!    its parts. Under the mini manager (`tests/common/manager.rs`) always;
-//!    under real systemd 252 too (`systemctl restart`) when run as root.
+//!    its parts. Under the mini manager (`tests/common/manager.rs`) and
+//!    standalone Baton (`baton restart`: overlapped, the connections are
+//!    pushed to the running new generation) always; under real systemd 252
+//!    and 257 too (`systemctl restart`) when run as root.
 //!
 //! Only measured numbers are printed.
 
@@ -47,6 +49,10 @@ use manager::MiniManager;
 const BIN: &str = env!("CARGO_BIN_EXE_baton-httpd");
 /// Set (to the root) in the child that runs the plain hyper server.
 const PLAIN_ENV: &str = "BATON_HTTPD_BENCH_PLAIN_ROOT";
+/// Set (to `PORT CONNECTIONS`) in the child that holds the idle clients of
+/// the mini manager's handoff run: the manager's store and the clients
+/// together would exceed one process's fd limit.
+const CLIENTS_ENV: &str = "BATON_HTTPD_BENCH_CLIENTS";
 const WAIT: Duration = Duration::from_secs(120);
 const THREADS: &str = "1";
 
@@ -84,6 +90,11 @@ fn main() {
         plain_server(Path::new(&root));
         return;
     }
+    if let Ok(spec) = std::env::var(CLIENTS_ENV) {
+        raise_nofile(20_000);
+        clients_process(&spec);
+        return;
+    }
     let o = options();
     let limit = raise_nofile(4 * o.handoff as u64 + 4096);
     let dir = std::env::temp_dir().join(format!("baton-httpd-bench-{}", std::process::id()));
@@ -103,6 +114,7 @@ fn main() {
     println!();
     if o.handoff > 0 {
         handoff_mini(&root, o.handoff);
+        handoff_baton(&root, o.handoff);
         handoff_systemd(baton_testbed::Flavor::Host, o.handoff);
         handoff_systemd(baton_testbed::Flavor::Trixie, o.handoff);
     }
@@ -323,25 +335,129 @@ fn report(label: &str, n: usize, r: &HandoffRun) {
     );
 }
 
+/// The idle clients of [`handoff_mini`], in a child process: opens them
+/// (prints `open`), waits for a line on stdin, asks on every connection and
+/// prints `NEW_PID_ANSWERS CLOSED`.
+fn clients_process(spec: &str) {
+    let mut parts = spec.split_whitespace().map(|v| v.parse::<usize>().expect("a number"));
+    let (port, n) = (parts.next().expect("port") as u16, parts.next().expect("count"));
+    let (mut conns, old_pid) = open_idle(port, n);
+    println!("open");
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).expect("go");
+    let (new_pid, closed) = ask_all(&mut conns, old_pid);
+    println!("{new_pid} {closed}");
+}
+
 fn handoff_mini(root: &Path, n: usize) {
+    use std::io::Write;
     let root = root.display().to_string();
     let mut m = MiniManager::new(Path::new(BIN), &["--root", &root], "http").expect("manager");
     m.set_env("RUST_LOG", "warn");
     m.start(WAIT).expect("baton-httpd starts");
-    let (mut conns, old_pid) = open_idle(m.port(), n);
+    let mut clients = Command::new(std::env::current_exe().expect("own path"))
+        .env(CLIENTS_ENV, format!("{} {n}", m.port()))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("clients process");
+    let mut out = std::io::BufReader::new(clients.stdout.take().expect("piped"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("clients open");
+    assert_eq!(line.trim(), "open", "the clients process failed");
     let t0 = Instant::now();
     m.begin_stop().expect("SIGTERM");
     m.wait_stopped(WAIT).expect("old generation stops");
     let stopped = t0.elapsed();
     m.start(WAIT).expect("new generation starts");
     let started = t0.elapsed();
-    let (new_pid, closed) = ask_all(&mut conns, old_pid);
+    writeln!(clients.stdin.as_mut().expect("piped")).expect("go");
+    line.clear();
+    out.read_line(&mut line).expect("clients report");
+    let mut counts = line.split_whitespace().map(|v| v.parse::<usize>().expect("a count"));
+    let (new_pid, closed) = (counts.next().expect("answers"), counts.next().expect("closed"));
+    let _ = clients.wait();
     let total = t0.elapsed();
     report(
         "mini manager",
         n,
         &HandoffRun { stop: stopped, start: started - stopped, answered: total - started, total, new_pid, closed },
     );
+}
+
+fn baton_status(baton: &Path, control: &Path) -> Option<serde_json::Value> {
+    let out = Command::new(baton).args(["status", "--json", "--control"]).arg(control).output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// The pid of the only generation, once there is exactly one and it is
+/// active.
+fn sole_active(status: &serde_json::Value) -> Option<u64> {
+    match status["generations"].as_array()?.as_slice() {
+        [g] if g["state"] == "active" => g["pid"].as_u64(),
+        _ => None,
+    }
+}
+
+fn handoff_baton(root: &Path, n: usize) {
+    let baton = match baton_testbed::try_cargo_bin("baton", "baton") {
+        Ok(b) => b,
+        Err(e) => {
+            println!("  baton: not measured ({e})");
+            return;
+        }
+    };
+    let control = root.with_file_name("baton.sock");
+    let port = baton_testbed::free_loopback_port();
+    let mut child = Command::new(&baton)
+        .args(["run", "-l", &format!("http=127.0.0.1:{port}"), "--control"])
+        .arg(&control)
+        .arg("--")
+        .arg(BIN)
+        .arg("--root")
+        .arg(root)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("baton run");
+    let started = baton_testbed::poll_until("baton's first generation", WAIT, || {
+        baton_status(&baton, &control).as_ref().and_then(sole_active)
+    });
+    if let Err(e) = started {
+        let _ = child.kill();
+        let _ = child.wait();
+        println!("  baton: not measured ({e})");
+        return;
+    }
+    let (mut conns, old_pid) = open_idle(port, n);
+    let t0 = Instant::now();
+    let out = Command::new(&baton).args(["restart", "--control"]).arg(&control).output().expect("baton restart");
+    assert!(out.status.success(), "baton restart: {}", String::from_utf8_lossy(&out.stderr));
+    let ready = t0.elapsed();
+    baton_testbed::poll_until("the old generation to exit", WAIT, || {
+        baton_status(&baton, &control).as_ref().and_then(sole_active).filter(|pid| *pid != u64::from(old_pid))
+    })
+    .expect("the old generation exits");
+    let settled = t0.elapsed();
+    let (new_pid, closed) = ask_all(&mut conns, old_pid);
+    let total = t0.elapsed();
+    println!(
+        "  baton (standalone): {n} idle connections, last one answered (or found closed) {:.0} ms after \
+         `baton restart` began (new generation ready {:.0} ms, old one drained, handed over and exited \
+         {:.0} ms later, answering {:.0} ms); {new_pid} handed over and answered by the new pid, {closed} closed",
+        total.as_secs_f64() * 1e3,
+        ready.as_secs_f64() * 1e3,
+        (settled - ready).as_secs_f64() * 1e3,
+        (total - settled).as_secs_f64() * 1e3,
+    );
+    drop(conns);
+    let _ = Command::new(&baton).args(["stop", "--control"]).arg(&control).output();
+    let _ = child.wait();
 }
 
 fn handoff_systemd(flavor: baton_testbed::Flavor, n: usize) {
@@ -377,7 +493,22 @@ fn handoff_systemd(flavor: baton_testbed::Flavor, n: usize) {
     tb.systemctl_checked(&["start", "baton-httpd.socket", "baton-httpd.service"]).expect("start");
     let (mut conns, old_pid) = open_idle(port, n);
     let t0 = Instant::now();
-    tb.systemctl_checked(&["restart", "baton-httpd.service"]).expect("restart");
+    if !tb.systemctl(&["restart", "baton-httpd.service"]).expect("systemctl runs").success() {
+        let why: Vec<String> = tb
+            .journal(None)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("systemd[1]") && (l.contains("Failed") || l.contains("failed")))
+            .map(|l| format!("    {l}"))
+            .collect();
+        println!(
+            "  systemd {}: {n} idle connections: the restart FAILED after {:.0} ms; systemd said:\n{}",
+            tb.systemd_version(),
+            t0.elapsed().as_secs_f64() * 1e3,
+            why.join("\n")
+        );
+        return;
+    }
     let restarted = t0.elapsed();
     let (new_pid, closed) = ask_all(&mut conns, old_pid);
     let total = t0.elapsed();
@@ -404,9 +535,14 @@ fn journal_breakdown(tb: &baton_testbed::Testbed) -> String {
     let at = |needle: &str, nth: usize| -> Option<f64> {
         journal.stdout.lines().filter(|l| l.contains(needle)).nth(nth)?.split_whitespace().next()?.parse().ok()
     };
+    let barrier = if journal.stdout.contains("did not confirm") {
+        "all sent, BARRIER not confirmed within 10 s: systemd still busy"
+    } else {
+        "all stored, BARRIER confirmed"
+    };
     match (at("stopping", 0), at("stopped: ", 0), at("Stopped ", 0), at("serving on", 1)) {
         (Some(sigterm), Some(stored), Some(exited), Some(ready)) => format!(
-            "phases: SIGTERM to all stored (BARRIER confirmed) {:.0} ms, to systemd's `Stopped` {:.0} ms, \
+            "phases: SIGTERM to {barrier} {:.0} ms, to systemd's `Stopped` {:.0} ms, \
              to the new generation's READY {:.0} ms",
             (stored - sigterm) * 1e3,
             (exited - sigterm) * 1e3,

@@ -5,18 +5,24 @@
 //!    `--fail-startup` act here, before any passed fd is touched.
 //! 3. Open the root, get the listening socket ([`crate::listener`]), the
 //!    generation ([`crate::generation`]) and the handed-over connections
-//!    ([`crate::handoff::adopt`]).
+//!    ([`crate::handoff::adopt`]); under Baton, connect to
+//!    `$BATON_HANDOFF_SOCKET` (before `READY=1`: Baton pushes connections
+//!    only to the active generation, which this one becomes at `READY=1`).
 //! 4. Serve the adopted connections, then `READY=1` — only now can every
-//!    request be answered — and accept new ones. Ping the watchdog if asked.
+//!    request be answered — and accept new ones, and serve the connections
+//!    Baton pushes ([`crate::handoff::PushedConnections`]). Ping the
+//!    watchdog if asked.
 //! 5. On SIGTERM/SIGINT: `STOPPING=1`, stop accepting (a passed or stored
 //!    listener stays open in the manager, so new connections wait in its
 //!    backlog), let in-flight requests finish within `--drain-timeout`,
-//!    hand each connection over as soon as it is idle, `BARRIER=1`, exit 0.
+//!    hand each connection over as soon as it is idle (and pushed ones that
+//!    were still queued, at once), `BARRIER=1`, exit 0.
 
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use baton_sd::handoff::HandoffReceiver;
 use baton_sd::shutdown::Shutdown;
 use baton_sd::{ActivationError, ListenFds, Notifier, NotifyError, NotifyState, StoredName, watchdog};
 use clap::Parser;
@@ -27,7 +33,7 @@ use crate::config::Config;
 use crate::conn::{self, DrainSignal, Outcome};
 use crate::files::{Files, FilesError};
 use crate::generation::{self, GENERATION_FDNAME, GenerationError};
-use crate::handoff::{self, HandoffPlan, HandoffWorker, NameBudget};
+use crate::handoff::{self, HandoffPlan, HandoffWorker, NameBudget, PushedConnections};
 use crate::listener::{self, ListenError, Origin};
 use crate::logging;
 use crate::service::{Handler, Identity};
@@ -137,7 +143,7 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
     let mut kept: Vec<String> = fds
         .names()
         .map(|(_, name, _)| name)
-        .filter(|name| !matches!(StoredName::parse(name), StoredName::Connection { .. }))
+        .filter(|name| StoredName::parse(name) != StoredName::Connection)
         .map(str::to_owned)
         .collect();
     let acquired = listener::acquire(&mut fds, &config.socket_name, config.listen, n.filter(|_| config.handoff))?;
@@ -154,6 +160,21 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
             kept.push(extra);
         }
     }
+
+    // Not fatal: without a receiver, Baton keeps what the old generation
+    // stores and passes it to the next start instead.
+    let receiver = match HandoffReceiver::connect_from_env() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                "cannot connect to Baton's handoff socket; connections handed over while running will reach \
+                 the next generation instead of this one"
+            );
+            None
+        }
+    };
+    let mut pushed = receiver.map(PushedConnections::spawn);
 
     let identity = Identity {
         pid: std::process::id(),
@@ -177,9 +198,10 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
         }
     }
     let adopted = conns.len();
+    let receiving = if pushed.is_some() { ", receiving handed-over connections" } else { "" };
 
     let serving = format!(
-        "serving on {local} ({}), generation {generation}, {adopted} connections adopted",
+        "serving on {local} ({}), generation {generation}, {adopted} connections adopted{receiving}",
         match acquired.origin {
             Origin::Passed => "passed socket",
             Origin::Stored => "stored socket",
@@ -213,6 +235,25 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
                 Err(e) => accept_failed(e).await,
             },
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            next = next_pushed(&mut pushed) => match next {
+                Some(stream) => match adopt_stream(stream) {
+                    Ok(s) => {
+                        handler.count_adopted(1);
+                        conns.spawn(conn::drive(s, handler.clone(), drain.clone()));
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot serve a pushed connection; closing it"),
+                },
+                None => {
+                    if let Some(p) = pushed.take() {
+                        let r = p.finish().await;
+                        tracing::warn!(
+                            received = r.connections,
+                            "Baton's handoff socket closed; connections handed over while running will reach \
+                             the next generation instead of this one"
+                        );
+                    }
+                }
+            },
             (signal, sent) = shutdown.wait(n) => {
                 if let Err(e) = sent {
                     tracing::warn!(error = %e, "cannot send STOPPING=1");
@@ -232,20 +273,48 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
     let open = conns.len();
     status(n, &format!("draining {open} connections"));
     drain.start();
+    // Pushes that were queued before we were asked to stop still arrive;
+    // then the stream ends.
+    if let Some(p) = &mut pushed {
+        p.stop();
+    }
     let worker = HandoffWorker::spawn(HandoffPlan {
         notifier: notifier.clone(),
         enabled: config.handoff,
-        pid: std::process::id(),
         budget: NameBudget::new(kept.iter().map(String::as_str), handoff::fdstore_max_from_env()),
     });
     let deadline = tokio::time::Instant::now() + config.drain_timeout;
     let mut cut = 0;
     loop {
-        match tokio::time::timeout_at(deadline, conns.join_next()).await {
-            Ok(Some(Ok(Outcome::Idle(stream)))) => worker.hand_over(stream).await,
-            Ok(Some(Ok(Outcome::Closed))) => {}
-            Ok(Some(Err(e))) => tracing::error!(error = %e, "a connection task failed"),
-            Ok(None) => break,
+        let next = async {
+            tokio::select! {
+                // Never served here: idle by definition, straight on.
+                Some(stream) = next_pushed(&mut pushed) => Drained::Pushed(stream),
+                joined = conns.join_next() => Drained::Joined(joined),
+            }
+        };
+        match tokio::time::timeout_at(deadline, next).await {
+            Ok(Drained::Pushed(stream)) => {
+                handler.count_adopted(1);
+                worker.hand_over_std(stream).await;
+            }
+            Ok(Drained::Joined(Some(Ok(Outcome::Idle(stream))))) => worker.hand_over(stream).await,
+            Ok(Drained::Joined(Some(Ok(Outcome::Closed)))) => {}
+            Ok(Drained::Joined(Some(Err(e)))) => tracing::error!(error = %e, "a connection task failed"),
+            Ok(Drained::Joined(None)) => {
+                // No connection left: done once no pushed one can come.
+                match pushed.take() {
+                    None => break,
+                    Some(mut p) => match p.next().await {
+                        Some(stream) => {
+                            pushed = Some(p);
+                            handler.count_adopted(1);
+                            worker.hand_over_std(stream).await;
+                        }
+                        None => drop(p.finish().await),
+                    },
+                }
+            }
             Err(_) => {
                 cut = conns.len();
                 tracing::warn!(
@@ -257,6 +326,9 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
                 break;
             }
         }
+    }
+    if let Some(p) = pushed.take() {
+        p.finish().await;
     }
     let report = worker.finish(n).await;
     let summary = format!(
@@ -273,6 +345,21 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
     );
     status(n, &summary);
     Ok(())
+}
+
+/// What the drain loop waits for.
+enum Drained {
+    Pushed(std::net::TcpStream),
+    Joined(Option<Result<Outcome, tokio::task::JoinError>>),
+}
+
+/// The next pushed connection, or `None` when the stream ended; never
+/// ready when there is no receiver.
+async fn next_pushed(pushed: &mut Option<PushedConnections>) -> Option<std::net::TcpStream> {
+    match pushed {
+        Some(p) => p.next().await,
+        None => std::future::pending().await,
+    }
 }
 
 fn adopt_stream(stream: std::net::TcpStream) -> std::io::Result<TcpStream> {

@@ -1,50 +1,79 @@
-//! Live connection handoff through the service manager's fd store.
+//! Live connection handoff: through the service manager's fd store across a
+//! stop-then-start restart (systemd), and pushed by Baton to the running
+//! generation across an overlapped restart (`baton restart`).
 //!
 //! # Storing (old generation, at shutdown)
 //!
-//! Each idle keep-alive connection is stored in its own `FDSTORE=1`
-//! datagram named `conn/<pid>/<seq>` ([`StoredName::Connection`]; an
-//! `FDNAME=` applies to a whole datagram, and a name per fd lets the next
-//! generation remove each alone). Polling stays on, so the manager drops a
-//! connection by itself if the client hangs up while it waits in the store.
-//! Our copy is closed right after. Once all are sent, a `BARRIER=1` waits
-//! until the manager has processed them, so none is sent by a process that
-//! already exited (which the manager may not be able to attribute).
+//! Idle keep-alive connections are stored in batches of up to
+//! [`SCM_MAX_FD`] (253, the kernel's limit per `SCM_RIGHTS` message) per
+//! `FDSTORE=1` datagram, all under the one name `conn`
+//! ([`StoredName::Connection`]). A batch is sent once it is full or no
+//! further connection became idle for [`BATCH_GAP`]: at shutdown the idle
+//! connections all finish within a burst, so thousands cost few datagrams
+//! (which matters most under Baton, which pushes each one on as a message
+//! to a socket with a bounded queue), and a lone one waits 2 ms. Polling stays
+//! on, so the manager drops a connection by itself if the client hangs up
+//! while it waits in the store. Our copies are closed right after. Once all
+//! are sent, a `BARRIER=1` waits until the manager has processed them, so
+//! none is sent by a process that already exited (which the manager may not
+//! be able to attribute).
+//!
+//! Under Baton, connections stored by a draining generation do not stay in
+//! the store: Baton moves them at once to the running generation (see
+//! [Receiving](#receiving-new-generation-while-running)).
 //!
 //! Some connections are closed instead of stored, cleanly (FIN) as any
 //! server closes idle keep-alive connections:
 //!
 //! - when the process has no `NOTIFY_SOCKET` or `--handoff=false`;
 //! - beyond `$FDSTORE` (systemd ≥ 254 announces the store's size);
-//! - beyond the **name budget**: the next generation receives every name in
-//!   one environment variable, `LISTEN_FDNAMES`, and Linux refuses to
-//!   `execve` a process with any single environment string longer than
-//!   `MAX_ARG_STRLEN` (128 KiB) — the manager could not start the next
-//!   generation at all. With `conn/<pid>/<seq>` names (12–18 bytes with
-//!   the separator) that is about 8,000 connections; see [`NameBudget`].
+//! - beyond the **name budget** ([`NameBudget`]): the next generation
+//!   receives every name in one environment variable, `LISTEN_FDNAMES`, and
+//!   Linux refuses to `execve` a process with any single environment string
+//!   longer than `MAX_ARG_STRLEN` (128 KiB) — the manager could not start
+//!   the next generation at all. At five bytes per connection (`conn` and
+//!   the separator) about 25,000 fit.
 //!
 //! # Adopting (new generation, at start)
 //!
-//! Every `conn/*` fd passed in `LISTEN_FDS` is removed from the store at
-//! once (`FDSTOREREMOVE=1`, by name) — an fd stays in the store after it is
-//! passed, and would otherwise be handed over again on the next restart —
-//! then checked to be a connected TCP socket and served like a newly
-//! accepted connection. One that cannot be used is shut down (FIN, even
-//! though the manager may still hold a copy) and closed: handed over but
-//! never adopted, it must not linger in the store.
+//! Every connection fd passed in `LISTEN_FDS` is taken, then they are
+//! removed from the store with **one** `FDSTOREREMOVE=1` + `FDNAME=conn`
+//! (an fd stays in the store after it is passed, and would otherwise be
+//! handed over again on the next restart). Removing by the shared name is
+//! safe because this process received every fd of that name. Connections
+//! stored under the per-connection names of earlier versions
+//! (`conn/<pid>/<seq>`) are adopted too and removed by their own names, so
+//! an upgrade keeps them. Each fd is then checked to be a connected TCP
+//! socket and served like a newly accepted connection. One that cannot be
+//! used is shut down (FIN, even though the manager may still hold a copy)
+//! and closed: handed over but never adopted, it must not linger.
 //!
 //! If no next generation ever comes (the unit is stopped, or its next start
 //! fails without a restart), systemd releases the store and the kernel
 //! closes the connections.
+//!
+//! # Receiving (new generation, while running)
+//!
+//! Under Baton the new generation is already running when the old one is
+//! told to stop, so what the old one stores could never reach it through
+//! `LISTEN_FDS`. Baton sets `$BATON_HANDOFF_SOCKET`; the generation connects
+//! before `READY=1` ([`HandoffReceiver::connect_from_env`]) and
+//! [`PushedConnections`] receives the batches Baton pushes, checks each fd
+//! like an adopted one and yields it to be served. Pushed fds are moved, not
+//! copied: nothing needs removing from any store.
 
+use std::collections::BTreeSet;
 use std::net::Shutdown;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
+use baton_sd::fdstore::CONNECTION;
+use baton_sd::handoff::{Handoff, HandoffReceiver};
+use baton_sd::wire::SCM_MAX_FD;
 use baton_sd::{FdKind, FdPoll, ListenFds, Notifier, NotifyState, StoredName};
 use rustix::net::{AddressFamily, SocketType};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 /// Linux's limit on one environment string, `NAME=value` and its NUL
@@ -52,27 +81,46 @@ use tokio::task::JoinHandle;
 pub const MAX_ARG_STRLEN: usize = 32 * 4096;
 
 /// Room left in `LISTEN_FDNAMES` for names this process does not know of
-/// yet (sockets or stored fds added to the unit before the next start).
+/// yet (sockets or stored fds added to the unit before the next start): an
+/// overflow would stop the next generation from starting at all, which is
+/// far worse than closing the last ~800 of 25,000 idle connections.
 pub const NAME_BUDGET_RESERVE: usize = 4096;
 
 /// How long to wait for the manager to acknowledge the final `BARRIER=1`.
 pub const BARRIER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Bytes the next generation's `LISTEN_FDNAMES` may still spend on
-/// connection names.
+/// How long the store worker waits for one more idle connection before it
+/// sends a batch that is not full (see the [module docs](self)).
+pub const BATCH_GAP: Duration = Duration::from_millis(2);
+
+/// How many received batches may wait for the server to take them: the
+/// receiver empties Baton's socket eagerly (its queue is short, and a full
+/// one makes Baton keep connections in its store for the *next*
+/// generation), so up to this many × 253 connections are buffered.
+pub const PUSH_QUEUE: usize = 64;
+
+/// How long a stopping receiver waits for batches already queued on the
+/// handoff socket to be reported readable (see [`PushedConnections::stop`]).
+pub const STOP_GRACE: Duration = Duration::from_millis(200);
+
+/// Bytes one stored connection adds to `LISTEN_FDNAMES`: `conn` and a `:`.
+pub const CONNECTION_NAME_COST: usize = CONNECTION.len() + 1;
+
+/// How many connections the next generation can still be passed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NameBudget {
-    /// Bytes left.
-    pub bytes: usize,
-    /// Fds left, if the manager announced the store's size (`$FDSTORE`).
-    pub fds: Option<usize>,
+    /// Connections left.
+    pub connections: usize,
 }
 
 impl NameBudget {
     /// The budget given the names passed to *this* generation: every name
     /// that is not a connection (sockets, other stored fds) will be passed
-    /// again, so it is counted as spent, plus [`NAME_BUDGET_RESERVE`].
-    /// `fdstore_max` is `$FDSTORE`.
+    /// again, so it is counted as spent, plus [`NAME_BUDGET_RESERVE`]; what
+    /// is left is divided by [`CONNECTION_NAME_COST`]. `fdstore_max` is
+    /// `$FDSTORE`, which also caps the count (every kept name counted
+    /// against it, sockets included: a conservative overestimate by one or
+    /// two).
     pub fn new<'a>(kept_names: impl IntoIterator<Item = &'a str>, fdstore_max: Option<usize>) -> Self {
         let mut bytes = MAX_ARG_STRLEN - "LISTEN_FDNAMES=".len() - 1 - NAME_BUDGET_RESERVE;
         let mut kept = 0;
@@ -80,20 +128,19 @@ impl NameBudget {
             bytes = bytes.saturating_sub(name.len() + 1);
             kept += 1;
         }
-        Self { bytes, fds: fdstore_max.map(|m| m.saturating_sub(kept)) }
+        let by_names = bytes / CONNECTION_NAME_COST;
+        let connections = match fdstore_max {
+            Some(max) => by_names.min(max.saturating_sub(kept)),
+            None => by_names,
+        };
+        Self { connections }
     }
 
-    /// Spends room for `name`; false (and nothing spent) if it does not fit.
-    pub fn spend(&mut self, name: &str) -> bool {
-        let cost = name.len() + 1;
-        if cost > self.bytes || self.fds == Some(0) {
-            return false;
-        }
-        self.bytes -= cost;
-        if let Some(f) = &mut self.fds {
-            *f -= 1;
-        }
-        true
+    /// Takes room for up to `want` connections; returns how many fit.
+    pub fn take(&mut self, want: usize) -> usize {
+        let granted = want.min(self.connections);
+        self.connections -= granted;
+        granted
     }
 }
 
@@ -102,40 +149,73 @@ pub fn fdstore_max_from_env() -> Option<usize> {
     std::env::var("FDSTORE").ok()?.parse().ok()
 }
 
+/// Why a handed-over fd cannot be served.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NotAConnection {
+    /// It is something else than a TCP stream socket.
+    #[error("it is {0}, not a connected TCP socket")]
+    Kind(FdKind),
+    /// A TCP socket with no peer (never connected, or reset since).
+    #[error("it is a TCP socket with no peer ({0})")]
+    NotConnected(std::io::Error),
+    /// `fstat`/`getsockopt` failed on it.
+    #[error("it cannot be inspected: {0}")]
+    Inspect(std::io::Error),
+}
+
+/// Checks that `fd` is a connected TCP socket (IPv4 or IPv6) and returns it
+/// as one; otherwise shuts it down (FIN to a peer, if any, even though
+/// another process may hold a copy) and closes it.
+pub fn connection_from_fd(fd: OwnedFd) -> Result<std::net::TcpStream, NotAConnection> {
+    let result = match FdKind::of(fd.as_fd()) {
+        Ok(FdKind::Socket { family, ty: SocketType::STREAM, listening: false })
+            if family == AddressFamily::INET || family == AddressFamily::INET6 =>
+        {
+            match rustix::net::getpeername(&fd) {
+                Ok(_) => return Ok(std::net::TcpStream::from(fd)),
+                Err(e) => NotAConnection::NotConnected(e.into()),
+            }
+        }
+        Ok(kind) => NotAConnection::Kind(kind),
+        Err(e) => NotAConnection::Inspect(e),
+    };
+    close_cleanly(fd);
+    Err(result)
+}
+
 /// Connections taken over from the previous generation.
 #[derive(Debug, Default)]
 pub struct Adoption {
     /// Connected TCP sockets to serve.
     pub streams: Vec<std::net::TcpStream>,
-    /// `conn/*` fds that were not connected TCP sockets, closed.
+    /// Connection fds that were not connected TCP sockets, closed.
     pub rejected: usize,
     /// `FDSTOREREMOVE=1` messages that could not be sent (those entries
     /// would be handed over again).
     pub remove_failed: usize,
 }
 
-/// Takes every `conn/*` fd from `fds`, removes each from the store and keeps
-/// the usable ones (see the [module docs](self)). Blocking (one datagram per
-/// connection); run it before serving.
+/// Takes every connection fd from `fds`, removes them from the store (one
+/// `FDSTOREREMOVE=1` for `conn`, one per legacy name) and keeps the usable
+/// ones (see the [module docs](self)). Blocking; run it before serving.
 pub fn adopt(fds: &mut ListenFds, notifier: Option<&Notifier>) -> Adoption {
-    let taken = fds.take_matching(|name| matches!(StoredName::parse(name), StoredName::Connection { .. }));
+    let taken = fds.take_matching(|name| StoredName::parse(name) == StoredName::Connection);
     let mut adoption = Adoption { streams: Vec::with_capacity(taken.len()), ..Adoption::default() };
-    for (name, fd) in taken {
-        if let Some(n) = notifier
-            && let Err(e) = n.remove_fds(&name)
-        {
-            tracing::warn!(name, error = %e, "cannot remove an adopted connection from the fd store");
-            adoption.remove_failed += 1;
-        }
-        match FdKind::of(fd.as_fd()) {
-            Ok(FdKind::Socket { family, ty: SocketType::STREAM, listening: false })
-                if family == AddressFamily::INET || family == AddressFamily::INET6 =>
-            {
-                adoption.streams.push(std::net::TcpStream::from(fd));
+    if let Some(n) = notifier {
+        let names: BTreeSet<&str> = taken.iter().map(|(name, _)| name.as_str()).collect();
+        for name in names {
+            if let Err(e) = n.remove_fds(name) {
+                tracing::warn!(name, error = %e, "cannot remove adopted connections from the fd store");
+                adoption.remove_failed += 1;
             }
-            kind => {
-                tracing::warn!(name, kind = ?kind, "a handed-over connection is not a connected TCP socket; closing it");
-                close_cleanly(fd);
+        }
+    }
+    for (name, fd) in taken {
+        match connection_from_fd(fd) {
+            Ok(stream) => adoption.streams.push(stream),
+            Err(e) => {
+                tracing::warn!(name, "a handed-over connection cannot be served: {e}; closing it");
                 adoption.rejected += 1;
             }
         }
@@ -153,10 +233,13 @@ fn close_cleanly(fd: OwnedFd) {
 /// What happened to the connections at shutdown.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct HandoffReport {
-    /// Stored in the fd store.
+    /// Stored in the fd store (or, under Baton, pushed to the running
+    /// generation: this process cannot tell the difference).
     pub stored: usize,
-    /// Of those, how many had request bytes waiting in the kernel's receive
-    /// queue (left there for the next generation).
+    /// `FDSTORE=1` datagrams sent.
+    pub datagrams: usize,
+    /// Of those stored, how many had request bytes waiting in the kernel's
+    /// receive queue (left there for the next generation).
     pub with_queued_bytes: usize,
     /// Closed because handoff is off or there is no service manager.
     pub closed_no_handoff: usize,
@@ -173,14 +256,12 @@ pub struct HandoffPlan {
     pub notifier: Option<Arc<Notifier>>,
     /// `--handoff`.
     pub enabled: bool,
-    /// Our pid, for the names.
-    pub pid: u32,
     /// Room in the next generation's `LISTEN_FDNAMES`.
     pub budget: NameBudget,
 }
 
-/// Stores (or closes) idle connections on a blocking thread, one datagram
-/// each, as the connection tasks finish.
+/// Stores (or closes) idle connections on a blocking thread, in batches, as
+/// the connection tasks finish.
 #[derive(Debug)]
 pub struct HandoffWorker {
     tx: mpsc::Sender<std::net::TcpStream>,
@@ -190,21 +271,24 @@ pub struct HandoffWorker {
 impl HandoffWorker {
     /// Starts the worker. Must run inside a tokio runtime.
     pub fn spawn(plan: HandoffPlan) -> Self {
-        // Bounded: connection tasks wait rather than pile up sockets.
-        let (tx, rx) = mpsc::channel(256);
-        let task = tokio::task::spawn_blocking(move || store_all(plan, rx));
+        // Bounded: connection tasks wait rather than pile up sockets. One
+        // full batch can queue while the previous one is being sent.
+        let (tx, rx) = mpsc::channel(SCM_MAX_FD);
+        let runtime = tokio::runtime::Handle::current();
+        let task = tokio::task::spawn_blocking(move || store_all(plan, rx, &runtime));
         Self { tx, task }
     }
 
     /// Queues an idle connection.
     pub async fn hand_over(&self, stream: tokio::net::TcpStream) {
-        let stream = match stream.into_std() {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot take a connection back from the runtime; closing it");
-                return;
-            }
-        };
+        match stream.into_std() {
+            Ok(s) => self.hand_over_std(s).await,
+            Err(e) => tracing::warn!(error = %e, "cannot take a connection back from the runtime; closing it"),
+        }
+    }
+
+    /// Queues an idle connection that the runtime does not own.
+    pub async fn hand_over_std(&self, stream: std::net::TcpStream) {
         // The worker lives until `finish`, which needs `self`.
         if let Err(mpsc::error::SendError(stream)) = self.tx.send(stream).await {
             let _ = stream.shutdown(Shutdown::Both);
@@ -232,83 +316,294 @@ impl HandoffWorker {
     }
 }
 
-fn store_all(mut plan: HandoffPlan, mut rx: mpsc::Receiver<std::net::TcpStream>) -> HandoffReport {
+fn store_all(
+    mut plan: HandoffPlan,
+    mut rx: mpsc::Receiver<std::net::TcpStream>,
+    runtime: &tokio::runtime::Handle,
+) -> HandoffReport {
     let mut report = HandoffReport::default();
-    let mut seq: u64 = 0;
-    while let Some(stream) = rx.blocking_recv() {
-        let notifier = match &plan.notifier {
-            Some(n) if plan.enabled => n,
-            _ => {
-                let _ = stream.shutdown(Shutdown::Both);
-                report.closed_no_handoff += 1;
-                continue;
-            }
-        };
-        let name = StoredName::Connection { pid: plan.pid, seq }.to_string();
-        if !plan.budget.spend(&name) {
-            if report.closed_over_budget == 0 {
-                tracing::warn!(
-                    stored = report.stored,
-                    "no room for more connection names in the next generation's LISTEN_FDNAMES \
-                     (or $FDSTORE is reached): closing the remaining idle connections"
-                );
-            }
-            let _ = stream.shutdown(Shutdown::Both);
-            report.closed_over_budget += 1;
-            continue;
-        }
-        seq += 1;
-        if rustix::io::ioctl_fionread(&stream).is_ok_and(|n| n > 0) {
-            report.with_queued_bytes += 1;
-        }
-        match notifier.store_fds(&name, &[stream.as_fd()], FdPoll::Poll) {
-            Ok(()) => report.stored += 1,
-            Err(e) => {
-                tracing::warn!(name, error = %e, "storing a connection failed; closing it");
-                let _ = stream.shutdown(Shutdown::Both);
-                report.store_failed += 1;
+    let mut batch: Vec<std::net::TcpStream> = Vec::with_capacity(SCM_MAX_FD);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < SCM_MAX_FD {
+            let next = match rx.try_recv() {
+                Ok(s) => Some(s),
+                Err(mpsc::error::TryRecvError::Disconnected) => None,
+                // On a blocking-pool thread, so blocking on the runtime is
+                // allowed.
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    runtime.block_on(tokio::time::timeout(BATCH_GAP, rx.recv())).ok().flatten()
+                }
+            };
+            match next {
+                Some(s) => batch.push(s),
+                None => break,
             }
         }
-        if report.stored % 1000 == 0 && report.stored > 0 {
-            let status = format!("handing over connections: {} stored", report.stored);
-            let _ = notifier.notify(&[NotifyState::Status(&status)]);
-        }
-        // Our copy closes here; the manager holds the connection now.
-        drop(stream);
+        store_batch(&mut plan, &mut batch, &mut report);
     }
     report
+}
+
+/// Stores (or closes) `batch`, leaving it empty; our copies close here.
+fn store_batch(plan: &mut HandoffPlan, batch: &mut Vec<std::net::TcpStream>, report: &mut HandoffReport) {
+    let notifier = match &plan.notifier {
+        Some(n) if plan.enabled => Arc::clone(n),
+        _ => {
+            report.closed_no_handoff += batch.len();
+            close_all(batch.drain(..));
+            return;
+        }
+    };
+    let fit = plan.budget.take(batch.len());
+    if fit < batch.len() {
+        if report.closed_over_budget == 0 {
+            tracing::warn!(
+                stored = report.stored + fit,
+                "no room for more connection names in the next generation's LISTEN_FDNAMES \
+                 (or $FDSTORE is reached): closing the remaining idle connections"
+            );
+        }
+        report.closed_over_budget += batch.len() - fit;
+        close_all(batch.drain(fit..));
+    }
+    if batch.is_empty() {
+        return;
+    }
+    let queued = batch.iter().filter(|s| rustix::io::ioctl_fionread(s).is_ok_and(|n| n > 0)).count();
+    let fds: Vec<_> = batch.iter().map(AsFd::as_fd).collect();
+    let before = report.stored;
+    match notifier.store_fds(CONNECTION, &fds, FdPoll::Poll) {
+        Ok(()) => {
+            report.stored += batch.len();
+            report.datagrams += 1;
+            report.with_queued_bytes += queued;
+            batch.clear();
+        }
+        Err(e) => {
+            tracing::warn!(count = batch.len(), error = %e, "storing connections failed; closing them");
+            report.store_failed += batch.len();
+            close_all(batch.drain(..));
+        }
+    }
+    if report.stored / 1000 > before / 1000 {
+        let status = format!("handing over connections: {} stored", report.stored);
+        let _ = notifier.notify(&[NotifyState::Status(&status)]);
+    }
+}
+
+fn close_all(streams: impl Iterator<Item = std::net::TcpStream>) {
+    for s in streams {
+        let _ = s.shutdown(Shutdown::Both);
+    }
+}
+
+/// What the receiver of pushed connections saw.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReceiveReport {
+    /// Batches received.
+    pub batches: usize,
+    /// Connected TCP sockets passed on to be served.
+    pub connections: usize,
+    /// Fds that were not connected TCP sockets, or not named `conn`; closed.
+    pub rejected: usize,
+}
+
+/// Connections Baton pushes to this generation while it runs (see the
+/// [module docs](self#receiving-new-generation-while-running)): a task
+/// receives them and yields them through [`next`](Self::next).
+#[derive(Debug)]
+pub struct PushedConnections {
+    rx: mpsc::Receiver<Vec<std::net::TcpStream>>,
+    /// The batch being yielded.
+    current: std::vec::IntoIter<std::net::TcpStream>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<ReceiveReport>,
+}
+
+impl PushedConnections {
+    /// Starts receiving on `receiver`. Must run inside a tokio runtime.
+    pub fn spawn(receiver: HandoffReceiver) -> Self {
+        let (tx, rx) = mpsc::channel(PUSH_QUEUE);
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(receive_all(receiver, tx, stopped));
+        Self { rx, current: Vec::new().into_iter(), stop: Some(stop), task }
+    }
+
+    /// The next pushed connection; `None` once receiving has ended (Baton
+    /// closed the socket, it failed, or [`stop`](Self::stop) was called and
+    /// everything already queued has been yielded).
+    pub async fn next(&mut self) -> Option<std::net::TcpStream> {
+        loop {
+            if let Some(s) = self.current.next() {
+                return Some(s);
+            }
+            self.current = self.rx.recv().await?.into_iter();
+        }
+    }
+
+    /// Stops waiting for more pushes: batches already queued on the socket
+    /// are still received and yielded, then [`next`](Self::next) returns
+    /// `None` — after at most [`STOP_GRACE`] without a batch, or at once if
+    /// Baton closed the socket. Call it when draining starts: Baton pushes
+    /// only to the active generation and makes another one active before it
+    /// asks this one to stop, so whatever it pushed here is queued by then.
+    pub fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Waits for the receiving task to end and returns what it saw.
+    pub async fn finish(mut self) -> ReceiveReport {
+        self.stop();
+        // Anything not yielded yet is closed: no one would serve it.
+        self.rx.close();
+        close_all(std::mem::take(&mut self.current));
+        while let Some(batch) = self.rx.recv().await {
+            close_all(batch.into_iter());
+        }
+        self.task.await.unwrap_or_default()
+    }
+}
+
+async fn receive_all(
+    mut receiver: HandoffReceiver,
+    tx: mpsc::Sender<Vec<std::net::TcpStream>>,
+    mut stop: oneshot::Receiver<()>,
+) -> ReceiveReport {
+    let mut report = ReceiveReport::default();
+    loop {
+        let received = tokio::select! {
+            // A batch that is already there wins over stopping.
+            biased;
+            r = receiver.recv() => r,
+            _ = &mut stop => break,
+        };
+        match received {
+            Ok(Some(handoff)) => forward(handoff, &tx, &mut report).await,
+            Ok(None) => {
+                tracing::debug!("the handoff socket was closed by Baton");
+                return report;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "receiving handed-over connections failed; no more will arrive here");
+                return report;
+            }
+        }
+    }
+    // Stopping: take the batches already queued. The runtime learns that
+    // the socket is readable only when its I/O driver next polls, which
+    // may come after the stop request was seen: allow it STOP_GRACE to
+    // report a queued batch (Baton pushed before it sent the stop signal,
+    // so nothing queued can be later than that; an EOF ends this at once).
+    loop {
+        match tokio::time::timeout(STOP_GRACE, receiver.recv()).await {
+            Ok(Ok(Some(handoff))) => forward(handoff, &tx, &mut report).await,
+            Ok(Ok(None) | Err(_)) | Err(_) => return report,
+        }
+    }
+}
+
+async fn forward(handoff: Handoff, tx: &mpsc::Sender<Vec<std::net::TcpStream>>, report: &mut ReceiveReport) {
+    report.batches += 1;
+    let is_connection = StoredName::parse(&handoff.name) == StoredName::Connection;
+    let mut streams = Vec::with_capacity(handoff.fds.len());
+    for fd in handoff.fds {
+        if !is_connection {
+            tracing::warn!(name = handoff.name, "Baton pushed an fd that is not a connection; closing it");
+            close_cleanly(fd);
+            report.rejected += 1;
+            continue;
+        }
+        match connection_from_fd(fd) {
+            Ok(stream) => {
+                report.connections += 1;
+                streams.push(stream);
+            }
+            Err(e) => {
+                tracing::warn!("a pushed connection cannot be served: {e}; closing it");
+                report.rejected += 1;
+            }
+        }
+    }
+    if !streams.is_empty()
+        && let Err(mpsc::error::SendError(streams)) = tx.send(streams).await
+    {
+        // The server stopped taking connections: close them cleanly.
+        close_all(streams.into_iter());
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn budget_counts_kept_names_and_stops_at_the_limit() {
-        let full = MAX_ARG_STRLEN - 16 - NAME_BUDGET_RESERVE;
-        assert_eq!(NameBudget::new([], None).bytes, full);
-        let b = NameBudget::new(["http", "baton-httpd.generation"], Some(10));
-        assert_eq!(b.bytes, full - 5 - 23);
-        assert_eq!(b.fds, Some(8));
-
-        let mut b = NameBudget { bytes: 30, fds: None };
-        assert!(b.spend("conn/123/0")); // 11
-        assert!(b.spend("conn/123/1")); // 22
-        assert!(!b.spend("conn/123/2")); // would be 33
-        assert_eq!(b.bytes, 8);
-        let mut b = NameBudget { bytes: 1000, fds: Some(1) };
-        assert!(b.spend("a"));
-        assert!(!b.spend("b"));
+    fn fdnames_len(names: &[&str]) -> usize {
+        "LISTEN_FDNAMES=".len() + names.join(":").len() + 1
     }
 
     #[test]
-    fn ten_thousand_names_do_not_fit() {
-        // The reason for the budget: with a 3-digit pid, 10,000 connection
-        // names overflow MAX_ARG_STRLEN.
-        let total: usize = (0..10_000).map(|seq| format!("conn/123/{seq}").len() + 1).sum();
-        assert!(total > MAX_ARG_STRLEN, "{total}");
-        let mut b = NameBudget::new(["http"], None);
-        let fit = (0..10_000).take_while(|seq| b.spend(&format!("conn/123/{seq}"))).count();
-        assert!((8_000..10_000).contains(&fit), "{fit}");
+    fn budget_counts_kept_names_and_stops_at_the_limit() {
+        let full = (MAX_ARG_STRLEN - 16 - NAME_BUDGET_RESERVE) / 5;
+        assert_eq!(NameBudget::new([], None).connections, full);
+        let b = NameBudget::new(["http", "baton-httpd.generation"], None);
+        assert_eq!(b.connections, (MAX_ARG_STRLEN - 16 - NAME_BUDGET_RESERVE - 5 - 23) / 5);
+        // $FDSTORE caps it, kept names counted against it.
+        assert_eq!(NameBudget::new(["http", "baton-httpd.generation"], Some(10)).connections, 8);
+        assert_eq!(NameBudget::new(["a", "b", "c"], Some(2)).connections, 0);
+
+        let mut b = NameBudget { connections: 300 };
+        assert_eq!(b.take(253), 253);
+        assert_eq!(b.take(253), 47);
+        assert_eq!(b.take(1), 0);
+        assert_eq!(b.connections, 0);
+    }
+
+    #[test]
+    fn the_budget_fits_in_one_environment_string() {
+        // Whatever the budget allows must still exec: the longest
+        // LISTEN_FDNAMES it permits stays within MAX_ARG_STRLEN, reserve
+        // included, and one more name would not fit in the reserve-less
+        // remainder much longer.
+        let kept = ["http", "listen/http", "baton-httpd.generation"];
+        let n = NameBudget::new(kept, None).connections;
+        let mut names: Vec<&str> = kept.to_vec();
+        names.extend(std::iter::repeat_n(CONNECTION, n));
+        let len = fdnames_len(&names);
+        assert!(len + NAME_BUDGET_RESERVE <= MAX_ARG_STRLEN, "{len}");
+        assert!(len + NAME_BUDGET_RESERVE + CONNECTION_NAME_COST > MAX_ARG_STRLEN, "{len}: budget too small");
+    }
+
+    #[test]
+    fn ten_thousand_connections_fit_now() {
+        // The reason for the shared name: 10,000 per-connection names
+        // (`conn/123/<seq>`) overflowed MAX_ARG_STRLEN; 10,000 `conn` fit
+        // with room for 15,000 more.
+        let legacy: usize = (0..10_000).map(|seq| format!("conn/123/{seq}").len() + 1).sum();
+        assert!(legacy > MAX_ARG_STRLEN, "{legacy}");
+        let n = NameBudget::new(["http", "baton-httpd.generation"], None).connections;
+        assert!((25_000..26_214).contains(&n), "{n}");
+    }
+
+    #[test]
+    fn only_connected_tcp_sockets_are_connections() {
+        use std::os::fd::OwnedFd;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        assert!(connection_from_fd(OwnedFd::from(server)).is_ok());
+        let err = connection_from_fd(OwnedFd::from(listener)).unwrap_err();
+        assert!(matches!(err, NotAConnection::Kind(_)), "{err}");
+        assert!(err.to_string().contains("listening"), "{err}");
+        // A TCP socket that was never connected.
+        let fresh =
+            rustix::net::socket_with(AddressFamily::INET, SocketType::STREAM, rustix::net::SocketFlags::CLOEXEC, None)
+                .unwrap();
+        let err = connection_from_fd(fresh).unwrap_err();
+        assert!(matches!(err, NotAConnection::NotConnected(_)), "{err}");
+        let (r, _w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap();
+        assert!(matches!(connection_from_fd(r), Err(NotAConnection::Kind(FdKind::Fifo))));
+        drop(client);
     }
 }

@@ -11,6 +11,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::SystemTime;
 
@@ -40,7 +41,8 @@ pub struct Identity {
     pub generation: u64,
     /// When the process started serving.
     pub started: SystemTime,
-    /// Connections handed over by the previous generation and adopted at start.
+    /// Connections handed over by the previous generation and adopted at
+    /// start; [`Handler::count_adopted`] adds those pushed later.
     pub adopted: u64,
 }
 
@@ -71,26 +73,42 @@ struct Inner {
     identity: Identity,
     pid: HeaderValue,
     generation: HeaderValue,
-    well_known: Bytes,
+    /// Adopted connections so far: at start, plus pushed ones.
+    adopted: AtomicU64,
 }
 
 impl Handler {
     /// A handler serving `files`, stamping responses with `identity`.
     pub fn new(files: Files, identity: Identity) -> Self {
-        let well_known = Bytes::from(identity.to_json().to_string() + "\n");
         let inner = Inner {
             pid: HeaderValue::from(identity.pid),
             generation: HeaderValue::from(identity.generation),
+            adopted: AtomicU64::new(identity.adopted),
             files,
             identity,
-            well_known,
         };
         Self { inner: Arc::new(inner) }
     }
 
-    /// Who this handler says is serving.
+    /// Who this handler says is serving (`adopted` as at start).
     pub fn identity(&self) -> &Identity {
         &self.inner.identity
+    }
+
+    /// Counts `n` more adopted connections (handed over while running), for
+    /// `/.well-known/baton`.
+    pub fn count_adopted(&self, n: u64) {
+        self.inner.adopted.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Connections adopted so far.
+    pub fn adopted(&self) -> u64 {
+        self.inner.adopted.load(Ordering::Relaxed)
+    }
+
+    /// The JSON document of `/.well-known/baton`, as of now.
+    pub fn well_known(&self) -> serde_json::Value {
+        Identity { adopted: self.adopted(), ..self.inner.identity.clone() }.to_json()
     }
 
     /// Answers one request. The request body is never read: only `GET` and
@@ -110,7 +128,9 @@ impl Handler {
                 self.ready(self.head_strip(method, r))
             }
             WELL_KNOWN_PATH => {
-                let mut r = Response::new(Body::full(self.inner.well_known.clone()));
+                // Built per request (the adopted count changes); this
+                // endpoint is not on any hot path.
+                let mut r = Response::new(Body::full(Bytes::from(self.well_known().to_string() + "\n")));
                 let h = r.headers_mut();
                 h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
                 h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));

@@ -26,6 +26,63 @@ fn thousand_idle_connections_survive_a_restart() {
     assert!(raise_nofile(4096) >= 2100, "RLIMIT_NOFILE too low for 1,000 connections on both sides");
     let mut d = Mini::start(&[]);
     scenarios::keepalive_across_restart(&mut d, 1000);
+    // All under the one name `conn`, in batches (the generation counter
+    // took one datagram at the first start), and adopted with a single
+    // FDSTOREREMOVE=1.
+    let conn_datagrams = d.m.store_datagrams - 1;
+    assert!(d.m.most_fds_in_one <= 253, "{}", d.m.most_fds_in_one);
+    assert!(d.m.most_fds_in_one > 1, "no batching: {conn_datagrams} datagrams for 1,000 connections");
+    assert!(conn_datagrams >= 4, "{conn_datagrams}");
+    assert_eq!(d.m.remove_datagrams, 1);
+    assert_eq!(d.stored_connections(), 0, "{:?}", d.m.store_names());
+    eprintln!("1,000 connections stored in {conn_datagrams} FDSTORE=1 datagrams");
+}
+
+/// Connections stored under the per-connection names of earlier versions
+/// (`conn/<pid>/<seq>`) are adopted across an upgrade and removed by name.
+#[test]
+fn legacy_connection_names_are_adopted() {
+    let mut d = Mini::start(&[]);
+    let mut conns: Vec<HttpConn> = (0..3).map(|_| HttpConn::connect(d.m.port()).unwrap()).collect();
+    let old = conns.iter_mut().map(|c| c.get("/healthz").unwrap().pid()).next_back().unwrap();
+    d.m.stop(WAIT).unwrap();
+    assert_eq!(d.stored_connections(), 3, "{:?}", d.m.store_names());
+    // As an earlier version would have stored them.
+    for (i, s) in d.m.store.iter_mut().filter(|s| s.name == "conn").enumerate() {
+        s.name = format!("conn/{old}/{i}");
+    }
+    let removes = d.m.remove_datagrams;
+    d.m.start(WAIT).unwrap();
+    for c in &mut conns {
+        assert_ne!(c.get("/healthz").unwrap().pid(), old);
+    }
+    assert_eq!(d.m.remove_datagrams - removes, 3, "one FDSTOREREMOVE=1 per legacy name");
+    assert_eq!(d.stored_connections(), 0, "{:?}", d.m.store_names());
+}
+
+/// Beyond `$FDSTORE` (systemd ≥ 254) idle connections are closed, not
+/// stored: the names that will be passed again (the socket, the stored
+/// listener and the generation counter) count against it too.
+#[test]
+fn fdstore_limit_is_respected() {
+    let mut d = Mini::start(&[]);
+    d.m.set_env("FDSTORE", "5");
+    common::scenarios::Deployment::restart(&mut d);
+    let mut conns: Vec<HttpConn> = (0..6).map(|_| HttpConn::connect(d.m.port()).unwrap()).collect();
+    let old = conns.iter_mut().map(|c| c.get("/healthz").unwrap().pid()).next_back().unwrap();
+    d.m.stop(WAIT).unwrap();
+    assert_eq!(d.stored_connections(), 2, "{:?}", d.m.store_names());
+    d.m.start(WAIT).unwrap();
+    let (mut kept, mut closed) = (0, 0);
+    for c in &mut conns {
+        if c.closed_by_server(common::SETTLE) {
+            closed += 1;
+        } else {
+            assert_ne!(c.get("/healthz").unwrap().pid(), old);
+            kept += 1;
+        }
+    }
+    assert_eq!((kept, closed), (2, 4));
 }
 
 #[test]
@@ -91,8 +148,10 @@ fn a_failed_start_leaves_handed_over_connections_in_the_store() {
 fn entries_that_are_not_connections_are_removed_and_closed() {
     let mut d = Mini::start(&[]);
     d.m.stop(WAIT).unwrap();
-    // A pipe under a connection's name: handed over, but not adoptable.
+    // A pipe under a connection's name (and under a legacy one): handed
+    // over, but not adoptable.
     let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap();
+    d.m.store_fd("conn", &w).unwrap();
     d.m.store_fd("conn/1/1", &w).unwrap();
     drop(w);
     d.m.start(WAIT).unwrap();
@@ -203,4 +262,134 @@ fn requests_sent_while_in_the_store_are_answered() {
     assert_eq!(b.status, 200);
     assert_ne!(a.pid(), old);
     assert_eq!(a.pid(), b.pid());
+}
+
+/// Sends `fds` under `name` on a handoff connection, as Baton pushes them.
+fn push(conn: &std::os::fd::OwnedFd, name: &str, fds: &[std::os::fd::BorrowedFd<'_>]) {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    let mut space = [std::mem::MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(253))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    assert!(control.push(SendAncillaryMessage::ScmRights(fds)));
+    rustix::net::sendmsg(conn, &[std::io::IoSlice::new(name.as_bytes())], &mut control, SendFlags::NOSIGNAL)
+        .expect("push");
+}
+
+/// The receiving side of Baton's push protocol on real sockets: every
+/// connection pushed under `conn` is yielded (the same TCP connection),
+/// anything else is closed, and after `stop` a batch already queued still
+/// arrives before the stream ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushed_connections_are_checked_and_yielded() {
+    use std::io::{Read, Write};
+    use std::os::fd::AsFd;
+
+    use baton_httpd::handoff::PushedConnections;
+    use baton_sd::handoff::HandoffReceiver;
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+
+    assert!(raise_nofile(4096) >= 1000, "RLIMIT_NOFILE too low");
+    let dir = TempDir::new("push");
+    let path = dir.path().join("handoff");
+    let server = rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)
+        .expect("seqpacket socket");
+    rustix::net::bind(&server, &SocketAddrUnix::new(&path).unwrap()).unwrap();
+    rustix::net::listen(&server, 4).unwrap();
+    let receiver = HandoffReceiver::connect(&path).expect("connect to the handoff socket");
+    let conn = rustix::net::accept_with(&server, SocketFlags::CLOEXEC).expect("accept");
+    let mut pushed = PushedConnections::spawn(receiver);
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let pair = || {
+        let c = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        c.set_read_timeout(Some(WAIT)).unwrap();
+        (c, listener.accept().unwrap().0)
+    };
+    let (mut clients, servers): (Vec<_>, Vec<_>) = (0..300).map(|_| pair()).unzip();
+    let fds: Vec<_> = servers.iter().map(|s| s.as_fd()).collect();
+    push(&conn, "conn", &fds[..253]);
+    push(&conn, "conn", &fds[253..]);
+    drop(fds);
+    drop(servers);
+    // A pipe among connections, and a connection under another name.
+    let (pipe_r, pipe_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap();
+    push(&conn, "conn", &[pipe_w.as_fd()]);
+    drop(pipe_w);
+    let (mut other_client, other_server) = pair();
+    push(&conn, "state", &[other_server.as_fd()]);
+    drop(other_server);
+
+    let mut got = Vec::new();
+    for i in 0..300 {
+        let s = tokio::time::timeout(WAIT, pushed.next()).await.expect("in time").unwrap_or_else(|| panic!("#{i}"));
+        got.push(s);
+    }
+    let mut peers: Vec<u16> = got.iter().map(|s| s.peer_addr().unwrap().port()).collect();
+    let mut locals: Vec<u16> = clients.iter().map(|c| c.local_addr().unwrap().port()).collect();
+    peers.sort_unstable();
+    locals.sort_unstable();
+    assert_eq!(peers, locals, "the same TCP connections");
+    // Really the other ends: bytes go through.
+    clients[7].write_all(b"ping").unwrap();
+    let port = clients[7].local_addr().unwrap().port();
+    let mut s = got.iter().find(|s| s.peer_addr().unwrap().port() == port).unwrap();
+    let mut buf = [0u8; 4];
+    s.set_nonblocking(false).unwrap();
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"ping");
+
+    // What is not a connection was closed: the pipe reads EOF, the other
+    // connection's client sees the server's FIN.
+    let eof = tokio::task::spawn_blocking(move || rustix::io::read(&pipe_r, &mut [0u8; 1]));
+    assert_eq!(tokio::time::timeout(WAIT, eof).await.expect("pipe closed in time").unwrap().unwrap(), 0);
+    let n = tokio::task::spawn_blocking(move || other_client.read(&mut [0u8; 1])).await.unwrap();
+    assert_eq!(n.expect("EOF, not a timeout"), 0);
+
+    // Stopping: a batch already queued still arrives, then the stream ends.
+    let (last_client, last_server) = pair();
+    push(&conn, "conn", &[last_server.as_fd()]);
+    drop(last_server);
+    pushed.stop();
+    let last = tokio::time::timeout(WAIT, pushed.next()).await.expect("in time").expect("the queued connection");
+    assert_eq!(last.peer_addr().unwrap(), last_client.local_addr().unwrap());
+    assert!(tokio::time::timeout(WAIT, pushed.next()).await.expect("in time").is_none());
+    let report = pushed.finish().await;
+    assert_eq!((report.batches, report.connections, report.rejected), (5, 301, 2), "{report:?}");
+}
+
+/// The test manager's fd placement (`plan_moves`), simulated on an fd
+/// table: every source ends at its target, whatever chains and cycles the
+/// overlaps form, with at most one extra step per cycle.
+#[test]
+fn fd_moves_handle_chains_and_cycles() {
+    use std::collections::HashMap;
+    fn check(sources: &[i32]) {
+        let mut table: HashMap<i32, i32> = sources.iter().map(|&fd| (fd, fd)).collect();
+        let moves = common::manager::plan_moves(sources);
+        for &(from, to) in &moves {
+            let v = *table.get(&from).unwrap_or_else(|| panic!("{sources:?}: fd {from} is not open at {moves:?}"));
+            table.insert(to, v);
+        }
+        for (i, &s) in sources.iter().enumerate() {
+            assert_eq!(table.get(&(3 + i as i32)), Some(&s), "{sources:?} → {moves:?}");
+        }
+        assert!(moves.len() <= sources.len() * 3 / 2 + 1, "{sources:?} → {moves:?}");
+    }
+    check(&[]);
+    check(&[3]);
+    check(&[4, 3]); // a swap: one cycle
+    check(&[5, 3, 4]); // a 3-cycle
+    check(&[4, 5, 6]); // a chain
+    check(&[3, 10, 4, 6]); // in place, a chain, outside
+    // Pseudo-random permutations of a range overlapping the targets.
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    for n in [10usize, 100, 1000] {
+        let mut fds: Vec<i32> = (0..n as i32).map(|i| i + 3 + (n as i32) / 3).collect();
+        for i in (1..n).rev() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            fds.swap(i, (x % (i as u64 + 1)) as usize);
+        }
+        check(&fds);
+    }
 }

@@ -1,17 +1,24 @@
 //! baton-httpd under a real systemd — 252 (the host's) and 257 (Debian
-//! trixie), booted by `baton-testbed` — as a `.socket` + `Type=notify`
-//! `.service` pair, restarted with `systemctl restart` (stop, then start;
-//! the fd store outlives the process). The scenarios are those of
-//! `tests/handoff.rs`, written against [`Deployment`]; a `baton restart`
-//! deployment only has to implement that trait.
+//! trixie), booted by `baton-testbed` — deployed two ways:
 //!
-//! Each test boots its own testbed, so a failure shows that test's journal.
+//! - as a `.socket` + `Type=notify` `.service` pair, restarted with
+//!   `systemctl restart` (stop, then start; the fd store outlives the
+//!   process);
+//! - under Baton as the service's main process (`ExecStart=baton run …`,
+//!   `ExecReload=baton restart`), restarted with `systemctl reload`: an
+//!   overlapped restart, the old generation's connections pushed to the
+//!   running new one.
+//!
+//! The scenarios are those of `tests/handoff.rs` and `tests/baton.rs`,
+//! written against [`Deployment`]. Each test boots its own testbed, so a
+//! failure shows that test's journal.
 
 mod common;
 
 use std::path::PathBuf;
 
 use baton_testbed::{Flavor, Testbed, free_loopback_port, skip_unless_root};
+use common::baton::{Gen, baton_bin, parse_generations, settled_after};
 use common::client::{HttpConn, raise_nofile};
 use common::scenarios::{self, Deployment, WAIT};
 
@@ -124,6 +131,152 @@ impl Deployment for Systemd {
     }
 }
 
+const BATON_SERVICE: &str = "httpd.service";
+
+/// baton-httpd under Baton, Baton being the main process of a systemd
+/// service.
+struct BatonUnderSystemd {
+    tb: Testbed,
+    baton: PathBuf,
+    port: u16,
+    root: PathBuf,
+    extra: Vec<String>,
+}
+
+impl BatonUnderSystemd {
+    fn boot(flavor: Flavor, test: &str) -> Option<Self> {
+        if !skip_unless_root(test) {
+            return None;
+        }
+        let baton = baton_bin();
+        let tb = Testbed::boot(flavor).unwrap_or_else(|e| panic!("{test}: boot {flavor}: {e}"));
+        let root = scenarios::make_root(tb.scratch());
+        let d = Self { tb, baton, port: free_loopback_port(), root, extra: Vec::new() };
+        d.install_service();
+        d.ok(&["start", BATON_SERVICE]);
+        d.wait_gens("the first generation to serve", |g| settled_after(g, None));
+        Some(d)
+    }
+
+    fn install_service(&self) {
+        let unit = format!(
+            "[Unit]\nStartLimitIntervalSec=0\n\
+             [Service]\nType=notify\nRuntimeDirectory=baton\n\
+             ExecStart={baton} run -l http=127.0.0.1:{port} --name httpd -- {bin} --root {root} --threads 2 {extra}\n\
+             ExecReload={baton} restart --name httpd\n\
+             FileDescriptorStoreMax=4096\nLimitNOFILE=65536\nEnvironment=RUST_LOG=info\n",
+            baton = self.baton.display(),
+            port = self.port,
+            bin = common::BIN,
+            root = self.root.display(),
+            extra = self.extra.join(" "),
+        );
+        self.tb.install_unit(BATON_SERVICE, &unit).expect("install the service unit");
+    }
+
+    fn ok(&self, args: &[&str]) {
+        self.tb.systemctl_checked(args).unwrap_or_else(|e| panic!("systemctl {args:?}: {e}\n{}", self.journal()));
+    }
+
+    fn journal(&self) -> String {
+        self.tb.journal(Some(BATON_SERVICE)).unwrap_or_default()
+    }
+
+    fn generations(&self) -> Option<Vec<Gen>> {
+        let baton = self.baton.display().to_string();
+        let out = self.tb.run(&[&baton, "status", "--name", "httpd", "--json"]).ok()?;
+        out.success().then(|| parse_generations(&out.stdout))
+    }
+
+    fn wait_gens(&self, what: &str, pred: impl Fn(&[Gen]) -> bool) {
+        let mut last = None;
+        self.tb
+            .wait_for(what, WAIT, || {
+                last = self.generations();
+                last.as_deref().is_some_and(&pred)
+            })
+            .unwrap_or_else(|e| panic!("{e}; generations: {last:?}\n{}", self.journal()));
+    }
+
+    fn active_pid(&self) -> u32 {
+        self.generations().unwrap_or_default().iter().find(|g| g.state == "active").map_or(0, |g| g.pid)
+    }
+}
+
+impl Drop for BatonUnderSystemd {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // What Baton and the generations said, to explain the failure.
+            let journal = self.journal();
+            let tail: Vec<&str> = journal.lines().rev().take(200).collect();
+            eprintln!("--- last lines of {BATON_SERVICE}'s journal ---");
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+impl Deployment for BatonUnderSystemd {
+    fn describe(&self) -> String {
+        format!("baton under systemd {}", self.tb.systemd_version())
+    }
+
+    fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `systemctl reload` returns once `baton restart` did, i.e. the new
+    /// generation is ready; then wait until the old one handed everything
+    /// over and exited.
+    fn restart(&mut self) {
+        let old = self.active_pid();
+        self.ok(&["reload", BATON_SERVICE]);
+        self.wait_gens("the old generation to hand over and exit", |g| settled_after(g, Some(old)));
+    }
+
+    fn begin_restart(&mut self) {
+        self.ok(&["reload", "--no-block", BATON_SERVICE]);
+    }
+
+    fn wait_status(&mut self, what: &str, pred: &dyn Fn(&str) -> bool) {
+        self.wait_gens(what, |gens| gens.iter().any(|g| pred(&g.status)));
+    }
+
+    fn finish_restart(&mut self, old_pid: u32) {
+        self.wait_gens("the new generation alone", |g| settled_after(g, Some(old_pid)));
+    }
+
+    /// Baton keeps its command line: restarting the whole service takes the
+    /// new arguments.
+    fn set_extra_args(&mut self, args: &[&str]) {
+        self.extra = args.iter().map(|s| s.to_string()).collect();
+        self.install_service();
+        self.ok(&["restart", BATON_SERVICE]);
+        self.wait_gens("the first generation to serve", |g| settled_after(g, None));
+    }
+}
+
+fn baton_keepalive(flavor: Flavor, test: &str) {
+    let Some(mut d) = BatonUnderSystemd::boot(flavor, test) else { return };
+    scenarios::keepalive_across_restart(&mut d, 20);
+    scenarios::keepalive_across_restart(&mut d, 20);
+    // Baton is still the same main process: only its app was restarted.
+    assert_eq!(d.tb.show(BATON_SERVICE, "ActiveState").unwrap(), "active");
+}
+
+fn baton_thousand_idle(flavor: Flavor, test: &str) {
+    assert!(raise_nofile(4096) >= 2100, "RLIMIT_NOFILE too low for 1,000 connections on both sides");
+    let Some(mut d) = BatonUnderSystemd::boot(flavor, test) else { return };
+    scenarios::keepalive_across_restart(&mut d, 1000);
+}
+
+fn baton_in_flight(flavor: Flavor, test: &str) {
+    let Some(mut d) = BatonUnderSystemd::boot(flavor, test) else { return };
+    scenarios::in_flight_and_pipelined(&mut d);
+    scenarios::drain_deadline(&mut d);
+}
+
 fn keepalive(flavor: Flavor, test: &str) {
     let Some(mut d) = Systemd::boot(flavor, test) else { return };
     scenarios::keepalive_across_restart(&mut d, 20);
@@ -219,4 +372,14 @@ macro_rules! on_both {
     };
 }
 
-on_both!(keepalive, thousand_idle, in_flight, failed_generations, never_adopted, journal_and_status);
+on_both!(
+    keepalive,
+    thousand_idle,
+    in_flight,
+    failed_generations,
+    never_adopted,
+    journal_and_status,
+    baton_keepalive,
+    baton_thousand_idle,
+    baton_in_flight,
+);

@@ -10,15 +10,24 @@
 //! | Name | Meaning |
 //! |---|---|
 //! | `listen/<name>` | a listening socket the service bound itself, `<name>` as in `LISTEN_FDNAMES` |
-//! | `conn/<pid>/<seq>` | a live connection handed over by process `<pid>`, its `<seq>`-th; unique per fd so that it can be removed alone |
+//! | `conn` | a live connection handed over to the next generation |
 //! | anything else | the application's own (`stored` is systemd's default) |
 //!
+//! All connections share the one name `conn`, on purpose: `LISTEN_FDNAMES`
+//! is a single environment string, which Linux limits to 128 KiB
+//! (`MAX_ARG_STRLEN`), so unique per-connection names would stop exec at
+//! about 8,000 connections; five bytes each fit about 26,000. Store them up
+//! to [`SCM_MAX_FD`](crate::wire::SCM_MAX_FD) per datagram.
+//!
 //! A stored fd stays in the store after it is passed to the next
-//! generation. Whoever *adopts* a stored connection must therefore remove it
-//! (`FDSTOREREMOVE=1` with its name, see [`Notifier::remove_fds`]) or it is
-//! handed over again on the next restart. Connections are stored with
-//! polling on (the default), so the manager drops them by itself when the
-//! peer hangs up while they wait in the store.
+//! generation. Whoever *adopts* the stored connections takes every `conn`
+//! fd it received and then removes them all with one `FDSTOREREMOVE=1`
+//! (see [`Notifier::remove_fds`]); otherwise they are handed over again on
+//! the next restart. Connections are stored with polling on (the default),
+//! so the manager drops them by itself when the peer hangs up while they
+//! wait in the store. Under Baton's overlapped restarts, connections stored
+//! by a draining generation are pushed straight to the running one instead
+//! (see [`crate::handoff`]).
 
 use std::fmt;
 use std::os::fd::BorrowedFd;
@@ -26,18 +35,24 @@ use std::os::fd::BorrowedFd;
 use crate::notify::{Notifier, NotifyError};
 use crate::wire::{FdNameError, NotifyState};
 
+/// The fd-store name of handed-over connections.
+pub const CONNECTION: &str = "conn";
+
+/// `<pid>/<seq>`, the per-connection names of earlier versions.
+fn is_legacy_connection(rest: &str) -> bool {
+    rest.split_once('/').is_some_and(|(pid, seq)| {
+        crate::wire::parse_decimal(pid).is_some_and(|p| p > 0 && p <= i32::MAX as u64)
+            && crate::wire::parse_decimal(seq).is_some()
+    })
+}
+
 /// A parsed fd-store name (see the [module docs](self)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StoredName<'a> {
     /// `listen/<name>`.
     Listener(&'a str),
-    /// `conn/<pid>/<seq>`.
-    Connection {
-        /// The process that stored it.
-        pid: u32,
-        /// Its sequence number within that process.
-        seq: u64,
-    },
+    /// `conn` (also the legacy per-connection form `conn/<pid>/<seq>`).
+    Connection,
     /// Any other name.
     Other(&'a str),
 }
@@ -48,12 +63,8 @@ impl<'a> StoredName<'a> {
         if let Some(l) = name.strip_prefix("listen/") {
             return StoredName::Listener(l);
         }
-        if let Some(rest) = name.strip_prefix("conn/")
-            && let Some((pid, seq)) = rest.split_once('/')
-            && let (Some(pid), Some(seq)) = (crate::wire::parse_decimal(pid), crate::wire::parse_decimal(seq))
-            && let Ok(pid) = u32::try_from(pid)
-        {
-            return StoredName::Connection { pid, seq };
+        if name == CONNECTION || name.strip_prefix("conn/").is_some_and(is_legacy_connection) {
+            return StoredName::Connection;
         }
         StoredName::Other(name)
     }
@@ -70,7 +81,7 @@ impl fmt::Display for StoredName<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             StoredName::Listener(n) => write!(f, "listen/{n}"),
-            StoredName::Connection { pid, seq } => write!(f, "conn/{pid}/{seq}"),
+            StoredName::Connection => f.write_str(CONNECTION),
             StoredName::Other(n) => f.write_str(n),
         }
     }
@@ -111,11 +122,11 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        for n in [StoredName::Listener("http"), StoredName::Connection { pid: 42, seq: 7 }, StoredName::Other("state")]
-        {
+        for n in [StoredName::Listener("http"), StoredName::Connection, StoredName::Other("state")] {
             let s = n.to_fdname().unwrap();
             assert_eq!(StoredName::parse(&s), n);
         }
+        assert_eq!(StoredName::parse("conn/42/7"), StoredName::Connection);
         assert_eq!(StoredName::parse("conn/x/1"), StoredName::Other("conn/x/1"));
         assert_eq!(StoredName::parse("conn/1"), StoredName::Other("conn/1"));
         assert!(StoredName::Listener("a:b").to_fdname().is_err());

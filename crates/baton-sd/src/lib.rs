@@ -15,6 +15,8 @@
 //!   manager's fd store across restarts, with a naming convention.
 //! - [`watchdog`]: `WATCHDOG_USEC` and a ping task.
 //! - [`shutdown`]: SIGTERM/SIGINT with `STOPPING=1`, and a drain tracker.
+//! - [`handoff`]: receiving connections pushed by Baton while running (its
+//!   overlapped restarts), a no-op under plain systemd.
 //! - [`wire`]: the wire formats, shared with the supervisor side.
 //!
 //! Nothing here needs libsystemd, and outside a service manager every call is
@@ -81,6 +83,8 @@
 
 pub mod activation;
 pub mod fdstore;
+#[cfg(feature = "tokio")]
+pub mod handoff;
 pub mod notify;
 #[cfg(feature = "tokio")]
 pub mod shutdown;

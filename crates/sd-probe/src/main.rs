@@ -25,6 +25,7 @@
 //! | `--barrier` | send `BARRIER=1` after `READY=1` and report `barrier ok` |
 //! | `--watchdog` | ping the watchdog when `WATCHDOG_USEC` asks for it |
 //! | `--reload` | on SIGHUP: `RELOADING=1` + `MONOTONIC_USEC`, report `reloaded`, `READY=1` |
+//! | `--hold` | keep accepted connections unanswered; on SIGTERM hand them over (`FDSTORE=1`, `FDNAME=conn`); adopt handed-over ones (LISTEN_FDS or `$BATON_HANDOFF_SOCKET`) and answer `http PID` on them |
 //! | `--fail-if-exists FILE` | exit 3 before `READY=1` while FILE exists (fault tests) |
 //! | `--hang-if-exists FILE` | never send `READY=1` while FILE exists (fault tests) |
 //! | `--reply-delay-ms N` | wait N ms before answering each connection (a slow request, in flight when a signal comes) |
@@ -44,7 +45,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use baton_sd::shutdown::{Drain, Shutdown};
-use baton_sd::{FdKind, ListenFds, Notifier, NotifyState, watchdog};
+use baton_sd::{FdKind, ListenFds, Notifier, NotifyState, StoredName, watchdog};
 use tokio::io::AsyncWriteExt;
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -63,6 +64,7 @@ struct Options {
     fail_if_exists: Option<String>,
     hang_if_exists: Option<String>,
     reply_delay: Duration,
+    hold: bool,
     ignore_sigterm: bool,
     stop_on_usr1: bool,
     abuse: bool,
@@ -94,6 +96,7 @@ fn parse_args() -> Result<Options, String> {
             "--fail-if-exists" => o.fail_if_exists = Some(value()?),
             "--hang-if-exists" => o.hang_if_exists = Some(value()?),
             "--reply-delay-ms" => o.reply_delay = ms(value()?)?,
+            "--hold" => o.hold = true,
             "--ignore-sigterm" => o.ignore_sigterm = true,
             "--stop-on-usr1" => o.stop_on_usr1 = true,
             "--abuse" => o.abuse = true,
@@ -114,6 +117,15 @@ struct Report {
 }
 
 impl Report {
+    /// One line from a task that does not own the report (one write(2)).
+    fn append(path: Option<&str>, line: &str) {
+        if let Some(p) = path
+            && let Ok(mut f) = OpenOptions::new().append(true).open(p)
+        {
+            let _ = f.write_all(format!("{line}\n").as_bytes());
+        }
+    }
+
     fn line(&mut self, line: impl AsRef<str>) {
         self.line_at(line, mono_us());
     }
@@ -239,14 +251,57 @@ async fn run(opts: Options, mut fds: ListenFds, mut report: Report) -> i32 {
 
     let drain = Drain::new();
     let mut acceptors = Vec::new();
+    // --hold: connections are kept unanswered and handed over on stop; the
+    // generation that gets them (by LISTEN_FDS or Baton's handoff socket)
+    // answers on the same TCP connection.
+    let held: Arc<std::sync::Mutex<Vec<std::net::TcpStream>>> = Arc::default();
+    if opts.hold {
+        let adopted = fds.take_matching(|n| StoredName::parse(n) == StoredName::Connection);
+        if !adopted.is_empty() {
+            report.line(format!("adopted {}", adopted.len()));
+            for (_, fd) in adopted {
+                answer_held(fd);
+            }
+            if let Some(n) = &notifier {
+                let _ = n.remove_fds(baton_sd::fdstore::CONNECTION);
+            }
+        }
+        match baton_sd::handoff::HandoffReceiver::connect_from_env() {
+            Ok(Some(mut receiver)) => {
+                let report_path = opts.report.clone();
+                tokio::spawn(async move {
+                    while let Ok(Some(handoff)) = receiver.recv().await {
+                        let count = handoff.fds.len();
+                        for fd in handoff.fds {
+                            answer_held(fd);
+                        }
+                        Report::append(
+                            report_path.as_deref(),
+                            &format!("received name={} count={count}", handoff.name),
+                        );
+                    }
+                });
+            }
+            Ok(None) => {}
+            Err(e) => report.line(format!("error handoff: {e}")),
+        }
+    }
     for name in &opts.serve {
         match fds.take_tokio_tcp_listener(name.as_str()) {
             Ok(Some(listener)) => {
                 let reply = format!("{name} {}\n", std::process::id());
                 let drain = drain.clone();
                 let delay = opts.reply_delay;
+                let held = opts.hold.then(|| (Arc::clone(&held), opts.report.clone()));
                 acceptors.push(tokio::spawn(async move {
                     while let Ok((mut stream, _)) = listener.accept().await {
+                        if let Some((held, report)) = &held {
+                            if let Ok(s) = stream.into_std() {
+                                held.lock().unwrap_or_else(|e| e.into_inner()).push(s);
+                                Report::append(report.as_deref(), "held");
+                            }
+                            continue;
+                        }
                         let reply = reply.clone();
                         let guard = drain.track();
                         tokio::spawn(async move {
@@ -288,6 +343,20 @@ async fn run(opts: Options, mut fds: ListenFds, mut report: Report) -> i32 {
         }
     }
 
+    // Signal handlers before READY=1: once the manager sees READY, tests
+    // (and admins) may signal us at once.
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            report.line(format!("error signals: {e}"));
+            return 1;
+        }
+    };
+    // Only installed when asked for: an installed handler changes what the
+    // signal does to the process (SIGUSR1 would no longer kill it).
+    let optional = |wanted: bool, kind: SignalKind| if wanted { signal(kind).ok() } else { None };
+    let mut ignored_term = optional(opts.ignore_sigterm, SignalKind::terminate());
+    let mut usr1 = optional(opts.stop_on_usr1, SignalKind::user_defined1());
     if let Some(f) = &opts.fail_if_exists
         && std::path::Path::new(f).exists()
     {
@@ -336,18 +405,6 @@ async fn run(opts: Options, mut fds: ListenFds, mut report: Report) -> i32 {
         }
     }
 
-    let mut hup = match signal(SignalKind::hangup()) {
-        Ok(s) => s,
-        Err(e) => {
-            report.line(format!("error signals: {e}"));
-            return 1;
-        }
-    };
-    // Only installed when asked for: an installed handler changes what the
-    // signal does to the process (SIGUSR1 would no longer kill it).
-    let optional = |wanted: bool, kind: SignalKind| if wanted { signal(kind).ok() } else { None };
-    let mut ignored_term = optional(opts.ignore_sigterm, SignalKind::terminate());
-    let mut usr1 = optional(opts.stop_on_usr1, SignalKind::user_defined1());
     loop {
         tokio::select! {
             (sig, sent) = shutdown.wait(notifier.as_deref()), if !opts.ignore_sigterm => {
@@ -355,6 +412,10 @@ async fn run(opts: Options, mut fds: ListenFds, mut report: Report) -> i32 {
                     report.line(format!("signal-received signal={sig:?}"));
                 }
                 let drained = stop_serving(&acceptors, &drain).await;
+                if opts.hold {
+                    let streams = std::mem::take(&mut *held.lock().unwrap_or_else(|e| e.into_inner()));
+                    report.line(format!("handed-over {}", hand_over(notifier.as_deref(), streams).await));
+                }
                 report.line(format!("stopping signal={sig:?} notified={} drained={drained}", sent.is_ok()));
                 return 0;
             }
@@ -378,6 +439,27 @@ async fn run(opts: Options, mut fds: ListenFds, mut report: Report) -> i32 {
             }
         }
     }
+}
+
+/// Answers a handed-over connection with `http PID` and closes it.
+fn answer_held(fd: std::os::fd::OwnedFd) {
+    let mut stream = std::net::TcpStream::from(fd);
+    let _ = std::io::Write::write_all(&mut stream, format!("http {}\n", std::process::id()).as_bytes());
+}
+
+/// Stores held connections under `conn` (253 per datagram), waits for the
+/// manager to process them, and returns how many were stored.
+async fn hand_over(notifier: Option<&Notifier>, streams: Vec<std::net::TcpStream>) -> usize {
+    let Some(n) = notifier else { return 0 };
+    let mut stored = 0;
+    for batch in streams.chunks(baton_sd::wire::SCM_MAX_FD) {
+        let fds: Vec<std::os::fd::BorrowedFd<'_>> = batch.iter().map(std::os::fd::AsFd::as_fd).collect();
+        if n.store_fds(baton_sd::fdstore::CONNECTION, &fds, baton_sd::FdPoll::Poll).is_ok() {
+            stored += batch.len();
+        }
+    }
+    let _ = n.barrier_async(Duration::from_secs(5)).await;
+    stored
 }
 
 /// Stops accepting (dropping the listeners), then finishes what was

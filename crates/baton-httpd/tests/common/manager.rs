@@ -51,6 +51,11 @@ pub struct MiniManager {
     pub stopping: bool,
     /// Datagrams received, for debugging failed tests.
     pub received: usize,
+    /// `FDSTORE=1` datagrams received, and the most fds one carried.
+    pub store_datagrams: usize,
+    pub most_fds_in_one: usize,
+    /// `FDSTOREREMOVE=1` datagrams received.
+    pub remove_datagrams: usize,
 }
 
 static DIRS: AtomicUsize = AtomicUsize::new(0);
@@ -95,6 +100,9 @@ impl MiniManager {
             status: String::new(),
             stopping: false,
             received: 0,
+            store_datagrams: 0,
+            most_fds_in_one: 0,
+            remove_datagrams: 0,
         })
     }
 
@@ -149,20 +157,6 @@ impl MiniManager {
         self.stopping = false;
         self.status.clear();
         let n = 1 + self.store.len();
-        // The child moves every fd into place with dup2 (which clears
-        // close-on-exec). Sources must not sit in the target range 3..3+n:
-        // renumber those above it first. No fd is duplicated for good, so
-        // the manager never needs twice the store's size in fds (the
-        // benchmark holds 10,000 connections under a 20,000 fd limit).
-        let floor = 3 + n as RawFd;
-        if self.listener.as_raw_fd() < floor {
-            self.listener = TcpListener::from(rustix::io::fcntl_dupfd_cloexec(&self.listener, floor)?);
-        }
-        for s in &mut self.store {
-            if s.fd.as_raw_fd() < floor {
-                s.fd = rustix::io::fcntl_dupfd_cloexec(&s.fd, floor)?;
-            }
-        }
         let mut raw: Vec<RawFd> = Vec::with_capacity(n);
         let mut names: Vec<&str> = Vec::with_capacity(n);
         raw.push(self.listener.as_raw_fd());
@@ -171,6 +165,8 @@ impl MiniManager {
             raw.push(s.fd.as_raw_fd());
             names.push(&s.name);
         }
+        // Planned here: nothing may be allocated between fork and exec.
+        let moves = plan_moves(&raw);
         let mut cmd = Command::new("/bin/sh");
         // The shell is replaced by the service (same pid), so $$ is the
         // pid LISTEN_PID must name.
@@ -186,12 +182,15 @@ impl MiniManager {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        // SAFETY: between fork and exec only dup2, which is
-        // async-signal-safe; `raw` is read, not allocated or freed.
+        // SAFETY: between fork and exec only dup2 and fcntl, which are
+        // async-signal-safe; `moves` is read, not allocated or freed.
         unsafe {
             cmd.pre_exec(move || {
-                for (i, fd) in raw.iter().enumerate() {
-                    if libc::dup2(*fd, 3 + i as RawFd) < 0 {
+                for &(from, to) in &moves {
+                    // dup2 clears close-on-exec on its target; an fd already
+                    // in place needs it cleared by hand.
+                    let r = if from == to { libc::fcntl(to, libc::F_SETFD, 0) } else { libc::dup2(from, to) };
+                    if r < 0 {
                         return Err(io::Error::last_os_error());
                     }
                 }
@@ -320,12 +319,15 @@ impl MiniManager {
         }
         let name = parsed.fdname();
         if parsed.has(&NotifyState::FdStoreRemove) {
+            self.remove_datagrams += 1;
             if let Some(name) = name {
                 self.store.retain(|s| s.name != name);
             }
         } else if parsed.has(&NotifyState::FdStore) {
             let poll = !parsed.has(&NotifyState::FdPollDisable);
             let name = name.unwrap_or("stored");
+            self.store_datagrams += 1;
+            self.most_fds_in_one = self.most_fds_in_one.max(fds.len());
             for fd in fds {
                 self.store.push(Stored { name: name.to_owned(), fd, poll });
             }
@@ -356,6 +358,60 @@ impl MiniManager {
         self.store.push(Stored { name: name.to_owned(), fd, poll: true });
         Ok(())
     }
+}
+
+/// The `dup2(from, to)` steps that put `sources[i]` at fd `3 + i`, whatever
+/// the overlaps between sources and targets (a step with `from == to` means
+/// "clear close-on-exec"). Moving every source above the target range first
+/// would need fds numbered up to twice the store's size, more than the fd
+/// limit allows with 10,000 stored connections; instead the moves are
+/// ordered so that no source is overwritten before it is copied — the
+/// "parallel move" problem: each target is the source of at most one other
+/// move, so the moves form chains, done from their free end backwards, and
+/// cycles, broken by one copy to a spare fd number.
+pub fn plan_moves(sources: &[RawFd]) -> Vec<(RawFd, RawFd)> {
+    use std::collections::{HashMap, HashSet};
+    let n = sources.len();
+    let target = |i: usize| 3 + i as RawFd;
+    let by_src: HashMap<RawFd, usize> = sources.iter().enumerate().map(|(i, s)| (*s, i)).collect();
+    let by_dst: HashMap<RawFd, usize> = (0..n).map(|i| (target(i), i)).collect();
+    let taken: HashSet<RawFd> = sources.iter().copied().chain((0..n).map(target)).collect();
+    let spare = (3..).find(|fd| !taken.contains(fd)).unwrap_or(RawFd::MAX);
+    let mut src: Vec<RawFd> = sources.to_vec();
+    let mut done = vec![false; n];
+    let mut moves = Vec::with_capacity(n + 1);
+    // Move `k`, then each move waiting for `k`'s old place, backwards.
+    let back_from = |mut k: usize, src: &[RawFd], done: &mut [bool], moves: &mut Vec<(RawFd, RawFd)>| loop {
+        moves.push((src[k], target(k)));
+        done[k] = true;
+        match by_dst.get(&sources[k]) {
+            Some(&q) if !done[q] && q != k => k = q,
+            _ => break,
+        }
+    };
+    for start in 0..n {
+        if done[start] {
+            continue;
+        }
+        // Follow "my target is someone's source" to the chain's free end,
+        // or back to `start` (a cycle).
+        let mut k = start;
+        let cycle = loop {
+            match by_src.get(&target(k)) {
+                Some(&j) if j == start => break j != k,
+                Some(&j) if !done[j] && j != k => k = j,
+                _ => break false,
+            }
+        };
+        if cycle {
+            // Park `start`'s source on the spare fd: the move whose target
+            // is `start`'s old place (`k`, the last one walked) is free.
+            moves.push((src[start], spare));
+            src[start] = spare;
+        }
+        back_from(k, &src, &mut done, &mut moves);
+    }
+    moves
 }
 
 /// A listening socket on 127.0.0.1 with a deep backlog (std's is 128).

@@ -2,6 +2,7 @@
 //! test file uses every helper.
 #![allow(dead_code)]
 
+pub mod baton;
 pub mod client;
 pub mod manager;
 pub mod scenarios;
@@ -68,7 +69,11 @@ impl Mini {
     }
 
     pub fn stored_connections(&self) -> usize {
-        self.m.store_names().iter().filter(|n| n.starts_with("conn/")).count()
+        self.m
+            .store_names()
+            .iter()
+            .filter(|n| baton_sd::StoredName::parse(n) == baton_sd::StoredName::Connection)
+            .count()
     }
 }
 

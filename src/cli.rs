@@ -1,0 +1,241 @@
+//! The command line of `baton`, as a library item so packaging can render
+//! man pages and shell completions from the same definition.
+//!
+//! Exit codes: 0 success; 1 the operation failed (a restart that did not
+//! take, a crash loop); 2 bad usage; 3 no baton is running at the control
+//! socket; 4 the control conversation failed.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::control;
+use crate::listen::ListenSpec;
+
+/// Restart Linux services without dropping a connection.
+///
+/// Baton holds your service's listening sockets, starts the new generation,
+/// waits for its READY=1, and only then retires the old one.
+#[derive(Debug, Parser)]
+#[command(
+    name = "baton",
+    version,
+    about,
+    long_about,
+    after_long_help = "Exit codes: 0 success; 1 the operation failed (a restart that did not take, a crash loop); \
+                       2 bad usage; 3 no baton is running at the control socket; 4 the control conversation failed."
+)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// `baton`'s subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run COMMAND under supervision, holding its sockets.
+    Run(RunArgs),
+    /// Start a new generation and retire the current one once it is ready.
+    Restart(RestartArgs),
+    /// Show generations, sockets and the last failure.
+    Status(StatusArgs),
+    /// Stop all generations and the supervisor.
+    Stop(Target),
+    /// Write systemd .socket and .service units for an app.
+    Units(crate::units::UnitsArgs),
+    /// Send a notification to $NOTIFY_SOCKET (like systemd-notify).
+    Notify(NotifyArgs),
+}
+
+/// Which running baton to talk to.
+#[derive(Debug, Args)]
+pub struct Target {
+    /// Instance name (default: the app's program name).
+    #[arg(long, short = 'n', default_value = "baton")]
+    pub name: String,
+    /// Control socket path (default: derived from --name).
+    #[arg(long)]
+    pub control: Option<PathBuf>,
+}
+
+impl Target {
+    /// The control socket path.
+    pub fn path(&self) -> PathBuf {
+        self.control.clone().unwrap_or_else(|| control::default_path(&self.name))
+    }
+}
+
+/// Options of `baton restart`.
+#[derive(Debug, Args)]
+pub struct RestartArgs {
+    /// Which baton.
+    #[command(flatten)]
+    pub target: Target,
+    /// Return once the request is accepted instead of waiting for the outcome.
+    #[arg(long, conflicts_with = "wait")]
+    pub no_block: bool,
+    /// Wait for the outcome (the default).
+    #[arg(long)]
+    pub wait: bool,
+}
+
+/// Options of `baton status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Which baton.
+    #[command(flatten)]
+    pub target: Target,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Options of `baton run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Socket to hold and pass on, as [NAME=]ADDR: 127.0.0.1:8080, [::]:443, 8080,
+    /// udp:ADDR, unix:/path, unix:@abstract, seqpacket:/path. Repeatable.
+    #[arg(long = "listen", short = 'l', value_name = "[NAME=]ADDR")]
+    pub listen: Vec<ListenSpec>,
+    /// Instance name, for the control socket and logs (default: the program's name).
+    #[arg(long, short = 'n')]
+    pub name: Option<String>,
+    /// Control socket path (default: $RUNTIME_DIRECTORY/NAME.sock, /run/baton/NAME.sock as root).
+    #[arg(long)]
+    pub control: Option<PathBuf>,
+    /// listen() backlog.
+    #[arg(long)]
+    pub backlog: Option<u32>,
+    /// Set SO_REUSEPORT.
+    #[arg(long)]
+    pub reuse_port: bool,
+    /// IPV6_V6ONLY for IPv6 sockets.
+    #[arg(long)]
+    pub v6_only: Option<bool>,
+    /// Allow binding addresses not (yet) configured (IP_FREEBIND).
+    #[arg(long)]
+    pub freebind: bool,
+    /// Mode of unix socket files, octal.
+    #[arg(long, value_parser = parse_mode)]
+    pub socket_mode: Option<u32>,
+    /// Owner uid of unix socket files.
+    #[arg(long)]
+    pub socket_uid: Option<u32>,
+    /// Owner gid of unix socket files.
+    #[arg(long)]
+    pub socket_gid: Option<u32>,
+    /// How long a new generation may take to send READY=1.
+    #[arg(long, default_value = "90s", value_parser = parse_duration)]
+    pub ready_timeout: Duration,
+    /// Signal asking a generation to drain and exit.
+    #[arg(long, default_value = "SIGTERM", value_parser = parse_signal)]
+    pub stop_signal: rustix::process::Signal,
+    /// Drain deadline after the stop signal, then SIGKILL.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub stop_timeout: Duration,
+    /// Who may send notifications.
+    #[arg(long, value_enum, default_value = "main")]
+    pub notify_access: Access,
+    /// Watchdog interval for generations (WATCHDOG_USEC), enforced.
+    #[arg(long, value_parser = parse_duration)]
+    pub watchdog: Option<Duration>,
+    /// Fd-store capacity (FDSTORE=1 from the app); 0 disables it.
+    #[arg(long, default_value_t = 4096)]
+    pub fdstore_max: usize,
+    /// Shell command run after READY=1 (with BATON_PID set); the cutover happens only if it succeeds.
+    #[arg(long)]
+    pub health_cmd: Option<String>,
+    /// Draining generations allowed at once; the oldest is killed beyond this.
+    #[arg(long, default_value_t = 4)]
+    pub max_draining: usize,
+    /// Crash restarts allowed within --restart-interval before giving up.
+    #[arg(long, default_value_t = 10)]
+    pub restart_burst: u32,
+    /// Window for --restart-burst.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub restart_interval: Duration,
+    /// The app and its arguments.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<OsString>,
+}
+
+/// `--notify-access` values, as systemd's `NotifyAccess=`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Access {
+    /// Only a generation's main process.
+    Main,
+    /// The main process and the health check.
+    Exec,
+    /// Any process of the generation.
+    All,
+}
+
+/// Options of `baton notify`.
+#[derive(Debug, Args)]
+pub struct NotifyArgs {
+    /// READY=1.
+    #[arg(long)]
+    pub ready: bool,
+    /// RELOADING=1 with MONOTONIC_USEC.
+    #[arg(long)]
+    pub reloading: bool,
+    /// STOPPING=1.
+    #[arg(long)]
+    pub stopping: bool,
+    /// STATUS=TEXT.
+    #[arg(long)]
+    pub status: Option<String>,
+    /// Fd to store (FDSTORE=1); repeatable.
+    #[arg(long = "fd")]
+    pub fds: Vec<i32>,
+    /// FDNAME= for --fd.
+    #[arg(long)]
+    pub fdname: Option<String>,
+    /// Do not wait for the manager to process the message (no BARRIER=1).
+    #[arg(long)]
+    pub no_block: bool,
+    /// More assignments, KEY=VALUE.
+    pub assignments: Vec<String>,
+}
+
+/// Parses `90`, `90s`, `500ms`, `2min`, `1h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration (e.g. 90s, 500ms, 2min)"))?;
+    let secs = match unit.trim() {
+        "" | "s" | "sec" => n,
+        "ms" => n / 1000.0,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        other => return Err(format!("unknown unit {other:?} in {s:?}: use ms, s, min or h")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
+}
+
+/// Parses an octal file mode like `0660`.
+pub fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8).map_err(|_| format!("{s:?} is not an octal mode like 0660"))
+}
+
+/// Parses a signal name like `TERM` or `SIGTERM`.
+pub fn parse_signal(s: &str) -> Result<rustix::process::Signal, String> {
+    use rustix::process::Signal;
+    let name = s.trim().to_ascii_uppercase();
+    let name = name.strip_prefix("SIG").unwrap_or(&name);
+    Ok(match name {
+        "TERM" => Signal::TERM,
+        "INT" => Signal::INT,
+        "QUIT" => Signal::QUIT,
+        "HUP" => Signal::HUP,
+        "USR1" => Signal::USR1,
+        "USR2" => Signal::USR2,
+        "KILL" => Signal::KILL,
+        "WINCH" => Signal::WINCH,
+        _ => return Err(format!("unsupported signal {s:?}: use TERM, INT, QUIT, HUP, USR1, USR2, WINCH or KILL")),
+    })
+}

@@ -1,0 +1,120 @@
+//! Pushing handed-over connections to the running generation
+//! (`$BATON_HANDOFF_SOCKET`, see `baton_sd::handoff` for the app side).
+//!
+//! An overlapped restart starts the new generation *before* the old one is
+//! asked to stop, so connections the old one stores on its way out cannot
+//! reach the new one through `LISTEN_FDS`. Each generation may connect to
+//! this `SOCK_SEQPACKET` socket at start-up; when a draining generation
+//! stores connections, the supervisor moves them straight to the active
+//! generation's connection: one message per batch, the name as payload and
+//! up to 253 fds in `SCM_RIGHTS`.
+
+use std::io::IoSlice;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use baton_sd::wire::SCM_MAX_FD;
+use rustix::net::{AddressFamily, SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketFlags, SocketType};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::mpsc;
+
+/// Connections waiting for the supervisor to attribute them.
+const PENDING: usize = 64;
+
+/// A connected generation: its pid (from `SO_PEERCRED`) and the connection.
+#[derive(Debug)]
+pub struct Peer {
+    /// The connecting process.
+    pub pid: u32,
+    /// The connection to push fds over (non-blocking, close-on-exec).
+    pub conn: OwnedFd,
+}
+
+/// The listening handoff socket; removes its path when dropped.
+#[derive(Debug)]
+pub struct HandoffServer {
+    path: PathBuf,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl HandoffServer {
+    /// Binds the socket at `path` (world-writable like the notify socket: the
+    /// app may run as another user; peers are identified by their kernel
+    /// credentials) and accepts in the background. Must run inside a tokio
+    /// runtime.
+    pub fn bind(path: &Path) -> std::io::Result<(HandoffServer, mpsc::Receiver<Peer>)> {
+        let socket = rustix::net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+            None,
+        )?;
+        // A socket left by a Baton that died; a live one would have failed
+        // the control socket check first.
+        if std::fs::symlink_metadata(path).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())) {
+            std::fs::remove_file(path)?;
+        }
+        rustix::net::bind(&socket, &rustix::net::SocketAddrUnix::new(path)?)?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+        rustix::net::listen(&socket, 64)?;
+        // SAFETY: `socket` is an OwnedFd moved into the AsyncFd and neither
+        // closed nor replaced while it is registered.
+        let listener =
+            unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE) }.map_err(std::io::Error::from)?;
+        let (tx, rx) = mpsc::channel(PENDING);
+        let accept = tokio::spawn(accept_loop(listener, tx));
+        Ok((HandoffServer { path: path.to_owned(), accept }, rx))
+    }
+
+    /// The socket path, for `$BATON_HANDOFF_SOCKET`.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for HandoffServer {
+    fn drop(&mut self) {
+        self.accept.abort();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+async fn accept_loop(listener: AsyncFd<OwnedFd>, tx: mpsc::Sender<Peer>) {
+    loop {
+        let Ok(mut guard) = listener.readable().await else { return };
+        let accepted = guard.try_io(|l| {
+            rustix::net::accept_with(l.get_ref(), SocketFlags::CLOEXEC | SocketFlags::NONBLOCK)
+                .map_err(std::io::Error::from)
+        });
+        let conn = match accepted {
+            Ok(Ok(conn)) => conn,
+            Err(_would_block) => continue,
+            Ok(Err(_)) => {
+                // EMFILE and friends: back off instead of spinning.
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(cred) = rustix::net::sockopt::socket_peercred(&conn) else { continue };
+        let pid = cred.pid.as_raw_nonzero().get() as u32;
+        // The supervisor drains this quickly; a flood of connections from
+        // one generation must not grow memory, so extra ones are dropped.
+        let _ = tx.try_send(Peer { pid, conn });
+    }
+}
+
+/// Moves `fds` to a generation's handoff connection, in batches of at most
+/// 253, without blocking. On error nothing of the failed batch was sent.
+pub fn push(conn: &OwnedFd, name: &str, fds: &[BorrowedFd<'_>]) -> std::io::Result<()> {
+    for batch in fds.chunks(SCM_MAX_FD) {
+        let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(SCM_MAX_FD))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        control.push(SendAncillaryMessage::ScmRights(batch));
+        let iov = [IoSlice::new(name.as_bytes())];
+        rustix::net::sendmsg(conn.as_fd(), &iov, &mut control, SendFlags::DONTWAIT | SendFlags::NOSIGNAL)?;
+    }
+    Ok(())
+}

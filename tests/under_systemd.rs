@@ -1,0 +1,711 @@
+//! Baton as the stable main process of a real systemd service, on systemd
+//! 252 (the host's) and 257 (Debian trixie): `Type=notify` start and
+//! status, `systemctl reload` as an overlapped restart (through
+//! `ExecReload=baton restart` and, on 257, `Type=notify-reload`), no failed
+//! request under load, Baton's own crash with systemd's fd store holding the
+//! sockets, socket activation of Baton itself, a clean stop, and structured
+//! journal fields.
+//!
+//! The app is the conformance probe (`crates/sd-probe`), which knows only
+//! the systemd protocol. Every claim is checked through systemd's own view
+//! (`systemctl show`, the journal), the probe's report file and real
+//! loopback connections. Each scenario boots its own testbed.
+
+use std::io::Read;
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use baton_testbed::{CmdOutput, Flavor, Testbed, cargo_bin, free_loopback_port, skip_unless_root};
+
+/// Generous: the machine is a noisy 2-core box.
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Where `RuntimeDirectory=baton` puts the control socket of `--name app`.
+const CONTROL: &str = "/run/baton/app.sock";
+
+/// The unit under test is always `app.service`.
+const APP: &str = "app.service";
+
+struct Bed {
+    tb: Testbed,
+    baton: PathBuf,
+    probe: PathBuf,
+    report: PathBuf,
+    port: u16,
+}
+
+/// The parts of `app.service` that vary between scenarios.
+struct Unit<'a> {
+    /// `Type=`.
+    ty: &'a str,
+    /// Whether Baton binds `-l http=127.0.0.1:PORT` itself (else the socket
+    /// comes from `app.socket`).
+    listen: bool,
+    /// Whether to set `ExecReload=baton restart --name app`.
+    exec_reload: bool,
+    /// More `[Service]` lines.
+    extra: &'a str,
+    /// More `baton run` options.
+    baton_args: &'a str,
+    /// More probe options.
+    probe_opts: &'a str,
+}
+
+impl Default for Unit<'_> {
+    fn default() -> Self {
+        Unit { ty: "notify", listen: true, exec_reload: true, extra: "", baton_args: "", probe_opts: "" }
+    }
+}
+
+impl Bed {
+    /// Boots a testbed, or returns `None` when the test may skip (see
+    /// [`skip_unless_root`]).
+    fn boot(flavor: Flavor, test: &str) -> Option<Bed> {
+        if !skip_unless_root(test) {
+            return None;
+        }
+        let probe = cargo_bin("sd-probe", "baton-sd-probe");
+        let tb = Testbed::boot(flavor).unwrap_or_else(|e| panic!("{test}: boot {flavor}: {e}"));
+        let report = tb.scratch().join("report");
+        Some(Bed { tb, baton: PathBuf::from(env!("CARGO_BIN_EXE_baton")), probe, report, port: free_loopback_port() })
+    }
+
+    fn unit(&self, u: &Unit<'_>) -> String {
+        let baton = self.baton.display();
+        let listen = if u.listen { format!(" -l http=127.0.0.1:{}", self.port) } else { String::new() };
+        let reload = if u.exec_reload { format!("ExecReload={baton} restart --name app\n") } else { String::new() };
+        format!(
+            "[Unit]\nStartLimitIntervalSec=0\n[Service]\nType={}\nRuntimeDirectory=baton\nFileDescriptorStoreMax=64\n\
+             {}\nExecStart={baton} run{listen} --name app {} -- {} --serve http --report {} {}\n{reload}",
+            u.ty,
+            u.extra,
+            u.baton_args,
+            self.probe.display(),
+            self.report.display(),
+            u.probe_opts,
+        )
+    }
+
+    fn install(&self, name: &str, contents: &str) {
+        self.tb.install_unit(name, contents).unwrap_or_else(|e| panic!("install {name}: {e}"));
+    }
+
+    fn install_app(&self, u: &Unit<'_>) {
+        self.install(APP, &self.unit(u));
+    }
+
+    fn systemctl(&self, args: &[&str]) -> CmdOutput {
+        self.tb.systemctl(args).unwrap_or_else(|e| panic!("systemctl {args:?}: {e}"))
+    }
+
+    fn ok(&self, args: &[&str]) {
+        self.tb.systemctl_checked(args).unwrap_or_else(|e| panic!("systemctl {args:?}: {e}\n{}", self.report_text()));
+    }
+
+    fn show(&self, prop: &str) -> String {
+        self.tb.show(APP, prop).unwrap_or_else(|e| panic!("show {APP} {prop}: {e}"))
+    }
+
+    fn run(&self, argv: &[&str]) -> CmdOutput {
+        self.tb.run(argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"))
+    }
+
+    fn wait_for(&self, what: &str, mut pred: impl FnMut() -> bool) {
+        self.tb.wait_for(what, WAIT, &mut pred).unwrap_or_else(|e| panic!("{e}\nreport:\n{}", self.report_text()));
+    }
+
+    fn report_text(&self) -> String {
+        std::fs::read_to_string(&self.report).unwrap_or_default()
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.report_text().lines().map(str::to_owned).collect()
+    }
+
+    /// Pids of the probe's starts, in order.
+    fn starts(&self) -> Vec<u32> {
+        self.lines().iter().filter_map(|l| l.strip_prefix("start pid=")?.parse().ok()).collect()
+    }
+
+    /// Waits for the `n`-th start of the probe and returns its pid.
+    fn wait_start(&self, n: usize) -> u32 {
+        self.wait_for(&format!("start #{n} of the probe"), || self.starts().len() >= n);
+        self.starts()[n - 1]
+    }
+
+    /// The lines the probe with `pid` wrote, from its `start` line up to the
+    /// next probe's `start` (other generations' `stopping` lines may be
+    /// mixed in: they share the file).
+    fn block(&self, pid: u32) -> Vec<String> {
+        let lines = self.lines();
+        let start = format!("start pid={pid}");
+        let Some(i) = lines.iter().position(|l| *l == start) else { return Vec::new() };
+        let end = lines[i + 1..].iter().position(|l| l.starts_with("start pid=")).map_or(lines.len(), |e| i + 1 + e);
+        lines[i..end].to_vec()
+    }
+
+    fn journal(&self) -> String {
+        self.tb.journal(Some(APP)).unwrap_or_else(|e| panic!("journal: {e}"))
+    }
+
+    /// `baton status --json`, asked inside the testbed.
+    fn baton_status(&self) -> serde_json::Value {
+        let baton = self.baton.display().to_string();
+        let out = self.run(&[&baton, "status", "--control", CONTROL, "--json"]);
+        assert!(out.success(), "{out}");
+        serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("status JSON: {e}: {}", out.stdout))
+    }
+
+    /// Pids of every running probe in the testbed.
+    fn probe_pids(&self) -> Vec<u32> {
+        let script = "for p in /proc/[0-9]*; do \
+                      [ \"$(cat $p/comm 2>/dev/null)\" = baton-sd-probe ] && echo ${p#/proc/}; done; true";
+        let out = self.run(&["/bin/sh", "-c", script]);
+        out.stdout.lines().filter_map(|l| l.trim().parse().ok()).collect()
+    }
+
+    /// A field of `/proc/PID/status` inside the testbed.
+    fn proc_status(&self, pid: u32, field: &str) -> Option<String> {
+        let out = self.run(&["cat", &format!("/proc/{pid}/status")]);
+        out.stdout.lines().find_map(|l| Some(l.strip_prefix(field)?.strip_prefix(':')?.trim().to_owned()))
+    }
+
+    /// Whether `pid` runs inside the testbed (`/proc`: the trixie root has
+    /// no `/bin/kill`).
+    fn alive(&self, pid: u32) -> bool {
+        self.run(&["test", "-d", &format!("/proc/{pid}")]).success()
+    }
+
+    /// Sends `signal` (e.g. `TERM`) to `pid` inside the testbed.
+    fn signal(&self, pid: &str, signal: &str) {
+        let out = self.run(&["/bin/sh", "-c", &format!("kill -{signal} {pid}")]);
+        assert!(out.success(), "{out}");
+    }
+
+    /// Asserts that `pid` answers on the port (retrying: right after a
+    /// cutover the old generation may still accept the odd connection it
+    /// had already been woken for).
+    fn wait_serving(&self, pid: u32) {
+        let want = format!("http {pid}");
+        let mut last = String::new();
+        let found = self.tb.wait_for(&format!("{want} on port {}", self.port), WAIT, || {
+            last = ask(self.port).unwrap_or_else(|e| e);
+            last == want
+        });
+        found.unwrap_or_else(|e| panic!("{e}\nlast answer: {last}\nreport:\n{}", self.report_text()));
+    }
+
+    /// The report shows the old generation asked to stop only after the
+    /// `ready` of the `nth` start (all `stopping` lines come after it).
+    fn assert_overlapped(&self, nth_ready: usize) {
+        self.wait_for("the old generation stopping", || self.lines().iter().any(|l| l.starts_with("stopping")));
+        let lines = self.lines();
+        let ready = lines
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| *l == "ready")
+            .nth(nth_ready - 1)
+            .map(|(i, _)| i)
+            .unwrap_or_else(|| panic!("no ready #{nth_ready}:\n{}", self.report_text()));
+        let stop = lines.iter().position(|l| l.starts_with("stopping")).unwrap();
+        assert!(ready < stop, "the old generation was stopped before the new one was ready:\n{}", self.report_text());
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("----- probe report -----\n{}----- end of report -----", self.report_text());
+        }
+    }
+}
+
+/// One request to the probe: it answers `http PID` and closes.
+fn ask(port: u16) -> Result<String, String> {
+    let s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
+    read_answer(s)
+}
+
+fn read_answer(mut s: TcpStream) -> Result<String, String> {
+    s.set_read_timeout(Some(WAIT)).map_err(|e| format!("timeout: {e}"))?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).map_err(|e| format!("read: {e}"))?;
+    if out.is_empty() {
+        return Err("closed without an answer".into());
+    }
+    Ok(out.trim().to_owned())
+}
+
+/// Client threads asking the probe in a loop until stopped.
+struct Load {
+    stop: Arc<AtomicBool>,
+    served: Arc<AtomicU64>,
+    failures: Arc<Mutex<Vec<String>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(port: u16, clients: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let served = Arc::new(AtomicU64::new(0));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let threads = (0..clients)
+            .map(|_| {
+                let (stop, served, failures) = (stop.clone(), served.clone(), failures.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        match ask(port) {
+                            Ok(a) if a.starts_with("http ") => {
+                                served.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok(other) => failures.lock().unwrap().push(format!("unexpected answer {other:?}")),
+                            Err(e) => failures.lock().unwrap().push(e),
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load { stop, served, failures, threads }
+    }
+
+    /// Stops the clients; returns (requests served, failures).
+    fn finish(self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        let failures = std::mem::take(&mut *self.failures.lock().unwrap());
+        (self.served.load(Ordering::Relaxed), failures)
+    }
+}
+
+// ---- scenarios -----------------------------------------------------------
+
+/// `systemctl start` waits for the first generation; `MainPID` is Baton;
+/// `systemctl reload` (`ExecReload=baton restart`) is an overlapped restart;
+/// a failing reload fails and leaves the old generation serving.
+fn reload_is_an_overlapped_restart(b: &Bed) {
+    let fail = b.tb.scratch().join("fail");
+    let probe_opts = format!("--ready-delay-ms 1500 --fail-if-exists {}", fail.display());
+    b.install_app(&Unit { probe_opts: &probe_opts, ..Unit::default() });
+    let t0 = Instant::now();
+    b.ok(&["start", APP]);
+    let took = t0.elapsed();
+    // The probe writes `ready` right before READY=1, after 1.5 s.
+    assert!(b.lines().iter().any(|l| l == "ready"), "start returned before READY=1:\n{}", b.report_text());
+    assert!(took >= Duration::from_millis(1500), "start returned after {took:?}, before the probe's delay");
+    assert_eq!(b.show("ActiveState"), "active");
+
+    let main: u32 = b.show("MainPID").parse().unwrap();
+    let pid1 = b.starts()[0];
+    assert_eq!(b.run(&["cat", &format!("/proc/{main}/comm")]).stdout_trimmed(), "baton");
+    assert_eq!(b.proc_status(pid1, "PPid"), Some(main.to_string()), "the probe is Baton's child");
+    assert_eq!(b.baton_status()["pid"], main, "baton status names MainPID");
+    assert_eq!(b.show("StatusText"), format!("generation 1 serving as pid {pid1}"));
+    assert_eq!(ask(b.port).unwrap(), format!("http {pid1}"));
+
+    let t0 = Instant::now();
+    b.ok(&["reload", APP]);
+    let reload_took = t0.elapsed();
+    let pid2 = b.starts()[1];
+    b.wait_serving(pid2);
+    assert_eq!(b.show("MainPID"), main.to_string(), "reload must not replace Baton");
+    assert_eq!(b.show("StatusText"), format!("generation 2 serving as pid {pid2}"));
+    assert_eq!(b.show("ActiveState"), "active");
+    b.assert_overlapped(2);
+    eprintln!("reload_is_an_overlapped_restart: start {took:?}, reload {reload_took:?} (1.5 s ready delay)");
+
+    // A generation that dies before READY=1 fails the reload.
+    std::fs::write(&fail, "").unwrap();
+    let out = b.systemctl(&["reload", APP]);
+    assert!(!out.success(), "a failed restart must fail `systemctl reload`: {out}");
+    assert!(b.lines().iter().any(|l| l == "failing before ready"), "{}", b.report_text());
+    assert_eq!(ask(b.port).unwrap(), format!("http {pid2}"));
+    assert_eq!(b.show("ActiveState"), "active");
+    assert_eq!(b.show("MainPID"), main.to_string());
+    let status = b.show("StatusText");
+    assert!(
+        status.starts_with("generation 3 failed: exited with status 3 before READY=1")
+            && status.ends_with("generation 2 keeps serving"),
+        "{status}"
+    );
+    assert!(b.alive(pid2));
+
+    // And the next reload works again.
+    std::fs::remove_file(&fail).unwrap();
+    b.ok(&["reload", APP]);
+    let pid4 = b.starts()[3];
+    b.wait_serving(pid4);
+    assert_eq!(b.show("StatusText"), format!("generation 4 serving as pid {pid4}"));
+}
+
+/// `Type=notify-reload` (≥ 253): systemd's SIGHUP makes Baton restart, and
+/// its RELOADING=1 + MONOTONIC_USEC, READY=1 complete the reload (without a
+/// valid MONOTONIC_USEC systemd would wait until TimeoutStartSec=).
+fn notify_reload(b: &Bed) {
+    b.install_app(&Unit {
+        ty: "notify-reload",
+        exec_reload: false,
+        extra: "TimeoutStartSec=20s",
+        probe_opts: "--ready-delay-ms 500",
+        ..Unit::default()
+    });
+    b.ok(&["start", APP]);
+    let main = b.show("MainPID");
+    let pid1 = b.starts()[0];
+    assert_eq!(ask(b.port).unwrap(), format!("http {pid1}"));
+
+    let t0 = Instant::now();
+    b.ok(&["reload", APP]);
+    let took = t0.elapsed();
+    let starts = b.starts();
+    assert_eq!(starts.len(), 2, "{}", b.report_text());
+    assert!(b.block(starts[1]).iter().any(|l| l == "ready"), "reload returned before READY=1");
+    b.wait_serving(starts[1]);
+    assert_eq!(b.show("MainPID"), main);
+    assert_eq!(b.show("ActiveState"), "active");
+    assert_eq!(b.show("SubState"), "running");
+    assert_eq!(b.show("ReloadResult"), "success");
+    b.assert_overlapped(2);
+    // 20 s is TimeoutStartSec: a reload systemd did not accept would end there.
+    assert!(took < Duration::from_secs(20), "reload took {took:?}");
+    eprintln!("notify_reload: systemctl reload took {took:?} (0.5 s ready delay)");
+}
+
+/// Continuous loopback load during 5 `systemctl reload`s: nothing fails.
+fn reloads_under_load_lose_nothing(b: &Bed) {
+    b.install_app(&Unit::default());
+    b.ok(&["start", APP]);
+    b.wait_serving(b.starts()[0]);
+    let load = Load::start(b.port, 4);
+    let t0 = Instant::now();
+    for n in 2..=6 {
+        b.ok(&["reload", APP]);
+        let pid = b.wait_start(n);
+        assert_eq!(b.show("StatusText"), format!("generation {n} serving as pid {pid}"));
+    }
+    let took = t0.elapsed();
+    let (served, failures) = load.finish();
+    eprintln!("reloads_under_load: {served} requests served across 5 reloads in {took:?}");
+    assert!(served > 0);
+    assert!(failures.is_empty(), "{} failed requests: {:?}", failures.len(), &failures[..failures.len().min(5)]);
+}
+
+/// Baton SIGKILLed: `Restart=always` starts a new Baton, which takes its
+/// listener back from systemd's fd store (`listen/http`) instead of
+/// binding, and the app's stored fd (`app/state`) reaches its first
+/// generation. The port never refuses a connection meanwhile.
+///
+/// `kill_mode` decides the fate of the running generation when Baton dies:
+/// `control-group` SIGTERMs it (it drains), `mixed` SIGKILLs it, `process`
+/// leaves it running, outside any Baton's care (see the printed
+/// observation: it even survives `systemctl stop`).
+fn baton_crash(b: &Bed, kill_mode: &str) {
+    let extra = format!("Restart=always\nRestartSec=2s\nKillMode={kill_mode}");
+    b.install_app(&Unit { extra: &extra, probe_opts: "--store state=kept-by-systemd", ..Unit::default() });
+    b.ok(&["start", APP]);
+    let main1 = b.show("MainPID");
+    let pid1 = b.starts()[0];
+    assert!(b.block(pid1).iter().any(|l| l == "store-sent name=state"), "{}", b.report_text());
+    if b.tb.systemd_version() >= 254 {
+        // `systemd-analyze fdstore` exists from 254 on.
+        let out = b.run(&["systemd-analyze", "fdstore", APP]);
+        assert!(out.success(), "{out}");
+        assert!(out.stdout.contains("listen/http") && out.stdout.contains("app/state"), "{out}");
+    }
+
+    let load = Load::start(b.port, 2);
+    b.ok(&["kill", "-s", "SIGKILL", "--kill-whom=main", APP]);
+    b.wait_for("app.service in auto-restart", || b.show("SubState") == "auto-restart");
+    // During the gap (RestartSec=2s) no Baton runs; with KillMode=control-group
+    // or mixed no generation either, and the listener lives only in the fd
+    // store. With KillMode=process the first generation keeps serving.
+    let survivors = b.probe_pids();
+    let gap = TcpStream::connect(("127.0.0.1", b.port)).expect("a connect during the gap must not be refused");
+    let gap_substate = b.show("SubState");
+
+    b.wait_for("a new Baton", || b.show("MainPID") != main1 && b.show("ActiveState") == "active");
+    let main2 = b.show("MainPID");
+    assert_eq!(b.show("NRestarts"), "1");
+    let pid2 = *b.starts().last().unwrap();
+    assert_ne!(pid2, pid1, "{}", b.report_text());
+    let block = b.block(pid2);
+    assert!(block.iter().any(|l| l == "fd 3 name=http kind=a listening TCP socket"), "{}", b.report_text());
+    assert!(block.iter().any(|l| l == "stored name=state content=kept-by-systemd"), "{}", b.report_text());
+    assert!(!block.iter().any(|l| l == "store-sent name=state"), "the stored fd was not passed on");
+    let journal = b.journal();
+    assert!(
+        journal.contains(&format!("took back http (tcp 127.0.0.1:{}) from the fd store", b.port)),
+        "the new Baton bound a new socket instead of taking the stored one:\n{journal}"
+    );
+    b.wait_serving(pid2);
+    let gap_answer = read_answer(gap).expect("the connection made during the gap is answered");
+    let (served, failures) = load.finish();
+    // How the first generation ended: a `stopping` line means it got SIGTERM
+    // and drained; none means SIGKILL (or that it still runs).
+    let drained = b.block(pid1).iter().any(|l| l.starts_with("stopping"));
+    if kill_mode != "mixed" {
+        // With `mixed` systemd SIGKILLs the generation (no drain), so a
+        // request it had accepted may be cut: reported, not asserted.
+        assert!(failures.is_empty(), "{} failed requests: {:?}", failures.len(), &failures[..failures.len().min(5)]);
+    }
+    if kill_mode == "control-group" {
+        assert!(drained, "KillMode=control-group: the generation got SIGTERM and drains:\n{}", b.report_text());
+    }
+    if kill_mode != "process" {
+        // Nothing runs during the gap: the listener lives only in the store.
+        assert!(survivors.is_empty(), "KillMode={kill_mode} left {survivors:?} running");
+        assert_eq!(gap_substate, "auto-restart", "the connect was not made during the gap");
+        assert_eq!(gap_answer, format!("http {pid2}"), "only the new generation can answer it");
+    }
+    if b.tb.systemd_version() >= 254 {
+        let out = b.run(&["systemd-analyze", "fdstore", APP]);
+        // Still exactly one of each: the new Baton did not store them again.
+        assert_eq!(out.stdout.matches("listen/http").count(), 1, "{out}");
+        assert_eq!(out.stdout.matches("app/state").count(), 1, "{out}");
+    }
+
+    // What became of the first generation, and of it after a stop.
+    let orphan_alive = b.alive(pid1);
+    let left_over = journal.contains("left-over process");
+    b.ok(&["stop", APP]);
+    let after_stop = b.probe_pids();
+    eprintln!(
+        "baton_crash KillMode={kill_mode} (systemd {}): baton {main1} -> {main2}; generation pid {pid1} -> {pid2}; \
+         probes during the gap {survivors:?} (substate {gap_substate}); gap connection answered {gap_answer:?}; \
+         {served} requests served, {} failed; first generation drained: {drained}, alive after the restart: {orphan_alive}; \
+         systemd logged a left-over process: {left_over}; probes still running after `systemctl stop`: {after_stop:?}",
+        b.tb.systemd_version(),
+        failures.len()
+    );
+}
+
+fn baton_crash_killmode_process(b: &Bed) {
+    baton_crash(b, "process");
+}
+
+fn baton_crash_killmode_control_group(b: &Bed) {
+    baton_crash(b, "control-group");
+}
+
+fn baton_crash_killmode_mixed(b: &Bed) {
+    baton_crash(b, "mixed");
+}
+
+/// Baton itself socket-activated by `app.socket`: the first connection
+/// starts it, the socket reaches the app under its `FileDescriptorName=`,
+/// and reloads keep it (and Baton does not copy it into the fd store).
+fn socket_activated(b: &Bed) {
+    b.install(
+        "app.socket",
+        &format!("[Socket]\nListenStream=127.0.0.1:{}\nFileDescriptorName=http\nService={APP}\n", b.port),
+    );
+    b.install_app(&Unit { listen: false, ..Unit::default() });
+    b.ok(&["start", "app.socket"]);
+    assert_eq!(b.show("ActiveState"), "inactive");
+    // This connection triggers the start and is answered by the first
+    // generation.
+    let first = ask(b.port).expect("the activating connection is served");
+    let pid1 = b.starts()[0];
+    assert_eq!(first, format!("http {pid1}"));
+    assert_eq!(b.show("ActiveState"), "active");
+    let main = b.show("MainPID");
+    assert_eq!(b.proc_status(pid1, "PPid"), Some(main.clone()));
+    assert!(b.block(pid1).iter().any(|l| l == "fd 3 name=http kind=a listening TCP socket"), "{}", b.report_text());
+    let status = b.baton_status();
+    assert_eq!(status["sockets"][0]["name"], "http", "{status}");
+    assert_eq!(status["sockets"][0]["local"], format!("tcp 127.0.0.1:{}", b.port), "{status}");
+
+    for n in 2..=3 {
+        b.ok(&["reload", APP]);
+        let pid = b.starts()[n - 1];
+        b.wait_serving(pid);
+        assert!(b.block(pid).iter().any(|l| l == "fd 3 name=http kind=a listening TCP socket"), "{}", b.report_text());
+    }
+    assert_eq!(b.show("MainPID"), main);
+    assert_eq!(b.tb.show("app.socket", "SubState").unwrap(), "running");
+    if b.tb.systemd_version() >= 254 {
+        let out = b.run(&["systemd-analyze", "fdstore", APP]);
+        assert!(!out.stdout.contains("http"), "the socket unit's fd must not be duplicated into the store: {out}");
+    }
+}
+
+/// `systemctl stop`: Baton stops the generation (which drains and reports
+/// `stopping`), the unit ends inactive with `Result=success`, no probe is
+/// left and the control socket is gone. Then a stop Baton initiates itself
+/// (`baton stop`) shows its STOPPING=1 reaching systemd: the unit is
+/// `deactivating` while Baton still waits for a generation.
+fn stop(b: &Bed) {
+    let hang = b.tb.scratch().join("hang");
+    let probe_opts = format!("--hang-if-exists {}", hang.display());
+    b.install_app(&Unit { baton_args: "--stop-timeout 5s", probe_opts: &probe_opts, ..Unit::default() });
+    b.ok(&["start", APP]);
+    let pid1 = b.starts()[0];
+    assert!(b.run(&["test", "-S", CONTROL]).success(), "no control socket at {CONTROL}");
+    b.ok(&["stop", APP]);
+    assert_eq!(b.show("ActiveState"), "inactive");
+    assert_eq!(b.show("Result"), "success");
+    let block = b.block(pid1);
+    assert!(
+        block.iter().any(|l| l.starts_with("stopping signal=Terminate notified=true drained=true")),
+        "{}",
+        b.report_text()
+    );
+    assert_eq!(b.probe_pids(), Vec::<u32>::new());
+    assert!(!b.run(&["test", "-e", CONTROL]).success(), "the control socket outlived the service");
+    assert!(!b.run(&["test", "-e", "/run/baton/app.notify"]).success(), "the notify socket outlived the service");
+    assert!(b.journal().contains("stopping all generations"));
+
+    // Baton stopping on its own (SIGTERM straight to it, not through
+    // systemctl): its STOPPING=1 turns the running unit into
+    // `deactivating` while it still waits for the generation, which ignores
+    // the stop signal (SIGWINCH) until Baton's 5 s deadline.
+    b.install_app(&Unit { baton_args: "--stop-signal SIGWINCH --stop-timeout 5s", ..Unit::default() });
+    b.ok(&["start", APP]);
+    let main = b.show("MainPID");
+    b.signal(&main, "TERM");
+    let mut seen = String::new();
+    b.wait_for("app.service deactivating by STOPPING=1", || {
+        seen = format!("{}/{}", b.show("ActiveState"), b.show("SubState"));
+        seen.starts_with("deactivating/")
+    });
+    assert_eq!(b.show("MainPID"), main, "systemd must still see Baton running while it stops");
+    assert_eq!(b.show("StatusText"), "stopping");
+    b.wait_for("app.service inactive", || b.show("ActiveState") == "inactive");
+    assert_eq!(b.show("Result"), "success");
+    assert_eq!(b.probe_pids(), Vec::<u32>::new());
+    assert!(b.journal().contains("still running at the stop deadline; SIGKILL"));
+
+    // Observation only: the same stop while a restart is in flight (Baton
+    // sent RELOADING=1 and generation 2 hangs before READY=1); SIGWINCH
+    // again keeps both generations, so Baton, running for 5 s.
+    b.install_app(&Unit {
+        baton_args: "--stop-signal SIGWINCH --stop-timeout 5s",
+        probe_opts: &probe_opts,
+        ..Unit::default()
+    });
+    b.ok(&["start", APP]);
+    let main = b.show("MainPID");
+    std::fs::write(&hang, "").unwrap();
+    let before = b.lines().iter().filter(|l| *l == "hanging before ready").count();
+    let baton = b.baton.display().to_string();
+    let out = b.run(&[&baton, "restart", "--no-block", "--control", CONTROL]);
+    assert!(out.success(), "{out}");
+    b.wait_for("generation 2 hanging", || b.lines().iter().filter(|l| *l == "hanging before ready").count() > before);
+    let reloading = format!("{}/{}", b.show("ActiveState"), b.show("SubState"));
+    b.signal(&main, "TERM");
+    std::thread::sleep(Duration::from_secs(1));
+    let stopping = format!("{}/{}", b.show("ActiveState"), b.show("SubState"));
+    b.wait_for("app.service inactive", || b.show("ActiveState") == "inactive");
+    assert_eq!(b.probe_pids(), Vec::<u32>::new());
+    eprintln!(
+        "stop (systemd {}): self-initiated stop showed {seen}; during a restart: {reloading}, \
+         1 s after SIGTERM {stopping}, then inactive with Result={}",
+        b.tb.systemd_version(),
+        b.show("Result")
+    );
+}
+
+/// With stderr on the journal, Baton logs through tracing-journald: its
+/// fields arrive as `F_EVENT`, `F_GENERATION`, `F_PID` (uppercased, with
+/// tracing-journald's default `F_` prefix) next to `MESSAGE`.
+fn journal_fields(b: &Bed) {
+    b.install_app(&Unit::default());
+    b.ok(&["start", APP]);
+    b.ok(&["reload", APP]);
+    let (pid1, pid2) = (b.starts()[0], b.starts()[1]);
+    let main = b.show("MainPID");
+    let _ = b.tb.run(&["journalctl", "--sync"]);
+    let out = b.run(&["journalctl", "--no-pager", "-b", "-u", APP, "-o", "json"]);
+    assert!(out.success(), "{out}");
+    let entries: Vec<serde_json::Value> = out.stdout.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let field = |e: &serde_json::Value, k: &str| e.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+    let find = |event: &str, generation: u32| {
+        entries
+            .iter()
+            .find(|e| {
+                field(e, "F_EVENT").as_deref() == Some(event)
+                    && field(e, "F_GENERATION") == Some(generation.to_string())
+            })
+            .unwrap_or_else(|| panic!("no F_EVENT={event} F_GENERATION={generation} entry in:\n{}", out.stdout))
+    };
+    for (event, generation, pid) in [("spawned", 1, pid1), ("ready", 1, pid1), ("spawned", 2, pid2), ("ready", 2, pid2)]
+    {
+        let e = find(event, generation);
+        assert_eq!(field(e, "F_PID"), Some(pid.to_string()), "{e}");
+        assert_eq!(field(e, "SYSLOG_IDENTIFIER").as_deref(), Some("baton"), "{e}");
+        assert_eq!(field(e, "_PID"), Some(main.clone()), "logged by Baton itself: {e}");
+        // tracing-journald maps INFO to 5 (notice), not 6.
+        assert_eq!(field(e, "PRIORITY").as_deref(), Some("5"), "info: {e}");
+        assert!(field(e, "MESSAGE").is_some_and(|m| m.starts_with(&format!("generation {generation} "))), "{e}");
+    }
+    let draining = find("draining", 1);
+    assert_eq!(field(draining, "F_PID"), Some(pid1.to_string()), "{draining}");
+    let listening = entries
+        .iter()
+        .find(|e| field(e, "F_EVENT").as_deref() == Some("listening"))
+        .unwrap_or_else(|| panic!("no listening event:\n{}", out.stdout));
+    assert_eq!(field(listening, "F_NAME").as_deref(), Some("http"), "{listening}");
+}
+
+/// A generation slower than `TimeoutStartSec=`: Baton's EXTEND_TIMEOUT_USEC
+/// keeps both the start and a reload alive.
+fn slow_generation_extends_the_timeout(b: &Bed) {
+    b.install_app(&Unit { extra: "TimeoutStartSec=2s", probe_opts: "--ready-delay-ms 4000", ..Unit::default() });
+    let t0 = Instant::now();
+    b.ok(&["start", APP]);
+    assert!(t0.elapsed() >= Duration::from_secs(4));
+    assert_eq!(b.show("ActiveState"), "active");
+    b.ok(&["reload", APP]);
+    let pid2 = b.starts()[1];
+    b.wait_serving(pid2);
+    assert_eq!(b.show("NRestarts"), "0");
+}
+
+// ---- test generation -----------------------------------------------------
+
+fn run_scenario(flavor: Flavor, version: u32, name: &str, scenario: fn(&Bed)) {
+    let Some(b) = Bed::boot(flavor, name) else { return };
+    assert_eq!(b.tb.systemd_version(), version);
+    let t0 = Instant::now();
+    scenario(&b);
+    eprintln!("{name}: scenario {:?} (boot {:?})", t0.elapsed(), b.tb.boot_duration());
+}
+
+macro_rules! on_both {
+    ($($scenario:ident),* $(,)?) => {
+        mod systemd_252 {
+            $(#[test] fn $scenario() {
+                super::run_scenario(baton_testbed::Flavor::Host, 252,
+                    concat!("systemd_252::", stringify!($scenario)), super::$scenario);
+            })*
+        }
+        mod systemd_257 {
+            $(#[test] fn $scenario() {
+                super::run_scenario(baton_testbed::Flavor::Trixie, 257,
+                    concat!("systemd_257::", stringify!($scenario)), super::$scenario);
+            })*
+        }
+    };
+}
+
+on_both!(
+    reload_is_an_overlapped_restart,
+    reloads_under_load_lose_nothing,
+    baton_crash_killmode_process,
+    baton_crash_killmode_control_group,
+    baton_crash_killmode_mixed,
+    socket_activated,
+    stop,
+    journal_fields,
+    slow_generation_extends_the_timeout,
+);
+
+/// `Type=notify-reload` exists only from systemd 253 on.
+#[test]
+fn systemd_257_notify_reload() {
+    run_scenario(Flavor::Trixie, 257, "systemd_257_notify_reload", notify_reload);
+}
