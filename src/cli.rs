@@ -4,6 +4,9 @@
 //! Exit codes: 0 success; 1 the operation failed (a restart that did not
 //! take, a crash loop); 2 bad usage; 3 no baton is running at the control
 //! socket; 4 the control conversation failed.
+// Field docs double as clap's --help text, where brackets such as
+// `[::]:443` and `[NAME=]ADDR` are literal, not intra-doc links.
+#![allow(rustdoc::broken_intra_doc_links)]
 
 use std::ffi::OsString;
 use std::path::PathBuf;

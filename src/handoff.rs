@@ -107,14 +107,18 @@ async fn accept_loop(listener: AsyncFd<OwnedFd>, tx: mpsc::Sender<Peer>) {
 }
 
 /// Moves `fds` to a generation's handoff connection, in batches of at most
-/// 253, without blocking. On error nothing of the failed batch was sent.
-pub fn push(conn: &OwnedFd, name: &str, fds: &[BorrowedFd<'_>]) -> std::io::Result<()> {
+/// 253, without blocking. On error, returns how many fds were sent before
+/// it (whole batches: a failed batch was not sent at all) with the error.
+pub fn push(conn: &OwnedFd, name: &str, fds: &[BorrowedFd<'_>]) -> Result<(), (usize, std::io::Error)> {
+    let mut sent = 0;
     for batch in fds.chunks(SCM_MAX_FD) {
         let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(SCM_MAX_FD))];
         let mut control = SendAncillaryBuffer::new(&mut space);
         control.push(SendAncillaryMessage::ScmRights(batch));
         let iov = [IoSlice::new(name.as_bytes())];
-        rustix::net::sendmsg(conn.as_fd(), &iov, &mut control, SendFlags::DONTWAIT | SendFlags::NOSIGNAL)?;
+        rustix::net::sendmsg(conn.as_fd(), &iov, &mut control, SendFlags::DONTWAIT | SendFlags::NOSIGNAL)
+            .map_err(|e| (sent, e.into()))?;
+        sent += batch.len();
     }
     Ok(())
 }

@@ -228,6 +228,22 @@ impl FdStore {
         before - self.entries.len()
     }
 
+    /// Removes (and closes) the entries holding these fd numbers; returns
+    /// how many.
+    pub fn remove_raw(&mut self, raws: &[std::os::fd::RawFd]) -> usize {
+        let before = self.entries.len();
+        let mut kept = Vec::with_capacity(before);
+        for entry in std::mem::take(&mut self.entries) {
+            if raws.contains(&std::os::fd::AsRawFd::as_raw_fd(&entry.fd)) {
+                self.close(entry);
+            } else {
+                kept.push(entry);
+            }
+        }
+        self.entries = kept;
+        before - self.entries.len()
+    }
+
     /// The entries in insertion order, for passing to the next generation.
     pub fn entries(&self) -> impl Iterator<Item = (&str, BorrowedFd<'_>)> {
         self.entries.iter().map(|e| (e.name.as_str(), e.fd.as_fd()))

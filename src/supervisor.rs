@@ -34,6 +34,9 @@ use crate::reaper::{self, Reaper};
 use crate::spawn::{AppCommand, Child, GenerationSetup};
 use crate::store::FdStore;
 
+/// How soon to retry moving connections when the handoff socket was full.
+const FLUSH_RETRY: Duration = Duration::from_millis(50);
+
 /// Who may send notifications (`NotifyAccess=`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum NotifyAccess {
@@ -148,6 +151,8 @@ struct Generation {
     health: Option<Child>,
     /// Its `$BATON_HANDOFF_SOCKET` connection, once it connected.
     handoff: Option<OwnedFd>,
+    /// The store's fds it got in `LISTEN_FDS`: never pushed to it again.
+    passed: Vec<std::os::fd::RawFd>,
 }
 
 impl Generation {
@@ -162,6 +167,12 @@ impl Generation {
 
     fn pgid(&self) -> u32 {
         self.child.pid
+    }
+
+    /// SIGKILL to the whole generation; it stays listed until reaped.
+    fn force_kill(&mut self) {
+        let _ = self.child.signal_group(Signal::KILL);
+        self.state = State::Draining { kill_at: Instant::now(), killed: true };
     }
 }
 
@@ -214,6 +225,8 @@ pub struct Supervisor {
     pending_exit: Option<PendingExit>,
     output_closed: Arc<tokio::sync::Notify>,
     handoff: Option<(crate::handoff::HandoffServer, mpsc::Receiver<crate::handoff::Peer>)>,
+    /// When to try again to move stored connections to the active generation.
+    flush_retry: Option<Instant>,
 }
 
 struct PendingExit {
@@ -264,6 +277,7 @@ impl Supervisor {
             pending_exit: None,
             output_closed: Arc::new(tokio::sync::Notify::new()),
             handoff: None,
+            flush_retry: None,
         })
     }
 
@@ -318,6 +332,9 @@ impl Supervisor {
         }
         if let Some(p) = &self.pending_exit {
             next = next.min(p.deadline);
+        }
+        if let Some(at) = self.flush_retry {
+            next = next.min(at);
         }
         for g in &self.generations {
             match g.state {
@@ -446,6 +463,8 @@ impl Supervisor {
             .map(|s| (s.fd.as_fd(), s.name.as_str()))
             .chain(self.store.entries().map(|(name, fd)| (fd, name)))
             .collect();
+        let passed: Vec<std::os::fd::RawFd> =
+            self.store.entries().map(|(_, fd)| std::os::fd::AsRawFd::as_raw_fd(&fd)).collect();
         let mut extra = vec![("BATON_GENERATION", number.to_string())];
         if let Some((server, _)) = &self.handoff {
             extra.push((baton_sd::handoff::HANDOFF_SOCKET_ENV, server.path().display().to_string()));
@@ -478,6 +497,7 @@ impl Supervisor {
             output,
             health: None,
             handoff: None,
+            passed,
         })
     }
 
@@ -518,6 +538,7 @@ impl Supervisor {
             replaced,
         };
         self.enforce_draining_limit();
+        self.flush_connections();
         self.finish_restart(Ok(done));
     }
 
@@ -535,8 +556,7 @@ impl Supervisor {
                 "too many draining generations; killing {}",
                 g.number
             );
-            let _ = g.child.signal_group(Signal::KILL);
-            g.state = State::Draining { kill_at: Instant::now(), killed: true };
+            g.force_kill();
         }
     }
 
@@ -664,6 +684,10 @@ impl Supervisor {
         if self.pending_exit.as_ref().is_some_and(|p| p.deadline <= now) {
             self.report_pending_exit(true);
         }
+        if self.flush_retry.is_some_and(|at| at <= now) {
+            self.flush_retry = None;
+            self.flush_connections();
+        }
         if self.scheduled.is_some_and(|at| at <= now) {
             self.scheduled = None;
             if self.restart.is_none() && self.stopping.is_none() {
@@ -691,8 +715,7 @@ impl Supervisor {
                         "generation {} still running at the stop deadline; SIGKILL",
                         g.number
                     );
-                    let _ = g.child.signal_group(Signal::KILL);
-                    g.state = State::Draining { kill_at, killed: true };
+                    g.force_kill();
                 }
                 State::Active if g.watchdog.is_some_and(|w| g.last_ping + w <= now) => watchdog.push(g.number),
                 _ => {}
@@ -968,21 +991,75 @@ impl Supervisor {
                 );
                 None
             }
-            Err(e) => {
+            Err((sent, e)) => {
                 tracing::warn!(
-                    event = "handoff-failed",
+                    event = "handoff-deferred",
                     generation = active.number,
-                    "cannot move connections to generation {}: {e}; keeping them in the store",
+                    "cannot move connections to generation {} now: {e}; storing them and retrying",
                     active.number
                 );
-                Some(fds)
+                // Those sent are the receiver's now; the rest wait in the
+                // store and are moved by `flush_connections` shortly.
+                self.flush_retry = Some(Instant::now() + FLUSH_RETRY);
+                Some(fds.into_iter().skip(sent).collect())
+            }
+        }
+    }
+
+    /// Moves stored connections the active generation has not seen yet to
+    /// it (after a full handoff socket, or when it connected late); retries
+    /// on a timer while the socket is full.
+    fn flush_connections(&mut self) {
+        let Some(active) = self.generations.iter().find(|g| g.state == State::Active) else { return };
+        let Some(conn) = &active.handoff else { return };
+        let pending: Vec<(std::os::fd::RawFd, BorrowedFd<'_>)> = self
+            .store
+            .entries()
+            .filter(|(name, fd)| {
+                baton_sd::StoredName::parse(name) == baton_sd::StoredName::Connection
+                    && !active.passed.contains(&std::os::fd::AsRawFd::as_raw_fd(fd))
+            })
+            .map(|(_, fd)| (std::os::fd::AsRawFd::as_raw_fd(&fd), fd))
+            .collect();
+        if pending.is_empty() {
+            return;
+        }
+        let fds: Vec<BorrowedFd<'_>> = pending.iter().map(|(_, fd)| *fd).collect();
+        let (sent, failed) = match crate::handoff::push(conn, baton_sd::fdstore::CONNECTION, &fds) {
+            Ok(()) => (fds.len(), None),
+            Err((sent, e)) => (sent, Some(e)),
+        };
+        let moved: Vec<std::os::fd::RawFd> = pending[..sent].iter().map(|(raw, _)| *raw).collect();
+        let number = active.number;
+        if let Some(e) = failed {
+            tracing::debug!(event = "handoff-deferred", generation = number, "{e}; retrying");
+            self.flush_retry = Some(Instant::now() + FLUSH_RETRY);
+        }
+        if !moved.is_empty() {
+            tracing::info!(
+                event = "handoff",
+                generation = number,
+                count = moved.len(),
+                "moved {} stored connection(s) to generation {number}",
+                moved.len()
+            );
+            self.store.remove_raw(&moved);
+            // They were also kept in systemd's store for a crash of ours;
+            // once none is left here, drop them there too.
+            if !self.store.entries().any(|(n, _)| baton_sd::StoredName::parse(n) == baton_sd::StoredName::Connection) {
+                let upstream_name = format!("app/{}", baton_sd::fdstore::CONNECTION);
+                self.upstream_notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(&upstream_name)]);
             }
         }
     }
 
     fn on_handoff_peer(&mut self, peer: crate::handoff::Peer) {
         match self.generations.iter_mut().find(|g| g.main_pid == peer.pid || g.child.pid == peer.pid) {
-            Some(g) => g.handoff = Some(peer.conn),
+            Some(g) => {
+                g.handoff = Some(peer.conn);
+                // It may have become active (READY=1) before we saw it connect.
+                self.flush_connections();
+            }
             None => tracing::warn!(
                 event = "handoff-refused",
                 sender = peer.pid,

@@ -30,6 +30,9 @@
 //!
 //! [`generate`] is pure (text in, text out); [`run`] resolves the target
 //! systemd version and writes the files.
+// Field docs double as clap's --help text, where brackets such as
+// `[::]:443` and `[NAME=]ADDR` are literal, not intra-doc links.
+#![allow(rustdoc::broken_intra_doc_links)]
 
 use std::ffi::OsString;
 use std::fmt::Write as _;

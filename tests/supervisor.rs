@@ -424,3 +424,31 @@ fn connections_stored_by_the_old_generation_reach_the_running_one() {
     assert!(text.contains("received name=conn count=5"), "{text}");
     assert_eq!(b.status().fdstore, 0, "moved connections must not stay in the store");
 }
+
+#[test]
+fn connections_wait_in_the_store_for_a_late_receiver() {
+    let dir = scratch("late-gate");
+    let gate = dir.join("gate");
+    let b = Baton::start("late", &[], &["--hold", "--handoff-gate", gate.to_str().unwrap()]);
+    // Generation 1's own receiver is gated too; it never matters for it.
+    let clients: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(("127.0.0.1", b.port)).unwrap()).collect();
+    poll_until("generation 1 holding 3 connections", WAIT, || {
+        (b.report_text().lines().filter(|l| *l == "held").count() == 3).then_some(())
+    })
+    .unwrap();
+    ok(&b.cli(&["restart"]));
+    let pid2 = b.active_pid();
+    // Generation 1 hands them over while generation 2 has no receiver yet:
+    // they must wait in Baton's store, not be lost or given to nobody.
+    poll_until("generation 1 handed over", WAIT, || b.report_text().contains("handed-over 3").then_some(())).unwrap();
+    poll_until("the connections stored", WAIT, || (b.status().fdstore == 3).then_some(())).unwrap();
+    std::fs::write(&gate, "").unwrap();
+    for mut c in clients {
+        c.set_read_timeout(Some(WAIT)).unwrap();
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).unwrap();
+        assert_eq!(answer.trim(), format!("http {pid2}"));
+    }
+    poll_until("the store emptied", WAIT, || (b.status().fdstore == 0).then_some(())).unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -26,6 +26,7 @@
 //! | `--watchdog` | ping the watchdog when `WATCHDOG_USEC` asks for it |
 //! | `--reload` | on SIGHUP: `RELOADING=1` + `MONOTONIC_USEC`, report `reloaded`, `READY=1` |
 //! | `--hold` | keep accepted connections unanswered; on SIGTERM hand them over (`FDSTORE=1`, `FDNAME=conn`); adopt handed-over ones (LISTEN_FDS or `$BATON_HANDOFF_SOCKET`) and answer `http PID` on them |
+//! | `--handoff-gate FILE` | with `--hold`: connect to `$BATON_HANDOFF_SOCKET` only once FILE exists (tests a receiver that connects late) |
 //! | `--fail-if-exists FILE` | exit 3 before `READY=1` while FILE exists (fault tests) |
 //! | `--hang-if-exists FILE` | never send `READY=1` while FILE exists (fault tests) |
 //! | `--reply-delay-ms N` | wait N ms before answering each connection (a slow request, in flight when a signal comes) |
@@ -65,6 +66,7 @@ struct Options {
     hang_if_exists: Option<String>,
     reply_delay: Duration,
     hold: bool,
+    handoff_gate: Option<String>,
     ignore_sigterm: bool,
     stop_on_usr1: bool,
     abuse: bool,
@@ -97,6 +99,7 @@ fn parse_args() -> Result<Options, String> {
             "--hang-if-exists" => o.hang_if_exists = Some(value()?),
             "--reply-delay-ms" => o.reply_delay = ms(value()?)?,
             "--hold" => o.hold = true,
+            "--handoff-gate" => o.handoff_gate = Some(value()?),
             "--ignore-sigterm" => o.ignore_sigterm = true,
             "--stop-on-usr1" => o.stop_on_usr1 = true,
             "--abuse" => o.abuse = true,
@@ -266,10 +269,16 @@ async fn run(opts: Options, mut fds: ListenFds, mut report: Report) -> i32 {
                 let _ = n.remove_fds(baton_sd::fdstore::CONNECTION);
             }
         }
-        match baton_sd::handoff::HandoffReceiver::connect_from_env() {
-            Ok(Some(mut receiver)) => {
-                let report_path = opts.report.clone();
-                tokio::spawn(async move {
+        let gate = opts.handoff_gate.clone();
+        let report_path = opts.report.clone();
+        tokio::spawn(async move {
+            if let Some(gate) = gate {
+                while !std::path::Path::new(&gate).exists() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            match baton_sd::handoff::HandoffReceiver::connect_from_env() {
+                Ok(Some(mut receiver)) => {
                     while let Ok(Some(handoff)) = receiver.recv().await {
                         let count = handoff.fds.len();
                         for fd in handoff.fds {
@@ -280,11 +289,11 @@ async fn run(opts: Options, mut fds: ListenFds, mut report: Report) -> i32 {
                             &format!("received name={} count={count}", handoff.name),
                         );
                     }
-                });
+                }
+                Ok(None) => {}
+                Err(e) => Report::append(report_path.as_deref(), &format!("error handoff: {e}")),
             }
-            Ok(None) => {}
-            Err(e) => report.line(format!("error handoff: {e}")),
-        }
+        });
     }
     for name in &opts.serve {
         match fds.take_tokio_tcp_listener(name.as_str()) {
