@@ -303,6 +303,12 @@ fn run(args: RunArgs) -> ExitCode {
         println!("baton: {} {}", s.name, s.local);
     }
     let control_path = args.control.clone().unwrap_or_else(|| control::default_path(&name));
+    if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        // For the person who just started it by hand: how to drive it.
+        let target = format!("--control {}", control_path.display());
+        println!("baton: restart with `baton restart {target}` (waits for the new generation's READY=1),");
+        println!("baton: watch with `baton status {target}`; stop with Ctrl-C or `baton stop {target}`");
+    }
     let access = match args.notify_access {
         Access::Main => NotifyAccess::Main,
         Access::Exec => NotifyAccess::Exec,
