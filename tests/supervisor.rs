@@ -19,14 +19,7 @@ use baton_testbed::{cargo_bin, poll_until};
 const WAIT: Duration = Duration::from_secs(30);
 
 fn scratch(test: &str) -> PathBuf {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "baton-sup-{}-{}-{test}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    baton_testbed::unique_temp_dir("baton-sup", test)
 }
 
 struct Baton {

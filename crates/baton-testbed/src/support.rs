@@ -63,6 +63,19 @@ fn missing_prerequisite() -> Option<String> {
     None
 }
 
+/// A new, empty directory under the system temp dir, unique within this
+/// machine (`PREFIX-PID-N-NAME`), for one test's sockets and files.
+///
+/// # Panics
+/// If the directory cannot be created - a test helper: the test cannot run.
+pub fn unique_temp_dir(prefix: &str, name: &str) -> std::path::PathBuf {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("{prefix}-{}-{n}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+    dir
+}
+
 /// A TCP port that is currently free on 127.0.0.1.
 ///
 /// Found by binding port 0 and releasing it, so another process may grab it
