@@ -55,6 +55,7 @@ mod cargo;
 mod cgroup;
 mod cmd;
 mod error;
+pub mod load;
 pub mod mounts;
 mod rootfs;
 mod support;
