@@ -29,9 +29,12 @@
 //!   graceful end, not counted. Fresh connections closed before answering
 //!   are only failures.
 //! - Latency is in microseconds from [`Sample::at`]: with a [`LoadConfig::rate`]
-//!   (or [`Mode::Idle`]) that is the *scheduled* send time, so a stall of the
+//!   (or [`Mode::Idle`]) that is the *scheduled* send time when the worker
+//!   was still busy with its previous request at that time, so a stall of the
 //!   server shows up in latency instead of silently lowering the send rate
-//!   (coordinated omission). A worker that falls behind sends at once,
+//!   (coordinated omission); a worker idle at its slot is measured from the
+//!   actual send, so the timer's own lateness (up to a millisecond) is not
+//!   charged to the server. A worker that falls behind sends at once,
 //!   measured from its missed slot, then resumes its schedule from now: no
 //!   unbounded catch-up bursts. Without a rate (closed loop) `at` is the
 //!   actual send time.
@@ -269,7 +272,8 @@ pub enum Outcome {
 /// One request's record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sample {
-    /// Scheduled send time (paced), or actual send time (closed loop).
+    /// Scheduled send time if the worker was late for it (paced), else the
+    /// actual send time.
     pub at: Instant,
     /// Microseconds from `at` to the response (or the failure).
     pub latency_us: u64,

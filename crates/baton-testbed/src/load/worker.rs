@@ -69,6 +69,7 @@ pub(super) async fn run(plan: Arc<Plan>, shared: Arc<Shared>, index: u32) {
         //    connection, so a close by the server is seen when it happens.
         let at = match (next_slot, plan.interval) {
             (Some(slot), Some(interval)) => {
+                let free_at = Instant::now();
                 wait_until(slot, &mut conn, &shared).await;
                 let now = Instant::now();
                 // Late (the previous request overran its slot): send now,
@@ -76,7 +77,11 @@ pub(super) async fn run(plan: Arc<Plan>, shared: Arc<Shared>, index: u32) {
                 // latency, but schedule the next one from now instead of
                 // bursting to catch up.
                 next_slot = Some(slot.max(now) + interval);
-                slot
+                // On time (the worker was idle at its slot): measured from
+                // the actual send, because the timer wakes up to a
+                // millisecond late and that is the generator's delay, not
+                // the server's.
+                if free_at > slot { slot } else { now }
             }
             _ => Instant::now(),
         };

@@ -1,0 +1,385 @@
+//! Restarting baton-httpd under constant load, five ways, side by side
+//! (issue 6): how many requests fail, how many connections the server
+//! closes, and what happens to latency while a restart is under way.
+//!
+//! ```sh
+//! sudo cargo bench --bench restarts                          # needs root
+//! BATON_BENCH_PUBLISH=1 cargo bench --bench restarts         # also writes docs/bench/
+//! ```
+//!
+//! The setups, all with the real reference server `baton-httpd`, 1–4 in a
+//! real systemd booted by `baton_testbed` (the host's, 252 on Debian 12):
+//!
+//! 1. **naive**: the app binds its own port, `Type=simple`,
+//!    `systemctl restart`: today's common setup;
+//! 2. **socket activation**: `.socket` + `Type=notify` service,
+//!    `--handoff=false`, `systemctl restart` (stop, then start);
+//! 3. **fd-store handoff**: the same, with `FileDescriptorStoreMax=` and
+//!    baton-httpd handing its idle connections over through the fd store;
+//! 4. **Baton under systemd**: the supervised units of `baton units`,
+//!    `systemctl reload` (an overlapped restart);
+//! 5. **Baton standalone**: `baton run` on the host, `baton restart`.
+//!
+//! Units 2–4 are written by `baton units` (hardening included), with a
+//! drop-in setting `StartLimitIntervalSec=0` so that back-to-back restarts
+//! never hit the start limit (and, for 2, `FileDescriptorStoreMax=0`).
+//!
+//! For each setup: a fresh deployment on its own loopback port, two
+//! concurrent paced loads from `baton_testbed::load` (keep-alive on a few
+//! connections, and one new connection per request), a warm-up, a stretch of
+//! steady state, then `BATON_BENCH_RESTARTS` (default 50) restarts. Each
+//! restart records when its command was issued; the new generation's first
+//! response is the earliest successful load sample carrying its
+//! `baton-generation` header (setups 1–3 get a distinct `BATON_GENERATION`
+//! per start through `systemctl set-environment`: without Baton and without
+//! a counter in the fd store each start would be generation 1). After the
+//! new generation served, the benchmark waits a fixed settle time before
+//! the next restart.
+//!
+//! A request is in a **restart window** when it was in flight between a
+//! restart command and 100 ms after the new generation's first response;
+//! every other request after warm-up is **steady state**. Latency figures
+//! are of successful requests, measured by the open-loop load from each
+//! request's scheduled send time, so stalls are not hidden.
+//!
+//! Outputs: a markdown table and PASS/MISS for the targets of issue 6 on
+//! stdout, `target/bench/restarts.json` and `target/bench/restarts.svg`;
+//! with `BATON_BENCH_PUBLISH=1` (full runs of all five setups only) also
+//! `docs/bench/restarts.{md,json,svg}`. A missed target is reported, not
+//! fatal; a setup that could not run makes the benchmark fail.
+//!
+//! Run without `--bench` (e.g. by `cargo test --benches`) it is a smoke run:
+//! 2 restarts per setup under a light, short load, written to
+//! `target/bench/restarts-smoke.*` only.
+//!
+//! Environment: `BATON_BENCH_RESTARTS` (restarts per setup),
+//! `BATON_BENCH_SETUPS` (e.g. `4,5` or `naive,baton-standalone`: run only
+//! these), `BATON_BENCH_PUBLISH=1`.
+
+#[path = "restarts/analysis.rs"]
+mod analysis;
+#[path = "restarts/report.rs"]
+mod report;
+#[path = "restarts/setups.rs"]
+mod setups;
+#[path = "restarts/svg.rs"]
+mod svg;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use analysis::{Analysis, Restart, Run, analyse};
+use baton_testbed::load::{self, Load, LoadConfig, Mode};
+use setups::{Bins, Deployment, SetupKind, WAIT, probe_generation, wait_new_generation};
+
+/// What one invocation runs.
+struct Params {
+    full: bool,
+    restarts: usize,
+    warmup: Duration,
+    steady: Duration,
+    settle: Duration,
+    /// How far a restart window reaches past the new generation's first
+    /// response.
+    tail: Duration,
+    keepalive_rate: u32,
+    keepalive_connections: usize,
+    newconn_rate: u32,
+    newconn_workers: usize,
+    setups: Vec<SetupKind>,
+    publish: bool,
+}
+
+impl Params {
+    fn from_env(full: bool) -> Params {
+        let restarts =
+            match std::env::var("BATON_BENCH_RESTARTS") {
+                Ok(v) => v.trim().parse().ok().filter(|n| *n > 0).unwrap_or_else(|| {
+                    panic!("BATON_BENCH_RESTARTS={v:?}: give a positive number of restarts per setup")
+                }),
+                Err(_) if full => 50,
+                Err(_) => 2,
+            };
+        let setups = match std::env::var("BATON_BENCH_SETUPS") {
+            Ok(v) => v
+                .split(',')
+                .map(|s| {
+                    SetupKind::parse(s).unwrap_or_else(|| {
+                        panic!("BATON_BENCH_SETUPS: unknown setup {s:?}: use 1–5 or naive, socket-activation, fd-store-handoff, baton-systemd, baton-standalone")
+                    })
+                })
+                .collect(),
+            Err(_) => SetupKind::ALL.to_vec(),
+        };
+        let publish = std::env::var("BATON_BENCH_PUBLISH").is_ok_and(|v| v == "1");
+        if full {
+            Params {
+                full,
+                restarts,
+                warmup: Duration::from_secs(2),
+                steady: Duration::from_secs(5),
+                settle: Duration::from_millis(500),
+                tail: Duration::from_millis(100),
+                keepalive_rate: 1000,
+                keepalive_connections: 4,
+                newconn_rate: 200,
+                newconn_workers: 8,
+                setups,
+                publish,
+            }
+        } else {
+            Params {
+                full,
+                restarts,
+                warmup: Duration::from_millis(500),
+                steady: Duration::from_secs(1),
+                settle: Duration::from_millis(300),
+                tail: Duration::from_millis(100),
+                keepalive_rate: 200,
+                keepalive_connections: 2,
+                newconn_rate: 50,
+                newconn_workers: 4,
+                setups,
+                publish: false,
+            }
+        }
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "mode": if self.full { "full" } else { "smoke" },
+            "restarts_per_setup": self.restarts,
+            "warmup_ms": self.warmup.as_millis() as u64,
+            "steady_before_first_restart_ms": self.steady.as_millis() as u64,
+            "settle_ms": self.settle.as_millis() as u64,
+            "window_tail_ms": self.tail.as_millis() as u64,
+            "path": "/healthz",
+            "keepalive": { "rate_per_s": self.keepalive_rate, "connections": self.keepalive_connections },
+            "new_connection": { "rate_per_s": self.newconn_rate, "workers": self.newconn_workers },
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} restarts per setup, {} ms apart after the new generation served; load: {} req/s keep-alive on {} \
+             connections + {} req/s on new connections, GET /healthz",
+            self.restarts,
+            self.settle.as_millis(),
+            self.keepalive_rate,
+            self.keepalive_connections,
+            self.newconn_rate,
+        )
+    }
+
+    /// The hard bound on each load: it must outlast the slowest acceptable
+    /// run.
+    fn load_budget(&self) -> Duration {
+        self.warmup + self.steady + (self.settle + WAIT * 2) * self.restarts as u32 + WAIT * 2
+    }
+
+    fn load_config(&self, addr: SocketAddr, mode: Mode, connections: usize, rate: u32) -> LoadConfig {
+        let budget = self.load_budget();
+        LoadConfig {
+            addr,
+            path: "/healthz".into(),
+            mode,
+            connections,
+            rate: Some(rate),
+            request_timeout: Duration::from_secs(5),
+            max_duration: budget,
+            max_requests: Some(u64::from(rate) * (budget.as_secs() + 1)),
+            ..LoadConfig::default()
+        }
+    }
+}
+
+/// Runs one setup from start to teardown. Errors say what could not be
+/// done, with the journal's or Baton's log tail.
+fn run_setup(kind: SetupKind, p: &Params, bins: &Bins) -> (Option<Run>, Vec<String>) {
+    let mut errors = Vec::new();
+    let mut d = match Deployment::start(kind, bins) {
+        Ok(d) => d,
+        Err(e) => return (None, vec![format!("setup {} ({}): start: {e}", kind.number(), kind.key())]),
+    };
+    let run = match drive(&mut d, kind, p) {
+        Ok(run) => Some(run),
+        Err(e) => {
+            errors.push(format!("setup {} ({}): {e}\n{}", kind.number(), kind.key(), d.diagnostics()));
+            None
+        }
+    };
+    if let Err(e) = d.teardown() {
+        errors.push(format!("setup {} ({}): teardown: {e}", kind.number(), kind.key()));
+    }
+    (run, errors)
+}
+
+fn drive(d: &mut Deployment, kind: SetupKind, p: &Params) -> Result<Run, String> {
+    let port = d.port();
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let keepalive = Load::start(p.load_config(addr, Mode::KeepAlive, p.keepalive_connections, p.keepalive_rate))
+        .map_err(|e| format!("starting the keep-alive load: {e}"))?;
+    let newconn = Load::start(p.load_config(addr, Mode::NewConnection, p.newconn_workers, p.newconn_rate))
+        .map_err(|e| format!("starting the new-connection load: {e}"))?;
+    for (load, what) in [(&keepalive, "keep-alive"), (&newconn, "new-connection")] {
+        if !load.wait_for_ok(10, WAIT) {
+            let pr = load.progress();
+            return Err(format!(
+                "the {what} load got no 10 successful requests within {WAIT:?} ({} requests, {} failed)",
+                pr.requests, pr.failed
+            ));
+        }
+    }
+    std::thread::sleep(p.warmup);
+    let steady_from = Instant::now();
+    std::thread::sleep(p.steady);
+
+    let mut restarts = Vec::with_capacity(p.restarts);
+    for i in 1..=p.restarts {
+        let old = probe_generation(port).map_err(|e| format!("before restart {i}: not serving: {e}"))?;
+        d.prepare_restart().map_err(|e| format!("before restart {i}: {e}"))?;
+        let t_cmd = Instant::now();
+        d.restart().map_err(|e| format!("restart {i}: {e}"))?;
+        let t_returned = Instant::now();
+        let (new, t_probe) = wait_new_generation(port, &old).map_err(|e| format!("restart {i}: {e}"))?;
+        restarts.push(Restart { t_cmd, t_returned, t_probe, old, new });
+        if i % 10 == 0 || i == p.restarts {
+            let pr = (keepalive.progress(), newconn.progress());
+            eprintln!(
+                "restarts:   {i}/{} restarts; {} requests, {} failed so far",
+                p.restarts,
+                pr.0.requests + pr.1.requests,
+                pr.0.failed + pr.1.failed
+            );
+        }
+        std::thread::sleep(p.settle);
+    }
+    let steady_to = Instant::now();
+    let loads = vec![("keep-alive", keepalive.stop()), ("new-connection", newconn.stop())];
+    Ok(Run { kind, systemd_version: d.systemd_version(), steady_from, steady_to, restarts, loads })
+}
+
+/// The cargo target directory this benchmark was built in (it holds
+/// CACHEDIR.TAG), else `<workspace>/target`.
+fn target_dir() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.ancestors().find(|d| d.join("CACHEDIR.TAG").is_file()).map(Path::to_owned))
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
+}
+
+fn write(path: &Path, contents: &str) {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+    }
+    std::fs::write(path, contents).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+    println!("wrote {}", path.display());
+}
+
+fn main() {
+    let full = std::env::args().any(|a| a == "--bench");
+    if !rustix::process::geteuid().is_root() {
+        println!(
+            "restarts: SKIPPED: this benchmark needs root (it boots a real systemd in private namespaces and \
+             installs units there); run it as root: sudo cargo bench --bench restarts"
+        );
+        return;
+    }
+    // Root, but another prerequisite missing (util-linux, cgroup2): skips,
+    // or panics under CI=true.
+    if !baton_testbed::skip_unless_root("restarts") {
+        return;
+    }
+    let p = Params::from_env(full);
+    if cfg!(debug_assertions) {
+        eprintln!("restarts: built without optimisations; run `cargo bench --bench restarts` for meaningful numbers");
+    }
+    if !full && std::env::var("BATON_BENCH_PUBLISH").is_ok_and(|v| v == "1") {
+        eprintln!("restarts: smoke run: BATON_BENCH_PUBLISH ignored (only full runs are published)");
+    }
+    let bins = Bins {
+        baton: PathBuf::from(env!("CARGO_BIN_EXE_baton")),
+        httpd: baton_testbed::cargo_bin("baton-httpd", "baton-httpd"),
+    };
+
+    let started = Instant::now();
+    let mut results: Vec<Analysis> = Vec::new();
+    let mut errors: Vec<String> = Vec::new();
+    for &kind in &p.setups {
+        let t = Instant::now();
+        eprintln!("restarts: setup {} ({}): {} restarts ...", kind.number(), kind.key(), p.restarts);
+        let (run, errs) = run_setup(kind, &p, &bins);
+        for e in &errs {
+            eprintln!("restarts: ERROR: {e}");
+        }
+        errors.extend(errs);
+        if let Some(run) = run {
+            let a = analyse(&run, p.tail);
+            eprintln!(
+                "restarts: setup {} done in {:.1?}: {} requests, {} failed, {} server-closed",
+                kind.number(),
+                t.elapsed(),
+                a.requests,
+                a.failed,
+                a.server_closed
+            );
+            results.push(a);
+        }
+    }
+    let elapsed = started.elapsed();
+
+    let machine = report::Machine::detect(results.iter().find_map(|a| a.systemd_version));
+    let table = report::table(&results);
+    let targets = report::targets(&results);
+    println!("\nRestarts under load: {}\n{}\n", p.describe(), machine.line());
+    println!("{table}");
+    println!("Targets (issue 6):\n{targets}");
+    println!("{} setups in {elapsed:.1?}", results.len());
+
+    let json = report::json(&p.to_json(), &machine, &results, &errors);
+    let json = serde_json::to_string_pretty(&json).expect("JSON of plain values");
+    let (describe, line) = (p.describe(), machine.line());
+    let svg = svg::render(&results, [&describe, &line]);
+    let bench = target_dir().join("bench");
+    let stem = if full { "restarts" } else { "restarts-smoke" };
+    write(&bench.join(format!("{stem}.json")), &json);
+    write(&bench.join(format!("{stem}.svg")), &svg);
+
+    if p.publish {
+        if !errors.is_empty() || p.setups.len() != SetupKind::ALL.len() {
+            eprintln!("restarts: not publishing to docs/bench: only complete runs of all five setups are published");
+        } else {
+            let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/bench");
+            let md = format!(
+                "# Restarts under load\n\n\
+                 Generated by `BATON_BENCH_PUBLISH=1 cargo bench --bench restarts` (benches/restarts.rs); \
+                 do not edit by hand.\n\n\
+                 {}.\n\n\
+                 Machine: {}. Setups 1–4 run in a real systemd booted in private namespaces; 5 on the host.\n\n\
+                 {table}\n\
+                 A request is in a *restart window* when it was in flight between the restart command and \
+                 {} ms after the new generation's first response; *steady state* is every other request \
+                 after warm-up. Latencies are of successful requests, measured from each request's scheduled \
+                 send time (open loop). *Server-closed connections*: keep-alive connections the server \
+                 closed while the client still wanted them.\n\n\
+                 Targets (issue 6):\n\n{targets}\n\
+                 ![Latency of every request across restarts](restarts.svg)\n",
+                p.describe(),
+                machine.line(),
+                p.tail.as_millis()
+            );
+            write(&docs.join("restarts.md"), &md);
+            write(&docs.join("restarts.json"), &json);
+            write(&docs.join("restarts.svg"), &svg);
+        }
+    }
+
+    if !errors.is_empty() {
+        eprintln!("\nrestarts: {} setup(s) could not run:", errors.len());
+        for e in &errors {
+            eprintln!("\n{e}");
+        }
+        std::process::exit(1);
+    }
+}

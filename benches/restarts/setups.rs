@@ -1,0 +1,480 @@
+//! The five deployments of baton-httpd the benchmark restarts, each started
+//! from scratch (its own testbed, its own port) and torn down after its run.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use baton_testbed::{Flavor, Testbed, free_loopback_port, unique_temp_dir};
+
+/// Where the binaries go inside a testbed: a path none of the generated
+/// units' hardening hides (`ProtectHome=` would hide a target dir under
+/// /root), readable by a `DynamicUser=`.
+const BIN_DIR: &str = "/usr/local/bin";
+/// The served directory inside a testbed (the load asks `/healthz`, but
+/// `--root` is mandatory).
+const WWW: &str = "/srv/bench-www";
+/// Deadline for a start, a stop, a new generation to serve.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// One of the compared deployments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetupKind {
+    /// The app binds its own port, `Type=simple`, `systemctl restart`.
+    Naive,
+    /// `.socket` + `Type=notify` service, `--handoff=false`, `systemctl restart`.
+    SocketActivation,
+    /// The same with connection handoff through the fd store.
+    FdStoreHandoff,
+    /// `baton run` as the service's main process (`baton units`, supervised),
+    /// `systemctl reload`.
+    BatonSystemd,
+    /// `baton run` on the host, `baton restart --control`.
+    BatonStandalone,
+}
+
+impl SetupKind {
+    pub const ALL: [SetupKind; 5] = [
+        SetupKind::Naive,
+        SetupKind::SocketActivation,
+        SetupKind::FdStoreHandoff,
+        SetupKind::BatonSystemd,
+        SetupKind::BatonStandalone,
+    ];
+
+    /// 1-based, as in issue 6 and the README.
+    pub fn number(self) -> usize {
+        Self::ALL.iter().position(|k| *k == self).map_or(0, |i| i + 1)
+    }
+
+    /// Short machine-readable name (JSON key).
+    pub fn key(self) -> &'static str {
+        match self {
+            SetupKind::Naive => "naive",
+            SetupKind::SocketActivation => "socket-activation",
+            SetupKind::FdStoreHandoff => "fd-store-handoff",
+            SetupKind::BatonSystemd => "baton-systemd",
+            SetupKind::BatonStandalone => "baton-standalone",
+        }
+    }
+
+    /// For the table.
+    pub fn title(self) -> &'static str {
+        match self {
+            SetupKind::Naive => "naive: app binds its port, Type=simple",
+            SetupKind::SocketActivation => "systemd socket activation, Type=notify",
+            SetupKind::FdStoreHandoff => "socket activation + fd-store handoff",
+            SetupKind::BatonSystemd => "Baton under systemd (supervised)",
+            SetupKind::BatonStandalone => "Baton standalone",
+        }
+    }
+
+    /// How a restart is asked for.
+    pub fn restart_command(self) -> &'static str {
+        match self {
+            SetupKind::Naive | SetupKind::SocketActivation | SetupKind::FdStoreHandoff => "systemctl restart",
+            SetupKind::BatonSystemd => "systemctl reload",
+            SetupKind::BatonStandalone => "baton restart",
+        }
+    }
+
+    /// Issue 6's targets: zero failed requests and zero server-closed
+    /// connections for 3–5.
+    pub fn wants_zero_failures(self) -> bool {
+        self.number() >= 3
+    }
+
+    /// Issue 6's targets: restart-window p99 within 1.5× steady state for 4–5.
+    pub fn wants_flat_latency(self) -> bool {
+        self.number() >= 4
+    }
+
+    /// Parses `BATON_BENCH_SETUPS` entries: a number or a key.
+    pub fn parse(s: &str) -> Option<SetupKind> {
+        let s = s.trim();
+        Self::ALL.into_iter().find(|k| k.key() == s || k.number().to_string() == s)
+    }
+}
+
+/// The binaries under test, on the host.
+#[derive(Debug, Clone)]
+pub struct Bins {
+    pub baton: PathBuf,
+    pub httpd: PathBuf,
+}
+
+/// A running deployment.
+pub struct Deployment {
+    kind: SetupKind,
+    port: u16,
+    inner: Inner,
+}
+
+enum Inner {
+    Systemd(SystemdBed),
+    Host(HostBaton),
+}
+
+struct SystemdBed {
+    tb: Testbed,
+    /// The service restarted or reloaded.
+    service: String,
+    /// Every unit started, to stop at teardown (services first).
+    units: Vec<String>,
+    /// The next `BATON_GENERATION` given through the manager's environment
+    /// (setups 1–3: without Baton and without a counter in the fd store
+    /// every start would be generation 1, and the load could not tell the
+    /// new process from the old one). `None`: Baton numbers them.
+    next_generation: Option<u64>,
+}
+
+/// `baton run` on the host, in its own process group.
+struct HostBaton {
+    child: Option<Child>,
+    control: PathBuf,
+    baton: PathBuf,
+    dir: PathBuf,
+}
+
+impl Deployment {
+    /// Starts `kind` and waits until it serves on its port.
+    pub fn start(kind: SetupKind, bins: &Bins) -> Result<Deployment, String> {
+        let port = free_loopback_port();
+        let inner = match kind {
+            SetupKind::BatonStandalone => Inner::Host(HostBaton::start(bins, port)?),
+            _ => Inner::Systemd(SystemdBed::start(kind, bins, port)?),
+        };
+        let d = Deployment { kind, port, inner };
+        let mut last = String::new();
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            match probe_generation(port) {
+                Ok(_) => return Ok(d),
+                Err(e) => last = e,
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err(format!("{}: not serving on port {port} after {WAIT:?}: {last}\n{}", kind.key(), d.diagnostics()))
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The testbed's systemd major version (setups 1–4).
+    pub fn systemd_version(&self) -> Option<u32> {
+        match &self.inner {
+            Inner::Systemd(s) => Some(s.tb.systemd_version()),
+            Inner::Host(_) => None,
+        }
+    }
+
+    /// What has to happen before the restart command, outside its timing.
+    pub fn prepare_restart(&mut self) -> Result<(), String> {
+        match &mut self.inner {
+            Inner::Systemd(s) => s.set_next_generation(),
+            Inner::Host(_) => Ok(()),
+        }
+    }
+
+    /// Issues the restart command and returns when it returned (each one
+    /// waits for the new generation's readiness, except `systemctl restart`
+    /// of the `Type=simple` service, which returns once it forked).
+    pub fn restart(&mut self) -> Result<(), String> {
+        let verb = match self.kind {
+            SetupKind::BatonSystemd => "reload",
+            _ => "restart",
+        };
+        match &mut self.inner {
+            Inner::Systemd(s) => {
+                let out = s.tb.systemctl(&[verb, &s.service]).map_err(|e| format!("systemctl {verb}: {e}"))?;
+                if out.success() { Ok(()) } else { Err(out.to_string()) }
+            }
+            Inner::Host(h) => h.restart(),
+        }
+    }
+
+    /// The evidence for an error message: the journal's tail or Baton's log.
+    pub fn diagnostics(&self) -> String {
+        match &self.inner {
+            Inner::Systemd(s) => match s.tb.journal(None) {
+                Ok(j) => {
+                    let lines: Vec<&str> = j.lines().collect();
+                    format!("--- journal (last lines) ---\n{}", lines[lines.len().saturating_sub(60)..].join("\n"))
+                }
+                Err(e) => format!("(no journal: {e})"),
+            },
+            Inner::Host(h) => {
+                let log = std::fs::read_to_string(h.dir.join("baton.log")).unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                format!("--- baton.log (last lines) ---\n{}", lines[lines.len().saturating_sub(60)..].join("\n"))
+            }
+        }
+    }
+
+    /// Stops every unit or process and removes what the setup created.
+    pub fn teardown(self) -> Result<(), String> {
+        match self.inner {
+            Inner::Systemd(s) => {
+                let mut args = vec!["stop"];
+                args.extend(s.units.iter().map(String::as_str));
+                let stopped = s.tb.systemctl_checked(&args).map(drop).map_err(|e| format!("stopping the units: {e}"));
+                let down = s.tb.shutdown().map_err(|e| format!("tearing the testbed down: {e}"));
+                stopped.and(down)
+            }
+            Inner::Host(mut h) => h.stop(),
+        }
+    }
+}
+
+impl SystemdBed {
+    fn start(kind: SetupKind, bins: &Bins, port: u16) -> Result<SystemdBed, String> {
+        let tb = Testbed::boot(Flavor::Host).map_err(|e| format!("booting the testbed: {e}"))?;
+        for (bin, name) in [(&bins.baton, "baton"), (&bins.httpd, "baton-httpd")] {
+            let dest = tb.host_path(format!("{BIN_DIR}/{name}"));
+            std::fs::create_dir_all(dest.parent().unwrap_or(Path::new("/")))
+                .and_then(|_| std::fs::copy(bin, &dest))
+                .map_err(|e| format!("copying {} into the testbed: {e}", bin.display()))?;
+        }
+        tb.write_file(format!("{WWW}/index.html"), "<!doctype html><title>bench</title>\n")
+            .map_err(|e| format!("writing the served directory: {e}"))?;
+        let httpd = format!("{BIN_DIR}/baton-httpd");
+        let mut bed = SystemdBed { tb, service: String::new(), units: Vec::new(), next_generation: Some(1) };
+        match kind {
+            SetupKind::Naive => {
+                // Today's common setup: nothing but the app and a restart.
+                let unit = format!(
+                    "[Unit]\nDescription=baton-httpd binding its own port\nStartLimitIntervalSec=0\n\
+                     [Service]\nType=simple\n\
+                     ExecStart={httpd} --root {WWW} --listen 127.0.0.1:{port} --handoff=false\n\
+                     Restart=on-failure\n"
+                );
+                bed.tb.install_unit("naive.service", &unit).map_err(|e| format!("installing naive.service: {e}"))?;
+                bed.service = "naive.service".into();
+                bed.units = vec![bed.service.clone()];
+            }
+            SetupKind::SocketActivation | SetupKind::FdStoreHandoff => {
+                let handoff = kind == SetupKind::FdStoreHandoff;
+                let mut cmd = vec![httpd.clone(), "--root".into(), WWW.into()];
+                if !handoff {
+                    cmd.push("--handoff=false".into());
+                }
+                bed.install_generated("httpd-direct", port, true, &cmd, bins)?;
+                // Setup 2 is plain socket activation: no fd store at all.
+                let extra = if handoff { "" } else { "[Service]\nFileDescriptorStoreMax=0\n" };
+                bed.dropin(&format!("[Unit]\nStartLimitIntervalSec=0\n{extra}"))?;
+            }
+            SetupKind::BatonSystemd => {
+                bed.next_generation = None;
+                let cmd = vec![httpd.clone(), "--root".into(), WWW.into()];
+                bed.install_generated("httpd-baton", port, false, &cmd, bins)?;
+                // A reload is no start: the limit would not be hit, but keep
+                // every setup's units alike in this respect.
+                bed.dropin("[Unit]\nStartLimitIntervalSec=0\n")?;
+            }
+            SetupKind::BatonStandalone => unreachable!("not under systemd"),
+        }
+        bed.set_next_generation()?;
+        let mut args = vec!["start"];
+        // Sockets first (they are last in `units`, stopped after the service).
+        args.extend(bed.units.iter().rev().map(String::as_str));
+        bed.tb.systemctl_checked(&args).map_err(|e| format!("starting {:?}: {e}", bed.units))?;
+        Ok(bed)
+    }
+
+    /// Writes the units `baton units` generates (run on the host, for the
+    /// testbed's systemd version) into the testbed as `NAME.socket` and
+    /// `NAME.service`.
+    fn install_generated(
+        &mut self,
+        name: &str,
+        port: u16,
+        direct: bool,
+        command: &[String],
+        bins: &Bins,
+    ) -> Result<(), String> {
+        let dir = self.tb.scratch().join(format!("units-{name}"));
+        let mut gen_cmd = Command::new(&bins.baton);
+        gen_cmd
+            .args(["units", "--name", name, "--listen", &format!("http=127.0.0.1:{port}")])
+            .args(["--systemd-version", &self.tb.systemd_version().to_string()])
+            .args(["--baton", &format!("{BIN_DIR}/baton"), "-o"])
+            .arg(&dir);
+        if direct {
+            gen_cmd.arg("--direct");
+        }
+        gen_cmd.arg("--").args(command);
+        let out = gen_cmd.output().map_err(|e| format!("running baton units: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("baton units {command:?} failed: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        for suffix in ["service", "socket"] {
+            let file = format!("{name}.{suffix}");
+            let text = std::fs::read_to_string(dir.join(&file))
+                .map_err(|e| format!("baton units wrote no {file} into {}: {e}", dir.display()))?;
+            self.tb.write_file(format!("/etc/systemd/system/{file}"), &text).map_err(|e| format!("{file}: {e}"))?;
+            self.units.push(file);
+        }
+        self.service = format!("{name}.service");
+        self.tb.daemon_reload().map_err(|e| format!("daemon-reload: {e}"))
+    }
+
+    fn dropin(&self, text: &str) -> Result<(), String> {
+        self.tb.install_dropin(&self.service, "bench", text).map_err(|e| format!("drop-in for {}: {e}", self.service))
+    }
+
+    fn set_next_generation(&mut self) -> Result<(), String> {
+        let Some(n) = self.next_generation else { return Ok(()) };
+        let var = format!("BATON_GENERATION={n}");
+        self.tb.systemctl_checked(&["set-environment", &var]).map_err(|e| format!("set-environment: {e}"))?;
+        self.next_generation = Some(n + 1);
+        Ok(())
+    }
+}
+
+impl HostBaton {
+    fn start(bins: &Bins, port: u16) -> Result<HostBaton, String> {
+        let dir = unique_temp_dir("baton-bench-restarts", "standalone");
+        let www = dir.join("www");
+        std::fs::create_dir_all(&www)
+            .and_then(|_| std::fs::write(www.join("index.html"), "<!doctype html><title>bench</title>\n"))
+            .map_err(|e| format!("creating {}: {e}", www.display()))?;
+        let control = dir.join("baton.sock");
+        let log = File::create(dir.join("baton.log")).map_err(|e| format!("creating baton.log: {e}"))?;
+        let log2 = log.try_clone().map_err(|e| format!("baton.log: {e}"))?;
+        let child = Command::new(&bins.baton)
+            .arg("run")
+            .args(["-l", &format!("http=127.0.0.1:{port}"), "--control"])
+            .arg(&control)
+            .arg("--")
+            .arg(&bins.httpd)
+            .arg("--root")
+            .arg(&www)
+            .env("BATON_LOG", "warn")
+            // Not ours to pass on: this process may itself run under a
+            // service manager.
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("LISTEN_FDS")
+            .env_remove("LISTEN_PID")
+            .env_remove("LISTEN_FDNAMES")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            // Its own group, so that teardown can reach every generation
+            // even if Baton itself had to be killed.
+            .process_group(0)
+            .spawn()
+            .map_err(|e| format!("spawning {}: {e}", bins.baton.display()))?;
+        Ok(HostBaton { child: Some(child), control, baton: bins.baton.clone(), dir })
+    }
+
+    fn restart(&mut self) -> Result<(), String> {
+        let out = Command::new(&self.baton)
+            .arg("restart")
+            .arg("--control")
+            .arg(&self.control)
+            .arg("--wait")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("running baton restart: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "baton restart failed ({}): {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+
+    /// SIGTERM to Baton (it drains and stops its generations), SIGKILL to
+    /// the whole group if that takes longer than Baton's own stop timeout.
+    fn stop(&mut self) -> Result<(), String> {
+        let Some(mut child) = self.child.take() else { return Ok(()) };
+        let pid = rustix::process::Pid::from_child(&child);
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        let deadline = Instant::now() + Duration::from_secs(45);
+        let result = loop {
+            match child.try_wait() {
+                Ok(Some(status)) if status.success() => break Ok(()),
+                Ok(Some(status)) => break Err(format!("baton run exited with {status} on SIGTERM")),
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                Ok(None) => break Err("baton run did not exit within 45 s of SIGTERM".to_owned()),
+                Err(e) => break Err(format!("waiting for baton run: {e}")),
+            }
+        };
+        // Whatever is left of the group (nothing, normally).
+        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+        let _ = child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+        result
+    }
+}
+
+impl Drop for HostBaton {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop() {
+            eprintln!("restarts: standalone teardown: {e}");
+        }
+    }
+}
+
+/// One `GET /healthz` on a new connection; the `baton-generation` header of
+/// a 200 answer.
+pub fn probe_generation(port: u16) -> Result<String, String> {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).map_err(|e| format!("set_read_timeout: {e}"))?;
+    s.set_write_timeout(Some(Duration::from_secs(2))).map_err(|e| format!("set_write_timeout: {e}"))?;
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .map_err(|e| format!("send: {e}"))?;
+    let mut buf = Vec::new();
+    s.take(64 * 1024).read_to_end(&mut buf).map_err(|e| format!("read: {e}"))?;
+    let text = String::from_utf8_lossy(&buf);
+    let head = text.split("\r\n\r\n").next().unwrap_or_default();
+    let mut lines = head.lines();
+    let status = lines.next().unwrap_or_default();
+    if !status.starts_with("HTTP/1.1 200") {
+        return Err(format!("unexpected answer {status:?}"));
+    }
+    lines
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.trim().eq_ignore_ascii_case("baton-generation").then(|| value.trim().to_owned())
+        })
+        .ok_or_else(|| "no baton-generation header".to_owned())
+}
+
+/// Whether `candidate` is a later generation than `old` (numerically when
+/// both are numbers: during an overlapped restart an even older generation
+/// may still answer).
+pub fn is_newer(candidate: &str, old: &str) -> bool {
+    match (candidate.parse::<u64>(), old.parse::<u64>()) {
+        (Ok(c), Ok(o)) => c > o,
+        _ => candidate != old,
+    }
+}
+
+/// Polls the port (every 5 ms, bounded by [`WAIT`]) until a generation
+/// later than `old` answers; returns it and when it was seen.
+pub fn wait_new_generation(port: u16, old: &str) -> Result<(String, Instant), String> {
+    let deadline = Instant::now() + WAIT;
+    let mut last;
+    loop {
+        match probe_generation(port) {
+            Ok(g) if is_newer(&g, old) => return Ok((g, Instant::now())),
+            Ok(g) => last = format!("generation {g} still answering"),
+            Err(e) => last = e,
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("no generation after {old} served within {WAIT:?} (last: {last})"));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
