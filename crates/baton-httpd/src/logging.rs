@@ -41,6 +41,12 @@ pub fn init() -> LogTarget {
         .with_writer(std::io::stderr)
         .with_ansi(ansi)
         .with_target(false)
+        // A write error on stderr must never take the server down: under
+        // `baton run` stderr is a pipe to Baton, and if Baton is killed the
+        // pipe breaks while this generation still drains its requests. By
+        // default the subscriber reports its own write errors with
+        // `eprintln!`, which panics on that same broken stderr.
+        .log_internal_errors(false)
         .init();
     LogTarget::Stderr
 }
