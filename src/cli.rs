@@ -51,6 +51,16 @@ pub enum Command {
     Units(crate::units::UnitsArgs),
     /// Send a notification to $NOTIFY_SOCKET (like systemd-notify).
     Notify(NotifyArgs),
+    /// Replace the running baton's own binary in place (same pid), keeping its sockets and generations.
+    ///
+    /// The new binary is checked first (it must be a baton that can take over
+    /// the running one's state); if it is not, nothing changes. Then baton
+    /// re-executes itself: the app keeps serving, its generations and
+    /// connections are untouched, and under systemd the main pid stays.
+    Upgrade(UpgradeArgs),
+    /// Print the state format this binary can take over (used by `baton upgrade`).
+    #[command(name = "upgrade-probe", hide = true)]
+    UpgradeProbe,
 }
 
 /// Which running baton to talk to.
@@ -83,6 +93,18 @@ pub struct RestartArgs {
     /// Wait for the outcome (the default).
     #[arg(long)]
     pub wait: bool,
+}
+
+/// Options of `baton upgrade`.
+#[derive(Debug, Args)]
+pub struct UpgradeArgs {
+    /// Which baton.
+    #[command(flatten)]
+    pub target: Target,
+    /// The new binary (default: the path the running baton was started from,
+    /// e.g. /usr/bin/baton after a package upgrade replaced it).
+    #[arg(long, value_name = "PATH")]
+    pub binary: Option<PathBuf>,
 }
 
 /// Options of `baton status`.

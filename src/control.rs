@@ -9,7 +9,16 @@
 //! the supervisor only ever sees complete requests through a bounded channel.
 //! A client that disconnects while waiting for a restart simply drops its
 //! reply; the restart goes on.
+//!
+//! `upgrade` is the one request whose answer may come from another program
+//! image: the supervisor gets a duplicate of the client's connection with
+//! the request ([`Incoming::conn`]), keeps it open across its `execve()`,
+//! and the upgraded Baton writes the answer on it (see [`crate::upgrade`]).
+//! The listening socket itself is shared with the supervisor
+//! ([`ControlServer::listener_fd`]) so that it survives the exec too, and
+//! clients connecting meanwhile wait in its backlog.
 
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,6 +48,13 @@ pub enum Request {
     Status,
     /// Stop every generation and exit.
     Stop,
+    /// Replace Baton's own program image in place (same pid), keeping every
+    /// socket and generation.
+    Upgrade {
+        /// The new binary; `None`: the path Baton was started from.
+        #[serde(default)]
+        binary: Option<PathBuf>,
+    },
 }
 
 /// The answer to a request.
@@ -56,6 +72,9 @@ pub enum Response {
     Status(Box<Status>),
     /// Baton is stopping.
     Stopping,
+    /// Baton now runs the new binary, in the same process. Written by the
+    /// upgraded image itself.
+    Upgraded(UpgradeDone),
     /// The request could not be served.
     Error {
         /// Why.
@@ -74,6 +93,24 @@ pub struct RestartDone {
     pub ready_ms: u64,
     /// The generation it replaced, now draining.
     pub replaced: Option<u64>,
+}
+
+/// A successful `upgrade`, as reported by the new program image.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct UpgradeDone {
+    /// Baton's pid: the same as before the upgrade.
+    pub pid: u32,
+    /// The version of the binary now running.
+    pub version: String,
+    /// The binary now running.
+    pub binary: String,
+    /// Upgrades this Baton has gone through (this one included).
+    pub upgrades: u64,
+    /// Milliseconds from the request reaching the old image to the new one
+    /// being ready to serve control requests.
+    pub elapsed_ms: u64,
+    /// Generations adopted (running and draining).
+    pub generations: usize,
 }
 
 /// A failed restart.
@@ -115,6 +152,20 @@ pub struct Status {
     pub last_failure: Option<String>,
     /// Whether a restart is running now.
     pub restarting: bool,
+    /// Version of the running Baton binary.
+    #[serde(default)]
+    pub version: String,
+    /// The binary the current program image was started from (also the
+    /// default for `baton upgrade`), if known.
+    #[serde(default)]
+    pub binary: Option<String>,
+    /// How often this Baton upgraded itself in place (`baton upgrade`).
+    #[serde(default)]
+    pub upgrades: u64,
+    /// Seconds since the current program image started (equal to
+    /// `uptime_s` until the first upgrade).
+    #[serde(default)]
+    pub image_uptime_s: f64,
 }
 
 /// One generation in [`Status`].
@@ -150,6 +201,11 @@ pub struct Incoming {
     pub request: Request,
     /// Where to send the answer; the client may be gone, which is fine.
     pub reply: oneshot::Sender<Response>,
+    /// For [`Request::Upgrade`] only: a duplicate of the client's connection
+    /// (close-on-exec), so the answer can come from the upgraded image. As
+    /// long as the supervisor holds it, the client keeps waiting even if the
+    /// old image's copy goes away.
+    pub conn: Option<OwnedFd>,
 }
 
 /// Where the control socket of instance `name` lives by default:
@@ -211,8 +267,12 @@ pub enum ControlError {
 #[derive(Debug)]
 pub struct ControlServer {
     path: PathBuf,
+    /// Shared with the accept task: pausing it (before an upgrade) must
+    /// not close the socket.
+    listener: Arc<UnixListener>,
     accept: tokio::task::JoinHandle<()>,
     slots: Arc<Semaphore>,
+    tx: mpsc::Sender<Incoming>,
 }
 
 impl ControlServer {
@@ -244,10 +304,54 @@ impl ControlServer {
         let listener = UnixListener::bind(path).map_err(bind_err)?;
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+        Ok(Self::serve(path, listener))
+    }
+
+    /// Takes over a listening control socket handed over by the previous
+    /// program image of this Baton (`baton upgrade`): `fd` must be a
+    /// listening `AF_UNIX` stream socket bound at `path`. Must run inside a
+    /// tokio runtime.
+    pub fn adopt(path: &Path, fd: OwnedFd) -> Result<(ControlServer, mpsc::Receiver<Incoming>), ControlError> {
+        let bind_err = |source| ControlError::Bind { path: path.to_owned(), source };
+        let listener = std::os::unix::net::UnixListener::from(fd);
+        listener.set_nonblocking(true).map_err(bind_err)?;
+        let listener = UnixListener::from_std(listener).map_err(bind_err)?;
+        Ok(Self::serve(path, listener))
+    }
+
+    fn serve(path: &Path, listener: UnixListener) -> (ControlServer, mpsc::Receiver<Incoming>) {
         let (tx, rx) = mpsc::channel(MAX_CLIENTS);
         let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
-        let accept = tokio::spawn(accept_loop(listener, tx, Arc::clone(&slots)));
-        Ok((ControlServer { path: path.to_owned(), accept, slots }, rx))
+        let listener = Arc::new(listener);
+        let accept = tokio::spawn(accept_loop(Arc::clone(&listener), tx.clone(), Arc::clone(&slots)));
+        (ControlServer { path: path.to_owned(), listener, accept, slots, tx }, rx)
+    }
+
+    /// The listening socket's fd number, for handing it over across an
+    /// `execve()`. It stays open for the server's whole life, paused or not.
+    pub fn listener_fd(&self) -> RawFd {
+        self.listener.as_fd().as_raw_fd()
+    }
+
+    /// Stops accepting (new clients wait in the socket's backlog); clients
+    /// already connected are still served. Undone by [`resume`](Self::resume).
+    pub fn pause(&mut self) {
+        self.accept.abort();
+    }
+
+    /// Accepts again after [`pause`](Self::pause).
+    pub fn resume(&mut self) {
+        // Aborting a finished task is a no-op; never run two accept loops.
+        self.accept.abort();
+        self.accept = tokio::spawn(accept_loop(Arc::clone(&self.listener), self.tx.clone(), Arc::clone(&self.slots)));
+    }
+
+    /// Resolves once at most `busy` clients are still connected (being
+    /// served or waiting for their answer). Cancel-safe.
+    pub async fn settled(&self, busy: usize) {
+        let want = MAX_CLIENTS.saturating_sub(busy) as u32;
+        // The permits go back when dropped: this only waits.
+        let _ = self.slots.acquire_many(want).await;
     }
 
     /// Stops accepting and waits (at most `grace`) until every client
@@ -271,7 +375,7 @@ impl Drop for ControlServer {
     }
 }
 
-async fn accept_loop(listener: UnixListener, tx: mpsc::Sender<Incoming>, slots: Arc<Semaphore>) {
+async fn accept_loop(listener: Arc<UnixListener>, tx: mpsc::Sender<Incoming>, slots: Arc<Semaphore>) {
     let own_uid = rustix::process::geteuid().as_raw();
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -320,7 +424,22 @@ async fn serve_client(stream: UnixStream, tx: mpsc::Sender<Incoming>) {
         Err(e) => error(&format!("bad request: {e}")),
         Ok(request) => {
             let (reply, answer) = oneshot::channel();
-            if tx.send(Incoming { request, reply }).await.is_err() {
+            // The upgrade's answer may come from the next program image,
+            // which gets this duplicate (close-on-exec until then).
+            let conn = match &request {
+                Request::Upgrade { .. } => match reader.get_ref().get_ref().as_ref().as_fd().try_clone_to_owned() {
+                    Ok(conn) => Some(conn),
+                    Err(e) => {
+                        let out = error(&format!("cannot keep the connection for the upgrade's answer: {e}"));
+                        let mut line = serde_json::to_vec(&out).unwrap_or_default();
+                        line.push(b'\n');
+                        let _ = tokio::time::timeout(REQUEST_DEADLINE, write.write_all(&line)).await;
+                        return;
+                    }
+                },
+                _ => None,
+            };
+            if tx.send(Incoming { request, reply, conn }).await.is_err() {
                 error("baton is shutting down")
             } else {
                 // Waits as long as the supervisor needs (a restart may take

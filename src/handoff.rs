@@ -13,6 +13,7 @@ use std::io::IoSlice;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use baton_sd::wire::SCM_MAX_FD;
 use rustix::net::{AddressFamily, SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketFlags, SocketType};
@@ -36,6 +37,9 @@ pub struct Peer {
 #[derive(Debug)]
 pub struct HandoffServer {
     path: PathBuf,
+    /// Shared with the accept task so its fd number can be handed over by
+    /// `baton upgrade`.
+    listener: Arc<AsyncFd<OwnedFd>>,
     accept: tokio::task::JoinHandle<()>,
 }
 
@@ -60,13 +64,39 @@ impl HandoffServer {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
         rustix::net::listen(&socket, 64)?;
+        Self::serve(path, socket)
+    }
+
+    /// Takes over the listening handoff socket handed over by the previous
+    /// program image (`baton upgrade`). Generations connected to the old
+    /// image keep their connections (handed over with them); ones connecting
+    /// meanwhile wait in the backlog. Must run inside a tokio runtime.
+    pub fn adopt(path: &Path, socket: OwnedFd) -> std::io::Result<(HandoffServer, mpsc::Receiver<Peer>)> {
+        if rustix::net::sockopt::socket_type(&socket)? != SocketType::SEQPACKET {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("the handed-over handoff socket {} is not a SOCK_SEQPACKET socket", path.display()),
+            ));
+        }
+        let flags = rustix::fs::fcntl_getfl(&socket)?;
+        rustix::fs::fcntl_setfl(&socket, flags | rustix::fs::OFlags::NONBLOCK)?;
+        Self::serve(path, socket)
+    }
+
+    fn serve(path: &Path, socket: OwnedFd) -> std::io::Result<(HandoffServer, mpsc::Receiver<Peer>)> {
         // SAFETY: `socket` is an OwnedFd moved into the AsyncFd and neither
         // closed nor replaced while it is registered.
         let listener =
             unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE) }.map_err(std::io::Error::from)?;
+        let listener = Arc::new(listener);
         let (tx, rx) = mpsc::channel(PENDING);
-        let accept = tokio::spawn(accept_loop(listener, tx));
-        Ok((HandoffServer { path: path.to_owned(), accept }, rx))
+        let accept = tokio::spawn(accept_loop(Arc::clone(&listener), tx));
+        Ok((HandoffServer { path: path.to_owned(), listener, accept }, rx))
+    }
+
+    /// The listening socket's fd number (valid while the server lives).
+    pub fn listener_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(self.listener.get_ref())
     }
 
     /// The socket path, for `$BATON_HANDOFF_SOCKET`.
@@ -82,7 +112,7 @@ impl Drop for HandoffServer {
     }
 }
 
-async fn accept_loop(listener: AsyncFd<OwnedFd>, tx: mpsc::Sender<Peer>) {
+async fn accept_loop(listener: Arc<AsyncFd<OwnedFd>>, tx: mpsc::Sender<Peer>) {
     loop {
         let Ok(mut guard) = listener.readable().await else { return };
         let accepted = guard.try_io(|l| {

@@ -20,7 +20,9 @@
 //! - [`supervisor`]: the generation state machine: start, READY, overlapped
 //!   restart, drain, crash backoff.
 //! - [`control`]: the control socket and the client side of `baton restart`,
-//!   `status`, `stop`.
+//!   `status`, `stop`, `upgrade`.
+//! - [`upgrade`]: `baton upgrade`, Baton re-executing a new binary of itself
+//!   in the same process, keeping every socket and generation.
 #![warn(missing_docs)]
 
 pub mod cli;
@@ -34,3 +36,4 @@ pub mod spawn;
 pub mod store;
 pub mod supervisor;
 pub mod units;
+pub mod upgrade;

@@ -26,6 +26,15 @@ fn main() -> ExitCode {
         Command::Status(args) => client(&args.target, Request::Status, args.json),
         Command::Stop(target) => client(&target, Request::Stop, false),
         Command::Notify(args) => notify(args),
+        Command::Upgrade(args) => {
+            // Baton's working directory is not ours: send an absolute path.
+            let binary = args.binary.map(|b| std::env::current_dir().map(|d| d.join(&b)).unwrap_or(b));
+            client(&args.target, Request::Upgrade { binary }, false)
+        }
+        Command::UpgradeProbe => {
+            println!("{}", baton::upgrade::probe_line());
+            ExitCode::SUCCESS
+        }
         Command::Units(args) => match baton::units::run(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -37,10 +46,17 @@ fn main() -> ExitCode {
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap_or_else(|e| {
-        eprintln!("baton: cannot start the async runtime: {e}");
-        std::process::exit(1);
-    })
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        // Signals Baton handles go to the supervisor's thread only, which
+        // blocks them before `baton upgrade` re-executes: pending, they
+        // survive the exec (see `baton::upgrade`).
+        .on_thread_start(baton::upgrade::block_handled_signals)
+        .build()
+        .unwrap_or_else(|e| {
+            eprintln!("baton: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        })
 }
 
 fn client(target: &Target, request: Request, json: bool) -> ExitCode {
@@ -107,6 +123,13 @@ fn print_response(response: &Response, json: bool) -> ExitCode {
                     println!("  generation {} pid {} {} up {:.0}s {status}", g.generation, g.pid, g.state, g.uptime_s);
                 }
                 println!("  fd store: {} entries", s.fdstore);
+                println!(
+                    "  baton {} ({}), image up {:.0}s, {} upgrade(s)",
+                    s.version,
+                    s.binary.as_deref().unwrap_or("binary unknown"),
+                    s.image_uptime_s,
+                    s.upgrades
+                );
                 if let Some(f) = &s.last_failure {
                     println!("  last failure: {f}");
                 }
@@ -116,6 +139,15 @@ fn print_response(response: &Response, json: bool) -> ExitCode {
         Response::Stopping => {
             if !json {
                 println!("stopped");
+            }
+            ExitCode::SUCCESS
+        }
+        Response::Upgraded(u) => {
+            if !json {
+                println!(
+                    "upgraded: pid {}, version {} ({}), serving control requests after {} ms; {} generation(s) kept",
+                    u.pid, u.version, u.binary, u.elapsed_ms, u.generations
+                );
             }
             ExitCode::SUCCESS
         }
@@ -205,6 +237,11 @@ fn stderr_is_journal() -> bool {
 }
 
 fn run(args: RunArgs) -> ExitCode {
+    // Started by `baton upgrade`: everything comes from the previous image.
+    // SAFETY: single-threaded until a runtime is built.
+    if let Some(handover) = unsafe { baton::upgrade::take_from_env() } {
+        return run_adopted(handover);
+    }
     // Before any thread exists: take and unset what our own manager passed.
     // SAFETY: single-threaded until the runtime is built below.
     let inherited = unsafe { ListenFds::from_env_and_unset() };
@@ -317,6 +354,7 @@ fn run(args: RunArgs) -> ExitCode {
     let config = Config {
         name: name.clone(),
         command,
+        command_line: args.command.clone(),
         sockets,
         stored,
         ready_timeout: args.ready_timeout,
@@ -336,9 +374,10 @@ fn run(args: RunArgs) -> ExitCode {
         tracing::info!(event = "started", control = %server.path().display(), "baton {name}: control socket {}", server.path().display());
         let supervisor = Supervisor::new(config, notify, upstream.clone())
             .and_then(|s| s.with_handoff(&control_path.with_extension("handoff")))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())?
+            .with_control(server);
+        // Shuts the control socket down when it ends.
         let ended = supervisor.run(requests).await.map_err(|e| e.to_string());
-        server.shutdown(Duration::from_secs(2)).await;
         // systemd attributes a datagram by its sender's pid: fds forwarded to
         // its store just before we exit (connections a stopping generation
         // handed over) must be processed while we still exist.
@@ -349,6 +388,10 @@ fn run(args: RunArgs) -> ExitCode {
         }
         ended
     });
+    exit_code(result)
+}
+
+fn exit_code(result: Result<Ended, String>) -> ExitCode {
     match result {
         Ok(Ended::Stopped) => ExitCode::SUCCESS,
         Ok(Ended::CrashLoop(reason)) => {
@@ -360,4 +403,30 @@ fn run(args: RunArgs) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// The rest of `baton run` in an image started by `baton upgrade`.
+fn run_adopted(handover: Result<baton::upgrade::Handover, baton::upgrade::UpgradeError>) -> ExitCode {
+    init_logging();
+    let handover = match handover {
+        Ok(h) => h,
+        Err(e) => {
+            // Cannot happen after a successful probe; nothing can be resumed.
+            tracing::error!("{e}");
+            return ExitCode::from(1);
+        }
+    };
+    let upstream = handover.upstream.clone();
+    let result = runtime().block_on(async move {
+        let (supervisor, requests) = Supervisor::adopt(handover).map_err(|e| e.to_string())?;
+        let ended = supervisor.run(requests).await.map_err(|e| e.to_string());
+        // As in `run`: systemd must process what we forwarded before we exit.
+        if let Some(up) = upstream.as_deref().and_then(|a| Notifier::new(a).ok())
+            && let Err(e) = up.barrier_async(Duration::from_secs(5)).await
+        {
+            tracing::warn!("systemd did not confirm the last notifications: {e}");
+        }
+        ended
+    });
+    exit_code(result)
 }

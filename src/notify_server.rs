@@ -129,6 +129,18 @@ fn sender(pid: &Option<u32>) -> String {
     }
 }
 
+/// A [`NotifyServer`] as handed over by `baton upgrade`; see
+/// [`NotifyServer::export`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NotifyExport {
+    /// The socket's fd number.
+    pub fd: std::os::fd::RawFd,
+    /// `NOTIFY_SOCKET` value.
+    pub address: String,
+    /// Path, device and inode of a filesystem socket.
+    pub bound: Option<(PathBuf, u64, u64)>,
+}
+
 /// The receiving end of `$NOTIFY_SOCKET` for the app's generations.
 #[derive(Debug)]
 pub struct NotifyServer {
@@ -239,6 +251,38 @@ impl NotifyServer {
         rustix::net::bind(&fd, &addr).map_err(|e| context(e.into(), &address, "binding the notify socket"))?;
         let fd = register(fd).map_err(|e| context(e, &address, "registering the notify socket"))?;
         Ok(NotifyServer { fd, address, bound: None })
+    }
+
+    /// What `baton upgrade` hands to the next program image: the fd number
+    /// (valid while the server lives), the address, and for a filesystem
+    /// socket its path with the device and inode Baton created, so the new
+    /// image, too, unlinks only its own socket.
+    pub fn export(&self) -> NotifyExport {
+        NotifyExport {
+            fd: self.fd.get_ref().as_raw_fd(),
+            address: self.address.clone(),
+            bound: self.bound.as_ref().map(|b| (b.path.clone(), b.dev, b.ino)),
+        }
+    }
+
+    /// Takes over the notify socket handed over by the previous program
+    /// image (`baton upgrade`). Datagrams queued meanwhile are still in it.
+    /// Refuses an fd that is not a datagram socket with `SO_PASSCRED`, the
+    /// one thing every accepted datagram relies on. Must be called within a
+    /// tokio runtime.
+    pub fn adopt(fd: OwnedFd, export: &NotifyExport) -> io::Result<NotifyServer> {
+        if sockopt::socket_type(&fd)? != SocketType::DGRAM || !sockopt::socket_passcred(&fd)? {
+            return Err(invalid(format!(
+                "the handed-over notify socket {:?} is not a datagram socket with SO_PASSCRED",
+                export.address
+            )));
+        }
+        let flags = rustix::fs::fcntl_getfl(&fd)?;
+        rustix::fs::fcntl_setfl(&fd, flags | rustix::fs::OFlags::NONBLOCK)?;
+        let fd = register(fd).map_err(|e| context(e, &export.address, "registering the notify socket"))?;
+        let bound =
+            export.bound.as_ref().map(|(path, dev, ino)| BoundPath { path: path.clone(), dev: *dev, ino: *ino });
+        Ok(NotifyServer { fd, address: export.address.clone(), bound })
     }
 
     /// The value to put in the children's `NOTIFY_SOCKET` (`/path` or

@@ -99,6 +99,14 @@ impl Reaper {
     pub async fn next(&mut self) -> Option<Exit> {
         self.exits.recv().await
     }
+
+    /// An exit already reaped and queued, without waiting: before `baton
+    /// upgrade` replaces the program image, the supervisor takes every
+    /// queued exit (a reaped child's status would otherwise be lost with the
+    /// image; unreaped ones stay zombies for the next image's reaper).
+    pub fn try_next(&mut self) -> Option<Exit> {
+        self.exits.try_recv().ok()
+    }
 }
 
 impl Drop for Reaper {

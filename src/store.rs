@@ -323,6 +323,52 @@ impl FdStore {
         }
     }
 
+    /// Every entry as (name, fd number, polled), in insertion order, for
+    /// handing the store to the next program image (`baton upgrade`). The
+    /// numbers stay valid while the store lives; the private epoll instance
+    /// is not handed over (close-on-exec): [`restore`](Self::restore)
+    /// builds a new one.
+    pub fn export(&self) -> Vec<(String, std::os::fd::RawFd, bool)> {
+        self.entries.iter().map(|e| (e.name.clone(), e.fd.as_raw_fd(), e.polled)).collect()
+    }
+
+    /// Whether the private epoll instance exists (it is created by the
+    /// first entry stored with polling asked for, even an unpollable one).
+    pub fn is_watching(&self) -> bool {
+        !matches!(self.watcher, Watcher::None)
+    }
+
+    /// Rebuilds a store from [`export`](Self::export)ed entries whose fds
+    /// were handed over: same order, names and polling (an entry that was
+    /// not polled — `FDPOLL=0` or unpollable — stays unpolled). `watching`
+    /// ([`is_watching`](Self::is_watching) of the old store) recreates the
+    /// epoll instance even with no polled entry, so the new image holds
+    /// exactly as many fds as the old one.
+    pub fn restore(max: usize, entries: Vec<(String, OwnedFd, bool)>, watching: bool) -> Result<FdStore, StoreError> {
+        // No limit or duplicate check: these entries passed them when they
+        // were first stored.
+        let mut store = FdStore::new(max);
+        if watching {
+            let ep = epoll::create(epoll::CreateFlags::CLOEXEC)
+                .map_err(|e| StoreError::Watch { closed: entries.len(), source: e.into() })?;
+            store.watcher = Watcher::Plain(ep);
+        }
+        for (name, fd, polled) in entries {
+            let id = store.next_id;
+            store.next_id += 1;
+            let polled = if polled {
+                match store.watch(fd.as_fd(), id) {
+                    Ok(polled) => polled,
+                    Err(source) => return Err(StoreError::Watch { closed: 1, source }),
+                }
+            } else {
+                false
+            };
+            store.entries.push(Entry { id, name, fd, polled });
+        }
+        Ok(store)
+    }
+
     /// Empties the store, closing everything.
     pub fn clear(&mut self) {
         for entry in std::mem::take(&mut self.entries) {

@@ -13,9 +13,16 @@
 //! At most one generation is starting at a time. Restart requests that
 //! arrive meanwhile wait for the *next* restart, which starts as soon as the
 //! current one ends, and all of them get its outcome.
+//!
+//! `baton upgrade` ([`crate::upgrade`]) is handled here too: the new binary
+//! is probed by a separate task while the supervisor goes on; then, only
+//! between restarts, the whole state is handed over and the process
+//! re-executes itself ([`Supervisor::adopt`] is the other side).
 
 use std::collections::VecDeque;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::ffi::OsString;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,16 +33,22 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::control::{
-    GenerationStatus, Incoming, Request, Response, RestartDone, RestartFailure, SocketStatus, Status,
+    ControlServer, GenerationStatus, Incoming, Request, Response, RestartDone, RestartFailure, SocketStatus, Status,
+    UpgradeDone,
 };
 use crate::listen::BoundSocket;
 use crate::notify_server::{Datagram, NotifyServer};
 use crate::reaper::{self, Reaper};
 use crate::spawn::{AppCommand, Child, GenerationSetup};
 use crate::store::FdStore;
+use crate::upgrade::{self, Handover, Image, ProbeInfo, UpgradeError};
 
 /// How soon to retry moving connections when the handoff socket was full.
 const FLUSH_RETRY: Duration = Duration::from_millis(50);
+/// Before an upgrade's exec: how long control clients already connected may
+/// take to get their answers (their connections cannot be handed over; new
+/// ones wait in the backlog meanwhile).
+const UPGRADE_QUIESCE: Duration = Duration::from_secs(1);
 
 /// Who may send notifications (`NotifyAccess=`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -79,6 +92,9 @@ pub struct Config {
     pub name: String,
     /// The app.
     pub command: AppCommand,
+    /// The app's command line as given (`argv[0]` as the user wrote it):
+    /// `baton upgrade` hands it to the new image, which resolves it again.
+    pub command_line: Vec<OsString>,
     /// Listening sockets, passed to every generation at 3.. in this order.
     pub sockets: Vec<BoundSocket>,
     /// Fd-store entries inherited at start (from systemd's store).
@@ -124,6 +140,9 @@ pub enum SupervisorError {
         /// Cause.
         source: std::io::Error,
     },
+    /// The state handed over by `baton upgrade` could not be adopted.
+    #[error(transparent)]
+    Upgrade(#[from] UpgradeError),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -227,6 +246,32 @@ pub struct Supervisor {
     handoff: Option<(crate::handoff::HandoffServer, mpsc::Receiver<crate::handoff::Peer>)>,
     /// When to try again to move stored connections to the active generation.
     flush_retry: Option<Instant>,
+    /// The control socket, owned here so `baton upgrade` can hand it over.
+    control: Option<ControlServer>,
+    /// This program image.
+    image: Image,
+    /// A `baton upgrade` being probed (`probe` set) or about to exec.
+    upgrading: Option<PendingUpgrade>,
+    /// Set when this image adopted its state from the previous one.
+    adopted: Option<Adopted>,
+}
+
+struct PendingUpgrade {
+    reply: oneshot::Sender<Response>,
+    /// The client's connection, answered by the new image.
+    conn: Option<OwnedFd>,
+    binary: PathBuf,
+    requested: Instant,
+    probe: Option<oneshot::Receiver<Result<ProbeInfo, UpgradeError>>>,
+}
+
+/// What the adopting image still has to do once it runs.
+struct Adopted {
+    client: Option<OwnedFd>,
+    requested_mono_us: u64,
+    from_version: String,
+    /// Generations whose exit the previous image reaped but never processed.
+    lost: Vec<u32>,
 }
 
 struct PendingExit {
@@ -278,7 +323,25 @@ impl Supervisor {
             output_closed: Arc::new(tokio::sync::Notify::new()),
             handoff: None,
             flush_retry: None,
+            control: None,
+            image: Image::at_startup(),
+            upgrading: None,
+            adopted: None,
         })
+    }
+
+    /// Serves `control` (which delivers its requests to [`run`](Self::run)):
+    /// the supervisor owns it, to hand it over on `baton upgrade` and to shut
+    /// it down when it ends.
+    pub fn with_control(mut self, control: ControlServer) -> Self {
+        self.control = Some(control);
+        self
+    }
+
+    /// Describes this program image (default: [`Image::at_startup`]).
+    pub fn with_image(mut self, image: Image) -> Self {
+        self.image = image;
+        self
     }
 
     /// Offers generations a handoff socket (`$BATON_HANDOFF_SOCKET`) at
@@ -297,10 +360,20 @@ impl Supervisor {
         let mut hup = signal(SignalKind::hangup()).map_err(io("installing the SIGHUP handler"))?;
         let mut term = signal(SignalKind::terminate()).map_err(io("installing the SIGTERM handler"))?;
         let mut int = signal(SignalKind::interrupt()).map_err(io("installing the SIGINT handler"))?;
-        self.begin_restart(Trigger::Initial, Vec::new());
+        match self.adopted.take() {
+            None => self.begin_restart(Trigger::Initial, Vec::new()),
+            Some(adopted) => self.finish_adoption(adopted),
+        }
         loop {
             if let Some(ended) = self.ended.take() {
+                if let Some(server) = self.control.take() {
+                    server.shutdown(Duration::from_secs(2)).await;
+                }
                 return Ok(ended);
+            }
+            if self.upgrading.as_ref().is_some_and(|u| u.probe.is_none()) {
+                self.execute_upgrade(&mut control, [&mut hup, &mut term, &mut int]).await;
+                continue;
             }
             let deadline = self.next_deadline();
             tokio::select! {
@@ -317,6 +390,7 @@ impl Supervisor {
                 _ = tokio::time::sleep_until(deadline.into()) => self.on_timers(),
                 _ = self.output_closed.notified(), if self.pending_exit.is_some() => self.report_pending_exit(false),
                 Some(peer) = next_peer(&mut self.handoff) => self.on_handoff_peer(peer),
+                probed = probe_result(&mut self.upgrading) => self.on_probe(probed),
                 _ = hup.recv() => self.request_restart(None),
                 _ = term.recv() => self.begin_stop(None),
                 _ = int.recv() => self.begin_stop(None),
@@ -369,6 +443,7 @@ impl Supervisor {
                 let _ = incoming.reply.send(Response::Status(Box::new(self.status())));
             }
             Request::Stop => self.begin_stop(Some(incoming.reply)),
+            Request::Upgrade { binary } => self.request_upgrade(binary, incoming.reply, incoming.conn),
         }
     }
 
@@ -417,6 +492,10 @@ impl Supervisor {
             crash_restarts: self.crash_restarts,
             last_failure: self.last_failure.clone(),
             restarting: self.restart.is_some(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            binary: self.image.binary.as_ref().map(|b| b.display().to_string()),
+            upgrades: self.image.upgrades,
+            image_uptime_s: (now - self.image.started).as_secs_f64(),
         }
     }
 
@@ -775,11 +854,16 @@ impl Supervisor {
 
     fn on_exit(&mut self, pid: u32, status: &std::process::ExitStatus) {
         let how = reaper::describe(status);
+        self.on_gone(pid, how, status.success());
+    }
+
+    /// A child is gone (`how` it ended, and whether it succeeded).
+    fn on_gone(&mut self, pid: u32, how: String, success: bool) {
         // Health check processes.
         if let Some(g) = self.generations.iter_mut().find(|g| g.state == State::HealthCheck { pid }) {
             let number = g.number;
             g.health = None;
-            if status.success() {
+            if success {
                 tracing::info!(event = "health-ok", generation = number, "health check passed");
                 self.cutover(number);
             } else {
@@ -1138,6 +1222,9 @@ impl Supervisor {
             return;
         }
         tracing::info!(event = "stopping", "stopping all generations");
+        if let Some(up) = self.upgrading.take() {
+            let _ = up.reply.send(Response::Error { message: "baton is stopping; the upgrade was cancelled".into() });
+        }
         if self.restart.as_ref().is_some_and(|r| r.trigger != Trigger::Initial) {
             // We announced RELOADING=1; systemd 252 ignores STOPPING=1 until
             // the reload is over, so end it first, in its own datagram.
@@ -1193,6 +1280,599 @@ impl Supervisor {
         {
             tracing::warn!(event = "upstream-notify-failed", "notifying the service manager failed: {e}");
         }
+    }
+}
+
+// ---- baton upgrade ------------------------------------------------------
+
+impl Supervisor {
+    /// Why an upgrade cannot happen now, if it cannot: only a stable state
+    /// (no generation starting, no restart pending or scheduled) is handed
+    /// over, so the new image never has to resume a half-done transition.
+    fn busy_reason(&self) -> Option<String> {
+        if self.stopping.is_some() || self.ended.is_some() {
+            return Some("baton is stopping".into());
+        }
+        if self.upgrading.is_some() {
+            return Some("another upgrade is in progress".into());
+        }
+        if let Some(r) = &self.restart {
+            return Some(format!("a restart is in progress (generation {} is starting)", r.generation));
+        }
+        if self.pending_requested {
+            return Some("a restart is queued".into());
+        }
+        if self.scheduled.is_some() || self.pending_exit.is_some() {
+            return Some("a crashed generation is being replaced".into());
+        }
+        if let Some(g) = self.generations.iter().find(|g| !matches!(g.state, State::Active | State::Draining { .. })) {
+            return Some(format!("generation {} is starting", g.number));
+        }
+        None
+    }
+
+    fn request_upgrade(&mut self, binary: Option<PathBuf>, reply: oneshot::Sender<Response>, conn: Option<OwnedFd>) {
+        if let Some(reason) = self.busy_reason() {
+            let message = format!("busy: {reason}; nothing was changed, retry `baton upgrade` once it is over");
+            let _ = reply.send(Response::Error { message });
+            return;
+        }
+        let binary = match binary.or_else(|| self.image.binary.clone()) {
+            None => return drop(reply.send(Response::Error { message: UpgradeError::NoDefaultBinary.to_string() })),
+            Some(b) if !b.is_absolute() => {
+                let message = UpgradeError::RelativeBinary { path: b }.to_string();
+                return drop(reply.send(Response::Error { message }));
+            }
+            Some(b) => b,
+        };
+        tracing::info!(event = "upgrade-requested", binary = %binary.display(), "checking {} before upgrading", binary.display());
+        // The probe runs beside the supervisor, which keeps serving; the
+        // outcome comes back to `on_probe`.
+        let (tx, rx) = oneshot::channel();
+        let path = binary.clone();
+        tokio::spawn(async move {
+            let _ = tx.send(upgrade::probe(&path, upgrade::PROBE_TIMEOUT).await);
+        });
+        self.upgrading = Some(PendingUpgrade { reply, conn, binary, requested: Instant::now(), probe: Some(rx) });
+    }
+
+    fn on_probe(&mut self, probed: Result<ProbeInfo, UpgradeError>) {
+        let Some(mut up) = self.upgrading.take() else { return };
+        up.probe = None;
+        match probed {
+            Err(e) => {
+                tracing::warn!(event = "upgrade-refused", "{e}");
+                let _ = up.reply.send(Response::Error { message: e.to_string() });
+            }
+            Ok(info) => {
+                // A restart may have begun while probing.
+                if let Some(reason) = self.busy_reason() {
+                    let message = format!("busy: {reason}; nothing was changed, retry `baton upgrade` once it is over");
+                    let _ = up.reply.send(Response::Error { message });
+                    return;
+                }
+                tracing::info!(
+                    event = "upgrade-probed",
+                    version = %info.version,
+                    "{} is baton {}; upgrading",
+                    up.binary.display(),
+                    info.version
+                );
+                // Executed at the top of the run loop, which owns the
+                // control channel.
+                self.upgrading = Some(up);
+            }
+        }
+    }
+
+    /// Answers a control request that arrives while the exec is being
+    /// prepared: status as usual, anything else "retry".
+    fn answer_while_upgrading(&mut self, incoming: Incoming) {
+        let response = match incoming.request {
+            Request::Status => Response::Status(Box::new(self.status())),
+            _ => Response::Error {
+                message: "busy: baton is upgrading itself to a new binary right now; retry in a moment".into(),
+            },
+        };
+        let _ = incoming.reply.send(response);
+    }
+
+    fn fail_upgrade(&mut self, up: PendingUpgrade, message: String) {
+        tracing::error!(event = "upgrade-failed", "{message}");
+        // Signals that came meanwhile are delivered now, to the run loop.
+        upgrade::unblock_handled_signals();
+        if let Some(server) = &mut self.control {
+            server.resume();
+        }
+        let _ = up.reply.send(Response::Error { message });
+    }
+
+    /// Quiesces, hands the state over and re-executes. Returns only if the
+    /// upgrade did not happen (the client got the reason).
+    ///
+    /// `signals` are the run loop's SIGHUP, SIGTERM and SIGINT streams: from
+    /// here on those signals are blocked, so they stay pending in the kernel
+    /// and survive the exec (or are delivered when the upgrade fails); one
+    /// that tokio's handler already took before is found on the streams and
+    /// cancels the upgrade instead of being lost with this image.
+    async fn execute_upgrade(
+        &mut self,
+        control: &mut mpsc::Receiver<Incoming>,
+        signals: [&mut tokio::signal::unix::Signal; 3],
+    ) {
+        let Some(up) = self.upgrading.take() else { return };
+        upgrade::block_handled_signals();
+        if let Some(server) = &mut self.control {
+            server.pause();
+        }
+        // Clients already connected get their answers first (at most the
+        // grace): their connections die with this image. The upgrade's own
+        // client is the one allowed to stay.
+        let grace = tokio::time::sleep(UPGRADE_QUIESCE);
+        tokio::pin!(grace);
+        loop {
+            tokio::select! {
+                Some(incoming) = control.recv() => self.answer_while_upgrading(incoming),
+                _ = settled(&self.control) => break,
+                _ = &mut grace => break,
+            }
+        }
+        while let Ok(incoming) = control.try_recv() {
+            self.answer_while_upgrading(incoming);
+        }
+        // A signal that reached tokio's handler before the block above is in
+        // its pipe: one pass of the driver (yield) moves it to the streams.
+        tokio::task::yield_now().await;
+        let [hup, term, int] = signals;
+        let (stop, restart) = (taken(term) | taken(int), taken(hup));
+        if stop || restart {
+            let what = if stop { "baton is stopping" } else { "a restart was requested (SIGHUP)" };
+            self.fail_upgrade(up, format!("busy: {what}; nothing was changed"));
+            if stop {
+                self.begin_stop(None);
+            } else {
+                self.request_restart(None);
+            }
+            return;
+        }
+        // Exits already reaped are known only to this image: apply them.
+        while let Some(exit) = self.reaper.try_next() {
+            self.on_exit(exit.pid, &exit.status);
+        }
+        let mut peers = Vec::new();
+        if let Some((_, rx)) = &mut self.handoff {
+            while let Ok(peer) = rx.try_recv() {
+                peers.push(peer);
+            }
+        }
+        for peer in peers {
+            self.on_handoff_peer(peer);
+        }
+        if let Some(reason) = self.busy_reason() {
+            let message = format!("busy: {reason}; nothing was changed, retry `baton upgrade` once it is over");
+            return self.fail_upgrade(up, message);
+        }
+        let state = match self.handover(&up) {
+            Ok(state) => state,
+            Err(e) => return self.fail_upgrade(up, e.to_string()),
+        };
+        let status = format!("upgrading baton in place to {}", up.binary.display());
+        self.upstream_notify(&[
+            NotifyState::Reloading,
+            NotifyState::monotonic_usec_now(),
+            NotifyState::Status(&status),
+        ]);
+        tracing::info!(
+            event = "upgrade-exec",
+            binary = %up.binary.display(),
+            generations = self.generations.len(),
+            prepare_ms = up.requested.elapsed().as_millis() as u64,
+            "re-executing {} with {} generation(s), {} socket(s), {} stored fd(s)",
+            up.binary.display(),
+            self.generations.len(),
+            self.cfg.sockets.len(),
+            self.store.len()
+        );
+        // Only returns if the exec failed; everything is as before.
+        let e = upgrade::exec(&up.binary, &self.image.argv, &state);
+        let serving = self.active().map(|g| format!("generation {} serving as pid {}", g.number, g.main_pid));
+        let status = format!("upgrade failed; {}", serving.unwrap_or_else(|| "no generation serving".into()));
+        self.upstream_notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+        self.fail_upgrade(up, e.to_string());
+    }
+
+    /// The state to hand over; every fd it names is owned by `self` and
+    /// stays open while `self` lives.
+    fn handover(&self, up: &PendingUpgrade) -> Result<Handover, UpgradeError> {
+        let cfg = &self.cfg;
+        // The new image rebuilds the app's command from its command line
+        // (see `adopt`): make sure that works now, rather than after the
+        // exec.
+        if let Some((program, args)) = cfg.command_line.split_first()
+            && let Err(e) = AppCommand::new(program, args)
+            && AppCommand::new(cfg.command.program().as_os_str(), args).is_err()
+        {
+            return Err(UpgradeError::AppProgram { program: program.into(), reason: e.to_string() });
+        }
+        let control = self.control.as_ref().ok_or_else(|| UpgradeError::Exec {
+            context: "handing over the control socket",
+            source: std::io::Error::other("this supervisor has no control socket"),
+        })?;
+        let mut generations = Vec::with_capacity(self.generations.len());
+        for g in &self.generations {
+            let (state, kill_at, killed) = match g.state {
+                State::Active => ("active", None, false),
+                State::Draining { kill_at, killed } => ("draining", Some(upgrade::to_mono(kill_at)), killed),
+                _ => {
+                    return Err(UpgradeError::Exec {
+                        context: "handing over the generations",
+                        source: std::io::Error::other(format!("generation {} is {}", g.number, g.state_name())),
+                    });
+                }
+            };
+            generations.push(upgrade::GenerationState {
+                number: g.number,
+                pid: g.child.pid,
+                pidfd: g.child.pidfd.as_raw_fd(),
+                main_pid: g.main_pid,
+                state: state.into(),
+                kill_at_mono_us: kill_at,
+                killed,
+                spawned_mono_us: upgrade::to_mono(g.spawned_at),
+                ready_mono_us: g.ready_at.map(upgrade::to_mono),
+                status_text: g.status_text.clone(),
+                watchdog: g.watchdog,
+                last_ping_mono_us: upgrade::to_mono(g.last_ping),
+                output_fd: g.output.pipe_fd(),
+                output_lines: g.output.lines(),
+                handoff: g.handoff.as_ref().map(|h| h.as_raw_fd()),
+                passed: g.passed.clone(),
+            });
+        }
+        let supervisor = upgrade::SupervisorState {
+            name: cfg.name.clone(),
+            app_argv: cfg.command_line.iter().map(|a| upgrade::os_bytes(a)).collect(),
+            app_program: cfg.command.program().to_owned(),
+            sockets: cfg
+                .sockets
+                .iter()
+                .map(|s| upgrade::SocketState { name: s.name.clone(), fd: s.fd.as_raw_fd(), local: s.local.clone() })
+                .collect(),
+            ready_timeout: cfg.ready_timeout,
+            stop_signal: cfg.stop_signal.as_raw(),
+            stop_timeout: cfg.stop_timeout,
+            notify_access: match cfg.notify_access {
+                NotifyAccess::Main => "main",
+                NotifyAccess::Exec => "exec",
+                NotifyAccess::All => "all",
+            }
+            .into(),
+            watchdog: cfg.watchdog,
+            fdstore_max: self.store.max(),
+            health_cmd: cfg.health_cmd.clone(),
+            max_draining: cfg.max_draining,
+            backoff_initial: cfg.backoff.initial,
+            backoff_max: cfg.backoff.max,
+            backoff_burst: cfg.backoff.burst,
+            backoff_interval: cfg.backoff.interval,
+            store: self
+                .store
+                .export()
+                .into_iter()
+                .map(|(name, fd, polled)| upgrade::StoredState { name, fd, polled })
+                .collect(),
+            store_watching: self.store.is_watching(),
+            generations,
+            next_number: self.next_number,
+            crashes: self.crashes.iter().map(|c| upgrade::to_mono(*c)).collect(),
+            consecutive_failures: self.consecutive_failures,
+            started_mono_us: upgrade::to_mono(self.started),
+            restarts: self.restarts,
+            crash_restarts: self.crash_restarts,
+            last_failure: self.last_failure.clone(),
+            flush_retry_mono_us: self.flush_retry.map(upgrade::to_mono),
+        };
+        Ok(Handover {
+            format: upgrade::STATE_FORMAT,
+            from_version: env!("CARGO_PKG_VERSION").into(),
+            binary: up.binary.clone(),
+            argv: self.image.argv.iter().map(|a| upgrade::os_bytes(a)).collect(),
+            upgrades: self.image.upgrades + 1,
+            requested_mono_us: upgrade::to_mono(up.requested),
+            control: upgrade::PathFd { path: control.path().to_owned(), fd: control.listener_fd() },
+            client: up.conn.as_ref().map(|c| c.as_raw_fd()),
+            notify: self.notify.export(),
+            handoff: self
+                .handoff
+                .as_ref()
+                .map(|(h, _)| upgrade::PathFd { path: h.path().to_owned(), fd: h.listener_fd() }),
+            upstream: self.upstream.as_ref().map(|u| u.address().to_owned()),
+            supervisor,
+        })
+    }
+
+    /// Rebuilds the supervisor from the state handed over by the previous
+    /// program image (`baton upgrade`), taking over every fd it names.
+    /// Returns it with its control requests, ready to [`run`](Self::run)
+    /// (which answers the upgrade's client and tells systemd READY=1). Must
+    /// run inside a tokio runtime.
+    pub fn adopt(h: Handover) -> Result<(Self, mpsc::Receiver<Incoming>), SupervisorError> {
+        let bad = |m: String| SupervisorError::Upgrade(UpgradeError::State(m));
+        let io = |context| move |source| SupervisorError::Io { context, source };
+        let s = h.supervisor;
+        // Own every fd first: whatever fails below, they are closed, not
+        // leaked.
+        let mut fds = upgrade::Adopter::default();
+        let control_fd = fds.take(h.control.fd, "the control socket")?;
+        let notify_fd = fds.take(h.notify.fd, "the notify socket")?;
+        let client = h.client.map(|fd| fds.take(fd, "the upgrade client's connection")).transpose()?;
+        let handoff_fd = match &h.handoff {
+            Some(x) => Some((x.path.clone(), fds.take(x.fd, "the handoff socket")?)),
+            None => None,
+        };
+        let mut sockets = Vec::with_capacity(s.sockets.len());
+        for x in &s.sockets {
+            let fd = fds.take(x.fd, &format!("listening socket {}", x.name))?;
+            sockets.push(BoundSocket { name: x.name.clone(), fd, local: x.local.clone() });
+        }
+        let mut stored = Vec::with_capacity(s.store.len());
+        for x in &s.store {
+            stored.push((x.name.clone(), fds.take(x.fd, &format!("fd-store entry {}", x.name))?, x.polled));
+        }
+        struct Taken {
+            pidfd: OwnedFd,
+            output: Option<OwnedFd>,
+            handoff: Option<OwnedFd>,
+        }
+        let mut taken = Vec::with_capacity(s.generations.len());
+        for g in &s.generations {
+            let what = |x: &str| format!("generation {}'s {x}", g.number);
+            taken.push(Taken {
+                pidfd: fds.take(g.pidfd, &what("pidfd"))?,
+                output: g.output_fd.map(|fd| fds.take(fd, &what("output pipe"))).transpose()?,
+                handoff: g.handoff.map(|fd| fds.take(fd, &what("handoff connection"))).transpose()?,
+            });
+        }
+
+        let argv: Vec<OsString> = s.app_argv.iter().map(|a| upgrade::bytes_os(a)).collect();
+        let Some((program, args)) = argv.split_first() else {
+            return Err(bad("the app's command line is empty".into()));
+        };
+        // Resolved again from the command line as given, so argv[0] stays
+        // what the user wrote; if that now finds another program, the one
+        // the generations run is kept.
+        let command = match AppCommand::new(program, args) {
+            Ok(c) if c.program() == s.app_program => c,
+            other => match (AppCommand::new(s.app_program.as_os_str(), args), other) {
+                (Ok(c), _) | (Err(_), Ok(c)) => c,
+                // Checked by the old image moments ago, so the program just
+                // vanished. Failing here would abandon the running
+                // generations; instead starting a new one reports why.
+                (Err(e), Err(_)) => {
+                    tracing::error!("the app's program is gone: {e}; restarts fail until baton is restarted");
+                    let message = format!("baton: the app's program vanished during baton's upgrade: {e}");
+                    let script = "echo \"$1\" >&2; exit 127";
+                    AppCommand::new("/bin/sh".as_ref(), &["-c".into(), script.into(), "sh".into(), message.into()])
+                        .map_err(|e| bad(e.to_string()))?
+                }
+            },
+        };
+        let stop_signal = Signal::from_named_raw(s.stop_signal)
+            .ok_or_else(|| bad(format!("stop signal {} is not a known signal", s.stop_signal)))?;
+        let notify_access = match s.notify_access.as_str() {
+            "main" => NotifyAccess::Main,
+            "exec" => NotifyAccess::Exec,
+            "all" => NotifyAccess::All,
+            other => return Err(bad(format!("unknown notify access {other:?}"))),
+        };
+
+        reaper::become_subreaper().map_err(io("becoming the subreaper of the app's processes"))?;
+        let reaper = Reaper::start().map_err(io("starting the child reaper"))?;
+        let (control, requests) = ControlServer::adopt(&h.control.path, control_fd).map_err(|e| bad(e.to_string()))?;
+        let notify = NotifyServer::adopt(notify_fd, &h.notify).map_err(io("adopting the notify socket"))?;
+        let handoff = match handoff_fd {
+            Some((path, fd)) => {
+                Some(crate::handoff::HandoffServer::adopt(&path, fd).map_err(io("adopting the handoff socket"))?)
+            }
+            None => None,
+        };
+        let upstream = match h.upstream.as_deref().map(Notifier::new) {
+            Some(Ok(n)) => Some(Arc::new(n)),
+            Some(Err(e)) => {
+                tracing::warn!("cannot notify the service manager any more: {e}");
+                None
+            }
+            None => None,
+        };
+        let store = FdStore::restore(s.fdstore_max, stored, s.store_watching).map_err(|e| bad(e.to_string()))?;
+        let output_closed = Arc::new(tokio::sync::Notify::new());
+        let now = Instant::now();
+        let mut generations = Vec::with_capacity(s.generations.len());
+        let mut lost = Vec::new();
+        for (g, t) in s.generations.into_iter().zip(taken) {
+            let state = match g.state.as_str() {
+                "active" => State::Active,
+                "draining" => {
+                    State::Draining { kill_at: g.kill_at_mono_us.map_or(now, upgrade::from_mono), killed: g.killed }
+                }
+                other => return Err(bad(format!("generation {} is in state {other:?}", g.number))),
+            };
+            let output = match t.output {
+                Some(fd) => crate::output::adopt(fd, Arc::clone(&output_closed), g.output_lines)
+                    .map_err(io("adopting a generation's output pipe"))?,
+                None => crate::output::Tail::finished(g.output_lines),
+            };
+            // An exit the previous image reaped but had not processed yet
+            // (it takes all it can before the exec; this is the safety
+            // net): the pidfd then no longer refers to a child of ours.
+            let gone = matches!(
+                rustix::process::waitid(
+                    rustix::process::WaitId::PidFd(t.pidfd.as_fd()),
+                    rustix::process::WaitIdOptions::EXITED
+                        | rustix::process::WaitIdOptions::NOHANG
+                        | rustix::process::WaitIdOptions::NOWAIT,
+                ),
+                Err(rustix::io::Errno::CHILD)
+            );
+            if gone {
+                lost.push(g.pid);
+            }
+            generations.push(Generation {
+                number: g.number,
+                child: Child { pid: g.pid, pidfd: t.pidfd },
+                main_pid: g.main_pid,
+                state,
+                spawned_at: upgrade::from_mono(g.spawned_mono_us),
+                ready_at: g.ready_mono_us.map(upgrade::from_mono),
+                start_deadline: now,
+                status_text: g.status_text,
+                watchdog: g.watchdog,
+                last_ping: upgrade::from_mono(g.last_ping_mono_us),
+                output,
+                health: None,
+                handoff: t.handoff,
+                passed: g.passed,
+            });
+        }
+        let cfg = Config {
+            name: s.name,
+            command,
+            command_line: argv,
+            sockets,
+            stored: Vec::new(),
+            ready_timeout: s.ready_timeout,
+            stop_signal,
+            stop_timeout: s.stop_timeout,
+            notify_access,
+            watchdog: s.watchdog,
+            fdstore_max: s.fdstore_max,
+            health_cmd: s.health_cmd,
+            max_draining: s.max_draining,
+            backoff: Backoff {
+                initial: s.backoff_initial,
+                max: s.backoff_max,
+                burst: s.backoff_burst,
+                interval: s.backoff_interval,
+            },
+        };
+        let image = Image {
+            binary: Some(h.binary),
+            argv: h.argv.iter().map(|a| upgrade::bytes_os(a)).collect(),
+            upgrades: h.upgrades,
+            started: now,
+        };
+        let supervisor = Supervisor {
+            cfg,
+            notify,
+            reaper,
+            store,
+            upstream,
+            generations,
+            next_number: s.next_number,
+            restart: None,
+            pending: Vec::new(),
+            pending_requested: false,
+            scheduled: None,
+            crashes: s.crashes.into_iter().map(upgrade::from_mono).collect(),
+            consecutive_failures: s.consecutive_failures,
+            started: upgrade::from_mono(s.started_mono_us),
+            restarts: s.restarts,
+            crash_restarts: s.crash_restarts,
+            last_failure: s.last_failure,
+            stopping: None,
+            ended: None,
+            failed_output: None,
+            pending_exit: None,
+            output_closed,
+            handoff,
+            flush_retry: s.flush_retry_mono_us.map(upgrade::from_mono),
+            control: Some(control),
+            image,
+            upgrading: None,
+            adopted: Some(Adopted {
+                client,
+                requested_mono_us: h.requested_mono_us,
+                from_version: h.from_version,
+                lost,
+            }),
+        };
+        Ok((supervisor, requests))
+    }
+
+    /// The adopting image is running (signal handlers installed): let
+    /// pending signals in, settle lost exits, tell systemd and the client.
+    fn finish_adoption(&mut self, adopted: Adopted) {
+        upgrade::unblock_handled_signals();
+        for pid in adopted.lost {
+            tracing::warn!(event = "exit-lost", pid, "pid {pid} ended during the upgrade; its exit status is unknown");
+            self.on_gone(pid, "ended during baton's upgrade (exit status unknown)".into(), false);
+        }
+        let elapsed_ms = upgrade::mono_now_us().saturating_sub(adopted.requested_mono_us) / 1000;
+        let version = env!("CARGO_PKG_VERSION");
+        let binary = self.image.binary.as_ref().map(|b| b.display().to_string()).unwrap_or_default();
+        tracing::info!(
+            event = "upgraded",
+            version,
+            from_version = %adopted.from_version,
+            elapsed_ms,
+            generations = self.generations.len(),
+            "baton upgraded in place from {} to {version} ({binary}) in {elapsed_ms} ms",
+            adopted.from_version
+        );
+        let status = match self.active() {
+            Some(g) => {
+                format!("generation {} serving as pid {}; baton {version} (upgraded in place)", g.number, g.main_pid)
+            }
+            None => format!("baton {version} (upgraded in place)"),
+        };
+        self.upstream_notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+        let Some(conn) = adopted.client else { return };
+        let done = UpgradeDone {
+            pid: std::process::id(),
+            version: version.into(),
+            binary,
+            upgrades: self.image.upgrades,
+            elapsed_ms,
+            generations: self.generations.len(),
+        };
+        let mut line = serde_json::to_vec(&Response::Upgraded(done)).unwrap_or_default();
+        line.push(b'\n');
+        let stream = std::os::unix::net::UnixStream::from(conn);
+        if stream.set_nonblocking(true).is_err() {
+            return;
+        }
+        let Ok(mut stream) = tokio::net::UnixStream::from_std(stream) else { return };
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            // Bounded like every control answer; closing is the end of it.
+            let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(&line)).await;
+        });
+    }
+}
+
+/// The probe's outcome, or never when no upgrade is being probed.
+async fn probe_result(upgrading: &mut Option<PendingUpgrade>) -> Result<ProbeInfo, UpgradeError> {
+    match upgrading.as_mut().and_then(|u| u.probe.as_mut()) {
+        Some(rx) => rx.await.unwrap_or_else(|_| {
+            Err(UpgradeError::Exec {
+                context: "probing the new binary",
+                source: std::io::Error::other("the probe task ended without an answer"),
+            })
+        }),
+        None => std::future::pending().await,
+    }
+}
+
+/// Whether `signal` was received (without waiting).
+fn taken(signal: &mut tokio::signal::unix::Signal) -> bool {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    matches!(signal.poll_recv(&mut cx), std::task::Poll::Ready(Some(())))
+}
+
+/// Resolves once at most one control client (the upgrade's) is connected.
+async fn settled(control: &Option<ControlServer>) {
+    if let Some(server) = control {
+        server.settled(1).await;
     }
 }
 

@@ -75,6 +75,7 @@ const PACKAGED: &[&str] = &[
     "/usr/share/man/man1/baton-status.1.gz",
     "/usr/share/man/man1/baton-stop.1.gz",
     "/usr/share/man/man1/baton-units.1.gz",
+    "/usr/share/man/man1/baton-upgrade.1.gz",
     "/usr/share/man/man1/baton.1.gz",
 ];
 

@@ -48,6 +48,7 @@ fn man_pages_render_without_warnings() {
         "baton-stop",
         "baton-units",
         "baton-notify",
+        "baton-upgrade",
         "baton-httpd",
     ]
     .iter()
