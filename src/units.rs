@@ -844,13 +844,19 @@ fn service_unit(plan: &Plan<'_>) -> UnitFile {
     if supervised {
         let _ = write!(
             s,
-            "# mixed: `systemctl stop` sends SIGTERM to Baton only. Baton asks each generation to\n\
-             # drain (its stop signal, then SIGKILL after --stop-timeout {stop}) and exits; systemd then\n\
-             # SIGKILLs whatever is left. With control-group (the default) systemd would signal every\n\
-             # generation itself, bypassing Baton's stop signal and deadline. Trade-off: if Baton\n\
-             # itself dies, systemd SIGKILLs the generations at once instead of letting them drain.\n\
-             KillMode=mixed\n\
-             # Longer than Baton's --stop-timeout, so that Baton, not systemd, ends the drain.\n\
+            "# control-group (the default): should Baton itself die, systemd SIGTERMs the generations\n\
+             # and restarts Baton once they have drained: requests in flight finish while new\n\
+             # connections wait in the socket's backlog. mixed would SIGKILL them, cutting every\n\
+             # request in flight; process would leave them running unsupervised, even past `systemctl\n\
+             # stop`. Measured with Baton SIGKILLed during 4 downloads, on systemd 252 and 257: 4 of 4\n\
+             # completed (mixed: 0 of 4); idle keep-alive connections closed with a FIN and no new\n\
+             # connection refused or failed under either. The app must survive writing to its stderr\n\
+             # then, a pipe nobody reads any more (EPIPE; SIGPIPE kills a C or Go program). On\n\
+             # `systemctl stop` the generations get systemd's SIGTERM as well as Baton's stop signal;\n\
+             # Baton still SIGKILLs one left after --stop-timeout {stop}.\n\
+             KillMode=control-group\n\
+             # Longer than Baton's --stop-timeout, so that Baton, not systemd, ends the drain. Also\n\
+             # the longest a crashed Baton's generations may drain before Baton is restarted.\n\
              TimeoutStopSec={timeout_stop}\n"
         );
     } else {

@@ -3,15 +3,17 @@
 //! status, `systemctl reload` as an overlapped restart (through
 //! `ExecReload=baton restart` and, on 257, `Type=notify-reload`), no failed
 //! request under load, Baton's own crash with systemd's fd store holding the
-//! sockets, socket activation of Baton itself, a clean stop, and structured
-//! journal fields.
+//! sockets (and, per `KillMode=`, what it costs the clients of the killed
+//! generation: the figures behind the generated units' choice), socket
+//! activation of Baton itself, a clean stop, and structured journal fields.
 //!
 //! The app is the conformance probe (`crates/sd-probe`), which knows only
-//! the systemd protocol. Every claim is checked through systemd's own view
+//! the systemd protocol, or, to measure a crash's cost, the reference server
+//! (`crates/baton-httpd`). Every claim is checked through systemd's own view
 //! (`systemctl show`, the journal), the probe's report file and real
 //! loopback connections. Each scenario boots its own testbed.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -397,12 +399,14 @@ fn reloads_under_load_lose_nothing(b: &Bed) {
 /// Baton SIGKILLed: `Restart=always` starts a new Baton, which takes its
 /// listener back from systemd's fd store (`listen/http`) instead of
 /// binding, and the app's stored fd (`app/state`) reaches its first
-/// generation. The port never refuses a connection meanwhile.
+/// generation. The port never refuses a connection meanwhile. Then
+/// [`crash_costs`] measures, with the reference server, what the killed
+/// generation's clients suffer under `kill_mode`.
 ///
 /// `kill_mode` decides the fate of the running generation when Baton dies:
 /// `control-group` SIGTERMs it (it drains), `mixed` SIGKILLs it, `process`
-/// leaves it running, outside any Baton's care (see the printed
-/// observation: it even survives `systemctl stop`).
+/// leaves it running, outside any Baton's care: it even survives
+/// `systemctl stop`, which is why that mode is never generated.
 fn baton_crash(b: &Bed, kill_mode: &str) {
     let extra = format!("Restart=always\nRestartSec=2s\nKillMode={kill_mode}");
     b.install_app(&Unit { extra: &extra, probe_opts: "--store state=kept-by-systemd", ..Unit::default() });
@@ -481,6 +485,18 @@ fn baton_crash(b: &Bed, kill_mode: &str) {
         b.tb.systemd_version(),
         failures.len()
     );
+    if kill_mode == "process" {
+        // The reason `process` is never generated: the orphan escapes both
+        // Batons and the stop.
+        assert_eq!(after_stop, vec![pid1], "KillMode=process: the orphaned generation outlives `systemctl stop`");
+        b.signal(&pid1.to_string(), "KILL");
+    } else {
+        assert_eq!(after_stop, Vec::<u32>::new(), "KillMode={kill_mode}: `systemctl stop` left probes running");
+    }
+
+    let costs = crash_costs(b, kill_mode);
+    eprintln!("{costs}");
+    costs.assert_expected();
 }
 
 fn baton_crash_killmode_process(b: &Bed) {
@@ -493,6 +509,560 @@ fn baton_crash_killmode_control_group(b: &Bed) {
 
 fn baton_crash_killmode_mixed(b: &Bed) {
     baton_crash(b, "mixed");
+}
+
+// ---- what Baton's crash costs the clients, per KillMode= ------------------
+
+/// The reference unit as shipped (`units/`, kept identical to what `baton
+/// units` generates by tests/units.rs): its `KillMode=` is the choice these
+/// measurements justify, so the guarantees asserted follow it.
+const SHIPPED_SERVICE: &str = include_str!("../units/baton-httpd.service");
+
+/// `KillMode=` of [`SHIPPED_SERVICE`].
+fn shipped_kill_mode() -> &'static str {
+    SHIPPED_SERVICE
+        .lines()
+        .find_map(|l| l.strip_prefix("KillMode="))
+        .expect("units/baton-httpd.service has a KillMode= line")
+        .trim()
+}
+
+/// Slow downloads in progress when Baton is killed.
+const IN_FLIGHT: usize = 4;
+/// Idle keep-alive connections opened (and used once) before the kill.
+const IDLE: usize = 8;
+/// Clients opening a new connection per request throughout.
+const NEW_CLIENTS: usize = 4;
+/// Pause between one client's requests: about 200 requests/s in all, enough
+/// to sample the gap finely without loading the 2-core box.
+const NEW_PACE: Duration = Duration::from_millis(20);
+/// Bound on the samples each new-connection client keeps (the run lasts
+/// seconds; this is only a backstop).
+const NEW_MAX_SAMPLES: usize = 20_000;
+/// The in-flight downloads' size: the client pins its receive buffer at
+/// [`SLOW_RCVBUF`] and the server's send buffer grows to 4 MiB at most
+/// (`tcp_wmem`), so the server is still writing when Baton dies.
+const BIG_LEN: usize = 32 << 20;
+/// What an in-flight client reads before the kill (then it stops reading
+/// until systemd has dealt with the generation).
+const BIG_PREFIX: usize = 1 << 20;
+/// `SO_RCVBUF` of the in-flight clients (set before connect(), which also
+/// turns receive-buffer autotuning off: `tcp_rmem` allows 32 MiB here).
+const SLOW_RCVBUF: usize = 64 * 1024;
+
+/// Why a request failed, as its client saw it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Failure {
+    /// `connect()` got ECONNREFUSED: nothing held the listening socket.
+    Refused,
+    /// ECONNRESET or EPIPE.
+    Reset,
+    /// EOF before the response was complete (a FIN, mid-response or before
+    /// any byte of it).
+    Closed,
+    /// No byte for [`WAIT`].
+    Timeout,
+    /// Anything else, a status other than 200 included.
+    Other(String),
+}
+
+impl Failure {
+    fn from_io(e: &std::io::Error) -> Failure {
+        use std::io::ErrorKind as K;
+        match e.kind() {
+            K::ConnectionRefused => Failure::Refused,
+            K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe => Failure::Reset,
+            K::WouldBlock | K::TimedOut => Failure::Timeout,
+            _ => Failure::Other(e.to_string()),
+        }
+    }
+}
+
+/// A response's status line and the headers these tests use.
+#[derive(Debug)]
+struct Head {
+    status: u16,
+    len: usize,
+    pid: Option<u32>,
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn parse_head(text: &str) -> Result<Head, Failure> {
+    let bad = || Failure::Other(format!("malformed response head {text:?}"));
+    let mut lines = text.split("\r\n");
+    let status = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+    let (mut len, mut pid) = (None, None);
+    for line in lines {
+        let (k, v) = line.split_once(':').ok_or_else(bad)?;
+        match k.trim().to_ascii_lowercase().as_str() {
+            "content-length" => len = Some(v.trim().parse().map_err(|_| bad())?),
+            "baton-pid" => pid = v.trim().parse().ok(),
+            _ => {}
+        }
+    }
+    Ok(Head { status, len: len.ok_or_else(bad)?, pid })
+}
+
+/// One HTTP/1.1 client connection: requests in sequence, no pipelining,
+/// bodies by `Content-Length` (all the reference server sends).
+struct Client {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Client {
+    /// Connects to 127.0.0.1:`port`; `rcvbuf` pins `SO_RCVBUF` first.
+    fn connect(port: u16, rcvbuf: Option<usize>) -> Result<Client, Failure> {
+        let io = |e: std::io::Error| Failure::from_io(&e);
+        let s = match rcvbuf {
+            None => TcpStream::connect(("127.0.0.1", port)).map_err(io)?,
+            Some(size) => {
+                use rustix::net::{AddressFamily, SocketFlags, SocketType};
+                let fd = rustix::net::socket_with(AddressFamily::INET, SocketType::STREAM, SocketFlags::CLOEXEC, None)
+                    .map_err(|e| io(e.into()))?;
+                rustix::net::sockopt::set_socket_recv_buffer_size(&fd, size).map_err(|e| io(e.into()))?;
+                let addr = std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, port);
+                rustix::net::connect(&fd, &addr).map_err(|e| io(e.into()))?;
+                TcpStream::from(fd)
+            }
+        };
+        s.set_read_timeout(Some(WAIT)).map_err(io)?;
+        Ok(Client { s, buf: Vec::new() })
+    }
+
+    fn send(&mut self, path: &str, close: bool) -> Result<(), Failure> {
+        let connection = if close { "close" } else { "keep-alive" };
+        let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: {connection}\r\n\r\n");
+        self.s.write_all(req.as_bytes()).map_err(|e| Failure::from_io(&e))
+    }
+
+    /// Reads what arrives next into the buffer.
+    fn fill(&mut self) -> Result<(), Failure> {
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            match self.s.read(&mut chunk) {
+                Ok(0) => return Err(Failure::Closed),
+                Ok(n) => {
+                    self.buf.extend_from_slice(&chunk[..n]);
+                    return Ok(());
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Failure::from_io(&e)),
+            }
+        }
+    }
+
+    fn head(&mut self) -> Result<Head, Failure> {
+        loop {
+            if let Some(end) = find(&self.buf, b"\r\n\r\n") {
+                let text = String::from_utf8_lossy(&self.buf[..end]).into_owned();
+                self.buf.drain(..end + 4);
+                return parse_head(&text);
+            }
+            if self.buf.len() > 64 * 1024 {
+                return Err(Failure::Other("a response head over 64 KiB".into()));
+            }
+            self.fill()?;
+        }
+    }
+
+    /// Consumes body bytes until `*got` reaches `upto`.
+    fn body(&mut self, upto: usize, got: &mut usize) -> Result<(), Failure> {
+        loop {
+            let take = self.buf.len().min(upto - *got);
+            self.buf.drain(..take);
+            *got += take;
+            if *got == upto {
+                return Ok(());
+            }
+            self.fill()?;
+        }
+    }
+
+    /// One whole request; the answering pid.
+    fn get(&mut self, path: &str, close: bool) -> Result<u32, Failure> {
+        self.send(path, close)?;
+        let head = self.head()?;
+        self.body(head.len, &mut 0)?;
+        if head.status != 200 {
+            return Err(Failure::Other(format!("status {}", head.status)));
+        }
+        head.pid.ok_or_else(|| Failure::Other("no baton-pid header".into()))
+    }
+
+    /// How an idle connection looks without using it: still open, or closed
+    /// by the server (FIN or RST).
+    fn idle_state(&self) -> Result<(), Failure> {
+        if !self.buf.is_empty() {
+            return Err(Failure::Other("unsolicited bytes".into()));
+        }
+        let io = |e: std::io::Error| Failure::from_io(&e);
+        self.s.set_nonblocking(true).map_err(io)?;
+        let peeked = self.s.peek(&mut [0u8; 1]);
+        self.s.set_nonblocking(false).map_err(io)?;
+        match peeked {
+            Ok(0) => Err(Failure::Closed),
+            Ok(_) => Err(Failure::Other("unsolicited bytes".into())),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+            Err(e) => Err(Failure::from_io(&e)),
+        }
+    }
+}
+
+/// One request on a new connection.
+#[derive(Debug, Clone)]
+struct Sample {
+    start: Instant,
+    end: Instant,
+    outcome: Result<u32, Failure>,
+}
+
+/// Clients each opening a new connection per request (`Connection:
+/// close`), paced, until stopped; bounded in samples.
+struct NewConnections {
+    stop: Arc<AtomicBool>,
+    samples: Arc<Mutex<Vec<Sample>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl NewConnections {
+    fn start(port: u16) -> NewConnections {
+        let stop = Arc::new(AtomicBool::new(false));
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let threads = (0..NEW_CLIENTS)
+            .map(|_| {
+                let (stop, samples) = (stop.clone(), samples.clone());
+                std::thread::spawn(move || {
+                    let mut kept = 0;
+                    while !stop.load(Ordering::Relaxed) && kept < NEW_MAX_SAMPLES {
+                        let start = Instant::now();
+                        let outcome = Client::connect(port, None).and_then(|mut c| c.get("/healthz", true));
+                        samples.lock().unwrap().push(Sample { start, end: Instant::now(), outcome });
+                        kept += 1;
+                        std::thread::sleep(NEW_PACE);
+                    }
+                })
+            })
+            .collect();
+        NewConnections { stop, samples, threads }
+    }
+
+    /// When a request was first answered by a pid not in `old`.
+    fn first_answer_from_other(&self, old: &[u32]) -> Option<Instant> {
+        let samples = self.samples.lock().unwrap();
+        samples.iter().filter(|s| s.outcome.as_ref().is_ok_and(|p| !old.contains(p))).map(|s| s.end).min()
+    }
+
+    fn ok_count(&self) -> usize {
+        self.samples.lock().unwrap().iter().filter(|s| s.outcome.is_ok()).count()
+    }
+
+    fn finish(self) -> Vec<Sample> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        std::mem::take(&mut *self.samples.lock().unwrap())
+    }
+}
+
+/// Outcomes by kind, for the printed figures.
+fn tally<'a>(failures: impl Iterator<Item = &'a Failure>) -> String {
+    let mut by: std::collections::BTreeMap<&Failure, usize> = std::collections::BTreeMap::new();
+    for f in failures {
+        *by.entry(f).or_default() += 1;
+    }
+    if by.is_empty() {
+        return "none".into();
+    }
+    by.iter().map(|(f, n)| format!("{n} {f:?}")).collect::<Vec<_>>().join(", ")
+}
+
+/// What the clients of the killed generation saw, for one KillMode= run.
+struct Costs {
+    kill_mode: String,
+    version: u32,
+    /// SubState when systemd had dealt with the old generation (SIGTERM
+    /// sent, SIGKILLed, or left alone).
+    acted_substate: String,
+    /// In-flight downloads: `Ok(pid)` completed, else how they failed
+    /// (with the body bytes received out of [`BIG_LEN`]).
+    in_flight: Vec<Result<u32, (Failure, usize)>>,
+    /// Idle keep-alive connections after the restart, before reuse: `Ok`
+    /// still open, else how the server closed them.
+    idle_state: Vec<Result<(), Failure>>,
+    /// The ones still open, used again: the answering pid or the failure.
+    idle_reuse: Vec<Result<u32, Failure>>,
+    /// New connections started between the kill and the new generation's
+    /// first answer.
+    gap: Vec<Sample>,
+    /// All new-connection requests of the run (before, during, after).
+    all_new: Vec<Sample>,
+    /// Kill → the old generation gone (`None`: it never went).
+    old_gone: Option<Duration>,
+    /// Kill → first answer from the restarted Baton's generation.
+    first_new: Duration,
+    old_pid: u32,
+    /// Reference servers still running after `systemctl stop`.
+    after_stop: Vec<u32>,
+    /// `Result` after that stop.
+    stop_result: String,
+    /// Replacements Baton started during that stop (see [`crash_costs`]).
+    stop_replacements: usize,
+}
+
+impl Costs {
+    fn completed(&self) -> usize {
+        self.in_flight.iter().filter(|r| r.is_ok()).count()
+    }
+
+    fn gap_served(&self) -> usize {
+        self.gap.iter().filter(|s| s.outcome.is_ok()).count()
+    }
+
+    fn gap_refused(&self) -> usize {
+        self.gap.iter().filter(|s| s.outcome == Err(Failure::Refused)).count()
+    }
+
+    fn new_failed(&self) -> usize {
+        self.all_new.iter().filter(|s| s.outcome.is_err()).count()
+    }
+
+    /// The guarantees of each mode, measured: a failure here means the
+    /// choice in `src/units.rs` rests on figures that no longer hold.
+    fn assert_expected(&self) {
+        let m = &self.kill_mode;
+        // A generation that dies with Baton — say, on its first write to its
+        // stderr, the pipe Baton read — cuts everything under any KillMode=.
+        let detail = || {
+            let hint = if self.old_gone.is_some_and(|d| d < Duration::from_secs(1)) && self.completed() == 0 {
+                "\n(the old generation was gone within 1 s of the kill: did it survive Baton's death, e.g. \
+                 a write to its stderr, the pipe Baton read?)"
+            } else {
+                ""
+            };
+            format!("{self}{hint}")
+        };
+        // Every mode: the listener outlived Baton, so no connect was refused,
+        // and the restarted Baton's generation served.
+        assert_eq!(self.all_new.iter().filter(|s| s.outcome == Err(Failure::Refused)).count(), 0, "{}", detail());
+        assert!(self.gap_served() > 0, "no new connection was served after the gap: {}", detail());
+        match m.as_str() {
+            // The orphan finishes its downloads, and serves on unsupervised.
+            "process" => {
+                assert_eq!(self.completed(), IN_FLIGHT, "{}", detail());
+                assert_eq!(self.old_gone, None, "{}", detail());
+                assert_eq!(self.after_stop, vec![self.old_pid], "the orphan outlives `systemctl stop`: {}", detail());
+            }
+            // SIGKILL: every download in flight is cut.
+            "mixed" => {
+                assert_eq!(self.completed(), 0, "{}", detail());
+                assert!(self.after_stop.is_empty(), "{}", detail());
+            }
+            _ => assert!(self.after_stop.is_empty(), "{}", detail()),
+        }
+        if m == shipped_kill_mode() {
+            // What the generated units promise on Baton's crash.
+            assert_eq!(self.completed(), IN_FLIGHT, "in-flight requests complete: {}", detail());
+            assert_eq!(self.new_failed(), 0, "no new connection fails: {}", detail());
+            assert!(
+                self.idle_state.iter().all(|s| matches!(s, Ok(()) | Err(Failure::Closed))),
+                "idle connections are closed cleanly (FIN) if at all: {}",
+                detail()
+            );
+            assert!(self.idle_reuse.iter().all(Result::is_ok), "open idle connections still work: {}", detail());
+            assert_eq!(self.stop_result, "success", "{}", detail());
+        }
+    }
+}
+
+impl std::fmt::Display for Costs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |d: Duration| d.as_millis();
+        let cut: Vec<String> =
+            self.in_flight.iter().filter_map(|r| r.as_ref().err()).map(|(e, got)| format!("{e:?}@{got}B")).collect();
+        let idle_open = self.idle_state.iter().filter(|s| s.is_ok()).count();
+        let idle_worked_old = self.idle_reuse.iter().filter(|r| r.as_ref().is_ok_and(|p| *p == self.old_pid)).count();
+        let idle_worked_new = self.idle_reuse.iter().filter(|r| r.as_ref().is_ok_and(|p| *p != self.old_pid)).count();
+        let gap_wait = self.gap.iter().filter(|s| s.outcome.is_ok()).map(|s| s.end - s.start).max().unwrap_or_default();
+        let gap_by_old = self.gap.iter().filter(|s| s.outcome.as_ref().is_ok_and(|p| *p == self.old_pid)).count();
+        write!(
+            f,
+            "KILLMODE-COSTS systemd={} KillMode={} | in-flight {IN_FLIGHT}: {} completed, cut: [{}] | \
+             idle keep-alive {IDLE}: closed by server: {}; still open {idle_open}: reused ok {} (old pid {}, new {}), \
+             reuse failed: {} | new conns in the gap: {} started, {} served (by the old generation {gap_by_old}), \
+             {} refused, failed: {}; longest wait {} ms | all new conns: {} requests, failed: {} | \
+             systemd acted ({}), old generation gone after {} | first answer from the new generation after {} ms | \
+             then `systemctl stop`: Result={}, replacements started during it {}, left running {:?}",
+            self.version,
+            self.kill_mode,
+            self.completed(),
+            cut.join(", "),
+            tally(self.idle_state.iter().filter_map(|s| s.as_ref().err())),
+            idle_worked_old + idle_worked_new,
+            idle_worked_old,
+            idle_worked_new,
+            tally(self.idle_reuse.iter().filter_map(|r| r.as_ref().err())),
+            self.gap.len(),
+            self.gap_served(),
+            self.gap_refused(),
+            tally(self.gap.iter().filter_map(|s| s.outcome.as_ref().err()).filter(|e| **e != Failure::Refused)),
+            ms(gap_wait),
+            self.all_new.len(),
+            tally(self.all_new.iter().filter_map(|s| s.outcome.as_ref().err())),
+            self.acted_substate,
+            self.old_gone.map_or("never".into(), |d| format!("{} ms", ms(d))),
+            ms(self.first_new),
+            self.stop_result,
+            self.stop_replacements,
+            self.after_stop,
+        )
+    }
+}
+
+/// Pids of every reference server running in the testbed.
+fn httpd_pids(b: &Bed) -> Vec<u32> {
+    let script = "for p in /proc/[0-9]*; do \
+                  [ \"$(cat $p/comm 2>/dev/null)\" = baton-httpd ] && echo ${p#/proc/}; done; true";
+    let out = b.run(&["/bin/sh", "-c", script]);
+    out.stdout.lines().filter_map(|l| l.trim().parse().ok()).collect()
+}
+
+/// Baton SIGKILLed under `kill_mode` while its generation (the reference
+/// server, which drains on SIGTERM) has [`IN_FLIGHT`] slow downloads and
+/// [`IDLE`] idle keep-alive connections, and [`NEW_CLIENTS`] clients keep
+/// opening new connections: what each of them gets.
+fn crash_costs(b: &Bed, kill_mode: &str) -> Costs {
+    let httpd = cargo_bin("baton-httpd", "baton-httpd");
+    let root = b.tb.scratch().join("www");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("small.txt"), "small\n").unwrap();
+    std::fs::write(root.join("big.bin"), vec![b'x'; BIG_LEN]).unwrap();
+    let port = free_loopback_port();
+    b.install(
+        APP,
+        &format!(
+            "[Unit]\nStartLimitIntervalSec=0\n[Service]\nType=notify\nRuntimeDirectory=baton\nFileDescriptorStoreMax=64\n\
+             Restart=always\nRestartSec=2s\nKillMode={kill_mode}\n\
+             ExecStart={} run -l http=127.0.0.1:{port} --name app -- {} --root {} --drain-timeout 20s\n",
+            b.baton.display(),
+            httpd.display(),
+            root.display()
+        ),
+    );
+    b.ok(&["start", APP]);
+    let old_pid = Client::connect(port, None).and_then(|mut c| c.get("/healthz", true)).expect("first generation");
+
+    let mut idle: Vec<Client> = (0..IDLE)
+        .map(|_| {
+            let mut c = Client::connect(port, None).expect("idle connection");
+            assert_eq!(c.get("/small.txt", false), Ok(old_pid));
+            c
+        })
+        .collect();
+
+    // The downloads: each reads the head and BIG_PREFIX bytes, then waits
+    // (the server is blocked writing) until released.
+    let started = Arc::new(std::sync::Barrier::new(IN_FLIGHT + 1));
+    let release = Arc::new(std::sync::Barrier::new(IN_FLIGHT + 1));
+    let downloads: Vec<_> = (0..IN_FLIGHT)
+        .map(|_| {
+            let (started, release) = (started.clone(), release.clone());
+            std::thread::spawn(move || {
+                let mut got = 0;
+                let begun = Client::connect(port, Some(SLOW_RCVBUF)).and_then(|mut c| {
+                    c.send("/big.bin", true)?;
+                    let head = c.head()?;
+                    if head.status != 200 || head.len != BIG_LEN {
+                        return Err(Failure::Other(format!("{head:?}")));
+                    }
+                    c.body(BIG_PREFIX, &mut got)?;
+                    Ok((c, head))
+                });
+                started.wait();
+                release.wait();
+                let (mut c, head) = begun.map_err(|e| (e, got))?;
+                c.body(BIG_LEN, &mut got).map_err(|e| (e, got))?;
+                head.pid.ok_or((Failure::Other("no baton-pid header".into()), got))
+            })
+        })
+        .collect();
+    started.wait();
+
+    let new = NewConnections::start(port);
+    b.wait_for("new connections served before the kill", || new.ok_count() >= 2 * NEW_CLIENTS);
+
+    let killed = Instant::now();
+    b.ok(&["kill", "-s", "SIGKILL", "--kill-whom=main", APP]);
+    // Release the downloads once systemd has acted on the old generation:
+    // SIGTERM sent (`stop-sigterm`, control-group only: `mixed` never
+    // lingers there), SIGKILLed (gone), or left alone (`auto-restart` with
+    // the generation still running, `process`).
+    let mut acted_substate = String::new();
+    b.wait_for("systemd acting on the old generation", || {
+        acted_substate = b.show("SubState");
+        acted_substate == "stop-sigterm" || acted_substate == "auto-restart" || !b.alive(old_pid)
+    });
+    release.wait();
+    let in_flight: Vec<_> = downloads.into_iter().map(|t| t.join().unwrap()).collect();
+
+    let mut old_gone = None;
+    let mut first_new = None;
+    b.wait_for("the restarted Baton's generation answering", || {
+        if old_gone.is_none() && !b.alive(old_pid) {
+            old_gone = Some(killed.elapsed());
+        }
+        first_new = new.first_answer_from_other(&[old_pid]);
+        first_new.is_some()
+    });
+    let first_new = first_new.unwrap();
+    // A little more load after the cutover, then stop it.
+    let ok_then = new.ok_count();
+    b.wait_for("more answers after the restart", || new.ok_count() >= ok_then + 2 * NEW_CLIENTS);
+    let all_new = new.finish();
+    if old_gone.is_none() && !b.alive(old_pid) {
+        old_gone = Some(killed.elapsed());
+    }
+
+    let idle_state: Vec<_> = idle.iter().map(Client::idle_state).collect();
+    let idle_reuse: Vec<_> =
+        idle.iter_mut().zip(&idle_state).filter(|(_, s)| s.is_ok()).map(|(c, _)| c.get("/small.txt", false)).collect();
+    drop(idle);
+
+    let gap = all_new.iter().filter(|s| s.start >= killed && s.start < first_new).cloned().collect();
+    // A generation's own STOPPING=1 reaching Baton before Baton's SIGTERM
+    // makes Baton start a replacement (possible only when systemd signals
+    // the generations itself, control-group): observed, not asserted.
+    const ON_ITS_OWN: &str = "is stopping on its own";
+    let before_stop = b.journal().matches(ON_ITS_OWN).count();
+    b.ok(&["stop", APP]);
+    let stop_result = b.show("Result");
+    let stop_replacements = b.journal().matches(ON_ITS_OWN).count() - before_stop;
+    let after_stop = httpd_pids(b);
+    for pid in &after_stop {
+        // Only `process` leaves one (asserted by the caller); the testbed's
+        // teardown would end it too.
+        b.signal(&pid.to_string(), "KILL");
+    }
+    Costs {
+        kill_mode: kill_mode.to_owned(),
+        version: b.tb.systemd_version(),
+        acted_substate,
+        in_flight,
+        idle_state,
+        idle_reuse,
+        gap,
+        all_new,
+        old_gone,
+        first_new: first_new - killed,
+        old_pid,
+        after_stop,
+        stop_result,
+        stop_replacements,
+    }
 }
 
 /// Baton itself socket-activated by `app.socket`: the first connection
