@@ -91,8 +91,9 @@ pub enum Dropped {
     /// The control data was truncated (too many fds): the fds that did
     /// arrive were closed, as systemd does.
     #[error(
-        "notify datagram from {} dropped with all its fds: its control data was truncated (more than \
-         {NOTIFY_FD_MAX} fds?); the app must send fewer fds per message",
+        "notify datagram from {} dropped with all its fds: its control data was truncated, either \
+         because it carried more than {NOTIFY_FD_MAX} fds (the app must send fewer per message) or \
+         because Baton is at its open-file limit (raise LimitNOFILE= / ulimit -n)",
         sender(.pid)
     )]
     TruncatedControl {

@@ -879,7 +879,10 @@ impl Supervisor {
         let g = self.generations.remove(i);
         match g.state {
             State::Starting | State::HealthCheck { .. } => {
-                let mut reason = format!("{how} before READY=1");
+                let mut reason = match g.state {
+                    State::HealthCheck { .. } => format!("{how} after READY=1, during its health check"),
+                    _ => format!("{how} before READY=1"),
+                };
                 if let Some(s) = &g.status_text {
                     reason.push_str(&format!(" (last status: {s})"));
                 }

@@ -860,9 +860,8 @@ fn new_generation_crashing_during_its_health_check_leaves_the_old_one_serving() 
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     // Exit status 1: its READY=1 went through (2 would mean `baton notify`
-    // failed). Baton words it "before READY=1", as for any start that did
-    // not complete.
-    assert!(err.contains("generation 2 exited with status 1"), "{err}");
+    // failed).
+    assert!(err.contains("generation 2 exited with status 1 after READY=1, during its health check"), "{err}");
     assert!(err.contains("generation 1 keeps serving"), "{err}");
     assert!(b.log().contains("generation 2 started"), "{}", b.log());
     assert!(!b.log().contains("generation 1 draining"), "generation 1 was asked to drain:\n{}", b.log());
