@@ -182,9 +182,43 @@ pub struct RunArgs {
     /// Window for --restart-burst.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub restart_interval: Duration,
+    /// Where the app's stdout and stderr go: `inherit` gives every generation
+    /// baton's own stdout and stderr (under systemd the journal stream, kept
+    /// open by the app itself: its logging never depends on baton staying
+    /// alive, and $JOURNAL_STREAM lets it log natively; failure reports name
+    /// the journalctl command instead of quoting lines); `pipe` passes them
+    /// through baton, which keeps the last lines for failure reports (should
+    /// baton die, the app's next write fails: EPIPE, or death by SIGPIPE);
+    /// `auto`
+    /// is `inherit` when baton's stderr is the journal ($JOURNAL_STREAM
+    /// matches it), `pipe` otherwise.
+    #[arg(long, value_enum, default_value = "auto", value_name = "MODE")]
+    pub output: OutputArg,
     /// The app and its arguments.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
+}
+
+/// `--output` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputArg {
+    /// `inherit` when stderr is the journal, `pipe` otherwise.
+    Auto,
+    /// Through a pipe to baton, which keeps the last lines for failure reports.
+    Pipe,
+    /// Baton's own stdout and stderr (the journal under systemd).
+    Inherit,
+}
+
+impl OutputArg {
+    /// The mode to use, `auto` decided now from baton's stderr.
+    pub fn resolve(self) -> crate::output::OutputMode {
+        match self {
+            OutputArg::Auto => crate::output::OutputMode::auto(),
+            OutputArg::Pipe => crate::output::OutputMode::Pipe,
+            OutputArg::Inherit => crate::output::OutputMode::Inherit,
+        }
+    }
 }
 
 /// `--notify-access` values, as systemd's `NotifyAccess=`.

@@ -13,6 +13,7 @@ use baton::cli::{Access, Cli, Command, NotifyArgs, RunArgs, Target};
 use baton::control::{self, Request, Response};
 use baton::listen::{self, BoundSocket, SocketOptions};
 use baton::notify_server::NotifyServer;
+use baton::output::OutputMode;
 use baton::spawn::AppCommand;
 use baton::supervisor::{Backoff, Config, Ended, NotifyAccess, Supervisor};
 use baton_sd::{FdPoll, ListenFds, Notifier, NotifyState, StoredName};
@@ -216,7 +217,7 @@ fn init_logging() {
     use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_from_env("BATON_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    if stderr_is_journal()
+    if baton::output::stderr_is_journal()
         && let Ok(journald) = tracing_journald::layer()
     {
         tracing_subscriber::registry().with(filter).with(journald.with_syslog_identifier("baton".into())).init();
@@ -226,14 +227,6 @@ fn init_logging() {
         .with(filter)
         .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false))
         .init();
-}
-
-/// systemd.exec(5): stderr is connected to the journal when
-/// `$JOURNAL_STREAM` names its device and inode.
-fn stderr_is_journal() -> bool {
-    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else { return false };
-    let Ok(stat) = rustix::fs::fstat(std::io::stderr()) else { return false };
-    stream.to_string_lossy() == format!("{}:{}", stat.st_dev, stat.st_ino)
 }
 
 fn run(args: RunArgs) -> ExitCode {
@@ -346,6 +339,16 @@ fn run(args: RunArgs) -> ExitCode {
         println!("baton: restart with `baton restart {target}` (waits for the new generation's READY=1),");
         println!("baton: watch with `baton status {target}`; stop with Ctrl-C or `baton stop {target}`");
     }
+    let output = args.output.resolve();
+    tracing::info!(
+        event = "output",
+        mode = ?output,
+        "the app's stdout and stderr: {}",
+        match output {
+            OutputMode::Inherit => "inherited (baton's own)",
+            OutputMode::Pipe => "piped through baton",
+        }
+    );
     let access = match args.notify_access {
         Access::Main => NotifyAccess::Main,
         Access::Exec => NotifyAccess::Exec,
@@ -366,6 +369,7 @@ fn run(args: RunArgs) -> ExitCode {
         health_cmd: args.health_cmd.clone(),
         max_draining: args.max_draining.max(1),
         backoff: Backoff { burst: args.restart_burst, interval: args.restart_interval, ..Backoff::default() },
+        output,
     };
     let result = runtime().block_on(async move {
         let (server, requests) = control::ControlServer::start(&control_path).await.map_err(|e| e.to_string())?;

@@ -1,7 +1,19 @@
-//! Passing a generation's stdout and stderr through Baton while keeping its
-//! last lines, so a failed restart can say what the app printed last.
+//! Where a generation's stdout and stderr go ([`OutputMode`]).
 //!
-//! Each generation writes into its own pipe; one task per generation copies
+//! **Inherited** (the default when Baton's stderr is the journal, see
+//! [`stderr_is_journal`]): the generation gets Baton's own stdout and
+//! stderr, so under systemd it writes straight into the journal stream and
+//! nothing depends on Baton staying alive. That matters when Baton dies:
+//! with `KillMode=control-group` systemd then SIGTERMs the generation so it
+//! drains, and an app that logs while draining must not meet a broken pipe
+//! (`EPIPE`, or death by `SIGPIPE` for a C program with the default
+//! disposition Baton gives it) and lose its requests in flight.
+//! `JOURNAL_STREAM` is passed on unchanged and stays true for the app, which
+//! may then use the journal's native protocol. Baton keeps no lines then;
+//! failure reports say where to read them instead ([`InheritedTo::hint`]).
+//!
+//! **Piped** (the default otherwise): each generation writes into its own
+//! pipe; one task per generation copies
 //! the bytes unchanged to Baton's stderr and remembers the last
 //! [`TAIL_LINES`] lines (each cut at [`LINE_MAX`] bytes). Memory per
 //! generation is therefore bounded whatever the app prints.
@@ -12,8 +24,11 @@
 //! never notices, its pipe stays open and unread bytes wait in it.
 
 use std::collections::VecDeque;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
 
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncWriteExt, Interest};
@@ -22,6 +37,171 @@ use tokio::io::{AsyncWriteExt, Interest};
 pub const TAIL_LINES: usize = 20;
 /// Longest line kept (longer lines are cut, not dropped).
 pub const LINE_MAX: usize = 1024;
+
+/// How generations' stdout and stderr are connected (`baton run --output`,
+/// resolved: `auto` is decided once at startup).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputMode {
+    /// A pipe per generation, copied to Baton's stderr with the last lines
+    /// kept for failure reports.
+    #[default]
+    Pipe,
+    /// Baton's own stdout and stderr, unchanged (the journal under systemd).
+    Inherit,
+}
+
+impl OutputMode {
+    /// `auto`: [`Inherit`](Self::Inherit) when Baton's stderr is the journal
+    /// stream, [`Pipe`](Self::Pipe) otherwise.
+    pub fn auto() -> OutputMode {
+        if stderr_is_journal() { OutputMode::Inherit } else { OutputMode::Pipe }
+    }
+}
+
+/// systemd.exec(5): stderr is connected to the journal when
+/// `$JOURNAL_STREAM` (`<dev>:<inode>`) names the file fd 2 refers to. A
+/// wrapper may have redirected stderr since, hence the comparison.
+pub fn stderr_is_journal() -> bool {
+    journal_stream_matches(std::env::var_os("JOURNAL_STREAM").as_deref(), std::io::stderr().as_fd())
+}
+
+/// Whether a `JOURNAL_STREAM` value names the file `fd` refers to.
+pub fn journal_stream_matches(value: Option<&std::ffi::OsStr>, fd: BorrowedFd<'_>) -> bool {
+    let Some((dev, ino)) = value.and_then(|v| v.to_str()).and_then(|v| v.split_once(':')) else { return false };
+    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else { return false };
+    match rustix::fs::fstat(fd) {
+        Ok(st) => st.st_dev == dev && st.st_ino == ino,
+        Err(_) => false,
+    }
+}
+
+/// Where inherited output ends up, so failure reports can point there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InheritedTo {
+    /// The journal, through Baton's own stream.
+    Journal {
+        /// The systemd unit Baton runs in (from its cgroup), if any.
+        unit: Option<String>,
+        /// Whether that unit belongs to a user manager (`journalctl --user-unit`).
+        user: bool,
+    },
+    /// Baton's own stdout and stderr, which are not the journal.
+    BatonsOwn,
+}
+
+impl InheritedTo {
+    /// Looks at Baton's stderr and cgroup now (both survive `baton upgrade`).
+    pub fn detect() -> InheritedTo {
+        if !stderr_is_journal() {
+            return InheritedTo::BatonsOwn;
+        }
+        let cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        match unit_of_cgroup(&cgroup) {
+            Some((unit, user)) => InheritedTo::Journal { unit: Some(unit), user },
+            None => InheritedTo::Journal { unit: None, user: false },
+        }
+    }
+
+    /// Where to read what generation `pid`, started at `since`, printed.
+    ///
+    /// journald files each line of a stream under the credentials the
+    /// kernel attaches to the write (`SO_PASSCRED`), so the app's lines carry
+    /// its own `_PID` although the stream is Baton's (checked on systemd 252
+    /// and 257 by tests/under_systemd.rs). Processes the app started write
+    /// under their own pids, hence the second, wider command.
+    pub fn hint(&self, pid: u32, since: SystemTime) -> String {
+        let secs = since.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        match self {
+            InheritedTo::Journal { unit, user } => {
+                let unit = match unit {
+                    Some(u) if *user => format!(" --user-unit {u}"),
+                    Some(u) => format!(" -u {u}"),
+                    None => String::new(),
+                };
+                format!(
+                    "its output is in the journal: `journalctl{unit} _PID={pid}` (with what its child processes \
+                     printed: `journalctl{unit} --since @{secs}`)"
+                )
+            }
+            InheritedTo::BatonsOwn => "its output went to baton's own stdout and stderr (--output inherit)".into(),
+        }
+    }
+}
+
+/// The innermost systemd unit in a `/proc/PID/cgroup` text (the unified
+/// hierarchy's `0::` line, else v1's `name=systemd` one), and whether it runs
+/// under a user manager (`user@UID.service` above it). `None` outside any
+/// unit.
+pub fn unit_of_cgroup(cgroup: &str) -> Option<(String, bool)> {
+    let path = cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .or_else(|| cgroup.lines().find_map(|l| l.split_once(":name=systemd:").map(|(_, p)| p)))?;
+    let parts: Vec<&str> = path.trim().split('/').filter(|p| !p.is_empty()).collect();
+    // A delegated unit may have put Baton in a sub-cgroup of its own: the
+    // innermost component that is a unit name.
+    let i = parts.iter().rposition(|p| p.ends_with(".service") || p.ends_with(".scope"))?;
+    let user = parts[..i].iter().any(|p| p.starts_with("user@") && p.ends_with(".service"));
+    Some((parts[i].to_owned(), user))
+}
+
+/// A generation's output as Baton holds it.
+#[derive(Debug, Clone)]
+pub enum Output {
+    /// Read from its pipe, with the last lines kept.
+    Captured(Tail),
+    /// Not seen by Baton: the generation writes to Baton's own stdout and
+    /// stderr.
+    Inherited,
+}
+
+impl Output {
+    /// The last lines it printed; none when inherited.
+    pub fn lines(&self) -> Vec<String> {
+        match self {
+            Output::Captured(t) => t.lines(),
+            Output::Inherited => Vec::new(),
+        }
+    }
+
+    /// Whether its output has ended (always, when there is nothing Baton
+    /// reads: a failure report then need not wait for it).
+    pub fn is_closed(&self) -> bool {
+        match self {
+            Output::Captured(t) => t.is_closed(),
+            Output::Inherited => true,
+        }
+    }
+
+    /// The pipe's read end while it is open ([`Tail::pipe_fd`]).
+    pub fn pipe_fd(&self) -> Option<RawFd> {
+        match self {
+            Output::Captured(t) => t.pipe_fd(),
+            Output::Inherited => None,
+        }
+    }
+
+    /// How `baton upgrade` hands it over.
+    pub fn kind(&self) -> OutputKind {
+        match self {
+            Output::Captured(_) => OutputKind::Pipe,
+            Output::Inherited => OutputKind::None,
+        }
+    }
+}
+
+/// A generation's output in `baton upgrade`'s state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputKind {
+    /// Through a pipe (its read end handed over while open); the default, as
+    /// in states written before output could be inherited.
+    #[default]
+    Pipe,
+    /// No pipe: the generation writes to Baton's stdout and stderr.
+    None,
+}
 
 /// The last lines a generation printed.
 #[derive(Debug, Clone, Default)]
@@ -173,6 +353,63 @@ mod tests {
         assert_eq!(lines[0], "line 30");
         assert_eq!(lines[TAIL_LINES - 1], "line 49");
         assert_eq!(lines[TAIL_LINES].len(), LINE_MAX);
+    }
+
+    #[test]
+    fn the_unit_comes_from_the_innermost_unit_cgroup() {
+        assert_eq!(unit_of_cgroup("0::/system.slice/app.service\n"), Some(("app.service".into(), false)));
+        assert_eq!(unit_of_cgroup("0::/system.slice/app.service/baton\n"), Some(("app.service".into(), false)));
+        assert_eq!(
+            unit_of_cgroup("0::/user.slice/user-1000.slice/user@1000.service/app.slice/web.service\n"),
+            Some(("web.service".into(), true))
+        );
+        assert_eq!(
+            unit_of_cgroup("12:pids:/x\n1:name=systemd:/system.slice/old.service\n0::/\n"),
+            None,
+            "the unified line wins, and / is in no unit"
+        );
+        assert_eq!(
+            unit_of_cgroup("12:pids:/x\n1:name=systemd:/system.slice/old.service\n"),
+            Some(("old.service".into(), false))
+        );
+        assert_eq!(unit_of_cgroup("0::/init.scope\n"), Some(("init.scope".into(), false)));
+        assert_eq!(unit_of_cgroup(""), None);
+        assert_eq!(unit_of_cgroup("0::/user.slice\n"), None);
+    }
+
+    #[test]
+    fn hints_name_the_unit_the_pid_and_the_start() {
+        let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        let h = InheritedTo::Journal { unit: Some("app.service".into()), user: false }.hint(42, at);
+        assert!(h.contains("`journalctl -u app.service _PID=42`"), "{h}");
+        assert!(h.contains("`journalctl -u app.service --since @1700000000`"), "{h}");
+        let h = InheritedTo::Journal { unit: Some("web.service".into()), user: true }.hint(42, at);
+        assert!(h.contains("`journalctl --user-unit web.service _PID=42`"), "{h}");
+        let h = InheritedTo::Journal { unit: None, user: false }.hint(42, at);
+        assert!(h.contains("`journalctl _PID=42`") && h.contains("`journalctl --since @1700000000`"), "{h}");
+        assert!(InheritedTo::BatonsOwn.hint(42, at).contains("baton's own stdout"));
+    }
+
+    #[test]
+    fn journal_stream_must_name_the_same_file() {
+        let file = std::fs::File::open("/proc/self/exe").unwrap();
+        let st = rustix::fs::fstat(&file).unwrap();
+        let matching = format!("{}:{}", st.st_dev, st.st_ino);
+        assert!(journal_stream_matches(Some(std::ffi::OsStr::new(&matching)), file.as_fd()));
+        let other = format!("{}:{}", st.st_dev, st.st_ino + 1);
+        assert!(!journal_stream_matches(Some(std::ffi::OsStr::new(&other)), file.as_fd()));
+        for bad in ["", "1", "a:b", ":"] {
+            assert!(!journal_stream_matches(Some(std::ffi::OsStr::new(bad)), file.as_fd()), "{bad}");
+        }
+        assert!(!journal_stream_matches(None, file.as_fd()));
+    }
+
+    #[test]
+    fn old_states_mean_a_pipe() {
+        assert_eq!(serde_json::to_string(&OutputKind::None).unwrap(), "\"none\"");
+        assert_eq!(serde_json::from_str::<OutputKind>("\"pipe\"").unwrap(), OutputKind::Pipe);
+        assert_eq!(OutputKind::default(), OutputKind::Pipe);
+        assert_eq!(serde_json::to_string(&OutputMode::Inherit).unwrap(), "\"inherit\"");
     }
 
     #[tokio::test]

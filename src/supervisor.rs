@@ -38,6 +38,7 @@ use crate::control::{
 };
 use crate::listen::BoundSocket;
 use crate::notify_server::{Datagram, NotifyServer};
+use crate::output::{InheritedTo, Output, OutputKind, OutputMode};
 use crate::reaper::{self, Reaper};
 use crate::spawn::{AppCommand, Child, GenerationSetup};
 use crate::store::FdStore;
@@ -117,6 +118,8 @@ pub struct Config {
     pub max_draining: usize,
     /// Crash-restart policy.
     pub backoff: Backoff,
+    /// Where generations' stdout and stderr go.
+    pub output: OutputMode,
 }
 
 /// How a supervisor run ended.
@@ -165,7 +168,7 @@ struct Generation {
     status_text: Option<String>,
     watchdog: Option<Duration>,
     last_ping: Instant,
-    output: crate::output::Tail,
+    output: Output,
     /// The running health check, killed with the generation if it fails.
     health: Option<Child>,
     /// Its `$BATON_HANDOFF_SOCKET` connection, once it connected.
@@ -237,12 +240,14 @@ pub struct Supervisor {
     ended: Option<Ended>,
     /// Status and output of a starting generation that already exited, for
     /// the failure report.
-    failed_output: Option<(u64, Option<String>, crate::output::Tail)>,
+    failed_output: Option<FailedOutput>,
     /// A starting generation that exited: its failure is reported once its
     /// output has been read to the end (bounded by the deadline), so the
     /// report has its last lines.
     pending_exit: Option<PendingExit>,
     output_closed: Arc<tokio::sync::Notify>,
+    /// Where inherited output goes, for failure reports.
+    inherited_to: InheritedTo,
     handoff: Option<(crate::handoff::HandoffServer, mpsc::Receiver<crate::handoff::Peer>)>,
     /// When to try again to move stored connections to the active generation.
     flush_retry: Option<Instant>,
@@ -278,8 +283,18 @@ struct PendingExit {
     number: u64,
     reason: String,
     status_text: Option<String>,
-    output: crate::output::Tail,
+    output: Output,
+    /// Where its output can be read when Baton did not capture it.
+    hint: Option<String>,
     deadline: Instant,
+}
+
+/// What a failure report says about a generation's output.
+struct FailedOutput {
+    number: u64,
+    status_text: Option<String>,
+    lines: Vec<String>,
+    hint: Option<String>,
 }
 
 impl Supervisor {
@@ -321,6 +336,7 @@ impl Supervisor {
             failed_output: None,
             pending_exit: None,
             output_closed: Arc::new(tokio::sync::Notify::new()),
+            inherited_to: InheritedTo::detect(),
             handoff: None,
             flush_retry: None,
             control: None,
@@ -548,14 +564,21 @@ impl Supervisor {
         if let Some((server, _)) = &self.handoff {
             extra.push((baton_sd::handoff::HANDOFF_SOCKET_ENV, server.path().display().to_string()));
         }
-        let (output_fd, output) = crate::output::capture(Arc::clone(&self.output_closed))
-            .map_err(|e| format!("cannot create the pipe for its output: {e}"))?;
+        let (output_fd, output) = match self.cfg.output {
+            OutputMode::Pipe => {
+                let (fd, tail) = crate::output::capture(Arc::clone(&self.output_closed))
+                    .map_err(|e| format!("cannot create the pipe for its output: {e}"))?;
+                (Some(fd), Output::Captured(tail))
+            }
+            // Its 1 and 2 stay Baton's own (GenerationSetup::output: None).
+            OutputMode::Inherit => (None, Output::Inherited),
+        };
         let setup = GenerationSetup {
             fds: &fds,
             notify_socket: Some(self.notify.address()),
             watchdog_usec: self.cfg.watchdog.map(|w| w.as_micros() as u64),
             extra_env: &extra,
-            output: Some(output_fd.as_fd()),
+            output: output_fd.as_ref().map(|fd| fd.as_fd()),
         };
         let child = self.cfg.command.spawn(&setup).map_err(|e| e.to_string())?;
         // Only the child (and its descendants) may hold the write end, so
@@ -664,7 +687,14 @@ impl Supervisor {
             }
             Err(reason) => {
                 let serving = self.active().map(|g| g.number);
-                let (status_text, log_tail) = self.take_failed(restart.generation).unwrap_or_default();
+                let failed = self.take_failed(restart.generation);
+                let (status_text, log_tail, hint) =
+                    failed.map(|f| (f.status_text, f.lines, f.hint)).unwrap_or_default();
+                // Inherited output: not in the report, so say where it is.
+                let reason = match hint {
+                    Some(h) => format!("{reason}; {h}"),
+                    None => reason,
+                };
                 let message = format!("generation {} failed: {reason}", restart.generation);
                 tracing::error!(event = "restart-failed", generation = restart.generation, "{message}");
                 self.last_failure = Some(message.clone());
@@ -701,13 +731,15 @@ impl Supervisor {
 
     /// Kills a generation that failed to start and returns its last
     /// STATUS= and output lines (from `failed_output` if it already exited).
-    fn take_failed(&mut self, number: u64) -> Option<(Option<String>, Vec<String>)> {
-        if let Some((n, status, tail)) = self.failed_output.take()
-            && n == number
+    fn take_failed(&mut self, number: u64) -> Option<FailedOutput> {
+        if let Some(f) = self.failed_output.take()
+            && f.number == number
         {
-            return Some((status, tail.lines()));
+            return Some(f);
         }
-        let g = self.generations.iter_mut().find(|g| g.number == number)?;
+        let i = self.generations.iter().position(|g| g.number == number)?;
+        let hint = self.output_hint(&self.generations[i]);
+        let g = &mut self.generations[i];
         if let Some(h) = g.health.take() {
             let _ = h.signal_group(Signal::KILL);
         }
@@ -716,7 +748,18 @@ impl Supervisor {
         // SIGKILL only at the stop deadline.
         let _ = g.child.signal_group(self.cfg.stop_signal);
         g.state = State::Draining { kill_at: Instant::now() + self.cfg.stop_timeout, killed: false };
-        Some((g.status_text.clone(), g.output.lines()))
+        Some(FailedOutput { number, status_text: g.status_text.clone(), lines: g.output.lines(), hint })
+    }
+
+    /// Where to read `g`'s output if Baton did not capture it.
+    fn output_hint(&self, g: &Generation) -> Option<String> {
+        match g.output {
+            Output::Captured(_) => None,
+            Output::Inherited => {
+                let since = std::time::SystemTime::now().checked_sub(g.spawned_at.elapsed());
+                Some(self.inherited_to.hint(g.main_pid, since.unwrap_or(std::time::UNIX_EPOCH)))
+            }
+        }
     }
 
     /// Backoff for replacing a generation that died on its own (or a first
@@ -815,7 +858,8 @@ impl Supervisor {
             return;
         }
         let Some(p) = self.pending_exit.take() else { return };
-        self.failed_output = Some((p.number, p.status_text, p.output));
+        let lines = p.output.lines();
+        self.failed_output = Some(FailedOutput { number: p.number, status_text: p.status_text, lines, hint: p.hint });
         self.fail_starting(p.number, p.reason);
     }
 
@@ -894,6 +938,7 @@ impl Supervisor {
                     reason,
                     status_text: g.status_text.clone(),
                     output: g.output.clone(),
+                    hint: self.output_hint(&g),
                     deadline: Instant::now() + Duration::from_millis(500),
                 });
                 self.report_pending_exit(false);
@@ -906,7 +951,11 @@ impl Supervisor {
                     "generation {} {how} while serving",
                     g.number
                 );
-                self.last_failure = Some(format!("generation {} {how} while serving", g.number));
+                let mut failure = format!("generation {} {how} while serving", g.number);
+                if let Some(h) = self.output_hint(&g) {
+                    failure.push_str(&format!("; {h}"));
+                }
+                self.last_failure = Some(failure);
                 let _ = g.child.signal_group(Signal::KILL);
                 if self.stopping.is_none() {
                     if self.restart.is_some() {
@@ -1526,6 +1575,7 @@ impl Supervisor {
                 status_text: g.status_text.clone(),
                 watchdog: g.watchdog,
                 last_ping_mono_us: upgrade::to_mono(g.last_ping),
+                output: g.output.kind(),
                 output_fd: g.output.pipe_fd(),
                 output_lines: g.output.lines(),
                 handoff: g.handoff.as_ref().map(|h| h.as_raw_fd()),
@@ -1565,6 +1615,7 @@ impl Supervisor {
                 .map(|(name, fd, polled)| upgrade::StoredState { name, fd, polled })
                 .collect(),
             store_watching: self.store.is_watching(),
+            output_mode: cfg.output,
             generations,
             next_number: self.next_number,
             crashes: self.crashes.iter().map(|c| upgrade::to_mono(*c)).collect(),
@@ -1700,10 +1751,16 @@ impl Supervisor {
                 }
                 other => return Err(bad(format!("generation {} is in state {other:?}", g.number))),
             };
-            let output = match t.output {
-                Some(fd) => crate::output::adopt(fd, Arc::clone(&output_closed), g.output_lines)
-                    .map_err(io("adopting a generation's output pipe"))?,
-                None => crate::output::Tail::finished(g.output_lines),
+            let output = match (g.output, t.output) {
+                (OutputKind::Pipe, Some(fd)) => Output::Captured(
+                    crate::output::adopt(fd, Arc::clone(&output_closed), g.output_lines)
+                        .map_err(io("adopting a generation's output pipe"))?,
+                ),
+                (OutputKind::Pipe, None) => Output::Captured(crate::output::Tail::finished(g.output_lines)),
+                (OutputKind::None, None) => Output::Inherited,
+                (OutputKind::None, Some(_)) => {
+                    return Err(bad(format!("generation {} has no output pipe but names one", g.number)));
+                }
             };
             // An exit the previous image reaped but had not processed yet
             // (it takes all it can before the exec; this is the safety
@@ -1757,6 +1814,7 @@ impl Supervisor {
                 burst: s.backoff_burst,
                 interval: s.backoff_interval,
             },
+            output: s.output_mode,
         };
         let image = Image {
             binary: Some(h.binary),
@@ -1787,6 +1845,7 @@ impl Supervisor {
             failed_output: None,
             pending_exit: None,
             output_closed,
+            inherited_to: InheritedTo::detect(),
             handoff,
             flush_retry: s.flush_retry_mono_us.map(upgrade::from_mono),
             control: Some(control),

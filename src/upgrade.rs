@@ -11,8 +11,9 @@
 //!   `execve()`), their pidfds and process groups stay valid;
 //! - every fd that matters is kept open across the exec by clearing its
 //!   `FD_CLOEXEC` — the listeners, the fd store, the notify, control and
-//!   handoff sockets, each generation's pidfd, output pipe and handoff
-//!   connection, and the `baton upgrade` client's connection so that the new
+//!   handoff sockets, each generation's pidfd, output pipe (unless it
+//!   inherited Baton's stdout and stderr, which need no handing over) and
+//!   handoff connection, and the `baton upgrade` client's connection so that the new
 //!   image itself answers it. Everything else (tokio's epoll, the store's
 //!   private epoll, …) is close-on-exec and disappears;
 //! - the supervisor's state goes in a sealed memfd as JSON ([`Handover`]),
@@ -364,6 +365,9 @@ pub struct SupervisorState {
     /// Whether the store had its epoll instance.
     #[serde(default)]
     pub store_watching: bool,
+    /// `--output`, resolved (`pipe` in states written before it existed).
+    #[serde(default)]
+    pub output_mode: crate::output::OutputMode,
     /// Live generations, oldest first.
     pub generations: Vec<GenerationState>,
     /// Number of the next generation.
@@ -433,6 +437,11 @@ pub struct GenerationState {
     pub watchdog: Option<Duration>,
     /// Last watchdog ping (µs).
     pub last_ping_mono_us: u64,
+    /// `pipe`, or `none` when it writes to Baton's own stdout and stderr
+    /// (then `output_fd` is `None` and `output_lines` empty). States written
+    /// before output could be inherited lack it: `pipe`.
+    #[serde(default)]
+    pub output: crate::output::OutputKind,
     /// The read end of its output pipe, while open.
     pub output_fd: Option<RawFd>,
     /// The last lines it printed.

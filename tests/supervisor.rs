@@ -24,6 +24,9 @@ fn scratch(test: &str) -> PathBuf {
 
 struct Baton {
     child: Child,
+    /// Baton's stdout, kept open: with `--output inherit` it is the
+    /// generations' stdout too, which must not turn into a broken pipe.
+    _stdout: BufReader<std::process::ChildStdout>,
     dir: PathBuf,
     control: PathBuf,
     port: u16,
@@ -45,6 +48,11 @@ impl Baton {
     /// `baton run -l http=127.0.0.1:0 ARGS -- APP...` in `dir`, with
     /// generation 1 active.
     fn run(dir: PathBuf, args: &[&str], app: &[&OsStr]) -> Baton {
+        Baton::run_with_env(dir, args, app, &[])
+    }
+
+    /// [`Baton::run`] with more environment variables for Baton.
+    fn run_with_env(dir: PathBuf, args: &[&str], app: &[&OsStr], env: &[(&str, String)]) -> Baton {
         let control = dir.join("baton.sock");
         let report = dir.join("report");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_baton"));
@@ -52,17 +60,19 @@ impl Baton {
         cmd.args(app);
         let log = std::fs::File::create(dir.join("baton.log")).unwrap();
         cmd.stdout(Stdio::piped()).stderr(log).env("BATON_LOG", "debug");
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
         let mut child = cmd.spawn().expect("spawn baton");
         // Baton prints "baton: NAME ADDR" for each socket before starting the app.
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        stdout.read_line(&mut line).unwrap();
         let port = line
             .trim()
             .rsplit(':')
             .next()
             .and_then(|p| p.parse().ok())
             .unwrap_or_else(|| panic!("no port in baton's first line {line:?}"));
-        let b = Baton { child, dir, control, port, report };
+        let b = Baton { child, _stdout: stdout, dir, control, port, report };
         b.wait_active(1);
         b
     }
@@ -466,4 +476,197 @@ fn connections_wait_in_the_store_for_a_late_receiver() {
     }
     poll_until("the store emptied", WAIT, || (b.status().fdstore == 0).then_some(())).unwrap();
     let _ = std::fs::remove_dir_all(dir);
+}
+
+// ---- where the generations' output goes (--output) -------------------------
+
+/// Where `/proc/PID/fd/FD` points.
+fn fd_target(pid: u32, fd: u32) -> String {
+    std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).map(|p| p.display().to_string()).unwrap_or_default()
+}
+
+/// Pipes open in process `a` that process `b` holds at fds above 2.
+fn shared_pipes(a: u32, b: u32) -> Vec<String> {
+    let targets = |pid: u32, min: u32| -> Vec<String> {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .filter_map(|e| {
+                let e = e.ok()?;
+                let fd: u32 = e.file_name().to_str()?.parse().ok()?;
+                (fd >= min).then(|| std::fs::read_link(e.path()).ok()).flatten()
+            })
+            .map(|p| p.display().to_string())
+            .filter(|t| t.starts_with("pipe:"))
+            .collect()
+    };
+    let theirs = targets(b, 3);
+    let mut shared: Vec<String> = targets(a, 0).into_iter().filter(|t| theirs.contains(t)).collect();
+    shared.sort();
+    shared.dedup();
+    shared
+}
+
+/// A generation's main process, held by pidfd (it is not the test's child,
+/// and outlives Baton in these tests): signalled only through the pidfd,
+/// so a reused pid is never hit, and SIGKILLed with its process group on
+/// drop if still running.
+struct Orphan {
+    pid: u32,
+    pidfd: std::os::fd::OwnedFd,
+}
+
+impl Orphan {
+    fn new(pid: u32) -> Orphan {
+        let p = rustix::process::Pid::from_raw(pid as i32).unwrap();
+        Orphan { pid, pidfd: rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).unwrap() }
+    }
+
+    fn signal(&self, sig: rustix::process::Signal) {
+        rustix::process::pidfd_send_signal(&self.pidfd, sig).unwrap();
+    }
+
+    /// Waits (event-driven: a pidfd polls readable once the process exits)
+    /// up to `timeout`; whether it exited.
+    fn wait_exit(&self, timeout: Duration) -> bool {
+        use rustix::event::{PollFd, PollFlags, poll};
+        let mut fds = [PollFd::new(&self.pidfd, PollFlags::IN)];
+        let ts = rustix::time::Timespec { tv_sec: timeout.as_secs() as i64, tv_nsec: 0 };
+        matches!(poll(&mut fds, Some(&ts)), Ok(n) if n > 0)
+    }
+}
+
+impl Drop for Orphan {
+    fn drop(&mut self) {
+        if rustix::process::pidfd_send_signal(&self.pidfd, rustix::process::Signal::KILL).is_ok() {
+            // Its `sleep`s too: the group lives while its leader does.
+            let _ = rustix::process::kill_process_group(
+                rustix::process::Pid::from_raw(self.pid as i32).unwrap(),
+                rustix::process::Signal::KILL,
+            );
+        }
+    }
+}
+
+/// An app like a C program that logs: default SIGPIPE disposition (Baton
+/// resets it), a line on stderr every 10 ms, and on SIGTERM 50 `draining`
+/// lines, then `$1/exited` and exit 0. Readiness through `baton notify`
+/// (hence `--notify-access all`).
+const LOGGING_APP: &str = r#"
+trap 'i=0; while [ $i -lt 50 ]; do echo "draining $i" >&2; i=$((i+1)); sleep 0.01; done; echo 0 > "$1/exited"; exit 0' TERM
+"$2" notify --ready
+while :; do echo "tick $$" >&2; sleep 0.01; done
+"#;
+
+/// Starts Baton with `output` over [`LOGGING_APP`], SIGKILLs it, and returns
+/// the orphaned generation and the scratch directory.
+fn logging_app_outliving_baton(test: &str, output: &str) -> (Orphan, Baton) {
+    let dir = scratch(test);
+    let script = dir.join("app.sh");
+    std::fs::write(&script, LOGGING_APP).unwrap();
+    let b = Baton::run(
+        dir.clone(),
+        &["--output", output, "--notify-access", "all"],
+        &["/bin/sh".as_ref(), script.as_os_str(), dir.as_os_str(), env!("CARGO_BIN_EXE_baton").as_ref()],
+    );
+    let gen1 = Orphan::new(b.active_pid());
+    (gen1, b)
+}
+
+/// `--output inherit`: the generation's stdout and stderr are Baton's own
+/// (same open files), so when Baton is SIGKILLed the app, which keeps
+/// logging, neither gets EPIPE nor dies of SIGPIPE: it drains on SIGTERM
+/// and exits 0, its lines all in Baton's stderr file. The same app under
+/// `--output pipe` dies of SIGPIPE as soon as Baton is gone, which is
+/// what this option exists for.
+#[test]
+fn inherited_output_outlives_baton() {
+    let (gen1, mut b) = logging_app_outliving_baton("inherit-kill", "inherit");
+    let baton = b.child.id();
+    for fd in [1, 2] {
+        let (theirs, ours) = (fd_target(gen1.pid, fd), fd_target(baton, fd));
+        assert!(!ours.is_empty(), "baton's fd {fd}");
+        assert_eq!(theirs, ours, "the generation's fd {fd} is baton's own");
+    }
+    assert!(fd_target(baton, 2).ends_with("baton.log"), "{}", fd_target(baton, 2));
+    // Baton reads no pipe of the generation's.
+    assert_eq!(shared_pipes(gen1.pid, baton), Vec::<String>::new());
+
+    b.child.kill().unwrap();
+    b.child.wait().unwrap();
+    // Still logging after Baton's death.
+    let log = b.dir.join("baton.log");
+    let ticks = || std::fs::read_to_string(&log).unwrap_or_default().matches("tick").count();
+    let before = ticks();
+    poll_until("the orphaned generation logging on", WAIT, || (ticks() > before + 5).then_some(())).unwrap();
+    gen1.signal(rustix::process::Signal::TERM);
+    assert!(gen1.wait_exit(WAIT), "the generation did not finish draining");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("draining 49"), "{text}");
+    assert_eq!(std::fs::read_to_string(b.dir.join("exited")).unwrap().trim(), "0", "it ran to its `exit 0`");
+}
+
+/// The control for [`inherited_output_outlives_baton`]: with `--output pipe`
+/// (the old behaviour) the same app is killed by SIGPIPE once Baton dies —
+/// before it could drain and reach its `exit 0`.
+#[test]
+fn piped_output_breaks_when_baton_dies() {
+    let (gen1, mut b) = logging_app_outliving_baton("pipe-kill", "pipe");
+    assert!(fd_target(gen1.pid, 2).starts_with("pipe:"), "{}", fd_target(gen1.pid, 2));
+    assert_ne!(fd_target(gen1.pid, 2), fd_target(b.child.id(), 2));
+    assert_eq!(shared_pipes(gen1.pid, b.child.id()), vec![fd_target(gen1.pid, 2)], "baton reads its pipe");
+    b.child.kill().unwrap();
+    b.child.wait().unwrap();
+    assert!(gen1.wait_exit(WAIT), "the app should die of SIGPIPE within {WAIT:?}");
+    assert!(!b.dir.join("exited").exists(), "it never reached its exit");
+}
+
+/// `--output auto` (the default) inherits when `$JOURNAL_STREAM` names
+/// Baton's stderr (here a plain file standing in for the journal stream):
+/// the generation writes there directly and gets `JOURNAL_STREAM` unchanged;
+/// a failed start's report then points to the journal instead of quoting
+/// lines. Without a matching `JOURNAL_STREAM` it pipes.
+#[test]
+fn auto_output_inherits_when_stderr_is_the_journal() {
+    let dir = scratch("auto-journal");
+    let fail = dir.join("fail");
+    let log = std::fs::File::create(dir.join("baton.log")).unwrap();
+    let st = rustix::fs::fstat(&log).unwrap();
+    let stream = format!("{}:{}", st.st_dev, st.st_ino);
+    let probe = cargo_bin("sd-probe", "baton-sd-probe");
+    let report = dir.join("report");
+    let app: Vec<&OsStr> = vec![
+        probe.as_os_str(),
+        "--serve".as_ref(),
+        "http".as_ref(),
+        "--report".as_ref(),
+        report.as_os_str(),
+        "--fail-if-exists".as_ref(),
+        fail.as_os_str(),
+    ];
+    let b = Baton::run_with_env(dir.clone(), &[], &app, &[("JOURNAL_STREAM", stream.clone())]);
+    let pid1 = b.active_pid();
+    assert_eq!(fd_target(pid1, 2), fd_target(b.child.id(), 2), "inherited");
+    let environ = std::fs::read(format!("/proc/{pid1}/environ")).unwrap();
+    let want = format!("JOURNAL_STREAM={stream}");
+    assert!(environ.split(|&c| c == 0).any(|v| v == want.as_bytes()), "the app can log natively");
+
+    std::fs::write(&fail, "").unwrap();
+    let out = b.cli(&["restart"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("exited with status 3 before READY=1"), "{err}");
+    assert!(err.contains("its output is in the journal: `journalctl "), "{err}");
+    assert!(!err.contains("last output:"), "nothing captured, nothing quoted: {err}");
+    let status = b.status();
+    assert!(status.last_failure.as_deref().unwrap_or("").contains("journalctl"), "{status:?}");
+    // What the failed generation printed is in Baton's stderr file.
+    let text = std::fs::read_to_string(dir.join("baton.log")).unwrap();
+    assert!(text.contains("failing before READY=1"), "{text}");
+    drop(b);
+
+    // The same without JOURNAL_STREAM: a pipe, as before.
+    let b = Baton::start("auto-pipe", &[], &[]);
+    let pid = b.active_pid();
+    assert!(fd_target(pid, 2).starts_with("pipe:"), "{}", fd_target(pid, 2));
+    assert_ne!(fd_target(pid, 2), fd_target(b.child.id(), 2));
 }

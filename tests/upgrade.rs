@@ -31,6 +31,9 @@ enum App {
 
 struct Baton {
     child: Child,
+    /// Baton's stdout, kept open: with `--output inherit` it is the
+    /// generations' stdout too, which must not turn into a broken pipe.
+    _stdout: BufReader<std::process::ChildStdout>,
     dir: PathBuf,
     control: PathBuf,
     port: u16,
@@ -73,14 +76,15 @@ impl Baton {
         cmd.stdout(Stdio::piped()).stderr(log).env("BATON_LOG", "debug");
         let mut child = cmd.spawn().expect("spawn baton");
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        stdout.read_line(&mut line).unwrap();
         let port = line
             .trim()
             .rsplit(':')
             .next()
             .and_then(|p| p.parse().ok())
             .unwrap_or_else(|| panic!("no port in baton's first line {line:?}"));
-        let b = Baton { child, dir, control, port, binary };
+        let b = Baton { child, _stdout: stdout, dir, control, port, binary };
         b.wait_active(1);
         b
     }
@@ -643,4 +647,53 @@ fn upgrade_is_refused_while_the_apps_program_is_missing() {
     std::fs::rename(&moved, &program).unwrap();
     ok(&b.cli(&["upgrade"]));
     assert_eq!(b.status().upgrades, 1);
+}
+
+/// Where `/proc/PID/fd/FD` points.
+fn fd_target(pid: u32, fd: u32) -> String {
+    std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).map(|p| p.display().to_string()).unwrap_or_default()
+}
+
+/// `--output inherit` across `baton upgrade`: a generation with no output
+/// pipe is handed over as such (state `output: "none"`), keeps writing to
+/// Baton's own stdout and stderr, and generations started by the new image
+/// inherit them too (the mode is part of the state); Baton reads no pipe of
+/// theirs before or after.
+#[test]
+fn inherited_output_survives_upgrades() {
+    let b = Baton::start("inherit", &["--output", "inherit"], App::Probe(&[]));
+    let baton = b.pid();
+    let gen1 = b.generation_pid(1);
+    let batons_own = [fd_target(baton, 1), fd_target(baton, 2)];
+    assert!(batons_own[1].ends_with("baton.log"), "{batons_own:?}");
+    let no_pipe_of = |pid: u32| {
+        let ours: Vec<String> = std::fs::read_dir(format!("/proc/{baton}/fd"))
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .map(|p| p.display().to_string())
+            .filter(|t| t.starts_with("pipe:") && *t != batons_own[0])
+            .collect();
+        assert!(!ours.contains(&fd_target(pid, 1)) && !ours.contains(&fd_target(pid, 2)), "{ours:?}");
+    };
+    assert_eq!([fd_target(gen1, 1), fd_target(gen1, 2)], batons_own);
+    no_pipe_of(gen1);
+
+    ok(&b.cli(&["upgrade", "--binary", env!("CARGO_BIN_EXE_baton")]));
+    assert_eq!(b.generation_pid(1), gen1);
+    assert_eq!(ask_probe(b.port).unwrap(), format!("http {gen1}"));
+    assert_eq!([fd_target(gen1, 1), fd_target(gen1, 2)], batons_own, "baton's own fds survive the exec");
+    no_pipe_of(gen1);
+
+    ok(&b.cli(&["restart"]));
+    b.wait_active(2);
+    let gen2 = b.generation_pid(2);
+    assert_eq!([fd_target(gen2, 1), fd_target(gen2, 2)], batons_own, "the adopted mode applies to new generations");
+    no_pipe_of(gen2);
+    // And a second upgrade with the draining one gone and the new one running.
+    poll_until("generation 1 retired", WAIT, || (!exists(gen1) || is_zombie(gen1)).then_some(())).unwrap();
+    ok(&b.cli(&["upgrade", "--binary", env!("CARGO_BIN_EXE_baton")]));
+    assert_eq!(ask_probe(b.port).unwrap(), format!("http {gen2}"));
+    assert_eq!(b.status().upgrades, 2);
+    assert_eq!([fd_target(gen2, 1), fd_target(gen2, 2)], batons_own);
+    no_pipe_of(gen2);
 }
