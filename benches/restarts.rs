@@ -1,4 +1,4 @@
-//! Restarting baton-httpd under constant load, five ways, side by side
+//! Restarting baton-httpd under constant load, six ways, side by side
 //! (issue 6): how many requests fail, how many connections the server
 //! closes, and what happens to latency while a restart is under way.
 //!
@@ -8,19 +8,25 @@
 //! ```
 //!
 //! The setups, all with the real reference server `baton-httpd`, 1–4 in a
-//! real systemd booted by `baton_testbed` (the host's, 252 on Debian 12):
+//! real systemd booted by `baton_testbed` (the host's, 252 on Debian 12), 4b
+//! in systemd 257 (the testbed's Debian trixie root):
 //!
-//! 1. **naive**: the app binds its own port, `Type=simple`,
-//!    `systemctl restart`: today's common setup;
-//! 2. **socket activation**: `.socket` + `Type=notify` service,
-//!    `--handoff=false`, `systemctl restart` (stop, then start);
-//! 3. **fd-store handoff**: the same, with `FileDescriptorStoreMax=` and
-//!    baton-httpd handing its idle connections over through the fd store;
-//! 4. **Baton under systemd**: the supervised units of `baton units`,
-//!    `systemctl reload` (an overlapped restart);
-//! 5. **Baton standalone**: `baton run` on the host, `baton restart`.
+//! - **1. naive**: the app binds its own port, `Type=simple`,
+//!   `systemctl restart`: today's common setup;
+//! - **2. socket activation**: `.socket` + `Type=notify` service,
+//!   `--handoff=false`, `systemctl restart` (stop, then start);
+//! - **3. fd-store handoff**: the same, with `FileDescriptorStoreMax=` and
+//!   baton-httpd handing its idle connections over through the fd store;
+//! - **4. Baton under systemd 252**: the supervised units of `baton units`,
+//!   `systemctl reload` (an overlapped restart), which forks
+//!   `ExecReload=+baton restart` (`+`: outside the unit's sandbox, whose
+//!   setup costs more than the restart; see src/units.rs);
+//! - **4b. Baton under systemd 257**: the same, as `baton units` writes it
+//!   for 257: `Type=notify-reload`, so `systemctl reload` sends SIGHUP to
+//!   Baton and no process is forked (4b, so that 5 keeps issue 6's number);
+//! - **5. Baton standalone**: `baton run` on the host, `baton restart`.
 //!
-//! Units 2–4 are written by `baton units` (hardening included), with a
+//! Units 2–4b are written by `baton units` (hardening included), with a
 //! drop-in setting `StartLimitIntervalSec=0` so that back-to-back restarts
 //! never hit the start limit (and, for 2, `FileDescriptorStoreMax=0`).
 //!
@@ -40,11 +46,12 @@
 //! restart command and 100 ms after the new generation's first response;
 //! every other request after warm-up is **steady state**. Latency figures
 //! are of successful requests, measured by the open-loop load from each
-//! request's scheduled send time, so stalls are not hidden.
+//! request's scheduled send time whenever the client was held up by an
+//! earlier request, so stalls are not hidden.
 //!
 //! Outputs: a markdown table and PASS/MISS for the targets of issue 6 on
 //! stdout, `target/bench/restarts.json` and `target/bench/restarts.svg`;
-//! with `BATON_BENCH_PUBLISH=1` (full runs of all five setups only) also
+//! with `BATON_BENCH_PUBLISH=1` (full runs of all six setups only) also
 //! `docs/bench/restarts.{md,json,svg}`. A missed target is reported, not
 //! fatal; a setup that could not run makes the benchmark fail.
 //!
@@ -53,8 +60,8 @@
 //! `target/bench/restarts-smoke.*` only.
 //!
 //! Environment: `BATON_BENCH_RESTARTS` (restarts per setup),
-//! `BATON_BENCH_SETUPS` (e.g. `4,5` or `naive,baton-standalone`: run only
-//! these), `BATON_BENCH_PUBLISH=1`.
+//! `BATON_BENCH_SETUPS` (e.g. `4,4b,5` or `naive,baton-standalone`: run
+//! only these, in the order given), `BATON_BENCH_PUBLISH=1`.
 
 #[path = "restarts/analysis.rs"]
 mod analysis;
@@ -106,7 +113,7 @@ impl Params {
                 .split(',')
                 .map(|s| {
                     SetupKind::parse(s).unwrap_or_else(|| {
-                        panic!("BATON_BENCH_SETUPS: unknown setup {s:?}: use 1–5 or naive, socket-activation, fd-store-handoff, baton-systemd, baton-standalone")
+                        panic!("BATON_BENCH_SETUPS: unknown setup {s:?}: use 1, 2, 3, 4, 4b, 5 or naive, socket-activation, fd-store-handoff, baton-systemd, baton-systemd-257, baton-standalone")
                     })
                 })
                 .collect(),
@@ -200,17 +207,17 @@ fn run_setup(kind: SetupKind, p: &Params, bins: &Bins) -> (Option<Run>, Vec<Stri
     let mut errors = Vec::new();
     let mut d = match Deployment::start(kind, bins) {
         Ok(d) => d,
-        Err(e) => return (None, vec![format!("setup {} ({}): start: {e}", kind.number(), kind.key())]),
+        Err(e) => return (None, vec![format!("setup {} ({}): start: {e}", kind.label(), kind.key())]),
     };
     let run = match drive(&mut d, kind, p) {
         Ok(run) => Some(run),
         Err(e) => {
-            errors.push(format!("setup {} ({}): {e}\n{}", kind.number(), kind.key(), d.diagnostics()));
+            errors.push(format!("setup {} ({}): {e}\n{}", kind.label(), kind.key(), d.diagnostics()));
             None
         }
     };
     if let Err(e) = d.teardown() {
-        errors.push(format!("setup {} ({}): teardown: {e}", kind.number(), kind.key()));
+        errors.push(format!("setup {} ({}): teardown: {e}", kind.label(), kind.key()));
     }
     (run, errors)
 }
@@ -308,7 +315,7 @@ fn main() {
     let mut errors: Vec<String> = Vec::new();
     for &kind in &p.setups {
         let t = Instant::now();
-        eprintln!("restarts: setup {} ({}): {} restarts ...", kind.number(), kind.key(), p.restarts);
+        eprintln!("restarts: setup {} ({}): {} restarts ...", kind.label(), kind.key(), p.restarts);
         let (run, errs) = run_setup(kind, &p, &bins);
         for e in &errs {
             eprintln!("restarts: ERROR: {e}");
@@ -318,7 +325,7 @@ fn main() {
             let a = analyse(&run, p.tail);
             eprintln!(
                 "restarts: setup {} done in {:.1?}: {} requests, {} failed, {} server-closed",
-                kind.number(),
+                kind.label(),
                 t.elapsed(),
                 a.requests,
                 a.failed,
@@ -348,7 +355,7 @@ fn main() {
 
     if p.publish {
         if !errors.is_empty() || p.setups.len() != SetupKind::ALL.len() {
-            eprintln!("restarts: not publishing to docs/bench: only complete runs of all five setups are published");
+            eprintln!("restarts: not publishing to docs/bench: only complete runs of all six setups are published");
         } else {
             let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/bench");
             let md = format!(
@@ -356,12 +363,14 @@ fn main() {
                  Generated by `BATON_BENCH_PUBLISH=1 cargo bench --bench restarts` (benches/restarts.rs); \
                  do not edit by hand.\n\n\
                  {}.\n\n\
-                 Machine: {}. Setups 1–4 run in a real systemd booted in private namespaces; 5 on the host.\n\n\
+                 Machine: {}. Setups 1–4 run in the host's systemd (252) booted in private namespaces, \
+                 4b in systemd 257 from a Debian trixie root the same way; 5 on the host.\n\n\
                  {table}\n\
                  A request is in a *restart window* when it was in flight between the restart command and \
                  {} ms after the new generation's first response; *steady state* is every other request \
-                 after warm-up. Latencies are of successful requests, measured from each request's scheduled \
-                 send time (open loop). *Server-closed connections*: keep-alive connections the server \
+                 after warm-up. Latencies are of successful requests, open loop: measured from the scheduled \
+                 send time when the client was held up by an earlier request, so stalls are not hidden. \
+                 *Server-closed connections*: keep-alive connections the server \
                  closed while the client still wanted them.\n\n\
                  Targets (issue 6):\n\n{targets}\n\
                  ![Latency of every request across restarts](restarts.svg)\n",

@@ -139,7 +139,7 @@ fn supervised_on_252_uses_exec_reload() {
         svc.one("Service", "ExecStart"),
         "/usr/bin/baton run --name web --fdstore-max 4096 --stop-timeout 30s -- /usr/bin/app --flag"
     );
-    assert_eq!(svc.one("Service", "ExecReload"), "/usr/bin/baton restart --name web --wait");
+    assert_eq!(svc.one("Service", "ExecReload"), "+/usr/bin/baton restart --name web --wait");
     assert_eq!(svc.get("Service", "ReloadSignal"), None);
     assert_eq!(svc.one("Service", "NotifyAccess"), "main");
     assert_eq!(svc.one("Service", "Sockets"), "web.socket");
@@ -236,7 +236,7 @@ fn options_land_in_their_directives() {
         svc.one("Service", "ExecStart"),
         "/opt/baton/bin/baton run --name web --fdstore-max 100 --stop-timeout 10s --watchdog 1500ms -- /usr/bin/app"
     );
-    assert_eq!(svc.one("Service", "ExecReload"), "/opt/baton/bin/baton restart --name web --wait");
+    assert_eq!(svc.one("Service", "ExecReload"), "+/opt/baton/bin/baton restart --name web --wait");
     assert_eq!(svc.get("Service", "WatchdogSec"), None, "Baton does not ping systemd's watchdog");
     assert_eq!(svc.one("Service", "TimeoutStopSec"), "25s");
     let sock = ini(&files, "web.socket");

@@ -109,7 +109,7 @@ pub fn table(results: &[Analysis]) -> String {
         let _ = writeln!(
             t,
             "| {} | {} | `{}` | {} | {} | {} | {} | {} | {} |",
-            a.kind.number(),
+            a.kind.label(),
             a.kind.title(),
             a.kind.restart_command(),
             a.requests,
@@ -133,7 +133,7 @@ pub fn targets(results: &[Analysis]) -> String {
                 "- {} **{}** — {}. {}: {}",
                 if target.pass { "PASS" } else { "MISS" },
                 a.kind.key(),
-                a.kind.number(),
+                a.kind.label(),
                 target.what,
                 target.detail
             );
@@ -155,7 +155,7 @@ pub fn json(
             let (s50, s90, smax) = summary(&a.to_serving_us);
             let (c50, c90, cmax) = summary(&a.command_us);
             serde_json::json!({
-                "number": a.kind.number(),
+                "label": a.kind.label(),
                 "key": a.kind.key(),
                 "title": a.kind.title(),
                 "restart_command": a.kind.restart_command(),

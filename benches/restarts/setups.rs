@@ -1,5 +1,5 @@
-//! The five deployments of baton-httpd the benchmark restarts, each started
-//! from scratch (its own testbed, its own port) and torn down after its run.
+//! The deployments of baton-httpd the benchmark restarts, each started from
+//! scratch (its own testbed, its own port) and torn down after its run.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -31,24 +31,36 @@ pub enum SetupKind {
     /// The same with connection handoff through the fd store.
     FdStoreHandoff,
     /// `baton run` as the service's main process (`baton units`, supervised),
-    /// `systemctl reload`.
+    /// `systemctl reload`, on systemd 252 (`ExecReload=+baton restart`).
     BatonSystemd,
+    /// The same on systemd 257 (`Type=notify-reload`: `systemctl reload`
+    /// sends SIGHUP to Baton, no process is forked).
+    BatonSystemd257,
     /// `baton run` on the host, `baton restart --control`.
     BatonStandalone,
 }
 
 impl SetupKind {
-    pub const ALL: [SetupKind; 5] = [
+    pub const ALL: [SetupKind; 6] = [
         SetupKind::Naive,
         SetupKind::SocketActivation,
         SetupKind::FdStoreHandoff,
         SetupKind::BatonSystemd,
+        SetupKind::BatonSystemd257,
         SetupKind::BatonStandalone,
     ];
 
-    /// 1-based, as in issue 6 and the README.
-    pub fn number(self) -> usize {
-        Self::ALL.iter().position(|k| *k == self).map_or(0, |i| i + 1)
+    /// The row's label: 1–5 as in issue 6 and the README; `4b` is setup 4
+    /// on systemd 257, added later without renumbering 5.
+    pub fn label(self) -> &'static str {
+        match self {
+            SetupKind::Naive => "1",
+            SetupKind::SocketActivation => "2",
+            SetupKind::FdStoreHandoff => "3",
+            SetupKind::BatonSystemd => "4",
+            SetupKind::BatonSystemd257 => "4b",
+            SetupKind::BatonStandalone => "5",
+        }
     }
 
     /// Short machine-readable name (JSON key).
@@ -58,6 +70,7 @@ impl SetupKind {
             SetupKind::SocketActivation => "socket-activation",
             SetupKind::FdStoreHandoff => "fd-store-handoff",
             SetupKind::BatonSystemd => "baton-systemd",
+            SetupKind::BatonSystemd257 => "baton-systemd-257",
             SetupKind::BatonStandalone => "baton-standalone",
         }
     }
@@ -68,7 +81,10 @@ impl SetupKind {
             SetupKind::Naive => "naive: app binds its port, Type=simple",
             SetupKind::SocketActivation => "systemd socket activation, Type=notify",
             SetupKind::FdStoreHandoff => "socket activation + fd-store handoff",
-            SetupKind::BatonSystemd => "Baton under systemd (supervised)",
+            SetupKind::BatonSystemd => "Baton under systemd 252 (supervised: ExecReload=+baton restart)",
+            SetupKind::BatonSystemd257 => {
+                "Baton under systemd 257 (Type=notify-reload: systemctl reload sends SIGHUP, no process forked)"
+            }
             SetupKind::BatonStandalone => "Baton standalone",
         }
     }
@@ -77,26 +93,37 @@ impl SetupKind {
     pub fn restart_command(self) -> &'static str {
         match self {
             SetupKind::Naive | SetupKind::SocketActivation | SetupKind::FdStoreHandoff => "systemctl restart",
-            SetupKind::BatonSystemd => "systemctl reload",
+            SetupKind::BatonSystemd | SetupKind::BatonSystemd257 => "systemctl reload",
             SetupKind::BatonStandalone => "baton restart",
         }
     }
 
+    /// Whether it runs in a testbed, and which systemd.
+    fn flavor(self) -> Option<Flavor> {
+        match self {
+            SetupKind::BatonStandalone => None,
+            SetupKind::BatonSystemd257 => Some(Flavor::Trixie),
+            _ => Some(Flavor::Host),
+        }
+    }
+
     /// Issue 6's targets: zero failed requests and zero server-closed
-    /// connections for 3–5.
+    /// connections for 3–5 (4b included).
     pub fn wants_zero_failures(self) -> bool {
-        self.number() >= 3
+        !matches!(self, SetupKind::Naive | SetupKind::SocketActivation)
     }
 
-    /// Issue 6's targets: restart-window p99 within 1.5× steady state for 4–5.
+    /// Issue 6's targets: restart-window p99 within 1.5× steady state for
+    /// 4–5 (4b included).
     pub fn wants_flat_latency(self) -> bool {
-        self.number() >= 4
+        matches!(self, SetupKind::BatonSystemd | SetupKind::BatonSystemd257 | SetupKind::BatonStandalone)
     }
 
-    /// Parses `BATON_BENCH_SETUPS` entries: a number or a key.
+    /// Parses a `BATON_BENCH_SETUPS` entry: a label (`1`–`5`, `4b`) or a
+    /// key, case-insensitively.
     pub fn parse(s: &str) -> Option<SetupKind> {
         let s = s.trim();
-        Self::ALL.into_iter().find(|k| k.key() == s || k.number().to_string() == s)
+        Self::ALL.into_iter().find(|k| k.key().eq_ignore_ascii_case(s) || k.label().eq_ignore_ascii_case(s))
     }
 }
 
@@ -144,9 +171,9 @@ impl Deployment {
     /// Starts `kind` and waits until it serves on its port.
     pub fn start(kind: SetupKind, bins: &Bins) -> Result<Deployment, String> {
         let port = free_loopback_port();
-        let inner = match kind {
-            SetupKind::BatonStandalone => Inner::Host(HostBaton::start(bins, port)?),
-            _ => Inner::Systemd(SystemdBed::start(kind, bins, port)?),
+        let inner = match kind.flavor() {
+            None => Inner::Host(HostBaton::start(bins, port)?),
+            Some(flavor) => Inner::Systemd(SystemdBed::start(kind, flavor, bins, port)?),
         };
         let d = Deployment { kind, port, inner };
         let mut last = String::new();
@@ -165,7 +192,7 @@ impl Deployment {
         self.port
     }
 
-    /// The testbed's systemd major version (setups 1–4).
+    /// The testbed's systemd major version (setups 1–4b).
     pub fn systemd_version(&self) -> Option<u32> {
         match &self.inner {
             Inner::Systemd(s) => Some(s.tb.systemd_version()),
@@ -186,7 +213,7 @@ impl Deployment {
     /// of the `Type=simple` service, which returns once it forked).
     pub fn restart(&mut self) -> Result<(), String> {
         let verb = match self.kind {
-            SetupKind::BatonSystemd => "reload",
+            SetupKind::BatonSystemd | SetupKind::BatonSystemd257 => "reload",
             _ => "restart",
         };
         match &mut self.inner {
@@ -232,8 +259,10 @@ impl Deployment {
 }
 
 impl SystemdBed {
-    fn start(kind: SetupKind, bins: &Bins, port: u16) -> Result<SystemdBed, String> {
-        let tb = Testbed::boot(Flavor::Host).map_err(|e| format!("booting the testbed: {e}"))?;
+    fn start(kind: SetupKind, flavor: Flavor, bins: &Bins, port: u16) -> Result<SystemdBed, String> {
+        let tb = Testbed::boot(flavor).map_err(|e| format!("booting the {flavor} testbed: {e}"))?;
+        // Copies at BIN_DIR, in both flavours: the host's binaries (built
+        // against Debian 12's glibc) run in the trixie root too.
         for (bin, name) in [(&bins.baton, "baton"), (&bins.httpd, "baton-httpd")] {
             let dest = tb.host_path(format!("{BIN_DIR}/{name}"));
             std::fs::create_dir_all(dest.parent().unwrap_or(Path::new("/")))
@@ -268,7 +297,10 @@ impl SystemdBed {
                 let extra = if handoff { "" } else { "[Service]\nFileDescriptorStoreMax=0\n" };
                 bed.dropin(&format!("[Unit]\nStartLimitIntervalSec=0\n{extra}"))?;
             }
-            SetupKind::BatonSystemd => {
+            SetupKind::BatonSystemd | SetupKind::BatonSystemd257 => {
+                // Same units for both, as `baton units` writes them for the
+                // testbed's systemd: 252 gets ExecReload=, 257
+                // Type=notify-reload.
                 bed.next_generation = None;
                 let cmd = vec![httpd.clone(), "--root".into(), WWW.into()];
                 bed.install_generated("httpd-baton", port, false, &cmd, bins)?;

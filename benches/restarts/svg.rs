@@ -47,7 +47,7 @@ pub fn render(results: &[Analysis], subtitle: [&str; 2]) -> String {
     }
     let _ = writeln!(
         s,
-        r##"<g transform="translate({LEFT},58)"><path d="M0 4h0" stroke="#1f77b4" stroke-width="4" stroke-linecap="round"/><text x="8" y="8">successful request (latency from its scheduled send time)</text><path d="M380 4h0" stroke="#d62728" stroke-width="5" stroke-linecap="round"/><text x="388" y="8">failed request</text><rect x="490" y="-1" width="12" height="10" fill="#ffc078" opacity="0.6"/><line x1="490" y1="-1" x2="490" y2="9" stroke="#e8590c"/><text x="508" y="8">restart command → first response of the new generation</text></g>"##
+        r##"<g transform="translate({LEFT},58)"><path d="M0 4h0" stroke="#1f77b4" stroke-width="4" stroke-linecap="round"/><text x="8" y="8">successful request (open-loop latency)</text><path d="M380 4h0" stroke="#d62728" stroke-width="5" stroke-linecap="round"/><text x="388" y="8">failed request</text><rect x="490" y="-1" width="12" height="10" fill="#ffc078" opacity="0.6"/><line x1="490" y1="-1" x2="490" y2="9" stroke="#e8590c"/><text x="508" y="8">restart command → first response of the new generation</text></g>"##
     );
     for (i, a) in results.iter().enumerate() {
         let top = HEADER + PANEL * i as f64;
@@ -59,7 +59,7 @@ pub fn render(results: &[Analysis], subtitle: [&str; 2]) -> String {
             PLOT_H - (l - Y_MIN) / (Y_MAX - Y_MIN) * PLOT_H
         };
         let _ = writeln!(s, r#"<g transform="translate({LEFT},{top})">"#);
-        let title = format!("{}. {} — {}", a.kind.number(), a.kind.title(), a.kind.restart_command());
+        let title = format!("{}. {} — {}", a.kind.label(), a.kind.title(), a.kind.restart_command());
         let _ = writeln!(s, r#"<text x="0" y="14" font-size="12" font-weight="bold">{}</text>"#, esc(&title));
         let summary = format!(
             "{} requests, {} failed, {} server-closed connections · p99 {} ms in restart windows, {} ms steady · \
