@@ -870,8 +870,8 @@ fn service_unit(plan: &Plan<'_>) -> UnitFile {
              # request in flight; process would leave them running unsupervised, even past `systemctl\n\
              # stop`. Measured with Baton SIGKILLed during 4 downloads, on systemd 252 and 257: 4 of 4\n\
              # completed (mixed: 0 of 4); idle keep-alive connections closed with a FIN and no new\n\
-             # connection refused or failed under either. The app must survive writing to its stderr\n\
-             # then, a pipe nobody reads any more (EPIPE; SIGPIPE kills a C or Go program). On\n\
+             # connection refused or failed under either. The generations write straight to the journal\n\
+             # (baton run --output auto), so their logging survives Baton. On\n\
              # `systemctl stop` the generations get systemd's SIGTERM as well as Baton's stop signal;\n\
              # Baton still SIGKILLs one left after --stop-timeout {stop}.\n\
              KillMode=control-group\n\
