@@ -326,6 +326,11 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
                 break;
             }
         }
+        if conns.is_empty() {
+            // No connection left that could still become idle: what is
+            // queued goes now, not after the batching gap.
+            worker.flush().await;
+        }
     }
     if let Some(p) = pushed.take() {
         p.finish().await;

@@ -7,11 +7,17 @@
 //! Idle keep-alive connections are stored in batches of up to
 //! [`SCM_MAX_FD`] (253, the kernel's limit per `SCM_RIGHTS` message) per
 //! `FDSTORE=1` datagram, all under the one name `conn`
-//! ([`StoredName::Connection`]). A batch is sent once it is full or no
-//! further connection became idle for [`BATCH_GAP`]: at shutdown the idle
-//! connections all finish within a burst, so thousands cost few datagrams
-//! (which matters most under Baton, which pushes each one on as a message
-//! to a socket with a bounded queue), and a lone one waits 2 ms. Polling stays
+//! ([`StoredName::Connection`]). A batch is sent once it is full, once no
+//! connection is left that could still join it ([`HandoffWorker::flush`]:
+//! the server has no other connection open), or once no further connection
+//! became idle for [`BATCH_GAP`] (some connection is still busy): at
+//! shutdown the idle connections all finish within a burst, so thousands
+//! cost few datagrams (which matters most under Baton, which pushes each one
+//! on as a message to a socket with a bounded queue). Sending as soon as
+//! nothing more can come matters for latency: a connection is not read
+//! between the moment it is stopped here and the moment the next generation
+//! polls it, so a request its client sends meanwhile waits that long (a
+//! fixed gap cost a keep-alive client about 3 ms per restart). Polling stays
 //! on, so the manager drops a connection by itself if the client hangs up
 //! while it waits in the store. Our copies are closed right after. Once all
 //! are sent, a `BARRIER=1` waits until the manager has processed them, so
@@ -66,6 +72,8 @@ use std::collections::BTreeSet;
 use std::net::Shutdown;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use baton_sd::fdstore::CONNECTION;
@@ -90,7 +98,8 @@ pub const NAME_BUDGET_RESERVE: usize = 4096;
 pub const BARRIER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long the store worker waits for one more idle connection before it
-/// sends a batch that is not full (see the [module docs](self)).
+/// sends a batch that is not full, while some connection is still busy (see
+/// the [module docs](self)).
 pub const BATCH_GAP: Duration = Duration::from_millis(2);
 
 /// How many received batches may wait for the server to take them: the
@@ -260,11 +269,23 @@ pub struct HandoffPlan {
     pub budget: NameBudget,
 }
 
+/// What the store worker is sent.
+#[derive(Debug)]
+enum ToWorker {
+    /// An idle connection to store.
+    Connection(std::net::TcpStream),
+    /// No connection is left that could join the batch: send it now rather
+    /// than after [`BATCH_GAP`].
+    Flush,
+}
+
 /// Stores (or closes) idle connections on a blocking thread, in batches, as
 /// the connection tasks finish.
 #[derive(Debug)]
 pub struct HandoffWorker {
-    tx: mpsc::Sender<std::net::TcpStream>,
+    tx: mpsc::Sender<ToWorker>,
+    /// A connection was queued since the last [`flush`](Self::flush).
+    unflushed: AtomicBool,
     task: JoinHandle<HandoffReport>,
 }
 
@@ -276,7 +297,7 @@ impl HandoffWorker {
         let (tx, rx) = mpsc::channel(SCM_MAX_FD);
         let runtime = tokio::runtime::Handle::current();
         let task = tokio::task::spawn_blocking(move || store_all(plan, rx, &runtime));
-        Self { tx, task }
+        Self { tx, unflushed: AtomicBool::new(false), task }
     }
 
     /// Queues an idle connection.
@@ -290,8 +311,26 @@ impl HandoffWorker {
     /// Queues an idle connection that the runtime does not own.
     pub async fn hand_over_std(&self, stream: std::net::TcpStream) {
         // The worker lives until `finish`, which needs `self`.
-        if let Err(mpsc::error::SendError(stream)) = self.tx.send(stream).await {
-            let _ = stream.shutdown(Shutdown::Both);
+        match self.tx.send(ToWorker::Connection(stream)).await {
+            Ok(()) => self.unflushed.store(true, Relaxed),
+            Err(mpsc::error::SendError(ToWorker::Connection(stream))) => {
+                let _ = stream.shutdown(Shutdown::Both);
+            }
+            Err(mpsc::error::SendError(ToWorker::Flush)) => {}
+        }
+    }
+
+    /// Tells the worker that no further connection can join the batch it is
+    /// collecting (the server has no other connection open), so that it
+    /// sends the batch now instead of waiting [`BATCH_GAP`] for more: every
+    /// moment a connection spends between here and the next generation is
+    /// latency for a request its client sends meanwhile. Does nothing if no
+    /// connection was queued since the last call.
+    pub async fn flush(&self) {
+        if self.unflushed.swap(false, Relaxed) {
+            // Fails only if the worker is gone, and then there is nothing
+            // to send.
+            let _ = self.tx.send(ToWorker::Flush).await;
         }
     }
 
@@ -318,16 +357,18 @@ impl HandoffWorker {
 
 fn store_all(
     mut plan: HandoffPlan,
-    mut rx: mpsc::Receiver<std::net::TcpStream>,
+    mut rx: mpsc::Receiver<ToWorker>,
     runtime: &tokio::runtime::Handle,
 ) -> HandoffReport {
     let mut report = HandoffReport::default();
     let mut batch: Vec<std::net::TcpStream> = Vec::with_capacity(SCM_MAX_FD);
     while let Some(first) = rx.blocking_recv() {
+        // A flush right after a full batch went: nothing to send.
+        let ToWorker::Connection(first) = first else { continue };
         batch.push(first);
         while batch.len() < SCM_MAX_FD {
             let next = match rx.try_recv() {
-                Ok(s) => Some(s),
+                Ok(m) => Some(m),
                 Err(mpsc::error::TryRecvError::Disconnected) => None,
                 // On a blocking-pool thread, so blocking on the runtime is
                 // allowed.
@@ -336,8 +377,8 @@ fn store_all(
                 }
             };
             match next {
-                Some(s) => batch.push(s),
-                None => break,
+                Some(ToWorker::Connection(s)) => batch.push(s),
+                Some(ToWorker::Flush) | None => break,
             }
         }
         store_batch(&mut plan, &mut batch, &mut report);
@@ -584,6 +625,72 @@ mod tests {
         assert!(legacy > MAX_ARG_STRLEN, "{legacy}");
         let n = NameBudget::new(["http", "baton-httpd.generation"], None).connections;
         assert!((25_000..26_214).contains(&n), "{n}");
+    }
+
+    /// Receives one datagram from `socket` (blocking, bounded by its read
+    /// timeout): its text and how many fds it carried.
+    fn recv_datagram(socket: &std::os::unix::net::UnixDatagram) -> std::io::Result<(String, usize)> {
+        use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+        let mut buf = [0u8; 4096];
+        let mut space = [std::mem::MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(SCM_MAX_FD))];
+        let mut control = RecvAncillaryBuffer::new(&mut space);
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let msg = rustix::net::recvmsg(socket, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC)?;
+        let mut fds = 0;
+        for m in control.drain() {
+            if let RecvAncillaryMessage::ScmRights(received) = m {
+                fds += received.count();
+            }
+        }
+        Ok((String::from_utf8_lossy(&buf[..msg.bytes]).into_owned(), fds))
+    }
+
+    /// `flush` ends the batch being collected at once: a connection handed
+    /// over and flushed goes in its own datagram even when the next one
+    /// follows right away (without the flush both would wait out
+    /// `BATCH_GAP` together), and a flush with nothing queued sends nothing.
+    #[test]
+    fn flush_sends_the_batch_without_waiting_for_more() {
+        let address = format!("@baton-httpd-test-flush-{}", std::process::id());
+        let manager = std::os::unix::net::UnixDatagram::from(
+            rustix::net::socket_with(AddressFamily::UNIX, SocketType::DGRAM, rustix::net::SocketFlags::CLOEXEC, None)
+                .unwrap(),
+        );
+        let name = rustix::net::SocketAddrUnix::new_abstract_name(&address.as_bytes()[1..]).unwrap();
+        rustix::net::bind(&manager, &name).unwrap();
+        manager.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let notifier = Arc::new(Notifier::new(&address).unwrap());
+
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let pair = || {
+            let c = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            (c, listener.accept().unwrap().0)
+        };
+        let (clients, servers): (Vec<_>, Vec<_>) = (0..2).map(|_| pair()).unzip();
+
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let report = rt.block_on(async {
+            let plan = HandoffPlan { notifier: Some(notifier), enabled: true, budget: NameBudget { connections: 100 } };
+            let worker = HandoffWorker::spawn(plan);
+            worker.flush().await;
+            let mut servers = servers.into_iter();
+            worker.hand_over_std(servers.next().unwrap()).await;
+            worker.flush().await;
+            worker.hand_over_std(servers.next().unwrap()).await;
+            worker.flush().await;
+            worker.flush().await;
+            worker.finish(None).await
+        });
+        assert_eq!((report.stored, report.datagrams), (2, 2), "{report:?}");
+        for i in 0..2 {
+            let (text, fds) = recv_datagram(&manager).unwrap_or_else(|e| panic!("datagram {i}: {e}"));
+            assert!(text.contains("FDSTORE=1") && text.contains("FDNAME=conn"), "{text:?}");
+            assert_eq!(fds, 1, "datagram {i}: {text:?}");
+        }
+        manager.set_nonblocking(true).unwrap();
+        let more = recv_datagram(&manager);
+        assert!(more.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock), "{more:?}");
+        drop(clients);
     }
 
     #[test]
