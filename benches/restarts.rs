@@ -62,6 +62,13 @@
 //! Environment: `BATON_BENCH_RESTARTS` (restarts per setup),
 //! `BATON_BENCH_SETUPS` (e.g. `4,4b,5` or `naive,baton-standalone`: run
 //! only these, in the order given), `BATON_BENCH_PUBLISH=1`.
+//!
+//! Diagnostic knobs for setups 4/4b only (they change what is measured: never
+//! publish with them): `BATON_BENCH_DROPIN` adds its text (`\n` escapes
+//! allowed) to the service's drop-in, e.g. `[Service]\nSystemCallFilter=` to
+//! price one unit setting; `BATON_BENCH_DIRECT_RESTART=1` restarts with
+//! `baton restart` run inside the testbed instead of `systemctl reload`, to
+//! separate the cost of systemctl and PID 1 from that of the unit's sandbox.
 
 #[path = "restarts/analysis.rs"]
 mod analysis;
@@ -119,7 +126,14 @@ impl Params {
                 .collect(),
             Err(_) => SetupKind::ALL.to_vec(),
         };
-        let publish = std::env::var("BATON_BENCH_PUBLISH").is_ok_and(|v| v == "1");
+        let mut publish = std::env::var("BATON_BENCH_PUBLISH").is_ok_and(|v| v == "1");
+        let knobs = ["BATON_BENCH_DROPIN", "BATON_BENCH_DIRECT_RESTART"];
+        if publish && let Some(knob) = knobs.iter().find(|k| std::env::var_os(k).is_some()) {
+            // The diagnostic knobs change what is measured (and the table
+            // would still say `systemctl reload`): never publish with them.
+            eprintln!("restarts: {knob} is set: BATON_BENCH_PUBLISH ignored (diagnostic runs are not published)");
+            publish = false;
+        }
         if full {
             Params {
                 full,

@@ -217,6 +217,16 @@ impl Deployment {
             _ => "restart",
         };
         match &mut self.inner {
+            // Diagnostic (see the module doc): the same restart Baton's
+            // ExecReload=/SIGHUP would make, minus systemctl and PID 1.
+            Inner::Systemd(s) if verb == "reload" && std::env::var_os("BATON_BENCH_DIRECT_RESTART").is_some() => {
+                let name = s.service.trim_end_matches(".service").to_owned();
+                let baton = format!("{BIN_DIR}/baton");
+                let out =
+                    s.tb.run(&[baton.as_str(), "restart", "--control", &format!("/run/{name}/{name}.sock"), "--wait"])
+                        .map_err(|e| format!("baton restart: {e}"))?;
+                if out.success() { Ok(()) } else { Err(out.to_string()) }
+            }
             Inner::Systemd(s) => {
                 let out = s.tb.systemctl(&[verb, &s.service]).map_err(|e| format!("systemctl {verb}: {e}"))?;
                 if out.success() { Ok(()) } else { Err(out.to_string()) }
@@ -306,7 +316,12 @@ impl SystemdBed {
                 bed.install_generated("httpd-baton", port, false, &cmd, bins)?;
                 // A reload is no start: the limit would not be hit, but keep
                 // every setup's units alike in this respect.
-                bed.dropin("[Unit]\nStartLimitIntervalSec=0\n")?;
+                // BATON_BENCH_DROPIN (setups 4/4b only): extra drop-in text,
+                // `\n` escapes allowed, to measure what a unit setting costs
+                // (e.g. `[Service]\nSystemCallFilter=`); the default is the
+                // unit exactly as `baton units` writes it.
+                let extra = std::env::var("BATON_BENCH_DROPIN").unwrap_or_default().replace("\\n", "\n");
+                bed.dropin(&format!("[Unit]\nStartLimitIntervalSec=0\n{extra}\n"))?;
             }
             SetupKind::BatonStandalone => unreachable!("not under systemd"),
         }
