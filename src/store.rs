@@ -157,6 +157,17 @@ impl FdStore {
         FdStore { max, entries: Vec::new(), next_id: 0, watcher: Watcher::None, spurious_wakeups: 0 }
     }
 
+    /// Creates the private epoll instance now rather than with the first
+    /// polled entry, so that a long-running Baton holds the same number of
+    /// fds before and after its store is first used (a soak test counts
+    /// them). A no-op when it exists or the store is disabled.
+    pub fn watch_hangups(&mut self) -> io::Result<()> {
+        if self.max > 0 && matches!(self.watcher, Watcher::None) {
+            self.watcher = Watcher::Plain(epoll::create(epoll::CreateFlags::CLOEXEC)?);
+        }
+        Ok(())
+    }
+
     /// The maximum number of entries.
     pub fn max(&self) -> usize {
         self.max

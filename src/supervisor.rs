@@ -305,6 +305,10 @@ impl Supervisor {
         reaper::become_subreaper().map_err(io("becoming the subreaper of the app's processes"))?;
         let reaper = Reaper::start().map_err(io("starting the child reaper"))?;
         let mut store = FdStore::new(cfg.fdstore_max);
+        if let Err(e) = store.watch_hangups() {
+            // Not fatal: the store retries with its first polled entry.
+            tracing::warn!(event = "fdstore-watch-failed", "fd store: cannot create its epoll instance yet: {e}");
+        }
         let mut cfg = cfg;
         for (name, fd) in std::mem::take(&mut cfg.stored) {
             // Inherited entries are already in systemd's store: keep them

@@ -157,8 +157,11 @@ impl Baton {
     fn fd_targets(&self) -> Vec<String> {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
             .unwrap()
-            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-            .map(|p| p.display().to_string())
+            .filter_map(|e| {
+                let e = e.ok()?;
+                let target = std::fs::read_link(e.path()).ok()?;
+                Some(format!("{}->{}", e.file_name().to_string_lossy(), target.display()))
+            })
             .collect()
     }
 }
