@@ -871,7 +871,7 @@ fn service_unit(plan: &Plan<'_>) -> UnitFile {
              # stop`. Measured with Baton SIGKILLed during 4 downloads, on systemd 252 and 257: 4 of 4\n\
              # completed (mixed: 0 of 4); idle keep-alive connections closed with a FIN and no new\n\
              # connection refused or failed under either. The generations write straight to the journal\n\
-             # (baton run --output auto), so their logging survives Baton. On\n\
+             # (Baton's default when its stderr is the journal), so their logging survives Baton. On\n\
              # `systemctl stop` the generations get systemd's SIGTERM as well as Baton's stop signal;\n\
              # Baton still SIGKILLs one left after --stop-timeout {stop}.\n\
              KillMode=control-group\n\
