@@ -171,12 +171,7 @@ impl Drop for Baton {
         if std::thread::panicking() {
             eprintln!("----- baton's log (tail) -----\n{}", self.log_tail());
         }
-        let _ =
-            rustix::process::kill_process(rustix::process::Pid::from_child(&self.child), rustix::process::Signal::TERM);
-        if poll_until("baton to stop", WAIT, || self.child.try_wait().ok().flatten()).is_err() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        baton_testbed::terminate(&mut self.child, WAIT);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -13,6 +13,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use baton::control::{Response, Status};
+use baton_testbed::expect_success as ok;
 use baton_testbed::load::{Load, LoadConfig, Mode};
 use baton_testbed::{cargo_bin, poll_until};
 
@@ -142,18 +143,7 @@ impl Drop for Baton {
                 self.report_text()
             );
         }
-        let _ =
-            rustix::process::kill_process(rustix::process::Pid::from_child(&self.child), rustix::process::Signal::TERM);
-        let deadline = Instant::now() + WAIT;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                let _ = std::fs::remove_dir_all(&self.dir);
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        baton_testbed::terminate(&mut self.child, WAIT);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -168,17 +158,6 @@ fn ask(port: u16) -> Result<String, String> {
         return Err("closed without an answer".into());
     }
     Ok(out.trim().to_owned())
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "{:?}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]

@@ -35,6 +35,7 @@ use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
 use baton::control::{Request, Response, Status};
+use baton_testbed::expect_success as ok;
 use baton_testbed::load::{Load, LoadConfig, LoadReport, Mode};
 use baton_testbed::{cargo_bin, poll_until};
 use rustix::process::{Pid, Signal};
@@ -295,12 +296,7 @@ impl Drop for Baton {
             eprintln!("----- baton's log (tail) -----\n{tail}\n----- probe report -----\n{}", self.report_text());
         }
         if self.exited.is_none() {
-            let _ = rustix::process::kill_process(Pid::from_child(&self.child), Signal::TERM);
-            let stopped = poll_until("baton to stop", WAIT, || self.child.try_wait().ok().flatten());
-            if stopped.is_err() {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-            }
+            baton_testbed::terminate(&mut self.child, WAIT);
         }
         // A failed test may leave generations behind (e.g. ones ignoring
         // SIGTERM after Baton was SIGKILLed): never leak them.
@@ -347,17 +343,6 @@ fn cli_at(control: &Path, args: &[&str]) -> Output {
         .args(&args[1..])
         .output()
         .expect("run baton cli")
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "{:?}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// One request to the probe: it answers "http PID" and closes.

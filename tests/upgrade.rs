@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use baton::control::{Request, Response, Status};
+use baton_testbed::expect_success as ok;
 use baton_testbed::load::{Load, LoadConfig, Mode};
 use baton_testbed::{cargo_bin, poll_until};
 
@@ -153,31 +154,9 @@ impl Drop for Baton {
         if std::thread::panicking() {
             eprintln!("----- baton's log -----\n{}", self.log());
         }
-        let _ =
-            rustix::process::kill_process(rustix::process::Pid::from_child(&self.child), rustix::process::Signal::TERM);
-        let deadline = Instant::now() + WAIT;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                let _ = std::fs::remove_dir_all(&self.dir);
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        baton_testbed::terminate(&mut self.child, WAIT);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "{:?}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// One HTTP request on a new connection; the `baton-pid` header.

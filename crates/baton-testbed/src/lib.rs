@@ -68,7 +68,7 @@ pub use cargo::{cargo_bin, try_cargo_bin};
 pub use cmd::CmdOutput;
 pub use error::{Error, Result};
 pub use rootfs::{CACHE_ENV, DEFAULT_TRIXIE_CACHE, MIRROR_ENV, ensure_trixie_root, trixie_cache_path};
-pub use support::{free_loopback_port, poll_until, skip_unless_root, unique_temp_dir};
+pub use support::{expect_success, free_loopback_port, poll_until, skip_unless_root, terminate, unique_temp_dir};
 pub use testbed::Testbed;
 
 /// Which systemd a [`Testbed`] runs.

@@ -122,6 +122,34 @@ pub fn poll_until<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> O
     }
 }
 
+/// The stdout of a finished command that must have succeeded.
+///
+/// # Panics
+/// If it did not, with its status, stdout and stderr: this is a test helper.
+pub fn expect_success(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "{:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Stops a child the way a service manager would: SIGTERM, up to `timeout`
+/// for it to exit, then SIGKILL. Always reaps it (no zombie left behind by a
+/// test). Returns whether it exited on its own after the SIGTERM.
+pub fn terminate(child: &mut std::process::Child, timeout: Duration) -> bool {
+    let _ = rustix::process::kill_process(rustix::process::Pid::from_child(child), rustix::process::Signal::TERM);
+    if poll_until("the child to exit after SIGTERM", timeout, || child.try_wait().ok().flatten()).is_ok() {
+        return true;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
