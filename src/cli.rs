@@ -50,6 +50,13 @@ pub enum Command {
     /// Write systemd .socket and .service units for an app.
     Units(crate::units::UnitsArgs),
     /// Send a notification to $NOTIFY_SOCKET (like systemd-notify).
+    ///
+    /// Waits until the manager has processed it (BARRIER=1). Exits 1 if
+    /// baton refused it: the sender is not a process --notify-access admits
+    /// (with `main`, a script's `baton notify` is its child, not the main
+    /// process; `exec baton notify` or --notify-access all fixes that).
+    /// systemd never tells a sender it was refused, so under systemd a
+    /// refused notification still exits 0.
     Notify(NotifyArgs),
     /// Replace the running baton's own binary in place (same pid), keeping its sockets and generations.
     ///
@@ -66,7 +73,11 @@ pub enum Command {
 /// Which running baton to talk to.
 #[derive(Debug, Args)]
 pub struct Target {
-    /// Instance name (default: the app's program name).
+    /// Instance name of the baton to talk to; unlike `baton run`'s, never taken from the app.
+    ///
+    /// `baton run` takes its instance name from its own --name, else from its
+    /// app's program name (`baton run -- baton-httpd` is instance
+    /// baton-httpd): pass that name here, or its --control path.
     #[arg(long, short = 'n', default_value = "baton")]
     pub name: String,
     /// Control socket path (default: derived from --name).
@@ -247,13 +258,14 @@ pub struct NotifyArgs {
     /// STATUS=TEXT.
     #[arg(long)]
     pub status: Option<String>,
-    /// Fd to store (FDSTORE=1); repeatable.
-    #[arg(long = "fd")]
+    /// Fd to store (FDSTORE=1), open in this process; repeatable.
+    #[arg(long = "fd", value_name = "FD", value_parser = parse_fd, allow_negative_numbers = true)]
     pub fds: Vec<i32>,
     /// FDNAME= for --fd.
     #[arg(long)]
     pub fdname: Option<String>,
-    /// Do not wait for the manager to process the message (no BARRIER=1).
+    /// Do not wait for the manager to process the message (no BARRIER=1);
+    /// then not even Baton's refusal of it is reported.
     #[arg(long)]
     pub no_block: bool,
     /// More assignments, KEY=VALUE.
@@ -274,6 +286,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         other => return Err(format!("unknown unit {other:?} in {s:?}: use ms, s, min or h")),
     };
     Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
+}
+
+/// Parses a file descriptor number: 0 or more (`BorrowedFd` cannot even
+/// hold -1).
+pub fn parse_fd(s: &str) -> Result<i32, String> {
+    match s.trim().parse::<i32>() {
+        Ok(fd) if fd >= 0 => Ok(fd),
+        _ => Err(format!("{s:?} is not a file descriptor number: give an fd open in this process (0, 1, 2, 3, ...)")),
+    }
 }
 
 /// Parses an octal file mode like `0660`.

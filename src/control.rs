@@ -7,8 +7,13 @@
 //! connection is served by its own task with a deadline for the request
 //! line, requests are size-limited, concurrent connections are bounded, and
 //! the supervisor only ever sees complete requests through a bounded channel.
-//! A client that disconnects while waiting for a restart simply drops its
-//! reply; the restart goes on.
+//! A request too long, not UTF-8 or not complete within the deadline is
+//! answered with an [`Response::Error`] naming the problem before the close.
+//! The end of the client's stream also ends a request line, and a client
+//! that half-closes its side after the request (`nc -N`, socat) still gets
+//! its answer: only a connection closed in both directions is a client that
+//! left. A client that disconnects while waiting for a restart simply drops
+//! its reply; the restart goes on.
 //!
 //! `upgrade` is the one request whose answer may come from another program
 //! image: the supervisor gets a duplicate of the client's connection with
@@ -253,6 +258,18 @@ pub enum ControlError {
         /// Cause.
         source: std::io::Error,
     },
+    /// The control socket exists but this user may not connect to it:
+    /// a Baton may well be running there, as another user.
+    #[error(
+        "permission denied on the control socket {path} ({source}): it belongs to the user baton runs as; \
+         run this command as that user or as root, or pass --control with a socket you may use"
+    )]
+    Denied {
+        /// Socket path.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
     /// The conversation failed.
     #[error("control socket {path}: {reason}")]
     Protocol {
@@ -389,8 +406,18 @@ async fn accept_loop(listener: Arc<UnixListener>, tx: mpsc::Sender<Incoming>, sl
         };
         match stream.peer_cred() {
             Ok(cred) if cred.uid() == 0 || cred.uid() == own_uid => {}
-            _ => {
-                tokio::spawn(answer_and_close(stream, error("permission denied: not root or baton's user")));
+            Ok(cred) => {
+                let message = format!(
+                    "permission denied: uid {} is neither root nor baton's user (uid {own_uid}); \
+                     run the command as root or as uid {own_uid}",
+                    cred.uid()
+                );
+                tokio::spawn(answer_and_close(stream, Response::Error { message }));
+                continue;
+            }
+            Err(e) => {
+                let message = format!("permission denied: cannot tell who is connecting ({e})");
+                tokio::spawn(answer_and_close(stream, Response::Error { message }));
                 continue;
             }
         }
@@ -407,34 +434,94 @@ fn error(message: &str) -> Response {
 }
 
 async fn answer_and_close(mut stream: UnixStream, response: Response) {
-    let mut line = serde_json::to_vec(&response).unwrap_or_default();
+    write_answer(&mut stream, &response).await;
+}
+
+/// Writes `response` as one line, giving up after [`REQUEST_DEADLINE`]
+/// (a client that does not read must not hold its task forever).
+async fn write_answer(stream: &mut UnixStream, response: &Response) {
+    let mut line = serde_json::to_vec(response).unwrap_or_default();
     line.push(b'\n');
     let _ = tokio::time::timeout(REQUEST_DEADLINE, stream.write_all(&line)).await;
 }
 
-async fn serve_client(stream: UnixStream, tx: mpsc::Sender<Incoming>) {
-    let (read, mut write) = stream.into_split();
-    let mut line = String::new();
+/// What reading a request line found.
+#[derive(Debug, PartialEq, Eq)]
+enum RequestLine {
+    /// A line ended by `\n`: the client may still send (and close) later.
+    Line(String),
+    /// A line ended by the end of the client's stream: it half-closed its
+    /// side (`nc -N`, socat, `printf … | …`) and waits for the answer.
+    LineThenEof(String),
+    /// Connected and closed without a byte (such as the liveness check of
+    /// a starting Baton): nobody to answer.
+    Empty,
+}
+
+/// Why a request line was refused; the client is told before the close.
+#[derive(Debug, PartialEq, Eq)]
+enum BadRequest {
+    TooLong,
+    NotUtf8,
+    Unreadable(String),
+}
+
+impl BadRequest {
+    fn message(&self) -> String {
+        match self {
+            BadRequest::TooLong => format!(
+                "request longer than {MAX_REQUEST} bytes without a newline: a request is one JSON line, \
+                 such as {{\"cmd\":\"status\"}}"
+            ),
+            BadRequest::NotUtf8 => "request is not UTF-8 text: send one JSON line, such as {\"cmd\":\"status\"}".into(),
+            BadRequest::Unreadable(e) => format!("cannot read the request: {e}"),
+        }
+    }
+}
+
+/// Reads one request line, at most [`MAX_REQUEST`] bytes; the end of the
+/// stream ends a line as well as `\n` does.
+async fn read_request_line<R: tokio::io::AsyncRead + Unpin>(read: R) -> Result<RequestLine, BadRequest> {
+    let mut line = Vec::new();
     let mut reader = BufReader::new(read.take(MAX_REQUEST));
-    let request = match tokio::time::timeout(REQUEST_DEADLINE, reader.read_line(&mut line)).await {
-        Ok(Ok(n)) if n > 0 && line.ends_with('\n') => serde_json::from_str::<Request>(&line),
-        _ => return, // silent, slow, oversized or gone: nothing to do
+    reader.read_until(b'\n', &mut line).await.map_err(|e| BadRequest::Unreadable(e.to_string()))?;
+    let ended_by_newline = line.last() == Some(&b'\n');
+    if line.is_empty() {
+        return Ok(RequestLine::Empty);
+    }
+    if !ended_by_newline && line.len() as u64 >= MAX_REQUEST {
+        return Err(BadRequest::TooLong);
+    }
+    let text = String::from_utf8(line).map_err(|_| BadRequest::NotUtf8)?;
+    Ok(if ended_by_newline { RequestLine::Line(text) } else { RequestLine::LineThenEof(text) })
+}
+
+async fn serve_client(mut stream: UnixStream, tx: mpsc::Sender<Incoming>) {
+    let (line, half_closed) = match tokio::time::timeout(REQUEST_DEADLINE, read_request_line(&mut stream)).await {
+        Ok(Ok(RequestLine::Line(line))) => (line, false),
+        Ok(Ok(RequestLine::LineThenEof(line))) => (line, true),
+        Ok(Ok(RequestLine::Empty)) => return,
+        Ok(Err(bad)) => return write_answer(&mut stream, &error(&bad.message())).await,
+        Err(_) => {
+            let message = format!(
+                "no complete request within {} s: send one JSON line ending in a newline, such as {{\"cmd\":\"status\"}}",
+                REQUEST_DEADLINE.as_secs()
+            );
+            return write_answer(&mut stream, &error(&message)).await;
+        }
     };
-    let response = match request {
+    let response = match serde_json::from_str::<Request>(&line) {
         Err(e) => error(&format!("bad request: {e}")),
         Ok(request) => {
             let (reply, answer) = oneshot::channel();
             // The upgrade's answer may come from the next program image,
             // which gets this duplicate (close-on-exec until then).
             let conn = match &request {
-                Request::Upgrade { .. } => match reader.get_ref().get_ref().as_ref().as_fd().try_clone_to_owned() {
+                Request::Upgrade { .. } => match stream.as_fd().try_clone_to_owned() {
                     Ok(conn) => Some(conn),
                     Err(e) => {
                         let out = error(&format!("cannot keep the connection for the upgrade's answer: {e}"));
-                        let mut line = serde_json::to_vec(&out).unwrap_or_default();
-                        line.push(b'\n');
-                        let _ = tokio::time::timeout(REQUEST_DEADLINE, write.write_all(&line)).await;
-                        return;
+                        return write_answer(&mut stream, &out).await;
                     }
                 },
                 _ => None,
@@ -448,24 +535,51 @@ async fn serve_client(stream: UnixStream, tx: mpsc::Sender<Incoming>) {
                 tokio::select! {
                     r = answer => r.unwrap_or(Response::Stopping),
                     // The client hung up: stop waiting, the work goes on.
-                    _ = client_gone(&mut reader) => return,
+                    _ = client_left(&mut stream, half_closed) => return,
                 }
             }
         }
     };
-    let mut out = serde_json::to_vec(&response).unwrap_or_default();
-    out.push(b'\n');
-    let _ = tokio::time::timeout(REQUEST_DEADLINE, write.write_all(&out)).await;
+    write_answer(&mut stream, &response).await;
 }
 
-/// Resolves when the client closes its end (or sends more than it should).
-async fn client_gone<R: tokio::io::AsyncRead + Unpin>(reader: &mut R) {
-    let mut buf = [0u8; 64];
-    loop {
-        match reader.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
+/// Resolves when the client is gone: its connection fully closed, not merely
+/// half-closed. A client that shut down its sending side after the request
+/// (`nc -N`, socat at the end of its input) still waits for the answer, so
+/// the end of its stream is not the end of the client: only `EPOLLHUP` (both
+/// directions shut, which for `AF_UNIX` means the peer closed its socket) is.
+/// Bytes after the request line are read and ignored.
+async fn client_left(stream: &mut UnixStream, mut half_closed: bool) {
+    let mut buf = [0u8; 256];
+    while !half_closed {
+        match stream.read(&mut buf).await {
+            Ok(0) => half_closed = true,
             Ok(_) => continue,
+            Err(_) => return,
         }
+    }
+    // Watched through a duplicate with its own registration: consuming
+    // write readiness on `stream` itself would leave the answer's write
+    // waiting for an edge that never comes.
+    let watch = stream.as_fd().try_clone_to_owned().ok().and_then(|fd| {
+        // SAFETY: `fd` is an `OwnedFd` moved into the AsyncFd, neither
+        // closed nor replaced while the AsyncFd lives.
+        unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::WRITABLE) }.ok()
+    });
+    let Some(watch) = watch else {
+        // Cannot watch (EMFILE): wait for the answer as if it stayed.
+        return std::future::pending().await;
+    };
+    loop {
+        // Writability is level-true while the peer is there; what matters
+        // is the hang-up, which tokio reports as "write closed".
+        let Ok(mut ready) = watch.writable().await else { return };
+        if ready.ready().is_write_closed() {
+            return;
+        }
+        // Consume this readiness so the next wait lasts until the socket's
+        // next state change (edge-triggered: no busy loop).
+        ready.clear_ready();
     }
 }
 
@@ -473,8 +587,7 @@ async fn client_gone<R: tokio::io::AsyncRead + Unpin>(reader: &mut R) {
 /// takes as long as the app needs; the server bounds it).
 pub async fn call(path: &Path, request: &Request) -> Result<Response, ControlError> {
     let proto = |reason: String| ControlError::Protocol { path: path.to_owned(), reason };
-    let stream =
-        UnixStream::connect(path).await.map_err(|source| ControlError::Connect { path: path.to_owned(), source })?;
+    let stream = UnixStream::connect(path).await.map_err(|source| connect_error(path, source))?;
     let (read, mut write) = stream.into_split();
     let mut line = serde_json::to_vec(request).map_err(|e| proto(e.to_string()))?;
     line.push(b'\n');
@@ -491,4 +604,14 @@ pub async fn call(path: &Path, request: &Request) -> Result<Response, ControlErr
     // look like a client that gave up.
     drop(write);
     serde_json::from_str(&answer).map_err(|e| proto(format!("unreadable answer {answer:?}: {e}")))
+}
+
+/// Tells "nobody there" from "not allowed": both fail `connect()`, but only
+/// the first means no Baton runs at `path`.
+fn connect_error(path: &Path, source: std::io::Error) -> ControlError {
+    let path = path.to_owned();
+    match source.kind() {
+        std::io::ErrorKind::PermissionDenied => ControlError::Denied { path, source },
+        _ => ControlError::Connect { path, source },
+    }
 }

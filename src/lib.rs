@@ -11,6 +11,8 @@
 //! - [`reaper`]: reaps every child (Baton is a subreaper) and reports exits.
 //! - [`notify_server`]: the receiving end of `sd_notify`, with systemd's
 //!   credential checks and limits.
+//! - [`notify_refusal`]: how a refused `baton notify` learns it was refused
+//!   (a line in its `BARRIER=1` pipe).
 //! - [`output`]: passes each generation's output through and keeps its last
 //!   lines for failure reports.
 //! - [`handoff`]: moves connections a draining generation stores straight
@@ -29,6 +31,7 @@ pub mod cli;
 pub mod control;
 pub mod handoff;
 pub mod listen;
+pub mod notify_refusal;
 pub mod notify_server;
 pub mod output;
 pub mod reaper;

@@ -451,7 +451,10 @@ fn hint_for(err: &io::Error, addr: &ListenAddr) -> &'static str {
             _ if is_path => "no permission to create the socket file in its directory",
             _ => "",
         },
-        Errno::ADDRNOTAVAIL => "the address is not configured on this host; use freebind",
+        Errno::ADDRNOTAVAIL => {
+            "the address is not configured on this host; configure it first, or pass --freebind \
+             (IP_FREEBIND) to bind it anyway"
+        }
         Errno::AFNOSUPPORT => "IPv6 is disabled on this host; use an IPv4 address",
         Errno::NOENT if is_path => "the socket's directory does not exist; create it first",
         Errno::NOTDIR if is_path => "a component of the socket's path is not a directory",
@@ -979,7 +982,7 @@ mod tests {
         if !nonlocal_ok {
             let err = bind(&foreign, &SocketOptions::default()).unwrap_err();
             let msg = err.to_string();
-            assert!(msg.contains("198.51.100.7:0") && msg.contains("use freebind"), "{msg}");
+            assert!(msg.contains("198.51.100.7:0") && msg.contains("pass --freebind"), "{msg}");
         }
         let s = bind(&foreign, &SocketOptions { freebind: true, ..Default::default() }).unwrap();
         assert!(sockopt::ip_freebind(&s.fd).unwrap());

@@ -12,6 +12,7 @@ use std::time::Duration;
 use baton::cli::{Access, Cli, Command, NotifyArgs, RunArgs, Target};
 use baton::control::{self, Request, Response};
 use baton::listen::{self, BoundSocket, SocketOptions};
+use baton::notify_refusal::BarrierReply;
 use baton::notify_server::NotifyServer;
 use baton::output::OutputMode;
 use baton::spawn::AppCommand;
@@ -63,6 +64,9 @@ fn runtime() -> tokio::runtime::Runtime {
 fn client(target: &Target, request: Request, json: bool) -> ExitCode {
     let path = target.path();
     match runtime().block_on(control::call(&path, &request)) {
+        // Only "nothing there" is 3: a socket we may not use (`Denied`) may
+        // well have a baton behind it, so 3 would send a script off to start
+        // a second one; the conversation failed at its first step, which is 4.
         Err(e @ control::ControlError::Connect { .. }) => {
             eprintln!("baton: {e}");
             ExitCode::from(3)
@@ -115,7 +119,13 @@ fn print_response(response: &Response, json: bool) -> ExitCode {
         }
         Response::Status(s) => {
             if !json {
-                println!("{} (baton pid {}), up {:.0}s, {} restarts", s.name, s.pid, s.uptime_s, s.restarts);
+                println!(
+                    "{} (baton pid {}), up {:.0}s, {}",
+                    s.name,
+                    s.pid,
+                    s.uptime_s,
+                    count(s.restarts, "restart", "restarts")
+                );
                 for sock in &s.sockets {
                     println!("  socket {}: {}", sock.name, sock.local);
                 }
@@ -123,13 +133,13 @@ fn print_response(response: &Response, json: bool) -> ExitCode {
                     let status = g.status_text.as_deref().unwrap_or("");
                     println!("  generation {} pid {} {} up {:.0}s {status}", g.generation, g.pid, g.state, g.uptime_s);
                 }
-                println!("  fd store: {} entries", s.fdstore);
+                println!("  fd store: {}", count(s.fdstore as u64, "entry", "entries"));
                 println!(
-                    "  baton {} ({}), image up {:.0}s, {} upgrade(s)",
+                    "  baton {} ({}), image up {:.0}s, {}",
                     s.version,
                     s.binary.as_deref().unwrap_or("binary unknown"),
                     s.image_uptime_s,
-                    s.upgrades
+                    count(s.upgrades, "upgrade", "upgrades")
                 );
                 if let Some(f) = &s.last_failure {
                     println!("  last failure: {f}");
@@ -146,8 +156,12 @@ fn print_response(response: &Response, json: bool) -> ExitCode {
         Response::Upgraded(u) => {
             if !json {
                 println!(
-                    "upgraded: pid {}, version {} ({}), serving control requests after {} ms; {} generation(s) kept",
-                    u.pid, u.version, u.binary, u.elapsed_ms, u.generations
+                    "upgraded: pid {}, version {} ({}), serving control requests after {} ms; {} kept",
+                    u.pid,
+                    u.version,
+                    u.binary,
+                    u.elapsed_ms,
+                    count(u.generations as u64, "generation", "generations")
                 );
             }
             ExitCode::SUCCESS
@@ -157,6 +171,11 @@ fn print_response(response: &Response, json: bool) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// `n` and the noun in the right number: "1 restart", "2 restarts".
+fn count(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 fn notify(args: NotifyArgs) -> ExitCode {
@@ -191,10 +210,19 @@ fn notify(args: NotifyArgs) -> ExitCode {
     }
     let mut fds = Vec::new();
     for &fd in &args.fds {
-        // SAFETY: only borrowed for the send below; the fd number was given
-        // by the caller, and an fd that is not open makes sendmsg fail with
-        // EBADF rather than touch anything else.
-        fds.push(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) });
+        // SAFETY: only borrowed for the check and the send below. `fd` is
+        // not negative (`parse_fd`), hence never the -1 `BorrowedFd` cannot
+        // hold; a number that is not open makes fcntl fail with EBADF
+        // rather than touch anything else.
+        let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        if let Err(e) = rustix::io::fcntl_getfd(borrowed) {
+            eprintln!(
+                "baton notify: --fd {fd}: not an open file descriptor of this process ({e}); \
+                 open it first, e.g. `baton notify --fd 3 3<FILE`"
+            );
+            return ExitCode::from(2);
+        }
+        fds.push(borrowed);
     }
     if !fds.is_empty() {
         states.push(NotifyState::FdStore);
@@ -205,12 +233,15 @@ fn notify(args: NotifyArgs) -> ExitCode {
     if let Err(e) = notifier.notify_with_fds(&states, &fds) {
         return fail(e.to_string());
     }
-    if !args.no_block
-        && let Err(e) = notifier.barrier(Duration::from_secs(5))
-    {
-        return fail(e.to_string());
+    if args.no_block {
+        // Without a barrier nothing comes back, not even a refusal.
+        return ExitCode::SUCCESS;
     }
-    ExitCode::SUCCESS
+    match baton::notify_refusal::barrier_with_reply(&notifier, Duration::from_secs(5)) {
+        Ok(BarrierReply::Processed) => ExitCode::SUCCESS,
+        Ok(BarrierReply::Refused(reason)) => fail(format!("baton refused the notification: {reason}")),
+        Err(e) => fail(e),
+    }
 }
 
 fn init_logging() {
@@ -223,9 +254,14 @@ fn init_logging() {
         tracing_subscriber::registry().with(filter).with(journald.with_syslog_identifier("baton".into())).init();
         return;
     }
+    // Colour for a person at a terminal only: escape codes in a log file or
+    // a pipe are noise. NO_COLOR (https://no-color.org) set and not empty
+    // turns it off there too.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     tracing_subscriber::registry()
         .with(filter)
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false))
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false).with_ansi(colour))
         .init();
 }
 
