@@ -3,7 +3,8 @@
 //!
 //! Exit codes: 0 success; 1 the operation failed (a restart that did not
 //! take, a crash loop); 2 bad usage; 3 no baton is running at the control
-//! socket; 4 the control conversation failed.
+//! socket; 4 the control conversation failed (also: a control socket this
+//! user may not use, which says nothing about whether a baton runs there).
 // Field docs double as clap's --help text, where brackets such as
 // `[::]:443` and `[NAME=]ADDR` are literal, not intra-doc links.
 #![allow(rustdoc::broken_intra_doc_links)]
@@ -28,7 +29,8 @@ use crate::listen::ListenSpec;
     about,
     long_about,
     after_long_help = "Exit codes: 0 success; 1 the operation failed (a restart that did not take, a crash loop); \
-                       2 bad usage; 3 no baton is running at the control socket; 4 the control conversation failed."
+                       2 bad usage; 3 no baton is running at the control socket; 4 the control conversation failed \
+                       (also: permission denied on the control socket)."
 )]
 pub struct Cli {
     /// What to do.

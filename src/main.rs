@@ -2,7 +2,8 @@
 //!
 //! Exit codes: 0 success; 1 the operation failed (a restart that did not
 //! take, a crash loop); 2 bad usage; 3 no baton is running at the control
-//! socket; 4 the control conversation failed.
+//! socket; 4 the control conversation failed (also: a control socket this
+//! user may not use, which says nothing about whether a baton runs there).
 
 use std::path::PathBuf;
 use std::process::ExitCode;

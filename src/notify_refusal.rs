@@ -56,15 +56,20 @@ pub fn refusal_reason(pid: u32, access: NotifyAccess) -> String {
     }
 }
 
-/// For a refused datagram: if it is a well-formed `BARRIER=1` whose one fd
-/// is a pipe, writes [`REFUSED_PREFIX`] and `reason` into it. Never blocks
-/// (the pipe is made non-blocking; a full one gets nothing) and writes into
-/// nothing but a pipe, whose write end the sender already held: it can make
-/// Baton write nothing it could not write itself. The caller closes the fds
-/// afterwards, as for any refused datagram.
-pub fn answer_refused_barrier(payload: &[u8], fds: &[OwnedFd], reason: &str) {
+/// For a datagram refused because no generation admits its sender `pid`:
+/// if it is a well-formed `BARRIER=1` whose one fd is a pipe, writes
+/// [`REFUSED_PREFIX`] and the [`refusal_reason`] into it. Cheap for every
+/// other datagram (a flood of refused ones costs a length check each).
+/// Never blocks (the pipe is made non-blocking; a full one gets nothing)
+/// and writes into nothing but a pipe, whose write end the sender already
+/// held: it can make Baton write nothing it could not write itself. The
+/// caller closes the fds afterwards, as for any refused datagram.
+pub fn answer_refused_barrier(payload: &[u8], fds: &[OwnedFd], pid: u32, access: NotifyAccess) {
+    let [fd] = fds else { return };
     let Ok(message) = wire::parse(payload) else { return };
-    let ([fd], BarrierUse::Valid) = (fds, message.barrier()) else { return };
+    if message.barrier() != BarrierUse::Valid {
+        return;
+    }
     let is_pipe = rustix::fs::fstat(fd).is_ok_and(|st| rustix::fs::FileType::from_raw_mode(st.st_mode).is_fifo());
     if !is_pipe {
         return;
@@ -73,7 +78,7 @@ pub fn answer_refused_barrier(payload: &[u8], fds: &[OwnedFd], reason: &str) {
     if rustix::fs::fcntl_setfl(fd, flags | rustix::fs::OFlags::NONBLOCK).is_err() {
         return;
     }
-    let mut line = format!("{REFUSED_PREFIX}{reason}");
+    let mut line = format!("{REFUSED_PREFIX}{}", refusal_reason(pid, access));
     // One write of at most PIPE_BUF bytes is atomic: all of it or nothing.
     line.truncate(floor_char_boundary(&line, 511));
     line.push('\n');
@@ -158,8 +163,10 @@ mod tests {
     #[test]
     fn a_refused_barrier_gets_the_reason_in_its_pipe() {
         let (r, w) = pipe();
-        answer_refused_barrier(b"BARRIER=1", &[w], "pid 7 is not it");
-        assert_eq!(read_all(&r), "baton refused: pid 7 is not it\n");
+        answer_refused_barrier(b"BARRIER=1", &[w], 7, NotifyAccess::Main);
+        let expected = format!("baton refused: {}\n", refusal_reason(7, NotifyAccess::Main));
+        assert_eq!(read_all(&r), expected);
+        assert!(expected.contains("pid 7 is not the main process") && expected.contains("--notify-access all"));
     }
 
     #[test]
@@ -167,33 +174,32 @@ mod tests {
         // Not a barrier, a barrier with other fields, two fds: nothing.
         for payload in [&b"READY=1"[..], b"BARRIER=1\nREADY=1"] {
             let (r, w) = pipe();
-            answer_refused_barrier(payload, &[w], "no");
+            answer_refused_barrier(payload, &[w], 7, NotifyAccess::Main);
             assert_eq!(read_all(&r), "", "{payload:?}");
         }
         let ((r1, w1), (_r2, w2)) = (pipe(), pipe());
-        answer_refused_barrier(b"BARRIER=1", &[w1, w2], "no");
+        answer_refused_barrier(b"BARRIER=1", &[w1, w2], 7, NotifyAccess::Main);
         assert_eq!(read_all(&r1), "");
         // Not a pipe: a socket stays untouched.
         let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
         b.set_nonblocking(true).unwrap();
-        answer_refused_barrier(b"BARRIER=1", &[OwnedFd::from(a)], "no");
+        answer_refused_barrier(b"BARRIER=1", &[OwnedFd::from(a)], 7, NotifyAccess::Main);
         let b = OwnedFd::from(b);
         assert_eq!(read_all(&b), "");
     }
 
     #[test]
-    fn a_full_pipe_does_not_block_and_a_long_reason_is_cut_at_a_char_boundary() {
+    fn a_full_pipe_does_not_block_and_a_long_line_is_cut_at_a_char_boundary() {
         let (r, w) = pipe();
         let filler = vec![b'x'; 1 << 16];
         while rustix::io::write(&w, &filler).is_ok() {}
         let t0 = Instant::now();
-        answer_refused_barrier(b"BARRIER=1", &[w], "full");
+        answer_refused_barrier(b"BARRIER=1", &[w], 7, NotifyAccess::All);
         assert!(t0.elapsed() < Duration::from_secs(5));
         drop(r);
 
-        let (r, w) = pipe();
-        answer_refused_barrier(b"BARRIER=1", &[w], &"é".repeat(600));
-        let got = read_all(&r);
-        assert!(got.len() <= 512 && got.ends_with('\n') && got.starts_with(REFUSED_PREFIX), "{got:?}");
+        let long = "é".repeat(600);
+        let cut = &long[..floor_char_boundary(&long, 511)];
+        assert!(cut.len() == 510 && cut.chars().all(|c| c == 'é'), "{}", cut.len());
     }
 }

@@ -990,8 +990,7 @@ impl Supervisor {
                 }
             );
             // `baton notify` ends with a barrier: tell it, not just the log.
-            let reason = crate::notify_refusal::refusal_reason(d.pid, self.cfg.notify_access);
-            crate::notify_refusal::answer_refused_barrier(&d.payload, &d.fds, &reason);
+            crate::notify_refusal::answer_refused_barrier(&d.payload, &d.fds, d.pid, self.cfg.notify_access);
             return;
         };
         let msg = match wire::parse(&d.payload) {
