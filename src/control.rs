@@ -615,3 +615,32 @@ fn connect_error(path: &Path, source: std::io::Error) -> ControlError {
         _ => ControlError::Connect { path, source },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(bytes: &[u8]) -> Result<RequestLine, BadRequest> {
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(read_request_line(bytes))
+    }
+
+    #[test]
+    fn request_lines_end_with_a_newline_or_the_end_of_the_stream() {
+        assert_eq!(read(b"{\"cmd\":\"status\"}\nmore"), Ok(RequestLine::Line("{\"cmd\":\"status\"}\n".into())));
+        assert_eq!(read(b"{\"cmd\":\"status\"}"), Ok(RequestLine::LineThenEof("{\"cmd\":\"status\"}".into())));
+        assert_eq!(read(b""), Ok(RequestLine::Empty));
+    }
+
+    #[test]
+    fn too_long_and_not_utf8_requests_are_refused_with_the_limit_named() {
+        let mut exact = vec![b' '; MAX_REQUEST as usize - 1];
+        exact.push(b'\n');
+        assert!(matches!(read(&exact), Ok(RequestLine::Line(_))));
+        let long = vec![b'a'; MAX_REQUEST as usize + 1];
+        assert_eq!(read(&long), Err(BadRequest::TooLong));
+        assert!(BadRequest::TooLong.message().contains("4096 bytes"));
+        assert_eq!(read(b"\xff\n"), Err(BadRequest::NotUtf8));
+        assert!(BadRequest::NotUtf8.message().contains("not UTF-8"));
+    }
+}

@@ -211,19 +211,20 @@ fn notify(args: NotifyArgs) -> ExitCode {
     }
     let mut fds = Vec::new();
     for &fd in &args.fds {
-        // SAFETY: only borrowed for the check and the send below. `fd` is
-        // not negative (`parse_fd`), hence never the -1 `BorrowedFd` cannot
-        // hold; a number that is not open makes fcntl fail with EBADF
-        // rather than touch anything else.
-        let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-        if let Err(e) = rustix::io::fcntl_getfd(borrowed) {
+        // SAFETY: F_GETFD only reads the fd's flags; on a number that is not
+        // open it fails with EBADF and touches nothing.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
+            let e = std::io::Error::last_os_error();
             eprintln!(
                 "baton notify: --fd {fd}: not an open file descriptor of this process ({e}); \
                  open it first, e.g. `baton notify --fd 3 3<FILE`"
             );
             return ExitCode::from(2);
         }
-        fds.push(borrowed);
+        // SAFETY: open (checked above; `parse_fd` rules out the -1 a
+        // `BorrowedFd` cannot hold) and only borrowed for the send below;
+        // nothing in this single-threaded command closes it meanwhile.
+        fds.push(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) });
     }
     if !fds.is_empty() {
         states.push(NotifyState::FdStore);

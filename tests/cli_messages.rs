@@ -138,7 +138,7 @@ fn notify_with_a_negative_or_closed_fd_is_a_usage_error_not_a_panic() {
     let dir = scratch("notify-fd");
     // A manager stand-in: the fds are checked before anything is sent.
     let socket = dir.join("notify");
-    let _manager = UnixDatagram::bind(&socket).unwrap();
+    let manager = UnixDatagram::bind(&socket).unwrap();
     for args in [&["--fd=-1"][..], &["--fd", "-1"], &["--fd", "-7", "--fdname", "x"]] {
         let out = Command::new(baton_bin()).arg("notify").args(args).env("NOTIFY_SOCKET", &socket).output().unwrap();
         let err = stderr(&out);
@@ -151,6 +151,18 @@ fn notify_with_a_negative_or_closed_fd_is_a_usage_error_not_a_panic() {
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(err.contains("--fd 917: not an open file descriptor") && err.contains("3<FILE"), "{err}");
+    // An open one still goes (no barrier: the stand-in does not answer one).
+    let out = Command::new(baton_bin())
+        .args(["notify", "--fd", "0", "--fdname", "x", "--no-block"])
+        .env("NOTIFY_SOCKET", &socket)
+        .stdin(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    manager.set_read_timeout(Some(WAIT)).unwrap();
+    let mut buf = [0u8; 512];
+    let n = manager.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"FDSTORE=1\nFDNAME=x\n");
 }
 
 // ---- finding 10: half-closing control clients ---------------------------------
