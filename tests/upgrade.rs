@@ -565,9 +565,14 @@ fn store_and_handoff_survive_the_upgrade() {
         c.read_to_string(&mut answer).unwrap();
         assert_eq!(answer.trim(), format!("http {gen2}"), "{}", report());
     }
-    let text = report();
+    // The probe answers the clients before it writes what it received to
+    // its report: wait for the line rather than read it once.
+    let text = poll_until("the probe's report of the received connections", WAIT, || {
+        let text = report();
+        text.contains("received name=conn count=3").then_some(text)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", report()));
     assert!(text.contains("stored name=state content=hello"), "{text}");
-    assert!(text.contains("received name=conn count=3"), "{text}");
 }
 
 /// SIGTERM while the upgrade is under way (here: while the old image waits
