@@ -284,8 +284,7 @@ impl ControlServer {
         let bind_err = |source| ControlError::Bind { path: path.to_owned(), source };
         if let Some(dir) = path.parent() {
             let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
-            let (default_dir, batons_own) = crate::rundir::default_dir();
-            crate::rundir::prepare(dir, batons_own && dir == default_dir)?;
+            crate::rundir::prepare(dir, crate::rundir::origin_of(dir))?;
         }
         if std::fs::symlink_metadata(path).is_ok() {
             if UnixStream::connect(path).await.is_ok() {

@@ -6,29 +6,37 @@
 //! connections) to whatever socket is at `$NOTIFY_SOCKET`'s path *at send
 //! time*. So before binding, [`prepare`] makes sure that:
 //!
-//! - the socket directory is a real directory (never followed through a
-//!   symbolic link at its own name), owned by Baton's effective uid and not
-//!   writable by group or others ([`Role::SocketDir`]);
-//! - its parent, which could otherwise rename the socket directory away and
-//!   put another in its place, is owned by root or Baton's uid and writable
-//!   by group or others only with the sticky bit, like `/tmp`
-//!   ([`Role::Parent`]). Directories further up are not checked: a path
-//!   under a directory another user controls is never safe, for Baton or any
-//!   other program, and `--control` must not point there;
+//! - Baton's own default directory (`/run/baton` for root,
+//!   `$XDG_RUNTIME_DIR/baton`, `/tmp/baton-UID`) and systemd's
+//!   `$RUNTIME_DIRECTORY` are real directories (never followed through a
+//!   symbolic link at their own name), owned by Baton's effective uid and
+//!   not writable by group or others ([`Role::SocketDir`]). Baton's own is
+//!   also narrowed to 0700 if an older Baton left it wider; systemd's is
+//!   never changed (it comes with the unit's `RuntimeDirectoryMode=`, which
+//!   `baton units` sets to 0700);
+//! - the directory of an explicit `--control` path is owned by root or
+//!   Baton's uid and writable by group or others only with the sticky bit,
+//!   like `/tmp`, where no other user can remove or rename Baton's sockets
+//!   ([`Role::ChosenDir`]); it is never changed;
+//! - the parent of the socket directory (of where it really is), which
+//!   could otherwise rename it away and put another in its place, passes the
+//!   same rule ([`Role::Parent`]). Directories further up are not checked: a
+//!   path under a directory another user controls is never safe, for Baton
+//!   or any other program, and `--control` must not point there;
+//! - a symbolic link is followed only where a path was named (a `--control`
+//!   directory, the directory Baton creates its own in, such as a
+//!   `$XDG_RUNTIME_DIR` or `/var/run`), and only if no other user can
+//!   change it: owned by root or Baton's uid ([`Role::Link`]) in a directory
+//!   passing [`Role::Parent`];
 //! - every directory it creates is created mode 0700 (`mkdirat` relative to
 //!   the already checked parent, then opened with `O_NOFOLLOW` and checked by
 //!   `fstat` on the opened fd: no window in which a checked path could be
-//!   swapped for another).
+//!   swapped for another), and must then pass [`Role::SocketDir`].
 //!
-//! Baton's own default directories (`/run/baton` for root,
-//! `$XDG_RUNTIME_DIR/baton`, `/tmp/baton-UID`) are also narrowed to 0700 if
-//! an older Baton left them wider; a `$RUNTIME_DIRECTORY` (systemd creates
-//! it with the unit's `RuntimeDirectoryMode=`, which `baton units` sets to
-//! 0700) or a `--control` directory is checked but never changed. This is
-//! the rule systemd applies to "unsafe transitions" when it resolves paths
-//! for privileged operations (`chase()` with `CHASE_SAFE` in
-//! `src/basic/chase.c`: a directory owned by neither root nor the owner of
-//! what is inside it is unsafe), made stricter for the one directory Baton
+//! This follows the idea of systemd's `CHASE_SAFE` path resolution
+//! (`unsafe_transition()` in `src/basic/chase.c`: stepping from a directory
+//! not owned by root to an entry owned by another user is refused, as its
+//! owner could swap the entry), made stricter for the directories Baton
 //! owns.
 //!
 //! Socket modes are set on the socket's fd before `bind` (the kernel creates
@@ -44,7 +52,9 @@
 //! `DynamicUser=` apply to Baton and the app alike) must be able to search
 //! the socket directory: pass `--control DIR/NAME.sock` with a `DIR` owned
 //! by Baton's user, not writable by others and searchable by the app's user
-//! (e.g. `install -d -m 0711 DIR`, or 0750 with the app's group).
+//! (e.g. `install -d -m 0711 DIR`, or 0750 with the app's group). With
+//! `--control` in a shared sticky directory such as `/tmp`, every local
+//! user can reach (but not replace) the notify and handoff sockets.
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -102,9 +112,16 @@ pub enum Role {
     /// The directory holding the sockets: a directory of Baton's own uid,
     /// writable by no one else.
     SocketDir,
-    /// The socket directory's parent: owned by root or Baton's uid, and
-    /// writable by group or others only if sticky (`/tmp`).
+    /// The directory of an explicit `--control` path: owned by root or
+    /// Baton's uid, and writable by group or others only if sticky (`/tmp`,
+    /// where no other user can remove or rename Baton's sockets).
+    ChosenDir,
+    /// The socket directory's parent, or the directory Baton creates it in:
+    /// the same rule as [`Role::ChosenDir`].
     Parent,
+    /// A symbolic link Baton follows on the way (`/var/run`): owned by root
+    /// or Baton's uid, or its owner could point it elsewhere later.
+    Link,
 }
 
 /// Why a directory is refused.
@@ -127,22 +144,31 @@ pub enum Unsafe {
 }
 
 /// The pure decision: may Baton, running with effective uid `euid`, use a
-/// directory with these `facts` in this `role`?
+/// directory (or, for [`Role::Link`], follow a symbolic link) with these
+/// `facts` in this `role`?
 pub fn judge(facts: DirFacts, role: Role, euid: u32) -> Result<(), Unsafe> {
-    match facts.kind {
-        Kind::Directory => {}
-        Kind::Symlink => return Err(Unsafe::Symlink),
-        Kind::Other => return Err(Unsafe::NotADirectory),
+    match (facts.kind, role) {
+        (Kind::Symlink, Role::Link) => {
+            // A link's own mode is always 0777 and means nothing.
+            return if facts.owner == euid || facts.owner == 0 {
+                Ok(())
+            } else {
+                Err(Unsafe::ForeignOwner { owner: facts.owner })
+            };
+        }
+        (Kind::Directory, Role::SocketDir | Role::ChosenDir | Role::Parent) => {}
+        (Kind::Symlink, _) => return Err(Unsafe::Symlink),
+        _ => return Err(Unsafe::NotADirectory),
     }
     let owner_ok = match role {
         Role::SocketDir => facts.owner == euid,
-        Role::Parent => facts.owner == euid || facts.owner == 0,
+        _ => facts.owner == euid || facts.owner == 0,
     };
     if !owner_ok {
         return Err(Unsafe::ForeignOwner { owner: facts.owner });
     }
     let writable = facts.mode & WRITABLE_BY_OTHERS != 0;
-    let tolerated = role == Role::Parent && facts.mode & STICKY != 0;
+    let tolerated = role != Role::SocketDir && facts.mode & STICKY != 0;
     if writable && !tolerated {
         return Err(Unsafe::WritableByOthers { mode: facts.mode });
     }
@@ -183,7 +209,9 @@ fn unsafe_message(dir: &Path, role: Role, problem: Unsafe, euid: u32) -> String 
     let elsewhere = "or pass --control PATH with a directory of your own that no other user can write";
     let whose = match role {
         Role::SocketDir => "the directory for baton's sockets",
+        Role::ChosenDir => "the --control directory",
         Role::Parent => "the parent of the directory for baton's sockets",
+        Role::Link => "the symbolic link",
     };
     match (role, problem) {
         (_, Unsafe::Symlink) => format!(
@@ -198,17 +226,32 @@ fn unsafe_message(dir: &Path, role: Role, problem: Unsafe, euid: u32) -> String 
              baton's sockets and take over the app's connections; remove it (as root or uid {owner}: rm -r {dir}) \
              and start baton again, {elsewhere}"
         ),
+        (Role::ChosenDir, Unsafe::ForeignOwner { owner }) => format!(
+            "{whose} {dir} is owned by uid {owner}, neither root nor baton's user (uid {euid}): its owner could \
+             replace baton's sockets and take over the app's connections; pass --control PATH with a directory of \
+             your own that no other user can write"
+        ),
         (Role::Parent, Unsafe::ForeignOwner { owner }) => format!(
             "{whose} {dir} is owned by uid {owner}, neither root nor baton's user (uid {euid}): its owner could \
              swap baton's directory for another and take over the app's connections; set XDG_RUNTIME_DIR to a \
              directory of your own, {elsewhere}"
+        ),
+        (Role::Link, Unsafe::ForeignOwner { owner }) => format!(
+            "{whose} {dir} on the way to baton's sockets is owned by uid {owner}, neither root nor baton's user \
+             (uid {euid}): its owner could point it elsewhere and take over the app's connections; use the real \
+             path, {elsewhere}"
         ),
         (Role::SocketDir, Unsafe::WritableByOthers { mode }) => format!(
             "{whose} {dir} is writable by group or others (mode {mode:04o}): another user could replace baton's \
              sockets and take over the app's connections; make it private (chmod 0700 {dir}) and start baton \
              again, {elsewhere}"
         ),
-        (Role::Parent, Unsafe::WritableByOthers { mode }) => format!(
+        (Role::ChosenDir, Unsafe::WritableByOthers { mode }) => format!(
+            "{whose} {dir} is writable by group or others without the sticky bit (mode {mode:04o}): another user \
+             could replace baton's sockets and take over the app's connections; remove the write permission \
+             (chmod go-w {dir}), {elsewhere}"
+        ),
+        (_, Unsafe::WritableByOthers { mode }) => format!(
             "{whose} {dir} is writable by group or others without the sticky bit (mode {mode:04o}): another user \
              could swap baton's directory for another and take over the app's connections; remove the write \
              permission (chmod go-w {dir}) or set the sticky bit (chmod +t {dir}), {elsewhere}"
@@ -216,35 +259,57 @@ fn unsafe_message(dir: &Path, role: Role, problem: Unsafe, euid: u32) -> String 
     }
 }
 
+/// Who chose the directory for Baton's sockets, which decides how it is
+/// checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Baton's own default (`/run/baton`, `$XDG_RUNTIME_DIR/baton`,
+    /// `/tmp/baton-UID`): private to Baton's uid, kept at 0700.
+    Batons,
+    /// systemd's `$RUNTIME_DIRECTORY`: private to Baton's uid, never changed.
+    Systemd,
+    /// The directory of an explicit `--control` path: [`Role::ChosenDir`],
+    /// never changed; a symbolic link at its name is followed if no other
+    /// user can change it.
+    Chosen,
+}
+
 /// The directory where Baton puts its sockets when `--control` is not
-/// given, and whether it is Baton's own (to create and keep at 0700) rather
-/// than systemd's `$RUNTIME_DIRECTORY`: that one under systemd, else
+/// given, and whose it is: `$RUNTIME_DIRECTORY` under systemd, else
 /// `/run/baton` for root, else `$XDG_RUNTIME_DIR/baton`, else
 /// `/tmp/baton-UID`.
-pub fn default_dir() -> (PathBuf, bool) {
+pub fn default_dir() -> (PathBuf, Origin) {
     if let Some(dir) = std::env::var_os("RUNTIME_DIRECTORY").filter(|d| !d.is_empty()) {
         // systemd may list several directories separated by ':'.
         let first = dir.to_string_lossy().split(':').next().unwrap_or_default().to_owned();
-        return (PathBuf::from(first), false);
+        return (PathBuf::from(first), Origin::Systemd);
     }
     let uid = rustix::process::geteuid();
     if uid.is_root() {
-        return (PathBuf::from("/run/baton"), true);
+        return (PathBuf::from("/run/baton"), Origin::Batons);
     }
     match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
-        Some(dir) => (Path::new(&dir).join("baton"), true),
-        None => (PathBuf::from(format!("/tmp/baton-{}", uid.as_raw())), true),
+        Some(dir) => (Path::new(&dir).join("baton"), Origin::Batons),
+        None => (PathBuf::from(format!("/tmp/baton-{}", uid.as_raw())), Origin::Batons),
+    }
+}
+
+/// The [`Origin`] of the directory `dir` of a control socket path.
+pub fn origin_of(dir: &Path) -> Origin {
+    match default_dir() {
+        (default, origin) if default == dir => origin,
+        _ => Origin::Chosen,
     }
 }
 
 /// Makes `dir` ready to hold Baton's sockets: creates what is missing (mode
 /// 0700, each component checked as it is made) and checks the socket
-/// directory and its parent (see the module documentation). With
-/// `batons_own`, an existing directory wider than 0700 is narrowed to 0700
-/// (an older Baton created its directories with the umask's mode).
+/// directory and its parent (see the module documentation). Of an existing
+/// directory, only Baton's own ([`Origin::Batons`]) is narrowed to 0700 if
+/// wider (an older Baton created its directories with the umask's mode).
 ///
 /// Returns the socket directory, opened.
-pub fn prepare(dir: &Path, batons_own: bool) -> Result<OwnedFd, RundirError> {
+pub fn prepare(dir: &Path, origin: Origin) -> Result<OwnedFd, RundirError> {
     let euid = rustix::process::geteuid().as_raw();
     let dir =
         std::path::absolute(dir).map_err(|source| RundirError::Io { dir: dir.to_owned(), what: "resolve", source })?;
@@ -260,26 +325,30 @@ pub fn prepare(dir: &Path, batons_own: bool) -> Result<OwnedFd, RundirError> {
             _ => break,
         }
     }
-    let io_err = |dir: &Path, what, e: Errno| RundirError::Io { dir: dir.to_owned(), what, source: e.into() };
 
     if missing.is_empty() {
-        let fd = open_checked(rustix::fs::CWD, &dir, &dir, Role::SocketDir, euid)?;
-        if let Some(parent) = dir.parent() {
-            let pfd = rustix::fs::open(parent, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
-                .map_err(|e| io_err(parent, "open", e))?;
-            check(pfd.as_fd(), parent, Role::Parent, euid)?;
+        let (role, follow) = match origin {
+            Origin::Batons | Origin::Systemd => (Role::SocketDir, false),
+            Origin::Chosen => (Role::ChosenDir, true),
+        };
+        let fd = open_dir(&dir, role, follow, euid)?;
+        // Whoever may write to its parent could rename it away and put
+        // another in its place: check the parent of where it really is.
+        let real = std::fs::read_link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd)))
+            .unwrap_or_else(|_| dir.clone());
+        if let Some(parent) = real.parent() {
+            open_dir(parent, Role::Parent, false, euid)?;
         }
-        if batons_own {
+        if origin == Origin::Batons {
             narrow(&fd, &dir)?;
         }
         return Ok(fd);
     }
 
-    // The nearest existing ancestor: followed if a symbolic link (`/var/run`
-    // is one), checked as the parent of what Baton creates in it.
-    let mut parent = rustix::fs::open(existing, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
-        .map_err(|e| io_err(existing, "open", e))?;
-    check(parent.as_fd(), existing, Role::Parent, euid)?;
+    // The nearest existing ancestor (followed if a symbolic link no one
+    // else can change: `/var/run` is one), checked as the parent of what
+    // Baton creates in it.
+    let mut parent = open_dir(existing, Role::Parent, true, euid)?;
     for path in missing.into_iter().rev() {
         let name = path.file_name().unwrap_or_default();
         match rustix::fs::mkdirat(&parent, name, Mode::from_raw_mode(PRIVATE_DIR_MODE)) {
@@ -296,42 +365,63 @@ pub fn prepare(dir: &Path, batons_own: bool) -> Result<OwnedFd, RundirError> {
     Ok(parent)
 }
 
+fn io_err(dir: &Path, what: &'static str, e: Errno) -> RundirError {
+    RundirError::Io { dir: dir.to_owned(), what, source: e.into() }
+}
+
+/// Opens the directory `path` and checks it in `role`. With `follow`, a
+/// symbolic link at its name is followed only if no other user can change
+/// it: the link owned by root or Baton's uid ([`Role::Link`]), in a
+/// directory passing [`Role::Parent`]; the directory it leads to is then
+/// checked in `role`.
+fn open_dir(path: &Path, role: Role, follow: bool, euid: u32) -> Result<OwnedFd, RundirError> {
+    let link = rustix::fs::open(path, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
+        .map_err(|e| io_err(path, "open", e))?;
+    let stat = rustix::fs::fstat(&link).map_err(|e| io_err(path, "inspect", e))?;
+    if !follow || FileType::from_raw_mode(stat.st_mode) != FileType::Symlink {
+        return open_checked(rustix::fs::CWD, path, path, role, euid);
+    }
+    judge(DirFacts::of(&stat), Role::Link, euid).map_err(|problem| unsafe_err(path, Role::Link, problem, euid))?;
+    if let Some(holder) = path.parent() {
+        open_dir(holder, Role::Parent, false, euid)?;
+    }
+    let target = rustix::fs::open(path, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+        .map_err(|e| io_err(path, "open", e))?;
+    check(target.as_fd(), path, role, euid)?;
+    rustix::fs::openat(&target, ".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+        .map_err(|e| io_err(path, "open", e))
+}
+
+fn unsafe_err(dir: &Path, role: Role, problem: Unsafe, euid: u32) -> RundirError {
+    RundirError::Unsafe { dir: dir.to_owned(), role, problem, euid }
+}
+
 /// Opens `name` relative to `at` without following a symbolic link, checks
 /// it in `role` and returns it opened for reading (so its mode can be set
 /// by fd).
 fn open_checked(at: BorrowedFd<'_>, name: &Path, shown: &Path, role: Role, euid: u32) -> Result<OwnedFd, RundirError> {
-    let io_err = |what, e: Errno| RundirError::Io { dir: shown.to_owned(), what, source: e.into() };
     // O_PATH | O_NOFOLLOW opens a symbolic link itself, so `fstat` tells
     // what is really there; nothing is read through it.
     let path_fd = rustix::fs::openat(at, name, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
-        .map_err(|e| io_err("open", e))?;
+        .map_err(|e| io_err(shown, "open", e))?;
     check(path_fd.as_fd(), shown, role, euid)?;
     // The same inode, now readable: "." of the checked directory.
     rustix::fs::openat(&path_fd, ".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
-        .map_err(|e| io_err("open", e))
+        .map_err(|e| io_err(shown, "open", e))
 }
 
 fn check(fd: BorrowedFd<'_>, shown: &Path, role: Role, euid: u32) -> Result<(), RundirError> {
-    let stat = rustix::fs::fstat(fd).map_err(|e| RundirError::Io {
-        dir: shown.to_owned(),
-        what: "inspect",
-        source: e.into(),
-    })?;
-    judge(DirFacts::of(&stat), role, euid).map_err(|problem| RundirError::Unsafe {
-        dir: shown.to_owned(),
-        role,
-        problem,
-        euid,
-    })
+    let stat = rustix::fs::fstat(fd).map_err(|e| io_err(shown, "inspect", e))?;
+    judge(DirFacts::of(&stat), role, euid).map_err(|problem| unsafe_err(shown, role, problem, euid))
 }
 
 /// Sets a checked directory (ours, so `fchmod` is allowed) to 0700 unless it
 /// already is.
 fn narrow(fd: &OwnedFd, shown: &Path) -> Result<(), RundirError> {
-    let io_err = |what, e: Errno| RundirError::Io { dir: shown.to_owned(), what, source: e.into() };
-    let mode = rustix::fs::fstat(fd).map_err(|e| io_err("inspect", e))?.st_mode & 0o7777;
+    let mode = rustix::fs::fstat(fd).map_err(|e| io_err(shown, "inspect", e))?.st_mode & 0o7777;
     if mode != PRIVATE_DIR_MODE {
-        rustix::fs::fchmod(fd, Mode::from_raw_mode(PRIVATE_DIR_MODE)).map_err(|e| io_err("set the mode of", e))?;
+        rustix::fs::fchmod(fd, Mode::from_raw_mode(PRIVATE_DIR_MODE))
+            .map_err(|e| io_err(shown, "set the mode of", e))?;
         tracing::debug!(event = "rundir-mode", "{}: mode {mode:04o} set to 0700", shown.display());
     }
     Ok(())
@@ -409,9 +499,11 @@ mod tests {
         DirFacts { kind: Kind::Directory, owner, mode }
     }
 
+    const DIR_ROLES: [Role; 3] = [Role::SocketDir, Role::ChosenDir, Role::Parent];
+
     #[test]
-    fn file_types_other_than_directories_are_refused_in_both_roles() {
-        for role in [Role::SocketDir, Role::Parent] {
+    fn file_types_other_than_directories_are_refused_in_every_directory_role() {
+        for role in DIR_ROLES {
             for owner in [ME, ROOT, STRANGER] {
                 for mode in [0o700, 0o777, 0o1777] {
                     let facts = |kind| DirFacts { kind, owner, mode };
@@ -419,6 +511,22 @@ mod tests {
                     assert_eq!(judge(facts(Kind::Other), role, ME), Err(Unsafe::NotADirectory));
                 }
             }
+        }
+    }
+
+    /// A symbolic link on the way is followed only if no one but root or
+    /// Baton's user can change it; its mode means nothing.
+    #[test]
+    fn links_are_judged_by_their_owner_alone() {
+        for mode in [0o777, 0o700, 0o1777] {
+            let link = |owner| DirFacts { kind: Kind::Symlink, owner, mode };
+            assert_eq!(judge(link(ME), Role::Link, ME), Ok(()));
+            assert_eq!(judge(link(ROOT), Role::Link, ME), Ok(()));
+            assert_eq!(judge(link(STRANGER), Role::Link, ME), Err(Unsafe::ForeignOwner { owner: STRANGER }));
+            assert_eq!(judge(link(STRANGER), Role::Link, STRANGER), Ok(()));
+        }
+        for kind in [Kind::Directory, Kind::Other] {
+            assert_eq!(judge(DirFacts { kind, owner: ME, mode: 0o700 }, Role::Link, ME), Err(Unsafe::NotADirectory));
         }
     }
 
@@ -437,15 +545,19 @@ mod tests {
                     let want = Err(Unsafe::ForeignOwner { owner: other });
                     assert_eq!(judge(dir(other, mode), Role::SocketDir, ME), want, "{mode:04o}");
                 }
-                // The parent: root's or ours, writable by others only sticky.
-                let want = if writable { Err(Unsafe::WritableByOthers { mode }) } else { Ok(()) };
-                for owner in [ME, ROOT] {
-                    assert_eq!(judge(dir(owner, mode), Role::Parent, ME), want, "{mode:04o}");
-                    let sticky = mode | STICKY;
-                    assert_eq!(judge(dir(owner, sticky), Role::Parent, ME), Ok(()), "{sticky:04o}");
+                // A parent or a --control directory: root's or ours,
+                // writable by others only if sticky.
+                for role in [Role::ChosenDir, Role::Parent] {
+                    let want = if writable { Err(Unsafe::WritableByOthers { mode }) } else { Ok(()) };
+                    for owner in [ME, ROOT] {
+                        assert_eq!(judge(dir(owner, mode), role, ME), want, "{role:?} {mode:04o}");
+                        let sticky = mode | STICKY;
+                        assert_eq!(judge(dir(owner, sticky), role, ME), Ok(()), "{role:?} {sticky:04o}");
+                    }
+                    let want = Err(Unsafe::ForeignOwner { owner: STRANGER });
+                    assert_eq!(judge(dir(STRANGER, mode), role, ME), want, "{role:?} {mode:04o}");
+                    assert_eq!(judge(dir(STRANGER, mode | STICKY), role, ME), want, "{role:?} {mode:04o}");
                 }
-                let want = Err(Unsafe::ForeignOwner { owner: STRANGER });
-                assert_eq!(judge(dir(STRANGER, mode | STICKY), Role::Parent, ME), want);
             }
         }
     }
@@ -469,7 +581,12 @@ mod tests {
             ("/run/baton for root", dir(ROOT, 0o700), Role::SocketDir, ROOT, true),
             ("systemd's RuntimeDirectory=, DynamicUser", dir(61234, 0o700), Role::SocketDir, 61234, true),
             ("systemd's RuntimeDirectory= at the old default", dir(61234, 0o755), Role::SocketDir, 61234, true),
-            ("--control /tmp/x.sock as root", dir(ROOT, 0o1777), Role::SocketDir, ROOT, false),
+            ("/tmp as Baton's own directory (never)", dir(ROOT, 0o1777), Role::SocketDir, ROOT, false),
+            ("--control /tmp/x.sock as root", dir(ROOT, 0o1777), Role::ChosenDir, ROOT, true),
+            ("--control /tmp/x.sock as a user", dir(ROOT, 0o1777), Role::ChosenDir, ME, true),
+            ("--control in a shared 0775 directory", dir(ROOT, 0o775), Role::ChosenDir, ME, false),
+            ("--control in another user's home", dir(STRANGER, 0o755), Role::ChosenDir, ME, false),
+            ("--control in one's own home", dir(ME, 0o755), Role::ChosenDir, ME, true),
         ];
         for (what, facts, role, euid, allowed) in cases {
             assert_eq!(judge(facts, role, euid).is_ok(), allowed, "{what}");
@@ -491,6 +608,10 @@ mod tests {
         assert!(m.contains("sticky") && m.contains("chmod +t"), "{m}");
         let m = msg(Role::Parent, Unsafe::ForeignOwner { owner: STRANGER });
         assert!(m.contains("XDG_RUNTIME_DIR"), "{m}");
+        let m = msg(Role::ChosenDir, Unsafe::WritableByOthers { mode: 0o775 });
+        assert!(m.contains("--control directory") && m.contains("chmod go-w"), "{m}");
+        let m = msg(Role::Link, Unsafe::ForeignOwner { owner: STRANGER });
+        assert!(m.contains("symbolic link /tmp/baton-1000") && m.contains("real path"), "{m}");
     }
 
     #[test]
@@ -534,15 +655,17 @@ mod tests {
     fn missing_components_are_created_0700_and_existing_ones_kept() {
         let s = Scratch::new("create");
         let deep = s.0.join("a/b/c");
-        prepare(&deep, false).unwrap();
+        prepare(&deep, Origin::Chosen).unwrap();
         for p in [s.0.join("a"), s.0.join("a/b"), deep.clone()] {
             assert_eq!(mode_of(&p), 0o700, "{}", p.display());
         }
         // Existing and acceptable: left as it is unless it is Baton's own.
         std::fs::set_permissions(&deep, std::fs::Permissions::from_mode(0o755)).unwrap();
-        prepare(&deep, false).unwrap();
+        prepare(&deep, Origin::Chosen).unwrap();
         assert_eq!(mode_of(&deep), 0o755, "a --control directory is not changed");
-        prepare(&deep, true).unwrap();
+        prepare(&deep, Origin::Systemd).unwrap();
+        assert_eq!(mode_of(&deep), 0o755, "systemd's directory is not changed");
+        prepare(&deep, Origin::Batons).unwrap();
         assert_eq!(mode_of(&deep), 0o700, "Baton's own directory is narrowed");
     }
 
@@ -553,23 +676,38 @@ mod tests {
         std::fs::create_dir(&target).unwrap();
         let link = s.0.join("link");
         std::os::unix::fs::symlink(&target, &link).unwrap();
-        let e = prepare(&link, true).unwrap_err();
-        assert!(matches!(e, RundirError::Unsafe { problem: Unsafe::Symlink, .. }), "{e}");
+        for origin in [Origin::Batons, Origin::Systemd] {
+            let e = prepare(&link, origin).unwrap_err();
+            assert!(matches!(e, RundirError::Unsafe { problem: Unsafe::Symlink, .. }), "{e}");
+        }
         assert_eq!(mode_of(&target), 0o755, "nothing changed through the link");
+        // Named by --control, a link of one's own is followed (`/var/run`).
+        prepare(&link, Origin::Chosen).unwrap();
+        if rustix::process::geteuid().is_root() {
+            // Not one a stranger could re-point later.
+            std::os::unix::fs::lchown(&link, Some(STRANGER), None).unwrap();
+            let e = prepare(&link, Origin::Chosen).unwrap_err();
+            let want = Unsafe::ForeignOwner { owner: STRANGER };
+            assert!(matches!(e, RundirError::Unsafe { role: Role::Link, problem, .. } if problem == want), "{e}");
+            // Nor below it.
+            let e = prepare(&link.join("sub"), Origin::Chosen).unwrap_err();
+            assert!(matches!(e, RundirError::Unsafe { role: Role::Link, .. }), "{e}");
+            assert!(!target.join("sub").exists());
+        }
 
         let file = s.0.join("file");
         std::fs::write(&file, "").unwrap();
-        let e = prepare(&file, true).unwrap_err();
+        let e = prepare(&file, Origin::Batons).unwrap_err();
         assert!(matches!(e, RundirError::Unsafe { problem: Unsafe::NotADirectory, .. }), "{e}");
 
         let open = s.0.join("open");
         std::fs::create_dir(&open).unwrap();
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o770)).unwrap();
-        let e = prepare(&open, true).unwrap_err();
+        let e = prepare(&open, Origin::Batons).unwrap_err();
         assert!(matches!(e, RundirError::Unsafe { problem: Unsafe::WritableByOthers { mode: 0o770 }, .. }), "{e}");
         assert_eq!(mode_of(&open), 0o770, "a refused directory is not touched");
         // Creating below a parent that others may write (no sticky bit).
-        let e = prepare(&open.join("mine"), true).unwrap_err();
+        let e = prepare(&open.join("mine"), Origin::Batons).unwrap_err();
         assert!(matches!(e, RundirError::Unsafe { role: Role::Parent, .. }), "{e}");
         assert!(!open.join("mine").exists());
     }

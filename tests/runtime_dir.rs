@@ -264,6 +264,55 @@ fn an_older_batons_wide_directory_is_narrowed() {
     stop(child, &control);
 }
 
+/// `--control` in a directory of the user's choosing: a stranger's
+/// directory, or a stranger's symbolic link in `/tmp` (which they could
+/// re-point later), is refused; `/tmp` itself (sticky: no one else can
+/// remove or rename Baton's sockets there), as in the README's quick start,
+/// is accepted and left as it is.
+#[test]
+fn explicit_control_directories_are_checked_too() {
+    if !skip_unless_root("explicit_control_directories_are_checked_too") {
+        return;
+    }
+    let (baton, stranger) = (test_uid(9), test_uid(10));
+    let theirs = unique_temp_dir("baton-rundir", "strangers-dir");
+    let _theirs_cleanup = Cleanup(theirs.clone());
+    std::os::unix::fs::chown(&theirs, Some(stranger), Some(stranger)).unwrap();
+    std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let control = theirs.join("app.sock");
+    let args = [OsStr::new("--control"), control.as_os_str()];
+    let (code, stderr) = refused(baton_as(Some(baton), "chosen", &args, &[]), "--control is in a stranger's directory");
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!("--control directory {} is owned by uid {stranger}", theirs.display())),
+        "{stderr}"
+    );
+    assert!(entries(&theirs).is_empty(), "{:?}", entries(&theirs));
+
+    let link = PathBuf::from(format!("/tmp/baton-rundir-{}-link", std::process::id()));
+    let _link_cleanup = Cleanup(link.clone());
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&theirs, &link).unwrap();
+    std::os::unix::fs::lchown(&link, Some(stranger), Some(stranger)).unwrap();
+    let control = link.join("app.sock");
+    let args = [OsStr::new("--control"), control.as_os_str()];
+    let (code, stderr) =
+        refused(baton_as(Some(baton), "chosen", &args, &[]), "--control goes through a stranger's link");
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains(&format!("symbolic link {} on the way", link.display())), "{stderr}");
+    assert!(entries(&theirs).is_empty(), "{:?}", entries(&theirs));
+
+    let control = PathBuf::from(format!("/tmp/baton-rundir-{}-quickstart.sock", std::process::id()));
+    let _cleanups = ["sock", "notify", "handoff"].map(|ext| Cleanup(control.with_extension(ext)));
+    let args = [OsStr::new("--control"), control.as_os_str()];
+    let mut child = baton_as(Some(baton), "quickstart", &args, &[]);
+    let name = control.file_stem().unwrap().to_str().unwrap();
+    let [control, ..] = wait_sockets(&mut child, Path::new("/tmp"), name);
+    assert_eq!(mode_of(Path::new("/tmp")), 0o1777, "a --control directory is never changed");
+    assert_eq!(mode_of(&control), 0o600);
+    stop(child, &control);
+}
+
 /// Finding 9: the notify and handoff sockets are derived from the control
 /// path by replacing its extension, so `--control X.handoff` made the
 /// handoff socket silently replace the control socket, and `--control
