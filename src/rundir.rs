@@ -437,29 +437,38 @@ fn narrow(fd: &OwnedFd, shown: &Path) -> Result<(), RundirError> {
 /// threads (tokio's, a test harness's) may create files meanwhile, so it is
 /// cleared only on a short-lived thread that first gives itself its own
 /// filesystem context with `unshare(CLONE_FS)` (cwd, root and umask; the fd
-/// table stays shared). Should `unshare` be refused (a seccomp filter), the
-/// bind goes ahead under the process umask: the mode can then only be
-/// narrower than asked, never wider.
+/// table stays shared). Should `unshare` be refused (a seccomp filter) or no
+/// thread be available, the bind goes ahead under the process umask: the
+/// mode can then only be narrower than asked, never wider.
 pub fn bind_with_mode(socket: BorrowedFd<'_>, addr: &SocketAddrUnix, mode: u32) -> io::Result<()> {
     rustix::fs::fchmod(socket, Mode::from_raw_mode(mode))?;
+    let bind = || rustix::net::bind(socket, addr).map_err(io::Error::from);
     std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                // SAFETY: CLONE_FS only unshares this thread's cwd, root and
-                // umask, which no other thread observes; the fd table
-                // (CLONE_FILES) stays shared, so `socket` remains valid here.
-                if unsafe { libc::unshare(libc::CLONE_FS) } == 0 {
-                    rustix::process::umask(Mode::empty());
-                } else {
-                    tracing::debug!(
-                        "unshare(CLONE_FS) refused ({}): binding under the process umask",
-                        io::Error::last_os_error()
-                    );
-                }
-                rustix::net::bind(socket, addr).map_err(io::Error::from)
-            })
-            .join()
-            .unwrap_or_else(|_| Err(io::Error::other("the thread binding the socket panicked")))
+        let binder = std::thread::Builder::new().name("baton-bind".into()).spawn_scoped(scope, || {
+            // SAFETY: CLONE_FS only unshares this thread's cwd, root and
+            // umask, which no other thread observes; the fd table
+            // (CLONE_FILES) stays shared, so `socket` remains valid here.
+            if unsafe { libc::unshare(libc::CLONE_FS) } == 0 {
+                rustix::process::umask(Mode::empty());
+            } else {
+                tracing::debug!(
+                    "unshare(CLONE_FS) refused ({}): binding under the process umask",
+                    io::Error::last_os_error()
+                );
+            }
+            bind()
+        });
+        match binder {
+            Ok(binder) => {
+                binder.join().unwrap_or_else(|_| Err(io::Error::other("the thread binding the socket panicked")))
+            }
+            // No thread to be had (RLIMIT_NPROC, TasksMax=): bind here,
+            // under the process umask.
+            Err(e) => {
+                tracing::debug!("cannot start a thread to bind with mode {mode:04o} ({e}): binding under the umask");
+                bind()
+            }
+        }
     })
 }
 
