@@ -375,11 +375,14 @@ fn io_err(dir: &Path, what: &'static str, e: Errno) -> RundirError {
 /// directory passing [`Role::Parent`]; the directory it leads to is then
 /// checked in `role`.
 fn open_dir(path: &Path, role: Role, follow: bool, euid: u32) -> Result<OwnedFd, RundirError> {
+    // O_PATH | O_NOFOLLOW opens a symbolic link itself, so `fstat` tells
+    // what is really there; nothing is read through it.
     let link = rustix::fs::open(path, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
         .map_err(|e| io_err(path, "open", e))?;
     let stat = rustix::fs::fstat(&link).map_err(|e| io_err(path, "inspect", e))?;
     if !follow || FileType::from_raw_mode(stat.st_mode) != FileType::Symlink {
-        return open_checked(rustix::fs::CWD, path, path, role, euid);
+        judge(DirFacts::of(&stat), role, euid).map_err(|problem| unsafe_err(path, role, problem, euid))?;
+        return reopen_readable(&link, path);
     }
     judge(DirFacts::of(&stat), Role::Link, euid).map_err(|problem| unsafe_err(path, Role::Link, problem, euid))?;
     if let Some(holder) = path.parent() {
@@ -388,8 +391,14 @@ fn open_dir(path: &Path, role: Role, follow: bool, euid: u32) -> Result<OwnedFd,
     let target = rustix::fs::open(path, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
         .map_err(|e| io_err(path, "open", e))?;
     check(target.as_fd(), path, role, euid)?;
-    rustix::fs::openat(&target, ".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
-        .map_err(|e| io_err(path, "open", e))
+    reopen_readable(&target, path)
+}
+
+/// The checked directory behind an `O_PATH` fd, opened for reading (so its
+/// mode can be set by fd): `.` relative to it, the very same inode.
+fn reopen_readable(checked: &OwnedFd, shown: &Path) -> Result<OwnedFd, RundirError> {
+    rustix::fs::openat(checked, ".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+        .map_err(|e| io_err(shown, "open", e))
 }
 
 fn unsafe_err(dir: &Path, role: Role, problem: Unsafe, euid: u32) -> RundirError {
@@ -405,9 +414,7 @@ fn open_checked(at: BorrowedFd<'_>, name: &Path, shown: &Path, role: Role, euid:
     let path_fd = rustix::fs::openat(at, name, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
         .map_err(|e| io_err(shown, "open", e))?;
     check(path_fd.as_fd(), shown, role, euid)?;
-    // The same inode, now readable: "." of the checked directory.
-    rustix::fs::openat(&path_fd, ".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
-        .map_err(|e| io_err(shown, "open", e))
+    reopen_readable(&path_fd, shown)
 }
 
 fn check(fd: BorrowedFd<'_>, shown: &Path, role: Role, euid: u32) -> Result<(), RundirError> {
