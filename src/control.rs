@@ -214,22 +214,11 @@ pub struct Incoming {
 }
 
 /// Where the control socket of instance `name` lives by default:
-/// `$RUNTIME_DIRECTORY/baton.sock` under systemd, else `/run/baton/NAME.sock`
-/// for root, else `$XDG_RUNTIME_DIR/baton/NAME.sock` (or `/tmp/baton-UID/`).
+/// `$RUNTIME_DIRECTORY/NAME.sock` under systemd, else `/run/baton/NAME.sock`
+/// for root, else `$XDG_RUNTIME_DIR/baton/NAME.sock` (or `/tmp/baton-UID/`);
+/// see [`crate::rundir::default_dir`].
 pub fn default_path(name: &str) -> PathBuf {
-    if let Some(dir) = std::env::var_os("RUNTIME_DIRECTORY").filter(|d| !d.is_empty()) {
-        // systemd may list several directories separated by ':'.
-        let first = dir.to_string_lossy().split(':').next().unwrap_or_default().to_owned();
-        return Path::new(&first).join(format!("{name}.sock"));
-    }
-    let uid = rustix::process::geteuid();
-    if uid.is_root() {
-        return PathBuf::from(format!("/run/baton/{name}.sock"));
-    }
-    match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
-        Some(dir) => Path::new(&dir).join("baton").join(format!("{name}.sock")),
-        None => PathBuf::from(format!("/tmp/baton-{}/{name}.sock", uid.as_raw())),
-    }
+    crate::rundir::default_dir().0.join(format!("{name}.sock"))
 }
 
 /// Errors of the control path.
@@ -244,6 +233,10 @@ pub enum ControlError {
         /// Cause.
         source: std::io::Error,
     },
+    /// The socket's directory is unsafe (another user could replace the
+    /// sockets in it) or could not be created.
+    #[error(transparent)]
+    RuntimeDir(#[from] crate::rundir::RundirError),
     /// Another Baton already serves this socket.
     #[error("another baton is already running with control socket {path}; stop it or pass --name/--control")]
     InUse {
@@ -293,13 +286,22 @@ pub struct ControlServer {
 }
 
 impl ControlServer {
-    /// Binds the control socket (mode 0600, parent created with 0700) and
-    /// starts accepting; complete requests arrive on the returned channel.
-    /// Refuses to steal the socket of a Baton that still answers.
+    /// Binds the control socket (mode 0600) and starts accepting; complete
+    /// requests arrive on the returned channel. Its directory is created
+    /// (0700) or checked first with [`crate::rundir::prepare`]: Baton's
+    /// notify and handoff sockets go there too, and no other user may be
+    /// able to replace them. Refuses to steal the socket of a Baton that
+    /// still answers.
     pub async fn start(path: &Path) -> Result<(ControlServer, mpsc::Receiver<Incoming>), ControlError> {
+        /// Baton's user only (root passes the peer check anyway).
+        const SOCKET_MODE: u32 = 0o600;
+        /// Clients connecting while the supervisor is busy wait here
+        /// (tokio's own `UnixListener::bind` uses the same).
+        const LISTEN_BACKLOG: i32 = 1024;
         let bind_err = |source| ControlError::Bind { path: path.to_owned(), source };
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(bind_err)?;
+            let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+            crate::rundir::prepare(dir, crate::rundir::origin_of(dir))?;
         }
         if std::fs::symlink_metadata(path).is_ok() {
             if UnixStream::connect(path).await.is_ok() {
@@ -317,10 +319,19 @@ impl ControlServer {
             }
             std::fs::remove_file(path).map_err(bind_err)?;
         }
-        // Restrict the socket before anyone can connect: umask-independent.
-        let listener = UnixListener::bind(path).map_err(bind_err)?;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+        // Created 0600 by the bind itself: never a moment in which another
+        // user could connect, and no chmod on a path.
+        let socket = rustix::net::socket_with(
+            rustix::net::AddressFamily::UNIX,
+            rustix::net::SocketType::STREAM,
+            rustix::net::SocketFlags::CLOEXEC | rustix::net::SocketFlags::NONBLOCK,
+            None,
+        )
+        .map_err(|e| bind_err(e.into()))?;
+        let addr = rustix::net::SocketAddrUnix::new(path).map_err(|e| bind_err(e.into()))?;
+        crate::rundir::bind_with_mode(socket.as_fd(), &addr, SOCKET_MODE).map_err(bind_err)?;
+        rustix::net::listen(&socket, LISTEN_BACKLOG).map_err(|e| bind_err(e.into()))?;
+        let listener = UnixListener::from_std(std::os::unix::net::UnixListener::from(socket)).map_err(bind_err)?;
         Ok(Self::serve(path, listener))
     }
 

@@ -21,6 +21,13 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 
+/// Mode of the handoff socket: like the notify socket's, world-writable
+/// because the app may run as another user than Baton, and safe because
+/// peers are identified by their kernel credentials (`SO_PEERCRED`); who can
+/// reach it at all is decided by Baton's 0700 runtime directory (see
+/// [`crate::rundir`]).
+pub const SOCKET_MODE: u32 = 0o666;
+
 /// Connections waiting for the supervisor to attribute them.
 const PENDING: usize = 64;
 
@@ -44,10 +51,10 @@ pub struct HandoffServer {
 }
 
 impl HandoffServer {
-    /// Binds the socket at `path` (world-writable like the notify socket: the
-    /// app may run as another user; peers are identified by their kernel
-    /// credentials) and accepts in the background. Must run inside a tokio
-    /// runtime.
+    /// Binds the socket at `path` (mode [`SOCKET_MODE`]) and accepts in
+    /// the background. A socket file left by a Baton that died is replaced;
+    /// a live socket or any other file at `path` is an error. Must run
+    /// inside a tokio runtime.
     pub fn bind(path: &Path) -> std::io::Result<(HandoffServer, mpsc::Receiver<Peer>)> {
         let socket = rustix::net::socket_with(
             AddressFamily::UNIX,
@@ -55,14 +62,39 @@ impl HandoffServer {
             SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
             None,
         )?;
-        // A socket left by a Baton that died; a live one would have failed
-        // the control socket check first.
-        if std::fs::symlink_metadata(path).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())) {
-            std::fs::remove_file(path)?;
+        let addr = rustix::net::SocketAddrUnix::new(path)?;
+        match std::fs::symlink_metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+            Ok(m) if !std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    format!("{} exists and is not a socket: refusing to replace it", path.display()),
+                ));
+            }
+            Ok(_) => {
+                // Never unlink a socket something still listens on (whatever
+                // its type: PROTOTYPE means a live socket of another type).
+                let probe = rustix::net::socket_with(
+                    AddressFamily::UNIX,
+                    SocketType::SEQPACKET,
+                    SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+                    None,
+                )?;
+                match rustix::net::connect(&probe, &addr) {
+                    Err(rustix::io::Errno::CONNREFUSED) => std::fs::remove_file(path)?,
+                    _ => {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::AddrInUse,
+                            format!("{} is a socket another process is still using; stop it", path.display()),
+                        ));
+                    }
+                }
+            }
         }
-        rustix::net::bind(&socket, &rustix::net::SocketAddrUnix::new(path)?)?;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+        // Created with its final mode by the bind itself, never chmod-ed by
+        // path (see `crate::rundir::bind_with_mode`).
+        crate::rundir::bind_with_mode(socket.as_fd(), &addr, SOCKET_MODE)?;
         rustix::net::listen(&socket, 64)?;
         Self::serve(path, socket)
     }

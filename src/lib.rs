@@ -23,6 +23,8 @@
 //!   restart, drain, crash backoff.
 //! - [`control`]: the control socket and the client side of `baton restart`,
 //!   `status`, `stop`, `upgrade`.
+//! - [`rundir`]: the directory holding Baton's own sockets, created 0700 and
+//!   checked so that no other user can replace them.
 //! - [`upgrade`]: `baton upgrade`, Baton re-executing a new binary of itself
 //!   in the same process, keeping every socket and generation.
 #![warn(missing_docs)]
@@ -35,6 +37,7 @@ pub mod notify_refusal;
 pub mod notify_server;
 pub mod output;
 pub mod reaper;
+pub mod rundir;
 pub mod spawn;
 pub mod store;
 pub mod supervisor;

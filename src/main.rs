@@ -337,6 +337,13 @@ fn run(args: RunArgs) -> ExitCode {
         unix_owner: (args.socket_uid.is_some() || args.socket_gid.is_some())
             .then_some((args.socket_uid, args.socket_gid)),
     };
+    let (control_path, notify_path, handoff_path) = match own_socket_paths(&args, &name) {
+        Ok(paths) => paths,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::from(2);
+        }
+    };
     for spec in &args.listen {
         if let Some(i) = own.iter().position(|(n, _)| *n == spec.name) {
             let (name, fd) = own.remove(i);
@@ -370,7 +377,6 @@ fn run(args: RunArgs) -> ExitCode {
     for s in &sockets {
         println!("baton: {} {}", s.name, s.local);
     }
-    let control_path = args.control.clone().unwrap_or_else(|| control::default_path(&name));
     if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
         // For the person who just started it by hand: how to drive it.
         let target = format!("--control {}", control_path.display());
@@ -411,11 +417,10 @@ fn run(args: RunArgs) -> ExitCode {
     };
     let result = runtime().block_on(async move {
         let (server, requests) = control::ControlServer::start(&control_path).await.map_err(|e| e.to_string())?;
-        let notify_path = control_path.with_extension("notify");
         let notify = NotifyServer::bind(&notify_path).map_err(|e| format!("notify socket {}: {e}", notify_path.display()))?;
         tracing::info!(event = "started", control = %server.path().display(), "baton {name}: control socket {}", server.path().display());
         let supervisor = Supervisor::new(config, notify, upstream.clone())
-            .and_then(|s| s.with_handoff(&control_path.with_extension("handoff")))
+            .and_then(|s| s.with_handoff(&handoff_path))
             .map_err(|e| e.to_string())?
             .with_control(server);
         // Shuts the control socket down when it ends.
@@ -431,6 +436,34 @@ fn run(args: RunArgs) -> ExitCode {
         ended
     });
     exit_code(result)
+}
+
+/// Baton's own sockets: the control socket (`--control` or the default,
+/// made absolute: the notify socket's path goes into the app's
+/// `NOTIFY_SOCKET`), and the notify and handoff sockets derived from it.
+/// Refuses paths that collide with each other or with a `--listen` socket,
+/// which one bind would otherwise silently replace.
+fn own_socket_paths(args: &RunArgs, name: &str) -> Result<(PathBuf, PathBuf, PathBuf), String> {
+    let control = args.control.clone().unwrap_or_else(|| control::default_path(name));
+    let control = std::path::absolute(&control)
+        .map_err(|e| format!("--control {}: cannot make the path absolute: {e}", control.display()))?;
+    let (notify, handoff) = baton::rundir::derived_paths(&control)?;
+    for spec in &args.listen {
+        if let listen::ListenAddr::Unix { path, .. } = &spec.addr {
+            let path = std::path::absolute(path).unwrap_or_else(|_| path.clone());
+            for (what, own) in [("control", &control), ("notify", &notify), ("handoff", &handoff)] {
+                if path == *own {
+                    return Err(format!(
+                        "--listen {spec}: {} is baton's own {what} socket (derived from the control socket {}); \
+                         listen on another path or pass another --control",
+                        own.display(),
+                        control.display()
+                    ));
+                }
+            }
+        }
+    }
+    Ok((control, notify, handoff))
 }
 
 fn exit_code(result: Result<Ended, String>) -> ExitCode {

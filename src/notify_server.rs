@@ -41,12 +41,14 @@ use tokio::io::unix::AsyncFd;
 const NOTIFY_RCVBUF_SIZE: usize = 8 * 1024 * 1024;
 
 /// Mode of a path-bound notify socket. The app may run as another user than
-/// Baton (a `User=` in the unit, or Baton started as root dropping the app's
-/// privileges), and sending to an `AF_UNIX` socket needs write permission on
-/// its inode. systemd's `/run/systemd/notify` is world-writable too (PID 1
-/// runs with umask 0). That is safe because the receiver never trusts the
-/// sender: every datagram carries kernel-attested credentials, and the
-/// supervisor accepts only pids of its own generations.
+/// Baton (Baton started as root, an app that drops its privileges before
+/// READY=1, or a `--control` directory shared on purpose), and sending to an
+/// `AF_UNIX` socket needs write permission on its inode. systemd's
+/// `/run/systemd/notify` is world-writable too (PID 1 runs with umask 0).
+/// That is safe because the receiver never trusts the sender: every datagram
+/// carries kernel-attested credentials, and the supervisor accepts only pids
+/// of its own generations. Who can reach the socket at all is decided by its
+/// directory: Baton's own runtime directory is 0700 (see [`crate::rundir`]).
 const SOCKET_MODE: u32 = 0o666;
 
 /// Control buffer size: one `SCM_CREDENTIALS` plus `SCM_RIGHTS` of
@@ -203,13 +205,16 @@ impl NotifyServer {
         })?;
         remove_stale_socket(path)?;
         let fd = new_socket().map_err(|e| context(e, address, "creating the notify socket"))?;
-        rustix::net::bind(&fd, &addr).map_err(|e| {
-            let what = if e == rustix::io::Errno::NOENT {
+        // Created with its final mode by the bind itself: no chmod on the
+        // path afterwards, which a symbolic link planted in between would
+        // redirect.
+        crate::rundir::bind_with_mode(fd.as_fd(), &addr, SOCKET_MODE).map_err(|e| {
+            let what = if e.kind() == io::ErrorKind::NotFound {
                 "binding the notify socket (its directory must exist)"
             } else {
                 "binding the notify socket"
             };
-            context(e.into(), address, what)
+            context(e, address, what)
         })?;
         // From here on the path exists: remove it again if setting up fails.
         let meta = match std::fs::symlink_metadata(path) {
@@ -220,10 +225,7 @@ impl NotifyServer {
             }
         };
         let bound = BoundPath { path: path.to_owned(), dev: meta.dev(), ino: meta.ino() };
-        let result = rustix::fs::chmod(path, rustix::fs::Mode::from_raw_mode(SOCKET_MODE))
-            .map_err(|e| context(e.into(), address, "making the notify socket writable for the app"))
-            .and_then(|()| register(fd).map_err(|e| context(e, address, "registering the notify socket")));
-        match result {
+        match register(fd).map_err(|e| context(e, address, "registering the notify socket")) {
             Ok(fd) => Ok(NotifyServer { fd, address: address.to_owned(), bound: Some(bound) }),
             Err(e) => {
                 bound.unlink_if_ours();

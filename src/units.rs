@@ -905,6 +905,8 @@ fn service_unit(plan: &Plan<'_>) -> UnitFile {
     let _ = write!(
         s,
         "RuntimeDirectory={name}\n\
+         # Only the service's user may enter it: Baton's notify and handoff sockets are there.\n\
+         RuntimeDirectoryMode=0700\n\
          # Up to {fdstore} stored fds are passed in at every start, on top of live connections.\n\
          LimitNOFILE={nofile}\n"
     );
