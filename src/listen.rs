@@ -549,12 +549,14 @@ fn bind_unix_path(
     let addr = SocketAddrUnix::new(path).map_err(|e| bind_error(spec, e.into()))?;
     clear_stale(spec, path, &addr, kind)?;
     let fd = new_socket(AddressFamily::UNIX, kind.socket_type()).map_err(|e| bind_error(spec, e.into()))?;
-    net::bind(&fd, &addr).map_err(|e| bind_error(spec, e.into()))?;
-    // The file is ours from here on. Permissions and owner come before
-    // listen(): until then a stream or seqpacket connect() is refused, so
-    // nobody gets in under the umask-derived mode.
+    // The mode is the socket's own from the moment bind() creates the file
+    // (set on the fd, the umask cleared for the bind), never a chmod() of
+    // the path afterwards, which could be made to follow a symlink.
+    crate::rundir::bind_with_mode(fd.as_fd(), &addr, mode).map_err(|e| bind_error(spec, e))?;
+    // The file is ours from here on. The owner comes before listen(): until
+    // then a stream or seqpacket connect() is refused, so nobody gets in
+    // before the socket has its owner.
     let finish = || -> Result<(), ListenError> {
-        rustix::fs::chmod(path, rustix::fs::Mode::from_raw_mode(mode)).map_err(setup_error(spec, "chmod"))?;
         if let Some((uid, gid)) = opts.unix_owner
             && (uid.is_some() || gid.is_some())
         {
