@@ -141,7 +141,12 @@ pub struct RunArgs {
     /// Instance name, for the control socket and logs (default: the program's name).
     #[arg(long, short = 'n')]
     pub name: Option<String>,
-    /// Control socket path (default: $RUNTIME_DIRECTORY/NAME.sock, /run/baton/NAME.sock as root).
+    /// Control socket path; its directory must be owned by you or root and not writable by others
+    /// (sticky /tmp is fine); the notify and handoff sockets go beside it as .notify and .handoff.
+    ///
+    /// Default: $RUNTIME_DIRECTORY/NAME.sock under systemd, /run/baton/NAME.sock as root, else
+    /// $XDG_RUNTIME_DIR/baton/NAME.sock or /tmp/baton-UID/NAME.sock. Baton creates its own
+    /// directory 0700 and refuses one that is a symlink, another user's, or writable by others.
     #[arg(long)]
     pub control: Option<PathBuf>,
     /// listen() backlog.
