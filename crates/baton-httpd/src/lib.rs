@@ -20,6 +20,7 @@
 #![deny(missing_docs)]
 #![warn(unsafe_op_in_unsafe_fn)]
 
+pub mod admission;
 pub mod app;
 pub mod body;
 pub mod config;
