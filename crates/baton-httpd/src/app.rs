@@ -189,11 +189,8 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
     let local = listener.local_addr().map_err(setup("reading the listening address"))?;
 
     let drain = DrainSignal::new();
-    let deadlines = Deadlines {
-        header: config.header_deadline(),
-        idle: config.idle_deadline(),
-        max_head: config.max_request_head,
-    };
+    let deadlines =
+        Deadlines { header: config.header_deadline(), idle: config.idle_deadline(), max_head: config.max_request_head };
     let mut refuser = Refuser::new(config.connection_limit());
     let mut pacer = AcceptPacer::default();
     let mut conns: JoinSet<Outcome> = JoinSet::new();

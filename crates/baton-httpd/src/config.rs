@@ -238,9 +238,12 @@ mod tests {
         assert_eq!(c.fail_after_ready, Some(Duration::ZERO));
         assert_eq!(c.listen, Some("127.0.0.1:8080".parse().unwrap()));
         assert!(Config::try_parse_from(["baton-httpd"]).is_err(), "--root is required");
-        let c = Config::try_parse_from(["baton-httpd", "--root=/srv", "--header-timeout=0s", "--idle-timeout=0"]).unwrap();
+        let c =
+            Config::try_parse_from(["baton-httpd", "--root=/srv", "--header-timeout=0s", "--idle-timeout=0"]).unwrap();
         assert_eq!((c.header_deadline(), c.idle_deadline()), (None, None), "0 disables");
-        for bad in ["--max-request-head=100", "--max-request-head=x", "--max-request-head=99999999", "--max-connections=0"] {
+        for bad in
+            ["--max-request-head=100", "--max-request-head=x", "--max-request-head=99999999", "--max-connections=0"]
+        {
             let e = Config::try_parse_from(["baton-httpd", "--root=/srv", bad]).unwrap_err().to_string();
             assert!(e.contains("max-"), "{bad}: {e}");
         }
