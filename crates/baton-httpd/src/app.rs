@@ -11,7 +11,9 @@
 //! 4. Serve the adopted connections, then `READY=1` — only now can every
 //!    request be answered — and accept new ones, and serve the connections
 //!    Baton pushes ([`crate::handoff::PushedConnections`]). Ping the
-//!    watchdog if asked.
+//!    watchdog if asked. Each connection has its header and idle deadlines
+//!    ([`crate::conn`]); new ones beyond `--max-connections` are refused,
+//!    and accepting pauses at the fd limit ([`crate::admission`]).
 //! 5. On SIGTERM/SIGINT: `STOPPING=1`, stop accepting (a passed or stored
 //!    listener stays open in the manager, so new connections wait in its
 //!    backlog), let in-flight requests finish within `--drain-timeout`,

@@ -12,6 +12,10 @@
 //!   adopts them and serves their next requests on the same TCP connection
 //!   ([`conn`], [`handoff`]).
 //!
+//! - survives hostile clients: a deadline for a partial request head, an
+//!   idle cap, a connection limit answered with `503`, a 64 KiB head cap,
+//!   and paced accepts at the fd limit ([`conn`], [`admission`]).
+//!
 //! The HTTP side ([`service`], [`files`], [`body`]) is independent of all
 //! that: the benchmark serves the same [`service::Handler`] with plain hyper
 //! to show what the handoff machinery costs.
