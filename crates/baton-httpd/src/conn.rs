@@ -449,23 +449,27 @@ impl DrainSignal {
 }
 
 /// One connection's deadline timer (see the [module docs](self)).
+///
+/// The timer is moved earlier at once but later only lazily: when it fires
+/// before the current deadline it is set again. Most requests make the
+/// deadline later (idle again, counted from now), so they cost no timer
+/// update.
 struct PhaseTimer {
     deadlines: Deadlines,
     /// The transition count last seen, and when it was seen.
     seen: u64,
     since: Instant,
-    sleep: Option<Pin<Box<Sleep>>>,
-    /// The deadline `sleep` is set to.
-    set_for: Option<Instant>,
+    /// The timer and the instant it is set to.
+    sleep: Option<(Pin<Box<Sleep>>, Instant)>,
 }
 
 impl PhaseTimer {
     fn new(deadlines: Deadlines) -> Self {
-        Self { deadlines, seen: 0, since: Instant::now(), sleep: None, set_for: None }
+        Self { deadlines, seen: 0, since: Instant::now(), sleep: None }
     }
 
     /// The phase whose deadline passed, if one did; otherwise the timer is
-    /// set to wake the task at the deadline.
+    /// set to wake the task by the deadline.
     fn poll_expired(&mut self, state: &ConnState, cx: &mut Context<'_>) -> Option<Phase> {
         let seen = state.transitions.load(Relaxed);
         if seen != self.seen {
@@ -479,15 +483,21 @@ impl PhaseTimer {
             Phase::Idle => self.deadlines.idle,
         }?;
         let deadline = self.since + limit;
-        if self.set_for != Some(deadline) {
-            self.set_for = Some(deadline);
-            match &mut self.sleep {
-                Some(sleep) => sleep.as_mut().reset(deadline),
-                None => self.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
-            }
+        let (sleep, set_for) =
+            self.sleep.get_or_insert_with(|| (Box::pin(tokio::time::sleep_until(deadline)), deadline));
+        if deadline < *set_for {
+            sleep.as_mut().reset(deadline);
+            *set_for = deadline;
         }
-        let sleep = self.sleep.as_mut()?;
-        sleep.as_mut().poll(cx).is_ready().then_some(phase)
+        while sleep.as_mut().poll(cx).is_ready() {
+            if *set_for >= deadline {
+                return Some(phase);
+            }
+            // Fired for an earlier deadline that no longer applies.
+            sleep.as_mut().reset(deadline);
+            *set_for = deadline;
+        }
+        None
     }
 }
 
