@@ -74,6 +74,8 @@ fn slow_request_heads_are_cut_at_the_header_deadline() {
     let mut idle = HttpConn::connect(port).unwrap();
     let opened = Instant::now();
 
+    // Before the first write: no server deadline can start earlier.
+    let first_byte = Instant::now();
     let mut slow: Vec<Option<TcpStream>> = (0..50)
         .map(|_| {
             let mut s = connect(port);
@@ -81,7 +83,6 @@ fn slow_request_heads_are_cut_at_the_header_deadline() {
             Some(s)
         })
         .collect();
-    let first_byte = Instant::now();
     let mut first_cut: Option<Duration> = None;
     let mut served_meanwhile = false;
     let outcome = poll_until("every slow client is disconnected", SOON, || {
@@ -120,19 +121,20 @@ fn slow_request_heads_are_cut_at_the_header_deadline() {
 /// keeps sending requests more often than that is not.
 #[test]
 fn idle_keepalive_connections_are_closed_after_the_idle_timeout() {
-    let d = Mini::start(&["--idle-timeout", "2s"]);
+    let d = Mini::start(&["--idle-timeout", "3s"]);
     let port = d.m.port();
     let mut idle = HttpConn::connect(port).unwrap();
     assert_eq!(idle.get("/healthz").unwrap().status, 200);
     let mut busy = HttpConn::connect(port).unwrap();
     let started = Instant::now();
-    // Five seconds of requests every 500 ms: the count restarts at each.
-    while started.elapsed() < Duration::from_secs(5) {
+    // Seven seconds (more than twice the timeout) of requests 250 ms apart
+    // (pacing, not synchronisation): the count restarts at each.
+    while started.elapsed() < Duration::from_secs(7) {
         let r = busy.get("/healthz").unwrap_or_else(|e| panic!("busy connection after {:?}: {e}", started.elapsed()));
         assert_eq!(r.status, 200);
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(Duration::from_millis(250));
     }
-    assert!(idle.closed_by_server(SOON), "an idle connection stayed open past --idle-timeout 2s");
+    assert!(idle.closed_by_server(SOON), "an idle connection stayed open past --idle-timeout 3s");
     assert_eq!(busy.get("/healthz").unwrap().status, 200, "the busy connection is still served");
 }
 
@@ -320,7 +322,8 @@ fn default_drain_deadline_is_below_batons_stop_timeout() {
     fn default_of(program: &std::path::Path, args: &[&str], flag: &str) -> Duration {
         let out = std::process::Command::new(program).args(args).output().unwrap();
         let help = String::from_utf8_lossy(&out.stdout).into_owned();
-        let after = &help[help.find(flag).unwrap_or_else(|| panic!("no {flag} in {program:?} help:\n{help}"))..];
+        let entry = format!("{flag} <");
+        let after = &help[help.find(&entry).unwrap_or_else(|| panic!("no {entry} in {program:?} help:\n{help}"))..];
         let value = after
             .split("[default: ")
             .nth(1)
