@@ -71,7 +71,7 @@ pub struct Config {
     /// `Connection: close`. Default: three quarters of the soft
     /// `RLIMIT_NOFILE` (`LimitNOFILE=`), leaving the rest for the files
     /// being sent, the refusals themselves and the runtime.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = parse_connection_limit)]
     pub max_connections: Option<NonZeroUsize>,
 
     /// Largest request head (request line and headers) in bytes; a larger
@@ -116,6 +116,15 @@ pub const DEFAULT_MAX_REQUEST_HEAD: usize = 64 * 1024;
 /// Bounds of `--max-request-head`: hyper needs at least 8 KiB of read
 /// buffer; more than 1 MiB per connection defeats the point of a limit.
 pub const REQUEST_HEAD_RANGE: std::ops::RangeInclusive<usize> = 8 * 1024..=1024 * 1024;
+
+/// Parses `--max-connections`.
+fn parse_connection_limit(value: &str) -> Result<NonZeroUsize, String> {
+    let n: usize = value.trim().parse().map_err(|_| format!("{value:?} is not a number of connections, e.g. 10000"))?;
+    NonZeroUsize::new(n).ok_or_else(|| {
+        "0 would refuse every client: give at least 1, or leave the option out for the default from LimitNOFILE="
+            .to_owned()
+    })
+}
 
 /// Parses `--max-request-head`.
 fn parse_head_size(value: &str) -> Result<usize, String> {
