@@ -49,6 +49,11 @@
 //! - **idle** (nothing of a next request yet): [`Deadlines::idle`], counted
 //!   from the end of the last response or from the start of serving.
 //!
+//! One imprecision: bytes of a next request that arrive in the same read
+//! as the end of the previous head are not noticed until hyper reads
+//! again, so until then the connection counts as idle; it is still bounded
+//! by the idle deadline, then the header deadline.
+//!
 //! When the deadline passes the connection is closed (like nginx, no `408`:
 //! a client that stalls mid-head is not reading either). A request body is
 //! never waited for: only `GET` and `HEAD` are served, and hyper closes a

@@ -340,3 +340,41 @@ fn default_drain_deadline_is_below_batons_stop_timeout() {
          at least 5 s less"
     );
 }
+
+/// The header deadline and handoff together: with `--header-timeout 1s`, a
+/// keep-alive connection idle for longer than that is still handed over to
+/// the next generation (its deadline never started), while a client stalled
+/// mid-head is cut by that deadline during the drain, so the stop ends
+/// long before the 60 s drain deadline instead of waiting for it.
+#[test]
+fn a_stalled_head_does_not_hold_a_stop_and_idle_connections_are_still_handed_over() {
+    let mut d = Mini::start(&["--header-timeout", "1s", "--drain-timeout", "60s"]);
+    let port = d.m.port();
+    let mut idle = HttpConn::connect(port).unwrap();
+    let old_pid = idle.get("/healthz").unwrap().pid();
+    let mut never_idle = HttpConn::connect(port).unwrap();
+    assert_eq!(never_idle.get("/healthz").unwrap().status, 200);
+    // The idle connections outlive the header deadline several times over
+    // ("nothing should happen" checks, so plain waits).
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(idle.is_quiet() && never_idle.is_quiet(), "an idle connection was cut by the header deadline");
+
+    // Stalled mid-head. A first, complete request proves the server has
+    // accepted the connection (not left it in the backlog for the next
+    // generation).
+    let mut stalled = HttpConn::connect(port).unwrap();
+    assert_eq!(stalled.get("/healthz").unwrap().status, 200);
+    stalled.send(b"GET /hello.txt HTTP/1.1\r\nHost: test\r\nX-Slow: ").unwrap();
+    let stop = Instant::now();
+    d.m.begin_stop().unwrap();
+    let status = d.m.wait_stopped(SOON).unwrap_or_else(|e| panic!("the old generation did not stop: {e}"));
+    assert!(status.success(), "{status:?}");
+    assert!(stop.elapsed() < SOON, "the stop took {:?}", stop.elapsed());
+    assert!(stalled.closed_by_server(SOON), "the stalled connection was neither cut nor closed");
+    d.m.start(common::scenarios::WAIT).unwrap();
+    for c in [&mut idle, &mut never_idle] {
+        let r = c.get("/healthz").unwrap();
+        assert_eq!(r.status, 200);
+        assert_ne!(r.pid(), old_pid, "the idle connection was not handed over");
+    }
+}
