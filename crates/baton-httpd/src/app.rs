@@ -309,7 +309,7 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
         enabled: config.handoff,
         budget: NameBudget::new(kept.iter().map(String::as_str), handoff::fdstore_max_from_env()),
     });
-    let deadline = tokio::time::Instant::now() + config.drain_timeout;
+    let deadline = far_or(config.drain_timeout);
     let mut cut = 0;
     loop {
         let next = async {
@@ -397,6 +397,13 @@ fn adopt_stream(stream: std::net::TcpStream) -> std::io::Result<TcpStream> {
     stream.set_nonblocking(true)?;
     let _ = stream.set_nodelay(true);
     TcpStream::from_std(stream)
+}
+
+/// `timeout` from now; a timeout too long to add to the clock (e.g.
+/// `--drain-timeout 1e19s`) is taken as 30 years, in effect no deadline.
+fn far_or(timeout: std::time::Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(timeout).unwrap_or_else(|| now + std::time::Duration::from_secs(30 * 365 * 86_400))
 }
 
 /// Ready when an accept pause ends (never, without one).
