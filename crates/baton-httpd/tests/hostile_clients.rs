@@ -378,3 +378,16 @@ fn a_stalled_head_does_not_hold_a_stop_and_idle_connections_are_still_handed_ove
         assert_ne!(r.pid(), old_pid, "the idle connection was not handed over");
     }
 }
+
+/// Deadlines too long for the clock (a typo'd `--drain-timeout`, say) mean
+/// no deadline: the server serves and stops cleanly instead of panicking
+/// on an `Instant` overflow when the deadline is computed.
+#[test]
+fn huge_deadlines_mean_no_deadline_rather_than_a_panic() {
+    let huge = "10000000000000000000s";
+    let mut d = Mini::start(&["--drain-timeout", huge, "--header-timeout", huge, "--idle-timeout", huge]);
+    let mut c = HttpConn::connect(d.m.port()).unwrap();
+    assert_eq!(c.get("/hello.txt").unwrap().status, 200);
+    let status = d.m.stop(SOON).unwrap();
+    assert!(status.success(), "stopping with a huge drain deadline: {status:?}");
+}
