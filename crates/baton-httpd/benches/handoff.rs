@@ -202,7 +202,7 @@ fn plain_server(root: &Path) {
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         println!("{}", listener.local_addr().expect("address").port());
-        let builder = http1_builder();
+        let builder = http1_builder(baton_httpd::config::DEFAULT_MAX_REQUEST_HEAD);
         loop {
             let Ok((stream, _)) = listener.accept().await else { continue };
             let _ = stream.set_nodelay(true);

@@ -11,7 +11,9 @@
 //! 4. Serve the adopted connections, then `READY=1` — only now can every
 //!    request be answered — and accept new ones, and serve the connections
 //!    Baton pushes ([`crate::handoff::PushedConnections`]). Ping the
-//!    watchdog if asked.
+//!    watchdog if asked. Each connection has its header and idle deadlines
+//!    ([`crate::conn`]); new ones beyond `--max-connections` are refused,
+//!    and accepting pauses at the fd limit ([`crate::admission`]).
 //! 5. On SIGTERM/SIGINT: `STOPPING=1`, stop accepting (a passed or stored
 //!    listener stays open in the manager, so new connections wait in its
 //!    backlog), let in-flight requests finish within `--drain-timeout`,
@@ -29,8 +31,9 @@ use clap::Parser;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
+use crate::admission::{AcceptPacer, Refuser};
 use crate::config::Config;
-use crate::conn::{self, DrainSignal, Outcome};
+use crate::conn::{self, Deadlines, DrainSignal, Outcome};
 use crate::files::{Files, FilesError};
 use crate::generation::{self, GENERATION_FDNAME, GenerationError};
 use crate::handoff::{self, HandoffPlan, HandoffWorker, NameBudget, PushedConnections};
@@ -188,11 +191,17 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
     let local = listener.local_addr().map_err(setup("reading the listening address"))?;
 
     let drain = DrainSignal::new();
+    let deadlines =
+        Deadlines { header: config.header_deadline(), idle: config.idle_deadline(), max_head: config.max_request_head };
+    let mut refuser = Refuser::new(config.connection_limit());
+    let mut pacer = AcceptPacer::default();
     let mut conns: JoinSet<Outcome> = JoinSet::new();
+    // Adopted and pushed connections count towards the limit but are never
+    // refused: their clients are already being served.
     for stream in adoption.streams {
         match adopt_stream(stream) {
             Ok(s) => {
-                conns.spawn(conn::drive(s, handler.clone(), drain.clone()));
+                conns.spawn(conn::drive(s, handler.clone(), drain.clone(), deadlines));
             }
             Err(e) => tracing::warn!(error = %e, "cannot serve an adopted connection; closing it"),
         }
@@ -215,7 +224,15 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
             drop(watchdog::spawn_watchdog(Arc::clone(arc), timeout));
         }
     }
-    tracing::info!(rejected = adoption.rejected, root = %config.root.display(), "{serving}");
+    tracing::info!(
+        rejected = adoption.rejected,
+        root = %config.root.display(),
+        max_connections = refuser.limit(),
+        header_timeout = ?deadlines.header,
+        idle_timeout = ?deadlines.idle,
+        max_request_head = deadlines.max_head,
+        "{serving}"
+    );
 
     let fail_after_ready = async {
         match config.fail_after_ready {
@@ -226,20 +243,29 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
     tokio::pin!(fail_after_ready);
     loop {
         tokio::select! {
-            accepted = listener.accept() => match accepted {
+            accepted = listener.accept(), if pacer.paused_until().is_none() => match accepted {
                 Ok((stream, _)) => {
-                    // Small responses must not wait for Nagle.
-                    let _ = stream.set_nodelay(true);
-                    conns.spawn(conn::drive(stream, handler.clone(), drain.clone()));
+                    pacer.accepted();
+                    if refuser.over_limit(conns.len()) {
+                        refuser.refuse(stream);
+                    } else {
+                        // Small responses must not wait for Nagle.
+                        let _ = stream.set_nodelay(true);
+                        conns.spawn(conn::drive(stream, handler.clone(), drain.clone(), deadlines));
+                    }
                 }
-                Err(e) => accept_failed(e).await,
+                Err(e) => pacer.failed(&e),
             },
+            // The listener stays readable while accepting fails: waiting
+            // here, not in the accept branch, keeps the rest of the loop
+            // (connections ending, pushes, SIGTERM) going.
+            () = pause_over(pacer.paused_until()), if pacer.paused_until().is_some() => pacer.resume(),
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             next = next_pushed(&mut pushed) => match next {
                 Some(stream) => match adopt_stream(stream) {
                     Ok(s) => {
                         handler.count_adopted(1);
-                        conns.spawn(conn::drive(s, handler.clone(), drain.clone()));
+                        conns.spawn(conn::drive(s, handler.clone(), drain.clone(), deadlines));
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot serve a pushed connection; closing it"),
                 },
@@ -283,7 +309,7 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
         enabled: config.handoff,
         budget: NameBudget::new(kept.iter().map(String::as_str), handoff::fdstore_max_from_env()),
     });
-    let deadline = tokio::time::Instant::now() + config.drain_timeout;
+    let deadline = far_or(config.drain_timeout);
     let mut cut = 0;
     loop {
         let next = async {
@@ -373,15 +399,17 @@ fn adopt_stream(stream: std::net::TcpStream) -> std::io::Result<TcpStream> {
     TcpStream::from_std(stream)
 }
 
-/// Accept errors are per connection (the client gave up) or resource
-/// exhaustion; neither should stop the server. On exhaustion, pause so the
-/// loop does not spin while the listener stays readable.
-async fn accept_failed(e: std::io::Error) {
-    let exhausted = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM));
-    if exhausted {
-        tracing::warn!(error = %e, "cannot accept: out of resources; pausing 100 ms");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    } else {
-        tracing::debug!(error = %e, "accept failed");
+/// `timeout` from now; a timeout too long to add to the clock (e.g.
+/// `--drain-timeout 1e19s`) is taken as 30 years, in effect no deadline.
+fn far_or(timeout: std::time::Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(timeout).unwrap_or_else(|| now + std::time::Duration::from_secs(30 * 365 * 86_400))
+}
+
+/// Ready when an accept pause ends (never, without one).
+async fn pause_over(until: Option<tokio::time::Instant>) {
+    match until {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
     }
 }

@@ -37,9 +37,50 @@ pub struct Config {
 
     /// On SIGTERM, how long in-flight requests may take to finish before
     /// their connections are closed. Keep it below the unit's
-    /// `TimeoutStopSec=`.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    /// `TimeoutStopSec=` and Baton's `--stop-timeout`.
+    // 25 s, not 30 s: Baton's `--stop-timeout` defaults to 30 s, and a
+    // generation whose own deadline equals it is SIGKILLed at that very
+    // moment, before it can hand its last idle connections over, send
+    // `BARRIER=1` and exit 0. 5 s is room for that on a loaded machine.
+    #[arg(long, value_name = "DURATION", default_value = "25s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+
+    /// How long a client may take to send a request head, counted from its
+    /// first byte (so an idle keep-alive connection, which has sent nothing,
+    /// is never cut by it and can still be handed over). The connection is
+    /// closed when it passes. `0s` disables it.
+    // 20 s: a real client sends its head in one round trip; this is
+    // Apache's mod_reqtimeout first stage, and is below the drain deadline,
+    // so a client stalled mid-head is cut by this deadline rather than
+    // holding a stop to the drain deadline.
+    #[arg(long, value_name = "DURATION", default_value = "20s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+
+    /// How long a keep-alive connection may stay idle (no request in flight,
+    /// no byte of a next one) before it is closed. Restarts the count at
+    /// every response and at adoption by a new generation. `0s` disables it.
+    // 75 s, as nginx's keepalive_timeout: longer than the 60 s idle timeout
+    // of common load balancers, so a proxy in front closes first (it can
+    // retry; a client whose connection the server closes under it cannot
+    // always).
+    #[arg(long, value_name = "DURATION", default_value = "75s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// Most connections served at once (adopted and pushed ones included).
+    /// Beyond it a new connection is answered `503` with `Retry-After` and
+    /// `Connection: close`. Default: three quarters of the soft
+    /// `RLIMIT_NOFILE` (`LimitNOFILE=`), leaving the rest for the files
+    /// being sent, the refusals themselves and the runtime.
+    #[arg(long, value_name = "N", value_parser = parse_connection_limit)]
+    pub max_connections: Option<NonZeroUsize>,
+
+    /// Largest request head (request line and headers) in bytes; a larger
+    /// one is answered `431` and the connection closed. It is also what one
+    /// connection may buffer of a head: memory for heads is at most
+    /// `--max-connections` times this.
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_REQUEST_HEAD,
+          value_parser = parse_head_size)]
+    pub max_request_head: usize,
 
     /// Hand idle keep-alive connections over to the next generation through
     /// the service manager's fd store instead of closing them
@@ -66,6 +107,65 @@ pub struct Config {
     /// Worker threads of the runtime (default: one per CPU).
     #[arg(long, value_name = "N")]
     pub threads: Option<NonZeroUsize>,
+}
+
+/// Default of `--max-request-head`: 64 KiB, room for large cookies and
+/// tokens (nginx allows 4 × 8 KiB lines, Apache 8 KiB a line).
+pub const DEFAULT_MAX_REQUEST_HEAD: usize = 64 * 1024;
+
+/// Bounds of `--max-request-head`: hyper needs at least 8 KiB of read
+/// buffer; more than 1 MiB per connection defeats the point of a limit.
+pub const REQUEST_HEAD_RANGE: std::ops::RangeInclusive<usize> = 8 * 1024..=1024 * 1024;
+
+/// Parses `--max-connections`.
+fn parse_connection_limit(value: &str) -> Result<NonZeroUsize, String> {
+    let n: usize = value.trim().parse().map_err(|_| format!("{value:?} is not a number of connections, e.g. 10000"))?;
+    NonZeroUsize::new(n).ok_or_else(|| {
+        "0 would refuse every client: give at least 1, or leave the option out for the default from LimitNOFILE="
+            .to_owned()
+    })
+}
+
+/// Parses `--max-request-head`.
+fn parse_head_size(value: &str) -> Result<usize, String> {
+    let n: usize = value.trim().parse().map_err(|_| format!("{value:?} is not a number of bytes, e.g. 65536"))?;
+    if !REQUEST_HEAD_RANGE.contains(&n) {
+        return Err(format!(
+            "{n} bytes is outside {}..={}: give a size in that range (the default is {DEFAULT_MAX_REQUEST_HEAD})",
+            REQUEST_HEAD_RANGE.start(),
+            REQUEST_HEAD_RANGE.end()
+        ));
+    }
+    Ok(n)
+}
+
+impl Config {
+    /// `--header-timeout`, `None` when disabled.
+    pub fn header_deadline(&self) -> Option<Duration> {
+        Some(self.header_timeout).filter(|d| !d.is_zero())
+    }
+
+    /// `--idle-timeout`, `None` when disabled.
+    pub fn idle_deadline(&self) -> Option<Duration> {
+        Some(self.idle_timeout).filter(|d| !d.is_zero())
+    }
+
+    /// `--max-connections`, or its default from the soft `RLIMIT_NOFILE`.
+    pub fn connection_limit(&self) -> usize {
+        self.max_connections.map_or_else(|| default_max_connections(soft_nofile_limit()), NonZeroUsize::get)
+    }
+}
+
+/// The soft `RLIMIT_NOFILE`; `None` when unlimited.
+fn soft_nofile_limit() -> Option<u64> {
+    rustix::process::getrlimit(rustix::process::Resource::Nofile).current
+}
+
+/// Three quarters of the fd limit (at least 1); an unlimited one counts as
+/// 2^20, Linux's default `fs.nr_open`.
+pub fn default_max_connections(soft_nofile: Option<u64>) -> usize {
+    let limit = soft_nofile.unwrap_or(1 << 20);
+    usize::try_from(limit / 4 * 3).unwrap_or(usize::MAX).max(1)
 }
 
 /// A duration on the command line could not be read.
@@ -128,7 +228,11 @@ mod tests {
         let c = Config::try_parse_from(["baton-httpd", "--root", "/srv"]).unwrap();
         assert_eq!(c.socket_name, "http");
         assert!(c.handoff);
-        assert_eq!(c.drain_timeout, Duration::from_secs(30));
+        assert_eq!(c.drain_timeout, Duration::from_secs(25));
+        assert_eq!(c.header_deadline(), Some(Duration::from_secs(20)));
+        assert_eq!(c.idle_deadline(), Some(Duration::from_secs(75)));
+        assert_eq!(c.max_request_head, 64 * 1024);
+        assert!(c.connection_limit() >= 1);
         assert_eq!(c.fail_after_ready, None);
         let c = Config::try_parse_from([
             "baton-httpd",
@@ -143,5 +247,22 @@ mod tests {
         assert_eq!(c.fail_after_ready, Some(Duration::ZERO));
         assert_eq!(c.listen, Some("127.0.0.1:8080".parse().unwrap()));
         assert!(Config::try_parse_from(["baton-httpd"]).is_err(), "--root is required");
+        let c =
+            Config::try_parse_from(["baton-httpd", "--root=/srv", "--header-timeout=0s", "--idle-timeout=0"]).unwrap();
+        assert_eq!((c.header_deadline(), c.idle_deadline()), (None, None), "0 disables");
+        for bad in
+            ["--max-request-head=100", "--max-request-head=x", "--max-request-head=99999999", "--max-connections=0"]
+        {
+            let e = Config::try_parse_from(["baton-httpd", "--root=/srv", bad]).unwrap_err().to_string();
+            assert!(e.contains("max-"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn default_connection_limit_leaves_fds_spare() {
+        assert_eq!(default_max_connections(Some(1024)), 768);
+        assert_eq!(default_max_connections(Some(65536)), 49152);
+        assert_eq!(default_max_connections(Some(1)), 1);
+        assert_eq!(default_max_connections(None), 786_432);
     }
 }

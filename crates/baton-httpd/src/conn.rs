@@ -32,12 +32,46 @@
 //! queue stay there when the fd is handed over: the next generation reads
 //! them.
 //!
+//! # Deadlines: a partial request head, an idle connection
+//!
+//! hyper's own `header_read_timeout` starts when hyper *begins waiting* for
+//! a head, i.e. as soon as a connection goes idle, so it would also close
+//! idle keep-alive connections, which are meant to stay open and be handed
+//! over across restarts. Instead the wrapper notes the phase of the
+//! connection and `drive` keeps one timer per connection:
+//!
+//! - **busy** (a request in flight, or a response not yet flushed): no
+//!   deadline; the drain deadline bounds it at shutdown;
+//! - **partial head** (a byte of the next request was read, its head is not
+//!   complete): [`Deadlines::header`], counted from that first byte (or,
+//!   for a request pipelined behind another, from the end of the previous
+//!   response);
+//! - **idle** (nothing of a next request yet): [`Deadlines::idle`], counted
+//!   from the end of the last response or from the start of serving.
+//!
+//! One imprecision: bytes of a next request that arrive in the same read
+//! as the end of the previous head are not noticed until hyper reads
+//! again, so until then the connection counts as idle; it is still bounded
+//! by the idle deadline, then the header deadline.
+//!
+//! When the deadline passes the connection is closed (like nginx, no `408`:
+//! a client that stalls mid-head is not reading either). A request body is
+//! never waited for: only `GET` and `HEAD` are served, and hyper closes a
+//! connection whose body the handler did not read.
+//!
+//! The head is capped at [`Deadlines::max_head`] bytes with hyper's
+//! `max_buf_size`, which bounds what hyper buffers of a head (hyper answers
+//! `431` past it); it also caps hyper's write buffer, which only groups
+//! writes (a body chunk larger than it is still written whole).
+//!
 //! # Cost per request
 //!
 //! Two atomic counter updates on a per-connection state and one `Arc` clone
 //! (the guard carried by the response body), plus an atomic-waker update per
-//! wake-up of the connection task; nothing shared between connections is
-//! touched per request. See the benchmark.
+//! wake-up of the connection task; for the deadlines, a few relaxed atomic
+//! stores and one clock read per poll in which a request started or ended
+//! (the timer itself moves only when a deadline gets earlier). Nothing
+//! shared between connections is touched per request. See the benchmark.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -46,6 +80,7 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use atomic_waker::AtomicWaker;
 use std::task::{Context, Poll, ready};
@@ -56,18 +91,38 @@ use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncRead;
 use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
 
 use crate::service::{Handler, ResponseFuture};
 
 /// The HTTP/1.1 settings shared by `baton-httpd` and the benchmark's plain
-/// hyper server: keep-alive on, no header-read timeout (it would also close
-/// idle keep-alive connections, which are meant to stay open across
-/// restarts).
-pub fn http1_builder() -> http1::Builder {
+/// hyper server: keep-alive on, no hyper header-read timeout (it would
+/// also close idle keep-alive connections, which are meant to stay open
+/// across restarts: [`drive`] keeps its own deadlines, see the [module
+/// docs](self)), and a request head of at most `max_head` bytes
+/// (at least 8 KiB, hyper's minimum; smaller values are raised to it).
+pub fn http1_builder(max_head: usize) -> http1::Builder {
     let mut b = http1::Builder::new();
-    b.keep_alive(true).header_read_timeout(None);
+    b.keep_alive(true).header_read_timeout(None).max_buf_size(max_head.max(MIN_HEAD));
     b
+}
+
+/// hyper's smallest `max_buf_size` (it panics below).
+const MIN_HEAD: usize = 8 * 1024;
+
+/// How long a connection may stay in each phase, and how large a request
+/// head may be (see the [module docs](self)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadlines {
+    /// From the first byte of a request until its head is complete; `None`:
+    /// no limit.
+    pub header: Option<Duration>,
+    /// Idle between requests; `None`: no limit.
+    pub idle: Option<Duration>,
+    /// Largest request head in bytes (hyper's read buffer).
+    pub max_head: usize,
 }
 
 /// How serving a connection ended.
@@ -98,9 +153,65 @@ struct ConnState {
     faked_eof: AtomicBool,
     /// The connection task, for [`DrainSignal::start`].
     waker: AtomicWaker,
+    /// A byte of the next request was read and its head is not complete.
+    head_begun: AtomicBool,
+    /// Bytes were read while a request was in flight: a pipelined next
+    /// request (or an unread body, after which hyper closes anyway).
+    read_while_busy: AtomicBool,
+    /// Bumped at every change of phase (see [`Phase`]), so that `drive`
+    /// restarts its count even when a whole request fits in one poll.
+    transitions: AtomicU64,
+}
+
+/// What a connection is doing, for its deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Busy,
+    PartialHead,
+    Idle,
 }
 
 impl ConnState {
+    fn new() -> Self {
+        Self {
+            in_flight: AtomicUsize::new(0),
+            flushed: AtomicBool::new(true),
+            draining: AtomicBool::new(false),
+            armed: AtomicBool::new(true),
+            faked_eof: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
+            head_begun: AtomicBool::new(false),
+            read_while_busy: AtomicBool::new(false),
+            transitions: AtomicU64::new(0),
+        }
+    }
+
+    fn phase(&self) -> Phase {
+        if self.in_flight.load(Relaxed) > 0 || !self.flushed.load(Relaxed) {
+            Phase::Busy
+        } else if self.head_begun.load(Relaxed) {
+            Phase::PartialHead
+        } else {
+            Phase::Idle
+        }
+    }
+
+    fn transition(&self) {
+        self.transitions.fetch_add(1, Relaxed);
+    }
+
+    /// `n` bytes were handed to hyper.
+    fn bytes_read(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        if self.in_flight.load(Relaxed) > 0 {
+            self.read_while_busy.store(true, Relaxed);
+        } else if !self.head_begun.swap(true, Relaxed) {
+            self.transition();
+        }
+    }
+
     fn may_stop_reading(&self) -> bool {
         self.draining.load(Relaxed)
             && self.armed.load(Relaxed)
@@ -125,13 +236,25 @@ impl Read for HandoffIo {
             let n = this.prefix.len().min(buf.remaining());
             buf.put_slice(&this.prefix[..n]);
             this.prefix.advance(n);
+            this.state.bytes_read(n);
             return Poll::Ready(Ok(()));
         }
         if this.state.may_stop_reading() {
             this.state.faked_eof.store(true, Relaxed);
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut this.stream).poll_read(cx, buf)
+        // As `TokioIo::poll_read`, plus counting the bytes for the deadlines.
+        // SAFETY: tokio's `ReadBuf` only writes initialised bytes into the
+        // uninitialised part it is given, and reports how many.
+        let n = unsafe {
+            let mut tokio_buf = tokio::io::ReadBuf::uninit(buf.as_mut());
+            ready!(Pin::new(this.stream.inner_mut()).poll_read(cx, &mut tokio_buf))?;
+            tokio_buf.filled().len()
+        };
+        // SAFETY: exactly `n` bytes of the cursor were just initialised.
+        unsafe { buf.advance(n) };
+        this.state.bytes_read(n);
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -160,6 +283,10 @@ impl Write for HandoffIo {
         let this = self.get_mut();
         ready!(Pin::new(&mut this.stream).poll_flush(cx))?;
         let was_flushed = this.state.flushed.swap(true, Relaxed);
+        if !was_flushed {
+            // The end of a response: the idle count starts now.
+            this.state.transition();
+        }
         // hyper goes idle right after this flush, but does not read again if
         // its last read was pending: wake the task once so that the drain
         // check in `poll_read` runs. Only on a transition, so this cannot
@@ -190,6 +317,11 @@ impl Drop for RequestGuard {
     fn drop(&mut self) {
         if self.0.in_flight.fetch_sub(1, Relaxed) == 1 {
             self.0.armed.store(true, Relaxed);
+            if self.0.read_while_busy.swap(false, Relaxed) {
+                // hyper may hold the start of the next request already.
+                self.0.head_begun.store(true, Relaxed);
+            }
+            self.0.transition();
         }
     }
 }
@@ -201,6 +333,10 @@ impl hyper::service::Service<Request<Incoming>> for TrackedService {
 
     fn call(&self, req: Request<Incoming>) -> TrackedFuture {
         self.state.in_flight.fetch_add(1, Relaxed);
+        // The head is complete: its deadline no longer applies.
+        self.state.head_begun.store(false, Relaxed);
+        self.state.read_while_busy.store(false, Relaxed);
+        self.state.transition();
         let guard = RequestGuard(Arc::clone(&self.state));
         TrackedFuture { inner: self.handler.handle(req), guard: Some(guard) }
     }
@@ -319,22 +455,71 @@ impl DrainSignal {
     }
 }
 
-/// Serves `stream` until the client closes it, or — once `drain` has
-/// started — until it is idle with nothing buffered ([`Outcome::Idle`]).
+/// One connection's deadline timer (see the [module docs](self)).
+///
+/// The timer is moved earlier at once but later only lazily: when it fires
+/// before the current deadline it is set again. Most requests make the
+/// deadline later (idle again, counted from now), so they cost no timer
+/// update.
+struct PhaseTimer {
+    deadlines: Deadlines,
+    /// The transition count last seen, and when it was seen.
+    seen: u64,
+    since: Instant,
+    /// The timer and the instant it is set to.
+    sleep: Option<(Pin<Box<Sleep>>, Instant)>,
+}
+
+impl PhaseTimer {
+    fn new(deadlines: Deadlines) -> Self {
+        Self { deadlines, seen: 0, since: Instant::now(), sleep: None }
+    }
+
+    /// The phase whose deadline passed, if one did; otherwise the timer is
+    /// set to wake the task by the deadline.
+    fn poll_expired(&mut self, state: &ConnState, cx: &mut Context<'_>) -> Option<Phase> {
+        let seen = state.transitions.load(Relaxed);
+        if seen != self.seen {
+            self.seen = seen;
+            self.since = Instant::now();
+        }
+        let phase = state.phase();
+        let limit = match phase {
+            Phase::Busy => None,
+            Phase::PartialHead => self.deadlines.header,
+            Phase::Idle => self.deadlines.idle,
+        }?;
+        // A limit too long to add to the clock is no limit.
+        let deadline = self.since.checked_add(limit)?;
+        let (sleep, set_for) =
+            self.sleep.get_or_insert_with(|| (Box::pin(tokio::time::sleep_until(deadline)), deadline));
+        if deadline < *set_for {
+            sleep.as_mut().reset(deadline);
+            *set_for = deadline;
+        }
+        while sleep.as_mut().poll(cx).is_ready() {
+            if *set_for >= deadline {
+                return Some(phase);
+            }
+            // Fired for an earlier deadline that no longer applies.
+            sleep.as_mut().reset(deadline);
+            *set_for = deadline;
+        }
+        None
+    }
+}
+
+/// Serves `stream` until the client closes it, a deadline of `deadlines`
+/// passes, or — once `drain` has started — until it is idle with nothing
+/// buffered ([`Outcome::Idle`]).
 ///
 /// The caller bounds the drain with its deadline by dropping (aborting) the
 /// future.
-pub async fn drive(stream: TcpStream, handler: Handler, drain: DrainSignal) -> Outcome {
-    let state = Arc::new(ConnState {
-        in_flight: AtomicUsize::new(0),
-        flushed: AtomicBool::new(true),
-        draining: AtomicBool::new(false),
-        armed: AtomicBool::new(true),
-        faked_eof: AtomicBool::new(false),
-        waker: AtomicWaker::new(),
-    });
+pub async fn drive(stream: TcpStream, handler: Handler, drain: DrainSignal, deadlines: Deadlines) -> Outcome {
+    let state = Arc::new(ConnState::new());
     let _registration = drain.register(&state);
-    let builder = http1_builder();
+    let builder = http1_builder(deadlines.max_head);
+    let mut timer = PhaseTimer::new(deadlines);
     let mut stream = stream;
     let mut prefix = Bytes::new();
     loop {
@@ -344,9 +529,29 @@ pub async fn drive(stream: TcpStream, handler: Handler, drain: DrainSignal) -> O
         let result = poll_fn(|cx| {
             // So that `DrainSignal::start` can wake an idle connection.
             state.waker.register(cx.waker());
-            conn.poll_without_shutdown(cx)
+            if let Poll::Ready(r) = conn.poll_without_shutdown(cx) {
+                return Poll::Ready(Ok(r));
+            }
+            // After hyper's poll: it is what moves the connection on.
+            match timer.poll_expired(&state, cx) {
+                Some(phase) => Poll::Ready(Err(phase)),
+                None => Poll::Pending,
+            }
         })
         .await;
+        let result = match result {
+            Ok(r) => r,
+            Err(phase) => {
+                // Dropping hyper's connection closes the socket.
+                match phase {
+                    Phase::PartialHead => {
+                        tracing::debug!(deadline = ?deadlines.header, "closing a connection: its request head did not arrive in time (--header-timeout)");
+                    }
+                    _ => tracing::debug!(deadline = ?deadlines.idle, "closing an idle connection (--idle-timeout)"),
+                }
+                return Outcome::Closed;
+            }
+        };
         let parts = conn.into_parts();
         if !state.faked_eof.swap(false, Relaxed) {
             // The client closed the connection, sent `Connection: close`, or

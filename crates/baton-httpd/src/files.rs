@@ -111,6 +111,29 @@ pub fn decode_path(path: &str) -> Result<SafePath, PathError> {
     Ok(SafePath { relative, trailing_slash: path.ends_with('/') })
 }
 
+/// The `Location` of the redirect from a directory to its `/`-terminated
+/// form, built from the *normalised* path rather than the raw one: a raw
+/// `//dir` would give `//dir/`, which a browser reads as a URL of another
+/// host (`http://dir/`), as it would `/\dir/`. Every byte outside the
+/// URL's unreserved and sub-delimiter characters is percent-encoded, so
+/// the result is a single-slash absolute path whatever the segments hold.
+pub fn directory_location(relative: &[u8]) -> String {
+    let mut location = String::with_capacity(relative.len() + 2);
+    location.push('/');
+    for &b in relative {
+        let keep = b.is_ascii_alphanumeric() || b"/-._~!$&'()*+,;=:@".contains(&b);
+        if keep {
+            location.push(b as char);
+        } else {
+            location.push_str(&format!("%{b:02X}"));
+        }
+    }
+    if !relative.is_empty() {
+        location.push('/');
+    }
+    location
+}
+
 /// Percent-decodes one segment; `offset` is its position in the full path,
 /// for error messages.
 fn percent_decode(raw: &str, offset: usize) -> Result<Vec<u8>, PathError> {
@@ -278,7 +301,7 @@ impl Files {
         let st = rustix::fs::fstat(&fd).map_err(|e| Miss::Failed(e.into()))?;
         let (fd, st, name) = match FileType::from_raw_mode(st.st_mode) {
             FileType::Directory if !safe.trailing_slash => {
-                let mut location = format!("{}/", req.path);
+                let mut location = directory_location(&safe.relative);
                 if let Some(q) = &req.query {
                     location.push('?');
                     location.push_str(q);
@@ -438,6 +461,17 @@ mod tests {
         assert_eq!(decode_path("/%zz"), Err(PathError::BadEncoding { at: 1 }));
         assert_eq!(decode_path("/ab/%4"), Err(PathError::BadEncoding { at: 4 }));
         assert_eq!(decode_path("*"), Err(PathError::NotAbsolute));
+    }
+
+    #[test]
+    fn directory_redirects_stay_on_this_host() {
+        let location = |p: &str| directory_location(&decode_path(p).unwrap().relative);
+        assert_eq!(location("/sub"), "/sub/");
+        assert_eq!(location("//sub"), "/sub/");
+        assert_eq!(location("///a//b/./c"), "/a/b/c/");
+        assert_eq!(location("//%5Cevil.example"), "/%5Cevil.example/");
+        assert_eq!(location("/with%20space/%3F"), "/with%20space/%3F/");
+        assert_eq!(location("/"), "/");
     }
 
     #[test]

@@ -10,7 +10,10 @@
 //! - on SIGTERM drains in-flight requests and **hands idle keep-alive
 //!   connections over** to the next generation through the fd store, which
 //!   adopts them and serves their next requests on the same TCP connection
-//!   ([`conn`], [`handoff`]).
+//!   ([`conn`], [`handoff`]);
+//! - survives hostile clients: a deadline for a partial request head, an
+//!   idle cap, a connection limit answered with `503`, a 64 KiB head cap,
+//!   and paced accepts at the fd limit ([`conn`], [`admission`]).
 //!
 //! The HTTP side ([`service`], [`files`], [`body`]) is independent of all
 //! that: the benchmark serves the same [`service::Handler`] with plain hyper
@@ -20,6 +23,7 @@
 #![deny(missing_docs)]
 #![warn(unsafe_op_in_unsafe_fn)]
 
+pub mod admission;
 pub mod app;
 pub mod body;
 pub mod config;

@@ -56,6 +56,10 @@ pub struct MiniManager {
     pub most_fds_in_one: usize,
     /// `FDSTOREREMOVE=1` datagrams received.
     pub remove_datagrams: usize,
+    /// Where the service's stderr goes (appended); inherited when `None`.
+    stderr: Option<PathBuf>,
+    /// The service's `RLIMIT_NOFILE` (soft and hard), when set.
+    nofile: Option<u64>,
 }
 
 static DIRS: AtomicUsize = AtomicUsize::new(0);
@@ -103,6 +107,8 @@ impl MiniManager {
             store_datagrams: 0,
             most_fds_in_one: 0,
             remove_datagrams: 0,
+            stderr: None,
+            nofile: None,
         })
     }
 
@@ -119,6 +125,16 @@ impl MiniManager {
     pub fn set_env(&mut self, key: &str, value: &str) {
         self.env.retain(|(k, _)| k != key);
         self.env.push((key.to_owned(), value.to_owned()));
+    }
+
+    /// Appends the service's stderr to `path` for later starts.
+    pub fn set_stderr_file(&mut self, path: &Path) {
+        self.stderr = Some(path.to_owned());
+    }
+
+    /// Sets the service's `RLIMIT_NOFILE` (soft and hard) for later starts.
+    pub fn set_nofile_limit(&mut self, limit: u64) {
+        self.nofile = Some(limit);
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -182,10 +198,20 @@ impl MiniManager {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        // SAFETY: between fork and exec only dup2 and fcntl, which are
-        // async-signal-safe; `moves` is read, not allocated or freed.
+        if let Some(path) = &self.stderr {
+            cmd.stderr(std::fs::OpenOptions::new().create(true).append(true).open(path)?);
+        }
+        let nofile = self.nofile.map(|n| libc::rlimit { rlim_cur: n, rlim_max: n });
+        // SAFETY: between fork and exec only dup2, fcntl and setrlimit,
+        // which are async-signal-safe; `moves` and `nofile` are read, not
+        // allocated or freed.
         unsafe {
             cmd.pre_exec(move || {
+                if let Some(lim) = &nofile
+                    && libc::setrlimit(libc::RLIMIT_NOFILE, lim) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
                 for &(from, to) in &moves {
                     // dup2 clears close-on-exec on its target; an fd already
                     // in place needs it cleared by hand.

@@ -56,6 +56,12 @@ pub struct Mini {
 impl Mini {
     /// Started and ready.
     pub fn start(extra: &[&str]) -> Self {
+        Self::start_with(extra, |_| {})
+    }
+
+    /// Started and ready, after `configure` adjusted the manager (stderr,
+    /// limits) before the first start.
+    pub fn start_with(extra: &[&str], configure: impl FnOnce(&mut MiniManager)) -> Self {
         let dir = TempDir::new("mini");
         let root = scenarios::make_root(dir.path());
         let base = vec!["--root".to_owned(), root.display().to_string(), "--threads".into(), "2".into()];
@@ -64,6 +70,7 @@ impl Mini {
         let mut m = MiniManager::new(Path::new(BIN), &args, "http").expect("mini manager");
         // BATON_HTTPD_TEST_LOG=debug shows the server's view of a test.
         m.set_env("RUST_LOG", &std::env::var("BATON_HTTPD_TEST_LOG").unwrap_or_else(|_| "warn".into()));
+        configure(&mut m);
         m.start(WAIT).expect("start baton-httpd");
         Self { m, base, root, _dir: dir }
     }
