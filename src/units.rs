@@ -104,9 +104,9 @@ pub struct UnitsArgs {
     /// supervised mode Baton enforces it on each generation.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub watchdog: Option<Duration>,
-    /// How long a stopping app may drain (Baton's --stop-timeout; in direct
-    /// mode the app's own deadline should be no longer). TimeoutStopSec= is
-    /// this plus 15 s.
+    /// How long a stopping app may drain (Baton's --stop-timeout; the app's
+    /// own drain deadline should be a few seconds shorter, as baton-httpd's
+    /// 25 s is below the default 30 s). TimeoutStopSec= is this plus 15 s.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub stop_timeout: Duration,
     /// Baton is the main process and `systemctl reload` is an overlapped
@@ -885,7 +885,8 @@ fn service_unit(plan: &Plan<'_>) -> UnitFile {
             "# control-group (the default): SIGTERM to every process of the app at once, and SIGKILL\n\
              # to what is left after TimeoutStopSec=.\n\
              KillMode=control-group\n\
-             # The app's own drain deadline should be at most {stop}; this leaves it room to finish.\n\
+             # The app's own drain deadline should be a few seconds shorter than {stop} (baton-httpd's\n\
+             # default is 25s); this leaves it room to finish.\n\
              TimeoutStopSec={timeout_stop}\n"
         );
     }
