@@ -421,6 +421,10 @@ pub struct GenerationState {
     pub pidfd: RawFd,
     /// `MAINPID=` (normally `pid`).
     pub main_pid: u32,
+    /// A pidfd for `main_pid` when it is not `pid` (states written before
+    /// it existed lack it: the new image pins `main_pid` itself).
+    #[serde(default)]
+    pub main_pidfd: Option<RawFd>,
     /// `active` or `draining`.
     pub state: String,
     /// Draining: when it gets SIGKILL (µs).
@@ -464,6 +468,7 @@ impl Handover {
         fds.extend(s.store.iter().map(|x| x.fd));
         for g in &s.generations {
             fds.push(g.pidfd);
+            fds.extend(g.main_pidfd);
             fds.extend(g.output_fd);
             fds.extend(g.handoff);
         }
@@ -491,7 +496,8 @@ pub fn from_mono(us: u64) -> Instant {
     if us <= mono {
         now.checked_sub(Duration::from_micros(mono - us)).unwrap_or(now)
     } else {
-        now + Duration::from_micros(us - mono)
+        // Saturating: a corrupt or far-future value must not panic.
+        now.checked_add(Duration::from_micros(us - mono)).unwrap_or(now + Duration::from_secs(100 * 365 * 24 * 3600))
     }
 }
 
