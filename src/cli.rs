@@ -228,7 +228,9 @@ pub enum Access {
     Main,
     /// The main process and the health check.
     Exec,
-    /// Any process of the generation.
+    /// Any process descending from the generation's main process (by parent
+    /// chain; not one that only joined its process group, nor an orphan
+    /// reparented to baton), and the health check.
     All,
 }
 

@@ -21,6 +21,7 @@
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
+use std::mem::ManuallyDrop;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -60,7 +61,10 @@ pub enum NotifyAccess {
     Main,
     /// The main process and Baton's control processes (the health check).
     Exec,
-    /// Any process of the generation's process group.
+    /// The main process, the health check, and any process descending from
+    /// the generation's leader (its parent chain, checked twice: see
+    /// [`crate::lineage`]). Not members of its process group as such:
+    /// anyone in Baton's session can `setpgid()` into that.
     All,
 }
 
@@ -286,6 +290,11 @@ struct Adopted {
     from_version: String,
     /// Generations whose exit the previous image reaped but never processed.
     lost: Vec<u32>,
+    /// Set when this image is the previous one, back after a failed
+    /// upgrade: why the next one could not adopt the state.
+    failed: Option<String>,
+    /// The binary of the image that handed the state over.
+    previous_binary: Option<PathBuf>,
 }
 
 struct PendingExit {
@@ -1550,7 +1559,7 @@ impl Supervisor {
             self.store.len()
         );
         // Only returns if the exec failed; everything is as before.
-        let e = upgrade::exec(&up.binary, &self.image.argv, &state);
+        let e = upgrade::exec(&up.binary, &self.image.argv, &state, self.image.exe.as_deref().map(|e| e.as_fd()));
         let serving = self.active().map(|g| format!("generation {} serving as pid {}", g.number, g.main_pid()));
         let status = format!("upgrade failed; {}", serving.unwrap_or_else(|| "no generation serving".into()));
         self.upstream_notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
@@ -1655,6 +1664,7 @@ impl Supervisor {
             format: upgrade::STATE_FORMAT,
             from_version: env!("CARGO_PKG_VERSION").into(),
             binary: up.binary.clone(),
+            previous_binary: self.image.binary.clone(),
             argv: self.image.argv.iter().map(|a| upgrade::os_bytes(a)).collect(),
             upgrades: self.image.upgrades + 1,
             requested_mono_us: upgrade::to_mono(up.requested),
@@ -1755,14 +1765,19 @@ impl Supervisor {
 
         reaper::become_subreaper().map_err(io("becoming the subreaper of the app's processes"))?;
         let reaper = Reaper::start().map_err(io("starting the child reaper"))?;
+        // Not dropped if anything below fails: dropping them would unlink
+        // their paths, which the previous image needs back when this one
+        // hands control back (see `upgrade::Fallback`).
         let (control, requests) = ControlServer::adopt(&h.control.path, control_fd).map_err(|e| bad(e.to_string()))?;
-        let notify = NotifyServer::adopt(notify_fd, &h.notify).map_err(io("adopting the notify socket"))?;
-        let handoff = match handoff_fd {
+        let control = ManuallyDrop::new(control);
+        let notify =
+            ManuallyDrop::new(NotifyServer::adopt(notify_fd, &h.notify).map_err(io("adopting the notify socket"))?);
+        let handoff = ManuallyDrop::new(match handoff_fd {
             Some((path, fd)) => {
                 Some(crate::handoff::HandoffServer::adopt(&path, fd).map_err(io("adopting the handoff socket"))?)
             }
             None => None,
-        };
+        });
         let upstream = match h.upstream.as_deref().map(Notifier::new) {
             Some(Ok(n)) => Some(Arc::new(n)),
             Some(Err(e)) => {
@@ -1854,10 +1869,11 @@ impl Supervisor {
             argv: h.argv.iter().map(|a| upgrade::bytes_os(a)).collect(),
             upgrades: h.upgrades,
             started: now,
+            exe: upgrade::open_own_exe().map(Arc::new),
         };
         let supervisor = Supervisor {
             cfg,
-            notify,
+            notify: ManuallyDrop::into_inner(notify),
             reaper,
             store,
             upstream,
@@ -1879,9 +1895,9 @@ impl Supervisor {
             pending_exit: None,
             output_closed,
             inherited_to: InheritedTo::detect(),
-            handoff,
+            handoff: ManuallyDrop::into_inner(handoff),
             flush_retry: s.flush_retry_mono_us.map(upgrade::from_mono),
-            control: Some(control),
+            control: Some(ManuallyDrop::into_inner(control)),
             image,
             upgrading: None,
             adopted: Some(Adopted {
@@ -1889,9 +1905,23 @@ impl Supervisor {
                 requested_mono_us: h.requested_mono_us,
                 from_version: h.from_version,
                 lost,
+                failed: None,
+                previous_binary: h.previous_binary,
             }),
         };
         Ok((supervisor, requests))
+    }
+
+    /// This image is the previous one, back after the next image could not
+    /// adopt its state (`reason`): it answers the `baton upgrade` client
+    /// with that, and is again what it was before the upgrade.
+    pub fn after_failed_upgrade(mut self, reason: String) -> Self {
+        if let Some(adopted) = &mut self.adopted {
+            self.image.binary = adopted.previous_binary.take().or(self.image.binary.take());
+            self.image.upgrades = self.image.upgrades.saturating_sub(1);
+            adopted.failed = Some(reason);
+        }
+        self
     }
 
     /// The adopting image is running (signal handlers installed): let
@@ -1905,32 +1935,22 @@ impl Supervisor {
         let elapsed_ms = upgrade::mono_now_us().saturating_sub(adopted.requested_mono_us) / 1000;
         let version = env!("CARGO_PKG_VERSION");
         let binary = self.image.binary.as_ref().map(|b| b.display().to_string()).unwrap_or_default();
-        tracing::info!(
-            event = "upgraded",
-            version,
-            from_version = %adopted.from_version,
-            elapsed_ms,
-            generations = self.generations.len(),
-            "baton upgraded in place from {} to {version} ({binary}) in {elapsed_ms} ms",
-            adopted.from_version
-        );
-        let status = match self.active() {
-            Some(g) => {
-                format!("generation {} serving as pid {}; baton {version} (upgraded in place)", g.number, g.main_pid())
+        let response = match adopted.failed {
+            Some(reason) => {
+                let message = format!(
+                    "{reason}; baton went back to the binary it ran before ({binary}, baton {version}), which keeps \
+                     running: the generations were not touched"
+                );
+                tracing::error!(event = "upgrade-failed", elapsed_ms, "{message}");
+                let serving = self.active().map(|g| format!("generation {} serving as pid {}", g.number, g.main_pid()));
+                let status = format!("upgrade failed; {}", serving.unwrap_or_else(|| "no generation serving".into()));
+                self.upstream_notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+                Response::Error { message }
             }
-            None => format!("baton {version} (upgraded in place)"),
+            None => self.announce_upgrade(&adopted.from_version, binary, elapsed_ms),
         };
-        self.upstream_notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
         let Some(conn) = adopted.client else { return };
-        let done = UpgradeDone {
-            pid: std::process::id(),
-            version: version.into(),
-            binary,
-            upgrades: self.image.upgrades,
-            elapsed_ms,
-            generations: self.generations.len(),
-        };
-        let mut line = serde_json::to_vec(&Response::Upgraded(done)).unwrap_or_default();
+        let mut line = serde_json::to_vec(&response).unwrap_or_default();
         line.push(b'\n');
         let stream = std::os::unix::net::UnixStream::from(conn);
         if stream.set_nonblocking(true).is_err() {
@@ -1942,6 +1962,34 @@ impl Supervisor {
             // Bounded like every control answer; closing is the end of it.
             let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(&line)).await;
         });
+    }
+
+    /// Logs a successful upgrade and tells systemd; the client's answer.
+    fn announce_upgrade(&self, from_version: &str, binary: String, elapsed_ms: u64) -> Response {
+        let version = env!("CARGO_PKG_VERSION");
+        tracing::info!(
+            event = "upgraded",
+            version,
+            from_version,
+            elapsed_ms,
+            generations = self.generations.len(),
+            "baton upgraded in place from {from_version} to {version} ({binary}) in {elapsed_ms} ms"
+        );
+        let status = match self.active() {
+            Some(g) => {
+                format!("generation {} serving as pid {}; baton {version} (upgraded in place)", g.number, g.main_pid())
+            }
+            None => format!("baton {version} (upgraded in place)"),
+        };
+        self.upstream_notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+        Response::Upgraded(UpgradeDone {
+            pid: std::process::id(),
+            version: version.into(),
+            binary,
+            upgrades: self.image.upgrades,
+            elapsed_ms,
+            generations: self.generations.len(),
+        })
     }
 }
 
