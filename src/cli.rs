@@ -228,9 +228,9 @@ pub enum Access {
     Main,
     /// The main process and the health check.
     Exec,
-    /// Any process descending from the generation's main process (by parent
-    /// chain; not one that only joined its process group, nor an orphan
-    /// reparented to baton), and the health check.
+    /// Any process of the generation's process group that descends from its
+    /// main process (by parent chain: not one that only joined the group,
+    /// nor an orphan reparented to baton), and the health check.
     All,
 }
 

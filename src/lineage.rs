@@ -14,12 +14,14 @@
 //!   names anything of the generation's and the leader is the main process
 //!   again. systemd does the same with its `PidRef` (`src/core/service.c`,
 //!   `service_set_main_pidref()`);
-//! - `--notify-access all` accepts a sender that *descends from the leader*
-//!   ([`descends_from`]: its parent chain in `/proc`, each link checked
-//!   again after the walk), not any member of the leader's process group:
-//!   a process group is joined with `setpgid()` by anyone in Baton's
-//!   session, while a parent chain cannot be forged (only the kernel
-//!   reparents, and only on the parent's exit, which the second check sees).
+//! - `--notify-access all` accepts a sender of the leader's process group
+//!   only if it also *descends from the leader* ([`belongs_to`]: its parent
+//!   chain in `/proc`, each link checked again after the walk): a process
+//!   group is joined with `setpgid()` by anyone in Baton's session, while a
+//!   parent chain cannot be forged (only the kernel reparents, and only on
+//!   the parent's exit, which the second check sees). The group test comes
+//!   first and is one system call, so a flood from strangers costs no
+//!   `/proc` walk.
 //!   systemd uses the unit's cgroup for this (`src/core/service.c`,
 //!   `service_notify_message_authorized()`); Baton creates no cgroup of its
 //!   own, so it uses ancestry.
@@ -50,16 +52,18 @@ pub struct MainProcess {
 }
 
 impl MainProcess {
-    /// Pins `pid` if it is a live process descending from `leader`;
-    /// `Err` says why not, for the log.
+    /// Pins `pid` if it is a live process of `leader`'s generation
+    /// ([`belongs_to`]); `Err` says why not, for the log.
     pub fn pin(pid: u32, leader: u32) -> Result<MainProcess, String> {
         let raw = i32::try_from(pid).ok().and_then(Pid::from_raw).ok_or_else(|| format!("{pid} is not a pid"))?;
         // The pidfd first: if the process it names is still alive after
         // the ancestry check below, the check was about this process.
         let pidfd =
             rustix::process::pidfd_open(raw, PidfdFlags::empty()).map_err(|e| format!("no process {pid} ({e})"))?;
-        if !descends_from(pid, leader) {
-            return Err(format!("process {pid} does not descend from the generation's main process {leader}"));
+        if !belongs_to(pid, leader) {
+            return Err(format!(
+                "process {pid} is not in the generation's process group {leader} or does not descend from its leader"
+            ));
         }
         let pinned = MainProcess { pid, pidfd };
         if !pinned.is_alive() {
@@ -89,6 +93,25 @@ impl MainProcess {
     pub fn pidfd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.pidfd.as_fd()
     }
+}
+
+/// Whether `pid` is in the process group the leader `leader` heads and
+/// descends from it: a process of the generation, by the rules above.
+pub fn belongs_to(pid: u32, leader: u32) -> bool {
+    in_group(pid, leader) && descends_from(pid, leader)
+}
+
+/// Whether `pid` is in process group `pgid` (false if it is gone).
+pub fn in_group(pid: u32, pgid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+    if pid <= 0 {
+        return false;
+    }
+    // libc rather than rustix: the kernel answers 0 for a process whose group
+    // is outside our pid namespace, which rustix's non-zero Pid cannot hold.
+    // SAFETY: getpgid only reads kernel state for the given pid.
+    let group = unsafe { libc::getpgid(pid) };
+    group > 0 && group as u32 == pgid
 }
 
 /// Whether `pid` is `ancestor` or one of its descendants, by the parent
@@ -134,20 +157,34 @@ mod tests {
 
     #[test]
     fn ancestry_follows_parent_links() {
+        use std::io::BufRead;
+        use std::os::unix::process::CommandExt;
         let me = std::process::id();
-        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
-        let pid = child.id();
-        assert!(descends_from(pid, me), "a child descends from its parent");
+        // A leader of its own group (as Baton starts generations) with one
+        // child in that group.
+        let mut leader = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & echo $!; wait"])
+            .process_group(0)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(leader.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let (l, sleeper): (u32, u32) = (leader.id(), line.trim().parse().unwrap());
+        assert!(descends_from(sleeper, l) && descends_from(sleeper, me) && descends_from(l, me));
         assert!(descends_from(me, me), "a process counts as its own descendant");
-        assert!(!descends_from(me, pid), "a parent does not descend from its child");
+        assert!(!descends_from(me, l), "a parent does not descend from its child");
         assert!(!descends_from(1, me), "init descends from nothing of ours");
         assert!(!descends_from(u32::MAX, me), "no such process");
-        let pinned = MainProcess::pin(pid, me).unwrap();
+        assert!(belongs_to(sleeper, l) && belongs_to(l, l));
+        assert!(!belongs_to(me, l), "neither in the group nor a descendant");
+        let pinned = MainProcess::pin(sleeper, l).unwrap();
         assert!(pinned.is_alive());
-        assert!(MainProcess::pin(me, pid).unwrap_err().contains("does not descend"));
-        child.kill().unwrap();
-        child.wait().unwrap();
+        assert!(MainProcess::pin(me, l).unwrap_err().contains("does not descend"));
+        rustix::process::kill_process(Pid::from_raw(sleeper as i32).unwrap(), rustix::process::Signal::KILL).unwrap();
+        // The shell reaps it and exits.
+        leader.wait().unwrap();
         assert!(!pinned.is_alive(), "the pidfd sees the exit");
-        assert!(MainProcess::pin(pid, me).is_err(), "gone");
+        assert!(MainProcess::pin(sleeper, l).is_err(), "gone");
     }
 }

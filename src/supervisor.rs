@@ -61,10 +61,11 @@ pub enum NotifyAccess {
     Main,
     /// The main process and Baton's control processes (the health check).
     Exec,
-    /// The main process, the health check, and any process descending from
-    /// the generation's leader (its parent chain, checked twice: see
-    /// [`crate::lineage`]). Not members of its process group as such:
-    /// anyone in Baton's session can `setpgid()` into that.
+    /// The main process, the health check, and any process of the
+    /// generation's process group that also descends from its leader (its
+    /// parent chain, checked twice: see [`crate::lineage`]). Group
+    /// membership alone is not enough: anyone in Baton's session can
+    /// `setpgid()` into that group.
     All,
 }
 
@@ -1292,10 +1293,12 @@ impl Supervisor {
         match self.cfg.notify_access {
             NotifyAccess::Main => None,
             NotifyAccess::Exec => health_check(),
-            // Descendants of the leader, not members of its process group:
-            // anyone in Baton's session can join that (see crate::lineage).
-            NotifyAccess::All => health_check()
-                .or_else(|| self.generations.iter().position(|g| lineage::descends_from(pid, g.child.pid))),
+            // Members of the leader's process group that also descend from
+            // it: anyone in Baton's session can join the group (see
+            // crate::lineage).
+            NotifyAccess::All => {
+                health_check().or_else(|| self.generations.iter().position(|g| lineage::belongs_to(pid, g.child.pid)))
+            }
         }
     }
 
@@ -1722,7 +1725,7 @@ impl Supervisor {
                 main: match g.main_pidfd {
                     Some(fd) => Some(MainProcess::adopt(g.main_pid, fds.take(fd, &what("main process pidfd"))?)),
                     // Written by an image that kept no pidfd for it: pin it
-                    // now if it still descends from the leader.
+                    // now if it still belongs to the generation.
                     None if g.main_pid != g.pid => MainProcess::pin(g.main_pid, g.pid).ok(),
                     None => None,
                 },
