@@ -5,9 +5,12 @@
 //! the number is free and any process, of any user, may get it next. Baton
 //! therefore never keeps a pid it has not pinned:
 //!
-//! - a generation's leader (the process Baton started) is Baton's own child:
-//!   its pid cannot be reused before Baton reaps it, and reaping it ends the
-//!   generation;
+//! - a generation's leader (the process Baton started) and its health check
+//!   are Baton's own children: their pids cannot be reused before Baton
+//!   reaps them. Between the reaping and the supervisor handling that exit
+//!   a datagram may come first, so their pidfds are asked too
+//!   ([`is_running`]): an exited leader or health check has nothing
+//!   attributed to it;
 //! - a process named by `MAINPID=` is held by a pidfd ([`MainProcess`]),
 //!   opened *before* checking that the pid descends from the leader; once
 //!   that process has exited (the pidfd is readable), its pid no longer
@@ -34,7 +37,7 @@
 //! and no longer descends from the leader: under `--notify-access all` it is
 //! refused, like a stranger.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use rustix::event::{PollFd, PollFlags};
 use rustix::process::{Pid, PidfdFlags};
@@ -80,19 +83,22 @@ impl MainProcess {
     /// Whether the process is still running (a pidfd polls readable once
     /// its process has exited, zombie or reaped).
     pub fn is_alive(&self) -> bool {
-        let mut fds = [PollFd::new(&self.pidfd, PollFlags::IN)];
-        let zero = rustix::time::Timespec { tv_sec: 0, tv_nsec: 0 };
-        match rustix::event::poll(&mut fds, Some(&zero)) {
-            Ok(0) => true,
-            // Readable (exited), or an error: fail closed.
-            _ => false,
-        }
+        is_running(self.pidfd.as_fd())
     }
 
     /// Borrows the pidfd, for handing it over.
     pub fn pidfd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.pidfd.as_fd()
     }
+}
+
+/// Whether the process behind `pidfd` is still running: a pidfd polls
+/// readable once its process has exited (zombie or reaped), and an error
+/// counts as exited (fail closed).
+pub fn is_running(pidfd: BorrowedFd<'_>) -> bool {
+    let mut fds = [PollFd::new(&pidfd, PollFlags::IN)];
+    let zero = rustix::time::Timespec { tv_sec: 0, tv_nsec: 0 };
+    matches!(rustix::event::poll(&mut fds, Some(&zero)), Ok(0))
 }
 
 /// Whether `pid` is in the process group the leader `leader` heads and

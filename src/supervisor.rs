@@ -205,6 +205,17 @@ impl Generation {
         }
     }
 
+    /// Whether `pid` is its main process now: a live one (a pid stays ours
+    /// only while the process we pinned runs, see [`crate::lineage`]).
+    fn is_main(&self, pid: u32) -> bool {
+        self.child.is_running() && self.main_pid() == pid
+    }
+
+    /// Whether `pid` is its running health check.
+    fn is_health_check(&self, pid: u32) -> bool {
+        self.state == State::HealthCheck { pid } && self.health.as_ref().is_some_and(Child::is_running)
+    }
+
     /// SIGKILL to the whole generation; it stays listed until reaped.
     fn force_kill(&mut self) {
         let _ = self.child.signal_group(Signal::KILL);
@@ -1220,7 +1231,11 @@ impl Supervisor {
     }
 
     fn on_handoff_peer(&mut self, peer: crate::handoff::Peer) {
-        match self.generations.iter_mut().find(|g| g.main_pid() == peer.pid || g.child.pid == peer.pid) {
+        match self
+            .generations
+            .iter_mut()
+            .find(|g| g.is_main(peer.pid) || (g.child.pid == peer.pid && g.child.is_running()))
+        {
             Some(g) => {
                 g.handoff = Some(peer.conn);
                 // It may have become active (READY=1) before we saw it connect.
@@ -1286,19 +1301,19 @@ impl Supervisor {
 
     /// Which generation a notify sender belongs to, per `NotifyAccess`.
     fn attribute(&self, pid: u32) -> Option<usize> {
-        if let Some(i) = self.generations.iter().position(|g| g.main_pid() == pid) {
+        if let Some(i) = self.generations.iter().position(|g| g.is_main(pid)) {
             return Some(i);
         }
-        let health_check = || self.generations.iter().position(|g| g.state == State::HealthCheck { pid });
+        let health_check = || self.generations.iter().position(|g| g.is_health_check(pid));
         match self.cfg.notify_access {
             NotifyAccess::Main => None,
             NotifyAccess::Exec => health_check(),
             // Members of the leader's process group that also descend from
             // it: anyone in Baton's session can join the group (see
             // crate::lineage).
-            NotifyAccess::All => {
-                health_check().or_else(|| self.generations.iter().position(|g| lineage::belongs_to(pid, g.child.pid)))
-            }
+            NotifyAccess::All => health_check().or_else(|| {
+                self.generations.iter().position(|g| g.child.is_running() && lineage::belongs_to(pid, g.child.pid))
+            }),
         }
     }
 
