@@ -20,6 +20,13 @@ use baton_sd::{FdPoll, ListenFds, Notifier, NotifyState, StoredName};
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // Started by `baton upgrade`: everything comes from the previous image's
+    // state, not from the command line, which this (newer) baton may no
+    // longer accept; failing to parse it must not orphan the generations.
+    // SAFETY: single-threaded until a runtime is built.
+    if let Some(arrival) = unsafe { baton::upgrade::take_from_env() } {
+        return run_adopted(arrival);
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => run(args),
@@ -230,11 +237,6 @@ fn init_logging() {
 }
 
 fn run(args: RunArgs) -> ExitCode {
-    // Started by `baton upgrade`: everything comes from the previous image.
-    // SAFETY: single-threaded until a runtime is built.
-    if let Some(handover) = unsafe { baton::upgrade::take_from_env() } {
-        return run_adopted(handover);
-    }
     // Before any thread exists: take and unset what our own manager passed.
     // SAFETY: single-threaded until the runtime is built below.
     let inherited = unsafe { ListenFds::from_env_and_unset() };
@@ -428,11 +430,22 @@ fn run_adopted(arrival: baton::upgrade::Arrival) -> ExitCode {
     let binary = handover.binary.clone();
     let upstream = handover.upstream.clone();
     let rt = runtime();
-    // Adopting registers sockets with the runtime, so it runs inside it.
-    let (supervisor, requests) = match rt.block_on(async { Supervisor::adopt(handover) }) {
-        Ok(adopted) => adopted,
-        Err(e) => {
+    // Adopting registers sockets with the runtime, so it runs inside it. A
+    // panic in there is a failed adoption like any other.
+    let adopted =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rt.block_on(async { Supervisor::adopt(handover) })));
+    let (supervisor, requests) = match adopted {
+        Ok(Ok(adopted)) => adopted,
+        Ok(Err(e)) => {
             let reason = format!("{} (baton {}) could not take over: {e}", binary.display(), env!("CARGO_PKG_VERSION"));
+            return hand_back(fallback, &reason);
+        }
+        Err(_) => {
+            let reason = format!(
+                "{} (baton {}) panicked taking over (see its log)",
+                binary.display(),
+                env!("CARGO_PKG_VERSION")
+            );
             return hand_back(fallback, &reason);
         }
     };

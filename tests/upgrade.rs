@@ -748,3 +748,27 @@ BATON_UPGRADE_STATE=$fd exec {real} "$@""#,
     let s = b.status();
     assert_eq!((s.pid, s.upgrades, s.generations[0].pid), (b.pid(), 1, gen2));
 }
+
+/// A newer baton may no longer accept the old command line (a flag renamed
+/// or removed): the image started by `baton upgrade` takes everything from
+/// the handed-over state and never parses it, so the upgrade goes through.
+#[test]
+fn a_new_baton_that_rejects_the_old_command_line_still_adopts() {
+    let b = Baton::start("argv", &[], App::Httpd(&[]));
+    let gen1 = b.generation_pid(1);
+    let real = env!("CARGO_BIN_EXE_baton");
+    let wrapper = script(
+        &b.dir,
+        "strict-cli",
+        &format!(
+            "[ \"$1\" = upgrade-probe ] && exec {real} upgrade-probe\nexec {real} run --a-flag-this-baton-rejects"
+        ),
+    );
+    let out = ok(&b.cli(&["upgrade", "--binary", wrapper.to_str().unwrap()]));
+    assert!(out.contains(&format!("upgraded: pid {}", b.pid())), "{out}");
+    let s = b.status();
+    assert_eq!((s.upgrades, s.generations.len(), s.generations[0].pid), (1, 1, gen1), "{s:?}");
+    assert_eq!(get_pid(b.port).unwrap(), gen1);
+    let out = ok(&b.cli(&["restart"]));
+    assert!(out.contains("generation 2"), "{out}");
+}
