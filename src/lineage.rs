@@ -12,7 +12,7 @@
 //!   ([`is_running`]): an exited leader or health check has nothing
 //!   attributed to it;
 //! - a process named by `MAINPID=` is held by a pidfd ([`MainProcess`]),
-//!   opened *before* checking that the pid descends from the leader; once
+//!   opened *before* checking that the pid belongs to the generation; once
 //!   that process has exited (the pidfd is readable), its pid no longer
 //!   names anything of the generation's and the leader is the main process
 //!   again. systemd does the same with its `PidRef` (`src/core/service.c`,
@@ -24,8 +24,7 @@
 //!   parent chain cannot be forged (only the kernel reparents, and only on
 //!   the parent's exit, which the second check sees). The group test comes
 //!   first and is one system call, so a flood from strangers costs no
-//!   `/proc` walk.
-//!   systemd uses the unit's cgroup for this (`src/core/service.c`,
+//!   `/proc` walk. systemd uses the unit's cgroup for this (`src/core/service.c`,
 //!   `service_notify_message_authorized()`); Baton creates no cgroup of its
 //!   own, so it uses ancestry.
 //!
