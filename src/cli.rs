@@ -246,7 +246,9 @@ pub enum Access {
     Main,
     /// The main process and the health check.
     Exec,
-    /// Any process of the generation.
+    /// Any process of the generation's process group that descends from its
+    /// main process (by parent chain: not one that only joined the group,
+    /// nor an orphan reparented to baton), and the health check.
     All,
 }
 
@@ -279,7 +281,14 @@ pub struct NotifyArgs {
     pub assignments: Vec<String>,
 }
 
-/// Parses `90`, `90s`, `500ms`, `2min`, `1h`.
+/// The longest duration any option takes: 365 days. Far beyond any sane
+/// timeout, and far enough below the limits of `Instant` arithmetic and of
+/// `EXTEND_TIMEOUT_USEC` (a `u64` of µs) that no deadline computed from it
+/// can overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Parses `90`, `90s`, `500ms`, `2min`, `1h`, at most [`MAX_DURATION`]
+/// (clap names the option in front of the error).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
@@ -292,7 +301,13 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "h" => n * 3600.0,
         other => return Err(format!("unknown unit {other:?} in {s:?}: use ms, s, min or h")),
     };
-    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
+    let max_hours = MAX_DURATION.as_secs() / 3600;
+    let too_long = || format!("{s:?} is too long: the maximum is {max_hours}h (365 days)");
+    let d = Duration::try_from_secs_f64(secs).map_err(|_| too_long())?;
+    if d > MAX_DURATION {
+        return Err(too_long());
+    }
+    Ok(d)
 }
 
 /// Parses a file descriptor number: 0 or more (`BorrowedFd` cannot even

@@ -8,6 +8,8 @@
 //! - [`spawn`]: starting one generation of the app exactly as systemd would
 //!   (fds at 3.., `LISTEN_*`, `NOTIFY_SOCKET`, `LISTEN_PID` set after fork
 //!   without allocating), in its own process group, tracked by pidfd.
+//! - [`lineage`]: which processes belong to a generation (pidfds for
+//!   `MAINPID=`, parent chains for `--notify-access all`).
 //! - [`reaper`]: reaps every child (Baton is a subreaper) and reports exits.
 //! - [`notify_server`]: the receiving end of `sd_notify`, with systemd's
 //!   credential checks and limits.
@@ -32,6 +34,7 @@
 pub mod cli;
 pub mod control;
 pub mod handoff;
+pub mod lineage;
 pub mod listen;
 pub mod notify_refusal;
 pub mod notify_server;

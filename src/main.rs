@@ -22,6 +22,13 @@ use baton_sd::{FdPoll, ListenFds, Notifier, NotifyState, StoredName};
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // Started by `baton upgrade`: everything comes from the previous image's
+    // state, not from the command line, which this (newer) baton may no
+    // longer accept; failing to parse it must not orphan the generations.
+    // SAFETY: single-threaded until a runtime is built.
+    if let Some(arrival) = unsafe { baton::upgrade::take_from_env() } {
+        return run_adopted(arrival);
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => run(args),
@@ -268,11 +275,6 @@ fn init_logging() {
 }
 
 fn run(args: RunArgs) -> ExitCode {
-    // Started by `baton upgrade`: everything comes from the previous image.
-    // SAFETY: single-threaded until a runtime is built.
-    if let Some(handover) = unsafe { baton::upgrade::take_from_env() } {
-        return run_adopted(handover);
-    }
     // Before any thread exists: take and unset what our own manager passed.
     // SAFETY: single-threaded until the runtime is built below.
     let inherited = unsafe { ListenFds::from_env_and_unset() };
@@ -480,20 +482,52 @@ fn exit_code(result: Result<Ended, String>) -> ExitCode {
     }
 }
 
-/// The rest of `baton run` in an image started by `baton upgrade`.
-fn run_adopted(handover: Result<baton::upgrade::Handover, baton::upgrade::UpgradeError>) -> ExitCode {
+/// The rest of `baton run` in an image started by `baton upgrade`: adopt
+/// the state, or, if that fails, hand control back to the previous image
+/// (see `baton::upgrade::Fallback`), which answers the upgrade's client.
+fn run_adopted(arrival: baton::upgrade::Arrival) -> ExitCode {
     init_logging();
-    let handover = match handover {
+    let baton::upgrade::Arrival { state, failed, mut fallback, fallback_error } = arrival;
+    if let Some(e) = fallback_error {
+        tracing::warn!(event = "upgrade-no-way-back", "{e}; a failed adoption cannot return to the previous image");
+    }
+    let handover = match state {
         Ok(h) => h,
-        Err(e) => {
-            // Cannot happen after a successful probe; nothing can be resumed.
-            tracing::error!("{e}");
-            return ExitCode::from(1);
+        Err(e) => return hand_back(fallback, &format!("the new baton could not read the state: {e}")),
+    };
+    if let Some(f) = &mut fallback {
+        f.keep_copies(&handover.fds());
+    }
+    let binary = handover.binary.clone();
+    let upstream = handover.upstream.clone();
+    let rt = runtime();
+    // Adopting registers sockets with the runtime, so it runs inside it. A
+    // panic in there is a failed adoption like any other.
+    let adopted =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rt.block_on(async { Supervisor::adopt(handover) })));
+    let (supervisor, requests) = match adopted {
+        Ok(Ok(adopted)) => adopted,
+        Ok(Err(e)) => {
+            let reason = format!("{} (baton {}) could not take over: {e}", binary.display(), env!("CARGO_PKG_VERSION"));
+            return hand_back(fallback, &reason);
+        }
+        Err(_) => {
+            let reason = format!(
+                "{} (baton {}) panicked taking over (see its log)",
+                binary.display(),
+                env!("CARGO_PKG_VERSION")
+            );
+            return hand_back(fallback, &reason);
         }
     };
-    let upstream = handover.upstream.clone();
-    let result = runtime().block_on(async move {
-        let (supervisor, requests) = Supervisor::adopt(handover).map_err(|e| e.to_string())?;
+    // Adopted: from here on this image owns everything; the previous image's
+    // executable and the copies close.
+    drop(fallback);
+    let supervisor = match failed {
+        Some(reason) => supervisor.after_failed_upgrade(reason),
+        None => supervisor,
+    };
+    let result = rt.block_on(async move {
         let ended = supervisor.run(requests).await.map_err(|e| e.to_string());
         // As in `run`: systemd must process what we forwarded before we exit.
         if let Some(up) = upstream.as_deref().and_then(|a| Notifier::new(a).ok())
@@ -504,4 +538,22 @@ fn run_adopted(handover: Result<baton::upgrade::Handover, baton::upgrade::Upgrad
         ended
     });
     exit_code(result)
+}
+
+/// Re-executes the previous image with its own state, telling it `reason`;
+/// returns only if there is no previous image to go back to or that failed.
+fn hand_back(fallback: Option<baton::upgrade::Fallback>, reason: &str) -> ExitCode {
+    let Some(fallback) = fallback else {
+        // Coming back from a failed upgrade already, or started by hand with
+        // a state: nothing is left to try.
+        tracing::error!(event = "adoption-failed", "{reason}; the generations are left unsupervised");
+        return ExitCode::from(1);
+    };
+    tracing::error!(event = "upgrade-handback", "{reason}; handing control back to the previous baton image");
+    let e = fallback.give_back(reason);
+    tracing::error!(
+        event = "adoption-failed",
+        "cannot re-execute the previous baton image: {e}; the generations are left unsupervised"
+    );
+    ExitCode::from(1)
 }

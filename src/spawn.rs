@@ -185,6 +185,12 @@ impl Child {
         rustix::process::pidfd_send_signal(&self.pidfd, sig).map_err(io::Error::from)
     }
 
+    /// Whether it is still running (its pidfd: an exited child whose exit
+    /// Baton has not handled yet no longer counts, whatever has its pid).
+    pub fn is_running(&self) -> bool {
+        crate::lineage::is_running(self.pidfd.as_fd())
+    }
+
     /// Sends `sig` to the whole generation, `kill(-pgid, sig)`: the main
     /// process leads its own process group (pgid == pid), and its children
     /// stay in it unless they move themselves. A process group id stays

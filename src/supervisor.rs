@@ -21,6 +21,7 @@
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
+use std::mem::ManuallyDrop;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -36,6 +37,7 @@ use crate::control::{
     ControlServer, GenerationStatus, Incoming, Request, Response, RestartDone, RestartFailure, SocketStatus, Status,
     UpgradeDone,
 };
+use crate::lineage::{self, MainProcess};
 use crate::listen::BoundSocket;
 use crate::notify_server::{Datagram, NotifyServer};
 use crate::output::{InheritedTo, Output, OutputKind, OutputMode};
@@ -59,7 +61,11 @@ pub enum NotifyAccess {
     Main,
     /// The main process and Baton's control processes (the health check).
     Exec,
-    /// Any process of the generation's process group.
+    /// The main process, the health check, and any process of the
+    /// generation's process group that also descends from its leader (its
+    /// parent chain, checked twice: see [`crate::lineage`]). Group
+    /// membership alone is not enough: anyone in Baton's session can
+    /// `setpgid()` into that group.
     All,
 }
 
@@ -159,7 +165,9 @@ enum State {
 struct Generation {
     number: u64,
     child: Child,
-    main_pid: u32,
+    /// The process named by `MAINPID=`, if not the leader: pinned by its
+    /// pidfd, and forgotten once it exits (see [`crate::lineage`]).
+    main: Option<MainProcess>,
     state: State,
     spawned_at: Instant,
     ready_at: Option<Instant>,
@@ -187,8 +195,25 @@ impl Generation {
         }
     }
 
-    fn pgid(&self) -> u32 {
-        self.child.pid
+    /// The main process: the live process named by `MAINPID=`, else the
+    /// leader. Never the pid of a `MAINPID=` process that has exited,
+    /// whoever has that pid now.
+    fn main_pid(&self) -> u32 {
+        match &self.main {
+            Some(m) if m.is_alive() => m.pid,
+            _ => self.child.pid,
+        }
+    }
+
+    /// Whether `pid` is its main process now: a live one (a pid stays ours
+    /// only while the process we pinned runs, see [`crate::lineage`]).
+    fn is_main(&self, pid: u32) -> bool {
+        self.child.is_running() && self.main_pid() == pid
+    }
+
+    /// Whether `pid` is its running health check.
+    fn is_health_check(&self, pid: u32) -> bool {
+        self.state == State::HealthCheck { pid } && self.health.as_ref().is_some_and(Child::is_running)
     }
 
     /// SIGKILL to the whole generation; it stays listed until reaped.
@@ -277,6 +302,11 @@ struct Adopted {
     from_version: String,
     /// Generations whose exit the previous image reaped but never processed.
     lost: Vec<u32>,
+    /// Set when this image is the previous one, back after a failed
+    /// upgrade: why the next one could not adopt the state.
+    failed: Option<String>,
+    /// The binary of the image that handed the state over.
+    previous_binary: Option<PathBuf>,
 }
 
 struct PendingExit {
@@ -436,7 +466,7 @@ impl Supervisor {
                 State::Draining { kill_at, killed: false } => next = next.min(kill_at),
                 State::Active => {
                     if let Some(w) = g.watchdog {
-                        next = next.min(g.last_ping + w);
+                        next = next.min(after(g.last_ping, w));
                     }
                 }
                 State::Draining { killed: true, .. } => {}
@@ -494,7 +524,7 @@ impl Supervisor {
                 .iter()
                 .map(|g| GenerationStatus {
                     generation: g.number,
-                    pid: g.main_pid,
+                    pid: g.main_pid(),
                     state: g.state_name().to_owned(),
                     status_text: g.status_text.clone(),
                     uptime_s: (now - g.spawned_at).as_secs_f64(),
@@ -537,7 +567,9 @@ impl Supervisor {
         }
         // Our own start/reload timeout upstream must not fire before the
         // app's ready timeout does.
-        self.upstream_notify(&[NotifyState::ExtendTimeoutUsec(self.cfg.ready_timeout.as_micros() as u64 + 5_000_000)]);
+        self.upstream_notify(&[NotifyState::ExtendTimeoutUsec(
+            micros(self.cfg.ready_timeout).saturating_add(5_000_000),
+        )]);
         self.restart = Some(Restart { generation: number, trigger, waiters });
         match self.spawn(number) {
             Ok(g) => {
@@ -580,7 +612,7 @@ impl Supervisor {
         let setup = GenerationSetup {
             fds: &fds,
             notify_socket: Some(self.notify.address()),
-            watchdog_usec: self.cfg.watchdog.map(|w| w.as_micros() as u64),
+            watchdog_usec: self.cfg.watchdog.map(micros),
             extra_env: &extra,
             output: output_fd.as_ref().map(|fd| fd.as_fd()),
         };
@@ -591,12 +623,12 @@ impl Supervisor {
         let now = Instant::now();
         Ok(Generation {
             number,
-            main_pid: child.pid,
+            main: None,
             child,
             state: State::Starting,
             spawned_at: now,
             ready_at: None,
-            start_deadline: now + self.cfg.ready_timeout,
+            start_deadline: after(now, self.cfg.ready_timeout),
             status_text: None,
             watchdog: self.cfg.watchdog,
             last_ping: now,
@@ -616,7 +648,7 @@ impl Supervisor {
         for g in &mut self.generations {
             if g.state == State::Active {
                 replaced = Some(g.number);
-                g.state = State::Draining { kill_at: now + stop_timeout, killed: false };
+                g.state = State::Draining { kill_at: after(now, stop_timeout), killed: false };
                 if let Err(e) = g.child.signal_group(stop_signal) {
                     tracing::warn!(
                         event = "signal-failed",
@@ -628,7 +660,7 @@ impl Supervisor {
                 tracing::info!(
                     event = "draining",
                     generation = g.number,
-                    pid = g.main_pid,
+                    pid = g.main_pid(),
                     "generation {} draining",
                     g.number
                 );
@@ -639,7 +671,7 @@ impl Supervisor {
         g.last_ping = now;
         let done = RestartDone {
             generation: number,
-            pid: g.main_pid,
+            pid: g.main_pid(),
             ready_ms: g.ready_at.map_or(0, |r| (r - g.spawned_at).as_millis() as u64),
             replaced,
         };
@@ -751,7 +783,7 @@ impl Supervisor {
         // it already accepted from the shared socket are finished, and
         // SIGKILL only at the stop deadline.
         let _ = g.child.signal_group(self.cfg.stop_signal);
-        g.state = State::Draining { kill_at: Instant::now() + self.cfg.stop_timeout, killed: false };
+        g.state = State::Draining { kill_at: after(Instant::now(), self.cfg.stop_timeout), killed: false };
         Some(FailedOutput { number, status_text: g.status_text.clone(), lines: g.output.lines(), hint })
     }
 
@@ -761,7 +793,7 @@ impl Supervisor {
             Output::Captured(_) => None,
             Output::Inherited => {
                 let since = std::time::SystemTime::now().checked_sub(g.spawned_at.elapsed());
-                Some(self.inherited_to.hint(g.main_pid, since.unwrap_or(std::time::UNIX_EPOCH)))
+                Some(self.inherited_to.hint(g.main_pid(), since.unwrap_or(std::time::UNIX_EPOCH)))
             }
         }
     }
@@ -777,7 +809,7 @@ impl Supervisor {
         self.consecutive_failures += 1;
         let delay = (self.cfg.backoff.initial * 2u32.pow(shift)).min(self.cfg.backoff.max);
         tracing::info!(event = "backoff", delay_ms = delay.as_millis() as u64, "next start in {delay:?}");
-        self.scheduled = Some(now + delay);
+        self.scheduled = Some(after(now, delay));
     }
 
     /// Records a failure; `false` (and the crash-loop verdict) once `burst`
@@ -843,7 +875,7 @@ impl Supervisor {
                     );
                     g.force_kill();
                 }
-                State::Active if g.watchdog.is_some_and(|w| g.last_ping + w <= now) => watchdog.push(g.number),
+                State::Active if g.watchdog.is_some_and(|w| after(g.last_ping, w) <= now) => watchdog.push(g.number),
                 _ => {}
             }
         }
@@ -877,12 +909,12 @@ impl Supervisor {
     /// a replacement.
     fn watchdog_expired(&mut self, number: u64, why: &str) {
         let Some(g) = self.generations.iter_mut().find(|g| g.number == number) else { return };
-        tracing::error!(event = "watchdog", generation = number, pid = g.main_pid, "generation {number}: {why}");
+        tracing::error!(event = "watchdog", generation = number, pid = g.main_pid(), "generation {number}: {why}");
         self.last_failure = Some(format!("generation {number}: {why}"));
         let _ = g.child.signal_group(Signal::ABORT);
         g.watchdog = None;
         let now = Instant::now();
-        g.state = State::Draining { kill_at: now + self.cfg.stop_timeout, killed: false };
+        g.state = State::Draining { kill_at: after(now, self.cfg.stop_timeout), killed: false };
         // A hung generation counts as a failure: an app that always hangs
         // ends in the crash-loop verdict, not in endless replacements.
         if self.note_failure() {
@@ -1032,13 +1064,18 @@ impl Supervisor {
             _ => None,
         }) {
             let g = &mut self.generations[index];
-            if same_group(pid, g.pgid()) {
-                g.main_pid = pid;
+            if pid == g.child.pid {
+                g.main = None;
             } else {
-                tracing::warn!(
-                    event = "notify-invalid",
-                    "MAINPID={pid} is not in generation {number}'s process group; ignored"
-                );
+                match MainProcess::pin(pid, g.child.pid) {
+                    Ok(main) => g.main = Some(main),
+                    Err(why) => {
+                        tracing::warn!(
+                            event = "notify-invalid",
+                            "MAINPID={pid} for generation {number} ignored: {why}"
+                        );
+                    }
+                }
             }
         }
         {
@@ -1055,7 +1092,7 @@ impl Supervisor {
                         g.last_ping = now;
                     }
                     NotifyState::ExtendTimeoutUsec(u) => {
-                        let until = now + Duration::from_micros(*u);
+                        let until = after(now, Duration::from_micros(*u));
                         match &mut g.state {
                             State::Starting | State::HealthCheck { .. } => {
                                 g.start_deadline = g.start_deadline.max(until);
@@ -1099,7 +1136,7 @@ impl Supervisor {
                         "generation {number} is stopping on its own; starting a replacement"
                     );
                     let g = &mut self.generations[index];
-                    g.state = State::Draining { kill_at: now + self.cfg.stop_timeout, killed: false };
+                    g.state = State::Draining { kill_at: after(now, self.cfg.stop_timeout), killed: false };
                     self.replace_active();
                 }
             }
@@ -1196,7 +1233,11 @@ impl Supervisor {
     }
 
     fn on_handoff_peer(&mut self, peer: crate::handoff::Peer) {
-        match self.generations.iter_mut().find(|g| g.main_pid == peer.pid || g.child.pid == peer.pid) {
+        match self
+            .generations
+            .iter_mut()
+            .find(|g| g.is_main(peer.pid) || (g.child.pid == peer.pid && g.child.is_running()))
+        {
             Some(g) => {
                 g.handoff = Some(peer.conn);
                 // It may have become active (READY=1) before we saw it connect.
@@ -1235,7 +1276,7 @@ impl Supervisor {
         }
         g.ready_at = Some(now);
         let number = g.number;
-        let pid = g.main_pid;
+        let pid = g.main_pid();
         match &self.cfg.health_cmd {
             None => self.cutover(number),
             Some(cmd) => {
@@ -1262,13 +1303,19 @@ impl Supervisor {
 
     /// Which generation a notify sender belongs to, per `NotifyAccess`.
     fn attribute(&self, pid: u32) -> Option<usize> {
-        if let Some(i) = self.generations.iter().position(|g| g.main_pid == pid) {
+        if let Some(i) = self.generations.iter().position(|g| g.is_main(pid)) {
             return Some(i);
         }
+        let health_check = || self.generations.iter().position(|g| g.is_health_check(pid));
         match self.cfg.notify_access {
             NotifyAccess::Main => None,
-            NotifyAccess::Exec => self.generations.iter().position(|g| g.state == State::HealthCheck { pid }),
-            NotifyAccess::All => self.generations.iter().position(|g| same_group(pid, g.pgid())),
+            NotifyAccess::Exec => health_check(),
+            // Members of the leader's process group that also descend from
+            // it: anyone in Baton's session can join the group (see
+            // crate::lineage).
+            NotifyAccess::All => health_check().or_else(|| {
+                self.generations.iter().position(|g| g.child.is_running() && lineage::belongs_to(pid, g.child.pid))
+            }),
         }
     }
 
@@ -1306,7 +1353,7 @@ impl Supervisor {
             }
             if !matches!(g.state, State::Draining { .. }) {
                 let _ = g.child.signal_group(self.cfg.stop_signal);
-                g.state = State::Draining { kill_at: now + self.cfg.stop_timeout, killed: false };
+                g.state = State::Draining { kill_at: after(now, self.cfg.stop_timeout), killed: false };
             }
         }
         self.check_stopped();
@@ -1532,8 +1579,8 @@ impl Supervisor {
             self.store.len()
         );
         // Only returns if the exec failed; everything is as before.
-        let e = upgrade::exec(&up.binary, &self.image.argv, &state);
-        let serving = self.active().map(|g| format!("generation {} serving as pid {}", g.number, g.main_pid));
+        let e = upgrade::exec(&up.binary, &self.image.argv, &state, self.image.exe.as_deref().map(|e| e.as_fd()));
+        let serving = self.active().map(|g| format!("generation {} serving as pid {}", g.number, g.main_pid()));
         let status = format!("upgrade failed; {}", serving.unwrap_or_else(|| "no generation serving".into()));
         self.upstream_notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
         self.fail_upgrade(up, e.to_string());
@@ -1572,7 +1619,8 @@ impl Supervisor {
                 number: g.number,
                 pid: g.child.pid,
                 pidfd: g.child.pidfd.as_raw_fd(),
-                main_pid: g.main_pid,
+                main_pid: g.main_pid(),
+                main_pidfd: g.main.as_ref().filter(|m| m.is_alive()).map(|m| m.pidfd().as_raw_fd()),
                 state: state.into(),
                 kill_at_mono_us: kill_at,
                 killed,
@@ -1636,6 +1684,7 @@ impl Supervisor {
             format: upgrade::STATE_FORMAT,
             from_version: env!("CARGO_PKG_VERSION").into(),
             binary: up.binary.clone(),
+            previous_binary: self.image.binary.clone(),
             argv: self.image.argv.iter().map(|a| upgrade::os_bytes(a)).collect(),
             upgrades: self.image.upgrades + 1,
             requested_mono_us: upgrade::to_mono(up.requested),
@@ -1681,6 +1730,7 @@ impl Supervisor {
         }
         struct Taken {
             pidfd: OwnedFd,
+            main: Option<MainProcess>,
             output: Option<OwnedFd>,
             handoff: Option<OwnedFd>,
         }
@@ -1689,6 +1739,13 @@ impl Supervisor {
             let what = |x: &str| format!("generation {}'s {x}", g.number);
             taken.push(Taken {
                 pidfd: fds.take(g.pidfd, &what("pidfd"))?,
+                main: match g.main_pidfd {
+                    Some(fd) => Some(MainProcess::adopt(g.main_pid, fds.take(fd, &what("main process pidfd"))?)),
+                    // Written by an image that kept no pidfd for it: pin it
+                    // now if it still belongs to the generation.
+                    None if g.main_pid != g.pid => MainProcess::pin(g.main_pid, g.pid).ok(),
+                    None => None,
+                },
                 output: g.output_fd.map(|fd| fds.take(fd, &what("output pipe"))).transpose()?,
                 handoff: g.handoff.map(|fd| fds.take(fd, &what("handoff connection"))).transpose()?,
             });
@@ -1728,14 +1785,19 @@ impl Supervisor {
 
         reaper::become_subreaper().map_err(io("becoming the subreaper of the app's processes"))?;
         let reaper = Reaper::start().map_err(io("starting the child reaper"))?;
+        // Not dropped if anything below fails: dropping them would unlink
+        // their paths, which the previous image needs back when this one
+        // hands control back (see `upgrade::Fallback`).
         let (control, requests) = ControlServer::adopt(&h.control.path, control_fd).map_err(|e| bad(e.to_string()))?;
-        let notify = NotifyServer::adopt(notify_fd, &h.notify).map_err(io("adopting the notify socket"))?;
-        let handoff = match handoff_fd {
+        let control = ManuallyDrop::new(control);
+        let notify =
+            ManuallyDrop::new(NotifyServer::adopt(notify_fd, &h.notify).map_err(io("adopting the notify socket"))?);
+        let handoff = ManuallyDrop::new(match handoff_fd {
             Some((path, fd)) => {
                 Some(crate::handoff::HandoffServer::adopt(&path, fd).map_err(io("adopting the handoff socket"))?)
             }
             None => None,
-        };
+        });
         let upstream = match h.upstream.as_deref().map(Notifier::new) {
             Some(Ok(n)) => Some(Arc::new(n)),
             Some(Err(e)) => {
@@ -1786,7 +1848,7 @@ impl Supervisor {
             generations.push(Generation {
                 number: g.number,
                 child: Child { pid: g.pid, pidfd: t.pidfd },
-                main_pid: g.main_pid,
+                main: t.main,
                 state,
                 spawned_at: upgrade::from_mono(g.spawned_mono_us),
                 ready_at: g.ready_mono_us.map(upgrade::from_mono),
@@ -1827,10 +1889,11 @@ impl Supervisor {
             argv: h.argv.iter().map(|a| upgrade::bytes_os(a)).collect(),
             upgrades: h.upgrades,
             started: now,
+            exe: upgrade::open_own_exe().map(Arc::new),
         };
         let supervisor = Supervisor {
             cfg,
-            notify,
+            notify: ManuallyDrop::into_inner(notify),
             reaper,
             store,
             upstream,
@@ -1852,9 +1915,9 @@ impl Supervisor {
             pending_exit: None,
             output_closed,
             inherited_to: InheritedTo::detect(),
-            handoff,
+            handoff: ManuallyDrop::into_inner(handoff),
             flush_retry: s.flush_retry_mono_us.map(upgrade::from_mono),
-            control: Some(control),
+            control: Some(ManuallyDrop::into_inner(control)),
             image,
             upgrading: None,
             adopted: Some(Adopted {
@@ -1862,9 +1925,23 @@ impl Supervisor {
                 requested_mono_us: h.requested_mono_us,
                 from_version: h.from_version,
                 lost,
+                failed: None,
+                previous_binary: h.previous_binary,
             }),
         };
         Ok((supervisor, requests))
+    }
+
+    /// This image is the previous one, back after the next image could not
+    /// adopt its state (`reason`): it answers the `baton upgrade` client
+    /// with that, and is again what it was before the upgrade.
+    pub fn after_failed_upgrade(mut self, reason: String) -> Self {
+        if let Some(adopted) = &mut self.adopted {
+            self.image.binary = adopted.previous_binary.take().or(self.image.binary.take());
+            self.image.upgrades = self.image.upgrades.saturating_sub(1);
+            adopted.failed = Some(reason);
+        }
+        self
     }
 
     /// The adopting image is running (signal handlers installed): let
@@ -1878,32 +1955,22 @@ impl Supervisor {
         let elapsed_ms = upgrade::mono_now_us().saturating_sub(adopted.requested_mono_us) / 1000;
         let version = env!("CARGO_PKG_VERSION");
         let binary = self.image.binary.as_ref().map(|b| b.display().to_string()).unwrap_or_default();
-        tracing::info!(
-            event = "upgraded",
-            version,
-            from_version = %adopted.from_version,
-            elapsed_ms,
-            generations = self.generations.len(),
-            "baton upgraded in place from {} to {version} ({binary}) in {elapsed_ms} ms",
-            adopted.from_version
-        );
-        let status = match self.active() {
-            Some(g) => {
-                format!("generation {} serving as pid {}; baton {version} (upgraded in place)", g.number, g.main_pid)
+        let response = match adopted.failed {
+            Some(reason) => {
+                let message = format!(
+                    "{reason}; baton went back to the binary it ran before ({binary}, baton {version}), which keeps \
+                     running: the generations were not touched"
+                );
+                tracing::error!(event = "upgrade-failed", elapsed_ms, "{message}");
+                let serving = self.active().map(|g| format!("generation {} serving as pid {}", g.number, g.main_pid()));
+                let status = format!("upgrade failed; {}", serving.unwrap_or_else(|| "no generation serving".into()));
+                self.upstream_notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+                Response::Error { message }
             }
-            None => format!("baton {version} (upgraded in place)"),
+            None => self.announce_upgrade(&adopted.from_version, binary, elapsed_ms),
         };
-        self.upstream_notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
         let Some(conn) = adopted.client else { return };
-        let done = UpgradeDone {
-            pid: std::process::id(),
-            version: version.into(),
-            binary,
-            upgrades: self.image.upgrades,
-            elapsed_ms,
-            generations: self.generations.len(),
-        };
-        let mut line = serde_json::to_vec(&Response::Upgraded(done)).unwrap_or_default();
+        let mut line = serde_json::to_vec(&response).unwrap_or_default();
         line.push(b'\n');
         let stream = std::os::unix::net::UnixStream::from(conn);
         if stream.set_nonblocking(true).is_err() {
@@ -1915,6 +1982,34 @@ impl Supervisor {
             // Bounded like every control answer; closing is the end of it.
             let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(&line)).await;
         });
+    }
+
+    /// Logs a successful upgrade and tells systemd; the client's answer.
+    fn announce_upgrade(&self, from_version: &str, binary: String, elapsed_ms: u64) -> Response {
+        let version = env!("CARGO_PKG_VERSION");
+        tracing::info!(
+            event = "upgraded",
+            version,
+            from_version,
+            elapsed_ms,
+            generations = self.generations.len(),
+            "baton upgraded in place from {from_version} to {version} ({binary}) in {elapsed_ms} ms"
+        );
+        let status = match self.active() {
+            Some(g) => {
+                format!("generation {} serving as pid {}; baton {version} (upgraded in place)", g.number, g.main_pid())
+            }
+            None => format!("baton {version} (upgraded in place)"),
+        };
+        self.upstream_notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+        Response::Upgraded(UpgradeDone {
+            pid: std::process::id(),
+            version: version.into(),
+            binary,
+            upgrades: self.image.upgrades,
+            elapsed_ms,
+            generations: self.generations.len(),
+        })
     }
 }
 
@@ -1954,16 +2049,21 @@ async fn next_peer(
     }
 }
 
-/// Whether `pid` is in process group `pgid` (read from /proc; false if the
-/// process is gone).
-fn same_group(pid: u32, pgid: u32) -> bool {
-    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
-    if pid <= 0 {
-        return false;
-    }
-    // libc rather than rustix: the kernel answers 0 for a process whose group
-    // is outside our pid namespace, which rustix's non-zero Pid cannot hold.
-    // SAFETY: getpgid only reads kernel state for the given pid.
-    let group = unsafe { libc::getpgid(pid) };
-    group > 0 && group as u32 == pgid
+/// The longest delay a deadline is ever set ahead: options are bounded when
+/// parsed ([`crate::cli::MAX_DURATION`]), but values the app sends
+/// (`EXTEND_TIMEOUT_USEC=`, `WATCHDOG_USEC=`) reach `u64::MAX` µs.
+const LONGEST_DELAY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// `from + delay`, saturating: a huge delay means "not in our lifetime",
+/// never an `Instant` overflow (which panics and would leave the
+/// generations unsupervised).
+fn after(from: Instant, delay: Duration) -> Instant {
+    // Cannot fail for CLOCK_MONOTONIC (seconds since boot in an i64) plus
+    // 100 years; `from` is the harmless answer if it ever did.
+    from.checked_add(delay.min(LONGEST_DELAY)).unwrap_or(from)
+}
+
+/// A duration in whole µs, saturating at `u64::MAX`.
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }

@@ -28,7 +28,9 @@
 //! [`PROBE_TIMEOUT`], that it reads [`STATE_FORMAT`]. A missing,
 //! non-executable or incompatible binary is refused and Baton goes on
 //! untouched. If `execve()` itself fails, `FD_CLOEXEC` is restored and Baton
-//! goes on too.
+//! goes on too. If the new image runs but cannot adopt the state, it
+//! re-executes the previous image, which takes its state back and answers
+//! the client with the reason ([`Fallback`], the `fallback` module).
 //!
 //! Signals: `SIGTERM`, `SIGINT`, `SIGHUP` and `SIGCHLD` are blocked in the
 //! exec'ing thread just before `execve()` (the runtime's other threads keep
@@ -41,7 +43,7 @@
 use std::collections::HashSet;
 use std::ffi::{CString, OsStr, OsString};
 use std::io::{Read, Seek, Write};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -50,6 +52,9 @@ use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 
 use crate::notify_server::NotifyExport;
+
+mod fallback;
+pub use fallback::{FAILED_ENV, Fallback, RETURN_ENV, open_own_exe};
 
 /// Version of the [`Handover`] format this binary writes.
 pub const STATE_FORMAT: u32 = 1;
@@ -145,12 +150,21 @@ pub struct Image {
     pub upgrades: u64,
     /// When this image started.
     pub started: Instant,
+    /// This image's own executable ([`open_own_exe`]): the way back for the
+    /// next image if it cannot adopt the state (see [`Fallback`]).
+    pub exe: Option<std::sync::Arc<OwnedFd>>,
 }
 
 impl Image {
     /// The image of a Baton started normally: its binary resolved now.
     pub fn at_startup() -> Image {
-        Image { binary: startup_binary(), argv: std::env::args_os().collect(), upgrades: 0, started: Instant::now() }
+        Image {
+            binary: startup_binary(),
+            argv: std::env::args_os().collect(),
+            upgrades: 0,
+            started: Instant::now(),
+            exe: open_own_exe().map(std::sync::Arc::new),
+        }
     }
 }
 
@@ -296,6 +310,10 @@ pub struct Handover {
     pub from_version: String,
     /// The binary being exec'd: the new image's default for the next upgrade.
     pub binary: PathBuf,
+    /// The binary of the image that wrote this: its own again if the new
+    /// image hands control back.
+    #[serde(default)]
+    pub previous_binary: Option<PathBuf>,
     /// Baton's command line (bytes: it need not be UTF-8).
     pub argv: Vec<Vec<u8>>,
     /// Upgrades including this one.
@@ -421,6 +439,10 @@ pub struct GenerationState {
     pub pidfd: RawFd,
     /// `MAINPID=` (normally `pid`).
     pub main_pid: u32,
+    /// A pidfd for `main_pid` when it is not `pid` (states written before
+    /// it existed lack it: the new image pins `main_pid` itself).
+    #[serde(default)]
+    pub main_pidfd: Option<RawFd>,
     /// `active` or `draining`.
     pub state: String,
     /// Draining: when it gets SIGKILL (µs).
@@ -464,6 +486,7 @@ impl Handover {
         fds.extend(s.store.iter().map(|x| x.fd));
         for g in &s.generations {
             fds.push(g.pidfd);
+            fds.extend(g.main_pidfd);
             fds.extend(g.output_fd);
             fds.extend(g.handoff);
         }
@@ -491,7 +514,8 @@ pub fn from_mono(us: u64) -> Instant {
     if us <= mono {
         now.checked_sub(Duration::from_micros(mono - us)).unwrap_or(now)
     } else {
-        now + Duration::from_micros(us - mono)
+        // Saturating: a corrupt or far-future value must not panic.
+        now.checked_add(Duration::from_micros(us - mono)).unwrap_or(now + Duration::from_secs(100 * 365 * 24 * 3600))
     }
 }
 
@@ -550,33 +574,68 @@ impl Adopter {
 
 // ---- reading the state in the new image ---------------------------------------
 
+/// What an image started by `baton upgrade` finds in its environment.
+#[derive(Debug)]
+pub struct Arrival {
+    /// The state handed over.
+    pub state: Result<Handover, UpgradeError>,
+    /// Set when the next image could not adopt this state and handed
+    /// control back to this one: why, for the `baton upgrade` client.
+    pub failed: Option<String>,
+    /// The way back to the previous image, while this one has not adopted
+    /// the state yet (`None` when coming back from a failed upgrade).
+    pub fallback: Option<Fallback>,
+    /// A [`RETURN_ENV`] that could not be used, for the log.
+    pub fallback_error: Option<String>,
+}
+
 /// Takes the handed-over state if this image was started by `baton
-/// upgrade`: reads [`STATE_ENV`], removes it from the environment (so no
-/// child ever sees it), reads and closes the memfd. `None` for a normal
-/// start.
+/// upgrade`: reads [`STATE_ENV`], [`RETURN_ENV`] and [`FAILED_ENV`],
+/// removes them from the environment (so no child ever sees them), reads
+/// the memfd (closed unless it is the one the way back keeps). `None` for a
+/// normal start.
 ///
 /// # Safety
 ///
 /// Modifies the environment: call it before any other thread exists.
-pub unsafe fn take_from_env() -> Option<Result<Handover, UpgradeError>> {
+pub unsafe fn take_from_env() -> Option<Arrival> {
     let value = std::env::var_os(STATE_ENV)?;
-    // SAFETY: the caller guarantees no other thread exists yet.
-    unsafe { std::env::remove_var(STATE_ENV) };
-    Some(read_state(&value))
+    let back = std::env::var_os(RETURN_ENV);
+    let failed = std::env::var_os(FAILED_ENV).map(|f| f.to_string_lossy().into_owned());
+    for name in [STATE_ENV, RETURN_ENV, FAILED_ENV] {
+        // SAFETY: the caller guarantees no other thread exists yet.
+        unsafe { std::env::remove_var(name) };
+    }
+    let mut adopter = Adopter::default();
+    let (fallback, fallback_error) = match back.map(|b| Fallback::from_env_value(&b, &mut adopter)) {
+        Some(Ok(f)) => (Some(f), None),
+        Some(Err(e)) => (None, Some(e)),
+        None => (None, None),
+    };
+    let state = read_state(&value, fallback.as_ref(), &mut adopter);
+    Some(Arrival { state, failed, fallback, fallback_error })
 }
 
-fn read_state(value: &OsStr) -> Result<Handover, UpgradeError> {
+fn read_state(value: &OsStr, fallback: Option<&Fallback>, adopter: &mut Adopter) -> Result<Handover, UpgradeError> {
     let bad = |m: String| UpgradeError::State(m);
     let fd: RawFd = value
         .to_str()
         .and_then(|v| v.parse().ok())
         .filter(|&fd| fd >= 3)
         .ok_or_else(|| bad(format!("{STATE_ENV}={value:?} is not an fd number")))?;
-    let memfd = Adopter::default().take(fd, "the state memfd")?;
+    // The memfd the way back keeps is read through a copy; any other is
+    // taken and closed after reading.
+    let memfd = match fallback.map(|f| f.state()) {
+        Some(kept) if kept.as_raw_fd() == fd => {
+            kept.try_clone_to_owned().map_err(|e| bad(format!("duplicating the state memfd: {e}")))?
+        }
+        _ => adopter.take(fd, "the state memfd")?,
+    };
     let mut file = std::fs::File::from(memfd);
     file.seek(std::io::SeekFrom::Start(0)).map_err(|e| bad(format!("reading the state memfd: {e}")))?;
     let mut json = Vec::new();
-    // The memfd closes after this: the state lives on in memory only.
+    // Closed after this (the way back keeps its own fd): the state lives
+    // on in memory only.
     file.take(STATE_MAX).read_to_end(&mut json).map_err(|e| bad(format!("reading the state memfd: {e}")))?;
     let format = serde_json::from_slice::<serde_json::Value>(&json)
         .map_err(|e| bad(format!("the state is not JSON: {e}")))?
@@ -635,10 +694,12 @@ fn cstring(b: &[u8], what: &'static str) -> Result<CString, UpgradeError> {
 }
 
 /// Writes `state` to a sealed memfd and `execve()`s `binary` with `argv`
-/// and the current environment plus [`STATE_ENV`]. Returns only on failure,
-/// with everything as before (close-on-exec restored, signals unblocked).
-pub fn exec(binary: &Path, argv: &[OsString], state: &Handover) -> UpgradeError {
-    match prepare_and_exec(binary, argv, state) {
+/// and the current environment plus [`STATE_ENV`] and, given this image's
+/// executable `exe`, [`RETURN_ENV`] (the way back, see [`Fallback`]).
+/// Returns only on failure, with everything as before (close-on-exec
+/// restored, signals unblocked).
+pub fn exec(binary: &Path, argv: &[OsString], state: &Handover, exe: Option<BorrowedFd<'_>>) -> UpgradeError {
+    match prepare_and_exec(binary, argv, state, exe) {
         Ok(never) => match never {},
         Err(e) => e,
     }
@@ -646,7 +707,12 @@ pub fn exec(binary: &Path, argv: &[OsString], state: &Handover) -> UpgradeError 
 
 enum Never {}
 
-fn prepare_and_exec(binary: &Path, argv: &[OsString], state: &Handover) -> Result<Never, UpgradeError> {
+fn prepare_and_exec(
+    binary: &Path,
+    argv: &[OsString],
+    state: &Handover,
+    exe: Option<BorrowedFd<'_>>,
+) -> Result<Never, UpgradeError> {
     let json = serde_json::to_vec(state)
         .map_err(|e| UpgradeError::Exec { context: "serializing the state", source: std::io::Error::other(e) })?;
     use rustix::fs::{MemfdFlags, SealFlags};
@@ -664,7 +730,7 @@ fn prepare_and_exec(binary: &Path, argv: &[OsString], state: &Handover) -> Resul
     let args: Vec<CString> = argv.iter().map(|a| cstring(a.as_bytes(), "an argument")).collect::<Result<_, _>>()?;
     let mut env: Vec<CString> = Vec::new();
     for (k, v) in std::env::vars_os() {
-        if k == STATE_ENV {
+        if k == STATE_ENV || k == RETURN_ENV || k == FAILED_ENV {
             continue;
         }
         let mut entry = k.as_bytes().to_vec();
@@ -673,6 +739,10 @@ fn prepare_and_exec(binary: &Path, argv: &[OsString], state: &Handover) -> Resul
         env.push(cstring(&entry, "an environment variable")?);
     }
     env.push(cstring(format!("{STATE_ENV}={memfd_raw}").as_bytes(), "the state variable")?);
+    if let Some(exe) = exe {
+        let back = format!("{RETURN_ENV}={},{memfd_raw}", exe.as_raw_fd());
+        env.push(cstring(back.as_bytes(), "the way back")?);
+    }
     let mut argv_ptrs: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
     argv_ptrs.push(std::ptr::null());
     let mut env_ptrs: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
@@ -680,6 +750,7 @@ fn prepare_and_exec(binary: &Path, argv: &[OsString], state: &Handover) -> Resul
 
     let mut keep = state.fds();
     keep.push(memfd_raw);
+    keep.extend(exe.map(|e| e.as_raw_fd()));
     let mut cleared = Vec::with_capacity(keep.len());
     let result = (|| {
         for &fd in &keep {

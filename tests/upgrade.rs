@@ -681,3 +681,99 @@ fn inherited_output_survives_upgrades() {
     assert_eq!([fd_target(gen2, 1), fd_target(gen2, 2)], batons_own);
     no_pipe_of(gen2);
 }
+
+/// A binary that passes the probe but cannot adopt the state (here a
+/// wrapper that answers the probe like the real baton, then hands it a state
+/// it refuses: not a state at all, an unknown setting, a generation in an
+/// unknown state — the last fails after the sockets were taken over). The
+/// new image hands control back to the old one, which answers `baton
+/// upgrade` with the reason and goes on supervising the same generations.
+#[test]
+fn a_binary_that_cannot_adopt_hands_control_back() {
+    let b = Baton::start("handback", &[], App::Httpd(&[]));
+    let gen1 = b.generation_pid(1);
+    let fds_before = b.fd_count();
+    let mode = b.dir.join("mode");
+    let bad = b.dir.join("bad-state.json");
+    let body = format!(
+        r#"[ "$1" = upgrade-probe ] && exec {real} upgrade-probe
+state=/proc/self/fd/$BATON_UPGRADE_STATE
+case "$(cat {mode})" in
+  garbage) echo '{{"format":1,"garbage":true}}' > {bad} ;;
+  access) sed 's/"notify_access":"main"/"notify_access":"bogus"/' "$state" > {bad} ;;
+  generation) sed 's/"state":"active"/"state":"bogus"/' "$state" > {bad} ;;
+esac
+exec {{fd}}< {bad}
+BATON_UPGRADE_STATE=$fd exec {real} "$@""#,
+        real = env!("CARGO_BIN_EXE_baton"),
+        mode = mode.display(),
+        bad = bad.display(),
+    );
+    let wrapper = b.dir.join("cannot-adopt");
+    let st = Command::new("sh")
+        .args(["-c", "printf '#!/bin/bash\\n%s\\n' \"$1\" > \"$2\" && chmod 755 \"$2\"", "sh", &body])
+        .arg(&wrapper)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let cases = [
+        ("garbage", "the state is malformed"),
+        ("access", "unknown notify access \"bogus\""),
+        ("generation", "is in state \"bogus\""),
+    ];
+    for (case, expected) in cases {
+        std::fs::write(&mode, case).unwrap();
+        let out = b.cli(&["upgrade", "--binary", wrapper.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{case}: {stdout}{stderr}");
+        assert!(stderr.contains(expected), "{case}: expected {expected:?} in {stderr}");
+        assert!(
+            stderr.contains("went back to the binary it ran before") && stderr.contains("keeps running"),
+            "{stderr}"
+        );
+        let s = b.status();
+        assert_eq!((s.pid, s.upgrades), (b.pid(), 0), "{case}: {s:?}");
+        assert_eq!(s.binary.as_deref(), Some(b.binary.to_str().unwrap()), "{case}");
+        assert_eq!(s.generations.len(), 1, "{case}: {s:?}");
+        assert_eq!((s.generations[0].pid, s.generations[0].state.as_str()), (gen1, "active"), "{case}");
+        assert_eq!(get_pid(b.port).unwrap(), gen1, "{case}");
+        assert_eq!(b.fd_count(), fds_before, "{case}: fds before/after the way back");
+    }
+    // Still supervised: a restart cuts over and retires generation 1.
+    let out = ok(&b.cli(&["restart"]));
+    assert!(out.contains("generation 2"), "{out}");
+    poll_until("generation 1 retired", WAIT, || (b.status().generations.len() == 1 && !exists(gen1)).then_some(()))
+        .unwrap();
+    let gen2 = b.generation_pid(2);
+    assert_eq!(get_pid(b.port).unwrap(), gen2);
+    assert!(zombie_children(b.pid()).is_empty());
+    // And a real upgrade still goes through.
+    ok(&b.cli(&["upgrade"]));
+    let s = b.status();
+    assert_eq!((s.pid, s.upgrades, s.generations[0].pid), (b.pid(), 1, gen2));
+}
+
+/// A newer baton may no longer accept the old command line (a flag renamed
+/// or removed): the image started by `baton upgrade` takes everything from
+/// the handed-over state and never parses it, so the upgrade goes through.
+#[test]
+fn a_new_baton_that_rejects_the_old_command_line_still_adopts() {
+    let b = Baton::start("argv", &[], App::Httpd(&[]));
+    let gen1 = b.generation_pid(1);
+    let real = env!("CARGO_BIN_EXE_baton");
+    let wrapper = script(
+        &b.dir,
+        "strict-cli",
+        &format!(
+            "[ \"$1\" = upgrade-probe ] && exec {real} upgrade-probe\nexec {real} run --a-flag-this-baton-rejects"
+        ),
+    );
+    let out = ok(&b.cli(&["upgrade", "--binary", wrapper.to_str().unwrap()]));
+    assert!(out.contains(&format!("upgraded: pid {}", b.pid())), "{out}");
+    let s = b.status();
+    assert_eq!((s.upgrades, s.generations.len(), s.generations[0].pid), (1, 1, gen1), "{s:?}");
+    assert_eq!(get_pid(b.port).unwrap(), gen1);
+    let out = ok(&b.cli(&["restart"]));
+    assert!(out.contains("generation 2"), "{out}");
+}

@@ -1,0 +1,195 @@
+//! Which processes belong to a generation, for attributing notify datagrams
+//! and handoff connections without trusting a bare pid.
+//!
+//! A pid names a process only while that process exists: once it is reaped,
+//! the number is free and any process, of any user, may get it next. Baton
+//! therefore never keeps a pid it has not pinned:
+//!
+//! - a generation's leader (the process Baton started) and its health check
+//!   are Baton's own children: their pids cannot be reused before Baton
+//!   reaps them. Between the reaping and the supervisor handling that exit
+//!   a datagram may come first, so their pidfds are asked too
+//!   ([`is_running`]): an exited leader or health check has nothing
+//!   attributed to it;
+//! - a process named by `MAINPID=` is held by a pidfd ([`MainProcess`]),
+//!   opened *before* checking that the pid belongs to the generation; once
+//!   that process has exited (the pidfd is readable), its pid no longer
+//!   names anything of the generation's and the leader is the main process
+//!   again. systemd does the same with its `PidRef` (`src/core/service.c`,
+//!   `service_set_main_pidref()`);
+//! - `--notify-access all` accepts a sender of the leader's process group
+//!   only if it also *descends from the leader* ([`belongs_to`]: its parent
+//!   chain in `/proc`, each link checked again after the walk): a process
+//!   group is joined with `setpgid()` by anyone in Baton's session, while a
+//!   parent chain cannot be forged (only the kernel reparents, and only on
+//!   the parent's exit, which the second check sees). The group test comes
+//!   first and is one system call, so a flood from strangers costs no
+//!   `/proc` walk. systemd uses the unit's cgroup for this (`src/core/service.c`,
+//!   `service_notify_message_authorized()`); Baton creates no cgroup of its
+//!   own, so it uses ancestry.
+//!
+//! What this cannot see: the pid in a datagram's `SCM_CREDENTIALS` is the
+//! sender's *at send time*. A datagram whose sender exits before Baton reads
+//! it, while a process of the generation gets the same pid, is attributed to
+//! the generation (the kernel's `SCM_PIDFD`, Linux 6.5, would close this).
+//! A descendant whose parent exited is reparented to Baton (the subreaper)
+//! and no longer descends from the leader: under `--notify-access all` it is
+//! refused, like a stranger.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use rustix::event::{PollFd, PollFlags};
+use rustix::process::{Pid, PidfdFlags};
+
+/// Longest parent chain followed; deeper process trees are refused.
+const MAX_DEPTH: usize = 64;
+
+/// A process named by `MAINPID=`, pinned by its pidfd.
+#[derive(Debug)]
+pub struct MainProcess {
+    /// Its pid, valid only while [`is_alive`](Self::is_alive).
+    pub pid: u32,
+    /// Refers to this very process even after its pid is reused.
+    pub pidfd: OwnedFd,
+}
+
+impl MainProcess {
+    /// Pins `pid` if it is a live process of `leader`'s generation
+    /// ([`belongs_to`]); `Err` says why not, for the log.
+    pub fn pin(pid: u32, leader: u32) -> Result<MainProcess, String> {
+        let raw = i32::try_from(pid).ok().and_then(Pid::from_raw).ok_or_else(|| format!("{pid} is not a pid"))?;
+        // The pidfd first: if the process it names is still alive after
+        // the ancestry check below, the check was about this process.
+        let pidfd =
+            rustix::process::pidfd_open(raw, PidfdFlags::empty()).map_err(|e| format!("no process {pid} ({e})"))?;
+        if !belongs_to(pid, leader) {
+            return Err(format!(
+                "process {pid} is not in the generation's process group {leader} or does not descend from its leader"
+            ));
+        }
+        let pinned = MainProcess { pid, pidfd };
+        if !pinned.is_alive() {
+            return Err(format!("process {pid} exited"));
+        }
+        Ok(pinned)
+    }
+
+    /// Adopts a pidfd handed over by the previous image (`baton upgrade`).
+    pub fn adopt(pid: u32, pidfd: OwnedFd) -> MainProcess {
+        MainProcess { pid, pidfd }
+    }
+
+    /// Whether the process is still running (a pidfd polls readable once
+    /// its process has exited, zombie or reaped).
+    pub fn is_alive(&self) -> bool {
+        is_running(self.pidfd.as_fd())
+    }
+
+    /// Borrows the pidfd, for handing it over.
+    pub fn pidfd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.pidfd.as_fd()
+    }
+}
+
+/// Whether the process behind `pidfd` is still running: a pidfd polls
+/// readable once its process has exited (zombie or reaped), and an error
+/// counts as exited (fail closed).
+pub fn is_running(pidfd: BorrowedFd<'_>) -> bool {
+    let mut fds = [PollFd::new(&pidfd, PollFlags::IN)];
+    let zero = rustix::time::Timespec { tv_sec: 0, tv_nsec: 0 };
+    matches!(rustix::event::poll(&mut fds, Some(&zero)), Ok(0))
+}
+
+/// Whether `pid` is in the process group the leader `leader` heads and
+/// descends from it: a process of the generation, by the rules above.
+pub fn belongs_to(pid: u32, leader: u32) -> bool {
+    in_group(pid, leader) && descends_from(pid, leader)
+}
+
+/// Whether `pid` is in process group `pgid` (false if it is gone).
+pub fn in_group(pid: u32, pgid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+    if pid <= 0 {
+        return false;
+    }
+    // libc rather than rustix: the kernel answers 0 for a process whose group
+    // is outside our pid namespace, which rustix's non-zero Pid cannot hold.
+    // SAFETY: getpgid only reads kernel state for the given pid.
+    let group = unsafe { libc::getpgid(pid) };
+    group > 0 && group as u32 == pgid
+}
+
+/// Whether `pid` is `ancestor` or one of its descendants, by the parent
+/// links in `/proc/PID/stat`. `ancestor` must be pinned by the caller (a
+/// child of Baton's not yet reaped), so its number cannot change meaning.
+///
+/// After reaching `ancestor`, every link is read again: a process of the
+/// chain that exited meanwhile had its children reparented (to Baton, the
+/// subreaper, or to init), so its pid, possibly reused by now, is not
+/// trusted as the parent it was.
+pub fn descends_from(pid: u32, ancestor: u32) -> bool {
+    let mut chain = vec![pid];
+    let mut current = pid;
+    while current != ancestor {
+        if chain.len() > MAX_DEPTH {
+            return false;
+        }
+        match parent_of(current) {
+            // 0: the top of our pid namespace; 1: init, above any generation.
+            Some(parent) if parent > 1 => {
+                chain.push(parent);
+                current = parent;
+            }
+            _ => return false,
+        }
+    }
+    chain.windows(2).all(|link| parent_of(link[0]) == Some(link[1]))
+}
+
+/// The parent pid of `pid` (field 4 of `/proc/PID/stat`, after the command
+/// name, which may itself hold spaces and parentheses).
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut fields = rest.split_whitespace();
+    let _state = fields.next()?;
+    fields.next()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ancestry_follows_parent_links() {
+        use std::io::BufRead;
+        use std::os::unix::process::CommandExt;
+        let me = std::process::id();
+        // A leader of its own group (as Baton starts generations) with one
+        // child in that group.
+        let mut leader = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & echo $!; wait"])
+            .process_group(0)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(leader.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let (l, sleeper): (u32, u32) = (leader.id(), line.trim().parse().unwrap());
+        assert!(descends_from(sleeper, l) && descends_from(sleeper, me) && descends_from(l, me));
+        assert!(descends_from(me, me), "a process counts as its own descendant");
+        assert!(!descends_from(me, l), "a parent does not descend from its child");
+        assert!(!descends_from(1, me), "init descends from nothing of ours");
+        assert!(!descends_from(u32::MAX, me), "no such process");
+        assert!(belongs_to(sleeper, l) && belongs_to(l, l));
+        assert!(!belongs_to(me, l), "neither in the group nor a descendant");
+        let pinned = MainProcess::pin(sleeper, l).unwrap();
+        assert!(pinned.is_alive());
+        assert!(MainProcess::pin(me, l).unwrap_err().contains("does not descend"));
+        rustix::process::kill_process(Pid::from_raw(sleeper as i32).unwrap(), rustix::process::Signal::KILL).unwrap();
+        // The shell reaps it and exits.
+        leader.wait().unwrap();
+        assert!(!pinned.is_alive(), "the pidfd sees the exit");
+        assert!(MainProcess::pin(sleeper, l).is_err(), "gone");
+    }
+}
