@@ -200,10 +200,15 @@ impl FdStore {
     /// stored: that fd and all the following ones are closed (the ones
     /// before it stay stored). No fds is always `Ok`, even when the store is
     /// disabled.
-    pub fn add<F: Into<ReceivedFd>>(&mut self, name: &str, fds: Vec<F>, poll: bool) -> Result<Vec<Added>, StoreError> {
+    pub fn add(&mut self, name: &str, fds: Vec<OwnedFd>, poll: bool) -> Result<Vec<Added>, StoreError> {
         // Wrapped before anything can drop one: a refused fd, too, is closed
         // off this thread.
-        let fds: Vec<ReceivedFd> = fds.into_iter().map(Into::into).collect();
+        self.add_received(name, fds.into_iter().map(ReceivedFd::new).collect(), poll)
+    }
+
+    /// [`add`](Self::add) for fds already held as [`ReceivedFd`]s, as they
+    /// come from the notify socket.
+    pub fn add_received(&mut self, name: &str, fds: Vec<ReceivedFd>, poll: bool) -> Result<Vec<Added>, StoreError> {
         let mut outcome = Vec::with_capacity(fds.len());
         let mut fds = fds.into_iter();
         while let Some(fd) = fds.next() {

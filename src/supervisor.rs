@@ -1255,7 +1255,7 @@ impl Supervisor {
                 tracing::warn!(event = "fdstore-forward-failed", name, "cannot forward to systemd's fd store: {e}");
             }
         }
-        if let Err(e) = self.store.add(name, fds, poll) {
+        if let Err(e) = self.store.add_received(name, fds, poll) {
             tracing::warn!(event = "fdstore-full", name, "{e}");
         }
     }
