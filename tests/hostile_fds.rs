@@ -233,6 +233,25 @@ impl Drop for Baton {
     }
 }
 
+/// Runs `f` while the process `pid` (Baton) is stopped, so that what `f`
+/// sends is received only after `f` has closed its own copies: Baton's close
+/// is then certainly the last one, the one that lingers. (Without it, an
+/// unfixed Baton that is quick may drop its copy first, and the test's own
+/// close would linger instead.)
+fn while_stopped<R>(pid: u32, f: impl FnOnce() -> R) -> R {
+    let target = rustix::process::Pid::from_raw(pid as i32).unwrap();
+    rustix::process::kill_process(target, rustix::process::Signal::STOP).expect("SIGSTOP baton");
+    poll_until(&format!("pid {pid} stopped"), WAIT, || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let state = stat.rsplit_once(')')?.1.trim_start().chars().next()?;
+        (state == 'T').then_some(())
+    })
+    .unwrap();
+    let result = f();
+    rustix::process::kill_process(target, rustix::process::Signal::CONT).expect("SIGCONT baton");
+    result
+}
+
 /// Sends `payload` with `fds` to a datagram socket at `path`.
 fn send_dgram(path: &Path, payload: &[u8], fds: &[BorrowedFd<'_>]) {
     let notifier = baton_sd::Notifier::new(path.to_str().unwrap()).expect("notifier");
@@ -240,28 +259,18 @@ fn send_dgram(path: &Path, payload: &[u8], fds: &[BorrowedFd<'_>]) {
 }
 
 /// Connects to the handoff socket at `path` and queues `fd` in the
-/// connection, then closes our end: Baton's close of its end releases `fd`.
-/// Retries when Baton refused and closed the connection before the send.
+/// connection (Baton stopped: it waits in the backlog), then closes our end:
+/// Baton's close of its end releases `fd`.
 fn send_through_handoff(path: &Path, fd: BorrowedFd<'_>) {
-    for _ in 0..50 {
-        let conn = rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)
-            .expect("socket");
-        rustix::net::connect(&conn, &rustix::net::SocketAddrUnix::new(path).unwrap()).expect("connect to handoff");
-        let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
-        let mut control = SendAncillaryBuffer::new(&mut space);
-        let fds = [fd];
-        assert!(control.push(SendAncillaryMessage::ScmRights(&fds)));
-        let sent = rustix::net::sendmsg(
-            &conn,
-            &[IoSlice::new(b"conn")],
-            &mut control,
-            SendFlags::NOSIGNAL | SendFlags::DONTWAIT,
-        );
-        if sent.is_ok() {
-            return;
-        }
-    }
-    panic!("Baton closed every handoff connection before the fd could be queued");
+    let conn = rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)
+        .expect("socket");
+    rustix::net::connect(&conn, &rustix::net::SocketAddrUnix::new(path).unwrap()).expect("connect to handoff");
+    let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    let fds = [fd];
+    assert!(control.push(SendAncillaryMessage::ScmRights(&fds)));
+    rustix::net::sendmsg(&conn, &[IoSlice::new(b"conn")], &mut control, SendFlags::NOSIGNAL)
+        .expect("queue an fd in the handoff connection");
 }
 
 #[test]
@@ -269,15 +278,16 @@ fn refused_notify_datagrams_with_lingering_fds_do_not_freeze_baton() {
     let b = Baton::with_probe("refused-notify", &[]);
     let baseline = b.fds();
     let sink = Sink::new();
-    // Repeatedly: each would freeze an unfixed Baton for the whole linger.
-    for _ in 0..3 {
-        let w = weapon(sink.port());
-        send_dgram(&b.notify_path(), b"READY=1\nFDSTORE=1", &[w.as_fd()]);
-    }
-    // Oversized: refused by the receive path itself.
-    let w = weapon(sink.port());
-    send_dgram(&b.notify_path(), &vec![b'x'; 5000], &[w.as_fd(), w.as_fd()]);
-    drop(w);
+    let weapons: Vec<OwnedFd> = (0..4).map(|_| weapon(sink.port())).collect();
+    while_stopped(b.pid(), || {
+        // Repeatedly: each would freeze an unfixed Baton for the whole linger.
+        for w in &weapons[..3] {
+            send_dgram(&b.notify_path(), b"READY=1\nFDSTORE=1", &[w.as_fd()]);
+        }
+        // Oversized: refused by the receive path itself.
+        send_dgram(&b.notify_path(), &vec![b'x'; 5000], &[weapons[3].as_fd(), weapons[3].as_fd()]);
+        drop(weapons);
+    });
     // Logged just before the fds are dropped.
     b.wait_log("refused: not a generation's main process");
     b.assert_status_prompt(3, "after refused datagrams carried lingering sockets");
@@ -292,10 +302,13 @@ fn refused_handoff_peers_with_queued_lingering_fds_do_not_freeze_baton() {
     let b = Baton::with_probe("refused-handoff", &[]);
     let baseline = b.fds();
     let sink = Sink::new();
-    for _ in 0..3 {
-        let w = weapon(sink.port());
-        send_through_handoff(&b.handoff_path(), w.as_fd());
-    }
+    let weapons: Vec<OwnedFd> = (0..3).map(|_| weapon(sink.port())).collect();
+    while_stopped(b.pid(), || {
+        for w in &weapons {
+            send_through_handoff(&b.handoff_path(), w.as_fd());
+        }
+        drop(weapons);
+    });
     b.wait_log("handoff connection from pid");
     b.assert_status_prompt(3, "after refused handoff connections held lingering sockets");
     sink.release();
@@ -316,9 +329,11 @@ fn truncated_control_data_with_lingering_fds_does_not_freeze_baton() {
     let limit = rustix::process::getrlimit(Resource::Nofile);
     let low = rustix::process::Rlimit { current: Some(baseline as u64 + 6), maximum: limit.maximum };
     prlimit(Some(pid), Resource::Nofile, low).expect("lower baton's RLIMIT_NOFILE");
-    let copies = vec![w.as_fd(); 200];
-    send_dgram(&b.notify_path(), b"FDSTORE=1", &copies);
-    drop(w);
+    while_stopped(b.pid(), || {
+        let copies = vec![w.as_fd(); 200];
+        send_dgram(&b.notify_path(), b"FDSTORE=1", &copies);
+        drop(w);
+    });
     b.wait_log("its control data was truncated");
     prlimit(Some(pid), Resource::Nofile, limit).expect("restore baton's RLIMIT_NOFILE");
     b.assert_status_prompt(3, "after truncated control data carried lingering sockets");
@@ -362,12 +377,15 @@ fn generation_helper() {
     notifier.send_raw(b"READY=1", &[]).unwrap();
     poll_until("the trigger file", Duration::from_secs(600), || Path::new(&trigger).exists().then_some(())).unwrap();
     let unstored = [weapon(port), weapon(port)];
-    let fds: Vec<BorrowedFd<'_>> = unstored.iter().map(|f| f.as_fd()).collect();
-    notifier.send_raw(b"STATUS=sending fds without FDSTORE=1", &fds).unwrap();
     let overflow = [weapon(port), weapon(port), weapon(port)];
-    let fds: Vec<BorrowedFd<'_>> = overflow.iter().map(|f| f.as_fd()).collect();
-    notifier.send_raw(b"FDSTORE=1\nFDNAME=hostile", &fds).unwrap();
-    drop((unstored, overflow));
+    // Baton is our parent.
+    while_stopped(rustix::process::getppid().unwrap().as_raw_nonzero().get() as u32, || {
+        let fds: Vec<BorrowedFd<'_>> = unstored.iter().map(|f| f.as_fd()).collect();
+        notifier.send_raw(b"STATUS=sending fds without FDSTORE=1", &fds).unwrap();
+        let fds: Vec<BorrowedFd<'_>> = overflow.iter().map(|f| f.as_fd()).collect();
+        notifier.send_raw(b"FDSTORE=1\nFDNAME=hostile", &fds).unwrap();
+        drop((unstored, overflow));
+    });
     // A generation lives until Baton stops it.
     std::thread::sleep(Duration::from_secs(3600));
 }
