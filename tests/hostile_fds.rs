@@ -218,8 +218,14 @@ impl Baton {
     }
 
     fn wait_log(&self, needle: &str) {
-        poll_until(&format!("{needle:?} in baton's log"), WAIT, || self.log().contains(needle).then_some(()))
-            .unwrap_or_else(|e| panic!("{e}\nlog:\n{}", self.log()));
+        self.wait_log_within(needle, WAIT);
+    }
+
+    /// Waits for `needle` in the log, at most `limit`: for lines a
+    /// responsive Baton logs at once (a frozen one only after [`LINGER`]).
+    fn wait_log_within(&self, needle: &str, limit: Duration) {
+        poll_until(&format!("{needle:?} in baton's log"), limit, || self.log().contains(needle).then_some(()))
+            .unwrap_or_else(|e| panic!("{e}: Baton did not process it promptly\nlog:\n{}", self.log()));
     }
 }
 
@@ -289,9 +295,9 @@ fn refused_notify_datagrams_with_lingering_fds_do_not_freeze_baton() {
         drop(weapons);
     });
     // Logged just before the fds are dropped.
-    b.wait_log("refused: not a generation's main process");
+    b.wait_log_within("refused: not a generation's main process", PROMPT);
     b.assert_status_prompt(3, "after refused datagrams carried lingering sockets");
-    b.wait_log("notify datagram of 5000 bytes");
+    b.wait_log_within("notify datagram of 5000 bytes", PROMPT);
     b.assert_status_prompt(1, "after an oversized datagram carried lingering sockets");
     sink.release();
     b.wait_fds(baseline);
@@ -309,7 +315,7 @@ fn refused_handoff_peers_with_queued_lingering_fds_do_not_freeze_baton() {
         }
         drop(weapons);
     });
-    b.wait_log("handoff connection from pid");
+    b.wait_log_within("handoff connection from pid", PROMPT);
     b.assert_status_prompt(3, "after refused handoff connections held lingering sockets");
     sink.release();
     b.wait_fds(baseline);
@@ -334,7 +340,7 @@ fn truncated_control_data_with_lingering_fds_does_not_freeze_baton() {
         send_dgram(&b.notify_path(), b"FDSTORE=1", &copies);
         drop(w);
     });
-    b.wait_log("its control data was truncated");
+    b.wait_log_within("its control data was truncated", PROMPT);
     prlimit(Some(pid), Resource::Nofile, limit).expect("restore baton's RLIMIT_NOFILE");
     b.assert_status_prompt(3, "after truncated control data carried lingering sockets");
     sink.release();
@@ -353,9 +359,9 @@ fn a_generations_unstored_and_overflowing_fds_do_not_freeze_baton() {
     let b = Baton::start("generation", &[], &["--fdstore-max", "1"], &app, &env);
     let baseline = b.fds();
     std::fs::write(&trigger, "").unwrap();
-    b.wait_log("fd(s) sent without FDSTORE=1");
+    b.wait_log_within("fd(s) sent without FDSTORE=1", PROMPT);
     b.assert_status_prompt(3, "after a generation sent lingering sockets without FDSTORE=1");
-    b.wait_log("the fd store is full");
+    b.wait_log_within("the fd store is full", PROMPT);
     b.assert_status_prompt(1, "after a full store refused lingering sockets");
     sink.release();
     // The one fd the store took may stay until its hang-up is noticed.
