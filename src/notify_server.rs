@@ -75,8 +75,8 @@ pub struct Datagram {
     pub fds: Vec<ReceivedFd>,
 }
 
-/// Why a datagram was dropped (all its fds already closed). For logging; the
-/// server keeps running.
+/// Why a datagram was dropped (its fds handed to the closer thread, see
+/// [`crate::closer`]). For logging; the server keeps running.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Dropped {
@@ -311,8 +311,8 @@ impl NotifyServer {
     ///
     /// The outer `Err` is only for a broken socket (after which systemd, too,
     /// stops listening rather than spin); `Ok(Err(Dropped))` is one refused
-    /// datagram, with its fds already closed, and the next call goes on
-    /// receiving.
+    /// datagram, whose fds are closed off this thread, and the next call
+    /// goes on receiving.
     ///
     /// Cancel-safe: a datagram is taken off the socket and returned within
     /// one poll, so dropping the future (e.g. in `tokio::select!`) loses

@@ -184,7 +184,7 @@ impl RefusalLog {
     /// Refusals logged one by one per sender and interval.
     pub const BURST: u64 = 5;
     /// Refusals logged one by one per interval over all senders.
-    pub const BURST_TOTAL: u64 = 20;
+    pub const BURST_TOTAL: u64 = 30;
     /// Senders told apart at once; the others are summarised together.
     pub const SENDERS: usize = 64;
 

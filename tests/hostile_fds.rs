@@ -6,8 +6,10 @@
 //! `SO_LINGER` is [`LINGER`]. Whoever closes its last reference waits in the
 //! kernel until the peer acknowledges the data, i.e. the whole linger time.
 //! The test sends it to Baton with `SCM_RIGHTS` and closes its own copy, so
-//! Baton's close is the last one; Baton must stay responsive meanwhile: a
-//! `status` request answers within [`PROMPT`], far below the linger. Each
+//! Baton's close is the last one (the test sends while Baton is stopped and
+//! closes its copy before Baton runs again). Baton must stay responsive: it
+//! logs the refusal and answers `status` requests within [`PROMPT`], far
+//! below the linger. Each
 //! test ends the linger itself by closing the never-reading peers (which
 //! resets the connections), then checks that Baton's fd count is back to
 //! where it started.
