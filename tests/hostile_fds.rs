@@ -183,7 +183,7 @@ impl Baton {
             let started = Instant::now();
             let status = self.try_status();
             let took = started.elapsed();
-            assert!(status.is_some(), "status #{i} failed {during}\nlog:\n{}", self.log());
+            assert!(status.is_some(), "status #{i} failed after {took:?} {during}\nlog:\n{}", self.log());
             assert!(
                 took < PROMPT,
                 "status #{i} took {took:?} {during} (the weapon lingers {LINGER:?}): Baton's thread was blocked \
