@@ -25,12 +25,14 @@
 //! ([`QUEUE_CAPACITY`]). Only the closer thread ever waits. A queue that is
 //! full (the closer is stuck behind slow closes) does not grow: the fd is
 //! then closed inline after `SO_LINGER {on, 0}`; see [`discard`] for what
-//! that costs.
+//! that costs. `execve` would close the queued fds on the exec'ing thread
+//! (they are close-on-exec), so `baton upgrade` calls
+//! [`close_queued_without_lingering`] first.
 
+use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 /// How many fds may wait for the closer thread. Each waiting fd holds a slot
@@ -89,12 +91,6 @@ impl Drop for ReceivedFd {
     }
 }
 
-enum Job {
-    Close(OwnedFd),
-    /// Answered once every job queued before it is done.
-    Flush(SyncSender<()>),
-}
-
 /// How many fds were closed inline because the queue was full or the closer
 /// thread could not be started.
 static CLOSED_INLINE: AtomicU64 = AtomicU64::new(0);
@@ -112,59 +108,140 @@ fn closer() -> &'static Closer {
     CLOSER.get_or_init(|| Closer::with_capacity(QUEUE_CAPACITY))
 }
 
-/// A closer thread and its bounded queue; the thread ends when the queue's
-/// sender is dropped.
+/// A closer thread and its bounded queue; the thread ends when the closer
+/// is dropped (only test closers are), after closing what is queued.
+///
+/// A mutex-guarded queue rather than a channel, so that
+/// [`close_queued_without_lingering`] can reach the fds still waiting.
 struct Closer {
-    queue: Option<SyncSender<Job>>,
+    /// `None` when the thread could not be started.
+    shared: Option<Arc<Shared>>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Signalled when an fd is queued or the closer is dropped.
+    queued: Condvar,
+    /// Signalled when an fd has been closed (for [`flush`]).
+    closed: Condvar,
+}
+
+struct State {
+    fds: VecDeque<OwnedFd>,
+    capacity: usize,
+    /// Fds ever queued, and ever taken off the queue and closed (or defused):
+    /// `flush` waits for the second to reach the first.
+    total_queued: u64,
+    total_done: u64,
+    shutdown: bool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Nothing panics while holding the lock; a poisoned one is still
+        // consistent.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl Closer {
     fn with_capacity(capacity: usize) -> Closer {
-        let (tx, rx) = sync_channel(capacity);
-        let spawned =
-            std::thread::Builder::new().name("baton-closer".into()).stack_size(CLOSER_STACK).spawn(move || run(rx));
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                fds: VecDeque::with_capacity(capacity),
+                capacity,
+                total_queued: 0,
+                total_done: 0,
+                shutdown: false,
+            }),
+            queued: Condvar::new(),
+            closed: Condvar::new(),
+        });
+        let worker = Arc::clone(&shared);
+        let spawned = std::thread::Builder::new()
+            .name("baton-closer".into())
+            .stack_size(CLOSER_STACK)
+            .spawn(move || run(&worker));
         match spawned {
-            Ok(_) => Closer { queue: Some(tx) },
+            Ok(_) => Closer { shared: Some(shared) },
             Err(e) => {
                 tracing::error!(
                     "cannot start the fd closer thread: {e}; received fds are closed without lingering instead \
                      (raise the thread or memory limit of Baton)"
                 );
-                Closer { queue: None }
+                Closer { shared: None }
             }
         }
     }
 
     fn discard(&self, fd: OwnedFd) {
-        let Some(queue) = &self.queue else { return close_without_lingering(fd) };
-        match queue.try_send(Job::Close(fd)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => {
-                if let Job::Close(fd) = job {
-                    close_without_lingering(fd);
-                }
-            }
+        let Some(shared) = &self.shared else { return close_without_lingering(fd) };
+        let mut state = shared.lock();
+        if state.fds.len() >= state.capacity {
+            drop(state);
+            return close_without_lingering(fd);
         }
+        state.fds.push_back(fd);
+        state.total_queued += 1;
+        drop(state);
+        shared.queued.notify_one();
     }
 
     fn flush(&self) {
-        let Some(queue) = &self.queue else { return };
-        let (done, wait) = sync_channel(1);
-        if queue.send(Job::Flush(done)).is_ok() {
-            let _ = wait.recv();
+        let Some(shared) = &self.shared else { return };
+        let mut state = shared.lock();
+        let target = state.total_queued;
+        while state.total_done < target {
+            state = shared.closed.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn close_queued_without_lingering(&self) {
+        let Some(shared) = &self.shared else { return };
+        let mut state = shared.lock();
+        let fds = std::mem::take(&mut state.fds);
+        state.total_done += fds.len() as u64;
+        drop(state);
+        fds.into_iter().for_each(close_without_lingering);
+        shared.closed.notify_all();
+    }
+}
+
+impl Drop for Closer {
+    fn drop(&mut self) {
+        if let Some(shared) = &self.shared {
+            shared.lock().shutdown = true;
+            shared.queued.notify_one();
         }
     }
 }
 
-fn run(jobs: Receiver<Job>) {
-    for job in jobs {
-        match job {
-            Job::Close(fd) => drop(fd),
-            Job::Flush(done) => {
-                let _ = done.send(());
-            }
+fn run(shared: &Shared) {
+    let mut state = shared.lock();
+    loop {
+        if let Some(fd) = state.fds.pop_front() {
+            // Closed without the lock held: this is the close that may wait.
+            drop(state);
+            drop(fd);
+            state = shared.lock();
+            state.total_done += 1;
+            shared.closed.notify_all();
+        } else if state.shutdown {
+            return;
+        } else {
+            state = shared.queued.wait(state).unwrap_or_else(|e| e.into_inner());
         }
     }
+}
+
+/// For `baton upgrade`, right before the exec: `execve` closes every
+/// close-on-exec fd on the calling thread, lingering included, so the fds
+/// still queued for the closer are closed now, without lingering (see
+/// [`discard`] for what that costs). The one the closer thread is closing at
+/// that moment does not hold the exec up: the exec kills that thread, which
+/// interrupts its wait.
+pub fn close_queued_without_lingering() {
+    closer().close_queued_without_lingering();
 }
 
 /// Closes `fd` without blocking the calling thread: queued for the closer
@@ -264,27 +341,57 @@ mod tests {
 
     #[test]
     fn a_full_queue_falls_back_to_closing_without_lingering() {
-        // A private closer with room for one job: the first lingering socket
-        // keeps its thread busy, a flush job fills the queue, and the next
-        // two fds find it full.
+        // A private closer with room for one fd: the first lingering socket
+        // keeps its thread busy, the second waits in the queue, the third
+        // finds the queue full.
         let closer = Closer::with_capacity(1);
         let (busy, _keep1) = lingering_socket(Duration::from_secs(2));
-        let (second, _keep2) = lingering_socket(Duration::from_secs(2));
+        let (queued, _keep2) = lingering_socket(Duration::from_secs(2));
         let (overflow, _keep3) = lingering_socket(Duration::from_secs(60));
         let started = Instant::now();
         closer.discard(busy);
+        let shared = closer.shared.as_ref().unwrap();
         // Let the thread take the first one off the queue.
+        poll(|| shared.lock().fds.is_empty());
+        closer.discard(queued);
+        let before = closed_inline();
+        closer.discard(overflow);
+        assert!(closed_inline() > before, "the third went inline");
+        assert!(started.elapsed() < Duration::from_secs(20), "the inline close lingered: {:?}", started.elapsed());
+        // The thread closes the other two, lingering, then ends with the
+        // closer.
+        closer.flush();
+        assert!(started.elapsed() >= Duration::from_millis(3900), "both lingered on the closer thread");
+    }
+
+    #[test]
+    fn queued_fds_can_be_closed_at_once_before_an_exec() {
+        let closer = Closer::with_capacity(8);
+        let (busy, _keep1) = lingering_socket(Duration::from_secs(2));
+        let waiting: Vec<_> = (0..3).map(|_| lingering_socket(Duration::from_secs(60))).collect();
+        closer.discard(busy);
+        let shared = closer.shared.as_ref().unwrap();
+        poll(|| shared.lock().fds.is_empty());
+        let mut keep = Vec::new();
+        for (fd, peer) in waiting {
+            closer.discard(fd);
+            keep.push(peer);
+        }
+        let started = Instant::now();
+        closer.close_queued_without_lingering();
+        assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
+        assert!(shared.lock().fds.is_empty());
+        // Only the busy one is left, and it lingers 2 s, not 60.
+        closer.flush();
+        assert!(started.elapsed() < Duration::from_secs(20), "flush took {:?}", started.elapsed());
+    }
+
+    fn poll(mut done: impl FnMut() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while closer.queue.as_ref().unwrap().try_send(Job::Flush(sync_channel(1).0)).is_err() {
-            assert!(Instant::now() < deadline, "the closer never took its first job");
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out");
             std::thread::sleep(Duration::from_millis(10));
         }
-        // The queue holds that flush job now: the next discard overflows.
-        let before = closed_inline();
-        closer.discard(second);
-        closer.discard(overflow);
-        assert!(closed_inline() >= before + 2, "both went inline");
-        assert!(started.elapsed() < Duration::from_secs(20), "inline closes lingered: {:?}", started.elapsed());
     }
 
     #[test]

@@ -1564,6 +1564,8 @@ impl Supervisor {
             self.cfg.sockets.len(),
             self.store.len()
         );
+        // execve() would close the fds queued for the closer on this thread.
+        crate::closer::close_queued_without_lingering();
         // Only returns if the exec failed; everything is as before.
         let e = upgrade::exec(&up.binary, &self.image.argv, &state);
         let serving = self.active().map(|g| format!("generation {} serving as pid {}", g.number, g.main_pid));

@@ -472,3 +472,31 @@ fn a_handoff_peer_whose_pid_baton_cannot_see_is_refused_clearly_and_quietly() {
     assert!(!log.contains("from pid 0"), "pid 0 is no pid:\n{log}");
     b.assert_status_prompt(1, "after refused handoff connections");
 }
+
+#[test]
+fn an_upgrade_is_not_held_up_by_fds_waiting_for_the_closer() {
+    let b = Baton::with_probe("upgrade", &[]);
+    let baseline = b.fds();
+    let sink = Sink::new();
+    // One keeps the closer thread busy, the others wait in its queue; the
+    // exec of `baton upgrade` would close those on Baton's thread, one
+    // linger after the other.
+    let weapons: Vec<OwnedFd> = (0..3).map(|_| weapon(sink.port())).collect();
+    while_stopped(b.pid(), || {
+        for w in &weapons {
+            send_dgram(&b.notify_path(), b"READY=1", &[w.as_fd()]);
+        }
+        drop(weapons);
+    });
+    b.wait_log_within("refused: not a generation's main process", PROMPT);
+    let started = Instant::now();
+    let out = Command::new(baton_bin()).args(["upgrade", "--control"]).arg(&b.control).output().expect("baton upgrade");
+    let took = started.elapsed();
+    assert!(out.status.success(), "baton upgrade failed after {took:?}: {out:?}\nlog:\n{}", b.log());
+    assert!(took < LINGER, "baton upgrade took {took:?} (the weapons linger {LINGER:?} each)\nlog:\n{}", b.log());
+    let s = b.wait_status("the upgrade done", |s| s.upgrades == 1);
+    assert_eq!(s.generations.len(), 1, "{s:?}");
+    b.assert_status_prompt(1, "after the upgrade");
+    sink.release();
+    b.wait_fds(baseline);
+}
