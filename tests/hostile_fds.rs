@@ -19,7 +19,9 @@
 //! generation that is this test binary re-executed ([`generation_helper`]),
 //! for fds sent without `FDSTORE=1` and to a full store; and, for finding
 //! 12, this test process seen from a Baton in its own PID namespace, where
-//! the kernel reports the peer's pid as 0.
+//! the kernel reports the peer's pid as 0. And `baton upgrade` while such
+//! fds wait for Baton's closer thread: `execve` would close them on Baton's
+//! own thread.
 //!
 //! Finding 5: a flood of refused datagrams must produce a few log lines and
 //! a summary with the exact count, not a line per datagram.
