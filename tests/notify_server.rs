@@ -30,7 +30,11 @@ const CHILD_ENV: &str = "BATON_NOTIFY_TEST_CHILD";
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+    let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // Fds an earlier test dropped may still wait for Baton's closer thread:
+    // closed now, so that they do not change this test's fd count.
+    baton::closer::flush();
+    guard
 }
 
 /// Runs `test` on its own runtime while holding [`SERIAL`]: the runtime's

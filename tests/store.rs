@@ -25,7 +25,11 @@ const QUIET: Duration = Duration::from_millis(700);
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+    let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // Fds an earlier test dropped may still wait for Baton's closer thread:
+    // closed now, so that they do not change this test's fd count.
+    baton::closer::flush();
+    guard
 }
 
 /// Runs `test` on its own runtime while holding [`SERIAL`]: the runtime's
