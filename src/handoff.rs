@@ -21,6 +21,8 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 
+use crate::closer::ReceivedFd;
+
 /// Mode of the handoff socket: like the notify socket's, world-writable
 /// because the app may run as another user than Baton, and safe because
 /// peers are identified by their kernel credentials (`SO_PEERCRED`); who can
@@ -31,13 +33,20 @@ pub const SOCKET_MODE: u32 = 0o666;
 /// Connections waiting for the supervisor to attribute them.
 const PENDING: usize = 64;
 
-/// A connected generation: its pid (from `SO_PEERCRED`) and the connection.
+/// A connected process: its credentials (from `SO_PEERCRED`) and the
+/// connection. The supervisor decides whether it is a generation.
 #[derive(Debug)]
 pub struct Peer {
-    /// The connecting process.
-    pub pid: u32,
-    /// The connection to push fds over (non-blocking, close-on-exec).
-    pub conn: OwnedFd,
+    /// The connecting process, or `None` when its pid is not visible in
+    /// Baton's PID namespace (the kernel reports 0: a peer in an ancestor or
+    /// unrelated namespace), which no generation can be.
+    pub pid: Option<u32>,
+    /// The connecting process's uid.
+    pub uid: u32,
+    /// The connection to push fds over (non-blocking, close-on-exec). A
+    /// [`ReceivedFd`]: the peer may have queued fds in it, which its close
+    /// releases (see [`crate::closer`]).
+    pub conn: ReceivedFd,
 }
 
 /// The listening handoff socket; removes its path when dropped.
@@ -152,7 +161,7 @@ async fn accept_loop(listener: Arc<AsyncFd<OwnedFd>>, tx: mpsc::Sender<Peer>) {
                 .map_err(std::io::Error::from)
         });
         let conn = match accepted {
-            Ok(Ok(conn)) => conn,
+            Ok(Ok(conn)) => ReceivedFd::new(conn),
             Err(_would_block) => continue,
             Ok(Err(_)) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -160,18 +169,42 @@ async fn accept_loop(listener: Arc<AsyncFd<OwnedFd>>, tx: mpsc::Sender<Peer>) {
                 continue;
             }
         };
-        let Ok(cred) = rustix::net::sockopt::socket_peercred(&conn) else { continue };
-        let pid = cred.pid.as_raw_nonzero().get() as u32;
+        let Ok(cred) = peer_credentials(conn.as_fd()) else { continue };
+        let pid = u32::try_from(cred.pid).ok().filter(|&pid| pid > 0);
         // The supervisor drains this quickly; a flood of connections from
         // one generation must not grow memory, so extra ones are dropped.
-        let _ = tx.try_send(Peer { pid, conn });
+        let _ = tx.try_send(Peer { pid, uid: cred.uid, conn });
     }
+}
+
+/// `SO_PEERCRED`, read into `libc::ucred` rather than with rustix's
+/// `socket_peercred`: that holds the pid as a non-zero `Pid`, but the kernel
+/// reports 0 for a peer whose pid is not visible in our PID namespace, which
+/// would be undefined behaviour to materialise.
+fn peer_credentials(conn: BorrowedFd<'_>) -> std::io::Result<libc::ucred> {
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` outlive the call, and `len` is the size of
+    // `cred`; the kernel writes at most `len` bytes to it.
+    let r = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&conn),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cred)
 }
 
 /// Moves `fds` to a generation's handoff connection, in batches of at most
 /// 253, without blocking. On error, returns how many fds were sent before
 /// it (whole batches: a failed batch was not sent at all) with the error.
-pub fn push(conn: &OwnedFd, name: &str, fds: &[BorrowedFd<'_>]) -> Result<(), (usize, std::io::Error)> {
+pub fn push(conn: &impl AsFd, name: &str, fds: &[BorrowedFd<'_>]) -> Result<(), (usize, std::io::Error)> {
     let mut sent = 0;
     for batch in fds.chunks(SCM_MAX_FD) {
         let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(SCM_MAX_FD))];

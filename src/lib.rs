@@ -19,6 +19,9 @@
 //!   lines for failure reports.
 //! - [`handoff`]: moves connections a draining generation stores straight
 //!   to the running one (overlapped restarts).
+//! - [`closer`]: closes fds other processes chose on its own thread, so
+//!   that no close can block the supervisor.
+//! - [`ratelimit`]: rate limit and summaries for the log of refused traffic.
 //! - [`store`]: Baton's own fd store (`FDSTORE=1` from the app), polled for
 //!   hang-ups.
 //! - [`supervisor`]: the generation state machine: start, READY, overlapped
@@ -32,6 +35,7 @@
 #![warn(missing_docs)]
 
 pub mod cli;
+pub mod closer;
 pub mod control;
 pub mod handoff;
 pub mod lineage;
@@ -39,6 +43,7 @@ pub mod listen;
 pub mod notify_refusal;
 pub mod notify_server;
 pub mod output;
+pub mod ratelimit;
 pub mod reaper;
 pub mod rundir;
 pub mod spawn;

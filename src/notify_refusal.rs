@@ -20,7 +20,7 @@
 //! as it is for `systemd-notify`; and `baton notify --no-block` sends no
 //! barrier, so it cannot learn of a refusal either.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use baton_sd::wire::{self, BarrierUse};
@@ -64,7 +64,7 @@ pub fn refusal_reason(pid: u32, access: NotifyAccess) -> String {
 /// and writes into nothing but a pipe, whose write end the sender already
 /// held: it can make Baton write nothing it could not write itself. The
 /// caller closes the fds afterwards, as for any refused datagram.
-pub fn answer_refused_barrier(payload: &[u8], fds: &[OwnedFd], pid: u32, access: NotifyAccess) {
+pub fn answer_refused_barrier(payload: &[u8], fds: &[impl AsFd], pid: u32, access: NotifyAccess) {
     let [fd] = fds else { return };
     let Ok(message) = wire::parse(payload) else { return };
     if message.barrier() != BarrierUse::Valid {
@@ -149,6 +149,7 @@ pub fn barrier_with_reply(notifier: &Notifier, timeout: Duration) -> Result<Barr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::OwnedFd;
 
     fn pipe() -> (OwnedFd, OwnedFd) {
         rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK).unwrap()

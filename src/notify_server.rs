@@ -21,8 +21,10 @@
 //! Parsing the payload is not done here: the supervisor applies
 //! `baton_sd::wire::parse` and its own access checks to each [`Datagram`].
 //!
-//! Every received fd becomes an [`OwnedFd`] before any decision is taken, so
-//! no path (drop, error, panic unwinding) can leak one.
+//! Every received fd becomes a [`ReceivedFd`] before any decision is taken,
+//! so no path (drop, error, panic unwinding) can leak one, and none can close
+//! one on the supervisor's thread: the sender chose the fd, and its close may
+//! block for as long as the sender likes (see [`crate::closer`]).
 
 use std::io;
 use std::mem::{MaybeUninit, size_of, size_of_val};
@@ -34,6 +36,8 @@ use baton_sd::wire::{NOTIFY_BUFFER_MAX, NOTIFY_FD_MAX};
 use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType, sockopt};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
+
+use crate::closer::ReceivedFd;
 
 /// The receive buffer systemd asks for on its notify socket
 /// (`NOTIFY_RCVBUF_SIZE`, 8 MiB), so a burst of notifications from many
@@ -69,12 +73,12 @@ pub struct Datagram {
     pub payload: Vec<u8>,
     /// The fds that came with it, close-on-exec. Whatever the supervisor
     /// does not store is closed when dropped, as systemd closes "extra
-    /// auxiliary fds".
-    pub fds: Vec<OwnedFd>,
+    /// auxiliary fds", by the closer thread.
+    pub fds: Vec<ReceivedFd>,
 }
 
-/// Why a datagram was dropped (all its fds already closed). For logging; the
-/// server keeps running.
+/// Why a datagram was dropped (its fds handed to the closer thread, see
+/// [`crate::closer`]). For logging; the server keeps running.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Dropped {
@@ -123,6 +127,17 @@ pub enum Dropped {
         /// The sender's gid as the kernel reported it.
         gid: u32,
     },
+}
+
+impl Dropped {
+    /// The sender's pid, when the kernel reported one visible to Baton (the
+    /// key for rate-limiting the log).
+    pub fn sender(&self) -> Option<u32> {
+        match self {
+            Dropped::TooLarge { pid, .. } | Dropped::TruncatedControl { pid } => *pid,
+            Dropped::NoCredentials | Dropped::PidNotVisible { .. } => None,
+        }
+    }
 }
 
 fn sender(pid: &Option<u32>) -> String {
@@ -298,8 +313,8 @@ impl NotifyServer {
     ///
     /// The outer `Err` is only for a broken socket (after which systemd, too,
     /// stops listening rather than spin); `Ok(Err(Dropped))` is one refused
-    /// datagram, with its fds already closed, and the next call goes on
-    /// receiving.
+    /// datagram, whose fds are closed off this thread, and the next call
+    /// goes on receiving.
     ///
     /// Cancel-safe: a datagram is taken off the socket and returned within
     /// one poll, so dropping the future (e.g. in `tokio::select!`) loses
@@ -461,7 +476,10 @@ fn recv_datagram(fd: BorrowedFd<'_>, control: &mut [MaybeUninit<u8>]) -> io::Res
     };
 
     // Own every fd before deciding anything, so every return below closes
-    // them.
+    // them, off this thread. (At Baton's open-file limit the kernel itself
+    // drops the fds it could not install, in `__scm_destroy()` on this
+    // thread; the buffer holds more fds than one message can carry, so only
+    // that limit truncates, and keeping below it is the one defence.)
     let mut fds = Vec::new();
     let mut creds: Option<libc::ucred> = None;
     let control_start = msg.msg_control as usize;
@@ -483,7 +501,7 @@ fn recv_datagram(fd: BorrowedFd<'_>, control: &mut [MaybeUninit<u8>]) -> io::Res
                 for i in 0..data_len / size_of::<libc::c_int>() {
                     let raw = data.cast::<libc::c_int>().add(i).read_unaligned();
                     if raw >= 0 {
-                        fds.push(OwnedFd::from_raw_fd(raw));
+                        fds.push(ReceivedFd::new(OwnedFd::from_raw_fd(raw)));
                     }
                 }
             } else if hdr.cmsg_level == libc::SOL_SOCKET
@@ -578,6 +596,7 @@ mod tests {
             Err(Dropped::TruncatedControl { pid }) => assert_eq!(pid, Some(std::process::id())),
             other => panic!("expected TruncatedControl, got {other:?}"),
         }
+        crate::closer::flush();
         assert!(all_writers_closed(&r), "the 2 fds that arrived were closed too");
     }
 
@@ -591,6 +610,7 @@ mod tests {
         let mut control = ControlBuffer::<CONTROL_LEN>::new();
         let got = recv_datagram(rx.as_fd(), control.as_mut_slice()).unwrap();
         assert!(matches!(got, Err(Dropped::NoCredentials)), "{got:?}");
+        crate::closer::flush();
         assert!(all_writers_closed(&r));
     }
 

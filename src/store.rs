@@ -36,6 +36,14 @@
 //! Order: [`FdStore::entries`] yields insertion order. systemd 252 passes its
 //! store newest-first (it prepends) and documents the order as arbitrary;
 //! insertion order is the one an app can reason about.
+//!
+//! # Closing
+//!
+//! Every fd the store holds or refuses came from another process, so it is
+//! a [`ReceivedFd`]: refused ones (full, disabled, duplicate), removed ones
+//! and hung-up ones are closed by the closer thread, never on the
+//! supervisor's (see [`crate::closer`]). Closing is therefore asynchronous:
+//! an fd is gone shortly after the call that dropped it.
 
 use std::io;
 use std::mem::MaybeUninit;
@@ -44,6 +52,8 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use rustix::event::epoll;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
+
+use crate::closer::ReceivedFd;
 
 /// `KCMP_FILE` from `<linux/kcmp.h>`: compare two fds' open file
 /// descriptions.
@@ -110,7 +120,7 @@ struct Entry {
     /// Key in the epoll instance, unique for the store's lifetime.
     id: u64,
     name: String,
-    fd: OwnedFd,
+    fd: ReceivedFd,
     /// Registered in the epoll instance (must be deleted from it before the
     /// fd is closed: other processes may hold copies of the description, and
     /// epoll forgets an fd only when the description's last copy closes).
@@ -191,6 +201,14 @@ impl FdStore {
     /// before it stay stored). No fds is always `Ok`, even when the store is
     /// disabled.
     pub fn add(&mut self, name: &str, fds: Vec<OwnedFd>, poll: bool) -> Result<Vec<Added>, StoreError> {
+        // Wrapped before anything can drop one: a refused fd, too, is closed
+        // off this thread.
+        self.add_received(name, fds.into_iter().map(ReceivedFd::new).collect(), poll)
+    }
+
+    /// [`add`](Self::add) for fds already held as [`ReceivedFd`]s, as they
+    /// come from the notify socket.
+    pub fn add_received(&mut self, name: &str, fds: Vec<ReceivedFd>, poll: bool) -> Result<Vec<Added>, StoreError> {
         let mut outcome = Vec::with_capacity(fds.len());
         let mut fds = fds.into_iter();
         while let Some(fd) = fds.next() {
@@ -358,6 +376,8 @@ impl FdStore {
     pub fn restore(max: usize, entries: Vec<(String, OwnedFd, bool)>, watching: bool) -> Result<FdStore, StoreError> {
         // No limit or duplicate check: these entries passed them when they
         // were first stored.
+        let entries: Vec<(String, ReceivedFd, bool)> =
+            entries.into_iter().map(|(name, fd, polled)| (name, ReceivedFd::new(fd), polled)).collect();
         let mut store = FdStore::new(max);
         if watching {
             let ep = epoll::create(epoll::CreateFlags::CLOEXEC)

@@ -33,6 +33,7 @@ use rustix::process::Signal;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::closer::ReceivedFd;
 use crate::control::{
     ControlServer, GenerationStatus, Incoming, Request, Response, RestartDone, RestartFailure, SocketStatus, Status,
     UpgradeDone,
@@ -41,6 +42,7 @@ use crate::lineage::{self, MainProcess};
 use crate::listen::BoundSocket;
 use crate::notify_server::{Datagram, NotifyServer};
 use crate::output::{InheritedTo, Output, OutputKind, OutputMode};
+use crate::ratelimit::{RefusalLog, Refused};
 use crate::reaper::{self, Reaper};
 use crate::spawn::{AppCommand, Child, GenerationSetup};
 use crate::store::FdStore;
@@ -179,8 +181,9 @@ struct Generation {
     output: Output,
     /// The running health check, killed with the generation if it fails.
     health: Option<Child>,
-    /// Its `$BATON_HANDOFF_SOCKET` connection, once it connected.
-    handoff: Option<OwnedFd>,
+    /// Its `$BATON_HANDOFF_SOCKET` connection, once it connected (closed off
+    /// this thread: fds queued in it are released by its close).
+    handoff: Option<ReceivedFd>,
     /// The store's fds it got in `LISTEN_FDS`: never pushed to it again.
     passed: Vec<std::os::fd::RawFd>,
 }
@@ -284,6 +287,9 @@ pub struct Supervisor {
     upgrading: Option<PendingUpgrade>,
     /// Set when this image adopted its state from the previous one.
     adopted: Option<Adopted>,
+    /// Rate limit and summaries for the log of refused notify datagrams and
+    /// handoff connections.
+    refusals: RefusalLog,
 }
 
 struct PendingUpgrade {
@@ -377,6 +383,7 @@ impl Supervisor {
             image: Image::at_startup(),
             upgrading: None,
             adopted: None,
+            refusals: RefusalLog::new(),
         })
     }
 
@@ -410,6 +417,7 @@ impl Supervisor {
         let mut hup = signal(SignalKind::hangup()).map_err(io("installing the SIGHUP handler"))?;
         let mut term = signal(SignalKind::terminate()).map_err(io("installing the SIGTERM handler"))?;
         let mut int = signal(SignalKind::interrupt()).map_err(io("installing the SIGINT handler"))?;
+        crate::closer::start();
         match self.adopted.take() {
             None => self.begin_restart(Trigger::Initial, Vec::new()),
             Some(adopted) => self.finish_adoption(adopted),
@@ -426,11 +434,16 @@ impl Supervisor {
                 continue;
             }
             let deadline = self.next_deadline();
+            let summaries_due = self.refusals.next_due();
             tokio::select! {
                 Some(incoming) = control.recv() => self.on_control(incoming),
                 received = self.notify.recv() => match received {
                     Ok(Ok(datagram)) => self.on_datagram(datagram),
-                    Ok(Err(dropped)) => tracing::warn!(event = "notify-dropped", "notify message dropped: {dropped}"),
+                    Ok(Err(dropped)) => {
+                        if self.refusals.allow(Refused::Notify, dropped.sender()) {
+                            tracing::warn!(event = "notify-dropped", "notify message dropped: {dropped}");
+                        }
+                    }
                     Err(e) => return Err(SupervisorError::Io { context: "receiving notify messages", source: e }),
                 },
                 Some(exit) = self.reaper.next() => self.on_exit(exit.pid, &exit.status),
@@ -438,6 +451,9 @@ impl Supervisor {
                     tracing::info!(event = "fdstore-hangup", name = %hangup.name, "stored fd hung up; removed");
                 }
                 _ = tokio::time::sleep_until(deadline.into()) => self.on_timers(),
+                _ = tokio::time::sleep_until(summaries_due.unwrap_or(deadline).into()), if summaries_due.is_some() => {
+                    self.refusals.log_summaries();
+                }
                 _ = self.output_closed.notified(), if self.pending_exit.is_some() => self.report_pending_exit(false),
                 Some(peer) = next_peer(&mut self.handoff) => self.on_handoff_peer(peer),
                 probed = probe_result(&mut self.upgrading) => self.on_probe(probed),
@@ -1010,17 +1026,21 @@ impl Supervisor {
     }
 
     fn on_datagram(&mut self, mut d: Datagram) {
+        // Refused datagrams drop their fds through the closer thread
+        // (`ReceivedFd`), and are logged within the rate limit.
         let Some(index) = self.attribute(d.pid) else {
-            tracing::warn!(
-                event = "notify-refused",
-                sender = d.pid,
-                "notify message from pid {} refused: not a generation's {} process",
-                d.pid,
-                match self.cfg.notify_access {
-                    NotifyAccess::All => "",
-                    _ => "main",
-                }
-            );
+            if self.refusals.allow(Refused::Notify, Some(d.pid)) {
+                tracing::warn!(
+                    event = "notify-refused",
+                    sender = d.pid,
+                    "notify message from pid {} refused: not a generation's {} process",
+                    d.pid,
+                    match self.cfg.notify_access {
+                        NotifyAccess::All => "",
+                        _ => "main",
+                    }
+                );
+            }
             // `baton notify` ends with a barrier: tell it, not just the log.
             crate::notify_refusal::answer_refused_barrier(&d.payload, &d.fds, d.pid, self.cfg.notify_access);
             return;
@@ -1028,12 +1048,14 @@ impl Supervisor {
         let msg = match wire::parse(&d.payload) {
             Ok(m) => m,
             Err(e) => {
-                tracing::warn!(
-                    event = "notify-refused",
-                    sender = d.pid,
-                    "notify message from pid {} refused: {e}",
-                    d.pid
-                );
+                if self.refusals.allow(Refused::Notify, Some(d.pid)) {
+                    tracing::warn!(
+                        event = "notify-refused",
+                        sender = d.pid,
+                        "notify message from pid {} refused: {e}",
+                        d.pid
+                    );
+                }
                 return;
             }
         };
@@ -1147,7 +1169,7 @@ impl Supervisor {
     /// Connections stored by a generation that is not the active one go
     /// straight to the active generation, if it listens for them. Returns
     /// the fds that still need storing.
-    fn push_to_active(&mut self, sender: usize, name: &str, fds: Vec<OwnedFd>) -> Option<Vec<OwnedFd>> {
+    fn push_to_active(&mut self, sender: usize, name: &str, fds: Vec<ReceivedFd>) -> Option<Vec<ReceivedFd>> {
         if baton_sd::StoredName::parse(name) != baton_sd::StoredName::Connection
             || self.generations[sender].state == State::Active
         {
@@ -1233,26 +1255,36 @@ impl Supervisor {
     }
 
     fn on_handoff_peer(&mut self, peer: crate::handoff::Peer) {
-        match self
-            .generations
-            .iter_mut()
-            .find(|g| g.is_main(peer.pid) || (g.child.pid == peer.pid && g.child.is_running()))
-        {
+        let generation = peer.pid.and_then(|pid| {
+            self.generations.iter_mut().find(|g| g.is_main(pid) || (g.child.pid == pid && g.child.is_running()))
+        });
+        match generation {
             Some(g) => {
                 g.handoff = Some(peer.conn);
                 // It may have become active (READY=1) before we saw it connect.
                 self.flush_connections();
             }
-            None => tracing::warn!(
-                event = "handoff-refused",
-                sender = peer.pid,
-                "handoff connection from pid {} refused: not a generation's main process",
-                peer.pid
-            ),
+            // Dropping `peer.conn` releases whatever the peer queued in it,
+            // on the closer thread.
+            None if !self.refusals.allow(Refused::Handoff, peer.pid) => {}
+            None => match peer.pid {
+                Some(pid) => tracing::warn!(
+                    event = "handoff-refused",
+                    sender = pid,
+                    "handoff connection from pid {pid} refused: not a generation's main process"
+                ),
+                None => tracing::warn!(
+                    event = "handoff-refused",
+                    uid = peer.uid,
+                    "handoff connection from uid {} refused: its pid is not visible in Baton's PID namespace, so it \
+                     is no generation of Baton's; run the app in Baton's PID namespace (or one below it)",
+                    peer.uid
+                ),
+            },
         }
     }
 
-    fn store_fds(&mut self, name: &str, fds: Vec<OwnedFd>, poll: bool) {
+    fn store_fds(&mut self, name: &str, fds: Vec<ReceivedFd>, poll: bool) {
         // Forward first (the store takes ownership): under systemd, the
         // store must survive Baton itself. The `app/` prefix tells the next
         // Baton which entries are the app's.
@@ -1263,7 +1295,7 @@ impl Supervisor {
                 tracing::warn!(event = "fdstore-forward-failed", name, "cannot forward to systemd's fd store: {e}");
             }
         }
-        if let Err(e) = self.store.add(name, fds, poll) {
+        if let Err(e) = self.store.add_received(name, fds, poll) {
             tracing::warn!(event = "fdstore-full", name, "{e}");
         }
     }
@@ -1578,6 +1610,8 @@ impl Supervisor {
             self.cfg.sockets.len(),
             self.store.len()
         );
+        // execve() would close the fds queued for the closer on this thread.
+        crate::closer::close_queued_without_lingering();
         // Only returns if the exec failed; everything is as before.
         let e = upgrade::exec(&up.binary, &self.image.argv, &state, self.image.exe.as_deref().map(|e| e.as_fd()));
         let serving = self.active().map(|g| format!("generation {} serving as pid {}", g.number, g.main_pid()));
@@ -1858,7 +1892,7 @@ impl Supervisor {
                 last_ping: upgrade::from_mono(g.last_ping_mono_us),
                 output,
                 health: None,
-                handoff: t.handoff,
+                handoff: t.handoff.map(ReceivedFd::new),
                 passed: g.passed,
             });
         }
@@ -1928,6 +1962,7 @@ impl Supervisor {
                 failed: None,
                 previous_binary: h.previous_binary,
             }),
+            refusals: RefusalLog::new(),
         };
         Ok((supervisor, requests))
     }

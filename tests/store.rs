@@ -25,7 +25,11 @@ const QUIET: Duration = Duration::from_millis(700);
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+    let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // Fds an earlier test dropped may still wait for Baton's closer thread:
+    // closed now, so that they do not change this test's fd count.
+    baton::closer::flush();
+    guard
 }
 
 /// Runs `test` on its own runtime while holding [`SERIAL`]: the runtime's
@@ -109,6 +113,7 @@ fn add_stores_and_dedupes_same_description() {
     drop(w);
     assert!(!writers_gone(&r), "the stored write end is open");
     store.remove("pipe");
+    baton::closer::flush(); // the store closes fds on its closer thread
     assert!(writers_gone(&r), "the duplicates were closed when refused");
 }
 
@@ -123,6 +128,7 @@ fn full_store_closes_the_rest_and_reports_how_many() {
     assert_eq!(store.len(), 2);
     // Ours are the only other copies: drop them and look at the read ends.
     let reads: Vec<OwnedFd> = pipes.into_iter().map(|(r, _w)| r).collect();
+    baton::closer::flush(); // the store closes fds on its closer thread
     let gone: Vec<bool> = reads.iter().map(writers_gone).collect();
     assert_eq!(gone, [false, false, true, true], "the first two are stored, the rest closed");
 
@@ -143,6 +149,7 @@ fn disabled_store_closes_everything() {
     assert!(matches!(err, StoreError::Disabled { closed: 2 }), "{err:?}");
     assert!(err.to_string().contains("disabled"), "{err}");
     drop(w);
+    baton::closer::flush(); // the store closes fds on its closer thread
     assert!(writers_gone(&r));
     assert!(store.is_empty());
     // FDSTORE=1 without fds is no error, even when disabled.
@@ -169,6 +176,7 @@ fn remove_by_name_and_insertion_order() {
     assert_eq!(store.remove("a"), 0);
     assert_eq!(store.remove("nope"), 0);
     drop((wa, wa2));
+    baton::closer::flush(); // the store closes fds on its closer thread
     assert!(writers_gone(&ra) && writers_gone(&ra2), "removed entries are closed");
     assert_eq!(store.remove(""), 1);
     assert_eq!(names(&store), ["b"]);
@@ -347,9 +355,11 @@ fn clear_closes_everything() {
         assert!(store.is_empty());
         drop(keep);
         // What is left is the store's epoll instance.
+        baton::closer::flush(); // the store closes fds on its closer thread
         assert_eq!(fd_count(), before + 1, "fds leaked by clear()");
         no_hangup_within(&mut store, Duration::from_millis(100)).await;
         drop(store);
+        baton::closer::flush(); // the store closes fds on its closer thread
         assert_eq!(fd_count(), before, "fds leaked by the store");
     });
 }
@@ -364,6 +374,7 @@ fn dropping_a_store_closes_its_fds() {
     drop(w);
     assert!(!writers_gone(&r));
     drop(store);
+    baton::closer::flush(); // the store closes fds on its closer thread
     assert!(writers_gone(&r));
     drop(r);
     assert_eq!(fd_count(), before);
