@@ -61,7 +61,11 @@ fn mode_of(path: &Path) -> u32 {
 /// supplementary groups), umask 022, with nothing of the test's environment
 /// (no `XDG_RUNTIME_DIR`, `RUNTIME_DIRECTORY`, `NOTIFY_SOCKET`) but `env`.
 fn baton_as(uid: Option<u32>, name: &str, args: &[&OsStr], env: &[(&str, &OsStr)]) -> Child {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_baton"));
+    let program = match uid {
+        Some(_) => baton_for_any_user(),
+        None => Path::new(env!("CARGO_BIN_EXE_baton")),
+    };
+    let mut cmd = Command::new(program);
     cmd.arg("run").arg("--name").arg(name).args(args).args(["--", "/bin/sleep", "600"]);
     cmd.env_clear().env("PATH", "/usr/bin:/bin").env("BATON_LOG", "info").envs(env.iter().copied());
     cmd.current_dir("/").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
@@ -79,6 +83,32 @@ fn baton_as(uid: Option<u32>, name: &str, args: &[&OsStr], env: &[(&str, &OsStr)
         });
     }
     cmd.spawn().expect("spawn baton")
+}
+
+/// A copy of the `baton` binary that any uid may execute. The build's own
+/// may sit below a directory only root can search (a checkout in a 0700
+/// `mktemp -d` directory, as CI makes), and then a test's uid could not even
+/// start it. One copy per test process, in `/tmp/baton-runtime-dir-bin-PID`;
+/// copies of test processes that are gone are removed first.
+fn baton_for_any_user() -> &'static Path {
+    static COPY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    COPY.get_or_init(|| {
+        const PREFIX: &str = "baton-runtime-dir-bin-";
+        for entry in std::fs::read_dir("/tmp").into_iter().flatten().flatten() {
+            let name = entry.file_name();
+            let pid = name.to_str().and_then(|n| n.strip_prefix(PREFIX));
+            if pid.is_some_and(|pid| !Path::new("/proc").join(pid).exists()) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        let dir = PathBuf::from(format!("/tmp/{PREFIX}{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        mkdir(&dir, 0, 0o755);
+        let copy = dir.join("baton");
+        std::fs::copy(env!("CARGO_BIN_EXE_baton"), &copy).unwrap_or_else(|e| panic!("copying baton: {e}"));
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+        copy
+    })
 }
 
 /// Waits for a Baton that must refuse to start; returns its exit code and
