@@ -29,7 +29,6 @@
 //! (they are close-on-exec), so `baton upgrade` calls
 //! [`close_queued_without_lingering`] first.
 
-use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
@@ -111,29 +110,57 @@ fn closer() -> &'static Closer {
 /// A closer thread and its bounded queue; the thread ends when the closer
 /// is dropped (only test closers are), after closing what is queued.
 ///
-/// A mutex-guarded queue rather than a channel, so that
-/// [`close_queued_without_lingering`] can reach the fds still waiting.
+/// The queue is not in Baton's fd table: a discarded fd is sent (one
+/// `SCM_RIGHTS` message each) into a socket pair whose receiving end only
+/// the closer thread reads, and Baton's own copy is closed at once, which is
+/// never the last reference (the message in flight holds one). The closer
+/// receives each message *without* a control buffer, so the kernel releases
+/// the fd it carried (`scm_recv()` → `scm_destroy()` in
+/// `net/core/scm.c`) in the closer thread, without ever installing it in
+/// the fd table again.
+///
+/// Why not a plain queue of fds in the table: a child forked while such an
+/// fd is still in the table gets a copy, and if the closer then closes
+/// Baton's, the child's close-on-exec close is the last one and lingers in
+/// `execve()`, while [`AppCommand::spawn`](crate::spawn::AppCommand::spawn)
+/// waits for that exec on the supervisor's thread. So the closer also waits
+/// for spawns ([`spawning`]): it releases an fd only when no spawn is in
+/// flight that could have copied it.
 struct Closer {
-    /// `None` when the thread could not be started.
+    /// `None` when the socket pair or the thread could not be set up.
     shared: Option<Arc<Shared>>,
 }
 
 struct Shared {
     state: Mutex<State>,
-    /// Signalled when an fd is queued or the closer is dropped.
-    queued: Condvar,
-    /// Signalled when an fd has been closed (for [`flush`]).
+    /// Signalled when an fd is queued, a spawn ends or the closer is
+    /// dropped.
+    changed: Condvar,
+    /// Signalled when an fd has been released (for [`flush`]).
     closed: Condvar,
+    /// Where [`discard`] sends the fds (`SOCK_SEQPACKET`, non-blocking).
+    sender: OwnedFd,
+    /// Where the closer thread takes them off.
+    receiver: OwnedFd,
 }
 
 struct State {
-    fds: VecDeque<OwnedFd>,
     capacity: usize,
-    /// Fds ever queued, and ever taken off the queue and closed (or defused):
-    /// `flush` waits for the second to reach the first.
-    total_queued: u64,
-    total_done: u64,
+    /// Fds sent into the socket pair (and closed in the table).
+    sent: u64,
+    /// Of those, taken off by the closer thread or the pre-exec drain.
+    claimed: u64,
+    /// Of those, released.
+    done: u64,
+    /// Spawns between their `fork()` and the end of their `execve()`.
+    spawns: u32,
     shutdown: bool,
+}
+
+impl State {
+    fn queued(&self) -> u64 {
+        self.sent - self.claimed
+    }
 }
 
 impl Shared {
@@ -144,54 +171,74 @@ impl Shared {
     }
 }
 
+/// Room for [`QUEUE_CAPACITY`] one-fd messages in the socket pair (each
+/// costs about 1 KiB of send buffer); best effort: a smaller buffer only
+/// makes the inline fallback come sooner.
+const SEND_BUFFER: usize = 1024 * 1024;
+
 impl Closer {
     fn with_capacity(capacity: usize) -> Closer {
-        let shared = Arc::new(Shared {
-            state: Mutex::new(State {
-                fds: VecDeque::with_capacity(capacity),
-                capacity,
-                total_queued: 0,
-                total_done: 0,
-                shutdown: false,
-            }),
-            queued: Condvar::new(),
-            closed: Condvar::new(),
-        });
-        let worker = Arc::clone(&shared);
-        let spawned = std::thread::Builder::new()
-            .name("baton-closer".into())
-            .stack_size(CLOSER_STACK)
-            .spawn(move || run(&worker));
-        match spawned {
-            Ok(_) => Closer { shared: Some(shared) },
+        match Self::set_up(capacity) {
+            Ok(shared) => Closer { shared: Some(shared) },
             Err(e) => {
                 tracing::error!(
                     "cannot start the fd closer thread: {e}; received fds are closed without lingering instead \
-                     (raise the thread or memory limit of Baton)"
+                     (raise the thread, memory or open-file limit of Baton)"
                 );
                 Closer { shared: None }
             }
         }
     }
 
+    fn set_up(capacity: usize) -> std::io::Result<Arc<Shared>> {
+        use rustix::net::{AddressFamily, SocketFlags, SocketType};
+        let (sender, receiver) = rustix::net::socketpair(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+            None,
+        )?;
+        let _ = rustix::net::sockopt::set_socket_send_buffer_size(&sender, SEND_BUFFER);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State { capacity, sent: 0, claimed: 0, done: 0, spawns: 0, shutdown: false }),
+            changed: Condvar::new(),
+            closed: Condvar::new(),
+            sender,
+            receiver,
+        });
+        let worker = Arc::clone(&shared);
+        std::thread::Builder::new().name("baton-closer".into()).stack_size(CLOSER_STACK).spawn(move || run(&worker))?;
+        Ok(shared)
+    }
+
     fn discard(&self, fd: OwnedFd) {
         let Some(shared) = &self.shared else { return close_without_lingering(fd) };
         let mut state = shared.lock();
-        if state.fds.len() >= state.capacity {
+        if state.queued() >= state.capacity as u64 || send_fd(&shared.sender, fd.as_fd()).is_err() {
             drop(state);
             return close_without_lingering(fd);
         }
-        state.fds.push_back(fd);
-        state.total_queued += 1;
+        // Not the last reference: the message just sent holds one. Closed
+        // under the lock, so that `spawning` and the closer see the fd
+        // either still in the table or already sent, never in between.
+        drop(fd);
+        state.sent += 1;
         drop(state);
-        shared.queued.notify_one();
+        shared.changed.notify_one();
+    }
+
+    fn spawning(&self) -> SpawnGuard {
+        if let Some(shared) = &self.shared {
+            shared.lock().spawns += 1;
+        }
+        SpawnGuard(self.shared.clone())
     }
 
     fn flush(&self) {
         let Some(shared) = &self.shared else { return };
         let mut state = shared.lock();
-        let target = state.total_queued;
-        while state.total_done < target {
+        let target = state.sent;
+        while state.done < target {
             state = shared.closed.wait(state).unwrap_or_else(|e| e.into_inner());
         }
     }
@@ -199,10 +246,15 @@ impl Closer {
     fn close_queued_without_lingering(&self) {
         let Some(shared) = &self.shared else { return };
         let mut state = shared.lock();
-        let fds = std::mem::take(&mut state.fds);
-        state.total_done += fds.len() as u64;
+        let queued = state.queued();
+        state.claimed += queued;
         drop(state);
-        fds.into_iter().for_each(close_without_lingering);
+        for _ in 0..queued {
+            if let Some(fd) = recv_fd(&shared.receiver) {
+                close_without_lingering(fd);
+            }
+        }
+        shared.lock().done += queued;
         shared.closed.notify_all();
     }
 }
@@ -211,27 +263,93 @@ impl Drop for Closer {
     fn drop(&mut self) {
         if let Some(shared) = &self.shared {
             shared.lock().shutdown = true;
-            shared.queued.notify_one();
+            shared.changed.notify_one();
         }
     }
 }
 
-fn run(shared: &Shared) {
-    let mut state = shared.lock();
-    loop {
-        if let Some(fd) = state.fds.pop_front() {
-            // Closed without the lock held: this is the close that may wait.
-            drop(state);
-            drop(fd);
-            state = shared.lock();
-            state.total_done += 1;
-            shared.closed.notify_all();
-        } else if state.shutdown {
-            return;
-        } else {
-            state = shared.queued.wait(state).unwrap_or_else(|e| e.into_inner());
+/// Held by [`AppCommand::spawn`](crate::spawn::AppCommand::spawn) from
+/// before its `fork()` until the child's `execve()` is done; see
+/// [`spawning`].
+#[derive(Debug)]
+pub struct SpawnGuard(Option<Arc<Shared>>);
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("closer")
+    }
+}
+
+impl Drop for SpawnGuard {
+    fn drop(&mut self) {
+        if let Some(shared) = &self.0 {
+            shared.lock().spawns -= 1;
+            shared.changed.notify_one();
         }
     }
+}
+
+/// Marks a spawn in flight until the guard is dropped: meanwhile the closer
+/// releases nothing, because the child may hold a copy of an fd Baton has
+/// just discarded, and its close-on-exec close must not be the last one.
+pub fn spawning() -> SpawnGuard {
+    closer().spawning()
+}
+
+fn run(shared: &Shared) {
+    loop {
+        let mut state = shared.lock();
+        while state.queued() == 0 || state.spawns > 0 {
+            if state.shutdown && state.queued() == 0 {
+                return;
+            }
+            state = shared.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+        state.claimed += 1;
+        drop(state);
+        // The release that may wait happens here, in this thread only.
+        release_one(&shared.receiver);
+        shared.lock().done += 1;
+        shared.closed.notify_all();
+    }
+}
+
+/// Sends `fd` as one `SCM_RIGHTS` message of one byte, without blocking.
+fn send_fd(sender: &OwnedFd, fd: BorrowedFd<'_>) -> rustix::io::Result<()> {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    let mut space = [std::mem::MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    let fds = [fd];
+    control.push(SendAncillaryMessage::ScmRights(&fds));
+    let iov = [std::io::IoSlice::new(&[0])];
+    rustix::net::sendmsg(sender, &iov, &mut control, SendFlags::DONTWAIT | SendFlags::NOSIGNAL).map(drop)
+}
+
+/// Takes one message off without a control buffer: the kernel releases the
+/// fd it carried, in this thread, and never installs it.
+fn release_one(receiver: &OwnedFd) {
+    use rustix::net::{RecvAncillaryBuffer, RecvFlags};
+    let mut byte = [0u8; 1];
+    let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+    let mut control = RecvAncillaryBuffer::new(&mut []);
+    // A message is always there (counted as sent); should the receive fail
+    // anyway, the fd stays in the socket and is released with it.
+    let _ = rustix::net::recvmsg(receiver, &mut iov, &mut control, RecvFlags::DONTWAIT);
+}
+
+/// Takes one message off with its fd, installed close-on-exec.
+fn recv_fd(receiver: &OwnedFd) -> Option<OwnedFd> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+    let mut byte = [0u8; 1];
+    let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+    let mut space = [std::mem::MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    rustix::net::recvmsg(receiver, &mut iov, &mut control, RecvFlags::DONTWAIT | RecvFlags::CMSG_CLOEXEC).ok()?;
+    let mut fds = control.drain().filter_map(|m| match m {
+        RecvAncillaryMessage::ScmRights(fds) => Some(fds),
+        _ => None,
+    });
+    fds.next().and_then(|mut fds| fds.next())
 }
 
 /// For `baton upgrade`, right before the exec: `execve` closes every
@@ -352,7 +470,7 @@ mod tests {
         closer.discard(busy);
         let shared = closer.shared.as_ref().unwrap();
         // Let the thread take the first one off the queue.
-        poll(|| shared.lock().fds.is_empty());
+        poll(|| shared.lock().queued() == 0);
         closer.discard(queued);
         let before = closed_inline();
         closer.discard(overflow);
@@ -371,7 +489,7 @@ mod tests {
         let waiting: Vec<_> = (0..3).map(|_| lingering_socket(Duration::from_secs(60))).collect();
         closer.discard(busy);
         let shared = closer.shared.as_ref().unwrap();
-        poll(|| shared.lock().fds.is_empty());
+        poll(|| shared.lock().queued() == 0);
         let mut keep = Vec::new();
         for (fd, peer) in waiting {
             closer.discard(fd);
@@ -380,10 +498,48 @@ mod tests {
         let started = Instant::now();
         closer.close_queued_without_lingering();
         assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
-        assert!(shared.lock().fds.is_empty());
+        assert_eq!(shared.lock().queued(), 0);
         // Only the busy one is left, and it lingers 2 s, not 60.
         closer.flush();
         assert!(started.elapsed() < Duration::from_secs(20), "flush took {:?}", started.elapsed());
+    }
+
+    #[test]
+    fn nothing_is_released_while_a_spawn_is_in_flight() {
+        // A child forked now would hold a copy of the fd: releasing Baton's
+        // would leave the child's close-on-exec close as the last one.
+        let closer = Closer::with_capacity(8);
+        let shared = closer.shared.clone().unwrap();
+        let (r, w) =
+            rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK).unwrap();
+        let spawn = closer.spawning();
+        closer.discard(w);
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(shared.lock().done, 0, "released during a spawn");
+        let mut buf = [0u8; 1];
+        assert_eq!(rustix::io::read(&r, &mut buf), Err(rustix::io::Errno::AGAIN), "the write end is still open");
+        drop(spawn);
+        closer.flush();
+        assert_eq!(shared.lock().done, 1);
+        assert_eq!(rustix::io::read(&r, &mut buf), Ok(0), "the write end is released after the spawn");
+    }
+
+    #[test]
+    fn a_discarded_fd_is_out_of_the_fd_table_at_once() {
+        // What a fork copies is the table: the fd must be gone from it when
+        // discard returns, though not yet released.
+        let closer = Closer::with_capacity(8);
+        let (_r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap();
+        let raw = w.as_raw_fd();
+        let ino = rustix::fs::fstat(&w).unwrap().st_ino;
+        let spawn = closer.spawning();
+        closer.discard(w);
+        // The number may already be another test's fd: compare the inode.
+        // SAFETY: borrowed only for this fstat; nothing is closed.
+        let now = rustix::fs::fstat(unsafe { BorrowedFd::borrow_raw(raw) }).map(|st| st.st_ino);
+        assert_ne!(now, Ok(ino), "fd {raw} is still in the table");
+        drop(spawn);
+        closer.flush();
     }
 
     fn poll(mut done: impl FnMut() -> bool) {

@@ -257,6 +257,10 @@ impl AppCommand {
     /// It blocks for one `fork()` + `execve()`: about 0.5 ms for `/bin/true`
     /// on a 2-core test box, longer for a large Baton or program.
     pub fn spawn(&self, setup: &GenerationSetup<'_>) -> Result<Child, SpawnError> {
+        // Until the child has exec'd, the closer releases no discarded fd:
+        // the child's copy of one must not be the last, or its close-on-exec
+        // close would linger in execve() while this thread waits for it.
+        let _spawning = crate::closer::spawning();
         let mut plan = ExecPlan::build(self, setup)?;
         let (status_read, status_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
             .map_err(|e| SpawnError::Io { context: "creating the exec status pipe", source: e.into() })?;
