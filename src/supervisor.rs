@@ -208,15 +208,21 @@ impl Generation {
         }
     }
 
-    /// Whether `pid` is its main process now: a live one (a pid stays ours
-    /// only while the process we pinned runs, see [`crate::lineage`]).
+    /// Whether `pid` is its main process now. A process named by `MAINPID=`
+    /// counts only while the process we pinned runs (see
+    /// [`crate::lineage`]). The leader counts until its exit is handled,
+    /// zombie or not: it is Baton's own child, so its pid cannot be reused
+    /// before Baton's reaper collects it, and the `STOPPING=1` or `STATUS=`
+    /// it sent just before exiting must still count, as systemd handles
+    /// notifications before `SIGCHLD`.
     fn is_main(&self, pid: u32) -> bool {
-        self.child.is_running() && self.main_pid() == pid
+        self.main_pid() == pid
     }
 
-    /// Whether `pid` is its running health check.
+    /// Whether `pid` is its health check (Baton's child too: see
+    /// [`is_main`](Self::is_main)).
     fn is_health_check(&self, pid: u32) -> bool {
-        self.state == State::HealthCheck { pid } && self.health.as_ref().is_some_and(Child::is_running)
+        self.state == State::HealthCheck { pid } && self.health.is_some()
     }
 
     /// SIGKILL to the whole generation; it stays listed until reaped.
@@ -1256,7 +1262,7 @@ impl Supervisor {
 
     fn on_handoff_peer(&mut self, peer: crate::handoff::Peer) {
         let generation = peer.pid.and_then(|pid| {
-            self.generations.iter_mut().find(|g| g.is_main(pid) || (g.child.pid == pid && g.child.is_running()))
+            self.generations.iter_mut().find(|g| g.is_main(pid) || g.child.pid == pid)
         });
         match generation {
             Some(g) => {
