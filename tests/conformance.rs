@@ -1,5 +1,5 @@
-//! Conformance of `baton-sd` against a real systemd, 252 (the host's) and
-//! 257 (Debian trixie): the probe service (`crates/sd-probe`, built only on
+//! Conformance of `baton-sd` against a real systemd, 252 (the host's), 257
+//! (Debian trixie) and 262 (Debian forky): the probe service (`crates/sd-probe`, built only on
 //! `baton-sd`) runs as a real `.socket` + `Type=notify` `.service` and every
 //! protocol claim is checked through systemd's own view (`systemctl show`,
 //! the journal) and through real loopback connections.
@@ -315,6 +315,8 @@ fn garbage_env(p: &Probe) {
     assert_eq!(p.show("probe.service", "ActiveState"), "failed");
 }
 
+/// Instantiates each scenario on systemd 252, 257 and 262 (the name is from
+/// when there were two).
 macro_rules! on_both {
     ($($scenario:ident),* $(,)?) => {
         mod systemd_252 {
@@ -329,6 +331,14 @@ macro_rules! on_both {
             $(#[test] fn $scenario() {
                 if let Some(p) = super::Probe::boot(baton_testbed::Flavor::Trixie, concat!("systemd_257::", stringify!($scenario))) {
                     assert_eq!(p.tb.systemd_version(), 257);
+                    super::$scenario(&p);
+                }
+            })*
+        }
+        mod systemd_262 {
+            $(#[test] fn $scenario() {
+                if let Some(p) = super::Probe::boot(baton_testbed::Flavor::Forky, concat!("systemd_262::", stringify!($scenario))) {
+                    assert_eq!(p.tb.systemd_version(), 262);
                     super::$scenario(&p);
                 }
             })*
@@ -352,6 +362,14 @@ on_both!(
 fn systemd_257_notify_reload() {
     if let Some(p) = Probe::boot(Flavor::Trixie, "systemd_257_notify_reload") {
         assert_eq!(p.tb.systemd_version(), 257);
+        notify_reload(&p);
+    }
+}
+
+#[test]
+fn systemd_262_notify_reload() {
+    if let Some(p) = Probe::boot(Flavor::Forky, "systemd_262_notify_reload") {
+        assert_eq!(p.tb.systemd_version(), 262);
         notify_reload(&p);
     }
 }

@@ -516,3 +516,8 @@ fn systemd_252_size_limit() {
 fn systemd_257_size_limit() {
     size_limit_matches(baton_testbed::Flavor::Trixie, "systemd_257_size_limit");
 }
+
+#[test]
+fn systemd_262_size_limit() {
+    size_limit_matches(baton_testbed::Flavor::Forky, "systemd_262_size_limit");
+}

@@ -1,6 +1,6 @@
 //! The .deb and .rpm built by `packaging/build.sh`, installed and operated
-//! the way an administrator would, under a real systemd 252 (the host's)
-//! and 257 (Debian trixie):
+//! the way an administrator would, under a real systemd 252 (the host's),
+//! 257 (Debian trixie) and 262 (Debian forky):
 //!
 //! - both packages build; the .rpm holds the expected files and scriptlets
 //!   (`rpm -qlp`, `rpm -qp --scripts`); `lintian` finds no error in the .deb;
@@ -831,6 +831,11 @@ fn deb_lifecycle_on_252() {
 #[test]
 fn deb_lifecycle_on_257() {
     deb_lifecycle(Flavor::Trixie, 257, "deb_lifecycle_on_257");
+}
+
+#[test]
+fn deb_lifecycle_on_262() {
+    deb_lifecycle(Flavor::Forky, 262, "deb_lifecycle_on_262");
 }
 
 /// The .rpm on systemd 252 with Debian's `rpm` (the trixie root has none):

@@ -1,7 +1,7 @@
 //! Baton as the stable main process of a real systemd service, on systemd
-//! 252 (the host's) and 257 (Debian trixie): `Type=notify` start and
+//! 252 (the host's), 257 (Debian trixie) and 262 (Debian forky): `Type=notify` start and
 //! status, `systemctl reload` as an overlapped restart (through
-//! `ExecReload=baton restart` and, on 257, `Type=notify-reload`), no failed
+//! `ExecReload=baton restart` and, on 257 and 262, `Type=notify-reload`), no failed
 //! request under load, Baton's own crash with systemd's fd store holding the
 //! sockets (and, per `KillMode=`, what it costs the clients of the killed
 //! generation: the figures behind the generated units' choice), socket
@@ -1415,6 +1415,8 @@ fn run_scenario(flavor: Flavor, version: u32, name: &str, scenario: fn(&Bed)) {
     eprintln!("{name}: scenario {:?} (boot {:?})", t0.elapsed(), b.tb.boot_duration());
 }
 
+/// Instantiates each scenario on systemd 252, 257 and 262 (the name is from
+/// when there were two).
 macro_rules! on_both {
     ($($scenario:ident),* $(,)?) => {
         mod systemd_252 {
@@ -1427,6 +1429,12 @@ macro_rules! on_both {
             $(#[test] fn $scenario() {
                 super::run_scenario(baton_testbed::Flavor::Trixie, 257,
                     concat!("systemd_257::", stringify!($scenario)), super::$scenario);
+            })*
+        }
+        mod systemd_262 {
+            $(#[test] fn $scenario() {
+                super::run_scenario(baton_testbed::Flavor::Forky, 262,
+                    concat!("systemd_262::", stringify!($scenario)), super::$scenario);
             })*
         }
     };
@@ -1449,4 +1457,9 @@ on_both!(
 #[test]
 fn systemd_257_notify_reload() {
     run_scenario(Flavor::Trixie, 257, "systemd_257_notify_reload", notify_reload);
+}
+
+#[test]
+fn systemd_262_notify_reload() {
+    run_scenario(Flavor::Forky, 262, "systemd_262_notify_reload", notify_reload);
 }

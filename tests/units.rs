@@ -1,9 +1,9 @@
 //! `baton units`: the generated `.socket`/`.service` text (each option in
 //! its directive, bad input refused), `systemd-analyze verify` on 252 (the
-//! host's) and 257 (Debian trixie) over a matrix of options, the reference
-//! units in `units/` kept identical to what the generator writes, and the
-//! generated units really running — hardening included — under a real
-//! systemd 252 and 257: the conformance probe supervised by Baton
+//! host's), 257 (Debian trixie) and 262 (Debian forky) over a matrix of
+//! options, the reference units in `units/` kept identical to what the
+//! generator writes, and the generated units really running — hardening
+//! included — under a real systemd 252, 257 and 262: the conformance probe supervised by Baton
 //! (`systemctl reload` overlapped, Baton's own crash) and socket-activated
 //! directly (`systemctl restart`), and the reference server from `units/`.
 
@@ -713,13 +713,15 @@ fn install_binary(tb: &Testbed, from: &Path, to: &str) {
     std::fs::copy(from, &dest).unwrap_or_else(|e| panic!("copy {} to {to}: {e}", from.display()));
 }
 
-#[test]
-fn generated_units_verify_on_trixie() {
-    if !skip_unless_root("generated_units_verify_on_trixie") {
+/// `systemd-analyze verify` inside `flavor`'s own systemd, on the units for
+/// that version and on the 252 baseline.
+fn generated_units_verify_in(flavor: Flavor, test: &str) {
+    if !skip_unless_root(test) {
         return;
     }
     let probe = cargo_bin("sd-probe", "baton-sd-probe");
-    let tb = Testbed::boot(Flavor::Trixie).unwrap_or_else(|e| panic!("boot trixie: {e}"));
+    let tb = Testbed::boot(flavor).unwrap_or_else(|e| panic!("{test}: boot {flavor}: {e}"));
+    assert_eq!(tb.systemd_version(), flavor.expected_systemd());
     install_binary(&tb, Path::new(env!("CARGO_BIN_EXE_baton")), "/usr/local/bin/baton");
     install_binary(&tb, &probe, "/usr/local/bin/baton-sd-probe");
     // Both the units for this systemd and the 252 baseline must pass.
@@ -744,6 +746,18 @@ fn generated_units_verify_on_trixie() {
             );
         }
     }
+}
+
+#[test]
+fn generated_units_verify_on_trixie() {
+    generated_units_verify_in(Flavor::Trixie, "generated_units_verify_on_trixie");
+}
+
+/// 262 has neither cgroup v1 (gone in 258) nor SysV scripts (gone in 260):
+/// a unit depending on either would fail to verify here.
+#[test]
+fn generated_units_verify_on_forky() {
+    generated_units_verify_in(Flavor::Forky, "generated_units_verify_on_forky");
 }
 
 // ---- running them ----------------------------------------------------------
@@ -980,6 +994,11 @@ fn generated_units_run_on_257() {
     generated_units_run(Flavor::Trixie, "generated_units_run_on_257");
 }
 
+#[test]
+fn generated_units_run_on_262() {
+    generated_units_run(Flavor::Forky, "generated_units_run_on_262");
+}
+
 /// One HTTP/1.0 GET; returns the whole response.
 fn http_get(port: u16, path: &str) -> Option<String> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
@@ -1034,6 +1053,11 @@ fn reference_units_run_on_252() {
 #[test]
 fn reference_units_run_on_257() {
     reference_units_run(Flavor::Trixie, "reference_units_run_on_257");
+}
+
+#[test]
+fn reference_units_run_on_262() {
+    reference_units_run(Flavor::Forky, "reference_units_run_on_262");
 }
 
 /// ExecStart= quoting survives systemd's own parser: a shell prints every

@@ -3,7 +3,8 @@
 //! Steps of [`TestbedBuilder::boot`]:
 //!
 //! 1. Pick the lower layer: `/` for [`Flavor::Host`], the cached debootstrap
-//!    root for [`Flavor::Trixie`] (built on first use, see [`crate::rootfs`]).
+//!    root for [`Flavor::Trixie`] and [`Flavor::Forky`] (built on first use,
+//!    see [`crate::rootfs`]).
 //! 2. Create a state directory (`/var/tmp/baton-testbed/<pid>-<n>`, holding
 //!    the overlay mount points, the logs and the shared `scratch/`) and a
 //!    cgroup subtree (see [`crate::cgroup`]).
@@ -43,7 +44,7 @@ use rustix::process::{Pid, PidfdFlags, Signal, pidfd_open, pidfd_send_signal};
 use crate::cgroup::{self, CgroupTree};
 use crate::cmd::{self, deadline_after, remaining, wait_readable};
 use crate::error::{Error, IoContext, Result};
-use crate::rootfs::{self, require_tool};
+use crate::rootfs::{Recipe, require_tool};
 use crate::testbed::Testbed;
 use crate::{Flavor, mounts};
 
@@ -117,7 +118,7 @@ impl TestbedBuilder {
     }
 
     /// Limit for reaching `running`/`degraded`, from starting the namespace
-    /// (building the trixie cache is not counted). Default
+    /// (building a cached Debian root is not counted). Default
     /// [`DEFAULT_BOOT_TIMEOUT`].
     pub fn boot_timeout(mut self, timeout: Duration) -> Self {
         self.boot_timeout = timeout;
@@ -140,9 +141,9 @@ impl TestbedBuilder {
         }
         let nsenter = require_tool("nsenter", "util-linux")?;
         require_tool("unshare", "util-linux")?;
-        let lower = match self.flavor {
-            Flavor::Host => PathBuf::from("/"),
-            Flavor::Trixie => rootfs::ensure_trixie_root()?,
+        let lower = match Recipe::of(self.flavor) {
+            None => PathBuf::from("/"),
+            Some(recipe) => recipe.ensure()?,
         };
         if !lower.join(HOST_SYSTEMD.trim_start_matches('/')).exists() {
             return Err(Error::Missing {

@@ -6,7 +6,9 @@
 //! - [`Flavor::Host`]: the host's own systemd (252 on Debian 12), on an
 //!   overlay of the host root.
 //! - [`Flavor::Trixie`]: systemd 257 from a Debian trixie root built once with
-//!   debootstrap and cached (see [`ensure_trixie_root`]).
+//!   debootstrap and cached (see [`Recipe`]).
+//! - [`Flavor::Forky`]: systemd 262 from a Debian forky (testing) root,
+//!   built and cached the same way.
 //!
 //! ```no_run
 //! use baton_testbed::{skip_unless_root, Flavor, Testbed};
@@ -38,12 +40,15 @@
 //!
 //! Root, Linux with cgroup2 (unified or hybrid), `util-linux` (`unshare`,
 //! `nsenter`), `systemd` on the host; `debootstrap` and access to a Debian
-//! mirror the first time a [`Flavor::Trixie`] testbed is booted.
+//! mirror the first time a [`Flavor::Trixie`] or [`Flavor::Forky`] testbed is
+//! booted.
 //!
 //! # Environment
 //!
 //! - `BATON_TESTBED_CACHE`: path of the cached trixie root (default
 //!   [`DEFAULT_TRIXIE_CACHE`]).
+//! - `BATON_TESTBED_FORKY_CACHE`: path of the cached forky root (default
+//!   [`DEFAULT_FORKY_CACHE`]).
 //! - `BATON_TESTBED_MIRROR`: Debian mirror for debootstrap (default
 //!   `http://deb.debian.org/debian`).
 //! - `BATON_TESTBED_STATE_DIR`: where per-testbed state directories go
@@ -67,7 +72,10 @@ pub use boot::{DEFAULT_BOOT_TIMEOUT, DEFAULT_COMMAND_TIMEOUT, DEFAULT_STATE_BASE
 pub use cargo::{cargo_bin, try_cargo_bin};
 pub use cmd::CmdOutput;
 pub use error::{Error, Result};
-pub use rootfs::{CACHE_ENV, DEFAULT_TRIXIE_CACHE, MIRROR_ENV, ensure_trixie_root, trixie_cache_path};
+pub use rootfs::{
+    CACHE_ENV, DEFAULT_FORKY_CACHE, DEFAULT_TRIXIE_CACHE, FORKY_CACHE_ENV, MIRROR_ENV, Recipe, ensure_trixie_root,
+    trixie_cache_path,
+};
 pub use support::{expect_success, free_loopback_port, poll_until, skip_unless_root, terminate, unique_temp_dir};
 pub use testbed::Testbed;
 
@@ -79,6 +87,24 @@ pub enum Flavor {
     /// systemd 257 from a cached Debian trixie root (lower layer
     /// [`trixie_cache_path`]), built with debootstrap on first use.
     Trixie,
+    /// systemd 262 from a cached Debian forky (testing) root (lower layer
+    /// [`Recipe::cache_path`]), built with debootstrap on first use.
+    Forky,
+}
+
+impl Flavor {
+    /// All flavors, oldest systemd first.
+    pub const ALL: [Flavor; 3] = [Flavor::Host, Flavor::Trixie, Flavor::Forky];
+
+    /// The systemd major version this flavor is expected to run (252, 257,
+    /// 262). [`Testbed::systemd_version`] reports what actually booted.
+    pub fn expected_systemd(self) -> u32 {
+        match self {
+            Flavor::Host => 252,
+            Flavor::Trixie => 257,
+            Flavor::Forky => 262,
+        }
+    }
 }
 
 impl fmt::Display for Flavor {
@@ -86,6 +112,7 @@ impl fmt::Display for Flavor {
         f.write_str(match self {
             Flavor::Host => "host",
             Flavor::Trixie => "trixie",
+            Flavor::Forky => "forky",
         })
     }
 }

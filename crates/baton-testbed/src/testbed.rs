@@ -12,8 +12,8 @@ use crate::error::{Error, IoContext, Result};
 use crate::support::poll_until;
 
 /// A real systemd running as PID 1 of private pid, mount, uts, ipc and cgroup
-/// namespaces, on a throw-away overlay of the host root (or of a Debian
-/// trixie root). The network namespace is the host's: services inside listen
+/// namespaces, on a throw-away overlay of the host root (or of a cached Debian
+/// trixie or forky root). The network namespace is the host's: services inside listen
 /// on the host's 127.0.0.1.
 ///
 /// Dropping it kills the whole namespace and removes every trace (see
@@ -308,6 +308,7 @@ mod tests {
     fn parses_versions() {
         assert_eq!(parse_version("systemd 252 (252.38-1~deb12u1)\n+PAM"), Some(252));
         assert_eq!(parse_version("systemd 257 (257.13-1~deb13u1)\n"), Some(257));
+        assert_eq!(parse_version("systemd 262 (262-1)\n+PAM"), Some(262));
         assert_eq!(parse_version("nonsense"), None);
     }
 

@@ -1,4 +1,4 @@
-//! Booting both flavors, alone and in parallel.
+//! Booting every flavor, alone and in parallel.
 
 use std::thread;
 
@@ -31,6 +31,20 @@ fn trixie_flavor_runs_systemd_257() {
     assert_eq!(tb.systemd_version(), 257);
     let os = tb.run_checked(&["cat", "/etc/os-release"]).unwrap();
     assert!(os.stdout.contains("trixie"), "{}", os.stdout);
+    tb.shutdown().expect("clean teardown");
+}
+
+#[test]
+fn forky_flavor_runs_systemd_262() {
+    if !skip_unless_root("forky_flavor_runs_systemd_262") {
+        return;
+    }
+    let tb = Testbed::boot(Flavor::Forky).expect("boot forky testbed");
+    let version = tb.systemctl_checked(&["--version"]).unwrap();
+    eprintln!("forky ({}) booted in {:?}", version.stdout.lines().next().unwrap_or_default(), tb.boot_duration());
+    assert_eq!(tb.systemd_version(), Flavor::Forky.expected_systemd());
+    let os = tb.run_checked(&["cat", "/etc/os-release"]).unwrap();
+    assert!(os.stdout.contains("forky"), "{}", os.stdout);
     tb.shutdown().expect("clean teardown");
 }
 

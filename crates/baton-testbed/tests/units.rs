@@ -50,6 +50,13 @@ fn unit_starts_and_is_logged_trixie() {
     }
 }
 
+#[test]
+fn unit_starts_and_is_logged_forky() {
+    if skip_unless_root("unit_starts_and_is_logged_forky") {
+        unit_starts_and_is_logged(Flavor::Forky);
+    }
+}
+
 fn scratch_is_shared_both_ways(flavor: Flavor) {
     let tb = Testbed::boot(flavor).expect("boot");
     let scratch = tb.scratch().to_owned();
@@ -92,6 +99,13 @@ fn scratch_is_shared_both_ways_trixie() {
     }
 }
 
+#[test]
+fn scratch_is_shared_both_ways_forky() {
+    if skip_unless_root("scratch_is_shared_both_ways_forky") {
+        scratch_is_shared_both_ways(Flavor::Forky);
+    }
+}
+
 fn cargo_binary_runs_inside(flavor: Flavor) {
     let bin = cargo_bin("baton-testbed", "baton-testbed-fixture");
     let tb = Testbed::boot(flavor).expect("boot");
@@ -111,6 +125,13 @@ fn cargo_binary_runs_inside_host() {
 fn cargo_binary_runs_inside_trixie() {
     if skip_unless_root("cargo_binary_runs_inside_trixie") {
         cargo_binary_runs_inside(Flavor::Trixie);
+    }
+}
+
+#[test]
+fn cargo_binary_runs_inside_forky() {
+    if skip_unless_root("cargo_binary_runs_inside_forky") {
+        cargo_binary_runs_inside(Flavor::Forky);
     }
 }
 
@@ -142,5 +163,12 @@ fn bind_below_tmp_survives_boot_host() {
 fn bind_below_tmp_survives_boot_trixie() {
     if skip_unless_root("bind_below_tmp_survives_boot_trixie") {
         bind_below_tmp_survives_boot(Flavor::Trixie);
+    }
+}
+
+#[test]
+fn bind_below_tmp_survives_boot_forky() {
+    if skip_unless_root("bind_below_tmp_survives_boot_forky") {
+        bind_below_tmp_survives_boot(Flavor::Forky);
     }
 }
