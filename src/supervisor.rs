@@ -414,6 +414,8 @@ impl Supervisor {
     /// socket.
     pub async fn run(mut self, mut control: mpsc::Receiver<Incoming>) -> Result<Ended, SupervisorError> {
         let io = |context| move |source| SupervisorError::Io { context, source };
+        // Before tokio's handlers: see `stop_begun`.
+        crate::stop_signal::watch().map_err(io("installing the stop signal flag"))?;
         let mut hup = signal(SignalKind::hangup()).map_err(io("installing the SIGHUP handler"))?;
         let mut term = signal(SignalKind::terminate()).map_err(io("installing the SIGTERM handler"))?;
         let mut int = signal(SignalKind::interrupt()).map_err(io("installing the SIGINT handler"))?;
@@ -429,6 +431,9 @@ impl Supervisor {
                 }
                 return Ok(ended);
             }
+            // A stop signal whose stream has not fired yet is still handled
+            // before anything else this iteration (see `stop_begun`).
+            self.stop_begun();
             if self.upgrading.as_ref().is_some_and(|u| u.probe.is_none()) {
                 self.execute_upgrade(&mut control, [&mut hup, &mut term, &mut int]).await;
                 continue;
@@ -517,7 +522,7 @@ impl Supervisor {
     /// restart is already running (so changes made before this request are
     /// picked up).
     fn request_restart(&mut self, waiter: Option<oneshot::Sender<Response>>) {
-        if self.stopping.is_some() {
+        if self.stop_begun() {
             return;
         }
         if self.restart.is_some() {
@@ -864,7 +869,7 @@ impl Supervisor {
         }
         if self.scheduled.is_some_and(|at| at <= now) {
             self.scheduled = None;
-            if self.restart.is_none() && self.stopping.is_none() {
+            if self.restart.is_none() && !self.stop_begun() {
                 self.crash_restarts += 1;
                 self.begin_restart(Trigger::Replace, Vec::new());
             }
@@ -941,7 +946,7 @@ impl Supervisor {
     /// The active generation is gone or going: start a replacement now,
     /// unless a restart is already under way (it becomes the replacement).
     fn replace_active(&mut self) {
-        if self.stopping.is_some() || self.restart.is_some() {
+        if self.stop_begun() || self.restart.is_some() {
             return;
         }
         self.crash_restarts += 1;
@@ -1150,16 +1155,26 @@ impl Supervisor {
         }
         match msg.lifecycle() {
             Some(Lifecycle::Ready) => self.on_ready(index),
+            // A generation's STOPPING=1 is never forwarded upstream: from
+            // systemd 259 on, STOPPING=1 is final for the whole unit.
             Some(Lifecycle::Stopping) => {
                 if self.generations[index].state == State::Active {
-                    tracing::info!(
-                        event = "stopping",
-                        generation = number,
-                        "generation {number} is stopping on its own; starting a replacement"
-                    );
                     let g = &mut self.generations[index];
                     g.state = State::Draining { kill_at: after(now, self.cfg.stop_timeout), killed: false };
-                    self.replace_active();
+                    if self.stop_begun() {
+                        tracing::info!(
+                            event = "stopping",
+                            generation = number,
+                            "generation {number} is stopping with baton; no replacement"
+                        );
+                    } else {
+                        tracing::info!(
+                            event = "stopping",
+                            generation = number,
+                            "generation {number} is stopping on its own; starting a replacement"
+                        );
+                        self.replace_active();
+                    }
                 }
             }
             Some(Lifecycle::Reloading) | None => {}
@@ -1352,6 +1367,20 @@ impl Supervisor {
     }
 
     // ---- stopping -----------------------------------------------------
+
+    /// Whether Baton's stop has begun, beginning it now if a stop signal
+    /// arrived that tokio's stream has not delivered yet: nothing may be
+    /// spawned then. Under `KillMode=control-group` systemd's SIGTERM reaches
+    /// Baton and the generations at once, and a generation's STOPPING=1 (or
+    /// exit) read before the stream fires would otherwise start a
+    /// replacement that is stopped right away (see [`crate::stop_signal`]).
+    fn stop_begun(&mut self) -> bool {
+        if self.stopping.is_none() && self.ended.is_none() && crate::stop_signal::arrived() {
+            tracing::info!(event = "stop-signal", "stop signal received");
+            self.begin_stop(None);
+        }
+        self.stopping.is_some() || self.ended.is_some()
+    }
 
     fn begin_stop(&mut self, reply: Option<oneshot::Sender<Response>>) {
         if let Some(waiters) = &mut self.stopping {

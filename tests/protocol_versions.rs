@@ -1,0 +1,205 @@
+//! Baton and the newer parts of systemd's protocol (253–262, see
+//! `shared/reference/systemd-protocol.md` §7), and the stop race they made
+//! visible:
+//!
+//! - a stop signal and a generation's own `STOPPING=1` arriving together
+//!   (systemd's `KillMode=control-group` signals Baton and the generations
+//!   at once) never spawn a replacement;
+//! - `STOPPING=1` is final from systemd 259 on: a generation's own
+//!   `STOPPING=1` is never forwarded, the unit stays active;
+//! - Baton's own `$MAINPIDFDID`/`$MANAGERPIDFDID` (258+) never reach a
+//!   generation;
+//! - `LISTEN_PIDFDID` (259+) names the generation's own pidfd inode id on
+//!   kernels with pidfs (6.9+);
+//! - `RESTART_RESET=1` (258+) once a generation has proven healthy, harmless
+//!   where systemd does not know it.
+//!
+//! Real processes and sockets throughout; the systemd cases boot the testbed
+//! (252 on the host, 257 from the trixie root).
+
+use std::ffi::OsString;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use baton_testbed::{cargo_bin, poll_until, unique_temp_dir};
+use rustix::process::{Pid, Signal};
+
+/// Deadline for anything that should happen soon: generous, the machine
+/// is a noisy 2-core box.
+const WAIT: Duration = Duration::from_secs(30);
+
+fn baton_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_baton")
+}
+
+fn probe_bin() -> PathBuf {
+    cargo_bin("sd-probe", "baton-sd-probe")
+}
+
+fn signal(pid: u32, sig: Signal) {
+    rustix::process::kill_process(Pid::from_raw(pid as i32).unwrap(), sig).unwrap();
+}
+
+/// The state letter of `/proc/PID/stat` (`R`, `S`, `T`, `Z`, ...).
+fn proc_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+/// How many fds `pid` has open.
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// `baton run --control DIR/baton.sock ARGS -- APP...` with its log in
+/// `DIR/baton.log`.
+struct Baton {
+    child: Child,
+    dir: PathBuf,
+    control: PathBuf,
+    exited: Option<ExitStatus>,
+}
+
+impl Baton {
+    fn launch(dir: &Path, args: &[&str], app: &[OsString], env: &[(&str, &str)]) -> Baton {
+        let control = dir.join("baton.sock");
+        let mut cmd = Command::new(baton_bin());
+        cmd.arg("run").arg("--control").arg(&control).args(args).arg("--").args(app);
+        cmd.stdout(std::fs::File::create(dir.join("baton.out")).unwrap())
+            .stderr(std::fs::File::create(dir.join("baton.log")).unwrap())
+            .stdin(Stdio::null())
+            .current_dir(dir)
+            .envs(env.iter().copied())
+            .env("BATON_LOG", "debug");
+        let child = cmd.spawn().expect("spawn baton");
+        Baton { child, dir: dir.to_owned(), control, exited: None }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("baton.log")).unwrap_or_default()
+    }
+
+    /// `baton status --json`, or `None` while Baton does not answer.
+    fn try_status(&self) -> Option<serde_json::Value> {
+        let out =
+            Command::new(baton_bin()).arg("status").arg("--control").arg(&self.control).arg("--json").output().ok()?;
+        out.status.success().then(|| serde_json::from_slice(&out.stdout).ok()).flatten()
+    }
+
+    /// Waits until generation `n` is active; returns its pid.
+    fn wait_active(&self, n: u64) -> u32 {
+        poll_until(&format!("generation {n} active"), WAIT, || {
+            let s = self.try_status()?;
+            let g = s["generations"].as_array()?.iter().find(|g| g["generation"] == n && g["state"] == "active")?;
+            g["pid"].as_u64().map(|p| p as u32)
+        })
+        .unwrap_or_else(|e| panic!("{e}\nlog:\n{}", self.log()))
+    }
+
+    /// The address of its first listener (`baton status`).
+    fn local_addr(&self) -> std::net::SocketAddr {
+        let s = self.try_status().expect("baton status");
+        let local = s["sockets"][0]["local"].as_str().unwrap_or_else(|| panic!("no socket in {s}"));
+        local.trim_start_matches("tcp ").parse().unwrap_or_else(|e| panic!("{local:?}: {e}"))
+    }
+
+    fn wait_exit(&mut self) -> ExitStatus {
+        if let Some(s) = self.exited {
+            return s;
+        }
+        let child = &mut self.child;
+        let status = poll_until("baton to exit", WAIT, || child.try_wait().ok().flatten());
+        let status = status.unwrap_or_else(|e| panic!("{e}\nlog:\n{}", self.log()));
+        self.exited = Some(status);
+        status
+    }
+}
+
+impl Drop for Baton {
+    fn drop(&mut self) {
+        if self.exited.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn wait_file_line(path: &Path, line: &str) {
+    poll_until(&format!("{line:?} in {}", path.display()), WAIT, || {
+        std::fs::read_to_string(path).ok()?.lines().any(|l| l.starts_with(line)).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
+// ---- the stop race ------------------------------------------------------
+
+/// SIGTERM to Baton and the generation's own `STOPPING=1` pending together
+/// (Baton frozen with SIGSTOP while both are queued, then SIGCONT), as under
+/// `systemctl stop` with `KillMode=control-group`: Baton stops and never
+/// spawns generation 2. Before the fix, whichever of the two events tokio's
+/// `select!` polled first won, so some rounds started a replacement only to
+/// stop it; 40 rounds make a miss all but impossible.
+#[test]
+fn stop_signal_with_a_generations_own_stopping_spawns_nothing() {
+    const ROUNDS: usize = 40;
+    // Four at a time: each round waits about a second for the drain.
+    const PARALLEL: usize = 4;
+    let t0 = Instant::now();
+    let mut spawned: Vec<usize> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..PARALLEL)
+            .map(|w| {
+                scope.spawn(move || (w..ROUNDS).step_by(PARALLEL).filter(|&r| stop_race_round(r)).collect::<Vec<_>>())
+            })
+            .collect();
+        workers.into_iter().flat_map(|w| w.join().unwrap()).collect()
+    });
+    spawned.sort();
+    eprintln!("stop race: generation 2 spawned in {} of {ROUNDS} rounds ({:?} in all)", spawned.len(), t0.elapsed());
+    assert!(spawned.is_empty(), "a replacement was spawned during baton's stop in rounds {spawned:?}");
+}
+
+/// One round of [`stop_signal_with_a_generations_own_stopping_spawns_nothing`]:
+/// whether Baton spawned generation 2.
+fn stop_race_round(round: usize) -> bool {
+    let dir = unique_temp_dir("baton-proto", &format!("stop-race-{round}"));
+    let report = dir.join("report");
+    let app: Vec<OsString> = vec![
+        probe_bin().into(),
+        "--serve".into(),
+        "http".into(),
+        "--stop-on-usr1".into(),
+        "--reply-delay-ms".into(),
+        "1000".into(),
+        "--report".into(),
+        report.clone().into(),
+    ];
+    let mut b = Baton::launch(&dir, &["-l", "http=127.0.0.1:0"], &app, &[]);
+    let pid1 = b.wait_active(1);
+    // A request in flight keeps the generation draining (alive) after its
+    // STOPPING=1: an exited sender's datagram is refused anyway.
+    let fds = fd_count(pid1);
+    let _in_flight = TcpStream::connect(b.local_addr()).unwrap();
+    poll_until("the probe accepting the request", WAIT, || (fd_count(pid1) > fds).then_some(()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    signal(b.pid(), Signal::STOP);
+    poll_until("baton stopped by SIGSTOP", WAIT, || (proc_state(b.pid()) == Some('T')).then_some(()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    // systemd's order: Baton first, then the rest of the cgroup.
+    signal(b.pid(), Signal::TERM);
+    signal(pid1, Signal::USR1);
+    // The probe writes this line right after its STOPPING=1 went out: the
+    // datagram waits in Baton's socket.
+    wait_file_line(&report, "stopping-self");
+    signal(b.pid(), Signal::CONT);
+    let status = b.wait_exit();
+    let log = b.log();
+    assert!(status.success(), "baton exited with {status}\nlog:\n{log}");
+    assert!(log.contains("stopping all generations"), "{log}");
+    log.contains("generation 2 started")
+}
