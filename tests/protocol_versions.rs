@@ -19,12 +19,13 @@
 
 use std::ffi::OsString;
 use std::net::TcpStream;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use baton_testbed::{cargo_bin, poll_until, unique_temp_dir};
-use rustix::process::{Pid, Signal};
+use rustix::process::{Pid, PidfdFlags, Signal};
 
 /// Deadline for anything that should happen soon: generous, the machine
 /// is a noisy 2-core box.
@@ -202,4 +203,54 @@ fn stop_race_round(round: usize) -> bool {
     assert!(status.success(), "baton exited with {status}\nlog:\n{log}");
     assert!(log.contains("stopping all generations"), "{log}");
     log.contains("generation 2 started")
+}
+
+// ---- what a generation inherits -------------------------------------------
+
+/// Baton started with systemd's variables about *its* process and manager
+/// (`$MAINPID`/`$MAINPIDFDID`, `$MANAGERPID`/`$MANAGERPIDFDID`, 258+) and a
+/// stale `LISTEN_PIDFDID`: the generation sees none of Baton's, and a
+/// `LISTEN_PIDFDID` that is its own pidfd id (on kernels with pidfs), which
+/// `baton-sd` accepts (the probe takes its listener).
+#[test]
+fn a_generation_gets_its_own_pidfd_id_and_none_of_batons_ids() {
+    let dir = unique_temp_dir("baton-proto", "generation-env");
+    let (env_file, report) = (dir.join("env"), dir.join("report"));
+    let script = format!(
+        "env > {}.tmp && mv {0}.tmp {0}; exec \"$0\" --serve http --report {}",
+        env_file.display(),
+        report.display()
+    );
+    let app: Vec<OsString> = vec!["/bin/sh".into(), "-c".into(), script.into(), probe_bin().into()];
+    let batons = [
+        ("MAINPID", "1"),
+        ("MAINPIDFDID", "4242"),
+        ("MANAGERPID", "1"),
+        ("MANAGERPIDFDID", "4243"),
+        ("LISTEN_PIDFDID", "4244"),
+    ];
+    let b = Baton::launch(&dir, &["-l", "http=127.0.0.1:0"], &app, &batons);
+    let pid = b.wait_active(1);
+    let text = std::fs::read_to_string(&env_file).unwrap();
+    let var = |name: &str| text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix('=').map(str::to_owned));
+    for (name, _) in &batons[..4] {
+        assert_eq!(var(name), None, "baton's {name} reached the generation:\n{text}");
+    }
+    assert_eq!(var("LISTEN_PID"), Some(pid.to_string()));
+    let pidfd = rustix::process::pidfd_open(Pid::from_raw(pid as i32).unwrap(), PidfdFlags::empty()).unwrap();
+    let expected = baton_sd::pidfs::pidfd_inode_id(pidfd.as_fd());
+    eprintln!("generation pid {pid}: LISTEN_PIDFDID={:?}, its pidfd id {expected:?}", var("LISTEN_PIDFDID"));
+    assert_eq!(var("LISTEN_PIDFDID"), expected.map(|id| id.to_string()), "{text}");
+    if kernel_release_at_least(6, 9) {
+        assert!(expected.is_some(), "a kernel with pidfs must name the generation by pidfd id");
+    }
+    let report = std::fs::read_to_string(&report).unwrap();
+    assert!(report.lines().any(|l| l.starts_with("fd 3 name=http kind=a listening TCP socket")), "{report}");
+}
+
+/// Whether the running kernel is at least `major.minor`.
+fn kernel_release_at_least(major: u32, minor: u32) -> bool {
+    let release = rustix::system::uname().release().to_string_lossy().into_owned();
+    let mut parts = release.split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (major, minor)
 }
