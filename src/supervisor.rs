@@ -48,6 +48,12 @@ use crate::spawn::{AppCommand, Child, GenerationSetup};
 use crate::store::FdStore;
 use crate::upgrade::{self, Handover, Image, ProbeInfo, UpgradeError};
 
+/// How long a generation must serve, from its cutover, before it has proven
+/// healthy and Baton sends `RESTART_RESET=1` (systemd ≥ 258): systemd's
+/// restarts of Baton before that (`NRestarts`, which `RestartSteps=` grows
+/// the next restart delay by) no longer count. Once per Baton process: its
+/// own later restarts of the app are not systemd's.
+const PROVEN_HEALTHY_AFTER: Duration = Duration::from_secs(10);
 /// How soon to retry moving connections when the handoff socket was full.
 const FLUSH_RETRY: Duration = Duration::from_millis(50);
 /// Before an upgrade's exec: how long control clients already connected may
@@ -290,6 +296,22 @@ pub struct Supervisor {
     /// Rate limit and summaries for the log of refused notify datagrams and
     /// handoff connections.
     refusals: RefusalLog,
+    /// `RESTART_RESET=1` upstream: not yet, due once this generation has
+    /// served until then, or already sent (see [`PROVEN_HEALTHY_AFTER`]).
+    restart_reset: RestartReset,
+}
+
+/// Where `RESTART_RESET=1` stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RestartReset {
+    /// No generation has cut over yet (or the last one stopped serving
+    /// before it was due).
+    Waiting,
+    /// Generation `generation` cut over; send if it is still the active one
+    /// at `at`.
+    Due { generation: u64, at: Instant },
+    /// Sent (or, after `baton upgrade`, not this image's to send).
+    Done,
 }
 
 struct PendingUpgrade {
@@ -384,6 +406,7 @@ impl Supervisor {
             upgrading: None,
             adopted: None,
             refusals: RefusalLog::new(),
+            restart_reset: RestartReset::Waiting,
         })
     }
 
@@ -479,6 +502,9 @@ impl Supervisor {
             next = next.min(p.deadline);
         }
         if let Some(at) = self.flush_retry {
+            next = next.min(at);
+        }
+        if let RestartReset::Due { at, .. } = self.restart_reset {
             next = next.min(at);
         }
         for g in &self.generations {
@@ -696,9 +722,35 @@ impl Supervisor {
             ready_ms: g.ready_at.map_or(0, |r| (r - g.spawned_at).as_millis() as u64),
             replaced,
         };
+        if self.restart_reset != RestartReset::Done {
+            self.restart_reset = RestartReset::Due { generation: number, at: after(now, PROVEN_HEALTHY_AFTER) };
+        }
         self.enforce_draining_limit();
         self.flush_connections();
         self.finish_restart(Ok(done));
+    }
+
+    /// `RESTART_RESET=1` once the generation that cut over is still serving
+    /// [`PROVEN_HEALTHY_AFTER`] later. systemd < 258 ignores the unknown
+    /// assignment (252's `service_notify_message()` only looks up the keys
+    /// it knows), so it is sent whatever the version.
+    fn restart_reset_if_due(&mut self, now: Instant) {
+        let RestartReset::Due { generation, at } = self.restart_reset else { return };
+        if at > now {
+            return;
+        }
+        if self.active().is_some_and(|g| g.number == generation) && !self.stop_begun() {
+            tracing::info!(
+                event = "restart-reset",
+                generation,
+                "generation {generation} has served for {PROVEN_HEALTHY_AFTER:?}: RESTART_RESET=1 (earlier restarts of \
+                 baton stop counting)"
+            );
+            self.upstream_notify(&[NotifyState::RestartReset]);
+            self.restart_reset = RestartReset::Done;
+        } else {
+            self.restart_reset = RestartReset::Waiting;
+        }
     }
 
     /// Kills the oldest draining generations beyond `max_draining`.
@@ -867,6 +919,7 @@ impl Supervisor {
             self.flush_retry = None;
             self.flush_connections();
         }
+        self.restart_reset_if_due(now);
         if self.scheduled.is_some_and(|at| at <= now) {
             self.scheduled = None;
             if self.restart.is_none() && !self.stop_begun() {
@@ -1992,6 +2045,9 @@ impl Supervisor {
                 previous_binary: h.previous_binary,
             }),
             refusals: RefusalLog::new(),
+            // The image before proved its generations already; an upgrade
+            // is no restart systemd counts.
+            restart_reset: RestartReset::Done,
         };
         Ok((supervisor, requests))
     }

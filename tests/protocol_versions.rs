@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use baton_testbed::{cargo_bin, poll_until, unique_temp_dir};
+use baton_testbed::{Flavor, Testbed, cargo_bin, free_loopback_port, poll_until, skip_unless_root, unique_temp_dir};
 use rustix::process::{Pid, PidfdFlags, Signal};
 
 /// Deadline for anything that should happen soon: generous, the machine
@@ -254,3 +254,173 @@ fn kernel_release_at_least(major: u32, minor: u32) -> bool {
     let mut parts = release.split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
     (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (major, minor)
 }
+
+// ---- under systemd ------------------------------------------------------
+
+/// A booted testbed with `app.service` = Baton running the probe.
+struct Bed {
+    tb: Testbed,
+    report: PathBuf,
+    port: u16,
+}
+
+impl Bed {
+    fn boot(flavor: Flavor, test: &str) -> Option<Bed> {
+        if !skip_unless_root(test) {
+            return None;
+        }
+        let tb = Testbed::boot(flavor).unwrap_or_else(|e| panic!("{test}: boot {flavor}: {e}"));
+        let report = tb.scratch().join("report");
+        Some(Bed { tb, report, port: free_loopback_port() })
+    }
+
+    fn show(&self, prop: &str) -> String {
+        self.tb.show("app.service", prop).unwrap_or_else(|e| panic!("show {prop}: {e}"))
+    }
+
+    fn ok(&self, args: &[&str]) {
+        self.tb.systemctl_checked(args).unwrap_or_else(|e| panic!("systemctl {args:?}: {e}\n{}", self.report_text()));
+    }
+
+    fn report_text(&self) -> String {
+        std::fs::read_to_string(&self.report).unwrap_or_default()
+    }
+
+    /// Pids of the probe's starts, in order.
+    fn starts(&self) -> Vec<u32> {
+        self.report_text().lines().filter_map(|l| l.strip_prefix("start pid=")?.parse().ok()).collect()
+    }
+
+    fn journal(&self) -> String {
+        self.tb.journal(Some("app.service")).unwrap_or_else(|e| panic!("journal: {e}"))
+    }
+
+    fn wait_for(&self, what: &str, mut pred: impl FnMut() -> bool) {
+        self.tb
+            .wait_for(what, WAIT, &mut pred)
+            .unwrap_or_else(|e| panic!("{e}\nreport:\n{}\njournal:\n{}", self.report_text(), self.journal()));
+    }
+}
+
+/// One request to the probe: it answers `http PID`.
+fn ask(port: u16) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(WAIT)).ok()?;
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut s, &mut out).ok()?;
+    Some(out.trim().to_owned())
+}
+
+/// `STOPPING=1` final (259+) and `RESTART_RESET=1` (258+), on whatever
+/// systemd `b` runs:
+///
+/// 1. systemd restarts a SIGKILLed Baton (`Restart=always`): `NRestarts=1`.
+/// 2. The new Baton's generation sends `STOPPING=1` on its own (the probe
+///    on SIGUSR1): Baton starts a replacement and sends nothing of it
+///    upstream, so the unit never leaves `active/running` (sampled until
+///    the replacement serves) and `MainPID` stays Baton.
+/// 3. 10 s after that cutover Baton sends `RESTART_RESET=1`: systemd ≥ 258
+///    resets `NRestarts` to 0; older ones ignore the unknown assignment and
+///    the unit stays active with `NRestarts=1`.
+fn stopping_is_never_forwarded_and_restart_reset(b: &Bed) {
+    let version = b.tb.systemd_version();
+    let unit = format!(
+        "[Unit]\nStartLimitIntervalSec=0\n[Service]\nType=notify\nRestart=always\nRestartSec=200ms\n\
+         RuntimeDirectory=baton\nFileDescriptorStoreMax=64\n\
+         ExecStart={} run -l http=127.0.0.1:{} --name app -- {} --serve http --stop-on-usr1 --reply-delay-ms 1000 --report {}\n",
+        baton_bin(),
+        b.port,
+        probe_bin().display(),
+        b.report.display()
+    );
+    b.tb.install_unit("app.service", &unit).unwrap_or_else(|e| panic!("install: {e}"));
+    b.ok(&["start", "app.service"]);
+    let main1 = b.show("MainPID");
+    let before = b.starts().len();
+    b.ok(&["kill", "-s", "SIGKILL", "--kill-whom=main", "app.service"]);
+    b.wait_for("a new Baton", || {
+        let main = b.show("MainPID");
+        main != main1 && main != "0" && b.show("ActiveState") == "active"
+    });
+    let main2 = b.show("MainPID");
+    assert_eq!(b.show("NRestarts"), "1");
+    b.wait_for("the new Baton's generation", || b.starts().len() > before);
+    let pid1 = *b.starts().last().unwrap();
+    b.wait_for("its generation serving", || ask(b.port) == Some(format!("http {pid1}")));
+
+    // The generation stops on its own, while a request keeps it draining
+    // (an exited sender's datagram would be refused, see the report).
+    let fds = || {
+        let out = b.tb.run(&["/bin/sh", "-c", &format!("ls /proc/{pid1}/fd | wc -l")]).unwrap();
+        out.stdout_trimmed().parse::<usize>().unwrap_or(0)
+    };
+    let idle = fds();
+    let in_flight = TcpStream::connect(("127.0.0.1", b.port)).unwrap();
+    b.wait_for("the generation accepting a request", || fds() > idle);
+    let t0 = Instant::now();
+    let out = b.tb.run(&["/bin/sh", "-c", &format!("kill -USR1 {pid1}")]).unwrap();
+    assert!(out.success(), "{out}");
+    let mut states = std::collections::BTreeSet::new();
+    let mut pid2 = None;
+    b.wait_for("the replacement serving", || {
+        states.insert(format!("{}/{}", b.show("ActiveState"), b.show("SubState")));
+        pid2 = b.starts().last().copied().filter(|&p| p != pid1);
+        pid2.is_some_and(|p| ask(b.port) == Some(format!("http {p}")))
+    });
+    let replaced_in = t0.elapsed();
+    drop(in_flight);
+    for _ in 0..10 {
+        states.insert(format!("{}/{}", b.show("ActiveState"), b.show("SubState")));
+    }
+    assert_eq!(states.into_iter().collect::<Vec<_>>(), ["active/running"], "a generation's STOPPING=1 reached systemd");
+    assert_eq!(b.show("MainPID"), main2, "baton must stay the main process");
+    let journal = b.journal();
+    assert!(journal.contains("is stopping on its own; starting a replacement"), "{journal}");
+
+    // RESTART_RESET=1 once generation 2 has served for 10 s.
+    b.tb.wait_for("RESTART_RESET=1 in baton's log", Duration::from_secs(40), || {
+        b.journal().contains("RESTART_RESET=1 (earlier restarts")
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", b.journal()));
+    let expected = if version >= 258 { "0" } else { "1" };
+    b.wait_for(&format!("NRestarts={expected}"), || b.show("NRestarts") == expected);
+    assert_eq!(format!("{}/{}", b.show("ActiveState"), b.show("SubState")), "active/running");
+    assert_eq!(ask(b.port), Some(format!("http {}", pid2.unwrap())));
+    eprintln!(
+        "systemd {version}: generation's own STOPPING=1 replaced in {replaced_in:?}, unit stayed active/running; \
+         after RESTART_RESET=1 NRestarts={}",
+        b.show("NRestarts")
+    );
+}
+
+fn run_scenario(flavor: Flavor, version: u32, name: &str, scenario: fn(&Bed)) {
+    let Some(b) = Bed::boot(flavor, name) else { return };
+    assert_eq!(b.tb.systemd_version(), version);
+    let t0 = Instant::now();
+    scenario(&b);
+    eprintln!("{name}: scenario {:?} (boot {:?})", t0.elapsed(), b.tb.boot_duration());
+}
+
+/// One test per systemd version; Forky (262) is one more line here once
+/// `Flavor::Forky` exists: `systemd_262 => Forky, 262`.
+macro_rules! on_versions {
+    ($($scenario:ident),* $(,)?) => {
+        $(mod $scenario {
+            on_versions!(@one $scenario, systemd_252 => Host, 252);
+            on_versions!(@one $scenario, systemd_257 => Trixie, 257);
+        })*
+    };
+    (@one $scenario:ident, $test:ident => $flavor:ident, $version:literal) => {
+        #[test]
+        fn $test() {
+            super::run_scenario(
+                baton_testbed::Flavor::$flavor,
+                $version,
+                concat!(stringify!($scenario), "::", stringify!($test)),
+                super::$scenario,
+            );
+        }
+    };
+}
+
+on_versions!(stopping_is_never_forwarded_and_restart_reset);
