@@ -1643,7 +1643,9 @@ impl Supervisor {
         // its pipe: one pass of the driver (yield) moves it to the streams.
         tokio::task::yield_now().await;
         let [hup, term, int] = signals;
-        let (stop, restart) = (taken(term) | taken(int), taken(hup));
+        // The flag as well: it is set by the handler itself, whatever the
+        // driver has done since (see `crate::stop_signal`).
+        let (stop, restart) = (taken(term) | taken(int) | crate::stop_signal::arrived(), taken(hup));
         if stop || restart {
             let what = if stop { "baton is stopping" } else { "a restart was requested (SIGHUP)" };
             self.fail_upgrade(up, format!("busy: {what}; nothing was changed"));
