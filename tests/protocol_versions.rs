@@ -393,6 +393,47 @@ fn stopping_is_never_forwarded_and_restart_reset(b: &Bed) {
     );
 }
 
+/// `systemctl stop` with `KillMode=control-group`: systemd's SIGTERM
+/// reaches Baton and the generation at once, and the generation (the probe,
+/// kept draining by a request in flight) answers it with its own
+/// `STOPPING=1`. In 20 stops Baton never spawns a replacement, and every
+/// stop ends `inactive` with `Result=success`.
+fn systemctl_stop_spawns_no_replacement(b: &Bed) {
+    const ROUNDS: usize = 20;
+    let unit = format!(
+        "[Service]\nType=notify\nKillMode=control-group\nRuntimeDirectory=baton\n\
+         ExecStart={} run -l http=127.0.0.1:{} --name app -- {} --serve http --reply-delay-ms 300 --report {}\n",
+        baton_bin(),
+        b.port,
+        probe_bin().display(),
+        b.report.display()
+    );
+    b.tb.install_unit("app.service", &unit).unwrap_or_else(|e| panic!("install: {e}"));
+    let t0 = Instant::now();
+    for round in 0..ROUNDS {
+        b.ok(&["start", "app.service"]);
+        let pid = *b.starts().last().unwrap();
+        let fds = || {
+            let out = b.tb.run(&["/bin/sh", "-c", &format!("ls /proc/{pid}/fd | wc -l")]).unwrap();
+            out.stdout_trimmed().parse::<usize>().unwrap_or(0)
+        };
+        let idle = fds();
+        let in_flight = TcpStream::connect(("127.0.0.1", b.port)).unwrap();
+        b.wait_for("the generation accepting a request", || fds() > idle);
+        b.ok(&["stop", "app.service"]);
+        drop(in_flight);
+        assert_eq!(b.show("Result"), "success", "round {round}");
+        let journal = b.journal();
+        assert!(!journal.contains("generation 2 started"), "round {round}: a replacement was spawned:\n{journal}");
+    }
+    eprintln!(
+        "systemd {}: {ROUNDS} stops under KillMode=control-group with the generation's own STOPPING=1, no \
+         replacement spawned ({:?})",
+        b.tb.systemd_version(),
+        t0.elapsed()
+    );
+}
+
 fn run_scenario(flavor: Flavor, version: u32, name: &str, scenario: fn(&Bed)) {
     let Some(b) = Bed::boot(flavor, name) else { return };
     assert_eq!(b.tb.systemd_version(), version);
@@ -423,4 +464,4 @@ macro_rules! on_versions {
     };
 }
 
-on_versions!(stopping_is_never_forwarded_and_restart_reset);
+on_versions!(stopping_is_never_forwarded_and_restart_reset, systemctl_stop_spawns_no_replacement);
