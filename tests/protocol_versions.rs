@@ -4,7 +4,8 @@
 //!
 //! - a stop signal and a generation's own `STOPPING=1` arriving together
 //!   (systemd's `KillMode=control-group` signals Baton and the generations
-//!   at once) never spawn a replacement;
+//!   at once) never spawn a replacement: deterministically pending together
+//!   (SIGSTOP/SIGCONT), and through 20 real `systemctl stop`s;
 //! - `STOPPING=1` is final from systemd 259 on: a generation's own
 //!   `STOPPING=1` is never forwarded, the unit stays active;
 //! - Baton's own `$MAINPIDFDID`/`$MANAGERPIDFDID` (258+) never reach a
@@ -15,7 +16,8 @@
 //!   where systemd does not know it.
 //!
 //! Real processes and sockets throughout; the systemd cases boot the testbed
-//! (252 on the host, 257 from the trixie root).
+//! (252 on the host, 257 from the trixie root; 262 is one line in
+//! `on_versions!` once the testbed has Debian forky).
 
 use std::ffi::OsString;
 use std::net::TcpStream;
