@@ -24,6 +24,8 @@
 //! - [`ratelimit`]: rate limit and summaries for the log of refused traffic.
 //! - [`store`]: Baton's own fd store (`FDSTORE=1` from the app), polled for
 //!   hang-ups.
+//! - [`stop_signal`]: whether SIGTERM/SIGINT arrived, before tokio's stream
+//!   says so (no replacement is spawned once a stop is on its way).
 //! - [`supervisor`]: the generation state machine: start, READY, overlapped
 //!   restart, drain, crash backoff.
 //! - [`control`]: the control socket and the client side of `baton restart`,
@@ -47,6 +49,7 @@ pub mod ratelimit;
 pub mod reaper;
 pub mod rundir;
 pub mod spawn;
+pub mod stop_signal;
 pub mod store;
 pub mod supervisor;
 pub mod units;

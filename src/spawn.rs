@@ -1,6 +1,7 @@
 //! Spawning one generation of the app exactly as systemd's `exec_child()`
 //! would: passed fds at 3.. without `FD_CLOEXEC`, `LISTEN_PID`/`LISTEN_FDS`/
-//! `LISTEN_FDNAMES`, `NOTIFY_SOCKET`, `WATCHDOG_PID`/`WATCHDOG_USEC`, default
+//! `LISTEN_FDNAMES` (and `LISTEN_PIDFDID` on kernels with pidfs, as systemd
+//! 259's `exec_child()` sets it), `NOTIFY_SOCKET`, `WATCHDOG_PID`/`WATCHDOG_USEC`, default
 //! signal dispositions and an empty signal mask, its own process group, and
 //! no other fd of Baton's.
 //!
@@ -49,10 +50,24 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 /// by the systemd that started Baton) describe *Baton's* fds and socket and
 /// must never reach the app, so they are dropped from the inherited
 /// environment and refused in [`GenerationSetup::extra_env`].
-/// `LISTEN_PIDFDID` (newer systemd) is included: a stale one would make a new
-/// libsystemd in the app reject the fds we pass.
+/// `LISTEN_PIDFDID` (systemd ≥ 259) is included: a stale one would make a
+/// new libsystemd in the app reject the fds we pass; Baton sets its own.
 const MANAGED_VARS: [&str; 7] =
     ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PIDFDID", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"];
+
+/// Variables systemd sets that describe *Baton's* place in the service, not
+/// a generation's: `$MAINPID`/`$MAINPIDFDID` (258+ for the latter; set for
+/// control processes, and they would name Baton) and `$MANAGERPID`/
+/// `$MANAGERPIDFDID` (258+; user managers: a generation's manager is Baton,
+/// not systemd). Dropped from what generations inherit, and refused in
+/// [`GenerationSetup::extra_env`], so an app never mistakes them for its own.
+const BATONS_OWN_VARS: [&str; 4] = ["MAINPID", "MAINPIDFDID", "MANAGERPID", "MANAGERPIDFDID"];
+
+/// Room for a pidfd inode id in `LISTEN_PIDFDID=`: a `u64`, twenty digits.
+const ID_DIGITS: usize = 20;
+
+/// `PID_FS_MAGIC` (see [`baton_sd::pidfs`]), as `statfs` reports it.
+const PID_FS_MAGIC: libc::c_long = baton_sd::pidfs::PID_FS_MAGIC as libc::c_long;
 
 /// One past the highest signal number on Linux (`_NSIG`, 64 + 1).
 const NSIG: c_int = 65;
@@ -446,6 +461,10 @@ struct ExecPlan {
     /// Where the child writes its pid (`LISTEN_PID=`, `WATCHDOG_PID=`
     /// values), or null.
     pid_slots: [*mut u8; 2],
+    /// Where the child writes its pidfd id (`LISTEN_PIDFDID=` value), or null.
+    pidfd_id_slot: *mut u8,
+    /// The index of that entry in `envp` (the last one).
+    pidfd_id_entry: Option<usize>,
     /// Source fds, in passing order.
     sources: Vec<c_int>,
     /// Scratch space for the child's temporary duplicates, one per source.
@@ -461,6 +480,9 @@ struct ChildPlan {
     argv: *const *const c_char,
     envp: *const *const c_char,
     pid_slots: [*mut u8; 2],
+    pidfd_id_slot: *mut u8,
+    /// The `envp` element of `LISTEN_PIDFDID=`, nulled when there is no id.
+    pidfd_id_envp: *mut *const c_char,
     sources: *const c_int,
     scratch: *mut c_int,
     count: usize,
@@ -475,7 +497,7 @@ impl ExecPlan {
             validate_extra(name, value)?;
         }
         let overridden = |key: &[u8]| {
-            MANAGED_VARS.iter().any(|m| m.as_bytes() == key)
+            MANAGED_VARS.iter().chain(&BATONS_OWN_VARS).any(|m| m.as_bytes() == key)
                 || setup.extra_env.iter().any(|(name, _)| name.as_bytes() == key)
         };
         let mut env_storage: Vec<Box<[u8]>> = Vec::new();
@@ -518,14 +540,27 @@ impl ExecPlan {
         for (name, value) in setup.extra_env {
             env_storage.push(entry(name.as_bytes(), value.as_bytes()));
         }
+        // Last, so the child can drop it by ending `envp` one entry early
+        // when its kernel has no pidfs (no id to give).
+        let pidfd_id_entry = (!setup.fds.is_empty()).then(|| {
+            env_storage.push(entry(ListenEnv::PIDFD_ID_VAR.as_bytes(), &[0; ID_DIGITS]));
+            env_storage.len() - 1
+        });
 
         // All pointers are derived from `as_mut_ptr()` once, after the last
         // push, and the buffers are not touched through references again.
         let mut envp = Vec::with_capacity(env_storage.len() + 1);
         let mut pid_slots = [std::ptr::null_mut(); 2];
+        let mut pidfd_id_slot = std::ptr::null_mut();
         let mut slot = 0;
         for (i, buf) in env_storage.iter_mut().enumerate() {
             let base = buf.as_mut_ptr();
+            if pidfd_id_entry == Some(i) {
+                let eq = buf.iter().position(|&b| b == b'=').expect("entry() writes KEY=");
+                // SAFETY: `eq + 1` is within the buffer: ID_DIGITS zero bytes
+                // plus the terminator follow the '='.
+                pidfd_id_slot = unsafe { base.add(eq + 1) };
+            }
             if pid_entries.contains(&i) {
                 let eq = buf.iter().position(|&b| b == b'=').expect("entry() writes KEY=");
                 // SAFETY: `eq + 1` is within the buffer: PID_DIGITS zero bytes
@@ -540,15 +575,33 @@ impl ExecPlan {
         argv.push(std::ptr::null());
         let sources: Vec<c_int> = setup.fds.iter().map(|(fd, _)| fd.as_raw_fd()).collect();
         let scratch = vec![-1; sources.len()];
-        Ok(ExecPlan { env_storage, envp, argv, pid_slots, sources, scratch, empty_mask: SigSet::empty() })
+        Ok(ExecPlan {
+            env_storage,
+            envp,
+            argv,
+            pid_slots,
+            pidfd_id_slot,
+            pidfd_id_entry,
+            sources,
+            scratch,
+            empty_mask: SigSet::empty(),
+        })
     }
 
     fn child_plan(&mut self, cmd: &AppCommand, status_fd: RawFd, output: RawFd) -> ChildPlan {
+        let pidfd_id_envp = match self.pidfd_id_entry {
+            // SAFETY: the index is within `envp` (it has one more element,
+            // the terminating null).
+            Some(i) => unsafe { self.envp.as_mut_ptr().add(i) },
+            None => std::ptr::null_mut(),
+        };
         ChildPlan {
             program: cmd.program_c.as_ptr(),
             argv: self.argv.as_ptr(),
             envp: self.envp.as_ptr(),
             pid_slots: self.pid_slots,
+            pidfd_id_slot: self.pidfd_id_slot,
+            pidfd_id_envp,
             sources: self.sources.as_ptr(),
             scratch: self.scratch.as_mut_ptr(),
             count: self.sources.len(),
@@ -579,6 +632,9 @@ fn validate_extra(name: &str, value: &str) -> Result<(), SpawnError> {
     }
     if MANAGED_VARS.contains(&name) {
         return fail("Baton sets it itself from the generation's fds, notify socket and watchdog");
+    }
+    if BATONS_OWN_VARS.contains(&name) {
+        return fail("it describes baton's own process and manager, never a generation's");
     }
     Ok(())
 }
@@ -713,13 +769,45 @@ unsafe fn child_after_fork(plan: &ChildPlan) -> ! {
         let pid = libc::getpid() as u32;
         for slot in plan.pid_slots {
             if !slot.is_null() {
-                write_decimal(slot, pid);
+                write_decimal(slot, u64::from(pid));
+            }
+        }
+        if !plan.pidfd_id_slot.is_null() {
+            match own_pidfd_id() {
+                Some(id) => write_decimal(plan.pidfd_id_slot, id),
+                // No pidfs: LISTEN_PID alone, as systemd does then. The
+                // entry is the last one, so ending the array drops it.
+                None => *plan.pidfd_id_envp = std::ptr::null(),
             }
         }
 
         libc::sigprocmask(libc::SIG_SETMASK, plan.empty_mask, std::ptr::null_mut());
         libc::execve(plan.program, plan.argv, plan.envp);
         fail(status_fd, STEP_EXEC)
+    }
+}
+
+/// The pidfd inode id of the calling process (see [`baton_sd::pidfs`]),
+/// with raw system calls only: `pidfd_open`, `fstatfs`, `fstat`, `close`.
+/// `None` without pidfs (Linux < 6.9) or if any call fails.
+///
+/// # Safety
+///
+/// Async-signal-safe and allocation-free, for the child of `fork()`; the
+/// pidfd it opens is `O_CLOEXEC` and closed again.
+unsafe fn own_pidfd_id() -> Option<u64> {
+    // SAFETY: plain system calls on a fd we opened and on stack buffers.
+    unsafe {
+        let fd = libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0 as libc::c_uint) as c_int;
+        if fd < 0 {
+            return None;
+        }
+        let mut fs: libc::statfs = std::mem::zeroed();
+        let mut st: libc::stat = std::mem::zeroed();
+        let id = (libc::fstatfs(fd, &mut fs) == 0 && fs.f_type == PID_FS_MAGIC && libc::fstat(fd, &mut st) == 0)
+            .then_some(st.st_ino);
+        libc::close(fd);
+        id
     }
 }
 
@@ -743,17 +831,19 @@ unsafe fn fail(status_fd: c_int, step: u32) -> ! {
 }
 
 /// Writes `value` as decimal digits followed by NUL at `slot`, which has room
-/// for [`PID_DIGITS`] digits and the NUL. No leading zeros.
+/// for its digits and the NUL: [`PID_DIGITS`] + 1 bytes for a pid (a
+/// `u32`), [`ID_DIGITS`] + 1 for any `u64`. No leading zeros.
 ///
 /// # Safety
 ///
-/// `slot` must point to at least `PID_DIGITS + 1` writable bytes.
-unsafe fn write_decimal(slot: *mut u8, mut value: u32) {
-    // u32::MAX has exactly PID_DIGITS digits, so `len` never exceeds it.
-    let mut digits = [0u8; PID_DIGITS];
+/// `slot` must point to at least (number of digits of `value`) + 1 writable
+/// bytes.
+unsafe fn write_decimal(slot: *mut u8, mut value: u64) {
+    // u64::MAX has exactly ID_DIGITS digits, so `len` never exceeds it.
+    let mut digits = [0u8; ID_DIGITS];
     let mut len = 0;
     loop {
-        // SAFETY: len < PID_DIGITS, see above.
+        // SAFETY: len < ID_DIGITS, see above.
         unsafe { *digits.as_mut_ptr().add(len) = b'0' + (value % 10) as u8 };
         len += 1;
         value /= 10;
@@ -762,10 +852,11 @@ unsafe fn write_decimal(slot: *mut u8, mut value: u32) {
         }
     }
     for i in 0..len {
-        // SAFETY: i < len <= PID_DIGITS, within both buffers.
+        // SAFETY: i < len <= ID_DIGITS, within `digits`; the caller
+        // guarantees `slot` holds len + 1 bytes.
         unsafe { *slot.add(i) = *digits.as_ptr().add(len - 1 - i) };
     }
-    // SAFETY: len <= PID_DIGITS, the slot holds PID_DIGITS + 1 bytes.
+    // SAFETY: as above, the slot holds len + 1 bytes.
     unsafe { *slot.add(len) = 0 };
 }
 
@@ -775,8 +866,14 @@ mod tests {
 
     #[test]
     fn decimal_without_leading_zeros() {
-        for (value, text) in [(0u32, "0"), (7, "7"), (4_194_304, "4194304"), (u32::MAX, "4294967295")] {
-            let mut buf = [b'x'; PID_DIGITS + 1];
+        for (value, text) in [
+            (0u64, "0"),
+            (7, "7"),
+            (4_194_304, "4194304"),
+            (u64::from(u32::MAX), "4294967295"),
+            (u64::MAX, "18446744073709551615"),
+        ] {
+            let mut buf = [b'x'; ID_DIGITS + 1];
             // SAFETY: the buffer holds PID_DIGITS + 1 bytes.
             unsafe { write_decimal(buf.as_mut_ptr(), value) };
             let end = buf.iter().position(|&b| b == 0).unwrap();
@@ -787,7 +884,7 @@ mod tests {
     #[test]
     fn extra_env_is_validated() {
         assert!(validate_extra("BATON_GENERATION", "3").is_ok());
-        for bad in ["", "A=B", "LISTEN_PID", "NOTIFY_SOCKET", "WATCHDOG_PID", "LISTEN_PIDFDID"] {
+        for bad in ["", "A=B", "LISTEN_PID", "NOTIFY_SOCKET", "WATCHDOG_PID", "LISTEN_PIDFDID", "MAINPIDFDID"] {
             assert!(matches!(validate_extra(bad, "x"), Err(SpawnError::InvalidEnv { .. })), "{bad}");
         }
         assert!(validate_extra("X", "a\0b").is_err());

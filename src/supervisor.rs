@@ -48,6 +48,12 @@ use crate::spawn::{AppCommand, Child, GenerationSetup};
 use crate::store::FdStore;
 use crate::upgrade::{self, Handover, Image, ProbeInfo, UpgradeError};
 
+/// How long a generation must serve, from its cutover, before it has proven
+/// healthy and Baton sends `RESTART_RESET=1` (systemd ≥ 258): systemd's
+/// restarts of Baton before that (`NRestarts`, which `RestartSteps=` grows
+/// the next restart delay by) no longer count. Once per Baton process: its
+/// own later restarts of the app are not systemd's.
+const PROVEN_HEALTHY_AFTER: Duration = Duration::from_secs(10);
 /// How soon to retry moving connections when the handoff socket was full.
 const FLUSH_RETRY: Duration = Duration::from_millis(50);
 /// Before an upgrade's exec: how long control clients already connected may
@@ -296,6 +302,22 @@ pub struct Supervisor {
     /// Rate limit and summaries for the log of refused notify datagrams and
     /// handoff connections.
     refusals: RefusalLog,
+    /// `RESTART_RESET=1` upstream: not yet, due once this generation has
+    /// served until then, or already sent (see [`PROVEN_HEALTHY_AFTER`]).
+    restart_reset: RestartReset,
+}
+
+/// Where `RESTART_RESET=1` stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RestartReset {
+    /// No generation has cut over yet (or the last one stopped serving
+    /// before it was due).
+    Waiting,
+    /// Generation `generation` cut over; send if it is still the active one
+    /// at `at`.
+    Due { generation: u64, at: Instant },
+    /// Sent (or, after `baton upgrade`, not this image's to send).
+    Done,
 }
 
 struct PendingUpgrade {
@@ -390,6 +412,7 @@ impl Supervisor {
             upgrading: None,
             adopted: None,
             refusals: RefusalLog::new(),
+            restart_reset: RestartReset::Waiting,
         })
     }
 
@@ -420,6 +443,8 @@ impl Supervisor {
     /// socket.
     pub async fn run(mut self, mut control: mpsc::Receiver<Incoming>) -> Result<Ended, SupervisorError> {
         let io = |context| move |source| SupervisorError::Io { context, source };
+        // Before tokio's handlers: see `stop_begun`.
+        crate::stop_signal::watch().map_err(io("installing the stop signal flag"))?;
         let mut hup = signal(SignalKind::hangup()).map_err(io("installing the SIGHUP handler"))?;
         let mut term = signal(SignalKind::terminate()).map_err(io("installing the SIGTERM handler"))?;
         let mut int = signal(SignalKind::interrupt()).map_err(io("installing the SIGINT handler"))?;
@@ -435,6 +460,9 @@ impl Supervisor {
                 }
                 return Ok(ended);
             }
+            // A stop signal whose stream has not fired yet is still handled
+            // before anything else this iteration (see `stop_begun`).
+            self.stop_begun();
             if self.upgrading.as_ref().is_some_and(|u| u.probe.is_none()) {
                 self.execute_upgrade(&mut control, [&mut hup, &mut term, &mut int]).await;
                 continue;
@@ -482,6 +510,9 @@ impl Supervisor {
         if let Some(at) = self.flush_retry {
             next = next.min(at);
         }
+        if let RestartReset::Due { at, .. } = self.restart_reset {
+            next = next.min(at);
+        }
         for g in &self.generations {
             match g.state {
                 State::Starting | State::HealthCheck { .. } => next = next.min(g.start_deadline),
@@ -523,7 +554,7 @@ impl Supervisor {
     /// restart is already running (so changes made before this request are
     /// picked up).
     fn request_restart(&mut self, waiter: Option<oneshot::Sender<Response>>) {
-        if self.stopping.is_some() {
+        if self.stop_begun() {
             return;
         }
         if self.restart.is_some() {
@@ -697,9 +728,35 @@ impl Supervisor {
             ready_ms: g.ready_at.map_or(0, |r| (r - g.spawned_at).as_millis() as u64),
             replaced,
         };
+        if self.restart_reset != RestartReset::Done {
+            self.restart_reset = RestartReset::Due { generation: number, at: after(now, PROVEN_HEALTHY_AFTER) };
+        }
         self.enforce_draining_limit();
         self.flush_connections();
         self.finish_restart(Ok(done));
+    }
+
+    /// `RESTART_RESET=1` once the generation that cut over is still serving
+    /// [`PROVEN_HEALTHY_AFTER`] later. systemd < 258 ignores the unknown
+    /// assignment (252's `service_notify_message()` only looks up the keys
+    /// it knows), so it is sent whatever the version.
+    fn restart_reset_if_due(&mut self, now: Instant) {
+        let RestartReset::Due { generation, at } = self.restart_reset else { return };
+        if at > now {
+            return;
+        }
+        if self.active().is_some_and(|g| g.number == generation) && !self.stop_begun() {
+            tracing::info!(
+                event = "restart-reset",
+                generation,
+                "generation {generation} has served for {PROVEN_HEALTHY_AFTER:?}: RESTART_RESET=1 (earlier restarts of \
+                 baton stop counting)"
+            );
+            self.upstream_notify(&[NotifyState::RestartReset]);
+            self.restart_reset = RestartReset::Done;
+        } else {
+            self.restart_reset = RestartReset::Waiting;
+        }
     }
 
     /// Kills the oldest draining generations beyond `max_draining`.
@@ -868,9 +925,10 @@ impl Supervisor {
             self.flush_retry = None;
             self.flush_connections();
         }
+        self.restart_reset_if_due(now);
         if self.scheduled.is_some_and(|at| at <= now) {
             self.scheduled = None;
-            if self.restart.is_none() && self.stopping.is_none() {
+            if self.restart.is_none() && !self.stop_begun() {
                 self.crash_restarts += 1;
                 self.begin_restart(Trigger::Replace, Vec::new());
             }
@@ -947,7 +1005,7 @@ impl Supervisor {
     /// The active generation is gone or going: start a replacement now,
     /// unless a restart is already under way (it becomes the replacement).
     fn replace_active(&mut self) {
-        if self.stopping.is_some() || self.restart.is_some() {
+        if self.stop_begun() || self.restart.is_some() {
             return;
         }
         self.crash_restarts += 1;
@@ -1156,16 +1214,26 @@ impl Supervisor {
         }
         match msg.lifecycle() {
             Some(Lifecycle::Ready) => self.on_ready(index),
+            // A generation's STOPPING=1 is never forwarded upstream: from
+            // systemd 259 on, STOPPING=1 is final for the whole unit.
             Some(Lifecycle::Stopping) => {
                 if self.generations[index].state == State::Active {
-                    tracing::info!(
-                        event = "stopping",
-                        generation = number,
-                        "generation {number} is stopping on its own; starting a replacement"
-                    );
                     let g = &mut self.generations[index];
                     g.state = State::Draining { kill_at: after(now, self.cfg.stop_timeout), killed: false };
-                    self.replace_active();
+                    if self.stop_begun() {
+                        tracing::info!(
+                            event = "stopping",
+                            generation = number,
+                            "generation {number} is stopping with baton; no replacement"
+                        );
+                    } else {
+                        tracing::info!(
+                            event = "stopping",
+                            generation = number,
+                            "generation {number} is stopping on its own; starting a replacement"
+                        );
+                        self.replace_active();
+                    }
                 }
             }
             Some(Lifecycle::Reloading) | None => {}
@@ -1358,6 +1426,20 @@ impl Supervisor {
     }
 
     // ---- stopping -----------------------------------------------------
+
+    /// Whether Baton's stop has begun, beginning it now if a stop signal
+    /// arrived that tokio's stream has not delivered yet: nothing may be
+    /// spawned then. Under `KillMode=control-group` systemd's SIGTERM reaches
+    /// Baton and the generations at once, and a generation's STOPPING=1 (or
+    /// exit) read before the stream fires would otherwise start a
+    /// replacement that is stopped right away (see [`crate::stop_signal`]).
+    fn stop_begun(&mut self) -> bool {
+        if self.stopping.is_none() && self.ended.is_none() && crate::stop_signal::arrived() {
+            tracing::info!(event = "stop-signal", "stop signal received");
+            self.begin_stop(None);
+        }
+        self.stopping.is_some() || self.ended.is_some()
+    }
 
     fn begin_stop(&mut self, reply: Option<oneshot::Sender<Response>>) {
         if let Some(waiters) = &mut self.stopping {
@@ -1567,7 +1649,9 @@ impl Supervisor {
         // its pipe: one pass of the driver (yield) moves it to the streams.
         tokio::task::yield_now().await;
         let [hup, term, int] = signals;
-        let (stop, restart) = (taken(term) | taken(int), taken(hup));
+        // The flag as well: it is set by the handler itself, whatever the
+        // driver has done since (see `crate::stop_signal`).
+        let (stop, restart) = (taken(term) | taken(int) | crate::stop_signal::arrived(), taken(hup));
         if stop || restart {
             let what = if stop { "baton is stopping" } else { "a restart was requested (SIGHUP)" };
             self.fail_upgrade(up, format!("busy: {what}; nothing was changed"));
@@ -1969,6 +2053,9 @@ impl Supervisor {
                 previous_binary: h.previous_binary,
             }),
             refusals: RefusalLog::new(),
+            // The image before proved its generations already; an upgrade
+            // is no restart systemd counts.
+            restart_reset: RestartReset::Done,
         };
         Ok((supervisor, requests))
     }

@@ -486,7 +486,10 @@ fn batons_own_protocol_variables_never_leak() {
     assert_eq!(r.env("LISTEN_PID"), Some(pid.as_str()));
     assert_eq!(r.env("LISTEN_FDS"), Some("1"));
     assert_eq!(r.env("LISTEN_FDNAMES"), Some("mine"));
-    assert_eq!(r.env("LISTEN_PIDFDID"), None);
+    // Its own pidfd id where the kernel has pidfs (checked against the
+    // child's pidfd in tests/protocol_versions.rs), never the inherited one.
+    let pidfd_id = r.env("LISTEN_PIDFDID");
+    assert!(pidfd_id.is_none_or(|id| id != "12345" && id.parse::<u64>().is_ok()), "LISTEN_PIDFDID={pidfd_id:?}");
     assert_eq!(r.env("NOTIFY_SOCKET"), Some("@baton-test-notify"));
     assert_eq!(r.env("WATCHDOG_PID"), Some(pid.as_str()));
     assert_eq!(r.env("WATCHDOG_USEC"), Some("7000000"));

@@ -110,7 +110,7 @@ fn main() {
                 Err(e) => say(format_args!("again err {e}")),
             },
             "env" => {
-                for var in ListenEnv::VARS {
+                for var in ListenEnv::VARS.into_iter().chain([ListenEnv::PIDFD_ID_VAR]) {
                     let value = std::env::var(var).unwrap_or_else(|_| "<unset>".into());
                     say(format_args!("env {var} {value}"));
                 }

@@ -126,13 +126,17 @@ impl ListenFds {
     }
 
     /// Reads `LISTEN_PID`, `LISTEN_FDS` and `LISTEN_FDNAMES`, validates them
-    /// like `sd_listen_fds_with_names(3)`, sets `FD_CLOEXEC` on every passed
+    /// like `sd_listen_fds_with_names(3)` (and, when set, `LISTEN_PIDFDID`
+    /// like libsystemd 259: on a kernel with pidfs it must be this process's
+    /// pidfd id, see [`crate::pidfs`]; without pidfs `LISTEN_PID` alone
+    /// decides), sets `FD_CLOEXEC` on every passed
     /// fd and takes ownership of them. Leaves the environment unchanged (see
     /// [`from_env_and_unset`](Self::from_env_and_unset)).
     ///
     /// Only the first call in a process can return fds; later calls return an
     /// empty set. A `LISTEN_PID` naming another process also gives an empty
-    /// set ([`other_pid`](Self::other_pid) says so): those fds were meant for
+    /// set ([`other_pid`](Self::other_pid) says so), and so does a
+    /// `LISTEN_PIDFDID` naming another process: those fds were meant for
     /// someone else and are left alone. If an fd that `LISTEN_FDS` promises
     /// is not open, the error names the first missing one and no fd is
     /// changed or taken.
@@ -142,6 +146,7 @@ impl ListenFds {
             Some(v) => v.into_string().map(Some).map_err(|_| ActivationError::NotUtf8 { var: name }),
         };
         let (pid, fds, names) = (var("LISTEN_PID")?, var("LISTEN_FDS")?, var("LISTEN_FDNAMES")?);
+        let pidfd_id = var(ListenEnv::PIDFD_ID_VAR)?;
         // Before one name per fd is allocated, make sure the fds exist: a
         // garbage `LISTEN_FDS=2147483000` without `LISTEN_FDNAMES` must fail at
         // the first closed fd (as `sd_listen_fds(3)` does), not build two
@@ -163,12 +168,24 @@ impl ListenFds {
             }
             Ok(())
         };
-        let outcome =
-            ListenEnv::parse_checked(pid.as_deref(), fds.as_deref(), names.as_deref(), std::process::id(), check_open)?;
+        let outcome = ListenEnv::parse_checked(
+            pid.as_deref(),
+            pidfd_id.as_deref(),
+            fds.as_deref(),
+            names.as_deref(),
+            std::process::id(),
+            crate::pidfs::own_pidfd_id,
+            check_open,
+        )?;
         let env = match outcome {
             ListenOutcome::NotActivated => return Ok(Self::empty()),
             ListenOutcome::OtherPid { listen_pid, own_pid } => {
                 return Ok(Self { entries: Vec::new(), other_pid: Some((listen_pid, own_pid)) });
+            }
+            // Our pid, reused: the process the fds were for is gone.
+            ListenOutcome::OtherProcess { .. } => {
+                let own = std::process::id();
+                return Ok(Self { entries: Vec::new(), other_pid: Some((own, own)) });
             }
             ListenOutcome::Activated(env) => env,
         };
@@ -196,7 +213,7 @@ impl ListenFds {
         Ok(Self { entries, other_pid: None })
     }
 
-    /// [`from_env`](Self::from_env), then removes `LISTEN_PID`, `LISTEN_FDS`
+    /// [`from_env`](Self::from_env), then removes `LISTEN_PID`, `LISTEN_PIDFDID`, `LISTEN_FDS`
     /// and `LISTEN_FDNAMES` from the environment whatever the outcome, so
     /// child processes do not believe the fds are theirs.
     ///
@@ -207,7 +224,7 @@ impl ListenFds {
     /// before starting a tokio runtime.
     pub unsafe fn from_env_and_unset() -> Result<Self, ActivationError> {
         let result = Self::from_env();
-        for var in ListenEnv::VARS {
+        for var in ListenEnv::VARS.into_iter().chain([ListenEnv::PIDFD_ID_VAR]) {
             // SAFETY: the caller guarantees no other thread reads the environment.
             unsafe { std::env::remove_var(var) };
         }
@@ -225,7 +242,8 @@ impl ListenFds {
     }
 
     /// `Some((LISTEN_PID, own pid))` when the variables were meant for
-    /// another process and were therefore ignored.
+    /// another process and were therefore ignored (both equal when
+    /// `LISTEN_PIDFDID` showed that our pid was reused).
     pub fn other_pid(&self) -> Option<(u32, u32)> {
         self.other_pid
     }

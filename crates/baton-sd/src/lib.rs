@@ -5,7 +5,7 @@
 //! speaks the same protocols:
 //!
 //! - [`ListenFds`]: sockets passed by socket activation (`LISTEN_FDS`,
-//!   `LISTEN_PID`, `LISTEN_FDNAMES`), taken by name or index as std or tokio
+//!   `LISTEN_PID`, `LISTEN_FDNAMES`, `LISTEN_PIDFDID`), taken by name or index as std or tokio
 //!   sockets, each checked to really be what was asked for.
 //! - [`Notifier`]: `sd_notify(3)` messages (`READY=1`, `STATUS=`,
 //!   `RELOADING=1`, `STOPPING=1`, watchdog, `EXTEND_TIMEOUT_USEC=`,
@@ -17,6 +17,8 @@
 //! - [`shutdown`]: SIGTERM/SIGINT with `STOPPING=1`, and a drain tracker.
 //! - [`handoff`]: receiving connections pushed by Baton while running (its
 //!   overlapped restarts), a no-op under plain systemd.
+//! - [`pidfs`]: a process's pidfd inode id (Linux 6.9+), for
+//!   `LISTEN_PIDFDID`.
 //! - [`wire`]: the wire formats, shared with the supervisor side.
 //!
 //! Nothing here needs libsystemd, and outside a service manager every call is
@@ -86,6 +88,7 @@ pub mod fdstore;
 #[cfg(feature = "tokio")]
 pub mod handoff;
 pub mod notify;
+pub mod pidfs;
 #[cfg(feature = "tokio")]
 pub mod shutdown;
 pub mod watchdog;

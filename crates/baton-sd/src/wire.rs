@@ -13,7 +13,9 @@
 //!   (`manager_dispatch_notify_fd` and `service_notify_message`), never
 //!   panicking on any input.
 //! - [`ListenEnv`] encodes and parses `LISTEN_PID`/`LISTEN_FDS`/
-//!   `LISTEN_FDNAMES` with `sd_listen_fds_with_names(3)`'s validation.
+//!   `LISTEN_FDNAMES` with `sd_listen_fds_with_names(3)`'s validation, and
+//!   `LISTEN_PIDFDID` (systemd ≥ 259) as libsystemd 259's `sd_listen_fds()`
+//!   (`src/libsystemd/sd-daemon/sd-daemon.c`) checks it.
 
 use std::fmt;
 
@@ -88,6 +90,10 @@ pub enum NotifyState<'a> {
     /// carry exactly one fd, which the manager closes once it has processed
     /// everything sent before.
     Barrier,
+    /// `RESTART_RESET=1` (systemd ≥ 258): reset the unit's restart counter
+    /// (`NRestarts`, which `RestartSteps=` grows the delay by). Older
+    /// versions ignore it like any unknown assignment.
+    RestartReset,
     /// Any other line, kept verbatim (`X_MY_KEY=…`, or assignments of newer
     /// systemd versions such as `NOTIFYACCESS=`).
     Other(&'a str),
@@ -113,6 +119,7 @@ impl fmt::Display for NotifyState<'_> {
             Self::FdName(n) => write!(f, "FDNAME={n}"),
             Self::FdPollDisable => f.write_str("FDPOLL=0"),
             Self::Barrier => f.write_str("BARRIER=1"),
+            Self::RestartReset => f.write_str("RESTART_RESET=1"),
             Self::Other(line) => f.write_str(line),
         }
     }
@@ -399,6 +406,7 @@ fn parse_line(line: &str) -> Result<NotifyState<'_>, &'static str> {
         ("FDSTOREREMOVE", "1") => NotifyState::FdStoreRemove,
         ("FDPOLL", "0") => NotifyState::FdPollDisable,
         ("BARRIER", "1") => NotifyState::Barrier,
+        ("RESTART_RESET", "1") => NotifyState::RestartReset,
         ("WATCHDOG", "1") => NotifyState::Watchdog,
         ("WATCHDOG", "trigger") => NotifyState::WatchdogTrigger,
         ("WATCHDOG", _) => return Err("WATCHDOG= must be 1 or trigger"),
@@ -473,6 +481,15 @@ pub enum ListenOutcome {
         /// Our own pid.
         own_pid: u32,
     },
+    /// `LISTEN_PID` is our pid but `LISTEN_PIDFDID` (systemd ≥ 259) names
+    /// another process: the pid was reused since the fds were passed, so
+    /// they are not ours either.
+    OtherProcess {
+        /// The id in `LISTEN_PIDFDID`.
+        listen_pidfd_id: u64,
+        /// The pidfd inode id of this process.
+        own_pidfd_id: u64,
+    },
     /// Fds were passed to us.
     Activated(ListenEnv),
 }
@@ -484,7 +501,7 @@ pub enum EnvError {
     /// A variable that is not a number in range.
     #[error("{var}={value:?} is invalid: {expected}; fix or unset {var} in the service's environment")]
     InvalidVar {
-        /// `LISTEN_PID` or `LISTEN_FDS`.
+        /// `LISTEN_PID`, `LISTEN_FDS` or `LISTEN_PIDFDID`.
         var: &'static str,
         /// The value found.
         value: String,
@@ -509,6 +526,12 @@ pub enum EnvError {
 impl ListenEnv {
     /// Variable names, in the order [`to_vars`](Self::to_vars) returns them.
     pub const VARS: [&'static str; 3] = ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"];
+
+    /// `LISTEN_PIDFDID` (systemd ≥ 259): the pidfd inode id of the process
+    /// the fds are for, which, unlike a pid, is never reused. Set by the
+    /// sender only where the kernel has pidfs (Linux 6.9+), so it is not in
+    /// [`VARS`](Self::VARS).
+    pub const PIDFD_ID_VAR: &'static str = "LISTEN_PIDFDID";
 
     /// Number of passed fds.
     pub fn count(&self) -> usize {
@@ -537,17 +560,38 @@ impl ListenEnv {
         names: Option<&str>,
         own_pid: u32,
     ) -> Result<ListenOutcome, EnvError> {
-        Self::parse_checked(pid, fds, names, own_pid, |_| Ok(()))
+        Self::parse_checked(pid, None, fds, names, own_pid, || None, |_| Ok(()))
+    }
+
+    /// [`parse`](Self::parse) with `LISTEN_PIDFDID` as well, the way
+    /// libsystemd 259's `sd_listen_fds()` reads it: only once `LISTEN_PID`
+    /// matched, an unparsable id is an error, and an id other than
+    /// `own_pidfd_id` means the fds are for another process
+    /// ([`ListenOutcome::OtherProcess`]). `own_pidfd_id` is `None` when the
+    /// kernel cannot name processes by pidfd inode id (no pidfs, before
+    /// Linux 6.9): then `LISTEN_PID` alone decides, as in libsystemd.
+    pub fn parse_with_pidfd_id(
+        pid: Option<&str>,
+        pidfd_id: Option<&str>,
+        fds: Option<&str>,
+        names: Option<&str>,
+        own_pid: u32,
+        own_pidfd_id: Option<u64>,
+    ) -> Result<ListenOutcome, EnvError> {
+        Self::parse_checked(pid, pidfd_id, fds, names, own_pid, || own_pidfd_id, |_| Ok(()))
     }
 
     /// [`parse`](Self::parse), calling `check` with the validated fd count
     /// before one name per fd is allocated, so that a huge `LISTEN_FDS`
     /// can be refused before it costs memory.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn parse_checked<E: From<EnvError>>(
         pid: Option<&str>,
+        pidfd_id: Option<&str>,
         fds: Option<&str>,
         names: Option<&str>,
         own_pid: u32,
+        own_pidfd_id: impl FnOnce() -> Option<u64>,
         check: impl FnOnce(usize) -> Result<(), E>,
     ) -> Result<ListenOutcome, E> {
         let Some(pid_str) = pid else {
@@ -560,6 +604,19 @@ impl ListenEnv {
         })?;
         if listen_pid != own_pid {
             return Ok(ListenOutcome::OtherPid { listen_pid, own_pid });
+        }
+        if let Some(id_str) = pidfd_id {
+            let listen_pidfd_id = parse_decimal(id_str).ok_or_else(|| EnvError::InvalidVar {
+                var: "LISTEN_PIDFDID",
+                value: id_str.to_owned(),
+                expected: "a decimal pidfd inode id",
+            })?;
+            // Asked only now: finding our own id costs two system calls.
+            if let Some(own_pidfd_id) = own_pidfd_id()
+                && own_pidfd_id != listen_pidfd_id
+            {
+                return Ok(ListenOutcome::OtherProcess { listen_pidfd_id, own_pidfd_id });
+            }
         }
         let Some(fds_str) = fds else {
             return Ok(ListenOutcome::NotActivated);
@@ -717,16 +774,59 @@ mod tests {
         // Without LISTEN_FDNAMES, a huge LISTEN_FDS would otherwise cost one
         // String per promised fd before anything could refuse it.
         let mut seen = None;
-        let out = ListenEnv::parse_checked(Some("7"), Some("2147483644"), None, 7, |count| {
-            seen = Some(count);
-            Err(EnvError::InvalidVar { var: "LISTEN_FDS", value: count.to_string(), expected: "open fds" })
-        });
+        let out = ListenEnv::parse_checked(
+            Some("7"),
+            None,
+            Some("2147483644"),
+            None,
+            7,
+            || None,
+            |count| {
+                seen = Some(count);
+                Err(EnvError::InvalidVar { var: "LISTEN_FDS", value: count.to_string(), expected: "open fds" })
+            },
+        );
         assert!(out.is_err());
         assert_eq!(seen, Some(2147483644));
         // A name-count mismatch is reported before the check runs.
-        let out = ListenEnv::parse_checked(Some("7"), Some("3"), Some("a:b"), 7, |_| -> Result<(), EnvError> {
-            panic!("check must not run")
-        });
+        let out = ListenEnv::parse_checked(
+            Some("7"),
+            None,
+            Some("3"),
+            Some("a:b"),
+            7,
+            || None,
+            |_| -> Result<(), EnvError> { panic!("check must not run") },
+        );
         assert!(matches!(out, Err(EnvError::NameCount { count: 2, fds: 3, .. })));
+    }
+
+    #[test]
+    fn listen_pidfd_id_is_checked_only_for_our_pid_and_only_with_pidfs() {
+        let ours = |pidfd_id, own| ListenEnv::parse_with_pidfd_id(Some("7"), pidfd_id, Some("1"), None, 7, own);
+        let activated = |r: Result<ListenOutcome, EnvError>| matches!(r, Ok(ListenOutcome::Activated(_)));
+        assert!(activated(ours(Some("42"), Some(42))));
+        assert!(activated(ours(None, Some(42))), "without LISTEN_PIDFDID, LISTEN_PID decides");
+        assert!(activated(ours(Some("41"), None)), "without pidfs, LISTEN_PID decides");
+        assert_eq!(
+            ours(Some("41"), Some(42)),
+            Ok(ListenOutcome::OtherProcess { listen_pidfd_id: 41, own_pidfd_id: 42 })
+        );
+        let err = ours(Some("x1"), Some(42)).unwrap_err();
+        assert!(err.to_string().contains("LISTEN_PIDFDID=\"x1\" is invalid"), "{err}");
+        // Another pid: the id is not even looked at, garbage included.
+        let other = ListenEnv::parse_with_pidfd_id(Some("8"), Some("x1"), Some("1"), None, 7, Some(42));
+        assert_eq!(other, Ok(ListenOutcome::OtherPid { listen_pid: 8, own_pid: 7 }));
+        // Our own id is asked for only when LISTEN_PIDFDID is set.
+        let out =
+            ListenEnv::parse_checked::<EnvError>(Some("7"), None, Some("1"), None, 7, || panic!("asked"), |_| Ok(()));
+        assert!(matches!(out, Ok(ListenOutcome::Activated(_))));
+    }
+
+    #[test]
+    fn restart_reset_round_trips() {
+        assert_eq!(NotifyState::RestartReset.to_string(), "RESTART_RESET=1");
+        assert_eq!(parse(b"RESTART_RESET=1").unwrap().fields, vec![NotifyState::RestartReset]);
+        assert_eq!(parse(b"RESTART_RESET=0").unwrap().fields, vec![NotifyState::Other("RESTART_RESET=0")]);
     }
 }

@@ -190,6 +190,44 @@ fn a_foreign_listen_pid_takes_nothing() {
     assert!(!lines.iter().any(|l| l.starts_with("name ")), "{lines:?}");
 }
 
+/// `LISTEN_PIDFDID` (systemd ≥ 259) naming another process (here: the
+/// test's own pidfd id) next to the child's own `LISTEN_PID`: the pid was
+/// reused, nothing is taken. Only on kernels with pidfs, where the child
+/// can know its own id; without it `LISTEN_PID` alone decides (the
+/// `listen_pidfd_id_decides_next_to_listen_pid` property covers both).
+#[test]
+fn a_foreign_listen_pidfd_id_takes_nothing() {
+    let Some(ours) = baton_sd::pidfs::own_pidfd_id() else {
+        eprintln!("no pidfs on this kernel: LISTEN_PIDFDID cannot be checked, skipping");
+        return;
+    };
+    let http = tcp_listener();
+    let mut child = activated(&[http.as_fd()], Some("http"))
+        .env("LISTEN_PIDFDID", ours.to_string())
+        .args(["--unset", "cloexec", "3", "take-tcp", "0", "env"])
+        .spawn();
+    let child_pid = child.pid();
+    let from_env = child.wait_line(|l| l.starts_with("from_env"));
+    assert_eq!(from_env, format!("from_env ok len=0 other_pid=Some(({child_pid}, {child_pid}))"));
+    let (lines, code) = child.finish();
+    assert_eq!(code, Some(0));
+    assert_eq!(line(&lines, "cloexec 3"), "cloexec 3 no", "fd 3 must stay untouched");
+    assert_eq!(line(&lines, "take-tcp 0"), "take-tcp 0: none");
+    // from_env_and_unset clears it with the others.
+    assert_eq!(line(&lines, "env LISTEN_PIDFDID"), "env LISTEN_PIDFDID <unset>");
+}
+
+#[test]
+fn garbage_in_listen_pidfdid_is_an_error_naming_it() {
+    let http = tcp_listener();
+    for bad in ["abc", "-1", "", " 1", "18446744073709551616"] {
+        let lines = run(activated(&[http.as_fd()], Some("http")).env("LISTEN_PIDFDID", bad).args(["cloexec", "3"]));
+        let err = line(&lines, "from_env");
+        assert!(err.contains(&format!("LISTEN_PIDFDID={bad:?}")), "{bad:?}: {err}");
+        assert_eq!(line(&lines, "cloexec 3"), "cloexec 3 no");
+    }
+}
+
 #[test]
 fn garbage_in_listen_fds_is_an_error_naming_it() {
     let http = tcp_listener();
@@ -272,7 +310,7 @@ fn only_the_first_from_env_gets_the_fds() {
 fn from_env_leaves_the_environment_and_from_env_and_unset_clears_it() {
     let http = tcp_listener();
     let lines = run(activated(&[http.as_fd()], Some("http")).args(["env"]));
-    let child_pid = line(&lines, "env LISTEN_PID").strip_prefix("env LISTEN_PID ").unwrap().to_owned();
+    let child_pid = line(&lines, "env LISTEN_PID ").strip_prefix("env LISTEN_PID ").unwrap().to_owned();
     assert!(child_pid.parse::<u32>().is_ok(), "{lines:?}");
     assert_eq!(line(&lines, "env LISTEN_FDS"), "env LISTEN_FDS 1");
     assert_eq!(line(&lines, "env LISTEN_FDNAMES"), "env LISTEN_FDNAMES http");
@@ -280,7 +318,7 @@ fn from_env_leaves_the_environment_and_from_env_and_unset_clears_it() {
     let lines = run(activated(&[http.as_fd()], Some("http")).args(["--unset", "env", "take-tcp", "http"]));
     assert_eq!(line(&lines, "from_env"), "from_env ok len=1 other_pid=None");
     for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
-        assert_eq!(line(&lines, &format!("env {var}")), format!("env {var} <unset>"));
+        assert_eq!(line(&lines, &format!("env {var} ")), format!("env {var} <unset>"));
     }
     assert_eq!(line(&lines, "take-tcp http"), "take-tcp http: ok fd=3 cloexec=yes");
 

@@ -249,9 +249,43 @@ proptest! {
                 prop_assert_eq!(own, own_pid);
                 prop_assert_ne!(listen_pid, own_pid);
             }
+            Ok(ListenOutcome::OtherProcess { .. }) => prop_assert!(false, "no LISTEN_PIDFDID was given"),
             Ok(ListenOutcome::NotActivated) => prop_assert!(pid.is_none() || fds.is_none()),
             Err(e) => prop_assert!(!e.to_string().is_empty()),
         }
+    }
+
+    /// (c) `LISTEN_PIDFDID` next to a matching `LISTEN_PID`: the fds are
+    /// ours exactly when the id is ours or our id is unknown (no pidfs),
+    /// another id is another process, and an id that is no u64 is an error
+    /// naming the variable.
+    #[test]
+    fn listen_pidfd_id_decides_next_to_listen_pid(
+        pid in 1..=i32::MAX as u32,
+        listen_id in prop_oneof![any::<u64>().prop_map(|i| i.to_string()), env_value().prop_map(Option::unwrap_or_default)],
+        own_id in proptest::option::of(any::<u64>()),
+        same in any::<bool>(),
+    ) {
+        // Half the time the id given is our own.
+        let listen_id = match (same, own_id) {
+            (true, Some(own)) => own.to_string(),
+            _ => listen_id,
+        };
+        let parsed = listen_id.parse::<u64>().ok().filter(|_| listen_id.bytes().all(|b| b.is_ascii_digit()));
+        let got = ListenEnv::parse_with_pidfd_id(Some(&pid.to_string()), Some(&listen_id), Some("1"), Some("x"), pid, own_id);
+        match (parsed, own_id) {
+            (None, _) => {
+                let e = got.expect_err("an unparsable LISTEN_PIDFDID is an error");
+                prop_assert!(e.to_string().contains("LISTEN_PIDFDID="), "{}", e);
+            }
+            (Some(_), None) => prop_assert!(matches!(got, Ok(ListenOutcome::Activated(_)))),
+            (Some(l), Some(o)) if l == o => prop_assert!(matches!(got, Ok(ListenOutcome::Activated(_)))),
+            (Some(l), Some(o)) => prop_assert_eq!(got, Ok(ListenOutcome::OtherProcess { listen_pidfd_id: l, own_pidfd_id: o })),
+        }
+        // Another pid is decided before LISTEN_PIDFDID is even read.
+        let own_pid = if pid == 1 { 2 } else { pid - 1 };
+        let other = ListenEnv::parse_with_pidfd_id(Some(&pid.to_string()), Some(&listen_id), Some("1"), None, own_pid, own_id);
+        prop_assert_eq!(other, Ok(ListenOutcome::OtherPid { listen_pid: pid, own_pid }));
     }
 
     /// (d) A STATUS= with a line break is always refused, wherever it sits.

@@ -1,10 +1,14 @@
-//! Feeds arbitrary strings to `ListenEnv::parse` as `LISTEN_PID`,
-//! `LISTEN_FDS` and `LISTEN_FDNAMES`. It must never panic, and whatever it
-//! accepts must round-trip through `to_vars`.
+//! Feeds arbitrary strings to `ListenEnv::parse_with_pidfd_id` as
+//! `LISTEN_PID`, `LISTEN_FDS`, `LISTEN_FDNAMES` and `LISTEN_PIDFDID`. It
+//! must never panic, and whatever it accepts must round-trip through
+//! `to_vars`.
 //!
-//! Input layout: the first byte's bits 0–2 say which variables are set,
-//! bit 3 makes our own pid equal to `LISTEN_PID` (to reach the activated
-//! branch); the rest is split on NUL bytes into the three values.
+//! Input layout: the first byte's bits 0–2 say which of the first three
+//! variables are set, bit 3 makes our own pid equal to `LISTEN_PID` (to
+//! reach the activated branch), bit 4 sets `LISTEN_PIDFDID`, bit 5 gives
+//! us a pidfd id (equal to `LISTEN_PIDFDID` when bit 6 is set too, else
+//! 4243; without bit 5 the kernel "has no pidfs"); the rest is split on NUL
+//! bytes into the four values.
 #![no_main]
 
 use baton_sd::wire::{self, ListenEnv, ListenOutcome};
@@ -15,12 +19,17 @@ fuzz_target!(|data: &[u8]| {
     // Environment variables are C strings; ListenFds::from_env refuses
     // non-UTF-8 before parsing, so parse only ever sees UTF-8.
     let Ok(rest) = std::str::from_utf8(rest) else { return };
-    let mut parts = rest.splitn(3, '\0');
+    let mut parts = rest.splitn(4, '\0');
     let mut next = |bit: u8| {
         let part = parts.next().unwrap_or("");
         (flags & (1 << bit) != 0).then_some(part)
     };
-    let (pid, fds, names) = (next(0), next(1), next(2));
+    let (pid, fds, names, pidfd_id) = (next(0), next(1), next(2), next(4));
+    let own_pidfd_id = match pidfd_id.and_then(|i| i.parse().ok()) {
+        Some(i) if flags & 0x60 == 0x60 => Some(i),
+        _ if flags & 0x20 != 0 => Some(4243),
+        _ => None,
+    };
     let own_pid = match pid.and_then(|p| p.parse().ok()) {
         Some(p) if flags & 8 != 0 => p,
         _ => 4242,
@@ -33,7 +42,12 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
 
-    let outcome = ListenEnv::parse(pid, fds, names, own_pid);
+    let outcome = ListenEnv::parse_with_pidfd_id(pid, pidfd_id, fds, names, own_pid, own_pidfd_id);
+    if let Ok(ListenOutcome::OtherProcess { listen_pidfd_id, own_pidfd_id: own }) = outcome {
+        assert_eq!(Some(own), own_pidfd_id);
+        assert_ne!(listen_pidfd_id, own);
+        return;
+    }
     let Ok(ListenOutcome::Activated(env)) = outcome else { return };
     assert_eq!(env.pid, own_pid);
     assert_eq!(Some(env.count() as u64), fds.and_then(|f| f.parse().ok()));

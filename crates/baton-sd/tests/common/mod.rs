@@ -207,8 +207,8 @@ pub struct Spawn<'a> {
 }
 
 /// Variables no child inherits from the test process, whatever it runs under.
-const SCRUBBED: [&str; 6] =
-    ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"];
+const SCRUBBED: [&str; 7] =
+    ["LISTEN_PID", "LISTEN_PIDFDID", "LISTEN_FDS", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"];
 
 /// The highest fd number (exclusive) the child has closed before exec,
 /// beyond the passed ones; sources are parked at or above it.

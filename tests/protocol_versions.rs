@@ -1,0 +1,469 @@
+//! Baton and the newer parts of systemd's protocol (253–262, see
+//! `shared/reference/systemd-protocol.md` §7), and the stop race they made
+//! visible:
+//!
+//! - a stop signal and a generation's own `STOPPING=1` arriving together
+//!   (systemd's `KillMode=control-group` signals Baton and the generations
+//!   at once) never spawn a replacement: deterministically pending together
+//!   (SIGSTOP/SIGCONT), and through 20 real `systemctl stop`s;
+//! - `STOPPING=1` is final from systemd 259 on: a generation's own
+//!   `STOPPING=1` is never forwarded, the unit stays active;
+//! - Baton's own `$MAINPIDFDID`/`$MANAGERPIDFDID` (258+) never reach a
+//!   generation;
+//! - `LISTEN_PIDFDID` (259+) names the generation's own pidfd inode id on
+//!   kernels with pidfs (6.9+);
+//! - `RESTART_RESET=1` (258+) once a generation has proven healthy, harmless
+//!   where systemd does not know it.
+//!
+//! Real processes and sockets throughout; the systemd cases boot the testbed
+//! (252 on the host, 257 from the trixie root; 262 is one line in
+//! `on_versions!` once the testbed has Debian forky).
+
+use std::ffi::OsString;
+use std::net::TcpStream;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use baton_testbed::{Flavor, Testbed, cargo_bin, free_loopback_port, poll_until, skip_unless_root, unique_temp_dir};
+use rustix::process::{Pid, PidfdFlags, Signal};
+
+/// Deadline for anything that should happen soon: generous, the machine
+/// is a noisy 2-core box.
+const WAIT: Duration = Duration::from_secs(30);
+
+fn baton_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_baton")
+}
+
+fn probe_bin() -> PathBuf {
+    cargo_bin("sd-probe", "baton-sd-probe")
+}
+
+fn signal(pid: u32, sig: Signal) {
+    rustix::process::kill_process(Pid::from_raw(pid as i32).unwrap(), sig).unwrap();
+}
+
+/// The state letter of `/proc/PID/stat` (`R`, `S`, `T`, `Z`, ...).
+fn proc_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+/// How many fds `pid` has open.
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// `baton run --control DIR/baton.sock ARGS -- APP...` with its log in
+/// `DIR/baton.log`.
+struct Baton {
+    child: Child,
+    dir: PathBuf,
+    control: PathBuf,
+    exited: Option<ExitStatus>,
+}
+
+impl Baton {
+    fn launch(dir: &Path, args: &[&str], app: &[OsString], env: &[(&str, &str)]) -> Baton {
+        let control = dir.join("baton.sock");
+        let mut cmd = Command::new(baton_bin());
+        cmd.arg("run").arg("--control").arg(&control).args(args).arg("--").args(app);
+        cmd.stdout(std::fs::File::create(dir.join("baton.out")).unwrap())
+            .stderr(std::fs::File::create(dir.join("baton.log")).unwrap())
+            .stdin(Stdio::null())
+            .current_dir(dir)
+            .envs(env.iter().copied())
+            .env("BATON_LOG", "debug");
+        let child = cmd.spawn().expect("spawn baton");
+        Baton { child, dir: dir.to_owned(), control, exited: None }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("baton.log")).unwrap_or_default()
+    }
+
+    /// `baton status --json`, or `None` while Baton does not answer.
+    fn try_status(&self) -> Option<serde_json::Value> {
+        let out =
+            Command::new(baton_bin()).arg("status").arg("--control").arg(&self.control).arg("--json").output().ok()?;
+        out.status.success().then(|| serde_json::from_slice(&out.stdout).ok()).flatten()
+    }
+
+    /// Waits until generation `n` is active; returns its pid.
+    fn wait_active(&self, n: u64) -> u32 {
+        poll_until(&format!("generation {n} active"), WAIT, || {
+            let s = self.try_status()?;
+            let g = s["generations"].as_array()?.iter().find(|g| g["generation"] == n && g["state"] == "active")?;
+            g["pid"].as_u64().map(|p| p as u32)
+        })
+        .unwrap_or_else(|e| panic!("{e}\nlog:\n{}", self.log()))
+    }
+
+    /// The address of its first listener (`baton status`).
+    fn local_addr(&self) -> std::net::SocketAddr {
+        let s = self.try_status().expect("baton status");
+        let local = s["sockets"][0]["local"].as_str().unwrap_or_else(|| panic!("no socket in {s}"));
+        local.trim_start_matches("tcp ").parse().unwrap_or_else(|e| panic!("{local:?}: {e}"))
+    }
+
+    fn wait_exit(&mut self) -> ExitStatus {
+        if let Some(s) = self.exited {
+            return s;
+        }
+        let child = &mut self.child;
+        let status = poll_until("baton to exit", WAIT, || child.try_wait().ok().flatten());
+        let status = status.unwrap_or_else(|e| panic!("{e}\nlog:\n{}", self.log()));
+        self.exited = Some(status);
+        status
+    }
+}
+
+impl Drop for Baton {
+    fn drop(&mut self) {
+        if self.exited.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn wait_file_line(path: &Path, line: &str) {
+    poll_until(&format!("{line:?} in {}", path.display()), WAIT, || {
+        std::fs::read_to_string(path).ok()?.lines().any(|l| l.starts_with(line)).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
+// ---- the stop race ------------------------------------------------------
+
+/// SIGTERM to Baton and the generation's own `STOPPING=1` pending together
+/// (Baton frozen with SIGSTOP while both are queued, then SIGCONT), as under
+/// `systemctl stop` with `KillMode=control-group`: Baton stops and never
+/// spawns generation 2. Before the fix, whichever of the two events tokio's
+/// `select!` polled first won, so some rounds started a replacement only to
+/// stop it; 40 rounds make a miss all but impossible.
+#[test]
+fn stop_signal_with_a_generations_own_stopping_spawns_nothing() {
+    const ROUNDS: usize = 40;
+    // Four at a time: each round waits about a second for the drain.
+    const PARALLEL: usize = 4;
+    let t0 = Instant::now();
+    let mut spawned: Vec<usize> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..PARALLEL)
+            .map(|w| {
+                scope.spawn(move || (w..ROUNDS).step_by(PARALLEL).filter(|&r| stop_race_round(r)).collect::<Vec<_>>())
+            })
+            .collect();
+        workers.into_iter().flat_map(|w| w.join().unwrap()).collect()
+    });
+    spawned.sort();
+    eprintln!("stop race: generation 2 spawned in {} of {ROUNDS} rounds ({:?} in all)", spawned.len(), t0.elapsed());
+    assert!(spawned.is_empty(), "a replacement was spawned during baton's stop in rounds {spawned:?}");
+}
+
+/// One round of [`stop_signal_with_a_generations_own_stopping_spawns_nothing`]:
+/// whether Baton spawned generation 2.
+fn stop_race_round(round: usize) -> bool {
+    let dir = unique_temp_dir("baton-proto", &format!("stop-race-{round}"));
+    let report = dir.join("report");
+    let app: Vec<OsString> = vec![
+        probe_bin().into(),
+        "--serve".into(),
+        "http".into(),
+        "--stop-on-usr1".into(),
+        "--reply-delay-ms".into(),
+        "1000".into(),
+        "--report".into(),
+        report.clone().into(),
+    ];
+    let mut b = Baton::launch(&dir, &["-l", "http=127.0.0.1:0"], &app, &[]);
+    let pid1 = b.wait_active(1);
+    // A request in flight keeps the generation draining (alive) after its
+    // STOPPING=1: an exited sender's datagram is refused anyway.
+    let fds = fd_count(pid1);
+    let _in_flight = TcpStream::connect(b.local_addr()).unwrap();
+    poll_until("the probe accepting the request", WAIT, || (fd_count(pid1) > fds).then_some(()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    signal(b.pid(), Signal::STOP);
+    poll_until("baton stopped by SIGSTOP", WAIT, || (proc_state(b.pid()) == Some('T')).then_some(()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    // systemd's order: Baton first, then the rest of the cgroup.
+    signal(b.pid(), Signal::TERM);
+    signal(pid1, Signal::USR1);
+    // The probe writes this line right after its STOPPING=1 went out: the
+    // datagram waits in Baton's socket.
+    wait_file_line(&report, "stopping-self");
+    signal(b.pid(), Signal::CONT);
+    let status = b.wait_exit();
+    let log = b.log();
+    assert!(status.success(), "baton exited with {status}\nlog:\n{log}");
+    assert!(log.contains("stopping all generations"), "{log}");
+    log.contains("generation 2 started")
+}
+
+// ---- what a generation inherits -------------------------------------------
+
+/// Baton started with systemd's variables about *its* process and manager
+/// (`$MAINPID`/`$MAINPIDFDID`, `$MANAGERPID`/`$MANAGERPIDFDID`, 258+) and a
+/// stale `LISTEN_PIDFDID`: the generation sees none of Baton's, and a
+/// `LISTEN_PIDFDID` that is its own pidfd id (on kernels with pidfs), which
+/// `baton-sd` accepts (the probe takes its listener).
+#[test]
+fn a_generation_gets_its_own_pidfd_id_and_none_of_batons_ids() {
+    let dir = unique_temp_dir("baton-proto", "generation-env");
+    let (env_file, report) = (dir.join("env"), dir.join("report"));
+    let script = format!(
+        "env > {}.tmp && mv {0}.tmp {0}; exec \"$0\" --serve http --report {}",
+        env_file.display(),
+        report.display()
+    );
+    let app: Vec<OsString> = vec!["/bin/sh".into(), "-c".into(), script.into(), probe_bin().into()];
+    let batons = [
+        ("MAINPID", "1"),
+        ("MAINPIDFDID", "4242"),
+        ("MANAGERPID", "1"),
+        ("MANAGERPIDFDID", "4243"),
+        ("LISTEN_PIDFDID", "4244"),
+    ];
+    let b = Baton::launch(&dir, &["-l", "http=127.0.0.1:0"], &app, &batons);
+    let pid = b.wait_active(1);
+    let text = std::fs::read_to_string(&env_file).unwrap();
+    let var = |name: &str| text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix('=').map(str::to_owned));
+    for (name, _) in &batons[..4] {
+        assert_eq!(var(name), None, "baton's {name} reached the generation:\n{text}");
+    }
+    assert_eq!(var("LISTEN_PID"), Some(pid.to_string()));
+    let pidfd = rustix::process::pidfd_open(Pid::from_raw(pid as i32).unwrap(), PidfdFlags::empty()).unwrap();
+    let expected = baton_sd::pidfs::pidfd_inode_id(pidfd.as_fd());
+    eprintln!("generation pid {pid}: LISTEN_PIDFDID={:?}, its pidfd id {expected:?}", var("LISTEN_PIDFDID"));
+    assert_eq!(var("LISTEN_PIDFDID"), expected.map(|id| id.to_string()), "{text}");
+    if kernel_release_at_least(6, 9) {
+        assert!(expected.is_some(), "a kernel with pidfs must name the generation by pidfd id");
+    }
+    let report = std::fs::read_to_string(&report).unwrap();
+    assert!(report.lines().any(|l| l.starts_with("fd 3 name=http kind=a listening TCP socket")), "{report}");
+}
+
+/// Whether the running kernel is at least `major.minor`.
+fn kernel_release_at_least(major: u32, minor: u32) -> bool {
+    let release = rustix::system::uname().release().to_string_lossy().into_owned();
+    let mut parts = release.split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (major, minor)
+}
+
+// ---- under systemd ------------------------------------------------------
+
+/// A booted testbed with `app.service` = Baton running the probe.
+struct Bed {
+    tb: Testbed,
+    report: PathBuf,
+    port: u16,
+}
+
+impl Bed {
+    fn boot(flavor: Flavor, test: &str) -> Option<Bed> {
+        if !skip_unless_root(test) {
+            return None;
+        }
+        let tb = Testbed::boot(flavor).unwrap_or_else(|e| panic!("{test}: boot {flavor}: {e}"));
+        let report = tb.scratch().join("report");
+        Some(Bed { tb, report, port: free_loopback_port() })
+    }
+
+    fn show(&self, prop: &str) -> String {
+        self.tb.show("app.service", prop).unwrap_or_else(|e| panic!("show {prop}: {e}"))
+    }
+
+    fn ok(&self, args: &[&str]) {
+        self.tb.systemctl_checked(args).unwrap_or_else(|e| panic!("systemctl {args:?}: {e}\n{}", self.report_text()));
+    }
+
+    fn report_text(&self) -> String {
+        std::fs::read_to_string(&self.report).unwrap_or_default()
+    }
+
+    /// Pids of the probe's starts, in order.
+    fn starts(&self) -> Vec<u32> {
+        self.report_text().lines().filter_map(|l| l.strip_prefix("start pid=")?.parse().ok()).collect()
+    }
+
+    fn journal(&self) -> String {
+        self.tb.journal(Some("app.service")).unwrap_or_else(|e| panic!("journal: {e}"))
+    }
+
+    fn wait_for(&self, what: &str, mut pred: impl FnMut() -> bool) {
+        self.tb
+            .wait_for(what, WAIT, &mut pred)
+            .unwrap_or_else(|e| panic!("{e}\nreport:\n{}\njournal:\n{}", self.report_text(), self.journal()));
+    }
+}
+
+/// One request to the probe: it answers `http PID`.
+fn ask(port: u16) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(WAIT)).ok()?;
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut s, &mut out).ok()?;
+    Some(out.trim().to_owned())
+}
+
+/// `STOPPING=1` final (259+) and `RESTART_RESET=1` (258+), on whatever
+/// systemd `b` runs:
+///
+/// 1. systemd restarts a SIGKILLed Baton (`Restart=always`): `NRestarts=1`.
+/// 2. The new Baton's generation sends `STOPPING=1` on its own (the probe
+///    on SIGUSR1): Baton starts a replacement and sends nothing of it
+///    upstream, so the unit never leaves `active/running` (sampled until
+///    the replacement serves) and `MainPID` stays Baton.
+/// 3. 10 s after that cutover Baton sends `RESTART_RESET=1`: systemd ≥ 258
+///    resets `NRestarts` to 0; older ones ignore the unknown assignment and
+///    the unit stays active with `NRestarts=1`.
+fn stopping_is_never_forwarded_and_restart_reset(b: &Bed) {
+    let version = b.tb.systemd_version();
+    let unit = format!(
+        "[Unit]\nStartLimitIntervalSec=0\n[Service]\nType=notify\nRestart=always\nRestartSec=200ms\n\
+         RuntimeDirectory=baton\nFileDescriptorStoreMax=64\n\
+         ExecStart={} run -l http=127.0.0.1:{} --name app -- {} --serve http --stop-on-usr1 --reply-delay-ms 1000 --report {}\n",
+        baton_bin(),
+        b.port,
+        probe_bin().display(),
+        b.report.display()
+    );
+    b.tb.install_unit("app.service", &unit).unwrap_or_else(|e| panic!("install: {e}"));
+    b.ok(&["start", "app.service"]);
+    let main1 = b.show("MainPID");
+    let before = b.starts().len();
+    b.ok(&["kill", "-s", "SIGKILL", "--kill-whom=main", "app.service"]);
+    b.wait_for("a new Baton", || {
+        let main = b.show("MainPID");
+        main != main1 && main != "0" && b.show("ActiveState") == "active"
+    });
+    let main2 = b.show("MainPID");
+    assert_eq!(b.show("NRestarts"), "1");
+    b.wait_for("the new Baton's generation", || b.starts().len() > before);
+    let pid1 = *b.starts().last().unwrap();
+    b.wait_for("its generation serving", || ask(b.port) == Some(format!("http {pid1}")));
+
+    // The generation stops on its own, while a request keeps it draining
+    // (an exited sender's datagram would be refused, see the report).
+    let fds = || {
+        let out = b.tb.run(&["/bin/sh", "-c", &format!("ls /proc/{pid1}/fd | wc -l")]).unwrap();
+        out.stdout_trimmed().parse::<usize>().unwrap_or(0)
+    };
+    let idle = fds();
+    let in_flight = TcpStream::connect(("127.0.0.1", b.port)).unwrap();
+    b.wait_for("the generation accepting a request", || fds() > idle);
+    let t0 = Instant::now();
+    let out = b.tb.run(&["/bin/sh", "-c", &format!("kill -USR1 {pid1}")]).unwrap();
+    assert!(out.success(), "{out}");
+    let mut states = std::collections::BTreeSet::new();
+    let mut pid2 = None;
+    b.wait_for("the replacement serving", || {
+        states.insert(format!("{}/{}", b.show("ActiveState"), b.show("SubState")));
+        pid2 = b.starts().last().copied().filter(|&p| p != pid1);
+        pid2.is_some_and(|p| ask(b.port) == Some(format!("http {p}")))
+    });
+    let replaced_in = t0.elapsed();
+    drop(in_flight);
+    for _ in 0..10 {
+        states.insert(format!("{}/{}", b.show("ActiveState"), b.show("SubState")));
+    }
+    assert_eq!(states.into_iter().collect::<Vec<_>>(), ["active/running"], "a generation's STOPPING=1 reached systemd");
+    assert_eq!(b.show("MainPID"), main2, "baton must stay the main process");
+    let journal = b.journal();
+    assert!(journal.contains("is stopping on its own; starting a replacement"), "{journal}");
+
+    // RESTART_RESET=1 once generation 2 has served for 10 s.
+    b.tb.wait_for("RESTART_RESET=1 in baton's log", Duration::from_secs(40), || {
+        b.journal().contains("RESTART_RESET=1 (earlier restarts")
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", b.journal()));
+    let expected = if version >= 258 { "0" } else { "1" };
+    b.wait_for(&format!("NRestarts={expected}"), || b.show("NRestarts") == expected);
+    assert_eq!(format!("{}/{}", b.show("ActiveState"), b.show("SubState")), "active/running");
+    assert_eq!(ask(b.port), Some(format!("http {}", pid2.unwrap())));
+    eprintln!(
+        "systemd {version}: generation's own STOPPING=1 replaced in {replaced_in:?}, unit stayed active/running; \
+         after RESTART_RESET=1 NRestarts={}",
+        b.show("NRestarts")
+    );
+}
+
+/// `systemctl stop` with `KillMode=control-group`: systemd's SIGTERM
+/// reaches Baton and the generation at once, and the generation (the probe,
+/// kept draining by a request in flight) answers it with its own
+/// `STOPPING=1`. In 20 stops Baton never spawns a replacement, and every
+/// stop ends `inactive` with `Result=success`.
+fn systemctl_stop_spawns_no_replacement(b: &Bed) {
+    const ROUNDS: usize = 20;
+    let unit = format!(
+        "[Service]\nType=notify\nKillMode=control-group\nRuntimeDirectory=baton\n\
+         ExecStart={} run -l http=127.0.0.1:{} --name app -- {} --serve http --reply-delay-ms 300 --report {}\n",
+        baton_bin(),
+        b.port,
+        probe_bin().display(),
+        b.report.display()
+    );
+    b.tb.install_unit("app.service", &unit).unwrap_or_else(|e| panic!("install: {e}"));
+    let t0 = Instant::now();
+    for round in 0..ROUNDS {
+        b.ok(&["start", "app.service"]);
+        let pid = *b.starts().last().unwrap();
+        let fds = || {
+            let out = b.tb.run(&["/bin/sh", "-c", &format!("ls /proc/{pid}/fd | wc -l")]).unwrap();
+            out.stdout_trimmed().parse::<usize>().unwrap_or(0)
+        };
+        let idle = fds();
+        let in_flight = TcpStream::connect(("127.0.0.1", b.port)).unwrap();
+        b.wait_for("the generation accepting a request", || fds() > idle);
+        b.ok(&["stop", "app.service"]);
+        drop(in_flight);
+        assert_eq!(b.show("Result"), "success", "round {round}");
+        let journal = b.journal();
+        assert!(!journal.contains("generation 2 started"), "round {round}: a replacement was spawned:\n{journal}");
+    }
+    eprintln!(
+        "systemd {}: {ROUNDS} stops under KillMode=control-group with the generation's own STOPPING=1, no \
+         replacement spawned ({:?})",
+        b.tb.systemd_version(),
+        t0.elapsed()
+    );
+}
+
+fn run_scenario(flavor: Flavor, version: u32, name: &str, scenario: fn(&Bed)) {
+    let Some(b) = Bed::boot(flavor, name) else { return };
+    assert_eq!(b.tb.systemd_version(), version);
+    let t0 = Instant::now();
+    scenario(&b);
+    eprintln!("{name}: scenario {:?} (boot {:?})", t0.elapsed(), b.tb.boot_duration());
+}
+
+/// One test per systemd version; Forky (262) is one more line here once
+/// `Flavor::Forky` exists: `systemd_262 => Forky, 262`.
+macro_rules! on_versions {
+    ($($scenario:ident),* $(,)?) => {
+        $(mod $scenario {
+            on_versions!(@one $scenario, systemd_252 => Host, 252);
+            on_versions!(@one $scenario, systemd_257 => Trixie, 257);
+        })*
+    };
+    (@one $scenario:ident, $test:ident => $flavor:ident, $version:literal) => {
+        #[test]
+        fn $test() {
+            super::run_scenario(
+                baton_testbed::Flavor::$flavor,
+                $version,
+                concat!(stringify!($scenario), "::", stringify!($test)),
+                super::$scenario,
+            );
+        }
+    };
+}
+
+on_versions!(stopping_is_never_forwarded_and_restart_reset, systemctl_stop_spawns_no_replacement);
