@@ -49,9 +49,10 @@ baton_upgrade_service() {
 	fi
 	# A policy-rc.d that forbids restarting (container images) forbids
 	# touching the running service at all; FALLBACK honours it too.
-	if [ -x /usr/sbin/policy-rc.d ]; then
+	# (/usr/sbin/policy-rc.d, found on the scripts' PATH, as lintian wants.)
+	if command -v policy-rc.d >/dev/null 2>&1; then
 		baton_rc=0
-		/usr/sbin/policy-rc.d "$BATON_SERVICE" restart >/dev/null 2>&1 || baton_rc=$?
+		policy-rc.d "$BATON_SERVICE" restart >/dev/null 2>&1 || baton_rc=$?
 		if [ "$baton_rc" -eq 101 ]; then
 			"$@" >/dev/null 2>&1 || :
 			return 0
