@@ -339,6 +339,7 @@ fn upgrade_under_load(bed: &Bed, what: &str, argv: &[&str]) -> Figures {
         *load.failures.entry(kind).or_default() += n;
     }
     load.server_closed_connections += fresh.server_closed_connections;
+    load.histogram.add(&fresh.histogram).expect("same histogram bounds");
     for (g, n) in fresh.per_generation {
         *load.per_generation.entry(g).or_default() += n;
     }
@@ -361,7 +362,7 @@ fn upgrade_under_load(bed: &Bed, what: &str, argv: &[&str]) -> Figures {
     };
     eprintln!(
         "MEASURED {} {what}: took {:?}; load {} requests, {} ok, {} failed {:?}, {} pooled connections closed by the \
-         server, per generation {:?}; idle keep-alive connections kept {} of {IDLE} (answering generations {:?}; \
+         server, latency p99 {} µs max {} µs, per generation {:?}; idle keep-alive connections kept {} of {IDLE} (answering generations {:?}; \
          errors {:?}); MainPID {} -> {}; generation {} -> {}",
         bed.name,
         figures.took,
@@ -370,6 +371,8 @@ fn upgrade_under_load(bed: &Bed, what: &str, argv: &[&str]) -> Figures {
         figures.load.failed(),
         figures.load.failures,
         figures.load.server_closed_connections,
+        figures.load.histogram.value_at_quantile(0.99),
+        figures.load.histogram.max(),
         figures.load.per_generation,
         figures.idle_kept,
         figures.idle_generations,
