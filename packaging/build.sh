@@ -9,8 +9,9 @@
 # Only the package version changes: the binaries report the crate version.
 #
 # Steps: release build of baton, baton-httpd and baton-docgen; man pages and
-# completions (baton-docgen) and stripped copies of the binaries under
-# target/packaging; then both packages. Prints the two package paths last, as
+# completions (baton-docgen), stripped copies of the binaries and the
+# maintainer scripts (templates with packaging/upgrade-service.sh inserted)
+# under target/packaging; then both packages. Prints the two package paths last, as
 # `deb: PATH` and `rpm: PATH`.
 #
 # Needs: cargo-deb and cargo-generate-rpm (`cargo install --locked cargo-deb
@@ -101,6 +102,29 @@ mkdir -p "$staging/bin"
 gzip -9nf "$staging"/man/*.1
 for bin in baton baton-httpd; do
 	strip --strip-all --remove-section=.comment --remove-section=.note -o "$staging/bin/$bin" "$target_dir/release/$bin"
+done
+
+# The maintainer scripts: packaging/debian/* and packaging/rpm/*.sh with the
+# line `#BATON_UPGRADE_SERVICE#` replaced by packaging/upgrade-service.sh
+# (the in-place upgrade both packages share), into $staging/debian and
+# $staging/rpm, where Cargo.toml takes them from.
+mkdir -p "$staging/debian" "$staging/rpm"
+for script in packaging/debian/postinst packaging/debian/prerm packaging/debian/postrm \
+	packaging/rpm/post.sh packaging/rpm/preun.sh packaging/rpm/postun.sh; do
+	out=$staging/${script#packaging/}
+	awk -v fragment=packaging/upgrade-service.sh '
+		$0 == "#BATON_UPGRADE_SERVICE#" {
+			while ((getline line <fragment) > 0) print line
+			close(fragment)
+			next
+		}
+		{ print }
+	' "$script" >"$out"
+	chmod 755 "$out"
+	if grep -q '^#BATON_UPGRADE_SERVICE#$' "$out" || ! sh -n "$out"; then
+		echo "packaging/build.sh: generating $out from $script failed" >&2
+		exit 1
+	fi
 done
 
 maintainer=$(sed -n '/^\[package.metadata.deb\]/,/^\[/s/^maintainer *= *"\(.*\)"/\1/p' Cargo.toml)

@@ -7,9 +7,10 @@
 //! - `dpkg -i` enables and starts the socket and the service, and the
 //!   default document root answers (`curl`);
 //! - `dpkg -i` of a rebuilt package (next revision) under loopback load
-//!   fails no request: the postinst restarts only baton-httpd.service, the
-//!   socket keeps its listener, and idle keep-alive connections reach the
-//!   new Baton's generation through the fd store;
+//!   fails no request: the postinst upgrades Baton in place (same MainPID)
+//!   and reloads baton-httpd.service, the socket keeps its listener, and
+//!   idle keep-alive connections reach the new generation (more in
+//!   tests/package_upgrade.rs);
 //! - `systemctl reload` (supervised: overlapped restart) and `systemctl
 //!   restart` under load fail no request, nor does `systemctl restart` of
 //!   the direct topology (units from `baton units --direct`, not packaged);
@@ -686,7 +687,7 @@ fn deb_lifecycle(flavor: Flavor, version: u32, name: &str) {
         bed.run_ok(&["test", "-f", f]);
     }
 
-    // ---- upgrade to the next revision under load: only the service restarts.
+    // ---- upgrade to the next revision under load: Baton upgraded in place, then a reload.
     let socket_before = bed.socket_epoch();
     let httpd1 = bed.wait_serving(port);
     let report = under_load(&bed, port, "dpkg -i (upgrade)", || {
@@ -696,7 +697,7 @@ fn deb_lifecycle(flavor: Flavor, version: u32, name: &str) {
     assert_eq!(status.trim(), format!("{} ii", b.versions[1]));
     assert_eq!(bed.socket_epoch(), socket_before, "the upgrade restarted {SOCKET}");
     let main2 = bed.show(SERVICE, "MainPID");
-    assert_ne!(main2, main1, "the upgrade restarted {SERVICE}");
+    assert_eq!(main2, main1, "the upgrade restarted {SERVICE} instead of `baton upgrade`");
     assert_eq!(bed.exe(&main2), "/usr/bin/baton", "the new Baton runs the new file (not a deleted one)");
     let httpd2 = bed.wait_serving(port);
     assert_ne!(httpd2, httpd1);
@@ -712,7 +713,8 @@ fn deb_lifecycle(flavor: Flavor, version: u32, name: &str) {
     assert_eq!(bed.show(SERVICE, "MainPID"), main2, "reload keeps Baton");
     let httpd3 = bed.wait_serving(port);
     assert_ne!(httpd3, httpd2);
-    assert!(bed.show(SERVICE, "StatusText").starts_with("generation 2 serving"), "{}", bed.show(SERVICE, "StatusText"));
+    // Generation 2 came with the upgrade's reload.
+    assert!(bed.show(SERVICE, "StatusText").starts_with("generation 3 serving"), "{}", bed.show(SERVICE, "StatusText"));
     assert!(report.pids.contains(&httpd3), "{report:?}");
 
     // ---- `systemctl restart` of the supervised service.
@@ -840,7 +842,7 @@ fn deb_lifecycle_on_262() {
 
 /// The .rpm on systemd 252 with Debian's `rpm` (the trixie root has none):
 /// install (preset enables, %post starts), upgrade under load (the old
-/// package's %postun try-restarts the service only), erase.
+/// package's %postun upgrades Baton in place and reloads), erase.
 #[test]
 fn rpm_lifecycle_on_252() {
     let name = "rpm_lifecycle_on_252";
@@ -867,7 +869,7 @@ fn rpm_lifecycle_on_252() {
     assert_eq!(bed.run_ok(&["rpm", "-q", "--qf", "%{RELEASE}", "baton"]).trim(), "2");
     assert_eq!(bed.socket_epoch(), socket_before, "the upgrade restarted {SOCKET}");
     let main2 = bed.show(SERVICE, "MainPID");
-    assert_ne!(main2, main1, "%postun restarted {SERVICE}");
+    assert_eq!(main2, main1, "%postun restarted {SERVICE} instead of `baton upgrade`");
     assert_eq!(bed.exe(&main2), "/usr/bin/baton");
     assert!(report.handed_over > 0, "{report:?}");
 

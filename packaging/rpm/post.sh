@@ -2,7 +2,8 @@
 # Install: enable the units as the presets say (this package's
 # 50-baton.preset enables both; a local preset can disable them) and start
 # what is enabled, the socket first. Upgrade: nothing here; the old package's
-# %postun restarts the service (never the socket) once the new files are in.
+# %postun upgrades Baton in place and reloads the service (never the socket)
+# once the new files are in.
 if [ "$1" -eq 1 ]; then
     systemctl --no-reload preset baton-httpd.socket baton-httpd.service >/dev/null 2>&1 || :
     # Not in a chroot or image build without systemd running.

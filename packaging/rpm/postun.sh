@@ -1,13 +1,22 @@
 # %postun of the baton rpm. $1: 0 after erase, 1 after an upgrade (run by the
 # old package once the new files are in place).
-# Upgrade: restart baton-httpd.service if it runs, and never baton-httpd.socket:
+# Upgrade: %systemd_postun without the restart: daemon-reload, then, if
+# baton-httpd.service runs, upgrade its Baton in place (`baton upgrade`: same
+# MainPID, sockets, fd store and generations) and reload it (a new generation
+# of the new baton-httpd); only a Baton that cannot take the upgrade is
+# restarted (try-restart), with the reason logged. Never baton-httpd.socket:
 # the socket unit holds the listener, and restarting it would refuse
-# connections. The old Baton drains (idle keep-alive connections go through
-# the fd store) and the new one starts on the same listener.
+# connections. This runs from the old package once the new files are in, so
+# an upgrade from a package older than this logic restarts the service once.
+# The template is packaging/rpm/postun.sh; packaging/build.sh inserts
+# packaging/upgrade-service.sh at the marker below.
+
+#BATON_UPGRADE_SERVICE#
+
 if [ -d /run/systemd/system ]; then
     systemctl daemon-reload >/dev/null 2>&1 || :
     if [ "$1" -ge 1 ]; then
-        systemctl try-restart baton-httpd.service >/dev/null 2>&1 || :
+        baton_upgrade_service systemctl try-restart baton-httpd.service
     fi
 fi
 # Erase: cargo-generate-rpm 0.21 cannot list directories in the package (its

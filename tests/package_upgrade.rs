@@ -1,0 +1,479 @@
+//! Package upgrades never restart Baton (issue 14): the packages built by
+//! `packaging/build.sh`, installed inside a real systemd (baton-testbed),
+//! upgraded under loopback load.
+//!
+//! Each upgrade (`dpkg -i` and `apt-get install` of a newer .deb on every
+//! flavor in [`deb_upgrade_tests!`], `rpm -U` on 252) must: fail no request
+//! (`baton_testbed::load`, fresh and keep-alive connections), keep every one
+//! of [`IDLE`] idle keep-alive connections opened before it (each answers
+//! afterwards, from the new generation: handed over), keep systemd's
+//! `MainPID` (`baton upgrade` re-executes the new binary in place) and
+//! advance the generation (the reload that follows). The fallback: a newer
+//! package whose `baton` fails the upgrade probe is refused by the running
+//! Baton, and the maintainer script restarts the service instead, saying why
+//! on the terminal and in the journal, still failing no request.
+//!
+//! The maintainer scripts' logic is `packaging/upgrade-service.sh`; the
+//! lifecycle around it (install, reload, restart, purge) is tests/packages.rs.
+//! Needs root, `cargo-deb`, `cargo-generate-rpm`, `dpkg-deb` and (for the
+//! rpm case) `rpm`; without them the tests skip outside CI and fail in CI.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use baton_testbed::load::{Load, LoadConfig, LoadReport, Mode};
+use baton_testbed::{CmdOutput, Flavor, Testbed, free_loopback_port, skip_unless_root};
+
+/// Generous: the machine is a noisy 2-core box.
+const WAIT: Duration = Duration::from_secs(60);
+/// One package operation inside a testbed.
+const PACKAGE_OP: Duration = Duration::from_secs(300);
+/// Idle keep-alive connections opened before each upgrade and counted after.
+const IDLE: usize = 20;
+const SERVICE: &str = "baton-httpd.service";
+const SOCKET: &str = "baton-httpd.socket";
+/// What the running Baton's probe of the fallback package's `baton` prints.
+const PROBE_REFUSAL: &str = "this baton reads state format 99 only";
+
+/// One `#[test]` per systemd flavor running the .deb upgrades: adding a
+/// flavor is one line (`deb_upgrades_on_262: Flavor::Forky, 262;`).
+macro_rules! deb_upgrade_tests {
+    ($($name:ident: $flavor:expr, $version:expr;)*) => {$(
+        #[test]
+        fn $name() {
+            deb_upgrades($flavor, $version, stringify!($name));
+        }
+    )*};
+}
+
+deb_upgrade_tests! {
+    deb_upgrades_on_252: Flavor::Host, 252;
+    deb_upgrades_on_257: Flavor::Trixie, 257;
+}
+
+// ---- building -----------------------------------------------------------------
+
+/// Whether `tool` is on `$PATH`; else skips (printing why) outside CI and
+/// panics in CI, like [`skip_unless_root`].
+fn have(test: &str, tool: &str) -> bool {
+    let found =
+        Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{test}: cannot run in CI: `{tool}` not found");
+        eprintln!("SKIP {test}: `{tool}` not found (see packaging/README.md)");
+    }
+    found
+}
+
+/// The packages of revisions 1, 2 and 3 of the workspace version, and a
+/// revision 4 .deb whose `baton` refuses the upgrade probe.
+struct Built {
+    deb: [PathBuf; 3],
+    rpm: [PathBuf; 3],
+    deb_refusing: PathBuf,
+}
+
+fn workspace_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn built(test: &str) -> Option<&'static Built> {
+    if !["cargo-deb", "cargo-generate-rpm", "dpkg-deb"].iter().all(|t| have(test, t)) {
+        return None;
+    }
+    static BUILT: OnceLock<Result<Built, String>> = OnceLock::new();
+    match BUILT.get_or_init(build_all) {
+        Ok(b) => Some(b),
+        Err(e) => panic!("{test}: building the packages failed: {e}"),
+    }
+}
+
+fn build_all() -> Result<Built, String> {
+    // cargo-deb deletes other versions' .deb from target/debian: keep copies.
+    let keep = Path::new(env!("CARGO_TARGET_TMPDIR")).join("package-upgrade");
+    std::fs::create_dir_all(&keep).map_err(|e| format!("{}: {e}", keep.display()))?;
+    let mut debs = Vec::new();
+    let mut rpms = Vec::new();
+    for rev in 1..=3 {
+        let version = format!("{}-{rev}", env!("CARGO_PKG_VERSION"));
+        let out = Command::new("bash")
+            .arg(workspace_root().join("packaging/build.sh"))
+            .args(["--version", &version])
+            .current_dir(workspace_root())
+            .output()
+            .map_err(|e| format!("running packaging/build.sh: {e}"))?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            return Err(format!(
+                "build.sh --version {version}: {}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        for (key, list) in [("deb: ", &mut debs), ("rpm: ", &mut rpms)] {
+            let path =
+                stdout.lines().find_map(|l| l.strip_prefix(key)).ok_or_else(|| format!("no {key:?} in {stdout}"))?;
+            let dest = keep.join(Path::new(path).file_name().unwrap_or_default());
+            std::fs::copy(path, &dest).map_err(|e| format!("copying {path}: {e}"))?;
+            list.push(dest);
+        }
+    }
+    let deb_refusing = repack_refusing(&debs[2], &keep)?;
+    let three = |v: Vec<PathBuf>| -> [PathBuf; 3] { [v[0].clone(), v[1].clone(), v[2].clone()] };
+    Ok(Built { deb: three(debs), rpm: three(rpms), deb_refusing })
+}
+
+/// Revision 4: revision 3 with `/usr/bin/baton` moved to `baton-real` and
+/// replaced by a wrapper that fails `baton upgrade-probe` (as a Baton with
+/// an incompatible state format would) and runs the real one otherwise.
+fn repack_refusing(deb: &Path, dir: &Path) -> Result<PathBuf, String> {
+    let tree = dir.join("refusing");
+    let _ = std::fs::remove_dir_all(&tree);
+    let run = |argv: &[&str]| -> Result<(), String> {
+        let out = Command::new(argv[0]).args(&argv[1..]).output().map_err(|e| format!("{argv:?}: {e}"))?;
+        out.status.success().then_some(()).ok_or_else(|| format!("{argv:?}: {}", String::from_utf8_lossy(&out.stderr)))
+    };
+    let t = tree.to_str().unwrap();
+    run(&["dpkg-deb", "-R", deb.to_str().unwrap(), t])?;
+    let bin = tree.join("usr/bin");
+    std::fs::rename(bin.join("baton"), bin.join("baton-real")).map_err(|e| e.to_string())?;
+    let wrapper = format!(
+        "#!/bin/sh\nif [ \"$1\" = upgrade-probe ]; then echo '{PROBE_REFUSAL}' >&2; exit 1; fi\nexec /usr/bin/baton-real \"$@\"\n"
+    );
+    std::fs::write(bin.join("baton"), wrapper).map_err(|e| e.to_string())?;
+    run(&["chmod", "755", bin.join("baton").to_str().unwrap()])?;
+    let control = tree.join("DEBIAN/control");
+    let text = std::fs::read_to_string(&control).map_err(|e| e.to_string())?;
+    let version = format!("{}-4", env!("CARGO_PKG_VERSION"));
+    let text: String = text
+        .lines()
+        .map(|l| if l.starts_with("Version:") { format!("Version: {version}\n") } else { format!("{l}\n") })
+        .collect();
+    std::fs::write(&control, text).map_err(|e| e.to_string())?;
+    let out = dir.join(format!("baton_{version}_refusing.deb"));
+    run(&["dpkg-deb", "--root-owner-group", "-b", t, out.to_str().unwrap()])?;
+    Ok(out)
+}
+
+// ---- static check of the scripts --------------------------------------------
+
+/// The upgrade path of both packages' scripts is `baton upgrade` + reload,
+/// with a restart only as the fallback, and nothing relies on SysV init.
+#[test]
+fn scripts_upgrade_in_place_without_sysv() {
+    let test = "scripts_upgrade_in_place_without_sysv";
+    if !have(test, "rpm") {
+        return;
+    }
+    let Some(b) = built(test) else { return };
+    let control = Path::new(env!("CARGO_TARGET_TMPDIR")).join("package-upgrade/control");
+    let _ = std::fs::remove_dir_all(&control);
+    let out = Command::new("dpkg-deb").arg("--control").arg(&b.deb[0]).arg(&control).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut scripts = BTreeMap::new();
+    for name in ["postinst", "prerm", "postrm"] {
+        scripts.insert(format!("deb {name}"), std::fs::read_to_string(control.join(name)).unwrap());
+    }
+    let rpm = Command::new("rpm").arg("-qp").arg("--scripts").arg(&b.rpm[0]).output().unwrap();
+    scripts.insert("rpm scriptlets".into(), String::from_utf8_lossy(&rpm.stdout).into_owned());
+    for (name, text) in &scripts {
+        let code: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.starts_with('#')).collect();
+        for l in &code {
+            let words = l.split(|c: char| c.is_whitespace() || ";|&()`\"'".contains(c));
+            for word in words {
+                let sysv = ["service", "update-rc.d", "invoke-rc.d"].contains(&word)
+                    || word.contains("/etc/init.d")
+                    || word.starts_with("/etc/rc");
+                assert!(!sysv, "{name} depends on SysV init ({word}): {l}");
+            }
+        }
+        assert!(!text.lines().any(|l| l.trim() == "#BATON_UPGRADE_SERVICE#"), "{name}: build.sh left the marker");
+    }
+    for name in ["deb postinst", "rpm scriptlets"] {
+        let text = &scripts[name];
+        assert!(text.contains("/usr/bin/baton upgrade --name baton-httpd"), "{name}: no `baton upgrade`:\n{text}");
+        assert!(text.contains("systemctl reload \"$BATON_SERVICE\""), "{name}: no reload after the upgrade");
+        assert!(text.contains("logger"), "{name}: the fallback's reason is not logged");
+    }
+    assert!(scripts["deb postinst"].contains("baton_upgrade_service deb-systemd-invoke restart \"$SERVICE\""));
+    assert!(scripts["rpm scriptlets"].contains("baton_upgrade_service systemctl try-restart baton-httpd.service"));
+    std::fs::remove_dir_all(&control).unwrap();
+}
+
+// ---- the testbed ---------------------------------------------------------------
+
+struct Bed {
+    tb: Testbed,
+    port: u16,
+    name: String,
+}
+
+impl Bed {
+    /// Boots `flavor` with the socket moved to a free loopback port (the
+    /// network namespace is the host's) and no policy-rc.d.
+    fn boot(flavor: Flavor, name: &str) -> Bed {
+        let tb = Testbed::boot(flavor).unwrap_or_else(|e| panic!("{name}: boot {flavor}: {e}"));
+        let bed = Bed { tb, port: free_loopback_port(), name: name.to_owned() };
+        bed.run(&["rm", "-f", "/usr/sbin/policy-rc.d"]);
+        let dropin = format!("[Socket]\nListenStream=\nListenStream=127.0.0.1:{}\n", bed.port);
+        bed.tb.write_file("/etc/systemd/system/baton-httpd.socket.d/port.conf", &dropin).unwrap();
+        bed
+    }
+
+    fn run(&self, argv: &[&str]) -> CmdOutput {
+        let out = self.tb.run_with_timeout(argv, PACKAGE_OP).unwrap_or_else(|e| panic!("{}: {argv:?}: {e}", self.name));
+        assert!(out.success(), "{}: {out}", self.name);
+        out
+    }
+
+    fn show(&self, prop: &str) -> String {
+        self.tb.show(SERVICE, prop).unwrap_or_else(|e| panic!("{}: show {prop}: {e}", self.name))
+    }
+
+    fn carry(&self, pkg: &Path) -> String {
+        let dest = self.tb.scratch().join(pkg.file_name().unwrap());
+        std::fs::copy(pkg, &dest).unwrap_or_else(|e| panic!("copy {}: {e}", pkg.display()));
+        dest.to_str().unwrap().to_owned()
+    }
+
+    /// Number of baton-httpd processes (generations) inside.
+    fn generations_running(&self) -> usize {
+        let script = "for p in /proc/[0-9]*; do [ \"$(cat $p/comm 2>/dev/null)\" = baton-httpd ] && echo; done; true";
+        self.run(&["/bin/sh", "-c", script]).stdout.lines().count()
+    }
+
+    fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+}
+
+// ---- idle keep-alive connections ----------------------------------------------
+
+/// One `GET /` on `conn` (kept alive): the answering generation.
+fn get(conn: &mut BufReader<TcpStream>) -> Result<u64, String> {
+    conn.get_mut()
+        .write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: keep-alive\r\n\r\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut line = String::new();
+    if conn.read_line(&mut line).map_err(|e| format!("read: {e}"))? == 0 {
+        return Err("closed by the server".into());
+    }
+    if !line.starts_with("HTTP/1.1 200") {
+        return Err(format!("status line {line:?}"));
+    }
+    let mut headers = BTreeMap::new();
+    loop {
+        line.clear();
+        conn.read_line(&mut line).map_err(|e| format!("read headers: {e}"))?;
+        match line.trim_end().split_once(':') {
+            Some((k, v)) => headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned()),
+            None => break,
+        };
+    }
+    let field = |k: &str| headers.get(k).and_then(|v| v.parse::<u64>().ok()).ok_or(format!("no {k}: {headers:?}"));
+    let mut body = vec![0; field("content-length")? as usize];
+    conn.read_exact(&mut body).map_err(|e| format!("read body: {e}"))?;
+    field("baton-generation")
+}
+
+fn open_idle(addr: SocketAddr) -> (Vec<BufReader<TcpStream>>, u64) {
+    let mut conns = Vec::new();
+    let mut generation = 0;
+    for _ in 0..IDLE {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        let mut c = BufReader::new(s);
+        generation = get(&mut c).unwrap_or_else(|e| panic!("idle connection before the upgrade: {e}"));
+        conns.push(c);
+    }
+    (conns, generation)
+}
+
+// ---- one upgrade under load ------------------------------------------------------
+
+/// What one package operation under load measured.
+struct Figures {
+    took: Duration,
+    load: LoadReport,
+    idle_kept: usize,
+    idle_generations: Vec<u64>,
+    main_pid: (String, String),
+    generation: (u64, u64),
+    output: CmdOutput,
+}
+
+/// Runs `argv` (a package upgrade) under load with [`IDLE`] idle keep-alive
+/// connections open; every figure printed, none asserted (the caller does).
+fn upgrade_under_load(bed: &Bed, what: &str, argv: &[&str]) -> Figures {
+    let (mut idle, generation_before) = open_idle(bed.addr());
+    let main_before = bed.show("MainPID");
+    let config = |mode: Mode, connections: usize, rate: u32| {
+        LoadConfig::new(bed.addr())
+            .path("/")
+            .mode(mode)
+            .connections(connections)
+            .rate(Some(rate))
+            .max_duration(PACKAGE_OP)
+    };
+    let busy = Load::start(config(Mode::KeepAlive, 4, 200)).unwrap();
+    let fresh = Load::start(config(Mode::NewConnection, 2, 100)).unwrap();
+    assert!(busy.wait_for_ok(100, WAIT) && fresh.wait_for_ok(50, WAIT), "{}: no load served before {what}", bed.name);
+    let t0 = Instant::now();
+    let output = bed.tb.run_with_timeout(argv, PACKAGE_OP).unwrap_or_else(|e| panic!("{}: {argv:?}: {e}", bed.name));
+    let took = t0.elapsed();
+    assert!(output.success(), "{}: {what}: {output}", bed.name);
+    // The old generation drains (handing its idle connections over) and
+    // exits; then every client reaches the new one a few times.
+    bed.tb.wait_for("one generation left", WAIT, || bed.generations_running() == 1).unwrap();
+    assert!(busy.wait_for_ok(200, WAIT) && fresh.wait_for_ok(100, WAIT), "{}: load stalled after {what}", bed.name);
+    let mut load = busy.stop();
+    let fresh = fresh.stop();
+    load.requests += fresh.requests;
+    load.ok += fresh.ok;
+    for (kind, n) in fresh.failures {
+        *load.failures.entry(kind).or_default() += n;
+    }
+    load.server_closed_connections += fresh.server_closed_connections;
+    load.histogram.add(&fresh.histogram).expect("same histogram bounds");
+    for (g, n) in fresh.per_generation {
+        *load.per_generation.entry(g).or_default() += n;
+    }
+    let answers: Vec<Result<u64, String>> = idle.iter_mut().map(get).collect();
+    let idle_generations: Vec<u64> = answers.iter().filter_map(|a| a.as_ref().ok().copied()).collect();
+    let generation_after = bed
+        .show("StatusText")
+        .strip_prefix("generation ")
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|g| g.parse().ok())
+        .unwrap_or_else(|| panic!("{}: StatusText {:?}", bed.name, bed.show("StatusText")));
+    let figures = Figures {
+        took,
+        idle_kept: idle_generations.len(),
+        idle_generations,
+        main_pid: (main_before, bed.show("MainPID")),
+        generation: (generation_before, generation_after),
+        output,
+        load,
+    };
+    eprintln!(
+        "MEASURED {} {what}: took {:?}; load {} requests, {} ok, {} failed {:?}, {} pooled connections closed by the \
+         server, latency p99 {} µs max {} µs, per generation {:?}; idle keep-alive connections kept {} of {IDLE} (answering generations {:?}; \
+         errors {:?}); MainPID {} -> {}; generation {} -> {}",
+        bed.name,
+        figures.took,
+        figures.load.requests,
+        figures.load.ok,
+        figures.load.failed(),
+        figures.load.failures,
+        figures.load.server_closed_connections,
+        figures.load.histogram.value_at_quantile(0.99),
+        figures.load.histogram.max(),
+        figures.load.per_generation,
+        figures.idle_kept,
+        figures.idle_generations,
+        answers.iter().filter_map(|a| a.as_ref().err()).collect::<Vec<_>>(),
+        figures.main_pid.0,
+        figures.main_pid.1,
+        figures.generation.0,
+        figures.generation.1,
+    );
+    for line in terminal(&figures).lines().filter(|l| l.starts_with("baton: ")) {
+        eprintln!("MEASURED {} {what}: maintainer script said: {line}", bed.name);
+    }
+    figures
+}
+
+/// What the package tool showed (apt-get puts the scripts' stderr on its
+/// stdout).
+fn terminal(f: &Figures) -> String {
+    format!("{}{}", f.output.stdout, f.output.stderr)
+}
+
+/// The in-place upgrade's figures: nothing failed, nothing restarted.
+fn assert_in_place(bed: &Bed, what: &str, f: &Figures) {
+    let ctx = format!("{} {what}", bed.name);
+    assert_eq!(f.load.failed(), 0, "{ctx}: failed requests {:?} {:?}", f.load.failures, f.load.other_errors);
+    assert_eq!(f.main_pid.0, f.main_pid.1, "{ctx}: Baton was restarted (MainPID changed): {}", f.output);
+    assert!(f.generation.1 > f.generation.0, "{ctx}: no reload (generation {:?}): {}", f.generation, f.output);
+    assert_eq!(f.idle_kept, IDLE, "{ctx}: idle keep-alive connections lost");
+    assert!(
+        f.idle_generations.iter().all(|g| *g == f.generation.1),
+        "{ctx}: idle connections not all answered by the new generation {}: {:?}",
+        f.generation.1,
+        f.idle_generations
+    );
+    assert_eq!(
+        bed.tb.run(&["readlink", &format!("/proc/{}/exe", f.main_pid.1)]).unwrap().stdout_trimmed(),
+        "/usr/bin/baton"
+    );
+    assert!(
+        terminal(f).contains("baton: baton-httpd.service: upgraded: pid"),
+        "{ctx}: not on the terminal: {}",
+        f.output
+    );
+}
+
+fn deb_upgrades(flavor: Flavor, version: u32, name: &str) {
+    if !skip_unless_root(name) {
+        return;
+    }
+    let Some(b) = built(name) else { return };
+    let bed = Bed::boot(flavor, name);
+    assert_eq!(bed.tb.systemd_version(), version);
+    let debs = b.deb.each_ref().map(|d| bed.carry(d));
+    bed.run(&["dpkg", "-i", &debs[0]]);
+    bed.tb.wait_for("baton-httpd serving", WAIT, || TcpStream::connect(bed.addr()).is_ok()).unwrap();
+    let socket_since = bed.tb.show(SOCKET, "ActiveEnterTimestampMonotonic").unwrap();
+
+    let f = upgrade_under_load(&bed, "dpkg -i (upgrade)", &["dpkg", "-i", &debs[1]]);
+    assert_in_place(&bed, "dpkg -i", &f);
+    // As an administrator types it: a path starting with ./ from the
+    // package's directory.
+    let (dir, file) = debs[2].rsplit_once('/').unwrap();
+    let apt = format!("cd {dir} && DEBIAN_FRONTEND=noninteractive apt-get install -y ./{file}");
+    let f = upgrade_under_load(&bed, "apt-get install ./newer.deb", &["/bin/sh", "-c", &apt]);
+    assert_in_place(&bed, "apt-get install", &f);
+
+    // The fallback: the running Baton refuses the new binary; the postinst
+    // restarts the service and says why.
+    let refusing = bed.carry(&b.deb_refusing);
+    let f = upgrade_under_load(&bed, "dpkg -i (baton upgrade refused: restart)", &["dpkg", "-i", &refusing]);
+    let ctx = format!("{name} fallback");
+    assert_eq!(f.load.failed(), 0, "{ctx}: failed requests {:?} {:?}", f.load.failures, f.load.other_errors);
+    assert_ne!(f.main_pid.0, f.main_pid.1, "{ctx}: not restarted: {}", f.output);
+    assert_eq!(f.generation.1, 1, "{ctx}: a new Baton starts at generation 1");
+    assert_eq!(f.idle_kept, IDLE, "{ctx}: the restart lost idle keep-alive connections");
+    let reason = "the running Baton cannot take the upgrade (baton upgrade exited 1:";
+    assert!(terminal(&f).contains(reason) && terminal(&f).contains(PROBE_REFUSAL), "{ctx}: {}", f.output);
+    for unit in [None, Some(SERVICE)] {
+        let journal = bed.tb.journal(unit).unwrap();
+        let logged = journal.lines().find(|l| l.contains("baton-package") && l.contains(reason));
+        assert!(logged.is_some_and(|l| l.contains(PROBE_REFUSAL)), "{ctx}: reason not in the journal ({unit:?})");
+    }
+    assert_eq!(bed.tb.show(SOCKET, "ActiveEnterTimestampMonotonic").unwrap(), socket_since, "{SOCKET} restarted");
+    assert_eq!(bed.tb.show(SOCKET, "ActiveState").unwrap(), "active");
+}
+
+/// `rpm -U` on 252 (Debian's rpm): the old package's %postun upgrades Baton
+/// in place and reloads.
+#[test]
+fn rpm_upgrade_on_252() {
+    let name = "rpm_upgrade_on_252";
+    if !skip_unless_root(name) || !have(name, "rpm") {
+        return;
+    }
+    let Some(b) = built(name) else { return };
+    let bed = Bed::boot(Flavor::Host, name);
+    let (rpm1, rpm2) = (bed.carry(&b.rpm[0]), bed.carry(&b.rpm[1]));
+    // --nodeps: the rpm database of a Debian system knows no libc.
+    bed.run(&["rpm", "-i", "--nodeps", &rpm1]);
+    bed.tb.wait_for("baton-httpd serving", WAIT, || TcpStream::connect(bed.addr()).is_ok()).unwrap();
+    let f = upgrade_under_load(&bed, "rpm -U", &["rpm", "-U", "--nodeps", &rpm2]);
+    assert_in_place(&bed, "rpm -U", &f);
+    bed.run(&["rpm", "-e", "baton"]);
+}
