@@ -1329,9 +1329,8 @@ impl Supervisor {
     }
 
     fn on_handoff_peer(&mut self, peer: crate::handoff::Peer) {
-        let generation = peer.pid.and_then(|pid| {
-            self.generations.iter_mut().find(|g| g.is_main(pid) || g.child.pid == pid)
-        });
+        let generation =
+            peer.pid.and_then(|pid| self.generations.iter_mut().find(|g| g.is_main(pid) || g.child.pid == pid));
         match generation {
             Some(g) => {
                 g.handoff = Some(peer.conn);

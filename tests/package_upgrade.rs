@@ -54,6 +54,7 @@ macro_rules! deb_upgrade_tests {
 deb_upgrade_tests! {
     deb_upgrades_on_252: Flavor::Host, 252;
     deb_upgrades_on_257: Flavor::Trixie, 257;
+    deb_upgrades_on_262: Flavor::Forky, 262;
 }
 
 // ---- building -----------------------------------------------------------------

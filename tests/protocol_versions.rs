@@ -16,8 +16,7 @@
 //!   where systemd does not know it.
 //!
 //! Real processes and sockets throughout; the systemd cases boot the testbed
-//! (252 on the host, 257 from the trixie root; 262 is one line in
-//! `on_versions!` once the testbed has Debian forky).
+//! (252 on the host, 257 from the trixie root, 262 from the forky root).
 
 use std::ffi::OsString;
 use std::net::TcpStream;
@@ -444,13 +443,13 @@ fn run_scenario(flavor: Flavor, version: u32, name: &str, scenario: fn(&Bed)) {
     eprintln!("{name}: scenario {:?} (boot {:?})", t0.elapsed(), b.tb.boot_duration());
 }
 
-/// One test per systemd version; Forky (262) is one more line here once
-/// `Flavor::Forky` exists: `systemd_262 => Forky, 262`.
+/// One test per systemd version.
 macro_rules! on_versions {
     ($($scenario:ident),* $(,)?) => {
         $(mod $scenario {
             on_versions!(@one $scenario, systemd_252 => Host, 252);
             on_versions!(@one $scenario, systemd_257 => Trixie, 257);
+            on_versions!(@one $scenario, systemd_262 => Forky, 262);
         })*
     };
     (@one $scenario:ident, $test:ident => $flavor:ident, $version:literal) => {

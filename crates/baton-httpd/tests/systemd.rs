@@ -369,6 +369,9 @@ macro_rules! on_both {
         mod systemd_257 {
             $( #[test] fn $name() { super::$name(baton_testbed::Flavor::Trixie, concat!("systemd_257::", stringify!($name))) } )*
         }
+        mod systemd_262 {
+            $( #[test] fn $name() { super::$name(baton_testbed::Flavor::Forky, concat!("systemd_262::", stringify!($name))) } )*
+        }
     };
 }
 
