@@ -593,8 +593,14 @@ impl Sink {
             match sent {
                 Ok(crate::journal::Sent::Done) => retried = false,
                 Ok(crate::journal::Sent::Full) => {
-                    if journal.writable().await.is_err() {
-                        *self = Sink::Stderr(RawStderr::open());
+                    // Woken when journald reads; the timer only guards
+                    // against a missed wake-up (measured once on systemd
+                    // 257: output stalled with journald idle).
+                    tokio::select! {
+                        r = journal.writable() => if r.is_err() {
+                            *self = Sink::Stderr(RawStderr::open());
+                        },
+                        () = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
                     }
                 }
                 // journald restarted: a new connection, once.

@@ -160,6 +160,17 @@ fn message(e: &serde_json::Value) -> String {
     e["MESSAGE"].as_str().unwrap_or_default().to_owned()
 }
 
+/// The journal entry whose message is `text`, waited for (a field match:
+/// cheap however long the journal).
+fn wait_message(tb: &Testbed, text: &str) {
+    let arg = format!("MESSAGE={text}");
+    poll_until(&format!("{text:?} in the journal"), WAIT, || {
+        let out = tb.run(&["journalctl", "--no-pager", "-b", "-u", UNIT, "-o", "cat", &arg]).ok()?;
+        out.stdout.contains(text).then_some(())
+    })
+    .unwrap()
+}
+
 /// The journal entry whose message starts with `prefix`, waited for.
 fn wait_entry(tb: &Testbed, prefix: &str) -> serde_json::Value {
     poll_until(&format!("{prefix:?} in the journal"), WAIT, || {
@@ -195,13 +206,12 @@ fn identity(flavor: Flavor, version: u32, name: &str, mode: &str) {
     // Numbered lines across upgrades: every one arrives, once, in order.
     let t0 = Instant::now();
     for k in 1..=3 {
-        let more = format!("n {pid1} {}", k * 2000);
-        wait_entry(&tb, &more);
+        wait_message(&tb, &format!("n {pid1} {}", k * 2000));
         run(&tb, &[BATON_INSIDE, "upgrade", "--name", "app"]);
     }
     let took = t0.elapsed();
     tb.write_file(STOP_INSIDE, "").unwrap();
-    wait_entry(&tb, &format!("stopped pid={pid1}"));
+    wait_message(&tb, &format!("stopped pid={pid1}"));
     let all = entries(&tb);
     let texts: Vec<String> = all.iter().map(message).collect();
     let n = assert_complete(&texts, pid1);
