@@ -92,16 +92,16 @@ impl Drop for Local {
     }
 }
 
-/// Baton's stderr is a file (the app's lines pass unchanged); its own logs
-/// are off so that only the app's lines are there.
+/// Baton's stderr is a pipe read slowly (the app's lines pass unchanged);
+/// its own logs are off so that only the app's lines are there.
 #[test]
 fn upgrade_loses_no_piped_output() {
     let dir = baton_testbed::unique_temp_dir("baton-output", "upgrade_loses_no_piped_output");
     let control = dir.join("baton.sock");
     let app = dir.join("app");
     std::fs::write(&app, APP).unwrap();
-    let out = std::fs::File::create(dir.join("out")).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_baton"))
+    let mut out = std::fs::File::create(dir.join("out")).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_baton"))
         .arg("run")
         .arg("--control")
         .arg(&control)
@@ -112,9 +112,20 @@ fn upgrade_loses_no_piped_output() {
         .env("STOP", dir.join("stop"))
         .env("BATON_LOG", "error")
         .stdout(Stdio::null())
-        .stderr(out)
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // A slow reader: Baton's stderr is full most of the time, so at each
+    // upgrade Baton holds output it could not write yet.
+    let mut stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = stderr.read(&mut buf) {
+            out.write_all(&buf[..n]).unwrap();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    });
     let b = Local { child, dir: dir.clone(), control };
     let hello = poll_until("the app's hello", WAIT, || {
         b.log().lines().find_map(|l| l.strip_prefix("hello gen=1 pid=").and_then(|p| p.parse::<u32>().ok()))
