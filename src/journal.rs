@@ -85,9 +85,17 @@ pub fn open_stream(identity: &Identity) -> io::Result<(OwnedFd, String)> {
     // journald reads the header only once it is complete; the identifier
     // must be one line.
     let identifier: String = identity.identifier.chars().filter(|c| *c != '\n').collect();
-    // Unit id left empty: journald takes the unit from the writer's cgroup.
+    // The unit, as systemd names it in its own streams: journald files a
+    // line under it when the writer is gone before journald reads it (an
+    // app that fails at once; the cgroup of a dead pid cannot be read).
+    // journald honours it from a root peer only, and only a system unit.
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let unit = match crate::output::unit_of_cgroup(&cgroup) {
+        Some((unit, false)) if !unit.contains('\n') => unit,
+        _ => String::new(),
+    };
     // Forwarding flags 0: journald's own ForwardTo*= settings still apply.
-    let header = format!("{identifier}\n\n{PRIORITY_INFO}\n1\n0\n0\n0\n");
+    let header = format!("{identifier}\n{unit}\n{PRIORITY_INFO}\n1\n0\n0\n0\n");
     let n = rustix::net::send(&fd, header.as_bytes(), SendFlags::NOSIGNAL)?;
     if n != header.len() {
         return Err(io::Error::other("journald took only part of the stream header"));

@@ -123,7 +123,7 @@ fn upgrade_loses_no_piped_output() {
         let mut buf = [0u8; 4096];
         while let Ok(n @ 1..) = stderr.read(&mut buf) {
             out.write_all(&buf[..n]).unwrap();
-            std::thread::sleep(Duration::from_millis(2));
+            std::thread::sleep(Duration::from_millis(20));
         }
     });
     let b = Local { child, dir: dir.clone(), control };
