@@ -92,8 +92,8 @@ impl Drop for Local {
     }
 }
 
-/// Baton's stderr is a pipe read slowly (the app's lines pass unchanged);
-/// its own logs are off so that only the app's lines are there.
+/// Baton's stderr is a pipe (the app's lines pass unchanged), full at each
+/// upgrade; Baton's own logs are off so that only the app's lines are there.
 #[test]
 fn upgrade_loses_no_piped_output() {
     let dir = baton_testbed::unique_temp_dir("baton-output", "upgrade_loses_no_piped_output");
@@ -115,15 +115,25 @@ fn upgrade_loses_no_piped_output() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // A slow reader: Baton's stderr is full most of the time, so at each
-    // upgrade Baton holds output it could not write yet.
-    let mut stderr = child.stderr.take().unwrap();
+    // The test reads Baton's stderr, and stops reading at each upgrade
+    // until the pipe is full: Baton then holds output it cannot write yet.
+    let stderr: std::os::fd::OwnedFd = child.stderr.take().unwrap().into();
+    let queued = stderr.try_clone().unwrap();
+    let paused = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader_paused = std::sync::Arc::clone(&paused);
     std::thread::spawn(move || {
         use std::io::{Read, Write};
+        let mut stderr = std::fs::File::from(stderr);
         let mut buf = [0u8; 4096];
-        while let Ok(n @ 1..) = stderr.read(&mut buf) {
-            out.write_all(&buf[..n]).unwrap();
-            std::thread::sleep(Duration::from_millis(20));
+        loop {
+            if reader_paused.load(std::sync::atomic::Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            match stderr.read(&mut buf) {
+                Ok(n @ 1..) => out.write_all(&buf[..n]).unwrap(),
+                _ => break,
+            }
         }
     });
     let b = Local { child, dir: dir.clone(), control };
@@ -134,9 +144,22 @@ fn upgrade_loses_no_piped_output() {
     let t0 = Instant::now();
     let upgrades = 5;
     for k in 1..=upgrades {
-        // Upgrades while the app writes, lines in flight.
-        poll_until("more output", WAIT, || (b.log().lines().count() > k * 2000).then_some(())).unwrap();
+        poll_until("more output", WAIT, || (b.log().lines().count() > k * 1000).then_some(())).unwrap();
+        paused.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Full: more than half its 64 KiB queued and no longer growing,
+        // while the app writes without pause (Baton has read more than it
+        // could write).
+        let mut before = 0;
+        poll_until("baton's stderr full", WAIT, || {
+            std::thread::sleep(Duration::from_millis(50));
+            let now = rustix::io::ioctl_fionread(&queued).unwrap_or(0);
+            let full = now > 32 * 1024 && now == before;
+            before = now;
+            full.then_some(())
+        })
+        .unwrap();
         let o = b.cli(&["upgrade"]);
+        paused.store(false, std::sync::atomic::Ordering::SeqCst);
         assert!(o.status.success(), "upgrade: {}", String::from_utf8_lossy(&o.stderr));
     }
     let took = t0.elapsed();
