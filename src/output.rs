@@ -1,27 +1,35 @@
 //! Where a generation's stdout and stderr go ([`OutputMode`]).
 //!
 //! **Inherited** (the default when Baton's stderr is the journal, see
-//! [`stderr_is_journal`]): the generation gets Baton's own stdout and
-//! stderr, so under systemd it writes straight into the journal stream and
-//! nothing depends on Baton staying alive. That matters when Baton dies:
-//! with `KillMode=control-group` systemd then SIGTERMs the generation so it
+//! [`stderr_is_journal`]): under the journal each generation gets a journal
+//! stream of its own, opened by Baton with the app's identifier
+//! ([`crate::journal::open_stream`]) and owned by the generation alone, so
+//! nothing depends on Baton staying alive; elsewhere it gets Baton's own
+//! stdout and stderr. That matters when Baton dies: with
+//! `KillMode=control-group` systemd then SIGTERMs the generation so it
 //! drains, and an app that logs while draining must not meet a broken pipe
 //! (`EPIPE`, or death by `SIGPIPE` for a C program with the default
 //! disposition Baton gives it) and lose its requests in flight.
-//! `JOURNAL_STREAM` is passed on unchanged and stays true for the app, which
-//! may then use the journal's native protocol. Baton keeps no lines then;
-//! failure reports say where to read them instead ([`InheritedTo::hint`]).
+//! `JOURNAL_STREAM` names the generation's stream (or stays Baton's, which
+//! is then the generation's too), so the app may use the journal's native
+//! protocol. Baton keeps no lines then; failure reports say where to read
+//! them instead ([`InheritedTo::hint`]).
 //!
 //! **Piped** (the default otherwise): each generation writes into its own
-//! pipe; one task per generation copies
-//! the bytes unchanged to Baton's stderr and remembers the last
-//! [`TAIL_LINES`] lines (each cut at [`LINE_MAX`] bytes). Memory per
-//! generation is therefore bounded whatever the app prints.
+//! pipe; one task per generation copies it on, without blocking the
+//! supervisor's thread: under the journal as one native entry per line with
+//! the generation's identity ([`crate::journal::NativeJournal`]), else the
+//! bytes unchanged to Baton's stderr. It remembers the last [`TAIL_LINES`]
+//! lines (each cut at [`LINE_MAX`] bytes). Memory per generation is
+//! bounded whatever the app prints ([`UNWRITTEN_MAX`] waiting to be
+//! written, plus the tail).
 //!
 //! The read end is shared between the copying task and the [`Tail`] until
 //! the output ends, so that `baton upgrade` can hand it, with the lines
-//! kept, to the next program image ([`Tail::pipe_fd`], [`adopt`]): the app
-//! never notices, its pipe stays open and unread bytes wait in it.
+//! kept and the bytes read but not yet written ([`Tail::unwritten`]), to
+//! the next program image ([`Tail::pipe_fd`], [`adopt`]): the app never
+//! notices, its pipe stays open, unread bytes wait in it, and no byte read
+//! is lost or written twice.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
