@@ -158,7 +158,7 @@ impl NativeJournal {
         Self::connect_to(Path::new(NATIVE_SOCKET))
     }
 
-    fn connect_to(path: &Path) -> io::Result<NativeJournal> {
+    pub(crate) fn connect_to(path: &Path) -> io::Result<NativeJournal> {
         let fd = rustix::net::socket_with(
             AddressFamily::UNIX,
             SocketType::DGRAM,

@@ -715,6 +715,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn journal_entries_are_whole_lines_and_a_partial_one_waits() {
+        let dir = std::env::temp_dir().join(format!("baton-output-test-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("journal");
+        let _ = std::fs::remove_file(&path);
+        let server = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        server.set_nonblocking(true).unwrap();
+        let journal = crate::journal::NativeJournal::connect_to(&path).unwrap();
+        let mut sink = Sink::Journal(journal, Identity::new("app".as_ref(), 7));
+        let tail = Tail::default();
+        tail.push(b"one\ntwo\npart");
+        sink.flush(&tail, false).await;
+        let mut buf = [0u8; 4096];
+        let mut messages = Vec::new();
+        while let Ok(n) = server.recv(&mut buf) {
+            let entry = String::from_utf8_lossy(&buf[..n]).into_owned();
+            assert!(entry.contains("\nSYSLOG_IDENTIFIER=app\n") && entry.contains("\nBATON_GENERATION=7\n"), "{entry}");
+            messages.push(entry.rsplit_once("MESSAGE=").unwrap().1.to_owned());
+        }
+        assert_eq!(messages, ["one\n", "two\n"]);
+        assert_eq!(tail.unwritten(), b"part", "the partial line waits (and is what an upgrade hands over)");
+        tail.push(b"ial\nlast");
+        sink.flush(&tail, true).await;
+        let n = server.recv(&mut buf).unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).ends_with("MESSAGE=partial\n"));
+        let n = server.recv(&mut buf).unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).ends_with("MESSAGE=last\n"), "at the end, the last line goes too");
+        assert!(tail.unwritten().is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
     async fn adopted_pipe_keeps_the_lines_and_reads_on() {
         let closed = Arc::new(tokio::sync::Notify::new());
         let (read_end, write_end) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap();
