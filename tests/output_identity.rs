@@ -307,4 +307,4 @@ macro_rules! modes {
 }
 
 // A 262 line (Flavor::Forky) joins these once the testbed has it.
-modes!(systemd_252: Host 252, systemd_257: Trixie 257, systemd_262: Forky 262);
+modes!(systemd_252: Host 252, systemd_257: Trixie 257);
