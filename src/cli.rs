@@ -201,19 +201,15 @@ pub struct RunArgs {
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub restart_interval: Duration,
     /// Where the app's stdout and stderr go: `inherit` gives every generation
-    /// a journal stream of its own when baton's stderr is the journal
-    /// (identifier: the app's program name; kept open by the app itself, so
-    /// its logging never depends on baton staying alive; $JOURNAL_STREAM
-    /// names it, and its lines carry the writer's _PID and a _STREAM_ID per
-    /// generation), else baton's own stdout and stderr; failure reports name
-    /// the journalctl command instead of quoting lines. `pipe` passes them
-    /// through baton, which keeps the last lines for failure reports and,
-    /// under the journal, writes each line as a journal entry with the
-    /// app's identifier, BATON_GENERATION=, BATON_PID= (and, when baton is
-    /// privileged, the generation's _PID); nothing read is lost at `baton
-    /// upgrade`; should baton die, the app's next write fails (EPIPE, or
-    /// death by SIGPIPE). `auto` is `inherit` when baton's stderr is the
-    /// journal ($JOURNAL_STREAM matches it), `pipe` otherwise.
+    /// baton's own stdout and stderr (under systemd the journal stream, kept
+    /// open by the app itself: its logging never depends on baton staying
+    /// alive, and $JOURNAL_STREAM lets it log natively; failure reports name
+    /// the journalctl command instead of quoting lines); `pipe` passes them
+    /// through baton, which keeps the last lines for failure reports (should
+    /// baton die, the app's next write fails: EPIPE, or death by SIGPIPE);
+    /// `auto`
+    /// is `inherit` when baton's stderr is the journal ($JOURNAL_STREAM
+    /// matches it), `pipe` otherwise.
     #[arg(long, value_enum, default_value = "auto", value_name = "MODE")]
     pub output: OutputArg,
     /// The app and its arguments.

@@ -653,11 +653,15 @@ impl Supervisor {
         if let Some((server, _)) = &self.handoff {
             extra.push((baton_sd::handoff::HANDOFF_SOCKET_ENV, server.path().display().to_string()));
         }
-        let identity = crate::journal::Identity::new(self.cfg.command.program(), number);
-        let out = crate::output::for_generation(self.cfg.output, identity, Arc::clone(&self.output_closed))
-            .map_err(|e| format!("cannot set up its output: {e}"))?;
-        extra.extend(out.journal_stream.map(|s| ("JOURNAL_STREAM", s)));
-        let (output_fd, output) = (out.fd, out.output);
+        let (output_fd, output) = match self.cfg.output {
+            OutputMode::Pipe => {
+                let (fd, tail) = crate::output::capture(Arc::clone(&self.output_closed))
+                    .map_err(|e| format!("cannot create the pipe for its output: {e}"))?;
+                (Some(fd), Output::Captured(tail))
+            }
+            // Its 1 and 2 stay Baton's own (GenerationSetup::output: None).
+            OutputMode::Inherit => (None, Output::Inherited),
+        };
         let setup = GenerationSetup {
             fds: &fds,
             notify_socket: Some(self.notify.address()),
@@ -666,7 +670,6 @@ impl Supervisor {
             output: output_fd.as_ref().map(|fd| fd.as_fd()),
         };
         let child = self.cfg.command.spawn(&setup).map_err(|e| e.to_string())?;
-        output.set_pid(child.pid);
         // Only the child (and its descendants) may hold the write end, so
         // the copying task sees end-of-file when they are all gone.
         drop(output_fd);
@@ -1752,7 +1755,6 @@ impl Supervisor {
                 output: g.output.kind(),
                 output_fd: g.output.pipe_fd(),
                 output_lines: g.output.lines(),
-                output_unwritten: g.output.unwritten(),
                 handoff: g.handoff.as_ref().map(|h| h.as_raw_fd()),
                 passed: g.passed.clone(),
             });
@@ -1942,17 +1944,8 @@ impl Supervisor {
             };
             let output = match (g.output, t.output) {
                 (OutputKind::Pipe, Some(fd)) => Output::Captured(
-                    crate::output::adopt(
-                        crate::output::Adopted {
-                            read_end: fd,
-                            lines: g.output_lines,
-                            unwritten: g.output_unwritten,
-                            identity: crate::journal::Identity::new(command.program(), g.number),
-                            pid: g.pid,
-                        },
-                        Arc::clone(&output_closed),
-                    )
-                    .map_err(io("adopting a generation's output pipe"))?,
+                    crate::output::adopt(fd, Arc::clone(&output_closed), g.output_lines)
+                        .map_err(io("adopting a generation's output pipe"))?,
                 ),
                 (OutputKind::Pipe, None) => Output::Captured(crate::output::Tail::finished(g.output_lines)),
                 (OutputKind::None, None) => Output::Inherited,
