@@ -6,10 +6,13 @@
 //! - **supervised** (the default): Baton is the service's main process
 //!   (`ExecStart=baton run … -- COMMAND`) and runs the app as generations;
 //!   `systemctl reload` is an overlapped restart (new generation ready before
-//!   the old one drains). On systemd ≥ 253 the service is
-//!   `Type=notify-reload` (Baton answers SIGHUP with `RELOADING=1` and
-//!   `READY=1`); on 252 it is `Type=notify` with `ExecReload=+baton restart`
-//!   (`+`: outside the sandbox, whose setup costs more than the restart).
+//!   the old one drains). On every systemd version the service is
+//!   `Type=notify` with `ExecReload=+baton restart --wait` (`+`: outside the
+//!   sandbox, whose setup costs more than the restart): only a failing
+//!   `ExecReload=` command can fail `systemctl reload` (systemd's
+//!   `src/core/service.c`: `READY=1` after `RELOADING=1` is a successful
+//!   reload, `ERRNO=` does not change the result), so `Type=notify-reload`
+//!   alone would report a refused restart as a successful reload.
 //! - **direct**: systemd socket-activates the app itself; `systemctl
 //!   restart` stops it and starts the next one while the `.socket` unit keeps
 //!   listening, and the fd store carries what the app hands over.
@@ -51,8 +54,8 @@ pub const DEFAULT_SYSTEMD_VERSION: u32 = 252;
 /// The oldest systemd the generated units are written for.
 pub const MIN_SYSTEMD_VERSION: u32 = 252;
 
-/// The first systemd with `Type=notify-reload`.
-pub const NOTIFY_RELOAD_SINCE: u32 = 253;
+/// The first systemd with `FileDescriptorStorePreserve=` (`--fdstore-preserve`).
+pub const FDSTORE_PRESERVE_SINCE: u32 = 254;
 
 /// Default of `--fdstore-max`: `baton-httpd` hands over one fd per idle
 /// connection, and Baton's own default store size is the same.
@@ -100,6 +103,12 @@ pub struct UnitsArgs {
     /// one entry per connection the app hands over.
     #[arg(long, default_value_t = DEFAULT_FDSTORE_MAX)]
     pub fdstore_max: u32,
+    /// When systemd empties the fd store (FileDescriptorStorePreserve=,
+    /// systemd 254 and later): restart (systemd's default) keeps it across
+    /// restarts and crashes, not across `systemctl stop`; yes keeps it across
+    /// stop and start too; no empties it at every stop, restarts included.
+    #[arg(long, value_enum, value_name = "WHEN")]
+    pub fdstore_preserve: Option<FdStorePreserve>,
     /// Watchdog interval (e.g. 10s): WatchdogSec= in direct mode; in
     /// supervised mode Baton enforces it on each generation.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
@@ -118,7 +127,8 @@ pub struct UnitsArgs {
     #[arg(long)]
     pub direct: bool,
     /// The systemd the units are for (default: the local `systemctl
-    /// --version`, else 252). 253 and later get Type=notify-reload.
+    /// --version`, else 252). It decides which directives the units may use
+    /// (--fdstore-preserve needs 254).
     #[arg(long, value_name = "N")]
     pub systemd_version: Option<u32>,
     /// Write the units into this directory (created if missing) instead of
@@ -154,6 +164,9 @@ impl UnitsArgs {
         if self.fdstore_max != DEFAULT_FDSTORE_MAX {
             words.extend(["--fdstore-max".into(), self.fdstore_max.to_string()]);
         }
+        if let Some(p) = self.fdstore_preserve {
+            words.extend(["--fdstore-preserve".into(), p.as_str().into()]);
+        }
         if let Some(w) = self.watchdog {
             words.extend(["--watchdog".into(), format_duration(w)]);
         }
@@ -170,6 +183,30 @@ impl UnitsArgs {
         words.push("--".into());
         words.extend(self.command.iter().map(|a| a.to_string_lossy().into_owned()));
         words.iter().map(|w| shell_quote(w)).collect::<Vec<_>>().join(" ")
+    }
+}
+
+/// `--fdstore-preserve`: systemd's `FileDescriptorStorePreserve=`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FdStorePreserve {
+    /// Empty the store whenever the service stops, a restart's stop included.
+    No,
+    /// Keep the store across `systemctl stop` and start, until the unit is
+    /// unloaded or `systemctl clean --what=fdstore`.
+    Yes,
+    /// Keep the store across restarts (systemd's default), empty it at
+    /// `systemctl stop`.
+    Restart,
+}
+
+impl FdStorePreserve {
+    /// The value as `FileDescriptorStorePreserve=` spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FdStorePreserve::No => "no",
+            FdStorePreserve::Yes => "yes",
+            FdStorePreserve::Restart => "restart",
+        }
     }
 }
 
@@ -239,6 +276,17 @@ pub enum UnitsError {
         "systemd {version} is not supported: the units need systemd {MIN_SYSTEMD_VERSION} or later (pass --systemd-version if the detected version is wrong)"
     )]
     SystemdVersion {
+        /// The version asked for or detected.
+        version: u32,
+    },
+    /// `--fdstore-preserve` for a systemd that has no
+    /// `FileDescriptorStorePreserve=`.
+    #[error(
+        "--fdstore-preserve needs systemd {FDSTORE_PRESERVE_SINCE} or later (FileDescriptorStorePreserve=), and the \
+         units are for systemd {version}: leave --fdstore-preserve out (systemd {version} keeps the fd store across \
+         restarts but not across `systemctl stop`), or pass --systemd-version if the target runs a newer systemd"
+    )]
+    FdStorePreserve {
         /// The version asked for or detected.
         version: u32,
     },
@@ -346,7 +394,6 @@ struct SocketGroup<'a> {
 /// Everything [`generate`] derives from the options, checked.
 struct Plan<'a> {
     args: &'a UnitsArgs,
-    version: u32,
     header: String,
     groups: Vec<SocketGroup<'a>>,
     /// The app's command line, quoted for `ExecStart=`.
@@ -384,13 +431,16 @@ fn plan(args: &UnitsArgs, version: u32) -> Result<Plan<'_>, UnitsError> {
     if args.watchdog.is_some_and(|w| w.is_zero()) {
         return Err(UnitsError::ZeroWatchdog);
     }
+    if args.fdstore_preserve.is_some() && version < FDSTORE_PRESERVE_SINCE {
+        return Err(UnitsError::FdStorePreserve { version });
+    }
     if !args.baton.is_absolute() || args.baton.to_str().is_none() {
         return Err(UnitsError::BatonPath { path: args.baton.clone() });
     }
     let groups = group_sockets(args)?;
     let app_exec = exec_command(&args.command)?;
     let baton_exec = exec_quote(args.baton.to_str().unwrap_or_default());
-    Ok(Plan { args, version, header: args.command_line(version), groups, app_exec, baton_exec })
+    Ok(Plan { args, header: args.command_line(version), groups, app_exec, baton_exec })
 }
 
 fn check_name(name: &str) -> Result<(), UnitsError> {
@@ -722,7 +772,6 @@ fn service_unit(plan: &Plan<'_>) -> UnitFile {
     let name = &args.name;
     let unit = format!("{name}.service");
     let supervised = args.topology() == Topology::Supervised;
-    let notify_reload = supervised && plan.version >= NOTIFY_RELOAD_SINCE;
     let sockets: Vec<&str> = plan.groups.iter().map(|g| g.unit.as_str()).collect();
     let sockets = sockets.join(" ");
     let program = args.command.first().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
@@ -734,12 +783,11 @@ fn service_unit(plan: &Plan<'_>) -> UnitFile {
     let mut s = header(plan, &unit);
     s.push_str("#\n");
     if supervised {
-        let how = if notify_reload { "SIGHUP to Baton" } else { "ExecReload=, that is `baton restart`" };
         let _ = write!(
             s,
             "# Topology: supervised. Baton is the main process for the life of the service and runs\n\
              # {program} as generations.\n\
-             # `systemctl reload {name}` ({how}) starts a new\n\
+             # `systemctl reload {name}` (ExecReload=, that is `baton restart`) starts a new\n\
              # generation, waits for its READY=1 and only then retires the old one, which drains:\n\
              # an overlapped, zero-downtime restart. `systemctl restart` restarts Baton too; the\n\
              # sockets stay open in the .socket unit(s) meanwhile.\n"
@@ -772,52 +820,58 @@ fn service_unit(plan: &Plan<'_>) -> UnitFile {
     );
 
     if supervised {
-        if notify_reload {
-            let _ = write!(
-                s,
-                "# systemd >= 253: `systemctl reload` sends ReloadSignal= to Baton, which answers\n\
-                 # RELOADING=1 and, once the new generation is ready, READY=1. A failed restart also ends\n\
-                 # the reload (the old generation keeps serving; `baton status --name {name}` and the\n\
-                 # journal tell why); `baton restart --name {name}` reports it as a failure.\n\
-                 Type=notify-reload\n\
-                 ReloadSignal=SIGHUP\n"
-            );
-        } else {
-            s.push_str(
-                "# systemd 252 has no Type=notify-reload: `systemctl reload` runs ExecReload=, which\n\
-                 # waits for the new generation; a failed restart fails the reload and leaves the old\n\
-                 # generation serving.\n\
-                 Type=notify\n",
-            );
-        }
+        // Why not Type=notify-reload on systemd >= 253 (as until issue 14): systemd ends such a
+        // reload with its READY=1 as a success, whatever Baton says (`ERRNO=`, `STATUS=` do not
+        // change the result, src/core/service.c), so a refused restart made `systemctl reload`
+        // succeed while the old generation kept serving. Only a timeout or a failing ExecReload=
+        // command fails a reload, on every version up to 262 at least. Of the two ways to get one:
+        // - notify-reload's SIGHUP *and* an ExecReload= that only waits for the verdict of the
+        //   restart the signal started: the restart begins before the helper is forked, but the
+        //   helper must be matched to "its" signal (which may be handled before or after it
+        //   connects, coalesce with another SIGHUP, or come from someone else's `kill -HUP`);
+        //   that matching is a protocol of its own to get right and to test;
+        // - Type=notify and ExecReload=+baton restart --wait everywhere (252's unit, already
+        //   proven there): the helper's own request starts the restart and gets exactly its
+        //   outcome, so there is nothing to match, and every version behaves the same.
+        // The second costs only the fork of `+baton restart` before the restart begins: measured
+        // with benches/restarts.rs setup 4b (systemd 257, 2-core box, under load, medians of 50),
+        // restart -> new generation serving went from 16 ms (notify-reload, SIGHUP) to the figure
+        // in docs/bench/restarts.md (see the report of issue 14), and 252 (setup 4) is unchanged.
+        let _ = write!(
+            s,
+            "# `systemctl reload` runs ExecReload=, which asks Baton for an overlapped restart and waits:\n\
+             # it exits 0 once the new generation is ready, and fails with the reason (in the journal\n\
+             # and, as Status:, in `systemctl status {name}`) when it is not, so `systemctl reload`\n\
+             # fails too while the old generation keeps serving. Type=notify, not notify-reload, on\n\
+             # every systemd: a notify-reload reload ends with READY=1 and cannot fail (253 to 262).\n\
+             Type=notify\n"
+        );
         let watchdog = args.watchdog.map(|w| format!(" --watchdog {}", format_duration(w))).unwrap_or_default();
         let _ = writeln!(
             s,
             "ExecStart={} run --name {name} --fdstore-max {fdstore} --stop-timeout {stop}{watchdog} -- {}",
             plan.baton_exec, plan.app_exec
         );
-        if !notify_reload {
-            // `+`: systemd forks ExecReload= without the sandbox (no DynamicUser=, namespaces, mounts
-            // or seccomp to set up), and that setup is most of what `systemctl reload` costs on 252.
-            // Measured in the testbed (systemd 252, 2-core box, 30 reloads each, medians):
-            // `systemctl reload` takes 65–81 ms hardened, 30–37 ms with `+`, 25–35 ms with no
-            // hardening at all and 25–27 ms for a unit whose ExecReload= is /bin/true (systemctl's
-            // own floor); from systemd's "Reloading" to "Reloaded" 40–48 ms hardened, 9–10 ms with
-            // `+`; `baton restart` run directly 6–8 ms. In benches/restarts.rs (setup 4, under
-            // load) restart → new generation serving went from ~67 ms to ~35 ms median.
-            // Safe: the command is Baton's own short-lived CLI, which sends one request on the
-            // control socket, waits for the answer and exits; no app code runs there. Root reaches
-            // the DynamicUser='s 0600 socket and passes Baton's peer-credential check (root or
-            // Baton's own uid); $RUNTIME_DIRECTORY, where `--name` looks for the socket, is set
-            // with or without `+`. Baton and the app themselves stay fully sandboxed.
-            let _ = write!(
-                s,
-                "# `+`: without the sandbox, which would cost more to set up than the restart itself; this\n\
-                 # only asks Baton, over its control socket, to restart. Baton and the app stay sandboxed.\n\
-                 ExecReload=+{} restart --name {name} --wait\n",
-                plan.baton_exec
-            );
-        }
+        // `+`: systemd forks ExecReload= without the sandbox (no DynamicUser=, namespaces, mounts
+        // or seccomp to set up), and that setup is most of what `systemctl reload` costs on 252.
+        // Measured in the testbed (systemd 252, 2-core box, 30 reloads each, medians):
+        // `systemctl reload` takes 65–81 ms hardened, 30–37 ms with `+`, 25–35 ms with no
+        // hardening at all and 25–27 ms for a unit whose ExecReload= is /bin/true (systemctl's
+        // own floor); from systemd's "Reloading" to "Reloaded" 40–48 ms hardened, 9–10 ms with
+        // `+`; `baton restart` run directly 6–8 ms. In benches/restarts.rs (setup 4, under
+        // load) restart → new generation serving went from ~67 ms to ~35 ms median.
+        // Safe: the command is Baton's own short-lived CLI, which sends one request on the
+        // control socket, waits for the answer and exits; no app code runs there. Root reaches
+        // the DynamicUser='s 0600 socket and passes Baton's peer-credential check (root or
+        // Baton's own uid); $RUNTIME_DIRECTORY, where `--name` looks for the socket, is set
+        // with or without `+`. Baton and the app themselves stay fully sandboxed.
+        let _ = write!(
+            s,
+            "# `+`: without the sandbox, which would cost more to set up than the restart itself; this\n\
+             # only asks Baton, over its control socket, to restart. Baton and the app stay sandboxed.\n\
+             ExecReload=+{} restart --name {name} --wait\n",
+            plan.baton_exec
+        );
         s.push_str("# Only Baton notifies systemd; the generations notify Baton.\nNotifyAccess=main\n");
     } else {
         let _ = writeln!(s, "Type=notify\nExecStart={}", plan.app_exec);
@@ -843,6 +897,9 @@ fn service_unit(plan: &Plan<'_>) -> UnitFile {
              # across `systemctl restart` and automatic restarts, not across stop and start.\n\
              FileDescriptorStoreMax={fdstore}\n"
         );
+    }
+    if let Some(preserve) = args.fdstore_preserve {
+        s.push_str(&fdstore_preserve_text(preserve, supervised, name));
     }
     if let Some(w) = args.watchdog {
         let w = format_duration(w);
@@ -965,6 +1022,35 @@ fn service_unit(plan: &Plan<'_>) -> UnitFile {
          Also={sockets}\n"
     );
     UnitFile { name: unit, contents: s }
+}
+
+/// `FileDescriptorStorePreserve=` with what it means for the stored fds:
+/// in the supervised topology Baton's store mirrors the app's entries as
+/// `app/NAME` (and Baton's own `-l` listeners as `listen/NAME`, which
+/// generated units never have: their sockets belong to the .socket units).
+fn fdstore_preserve_text(preserve: FdStorePreserve, supervised: bool, name: &str) -> String {
+    let whose = if supervised {
+        "the app's entries (app/NAME in systemd's store; Baton passes them to its first generation)"
+    } else {
+        "the app's entries"
+    };
+    let meaning = match preserve {
+        FdStorePreserve::Yes => format!(
+            "# yes (systemd >= 254): the store also survives `systemctl stop`, until the unit is unloaded\n\
+             # or `systemctl clean --what=fdstore {name}`; the next start gets {whose}\n\
+             # back. Connections the app handed over as it stopped stay open, unanswered, meanwhile.\n\
+             # The listening sockets are not in it: they stay in the .socket unit(s) either way.\n"
+        ),
+        FdStorePreserve::Restart => format!(
+            "# restart (systemd's default, >= 254): the store survives restarts and crashes, and is\n\
+             # emptied by `systemctl stop` ({whose}).\n"
+        ),
+        FdStorePreserve::No => format!(
+            "# no (systemd >= 254): the store is emptied whenever the service stops, even for a restart\n\
+             # or an automatic restart after a crash: {whose} are lost then.\n"
+        ),
+    };
+    format!("{meaning}FileDescriptorStorePreserve={}\n", preserve.as_str())
 }
 
 #[cfg(test)]
