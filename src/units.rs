@@ -894,8 +894,9 @@ fn service_unit(plan: &Plan<'_>) -> UnitFile {
         let _ = write!(
             s,
             "# What the app hands over (FDSTORE=1) is passed to its next start: systemd keeps it\n\
-             # across `systemctl restart` and automatic restarts, not across stop and start.\n\
-             FileDescriptorStoreMax={fdstore}\n"
+             # across `systemctl restart` and automatic restarts{}.\n\
+             FileDescriptorStoreMax={fdstore}\n",
+            if args.fdstore_preserve == Some(FdStorePreserve::Yes) { "" } else { ", not across stop and start" }
         );
     }
     if let Some(preserve) = args.fdstore_preserve {
@@ -1029,28 +1030,33 @@ fn service_unit(plan: &Plan<'_>) -> UnitFile {
 /// `app/NAME` (and Baton's own `-l` listeners as `listen/NAME`, which
 /// generated units never have: their sockets belong to the .socket units).
 fn fdstore_preserve_text(preserve: FdStorePreserve, supervised: bool, name: &str) -> String {
-    let whose = if supervised {
-        "the app's entries (app/NAME in systemd's store; Baton passes them to its first generation)"
+    let entries = if supervised {
+        "# (In systemd's store the app's entries are app/NAME; Baton passes them to its first\n\
+         # generation at every start. The listening sockets are not in it: they stay in the\n\
+         # .socket unit(s) whatever this says.)\n"
     } else {
-        "the app's entries"
+        "# (The listening sockets are not in it: they stay in the .socket unit(s) whatever this\n\
+         # says.)\n"
     };
     let meaning = match preserve {
         FdStorePreserve::Yes => format!(
-            "# yes (systemd >= 254): the store also survives `systemctl stop`, until the unit is unloaded\n\
-             # or `systemctl clean --what=fdstore {name}`; the next start gets {whose}\n\
-             # back. Connections the app handed over as it stopped stay open, unanswered, meanwhile.\n\
-             # The listening sockets are not in it: they stay in the .socket unit(s) either way.\n"
+            "# FileDescriptorStorePreserve=yes (systemd >= 254): the fd store also survives `systemctl\n\
+             # stop`, until the unit is unloaded or `systemctl clean --what=fdstore {name}`, and the\n\
+             # next start gets what the app stored. Connections the app handed over as it stopped\n\
+             # stay open, unanswered, while the service is stopped.\n"
         ),
-        FdStorePreserve::Restart => format!(
-            "# restart (systemd's default, >= 254): the store survives restarts and crashes, and is\n\
-             # emptied by `systemctl stop` ({whose}).\n"
-        ),
-        FdStorePreserve::No => format!(
-            "# no (systemd >= 254): the store is emptied whenever the service stops, even for a restart\n\
-             # or an automatic restart after a crash: {whose} are lost then.\n"
-        ),
+        FdStorePreserve::Restart => {
+            "# FileDescriptorStorePreserve=restart (systemd's default, >= 254): the fd store survives\n\
+             # restarts and crashes, and `systemctl stop` empties it.\n"
+                .to_owned()
+        }
+        FdStorePreserve::No => {
+            "# FileDescriptorStorePreserve=no (systemd >= 254): the fd store is emptied whenever the\n\
+             # service stops, even for `systemctl restart` or an automatic restart after a crash.\n"
+                .to_owned()
+        }
     };
-    format!("{meaning}FileDescriptorStorePreserve={}\n", preserve.as_str())
+    format!("{meaning}{entries}FileDescriptorStorePreserve={}\n", preserve.as_str())
 }
 
 #[cfg(test)]
@@ -1099,6 +1105,55 @@ mod tests {
         assert_eq!(parse_systemctl_version("systemd 252 (252.38-1~deb12u1)\n+PAM"), Some(252));
         assert_eq!(parse_systemctl_version("systemd 257 (257.9-1~deb13u1)"), Some(257));
         assert_eq!(parse_systemctl_version("nonsense"), None);
+    }
+
+    fn args(argv: &[&str]) -> UnitsArgs {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: UnitsArgs,
+        }
+        let argv =
+            ["baton-units", "--name", "web", "-l", "http=8080"].iter().chain(argv).chain(&["--", "/usr/bin/app"]);
+        <Cli as clap::Parser>::try_parse_from(argv).unwrap().args
+    }
+
+    fn service(argv: &[&str], version: u32) -> String {
+        generate(&args(argv), version).unwrap().pop().unwrap().contents
+    }
+
+    #[test]
+    fn fdstore_preserve_is_written_for_254_and_later_only() {
+        for version in [254, 257, 262] {
+            for (value, directive) in [("yes", "yes"), ("no", "no"), ("restart", "restart")] {
+                for topology in [&["--fdstore-preserve", value][..], &["--fdstore-preserve", value, "--direct"]] {
+                    let svc = service(topology, version);
+                    let line = format!("\nFileDescriptorStorePreserve={directive}\n");
+                    assert_eq!(svc.matches(&line).count(), 1, "{version} {topology:?}:\n{svc}");
+                    assert!(svc.starts_with("# Generated by: baton units "), "{svc}");
+                    assert!(svc.lines().next().unwrap().contains(&format!("--fdstore-preserve {value} ")), "{svc}");
+                }
+            }
+        }
+        // Left out unless asked for: systemd's default (restart) applies.
+        assert!(!service(&[], 257).contains("FileDescriptorStorePreserve"));
+        for version in [252, 253] {
+            let err = generate(&args(&["--fdstore-preserve", "yes"]), version).unwrap_err();
+            assert!(err.is_usage());
+            let text = err.to_string();
+            assert!(text.contains("needs systemd 254") && text.contains(&format!("for systemd {version}")), "{text}");
+            assert!(text.contains("leave --fdstore-preserve out") && text.contains("--systemd-version"), "{text}");
+        }
+    }
+
+    #[test]
+    fn supervised_reloads_run_exec_reload_on_every_version() {
+        for version in [252, 253, 257, 262] {
+            let svc = service(&[], version);
+            assert!(svc.contains("\nType=notify\n"), "{version}:\n{svc}");
+            assert!(svc.contains("\nExecReload=+/usr/bin/baton restart --name web --wait\n"), "{version}:\n{svc}");
+            assert!(!svc.contains("ReloadSignal="), "{version}:\n{svc}");
+        }
     }
 
     #[test]
