@@ -22,8 +22,11 @@
 //!   `ExecReload=+baton restart` (`+`: outside the unit's sandbox, whose
 //!   setup costs more than the restart; see src/units.rs);
 //! - **4b. Baton under systemd 257**: the same, as `baton units` writes it
-//!   for 257: `Type=notify-reload`, so `systemctl reload` sends SIGHUP to
-//!   Baton and no process is forked (4b, so that 5 keeps issue 6's number);
+//!   for 257: the same `ExecReload=+baton restart` (until issue 14 it was
+//!   `Type=notify-reload`, a SIGHUP and no process forked, whose reloads
+//!   cannot fail; to measure that again: `BATON_BENCH_SETUPS=4b
+//!   BATON_BENCH_DROPIN='[Service]\nType=notify-reload\nReloadSignal=SIGHUP\nExecReload='`)
+//!   (4b, so that 5 keeps issue 6's number);
 //! - **5. Baton standalone**: `baton run` on the host, `baton restart`.
 //!
 //! Units 2–4b are written by `baton units` (hardening included), with a

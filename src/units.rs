@@ -6,10 +6,13 @@
 //! - **supervised** (the default): Baton is the service's main process
 //!   (`ExecStart=baton run … -- COMMAND`) and runs the app as generations;
 //!   `systemctl reload` is an overlapped restart (new generation ready before
-//!   the old one drains). On systemd ≥ 253 the service is
-//!   `Type=notify-reload` (Baton answers SIGHUP with `RELOADING=1` and
-//!   `READY=1`); on 252 it is `Type=notify` with `ExecReload=+baton restart`
-//!   (`+`: outside the sandbox, whose setup costs more than the restart).
+//!   the old one drains). On every systemd version the service is
+//!   `Type=notify` with `ExecReload=+baton restart --wait` (`+`: outside the
+//!   sandbox, whose setup costs more than the restart): only a failing
+//!   `ExecReload=` command can fail `systemctl reload` (systemd's
+//!   `src/core/service.c`: `READY=1` after `RELOADING=1` is a successful
+//!   reload, `ERRNO=` does not change the result), so `Type=notify-reload`
+//!   alone would report a refused restart as a successful reload.
 //! - **direct**: systemd socket-activates the app itself; `systemctl
 //!   restart` stops it and starts the next one while the `.socket` unit keeps
 //!   listening, and the fd store carries what the app hands over.
@@ -51,8 +54,8 @@ pub const DEFAULT_SYSTEMD_VERSION: u32 = 252;
 /// The oldest systemd the generated units are written for.
 pub const MIN_SYSTEMD_VERSION: u32 = 252;
 
-/// The first systemd with `Type=notify-reload`.
-pub const NOTIFY_RELOAD_SINCE: u32 = 253;
+/// The first systemd with `FileDescriptorStorePreserve=` (`--fdstore-preserve`).
+pub const FDSTORE_PRESERVE_SINCE: u32 = 254;
 
 /// Default of `--fdstore-max`: `baton-httpd` hands over one fd per idle
 /// connection, and Baton's own default store size is the same.
@@ -100,6 +103,12 @@ pub struct UnitsArgs {
     /// one entry per connection the app hands over.
     #[arg(long, default_value_t = DEFAULT_FDSTORE_MAX)]
     pub fdstore_max: u32,
+    /// When systemd empties the fd store (FileDescriptorStorePreserve=,
+    /// systemd 254 and later): restart (systemd's default) keeps it across
+    /// restarts and crashes, not across `systemctl stop`; yes keeps it across
+    /// stop and start too; no empties it at every stop, restarts included.
+    #[arg(long, value_enum, value_name = "WHEN")]
+    pub fdstore_preserve: Option<FdStorePreserve>,
     /// Watchdog interval (e.g. 10s): WatchdogSec= in direct mode; in
     /// supervised mode Baton enforces it on each generation.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
@@ -118,7 +127,8 @@ pub struct UnitsArgs {
     #[arg(long)]
     pub direct: bool,
     /// The systemd the units are for (default: the local `systemctl
-    /// --version`, else 252). 253 and later get Type=notify-reload.
+    /// --version`, else 252). It decides which directives the units may use
+    /// (--fdstore-preserve needs 254).
     #[arg(long, value_name = "N")]
     pub systemd_version: Option<u32>,
     /// Write the units into this directory (created if missing) instead of
@@ -154,6 +164,9 @@ impl UnitsArgs {
         if self.fdstore_max != DEFAULT_FDSTORE_MAX {
             words.extend(["--fdstore-max".into(), self.fdstore_max.to_string()]);
         }
+        if let Some(p) = self.fdstore_preserve {
+            words.extend(["--fdstore-preserve".into(), p.as_str().into()]);
+        }
         if let Some(w) = self.watchdog {
             words.extend(["--watchdog".into(), format_duration(w)]);
         }
@@ -170,6 +183,30 @@ impl UnitsArgs {
         words.push("--".into());
         words.extend(self.command.iter().map(|a| a.to_string_lossy().into_owned()));
         words.iter().map(|w| shell_quote(w)).collect::<Vec<_>>().join(" ")
+    }
+}
+
+/// `--fdstore-preserve`: systemd's `FileDescriptorStorePreserve=`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FdStorePreserve {
+    /// Empty the store whenever the service stops, a restart's stop included.
+    No,
+    /// Keep the store across `systemctl stop` and start, until the unit is
+    /// unloaded or `systemctl clean --what=fdstore`.
+    Yes,
+    /// Keep the store across restarts (systemd's default), empty it at
+    /// `systemctl stop`.
+    Restart,
+}
+
+impl FdStorePreserve {
+    /// The value as `FileDescriptorStorePreserve=` spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FdStorePreserve::No => "no",
+            FdStorePreserve::Yes => "yes",
+            FdStorePreserve::Restart => "restart",
+        }
     }
 }
 
@@ -239,6 +276,17 @@ pub enum UnitsError {
         "systemd {version} is not supported: the units need systemd {MIN_SYSTEMD_VERSION} or later (pass --systemd-version if the detected version is wrong)"
     )]
     SystemdVersion {
+        /// The version asked for or detected.
+        version: u32,
+    },
+    /// `--fdstore-preserve` for a systemd that has no
+    /// `FileDescriptorStorePreserve=`.
+    #[error(
+        "--fdstore-preserve needs systemd {FDSTORE_PRESERVE_SINCE} or later (FileDescriptorStorePreserve=), and the \
+         units are for systemd {version}: leave --fdstore-preserve out (systemd {version} keeps the fd store across \
+         restarts but not across `systemctl stop`), or pass --systemd-version if the target runs a newer systemd"
+    )]
+    FdStorePreserve {
         /// The version asked for or detected.
         version: u32,
     },
@@ -346,7 +394,6 @@ struct SocketGroup<'a> {
 /// Everything [`generate`] derives from the options, checked.
 struct Plan<'a> {
     args: &'a UnitsArgs,
-    version: u32,
     header: String,
     groups: Vec<SocketGroup<'a>>,
     /// The app's command line, quoted for `ExecStart=`.
@@ -384,13 +431,16 @@ fn plan(args: &UnitsArgs, version: u32) -> Result<Plan<'_>, UnitsError> {
     if args.watchdog.is_some_and(|w| w.is_zero()) {
         return Err(UnitsError::ZeroWatchdog);
     }
+    if args.fdstore_preserve.is_some() && version < FDSTORE_PRESERVE_SINCE {
+        return Err(UnitsError::FdStorePreserve { version });
+    }
     if !args.baton.is_absolute() || args.baton.to_str().is_none() {
         return Err(UnitsError::BatonPath { path: args.baton.clone() });
     }
     let groups = group_sockets(args)?;
     let app_exec = exec_command(&args.command)?;
     let baton_exec = exec_quote(args.baton.to_str().unwrap_or_default());
-    Ok(Plan { args, version, header: args.command_line(version), groups, app_exec, baton_exec })
+    Ok(Plan { args, header: args.command_line(version), groups, app_exec, baton_exec })
 }
 
 fn check_name(name: &str) -> Result<(), UnitsError> {
@@ -722,7 +772,6 @@ fn service_unit(plan: &Plan<'_>) -> UnitFile {
     let name = &args.name;
     let unit = format!("{name}.service");
     let supervised = args.topology() == Topology::Supervised;
-    let notify_reload = supervised && plan.version >= NOTIFY_RELOAD_SINCE;
     let sockets: Vec<&str> = plan.groups.iter().map(|g| g.unit.as_str()).collect();
     let sockets = sockets.join(" ");
     let program = args.command.first().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
@@ -734,12 +783,11 @@ fn service_unit(plan: &Plan<'_>) -> UnitFile {
     let mut s = header(plan, &unit);
     s.push_str("#\n");
     if supervised {
-        let how = if notify_reload { "SIGHUP to Baton" } else { "ExecReload=, that is `baton restart`" };
         let _ = write!(
             s,
             "# Topology: supervised. Baton is the main process for the life of the service and runs\n\
              # {program} as generations.\n\
-             # `systemctl reload {name}` ({how}) starts a new\n\
+             # `systemctl reload {name}` (ExecReload=, that is `baton restart`) starts a new\n\
              # generation, waits for its READY=1 and only then retires the old one, which drains:\n\
              # an overlapped, zero-downtime restart. `systemctl restart` restarts Baton too; the\n\
              # sockets stay open in the .socket unit(s) meanwhile.\n"
@@ -772,52 +820,60 @@ fn service_unit(plan: &Plan<'_>) -> UnitFile {
     );
 
     if supervised {
-        if notify_reload {
-            let _ = write!(
-                s,
-                "# systemd >= 253: `systemctl reload` sends ReloadSignal= to Baton, which answers\n\
-                 # RELOADING=1 and, once the new generation is ready, READY=1. A failed restart also ends\n\
-                 # the reload (the old generation keeps serving; `baton status --name {name}` and the\n\
-                 # journal tell why); `baton restart --name {name}` reports it as a failure.\n\
-                 Type=notify-reload\n\
-                 ReloadSignal=SIGHUP\n"
-            );
-        } else {
-            s.push_str(
-                "# systemd 252 has no Type=notify-reload: `systemctl reload` runs ExecReload=, which\n\
-                 # waits for the new generation; a failed restart fails the reload and leaves the old\n\
-                 # generation serving.\n\
-                 Type=notify\n",
-            );
-        }
+        // Why not Type=notify-reload on systemd >= 253 (as until issue 14): systemd ends such a
+        // reload with its READY=1 as a success, whatever Baton says (`ERRNO=`, `STATUS=` do not
+        // change the result, src/core/service.c), so a refused restart made `systemctl reload`
+        // succeed while the old generation kept serving. Only a timeout or a failing ExecReload=
+        // command fails a reload, on every version up to 262 at least. Of the two ways to get one:
+        // - notify-reload's SIGHUP *and* an ExecReload= that only waits for the verdict of the
+        //   restart the signal started: the restart begins before the helper is forked, but the
+        //   helper must be matched to "its" signal (which may be handled before or after it
+        //   connects, coalesce with another SIGHUP, or come from someone else's `kill -HUP`);
+        //   that matching is a protocol of its own to get right and to test;
+        // - Type=notify and ExecReload=+baton restart --wait everywhere (252's unit, already
+        //   proven there): the helper's own request starts the restart and gets exactly its
+        //   outcome, so there is nothing to match, and every version behaves the same.
+        // The second costs the spawn of `+baton restart` before the restart begins, which 257
+        // does through systemd-executor: measured with benches/restarts.rs setup 4b (systemd 257,
+        // 2-core box, under load, 50 restarts, quiet machine), restart -> new generation serving
+        // went from 18 ms median (p90 22; notify-reload, SIGHUP) to 46 ms (p90 53), still with 0
+        // failed requests and 0 closed connections; 252 (setup 4) is unchanged. A correct
+        // `systemctl reload` result is worth ~30 ms on an operation that drops nothing.
+        let _ = write!(
+            s,
+            "# `systemctl reload` runs ExecReload=, which asks Baton for an overlapped restart and waits:\n\
+             # it exits 0 once the new generation is ready, and fails with the reason (in the journal\n\
+             # and, as Status:, in `systemctl status {name}`) when it is not, so `systemctl reload`\n\
+             # fails too while the old generation keeps serving. Type=notify, not notify-reload, on\n\
+             # every systemd: a notify-reload reload ends with READY=1 and cannot fail (253 to 262).\n\
+             Type=notify\n"
+        );
         let watchdog = args.watchdog.map(|w| format!(" --watchdog {}", format_duration(w))).unwrap_or_default();
         let _ = writeln!(
             s,
             "ExecStart={} run --name {name} --fdstore-max {fdstore} --stop-timeout {stop}{watchdog} -- {}",
             plan.baton_exec, plan.app_exec
         );
-        if !notify_reload {
-            // `+`: systemd forks ExecReload= without the sandbox (no DynamicUser=, namespaces, mounts
-            // or seccomp to set up), and that setup is most of what `systemctl reload` costs on 252.
-            // Measured in the testbed (systemd 252, 2-core box, 30 reloads each, medians):
-            // `systemctl reload` takes 65–81 ms hardened, 30–37 ms with `+`, 25–35 ms with no
-            // hardening at all and 25–27 ms for a unit whose ExecReload= is /bin/true (systemctl's
-            // own floor); from systemd's "Reloading" to "Reloaded" 40–48 ms hardened, 9–10 ms with
-            // `+`; `baton restart` run directly 6–8 ms. In benches/restarts.rs (setup 4, under
-            // load) restart → new generation serving went from ~67 ms to ~35 ms median.
-            // Safe: the command is Baton's own short-lived CLI, which sends one request on the
-            // control socket, waits for the answer and exits; no app code runs there. Root reaches
-            // the DynamicUser='s 0600 socket and passes Baton's peer-credential check (root or
-            // Baton's own uid); $RUNTIME_DIRECTORY, where `--name` looks for the socket, is set
-            // with or without `+`. Baton and the app themselves stay fully sandboxed.
-            let _ = write!(
-                s,
-                "# `+`: without the sandbox, which would cost more to set up than the restart itself; this\n\
-                 # only asks Baton, over its control socket, to restart. Baton and the app stay sandboxed.\n\
-                 ExecReload=+{} restart --name {name} --wait\n",
-                plan.baton_exec
-            );
-        }
+        // `+`: systemd forks ExecReload= without the sandbox (no DynamicUser=, namespaces, mounts
+        // or seccomp to set up), and that setup is most of what `systemctl reload` costs on 252.
+        // Measured in the testbed (systemd 252, 2-core box, 30 reloads each, medians):
+        // `systemctl reload` takes 65–81 ms hardened, 30–37 ms with `+`, 25–35 ms with no
+        // hardening at all and 25–27 ms for a unit whose ExecReload= is /bin/true (systemctl's
+        // own floor); from systemd's "Reloading" to "Reloaded" 40–48 ms hardened, 9–10 ms with
+        // `+`; `baton restart` run directly 6–8 ms. In benches/restarts.rs (setup 4, under
+        // load) restart → new generation serving went from ~67 ms to ~35 ms median.
+        // Safe: the command is Baton's own short-lived CLI, which sends one request on the
+        // control socket, waits for the answer and exits; no app code runs there. Root reaches
+        // the DynamicUser='s 0600 socket and passes Baton's peer-credential check (root or
+        // Baton's own uid); $RUNTIME_DIRECTORY, where `--name` looks for the socket, is set
+        // with or without `+`. Baton and the app themselves stay fully sandboxed.
+        let _ = write!(
+            s,
+            "# `+`: without the sandbox, which would cost more to set up than the restart itself; this\n\
+             # only asks Baton, over its control socket, to restart. Baton and the app stay sandboxed.\n\
+             ExecReload=+{} restart --name {name} --wait\n",
+            plan.baton_exec
+        );
         s.push_str("# Only Baton notifies systemd; the generations notify Baton.\nNotifyAccess=main\n");
     } else {
         let _ = writeln!(s, "Type=notify\nExecStart={}", plan.app_exec);
@@ -840,9 +896,13 @@ fn service_unit(plan: &Plan<'_>) -> UnitFile {
         let _ = write!(
             s,
             "# What the app hands over (FDSTORE=1) is passed to its next start: systemd keeps it\n\
-             # across `systemctl restart` and automatic restarts, not across stop and start.\n\
-             FileDescriptorStoreMax={fdstore}\n"
+             # across `systemctl restart` and automatic restarts{}.\n\
+             FileDescriptorStoreMax={fdstore}\n",
+            if args.fdstore_preserve == Some(FdStorePreserve::Yes) { "" } else { ", not across stop and start" }
         );
+    }
+    if let Some(preserve) = args.fdstore_preserve {
+        s.push_str(&fdstore_preserve_text(preserve, supervised, name));
     }
     if let Some(w) = args.watchdog {
         let w = format_duration(w);
@@ -967,6 +1027,40 @@ fn service_unit(plan: &Plan<'_>) -> UnitFile {
     UnitFile { name: unit, contents: s }
 }
 
+/// `FileDescriptorStorePreserve=` with what it means for the stored fds:
+/// in the supervised topology Baton's store mirrors the app's entries as
+/// `app/NAME` (and Baton's own `-l` listeners as `listen/NAME`, which
+/// generated units never have: their sockets belong to the .socket units).
+fn fdstore_preserve_text(preserve: FdStorePreserve, supervised: bool, name: &str) -> String {
+    let entries = if supervised {
+        "# (In systemd's store the app's entries are app/NAME; Baton passes them to its first\n\
+         # generation at every start. The listening sockets are not in it: they stay in the\n\
+         # .socket unit(s) whatever this says.)\n"
+    } else {
+        "# (The listening sockets are not in it: they stay in the .socket unit(s) whatever this\n\
+         # says.)\n"
+    };
+    let meaning = match preserve {
+        FdStorePreserve::Yes => format!(
+            "# FileDescriptorStorePreserve=yes (systemd >= 254): the fd store also survives `systemctl\n\
+             # stop`, until the unit is unloaded or `systemctl clean --what=fdstore {name}`, and the\n\
+             # next start gets what the app stored. Connections the app handed over as it stopped\n\
+             # stay open, unanswered, while the service is stopped.\n"
+        ),
+        FdStorePreserve::Restart => {
+            "# FileDescriptorStorePreserve=restart (systemd's default, >= 254): the fd store survives\n\
+             # restarts and crashes, and `systemctl stop` empties it.\n"
+                .to_owned()
+        }
+        FdStorePreserve::No => {
+            "# FileDescriptorStorePreserve=no (systemd >= 254): the fd store is emptied whenever the\n\
+             # service stops, even for `systemctl restart` or an automatic restart after a crash.\n"
+                .to_owned()
+        }
+    };
+    format!("{meaning}{entries}FileDescriptorStorePreserve={}\n", preserve.as_str())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1013,6 +1107,55 @@ mod tests {
         assert_eq!(parse_systemctl_version("systemd 252 (252.38-1~deb12u1)\n+PAM"), Some(252));
         assert_eq!(parse_systemctl_version("systemd 257 (257.9-1~deb13u1)"), Some(257));
         assert_eq!(parse_systemctl_version("nonsense"), None);
+    }
+
+    fn args(argv: &[&str]) -> UnitsArgs {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: UnitsArgs,
+        }
+        let argv =
+            ["baton-units", "--name", "web", "-l", "http=8080"].iter().chain(argv).chain(&["--", "/usr/bin/app"]);
+        <Cli as clap::Parser>::try_parse_from(argv).unwrap().args
+    }
+
+    fn service(argv: &[&str], version: u32) -> String {
+        generate(&args(argv), version).unwrap().pop().unwrap().contents
+    }
+
+    #[test]
+    fn fdstore_preserve_is_written_for_254_and_later_only() {
+        for version in [254, 257, 262] {
+            for (value, directive) in [("yes", "yes"), ("no", "no"), ("restart", "restart")] {
+                for topology in [&["--fdstore-preserve", value][..], &["--fdstore-preserve", value, "--direct"]] {
+                    let svc = service(topology, version);
+                    let line = format!("\nFileDescriptorStorePreserve={directive}\n");
+                    assert_eq!(svc.matches(&line).count(), 1, "{version} {topology:?}:\n{svc}");
+                    assert!(svc.starts_with("# Generated by: baton units "), "{svc}");
+                    assert!(svc.lines().next().unwrap().contains(&format!("--fdstore-preserve {value} ")), "{svc}");
+                }
+            }
+        }
+        // Left out unless asked for: systemd's default (restart) applies.
+        assert!(!service(&[], 257).contains("FileDescriptorStorePreserve"));
+        for version in [252, 253] {
+            let err = generate(&args(&["--fdstore-preserve", "yes"]), version).unwrap_err();
+            assert!(err.is_usage());
+            let text = err.to_string();
+            assert!(text.contains("needs systemd 254") && text.contains(&format!("for systemd {version}")), "{text}");
+            assert!(text.contains("leave --fdstore-preserve out") && text.contains("--systemd-version"), "{text}");
+        }
+    }
+
+    #[test]
+    fn supervised_reloads_run_exec_reload_on_every_version() {
+        for version in [252, 253, 257, 262] {
+            let svc = service(&[], version);
+            assert!(svc.contains("\nType=notify\n"), "{version}:\n{svc}");
+            assert!(svc.contains("\nExecReload=+/usr/bin/baton restart --name web --wait\n"), "{version}:\n{svc}");
+            assert!(!svc.contains("ReloadSignal="), "{version}:\n{svc}");
+        }
     }
 
     #[test]

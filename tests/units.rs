@@ -178,13 +178,14 @@ fn supervised_on_252_uses_exec_reload() {
 }
 
 #[test]
-fn supervised_on_253_and_later_uses_notify_reload() {
+fn supervised_on_253_and_later_reloads_through_exec_reload() {
+    // Not Type=notify-reload: its reloads cannot fail (issue 14, tests/reload_failure.rs).
     for version in [253, 257] {
         let files = gen_for(&["--name", "web", "--listen", "http=8080", "--", "/usr/bin/app"], version);
         let svc = ini(&files, "web.service");
-        assert_eq!(svc.one("Service", "Type"), "notify-reload", "{version}");
-        assert_eq!(svc.one("Service", "ReloadSignal"), "SIGHUP");
-        assert_eq!(svc.get("Service", "ExecReload"), None);
+        assert_eq!(svc.one("Service", "Type"), "notify", "{version}");
+        assert_eq!(svc.get("Service", "ReloadSignal"), None);
+        assert_eq!(svc.one("Service", "ExecReload"), "+/usr/bin/baton restart --name web --wait");
         assert!(file(&files, "web.service").contents.contains(&format!("--systemd-version {version} ")));
     }
 }
@@ -480,7 +481,7 @@ fn run_writes_the_units_for_the_local_systemd() {
     let args = parse(&["--name", "web", "-l", "8080", "-o", &out, "--systemd-version", "257", "--", "/usr/bin/app"]);
     units::run(&args).unwrap();
     let svc = std::fs::read_to_string(dir.join("web.service")).unwrap();
-    assert_eq!(Ini::parse(&svc).one("Service", "Type"), "notify-reload");
+    assert!(svc.contains(" --systemd-version 257 "), "{svc}");
 }
 
 #[test]
@@ -696,12 +697,13 @@ fn generated_units_verify_on_the_host() {
     }
     // The check is real: units for a newer systemd do not pass on 252.
     if host == 252 {
-        let files = gen_for(&["--name", "newer", "-l", "8080", "--baton", baton, "--", baton], 257);
+        let argv = ["--name", "newer", "-l", "8080", "--fdstore-preserve", "yes", "--baton", baton, "--", baton];
+        let files = gen_for(&argv, 257);
         let paths = write_files(&dir.join("newer"), &files).unwrap();
         let out =
             std::process::Command::new("systemd-analyze").args(["verify", "--man=no"]).args(&paths).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains("notify-reload") && stderr.contains("ReloadSignal"), "{stderr}");
+        assert!(stderr.contains("FileDescriptorStorePreserve"), "{stderr}");
     }
 }
 
@@ -873,8 +875,7 @@ fn supervised_probe(bed: &Bed) {
     );
     bed.install(&files);
     let svc = "probe-sup.service";
-    let expected_type = if version >= 253 { "notify-reload" } else { "notify" };
-    assert_eq!(bed.show(svc, "Type"), expected_type);
+    assert_eq!(bed.show(svc, "Type"), "notify");
     bed.ok(&["start", "probe-sup.socket", svc]);
     let baton_pid = bed.show(svc, "MainPID");
     let first = probe_pid(port);
@@ -896,12 +897,11 @@ fn supervised_probe(bed: &Bed) {
         .unwrap();
     assert!(status.success() && status.stdout.contains(&format!("pid {second} active")), "{status:?}");
 
-    // A new generation that fails to start: the old one keeps serving. 252's
-    // ExecReload= fails the reload; 253+'s notify-reload cannot (Baton must
-    // end the reload with READY=1), as the unit's comment says.
+    // A new generation that fails to start: the old one keeps serving and
+    // ExecReload= fails the reload, on every version (tests/reload_failure.rs).
     bed.tb.write_file(FAIL_FLAG, "").unwrap();
     let reload = bed.tb.systemctl(&["reload", svc]).unwrap();
-    assert_eq!(reload.success(), version >= 253, "{reload:?}");
+    assert!(!reload.success(), "{reload:?}");
     assert_eq!(probe_pid(port), second);
     assert_eq!(bed.show(svc, "ActiveState"), "active");
     assert_eq!(bed.show(svc, "MainPID"), baton_pid);

@@ -33,8 +33,8 @@ pub enum SetupKind {
     /// `baton run` as the service's main process (`baton units`, supervised),
     /// `systemctl reload`, on systemd 252 (`ExecReload=+baton restart`).
     BatonSystemd,
-    /// The same on systemd 257 (`Type=notify-reload`: `systemctl reload`
-    /// sends SIGHUP to Baton, no process is forked).
+    /// The same on systemd 257 (the same units: `ExecReload=+baton restart`
+    /// on every version since issue 14).
     BatonSystemd257,
     /// `baton run` on the host, `baton restart --control`.
     BatonStandalone,
@@ -82,9 +82,7 @@ impl SetupKind {
             SetupKind::SocketActivation => "systemd socket activation, Type=notify",
             SetupKind::FdStoreHandoff => "socket activation + fd-store handoff",
             SetupKind::BatonSystemd => "Baton under systemd 252 (supervised: ExecReload=+baton restart)",
-            SetupKind::BatonSystemd257 => {
-                "Baton under systemd 257 (Type=notify-reload: systemctl reload sends SIGHUP, no process forked)"
-            }
+            SetupKind::BatonSystemd257 => "Baton under systemd 257 (supervised: ExecReload=+baton restart)",
             SetupKind::BatonStandalone => "Baton standalone",
         }
     }
@@ -308,9 +306,9 @@ impl SystemdBed {
                 bed.dropin(&format!("[Unit]\nStartLimitIntervalSec=0\n{extra}"))?;
             }
             SetupKind::BatonSystemd | SetupKind::BatonSystemd257 => {
-                // Same units for both, as `baton units` writes them for the
-                // testbed's systemd: 252 gets ExecReload=, 257
-                // Type=notify-reload.
+                // The units `baton units` writes for the testbed's systemd:
+                // ExecReload=+baton restart on both (until issue 14, 257 got
+                // Type=notify-reload, whose reloads cannot fail).
                 bed.next_generation = None;
                 let cmd = vec![httpd.clone(), "--root".into(), WWW.into()];
                 bed.install_generated("httpd-baton", port, false, &cmd, bins)?;
