@@ -48,10 +48,12 @@ macro_rules! per_systemd {
 per_systemd!(refused_restart_fails_reload:
     refused_restart_fails_reload_on_252: Flavor::Host,
     refused_restart_fails_reload_on_257: Flavor::Trixie,
+    refused_restart_fails_reload_on_262: Flavor::Forky,
 );
 
 per_systemd!(fdstore_preserve_yes_keeps_the_store_across_stop:
     fdstore_preserve_yes_keeps_the_store_across_stop_on_257: Flavor::Trixie,
+    fdstore_preserve_yes_keeps_the_store_across_stop_on_262: Flavor::Forky,
 );
 
 #[derive(Parser)]
