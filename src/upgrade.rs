@@ -686,6 +686,22 @@ pub fn unblock_handled_signals() {
     unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) };
 }
 
+/// Baton's environment for the next image, less the variables of an
+/// upgrade (state, way back, failure), which the caller sets anew.
+fn environment_without_upgrade_variables() -> Result<Vec<CString>, UpgradeError> {
+    let mut env = Vec::new();
+    for (k, v) in std::env::vars_os() {
+        if k == STATE_ENV || k == RETURN_ENV || k == FAILED_ENV {
+            continue;
+        }
+        let mut entry = k.as_bytes().to_vec();
+        entry.push(b'=');
+        entry.extend_from_slice(v.as_bytes());
+        env.push(cstring(&entry, "an environment variable")?);
+    }
+    Ok(env)
+}
+
 fn cstring(b: &[u8], what: &'static str) -> Result<CString, UpgradeError> {
     CString::new(b).map_err(|_| UpgradeError::Exec {
         context: what,
@@ -728,16 +744,7 @@ fn prepare_and_exec(
     // Everything allocated before touching any flag.
     let path = cstring(binary.as_os_str().as_bytes(), "the binary path")?;
     let args: Vec<CString> = argv.iter().map(|a| cstring(a.as_bytes(), "an argument")).collect::<Result<_, _>>()?;
-    let mut env: Vec<CString> = Vec::new();
-    for (k, v) in std::env::vars_os() {
-        if k == STATE_ENV || k == RETURN_ENV || k == FAILED_ENV {
-            continue;
-        }
-        let mut entry = k.as_bytes().to_vec();
-        entry.push(b'=');
-        entry.extend_from_slice(v.as_bytes());
-        env.push(cstring(&entry, "an environment variable")?);
-    }
+    let mut env = environment_without_upgrade_variables()?;
     env.push(cstring(format!("{STATE_ENV}={memfd_raw}").as_bytes(), "the state variable")?);
     if let Some(exe) = exe {
         let back = format!("{RETURN_ENV}={},{memfd_raw}", exe.as_raw_fd());

@@ -30,7 +30,7 @@ use std::ffi::{CString, OsStr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 
-use super::{STATE_ENV, block_handled_signals, cstring};
+use super::{STATE_ENV, block_handled_signals, cstring, environment_without_upgrade_variables};
 
 /// Environment variable naming the previous image's executable and state
 /// memfd, `EXE_FD,STATE_FD`, set by the image that exec's the next one.
@@ -106,16 +106,7 @@ impl Fallback {
         // Everything allocated first.
         let args: Vec<CString> =
             std::env::args_os().map(|a| cstring(a.as_bytes(), "an argument")).collect::<Result<_, _>>().map_err(io)?;
-        let mut env: Vec<CString> = Vec::new();
-        for (k, v) in std::env::vars_os() {
-            if k == STATE_ENV || k == RETURN_ENV || k == FAILED_ENV {
-                continue;
-            }
-            let mut entry = k.as_bytes().to_vec();
-            entry.push(b'=');
-            entry.extend_from_slice(v.as_bytes());
-            env.push(cstring(&entry, "an environment variable").map_err(io)?);
-        }
+        let mut env = environment_without_upgrade_variables().map_err(io)?;
         let state = self.state.as_raw_fd();
         env.push(cstring(format!("{STATE_ENV}={state}").as_bytes(), "the state variable").map_err(io)?);
         let reason: Vec<u8> = reason.bytes().filter(|&b| b != 0).collect();
