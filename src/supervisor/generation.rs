@@ -1,0 +1,132 @@
+use super::*;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum State {
+    Starting,
+    HealthCheck { pid: u32 },
+    Active,
+    Draining { kill_at: Instant, killed: bool },
+}
+
+pub(super) struct Generation {
+    pub(super) number: u64,
+    pub(super) child: Child,
+    /// The process named by `MAINPID=`, if not the leader: pinned by its
+    /// pidfd, and forgotten once it exits (see [`crate::lineage`]).
+    pub(super) main: Option<MainProcess>,
+    pub(super) state: State,
+    pub(super) spawned_at: Instant,
+    pub(super) ready_at: Option<Instant>,
+    /// Start deadline (Starting/HealthCheck), extended by EXTEND_TIMEOUT_USEC.
+    pub(super) start_deadline: Instant,
+    pub(super) status_text: Option<String>,
+    pub(super) watchdog: Option<Duration>,
+    pub(super) last_ping: Instant,
+    pub(super) output: Output,
+    /// The running health check, killed with the generation if it fails.
+    pub(super) health: Option<Child>,
+    /// Its `$BATON_HANDOFF_SOCKET` connection, once it connected (closed off
+    /// this thread: fds queued in it are released by its close).
+    pub(super) handoff: Option<ReceivedFd>,
+    /// The store's fds it got in `LISTEN_FDS`: never pushed to it again.
+    pub(super) passed: Vec<std::os::fd::RawFd>,
+}
+
+impl Generation {
+    pub(super) fn state_name(&self) -> &'static str {
+        match self.state {
+            State::Starting => "starting",
+            State::HealthCheck { .. } => "health-check",
+            State::Active => "active",
+            State::Draining { .. } => "draining",
+        }
+    }
+
+    /// The main process: the live process named by `MAINPID=`, else the
+    /// leader. Never the pid of a `MAINPID=` process that has exited,
+    /// whoever has that pid now.
+    pub(super) fn main_pid(&self) -> u32 {
+        match &self.main {
+            Some(m) if m.is_alive() => m.pid,
+            _ => self.child.pid,
+        }
+    }
+
+    /// Whether `pid` is its main process now. A process named by `MAINPID=`
+    /// counts only while the process we pinned runs (see
+    /// [`crate::lineage`]). The leader counts until its exit is handled,
+    /// zombie or not: it is Baton's own child, so its pid cannot be reused
+    /// before Baton's reaper collects it, and the `STOPPING=1` or `STATUS=`
+    /// it sent just before exiting must still count, as systemd handles
+    /// notifications before `SIGCHLD`.
+    pub(super) fn is_main(&self, pid: u32) -> bool {
+        self.main_pid() == pid
+    }
+
+    /// Whether `pid` is its health check (Baton's child too: see
+    /// [`is_main`](Self::is_main)).
+    pub(super) fn is_health_check(&self, pid: u32) -> bool {
+        self.state == State::HealthCheck { pid } && self.health.is_some()
+    }
+
+    /// SIGKILL to the whole generation; it stays listed until reaped.
+    pub(super) fn force_kill(&mut self) {
+        let _ = self.child.signal_group(Signal::KILL);
+        self.state = State::Draining { kill_at: Instant::now(), killed: true };
+    }
+}
+
+impl Supervisor {
+    pub(super) fn spawn(&self, number: u64) -> Result<Generation, String> {
+        let fds: Vec<(BorrowedFd<'_>, &str)> = self
+            .cfg
+            .sockets
+            .iter()
+            .map(|s| (s.fd.as_fd(), s.name.as_str()))
+            .chain(self.store.entries().map(|(name, fd)| (fd, name)))
+            .collect();
+        let passed: Vec<std::os::fd::RawFd> =
+            self.store.entries().map(|(_, fd)| std::os::fd::AsRawFd::as_raw_fd(&fd)).collect();
+        let mut extra = vec![("BATON_GENERATION", number.to_string())];
+        if let Some((server, _)) = &self.handoff {
+            extra.push((baton_sd::handoff::HANDOFF_SOCKET_ENV, server.path().display().to_string()));
+        }
+        let (output_fd, output) = match self.cfg.output {
+            OutputMode::Pipe => {
+                let (fd, tail) = crate::output::capture(Arc::clone(&self.output_closed))
+                    .map_err(|e| format!("cannot create the pipe for its output: {e}"))?;
+                (Some(fd), Output::Captured(tail))
+            }
+            // Its 1 and 2 stay Baton's own (GenerationSetup::output: None).
+            OutputMode::Inherit => (None, Output::Inherited),
+        };
+        let setup = GenerationSetup {
+            fds: &fds,
+            notify_socket: Some(self.notify.address()),
+            watchdog_usec: self.cfg.watchdog.map(micros),
+            extra_env: &extra,
+            output: output_fd.as_ref().map(|fd| fd.as_fd()),
+        };
+        let child = self.cfg.command.spawn(&setup).map_err(|e| e.to_string())?;
+        // Only the child (and its descendants) may hold the write end, so
+        // the copying task sees end-of-file when they are all gone.
+        drop(output_fd);
+        let now = Instant::now();
+        Ok(Generation {
+            number,
+            main: None,
+            child,
+            state: State::Starting,
+            spawned_at: now,
+            ready_at: None,
+            start_deadline: after(now, self.cfg.ready_timeout),
+            status_text: None,
+            watchdog: self.cfg.watchdog,
+            last_ping: now,
+            output,
+            health: None,
+            handoff: None,
+            passed,
+        })
+    }
+}

@@ -1,0 +1,172 @@
+use super::*;
+
+impl Supervisor {
+    pub(super) fn on_datagram(&mut self, mut d: Datagram) {
+        // Refused datagrams drop their fds through the closer thread
+        // (`ReceivedFd`), and are logged within the rate limit.
+        let Some(index) = self.attribute(d.pid) else {
+            if self.refusals.allow(Refused::Notify, Some(d.pid)) {
+                tracing::warn!(
+                    event = "notify-refused",
+                    sender = d.pid,
+                    "notify message from pid {} refused: not a generation's {} process",
+                    d.pid,
+                    match self.cfg.notify_access {
+                        NotifyAccess::All => "",
+                        _ => "main",
+                    }
+                );
+            }
+            // `baton notify` ends with a barrier: tell it, not just the log.
+            crate::notify_refusal::answer_refused_barrier(&d.payload, &d.fds, d.pid, self.cfg.notify_access);
+            return;
+        };
+        let msg = match wire::parse(&d.payload) {
+            Ok(m) => m,
+            Err(e) => {
+                if self.refusals.allow(Refused::Notify, Some(d.pid)) {
+                    tracing::warn!(
+                        event = "notify-refused",
+                        sender = d.pid,
+                        "notify message from pid {} refused: {e}",
+                        d.pid
+                    );
+                }
+                return;
+            }
+        };
+        for bad in &msg.invalid {
+            tracing::warn!(event = "notify-invalid", sender = d.pid, "ignoring {:?}: {}", bad.line, bad.reason);
+        }
+        match msg.barrier() {
+            BarrierUse::Valid if d.fds.len() == 1 => {
+                // Everything sent before was processed (one task, in order):
+                // closing the fd is the acknowledgement.
+                d.fds.clear();
+                return;
+            }
+            BarrierUse::None => {}
+            _ => {
+                tracing::warn!(
+                    event = "notify-refused",
+                    sender = d.pid,
+                    "BARRIER=1 must come alone with exactly one fd; ignoring the message"
+                );
+                return;
+            }
+        }
+        let number = self.generations[index].number;
+        let now = Instant::now();
+        if let Some(pid) = msg.find(|f| match f {
+            NotifyState::MainPid(p) => Some(*p),
+            _ => None,
+        }) {
+            let g = &mut self.generations[index];
+            if pid == g.child.pid {
+                g.main = None;
+            } else {
+                match MainProcess::pin(pid, g.child.pid) {
+                    Ok(main) => g.main = Some(main),
+                    Err(why) => {
+                        tracing::warn!(
+                            event = "notify-invalid",
+                            "MAINPID={pid} for generation {number} ignored: {why}"
+                        );
+                    }
+                }
+            }
+        }
+        {
+            let g = &mut self.generations[index];
+            if let Some(s) = msg.status() {
+                g.status_text = Some(s.to_owned());
+            }
+            for f in &msg.fields {
+                match f {
+                    NotifyState::Watchdog => g.last_ping = now,
+                    NotifyState::WatchdogUsec(0) => g.watchdog = None,
+                    NotifyState::WatchdogUsec(u) => {
+                        g.watchdog = Some(Duration::from_micros(*u));
+                        g.last_ping = now;
+                    }
+                    NotifyState::ExtendTimeoutUsec(u) => {
+                        let until = after(now, Duration::from_micros(*u));
+                        match &mut g.state {
+                            State::Starting | State::HealthCheck { .. } => {
+                                g.start_deadline = g.start_deadline.max(until);
+                            }
+                            State::Draining { kill_at, killed: false } => *kill_at = (*kill_at).max(until),
+                            _ => {}
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if msg.has(&NotifyState::WatchdogTrigger) {
+            self.watchdog_expired(number, "WATCHDOG=trigger");
+        }
+        if msg.has(&NotifyState::FdStoreRemove) {
+            if let Some(name) = msg.fdname() {
+                let n = self.store.remove(name);
+                tracing::debug!(event = "fdstore-remove", name, removed = n);
+                let upstream_name = format!("app/{name}");
+                self.upstream_notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(&upstream_name)]);
+            }
+        } else if msg.has(&NotifyState::FdStore) && !d.fds.is_empty() {
+            let name = msg.fdname().unwrap_or("stored").to_owned();
+            let poll = !msg.has(&NotifyState::FdPollDisable);
+            let fds = std::mem::take(&mut d.fds);
+            if let Some(fds) = self.push_to_active(index, &name, fds) {
+                self.store_fds(&name, fds, poll);
+            }
+        }
+        if !d.fds.is_empty() {
+            tracing::warn!(event = "notify-fds-closed", "closing {} fd(s) sent without FDSTORE=1", d.fds.len());
+        }
+        match msg.lifecycle() {
+            Some(Lifecycle::Ready) => self.on_ready(index),
+            // A generation's STOPPING=1 is never forwarded upstream: from
+            // systemd 259 on, STOPPING=1 is final for the whole unit.
+            Some(Lifecycle::Stopping) => {
+                if self.generations[index].state == State::Active {
+                    let g = &mut self.generations[index];
+                    g.state = State::Draining { kill_at: after(now, self.cfg.stop_timeout), killed: false };
+                    if self.stop_begun() {
+                        tracing::info!(
+                            event = "stopping",
+                            generation = number,
+                            "generation {number} is stopping with baton; no replacement"
+                        );
+                    } else {
+                        tracing::info!(
+                            event = "stopping",
+                            generation = number,
+                            "generation {number} is stopping on its own; starting a replacement"
+                        );
+                        self.replace_active();
+                    }
+                }
+            }
+            Some(Lifecycle::Reloading) | None => {}
+        }
+    }
+
+    /// Which generation a notify sender belongs to, per `NotifyAccess`.
+    pub(super) fn attribute(&self, pid: u32) -> Option<usize> {
+        if let Some(i) = self.generations.iter().position(|g| g.is_main(pid)) {
+            return Some(i);
+        }
+        let health_check = || self.generations.iter().position(|g| g.is_health_check(pid));
+        match self.cfg.notify_access {
+            NotifyAccess::Main => None,
+            NotifyAccess::Exec => health_check(),
+            // Members of the leader's process group that also descend from
+            // it: anyone in Baton's session can join the group (see
+            // crate::lineage).
+            NotifyAccess::All => health_check().or_else(|| {
+                self.generations.iter().position(|g| g.child.is_running() && lineage::belongs_to(pid, g.child.pid))
+            }),
+        }
+    }
+}

@@ -1,0 +1,256 @@
+use super::*;
+
+impl Supervisor {
+    pub(super) fn active(&self) -> Option<&Generation> {
+        self.generations.iter().find(|g| g.state == State::Active)
+    }
+
+    pub(super) fn begin_restart(&mut self, trigger: Trigger, waiters: Vec<oneshot::Sender<Response>>) {
+        let number = self.next_number;
+        self.next_number += 1;
+        if trigger != Trigger::Initial {
+            self.upstream_notify(&[
+                NotifyState::Reloading,
+                NotifyState::monotonic_usec_now(),
+                NotifyState::Status(&format!("starting generation {number}")),
+            ]);
+        }
+        // Our own start/reload timeout upstream must not fire before the
+        // app's ready timeout does.
+        self.upstream_notify(&[NotifyState::ExtendTimeoutUsec(
+            micros(self.cfg.ready_timeout).saturating_add(5_000_000),
+        )]);
+        self.restart = Some(Restart { generation: number, trigger, waiters });
+        match self.spawn(number) {
+            Ok(g) => {
+                tracing::info!(
+                    event = "spawned",
+                    generation = number,
+                    pid = g.child.pid,
+                    "generation {number} started as pid {}",
+                    g.child.pid
+                );
+                self.generations.push(g);
+            }
+            Err(reason) => self.finish_restart(Err(reason)),
+        }
+    }
+
+    /// The starting generation is ready (and healthy): retire the old one.
+    pub(super) fn cutover(&mut self, number: u64) {
+        let now = Instant::now();
+        let stop_timeout = self.cfg.stop_timeout;
+        let stop_signal = self.cfg.stop_signal;
+        let mut replaced = None;
+        for g in &mut self.generations {
+            if g.state == State::Active {
+                replaced = Some(g.number);
+                g.state = State::Draining { kill_at: after(now, stop_timeout), killed: false };
+                if let Err(e) = g.child.signal_group(stop_signal) {
+                    tracing::warn!(
+                        event = "signal-failed",
+                        generation = g.number,
+                        "cannot signal generation {}: {e}",
+                        g.number
+                    );
+                }
+                tracing::info!(
+                    event = "draining",
+                    generation = g.number,
+                    pid = g.main_pid(),
+                    "generation {} draining",
+                    g.number
+                );
+            }
+        }
+        let Some(g) = self.generations.iter_mut().find(|g| g.number == number) else { return };
+        g.state = State::Active;
+        g.last_ping = now;
+        let done = RestartDone {
+            generation: number,
+            pid: g.main_pid(),
+            ready_ms: g.ready_at.map_or(0, |r| (r - g.spawned_at).as_millis() as u64),
+            replaced,
+        };
+        if self.restart_reset != RestartReset::Done {
+            self.restart_reset = RestartReset::Due { generation: number, at: after(now, PROVEN_HEALTHY_AFTER) };
+        }
+        self.enforce_draining_limit();
+        self.flush_connections();
+        self.finish_restart(Ok(done));
+    }
+
+    /// `RESTART_RESET=1` once the generation that cut over is still serving
+    /// [`PROVEN_HEALTHY_AFTER`] later. systemd < 258 ignores the unknown
+    /// assignment (252's `service_notify_message()` only looks up the keys
+    /// it knows), so it is sent whatever the version.
+    pub(super) fn restart_reset_if_due(&mut self, now: Instant) {
+        let RestartReset::Due { generation, at } = self.restart_reset else { return };
+        if at > now {
+            return;
+        }
+        if self.active().is_some_and(|g| g.number == generation) && !self.stop_begun() {
+            tracing::info!(
+                event = "restart-reset",
+                generation,
+                "generation {generation} has served for {PROVEN_HEALTHY_AFTER:?}: RESTART_RESET=1 (earlier restarts of \
+                 baton stop counting)"
+            );
+            self.upstream_notify(&[NotifyState::RestartReset]);
+            self.restart_reset = RestartReset::Done;
+        } else {
+            self.restart_reset = RestartReset::Waiting;
+        }
+    }
+
+    /// Kills the oldest draining generations beyond `max_draining`.
+    pub(super) fn enforce_draining_limit(&mut self) {
+        let mut draining: Vec<usize> = (0..self.generations.len())
+            .filter(|&i| matches!(self.generations[i].state, State::Draining { killed: false, .. }))
+            .collect();
+        while draining.len() > self.cfg.max_draining {
+            let i = draining.remove(0);
+            let g = &mut self.generations[i];
+            tracing::warn!(
+                event = "drain-limit",
+                generation = g.number,
+                "too many draining generations; killing {}",
+                g.number
+            );
+            g.force_kill();
+        }
+    }
+
+    /// Ends the running restart with an outcome for all its callers, then
+    /// starts the next one if requests arrived meanwhile.
+    pub(super) fn finish_restart(&mut self, outcome: Result<RestartDone, String>) {
+        let Some(restart) = self.restart.take() else { return };
+        let response = match outcome {
+            Ok(done) => {
+                self.consecutive_failures = 0;
+                if restart.trigger != Trigger::Initial {
+                    self.restarts += 1;
+                }
+                tracing::info!(
+                    event = "ready",
+                    generation = done.generation,
+                    pid = done.pid,
+                    ready_ms = done.ready_ms,
+                    "generation {} ready after {} ms",
+                    done.generation,
+                    done.ready_ms
+                );
+                let status = format!("generation {} serving as pid {}", done.generation, done.pid);
+                self.upstream_notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+                Response::Restarted(done)
+            }
+            Err(reason) => {
+                let serving = self.active().map(|g| g.number);
+                let failed = self.take_failed(restart.generation);
+                let (status_text, log_tail, hint) =
+                    failed.map(|f| (f.status_text, f.lines, f.hint)).unwrap_or_default();
+                // Inherited output: not in the report, so say where it is.
+                let reason = match hint {
+                    Some(h) => format!("{reason}; {h}"),
+                    None => reason,
+                };
+                let message = format!("generation {} failed: {reason}", restart.generation);
+                tracing::error!(event = "restart-failed", generation = restart.generation, "{message}");
+                self.last_failure = Some(message.clone());
+                let status = match serving {
+                    Some(s) => format!("{message}; generation {s} keeps serving"),
+                    None => message.clone(),
+                };
+                // A reload must always end with READY=1, or systemd waits
+                // for it until its timeout.
+                self.upstream_notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+                if serving.is_none() || restart.trigger == Trigger::Replace {
+                    // Nothing is serving: keep trying, with backoff.
+                    self.schedule_replacement();
+                }
+                Response::RestartFailed(RestartFailure {
+                    generation: restart.generation,
+                    reason,
+                    status_text,
+                    log_tail,
+                    serving,
+                })
+            }
+        };
+        for w in restart.waiters {
+            let _ = w.send(response.clone());
+        }
+        if self.pending_requested && self.ended.is_none() && self.stopping.is_none() {
+            self.pending_requested = false;
+            let waiters = std::mem::take(&mut self.pending);
+            self.scheduled = None;
+            self.begin_restart(Trigger::Requested, waiters);
+        }
+    }
+
+    /// Kills a generation that failed to start and returns its last
+    /// STATUS= and output lines (from `failed_output` if it already exited).
+    pub(super) fn take_failed(&mut self, number: u64) -> Option<FailedOutput> {
+        if let Some(f) = self.failed_output.take()
+            && f.number == number
+        {
+            return Some(f);
+        }
+        let i = self.generations.iter().position(|g| g.number == number)?;
+        let hint = self.output_hint(&self.generations[i]);
+        let g = &mut self.generations[i];
+        if let Some(h) = g.health.take() {
+            let _ = h.signal_group(Signal::KILL);
+        }
+        // Like systemd after a failed start: ask it to stop, so connections
+        // it already accepted from the shared socket are finished, and
+        // SIGKILL only at the stop deadline.
+        let _ = g.child.signal_group(self.cfg.stop_signal);
+        g.state = State::Draining { kill_at: after(Instant::now(), self.cfg.stop_timeout), killed: false };
+        Some(FailedOutput { number, status_text: g.status_text.clone(), lines: g.output.lines(), hint })
+    }
+
+    /// Where to read `g`'s output if Baton did not capture it.
+    pub(super) fn output_hint(&self, g: &Generation) -> Option<String> {
+        match g.output {
+            Output::Captured(_) => None,
+            Output::Inherited => {
+                let since = std::time::SystemTime::now().checked_sub(g.spawned_at.elapsed());
+                Some(self.inherited_to.hint(g.main_pid(), since.unwrap_or(std::time::UNIX_EPOCH)))
+            }
+        }
+    }
+
+    pub(super) fn on_ready(&mut self, index: usize) {
+        let now = Instant::now();
+        let g = &mut self.generations[index];
+        if g.state != State::Starting {
+            return; // READY=1 after a reload of the app itself, or repeated
+        }
+        g.ready_at = Some(now);
+        let number = g.number;
+        let pid = g.main_pid();
+        match &self.cfg.health_cmd {
+            None => self.cutover(number),
+            Some(cmd) => {
+                let sh = AppCommand::new("/bin/sh".as_ref(), &["-c".into(), cmd.into()]);
+                let extra = [("BATON_PID", pid.to_string()), ("BATON_GENERATION", number.to_string())];
+                let setup = GenerationSetup {
+                    fds: &[],
+                    notify_socket: None,
+                    watchdog_usec: None,
+                    extra_env: &extra,
+                    output: None,
+                };
+                match sh.and_then(|sh| sh.spawn(&setup)) {
+                    Ok(child) => {
+                        let g = &mut self.generations[index];
+                        g.state = State::HealthCheck { pid: child.pid };
+                        g.health = Some(child);
+                    }
+                    Err(e) => self.fail_starting(number, format!("cannot run the health check: {e}")),
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,84 @@
+use super::*;
+
+impl Supervisor {
+    pub(super) fn next_deadline(&self) -> Instant {
+        let far = Instant::now() + Duration::from_secs(3600);
+        let mut next = far;
+        if let Some(at) = self.scheduled {
+            next = next.min(at);
+        }
+        if let Some(p) = &self.pending_exit {
+            next = next.min(p.deadline);
+        }
+        if let Some(at) = self.flush_retry {
+            next = next.min(at);
+        }
+        if let RestartReset::Due { at, .. } = self.restart_reset {
+            next = next.min(at);
+        }
+        for g in &self.generations {
+            match g.state {
+                State::Starting | State::HealthCheck { .. } => next = next.min(g.start_deadline),
+                State::Draining { kill_at, killed: false } => next = next.min(kill_at),
+                State::Active => {
+                    if let Some(w) = g.watchdog {
+                        next = next.min(after(g.last_ping, w));
+                    }
+                }
+                State::Draining { killed: true, .. } => {}
+            }
+        }
+        next
+    }
+
+    pub(super) fn on_timers(&mut self) {
+        let now = Instant::now();
+        if self.pending_exit.as_ref().is_some_and(|p| p.deadline <= now) {
+            self.report_pending_exit(true);
+        }
+        if self.flush_retry.is_some_and(|at| at <= now) {
+            self.flush_retry = None;
+            self.flush_connections();
+        }
+        self.restart_reset_if_due(now);
+        if self.scheduled.is_some_and(|at| at <= now) {
+            self.scheduled = None;
+            if self.restart.is_none() && !self.stop_begun() {
+                self.crash_restarts += 1;
+                self.begin_restart(Trigger::Replace, Vec::new());
+            }
+        }
+        let mut failed = None;
+        let mut watchdog = Vec::new();
+        for g in &mut self.generations {
+            match g.state {
+                State::Starting if g.start_deadline <= now => {
+                    failed = Some((g.number, format!("no READY=1 within {:?}", self.cfg.ready_timeout)));
+                }
+                State::HealthCheck { .. } if g.start_deadline <= now => {
+                    failed = Some((
+                        g.number,
+                        format!("health check did not finish within the ready timeout of {:?}", self.cfg.ready_timeout),
+                    ));
+                }
+                State::Draining { kill_at, killed: false } if kill_at <= now => {
+                    tracing::warn!(
+                        event = "forced-kill",
+                        generation = g.number,
+                        "generation {} still running at the stop deadline; SIGKILL",
+                        g.number
+                    );
+                    g.force_kill();
+                }
+                State::Active if g.watchdog.is_some_and(|w| after(g.last_ping, w) <= now) => watchdog.push(g.number),
+                _ => {}
+            }
+        }
+        if let Some((number, reason)) = failed {
+            self.fail_starting(number, reason);
+        }
+        for number in watchdog {
+            self.watchdog_expired(number, "watchdog timeout: no WATCHDOG=1 in time");
+        }
+    }
+}
