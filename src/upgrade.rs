@@ -54,11 +54,15 @@ use tokio::io::AsyncReadExt;
 use crate::notify_server::NotifyExport;
 
 mod fallback;
+pub mod format_v1;
 pub use fallback::{FAILED_ENV, Fallback, RETURN_ENV, open_own_exe};
 
-/// Version of the [`Handover`] format this binary writes.
-pub const STATE_FORMAT: u32 = 1;
-/// Oldest [`Handover`] format this binary still reads.
+/// Version of the [`Handover`] format this binary writes: 2 carries the
+/// policy as one [`crate::supervisor::Policy`] (1 had its fields flat; read
+/// through [`format_v1`]).
+pub const STATE_FORMAT: u32 = 2;
+/// Oldest [`Handover`] format this binary still reads: a Baton of the
+/// previous release must be able to upgrade to this one.
 pub const MIN_STATE_FORMAT: u32 = 1;
 /// Environment variable naming the memfd with the handed-over state.
 pub const STATE_ENV: &str = "BATON_UPGRADE_STATE";
@@ -354,38 +358,14 @@ pub struct SupervisorState {
     pub app_program: PathBuf,
     /// Listening sockets, in `LISTEN_FDS` order.
     pub sockets: Vec<SocketState>,
-    /// `--ready-timeout`.
-    pub ready_timeout: Duration,
-    /// `--stop-signal`, as a number.
-    pub stop_signal: i32,
-    /// `--stop-timeout`.
-    pub stop_timeout: Duration,
-    /// `main`, `exec` or `all`.
-    pub notify_access: String,
-    /// `--watchdog`.
-    pub watchdog: Option<Duration>,
-    /// `--fdstore-max`.
-    pub fdstore_max: usize,
-    /// `--health-cmd`.
-    pub health_cmd: Option<String>,
-    /// `--max-draining`.
-    pub max_draining: usize,
-    /// Backoff: first delay.
-    pub backoff_initial: Duration,
-    /// Backoff: longest delay.
-    pub backoff_max: Duration,
-    /// `--restart-burst`.
-    pub backoff_burst: u32,
-    /// `--restart-interval`.
-    pub backoff_interval: Duration,
+    /// The policy (`baton run`'s options), as the supervisor has it
+    /// (format 1 had its fields flat here: see [`format_v1`]).
+    pub policy: crate::supervisor::Policy,
     /// The fd store, in order.
     pub store: Vec<StoredState>,
     /// Whether the store had its epoll instance.
     #[serde(default)]
     pub store_watching: bool,
-    /// `--output`, resolved (`pipe` in states written before it existed).
-    #[serde(default)]
-    pub output_mode: crate::output::OutputMode,
     /// Live generations, oldest first.
     pub generations: Vec<GenerationState>,
     /// Number of the next generation.
@@ -637,17 +617,27 @@ fn read_state(value: &OsStr, fallback: Option<&Fallback>, adopter: &mut Adopter)
     // Closed after this (the way back keeps its own fd): the state lives
     // on in memory only.
     file.take(STATE_MAX).read_to_end(&mut json).map_err(|e| bad(format!("reading the state memfd: {e}")))?;
-    let format = serde_json::from_slice::<serde_json::Value>(&json)
-        .map_err(|e| bad(format!("the state is not JSON: {e}")))?
-        .get("format")
-        .and_then(|f| f.as_u64())
-        .ok_or_else(|| bad("the state has no format number".into()))?;
+    parse_state(&json)
+}
+
+/// The handed-over state from its JSON, in any format this binary reads
+/// ([`MIN_STATE_FORMAT`]`..=`[`STATE_FORMAT`]; older ones are brought up
+/// to date first).
+pub fn parse_state(json: &[u8]) -> Result<Handover, UpgradeError> {
+    let bad = UpgradeError::State;
+    let mut value =
+        serde_json::from_slice::<serde_json::Value>(json).map_err(|e| bad(format!("the state is not JSON: {e}")))?;
+    let format =
+        value.get("format").and_then(|f| f.as_u64()).ok_or_else(|| bad("the state has no format number".into()))?;
     if !(u64::from(MIN_STATE_FORMAT)..=u64::from(STATE_FORMAT)).contains(&format) {
         return Err(bad(format!(
             "state format {format} is not one this baton reads ({MIN_STATE_FORMAT}..={STATE_FORMAT})"
         )));
     }
-    serde_json::from_slice(&json).map_err(|e| bad(format!("the state is malformed: {e}")))
+    if format == 1 {
+        format_v1::migrate(&mut value).map_err(|e| bad(format!("the state (format 1) is malformed: {e}")))?;
+    }
+    serde_json::from_value(value).map_err(|e| bad(format!("the state is malformed: {e}")))
 }
 
 // ---- exec -------------------------------------------------------------------

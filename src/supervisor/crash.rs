@@ -10,7 +10,7 @@ impl Supervisor {
         let now = Instant::now();
         let shift = self.consecutive_failures.min(16);
         self.consecutive_failures += 1;
-        let delay = (self.cfg.backoff.initial * 2u32.pow(shift)).min(self.cfg.backoff.max);
+        let delay = (self.cfg.policy.backoff.initial * 2u32.pow(shift)).min(self.cfg.policy.backoff.max);
         tracing::info!(event = "backoff", delay_ms = delay.as_millis() as u64, "next start in {delay:?}");
         self.scheduled = Some(after(now, delay));
     }
@@ -20,14 +20,14 @@ impl Supervisor {
     pub(super) fn note_failure(&mut self) -> bool {
         let now = Instant::now();
         self.crashes.push_back(now);
-        while self.crashes.front().is_some_and(|t| now - *t > self.cfg.backoff.interval) {
+        while self.crashes.front().is_some_and(|t| now - *t > self.cfg.policy.backoff.interval) {
             self.crashes.pop_front();
         }
-        if self.crashes.len() as u32 > self.cfg.backoff.burst {
+        if self.crashes.len() as u32 > self.cfg.policy.backoff.burst {
             let reason = format!(
                 "{} failures within {:?}; giving up (see the log for each)",
                 self.crashes.len(),
-                self.cfg.backoff.interval
+                self.cfg.policy.backoff.interval
             );
             tracing::error!(event = "crash-loop", "{reason}");
             self.last_failure = Some(reason.clone());
@@ -65,7 +65,7 @@ impl Supervisor {
         let _ = g.child.signal_group(Signal::ABORT);
         g.watchdog = None;
         let now = Instant::now();
-        g.state = State::Draining { kill_at: after(now, self.cfg.stop_timeout), killed: false };
+        g.state = State::Draining { kill_at: after(now, self.cfg.policy.stop_timeout), killed: false };
         // A hung generation counts as a failure: an app that always hangs
         // ends in the crash-loop verdict, not in endless replacements.
         if self.note_failure() {

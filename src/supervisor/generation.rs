@@ -91,7 +91,7 @@ impl Supervisor {
         if let Some((server, _)) = &self.handoff {
             extra.push((baton_sd::handoff::HANDOFF_SOCKET_ENV, server.path().display().to_string()));
         }
-        let (output_fd, output) = match self.cfg.output {
+        let (output_fd, output) = match self.cfg.policy.output {
             OutputMode::Pipe => {
                 let (fd, tail) = crate::output::capture(Arc::clone(&self.output_closed))
                     .map_err(|e| format!("cannot create the pipe for its output: {e}"))?;
@@ -103,7 +103,7 @@ impl Supervisor {
         let setup = GenerationSetup {
             fds: &fds,
             notify_socket: Some(self.notify.address()),
-            watchdog_usec: self.cfg.watchdog.map(micros),
+            watchdog_usec: self.cfg.policy.watchdog.map(micros),
             extra_env: &extra,
             output: output_fd.as_ref().map(|fd| fd.as_fd()),
         };
@@ -119,9 +119,9 @@ impl Supervisor {
             state: State::Starting,
             spawned_at: now,
             ready_at: None,
-            start_deadline: after(now, self.cfg.ready_timeout),
+            start_deadline: after(now, self.cfg.policy.ready_timeout),
             status_text: None,
-            watchdog: self.cfg.watchdog,
+            watchdog: self.cfg.policy.watchdog,
             last_ping: now,
             output,
             health: None,

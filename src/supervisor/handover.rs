@@ -60,23 +60,7 @@ impl Supervisor {
                 .iter()
                 .map(|s| upgrade::SocketState { name: s.name.clone(), fd: s.fd.as_raw_fd(), local: s.local.clone() })
                 .collect(),
-            ready_timeout: cfg.ready_timeout,
-            stop_signal: cfg.stop_signal.as_raw(),
-            stop_timeout: cfg.stop_timeout,
-            notify_access: match cfg.notify_access {
-                NotifyAccess::Main => "main",
-                NotifyAccess::Exec => "exec",
-                NotifyAccess::All => "all",
-            }
-            .into(),
-            watchdog: cfg.watchdog,
-            fdstore_max: self.store.max(),
-            health_cmd: cfg.health_cmd.clone(),
-            max_draining: cfg.max_draining,
-            backoff_initial: cfg.backoff.initial,
-            backoff_max: cfg.backoff.max,
-            backoff_burst: cfg.backoff.burst,
-            backoff_interval: cfg.backoff.interval,
+            policy: Policy { fdstore_max: self.store.max(), ..cfg.policy.clone() },
             store: self
                 .store
                 .export()
@@ -84,7 +68,6 @@ impl Supervisor {
                 .map(|(name, fd, polled)| upgrade::StoredState { name, fd, polled })
                 .collect(),
             store_watching: self.store.is_watching(),
-            output_mode: cfg.output,
             generations,
             next_number: self.next_number,
             crashes: self.crashes.iter().map(|c| upgrade::to_mono(*c)).collect(),
@@ -189,14 +172,6 @@ impl Supervisor {
                 }
             },
         };
-        let stop_signal = Signal::from_named_raw(s.stop_signal)
-            .ok_or_else(|| bad(format!("stop signal {} is not a known signal", s.stop_signal)))?;
-        let notify_access = match s.notify_access.as_str() {
-            "main" => NotifyAccess::Main,
-            "exec" => NotifyAccess::Exec,
-            "all" => NotifyAccess::All,
-            other => return Err(bad(format!("unknown notify access {other:?}"))),
-        };
 
         reaper::become_subreaper().map_err(io("becoming the subreaper of the app's processes"))?;
         let reaper = Reaper::start().map_err(io("starting the child reaper"))?;
@@ -221,7 +196,7 @@ impl Supervisor {
             }
             None => None,
         };
-        let store = FdStore::restore(s.fdstore_max, stored, s.store_watching).map_err(|e| bad(e.to_string()))?;
+        let store = FdStore::restore(s.policy.fdstore_max, stored, s.store_watching).map_err(|e| bad(e.to_string()))?;
         let output_closed = Arc::new(tokio::sync::Notify::new());
         let now = Instant::now();
         let mut generations = Vec::with_capacity(s.generations.len());
@@ -277,28 +252,7 @@ impl Supervisor {
                 passed: g.passed,
             });
         }
-        let cfg = Config {
-            name: s.name,
-            command,
-            command_line: argv,
-            sockets,
-            stored: Vec::new(),
-            ready_timeout: s.ready_timeout,
-            stop_signal,
-            stop_timeout: s.stop_timeout,
-            notify_access,
-            watchdog: s.watchdog,
-            fdstore_max: s.fdstore_max,
-            health_cmd: s.health_cmd,
-            max_draining: s.max_draining,
-            backoff: Backoff {
-                initial: s.backoff_initial,
-                max: s.backoff_max,
-                burst: s.backoff_burst,
-                interval: s.backoff_interval,
-            },
-            output: s.output_mode,
-        };
+        let cfg = Config { name: s.name, command, command_line: argv, sockets, stored: Vec::new(), policy: s.policy };
         let image = Image {
             binary: Some(h.binary),
             argv: h.argv.iter().map(|a| upgrade::bytes_os(a)).collect(),

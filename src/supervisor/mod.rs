@@ -73,7 +73,7 @@ mod stop;
 mod timers;
 
 use generation::{Generation, State};
-pub use policy::{Backoff, NotifyAccess};
+pub use policy::{Backoff, NotifyAccess, Policy};
 use self_upgrade::probe_result;
 
 /// Everything `baton run` was asked to do.
@@ -89,26 +89,8 @@ pub struct Config {
     pub sockets: Vec<BoundSocket>,
     /// Fd-store entries inherited at start (from systemd's store).
     pub stored: Vec<(String, OwnedFd)>,
-    /// How long a new generation may take to send READY=1.
-    pub ready_timeout: Duration,
-    /// Signal that asks a generation to drain and exit.
-    pub stop_signal: Signal,
-    /// Drain deadline after the stop signal; then SIGKILL.
-    pub stop_timeout: Duration,
-    /// Who may notify.
-    pub notify_access: NotifyAccess,
-    /// `WATCHDOG_USEC` for generations, enforced.
-    pub watchdog: Option<Duration>,
-    /// Fd-store capacity (0 disables it).
-    pub fdstore_max: usize,
-    /// Shell command that must succeed after READY=1 before the cutover.
-    pub health_cmd: Option<String>,
-    /// Draining generations allowed at once; the oldest is killed beyond.
-    pub max_draining: usize,
-    /// Crash-restart policy.
-    pub backoff: Backoff,
-    /// Where generations' stdout and stderr go.
-    pub output: OutputMode,
+    /// How generations are started, checked, drained and replaced.
+    pub policy: Policy,
 }
 
 /// How a supervisor run ended.
@@ -267,7 +249,7 @@ impl Supervisor {
         let io = |context| move |source| SupervisorError::Io { context, source };
         reaper::become_subreaper().map_err(io("becoming the subreaper of the app's processes"))?;
         let reaper = Reaper::start().map_err(io("starting the child reaper"))?;
-        let mut store = FdStore::new(cfg.fdstore_max);
+        let mut store = FdStore::new(cfg.policy.fdstore_max);
         if let Err(e) = store.watch_hangups() {
             // Not fatal: the store retries with its first polled entry.
             tracing::warn!(event = "fdstore-watch-failed", "fd store: cannot create its epoll instance yet: {e}");

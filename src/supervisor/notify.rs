@@ -11,14 +11,14 @@ impl Supervisor {
                     sender = d.pid,
                     "notify message from pid {} refused: not a generation's {} process",
                     d.pid,
-                    match self.cfg.notify_access {
+                    match self.cfg.policy.notify_access {
                         NotifyAccess::All => "",
                         _ => "main",
                     }
                 );
             }
             // `baton notify` ends with a barrier: tell it, not just the log.
-            crate::notify_refusal::answer_refused_barrier(&d.payload, &d.fds, d.pid, self.cfg.notify_access);
+            crate::notify_refusal::answer_refused_barrier(&d.payload, &d.fds, d.pid, self.cfg.policy.notify_access);
             return;
         };
         let msg = match wire::parse(&d.payload) {
@@ -131,7 +131,7 @@ impl Supervisor {
             Some(Lifecycle::Stopping) => {
                 if self.generations[index].state == State::Active {
                     let g = &mut self.generations[index];
-                    g.state = State::Draining { kill_at: after(now, self.cfg.stop_timeout), killed: false };
+                    g.state = State::Draining { kill_at: after(now, self.cfg.policy.stop_timeout), killed: false };
                     if self.stop_begun() {
                         tracing::info!(
                             event = "stopping",
@@ -158,7 +158,7 @@ impl Supervisor {
             return Some(i);
         }
         let health_check = || self.generations.iter().position(|g| g.is_health_check(pid));
-        match self.cfg.notify_access {
+        match self.cfg.policy.notify_access {
             NotifyAccess::Main => None,
             NotifyAccess::Exec => health_check(),
             // Members of the leader's process group that also descend from

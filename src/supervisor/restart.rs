@@ -18,7 +18,7 @@ impl Supervisor {
         // Our own start/reload timeout upstream must not fire before the
         // app's ready timeout does.
         self.upstream_notify(&[NotifyState::ExtendTimeoutUsec(
-            micros(self.cfg.ready_timeout).saturating_add(5_000_000),
+            micros(self.cfg.policy.ready_timeout).saturating_add(5_000_000),
         )]);
         self.restart = Some(Restart { generation: number, trigger, waiters });
         match self.spawn(number) {
@@ -39,8 +39,8 @@ impl Supervisor {
     /// The starting generation is ready (and healthy): retire the old one.
     pub(super) fn cutover(&mut self, number: u64) {
         let now = Instant::now();
-        let stop_timeout = self.cfg.stop_timeout;
-        let stop_signal = self.cfg.stop_signal;
+        let stop_timeout = self.cfg.policy.stop_timeout;
+        let stop_signal = self.cfg.policy.stop_signal;
         let mut replaced = None;
         for g in &mut self.generations {
             if g.state == State::Active {
@@ -108,7 +108,7 @@ impl Supervisor {
         let mut draining: Vec<usize> = (0..self.generations.len())
             .filter(|&i| matches!(self.generations[i].state, State::Draining { killed: false, .. }))
             .collect();
-        while draining.len() > self.cfg.max_draining {
+        while draining.len() > self.cfg.policy.max_draining {
             let i = draining.remove(0);
             let g = &mut self.generations[i];
             tracing::warn!(
@@ -205,8 +205,8 @@ impl Supervisor {
         // Like systemd after a failed start: ask it to stop, so connections
         // it already accepted from the shared socket are finished, and
         // SIGKILL only at the stop deadline.
-        let _ = g.child.signal_group(self.cfg.stop_signal);
-        g.state = State::Draining { kill_at: after(Instant::now(), self.cfg.stop_timeout), killed: false };
+        let _ = g.child.signal_group(self.cfg.policy.stop_signal);
+        g.state = State::Draining { kill_at: after(Instant::now(), self.cfg.policy.stop_timeout), killed: false };
         Some(FailedOutput { number, status_text: g.status_text.clone(), lines: g.output.lines(), hint })
     }
 
@@ -230,7 +230,7 @@ impl Supervisor {
         g.ready_at = Some(now);
         let number = g.number;
         let pid = g.main_pid();
-        match &self.cfg.health_cmd {
+        match &self.cfg.policy.health_cmd {
             None => self.cutover(number),
             Some(cmd) => {
                 let sh = AppCommand::new("/bin/sh".as_ref(), &["-c".into(), cmd.into()]);

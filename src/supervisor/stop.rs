@@ -46,8 +46,8 @@ impl Supervisor {
                 let _ = h.signal_group(Signal::KILL);
             }
             if !matches!(g.state, State::Draining { .. }) {
-                let _ = g.child.signal_group(self.cfg.stop_signal);
-                g.state = State::Draining { kill_at: after(now, self.cfg.stop_timeout), killed: false };
+                let _ = g.child.signal_group(self.cfg.policy.stop_signal);
+                g.state = State::Draining { kill_at: after(now, self.cfg.policy.stop_timeout), killed: false };
             }
         }
         self.check_stopped();

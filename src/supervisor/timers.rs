@@ -53,12 +53,15 @@ impl Supervisor {
         for g in &mut self.generations {
             match g.state {
                 State::Starting if g.start_deadline <= now => {
-                    failed = Some((g.number, format!("no READY=1 within {:?}", self.cfg.ready_timeout)));
+                    failed = Some((g.number, format!("no READY=1 within {:?}", self.cfg.policy.ready_timeout)));
                 }
                 State::HealthCheck { .. } if g.start_deadline <= now => {
                     failed = Some((
                         g.number,
-                        format!("health check did not finish within the ready timeout of {:?}", self.cfg.ready_timeout),
+                        format!(
+                            "health check did not finish within the ready timeout of {:?}",
+                            self.cfg.policy.ready_timeout
+                        ),
                     ));
                 }
                 State::Draining { kill_at, killed: false } if kill_at <= now => {
