@@ -221,6 +221,15 @@ pub struct ProbeInfo {
     pub min_state_format: u32,
 }
 
+impl ProbeInfo {
+    /// The newest state format both this binary writes and the probed one
+    /// reads; `None` if there is none (then it cannot take over).
+    pub fn format_to_write(&self) -> Option<u32> {
+        let newest = STATE_FORMAT.min(self.state_format);
+        (newest >= MIN_STATE_FORMAT.max(self.min_state_format)).then_some(newest)
+    }
+}
+
 /// Parses the probe's output; `Err` says what was wrong, for the user.
 pub fn parse_probe(output: &str) -> Result<ProbeInfo, String> {
     let Some(line) = output.lines().find(|l| l.split_whitespace().next() == Some(PROBE_TAG)) else {
@@ -290,11 +299,11 @@ pub async fn probe(binary: &Path, timeout: Duration) -> Result<ProbeInfo, Upgrad
     }
     let info = parse_probe(&String::from_utf8_lossy(&output))
         .map_err(|reason| UpgradeError::Incompatible { path: binary.to_owned(), reason })?;
-    if !(info.min_state_format..=info.state_format).contains(&STATE_FORMAT) {
+    if info.format_to_write().is_none() {
         return Err(UpgradeError::Incompatible {
             path: binary.to_owned(),
             reason: format!(
-                "version {} reads state formats {}..={}, this baton writes format {STATE_FORMAT}",
+                "version {} reads state formats {}..={}, this baton writes formats {MIN_STATE_FORMAT}..={STATE_FORMAT}",
                 info.version, info.min_state_format, info.state_format
             ),
         });
@@ -635,7 +644,7 @@ pub fn parse_state(json: &[u8]) -> Result<Handover, UpgradeError> {
         )));
     }
     if format == 1 {
-        format_v1::migrate(&mut value).map_err(|e| bad(format!("the state (format 1) is malformed: {e}")))?;
+        format_v1::migrate(&mut value).map_err(|e| bad(format!("the state is malformed (format 1): {e}")))?;
     }
     serde_json::from_value(value).map_err(|e| bad(format!("the state is malformed: {e}")))
 }
@@ -713,13 +722,23 @@ pub fn exec(binary: &Path, argv: &[OsString], state: &Handover, exe: Option<Borr
 
 enum Never {}
 
+/// The state as JSON in its [`Handover::format`]: format 1 (for a binary
+/// that reads nothing newer) is format 2 with the policy's fields flat.
+pub fn state_json(state: &Handover) -> Result<Vec<u8>, String> {
+    let mut value = serde_json::to_value(state).map_err(|e| e.to_string())?;
+    if state.format == 1 {
+        format_v1::downgrade(&mut value)?;
+    }
+    serde_json::to_vec(&value).map_err(|e| e.to_string())
+}
+
 fn prepare_and_exec(
     binary: &Path,
     argv: &[OsString],
     state: &Handover,
     exe: Option<BorrowedFd<'_>>,
 ) -> Result<Never, UpgradeError> {
-    let json = serde_json::to_vec(state)
+    let json = state_json(state)
         .map_err(|e| UpgradeError::Exec { context: "serializing the state", source: std::io::Error::other(e) })?;
     use rustix::fs::{MemfdFlags, SealFlags};
     let memfd = rustix::fs::memfd_create("baton-upgrade-state", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)

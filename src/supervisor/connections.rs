@@ -1,3 +1,7 @@
+//! Connections a generation stores (`FDSTORE=1` with `FDNAME=connection`):
+//! moved straight to the active generation over its handoff connection,
+//! else kept in the fd store (and systemd's) until one can take them.
+
 use super::*;
 
 impl Supervisor {

@@ -1,10 +1,12 @@
+//! Exits, crash backoff, the crash-loop verdict and the watchdog.
+
 use super::*;
 
 impl Supervisor {
     /// Backoff for replacing a generation that died on its own (or a first
     /// start that failed); gives up after `burst` failures in `interval`.
     pub(super) fn schedule_replacement(&mut self) {
-        if !self.note_failure() {
+        if !self.note_failure() || self.phase.is_stopping() {
             return;
         }
         let now = Instant::now();
@@ -12,7 +14,8 @@ impl Supervisor {
         self.consecutive_failures += 1;
         let delay = (self.cfg.policy.backoff.initial * 2u32.pow(shift)).min(self.cfg.policy.backoff.max);
         tracing::info!(event = "backoff", delay_ms = delay.as_millis() as u64, "next start in {delay:?}");
-        self.scheduled = Some(after(now, delay));
+        debug_assert!(self.phase.restart().is_none(), "a backoff never replaces a running restart");
+        self.phase = Phase::BackingOff { at: after(now, delay) };
     }
 
     /// Records a failure; `false` (and the crash-loop verdict) once `burst`
@@ -24,14 +27,12 @@ impl Supervisor {
             self.crashes.pop_front();
         }
         if self.crashes.len() as u32 > self.cfg.policy.backoff.burst {
-            let reason = format!(
-                "{} failures within {:?}; giving up (see the log for each)",
-                self.crashes.len(),
-                self.cfg.policy.backoff.interval
-            );
-            tracing::error!(event = "crash-loop", "{reason}");
-            self.last_failure = Some(reason.clone());
-            self.ended = Some(Ended::CrashLoop(reason));
+            let verdict =
+                Failure::CrashLoop { failures: self.crashes.len(), interval: self.cfg.policy.backoff.interval };
+            tracing::error!(event = "crash-loop", "{verdict}");
+            self.last_failure = Some(verdict.clone());
+            // Callers of a restart still under way hear "stopping".
+            self.phase = Phase::Ended(Ended::CrashLoop(verdict));
             self.kill_all();
             return false;
         }
@@ -50,22 +51,22 @@ impl Supervisor {
         self.fail_starting(p.number, p.reason);
     }
 
-    pub(super) fn fail_starting(&mut self, number: u64, reason: String) {
-        if self.restart.as_ref().is_some_and(|r| r.generation == number) {
+    pub(super) fn fail_starting(&mut self, number: u64, reason: StartFailure) {
+        if self.phase.restart().is_some_and(|r| r.generation == number) {
             self.finish_restart(Err(reason));
         }
     }
 
     /// Like systemd: SIGABRT to the hung generation; its exit then triggers
     /// a replacement.
-    pub(super) fn watchdog_expired(&mut self, number: u64, why: &str) {
+    pub(super) fn watchdog_expired(&mut self, number: u64, cause: WatchdogCause) {
+        let kill_at = self.drain_deadline(Instant::now());
         let Some(g) = self.generations.iter_mut().find(|g| g.number == number) else { return };
-        tracing::error!(event = "watchdog", generation = number, pid = g.main_pid(), "generation {number}: {why}");
-        self.last_failure = Some(format!("generation {number}: {why}"));
-        let _ = g.child.signal_group(Signal::ABORT);
+        let failure = Failure::Watchdog { generation: number, cause };
+        tracing::error!(event = "watchdog", generation = number, pid = g.main_pid(), "{failure}");
+        self.last_failure = Some(failure);
+        let _ = g.drain(Some(Signal::ABORT), kill_at);
         g.watchdog = None;
-        let now = Instant::now();
-        g.state = State::Draining { kill_at: after(now, self.cfg.policy.stop_timeout), killed: false };
         // A hung generation counts as a failure: an app that always hangs
         // ends in the crash-loop verdict, not in endless replacements.
         if self.note_failure() {
@@ -76,29 +77,28 @@ impl Supervisor {
     /// The active generation is gone or going: start a replacement now,
     /// unless a restart is already under way (it becomes the replacement).
     pub(super) fn replace_active(&mut self) {
-        if self.stop_begun() || self.restart.is_some() {
+        if self.stop_begun() || self.phase.restart().is_some() {
             return;
         }
         self.crash_restarts += 1;
-        self.begin_restart(Trigger::Replace, Vec::new());
+        self.begin_restart(Trigger::Replace, Waiters::default());
     }
 
     pub(super) fn on_exit(&mut self, pid: u32, status: &std::process::ExitStatus) {
-        let how = reaper::describe(status);
-        self.on_gone(pid, how, status.success());
+        self.on_gone(pid, Exit::from_status(status));
     }
 
-    /// A child is gone (`how` it ended, and whether it succeeded).
-    pub(super) fn on_gone(&mut self, pid: u32, how: String, success: bool) {
+    /// A child is gone (`how` it ended).
+    pub(super) fn on_gone(&mut self, pid: u32, how: Exit) {
         // Health check processes.
         if let Some(g) = self.generations.iter_mut().find(|g| g.state == State::HealthCheck { pid }) {
             let number = g.number;
             g.health = None;
-            if success {
+            if how.success() {
                 tracing::info!(event = "health-ok", generation = number, "health check passed");
                 self.cutover(number);
             } else {
-                self.fail_starting(number, format!("health check {how}"));
+                self.fail_starting(number, StartFailure::HealthCheckFailed { exit: how });
             }
             return;
         }
@@ -110,13 +110,11 @@ impl Supervisor {
         let g = self.generations.remove(i);
         match g.state {
             State::Starting | State::HealthCheck { .. } => {
-                let mut reason = match g.state {
-                    State::HealthCheck { .. } => format!("{how} after READY=1, during its health check"),
-                    _ => format!("{how} before READY=1"),
+                let (exit, last_status) = (how, g.status_text.clone());
+                let reason = match g.state {
+                    State::HealthCheck { .. } => StartFailure::ExitedDuringHealthCheck { exit, last_status },
+                    _ => StartFailure::ExitedBeforeReady { exit, last_status },
                 };
-                if let Some(s) = &g.status_text {
-                    reason.push_str(&format!(" (last status: {s})"));
-                }
                 tracing::warn!(event = "exited", generation = g.number, pid, "generation {} {reason}", g.number);
                 // Kill what it left behind in its process group.
                 let _ = g.child.signal_group(Signal::KILL);
@@ -138,18 +136,14 @@ impl Supervisor {
                     "generation {} {how} while serving",
                     g.number
                 );
-                let mut failure = format!("generation {} {how} while serving", g.number);
-                if let Some(h) = self.output_hint(&g) {
-                    failure.push_str(&format!("; {h}"));
-                }
-                self.last_failure = Some(failure);
+                let hint = self.output_hint(&g);
+                self.last_failure = Some(Failure::CrashedWhileServing { generation: g.number, exit: how, hint });
                 let _ = g.child.signal_group(Signal::KILL);
-                if self.stopping.is_none() {
-                    if self.restart.is_some() {
-                        // The starting generation becomes the replacement.
-                    } else {
-                        self.schedule_replacement();
-                    }
+                match self.phase {
+                    Phase::Stopping { .. } => {}
+                    // The starting generation becomes the replacement.
+                    Phase::Restarting { .. } => {}
+                    _ => self.schedule_replacement(),
                 }
             }
             State::Draining { .. } => {

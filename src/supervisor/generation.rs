@@ -1,5 +1,9 @@
+//! One generation: its lifecycle state and its processes, and how it is
+//! spawned.
+
 use super::*;
 
+/// Where a generation is in its life (see the diagram in [`super`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum State {
     Starting,
@@ -67,6 +71,17 @@ impl Generation {
     /// [`is_main`](Self::is_main)).
     pub(super) fn is_health_check(&self, pid: u32) -> bool {
         self.state == State::HealthCheck { pid } && self.health.is_some()
+    }
+
+    /// Asks it to drain and exit: `signal` to its process group (`None`
+    /// when it said `STOPPING=1` itself), SIGKILL at `kill_at`. A health
+    /// check it still had is killed: it cannot take over any more.
+    pub(super) fn drain(&mut self, signal: Option<Signal>, kill_at: Instant) -> std::io::Result<()> {
+        if let Some(h) = self.health.take() {
+            let _ = h.signal_group(Signal::KILL);
+        }
+        self.state = State::Draining { kill_at, killed: false };
+        signal.map_or(Ok(()), |s| self.child.signal_group(s))
     }
 
     /// SIGKILL to the whole generation; it stays listed until reaped.

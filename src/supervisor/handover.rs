@@ -1,3 +1,6 @@
+//! `baton upgrade`'s state: what this image hands over ([`Handover`]) and
+//! how the next image adopts it, taking over every fd it names.
+
 use super::*;
 
 impl Supervisor {
@@ -75,11 +78,11 @@ impl Supervisor {
             started_mono_us: upgrade::to_mono(self.started),
             restarts: self.restarts,
             crash_restarts: self.crash_restarts,
-            last_failure: self.last_failure.clone(),
+            last_failure: self.last_failure.as_ref().map(|f| f.to_string()),
             flush_retry_mono_us: self.flush_retry.map(upgrade::to_mono),
         };
         Ok(Handover {
-            format: upgrade::STATE_FORMAT,
+            format: up.format,
             from_version: env!("CARGO_PKG_VERSION").into(),
             binary: up.binary.clone(),
             previous_binary: self.image.binary.clone(),
@@ -268,18 +271,13 @@ impl Supervisor {
             upstream,
             generations,
             next_number: s.next_number,
-            restart: None,
-            pending: Vec::new(),
-            pending_requested: false,
-            scheduled: None,
+            phase: Phase::Steady,
             crashes: s.crashes.into_iter().map(upgrade::from_mono).collect(),
             consecutive_failures: s.consecutive_failures,
             started: upgrade::from_mono(s.started_mono_us),
             restarts: s.restarts,
             crash_restarts: s.crash_restarts,
-            last_failure: s.last_failure,
-            stopping: None,
-            ended: None,
+            last_failure: s.last_failure.map(Failure::Inherited),
             failed_output: None,
             pending_exit: None,
             output_closed,
@@ -323,7 +321,7 @@ impl Supervisor {
         upgrade::unblock_handled_signals();
         for pid in adopted.lost {
             tracing::warn!(event = "exit-lost", pid, "pid {pid} ended during the upgrade; its exit status is unknown");
-            self.on_gone(pid, "ended during baton's upgrade (exit status unknown)".into(), false);
+            self.on_gone(pid, Exit::LostDuringUpgrade);
         }
         let elapsed_ms = upgrade::mono_now_us().saturating_sub(adopted.requested_mono_us) / 1000;
         let version = env!("CARGO_PKG_VERSION");

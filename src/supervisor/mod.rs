@@ -18,6 +18,14 @@
 //! is probed by a separate task while the supervisor goes on; then, only
 //! between restarts, the whole state is handed over and the process
 //! re-executes itself ([`Supervisor::adopt`] is the other side).
+//!
+//! The concerns, one module each: the supervisor's `phase` (restarting,
+//! backing off, stopping...) and its waiting callers; a `generation`'s
+//! lifecycle and spawning; the `restart` transaction and cutover;
+//! `crash` handling, backoff and the watchdog; `timers`; `notify`
+//! datagrams and their attribution; stored `connections`; `stop`;
+//! `self_upgrade` (`baton upgrade`) and its `handover`; the typed
+//! [`Policy`] and [`Failure`]s.
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
@@ -63,16 +71,20 @@ const UPGRADE_QUIESCE: Duration = Duration::from_secs(1);
 
 mod connections;
 mod crash;
+mod failure;
 mod generation;
 mod handover;
 mod notify;
+mod phase;
 mod policy;
 mod restart;
 mod self_upgrade;
 mod stop;
 mod timers;
 
+pub use failure::{Exit, Failure, StartFailure, WatchdogCause};
 use generation::{Generation, State};
+use phase::{Phase, Restart, Trigger, Waiters};
 pub use policy::{Backoff, NotifyAccess, Policy};
 use self_upgrade::probe_result;
 
@@ -98,8 +110,8 @@ pub struct Config {
 pub enum Ended {
     /// Stopped on request (signal or `baton stop`).
     Stopped,
-    /// Gave up: the app kept dying.
-    CrashLoop(String),
+    /// Gave up: the app kept dying ([`Failure::CrashLoop`]).
+    CrashLoop(Failure),
 }
 
 /// Fatal errors of the supervisor itself.
@@ -119,23 +131,6 @@ pub enum SupervisorError {
     Upgrade(#[from] UpgradeError),
 }
 
-/// Why a restart is happening.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Trigger {
-    /// The first generation.
-    Initial,
-    /// `baton restart` or SIGHUP.
-    Requested,
-    /// The active generation died or asked to be replaced.
-    Replace,
-}
-
-struct Restart {
-    generation: u64,
-    trigger: Trigger,
-    waiters: Vec<oneshot::Sender<Response>>,
-}
-
 /// The running supervisor.
 pub struct Supervisor {
     cfg: Config,
@@ -145,20 +140,14 @@ pub struct Supervisor {
     upstream: Option<Arc<Notifier>>,
     generations: Vec<Generation>,
     next_number: u64,
-    restart: Option<Restart>,
-    /// Requests that arrived during a restart: served by the next one.
-    pending: Vec<oneshot::Sender<Response>>,
-    pending_requested: bool,
-    /// When to start a crash replacement (backoff).
-    scheduled: Option<Instant>,
+    /// Restarting, backing off, stopping...: see `phase`.
+    phase: Phase,
     crashes: VecDeque<Instant>,
     consecutive_failures: u32,
     started: Instant,
     restarts: u64,
     crash_restarts: u64,
-    last_failure: Option<String>,
-    stopping: Option<Vec<oneshot::Sender<Response>>>,
-    ended: Option<Ended>,
+    last_failure: Option<Failure>,
     /// Status and output of a starting generation that already exited, for
     /// the failure report.
     failed_output: Option<FailedOutput>,
@@ -208,6 +197,9 @@ struct PendingUpgrade {
     binary: PathBuf,
     requested: Instant,
     probe: Option<oneshot::Receiver<Result<ProbeInfo, UpgradeError>>>,
+    /// The handover format to write: the newest the new binary reads
+    /// (known once probed).
+    format: u32,
 }
 
 /// What the adopting image still has to do once it runs.
@@ -226,7 +218,7 @@ struct Adopted {
 
 struct PendingExit {
     number: u64,
-    reason: String,
+    reason: StartFailure,
     status_text: Option<String>,
     output: Output,
     /// Where its output can be read when Baton did not capture it.
@@ -270,18 +262,13 @@ impl Supervisor {
             upstream,
             generations: Vec::new(),
             next_number: 1,
-            restart: None,
-            pending: Vec::new(),
-            pending_requested: false,
-            scheduled: None,
+            phase: Phase::Steady,
             crashes: VecDeque::new(),
             consecutive_failures: 0,
             started: Instant::now(),
             restarts: 0,
             crash_restarts: 0,
             last_failure: None,
-            stopping: None,
-            ended: None,
             failed_output: None,
             pending_exit: None,
             output_closed: Arc::new(tokio::sync::Notify::new()),
@@ -331,11 +318,11 @@ impl Supervisor {
         let mut int = signal(SignalKind::interrupt()).map_err(io("installing the SIGINT handler"))?;
         crate::closer::start();
         match self.adopted.take() {
-            None => self.begin_restart(Trigger::Initial, Vec::new()),
+            None => self.begin_restart(Trigger::Initial, Waiters::default()),
             Some(adopted) => self.finish_adoption(adopted),
         }
         loop {
-            if let Some(ended) = self.ended.take() {
+            if let Some(ended) = self.phase.take_ended() {
                 if let Some(server) = self.control.take() {
                     server.shutdown(Duration::from_secs(2)).await;
                 }
@@ -384,7 +371,7 @@ impl Supervisor {
     fn on_control(&mut self, incoming: Incoming) {
         match incoming.request {
             Request::Restart { wait } => {
-                if self.stopping.is_some() {
+                if matches!(self.phase, Phase::Stopping { .. }) {
                     let _ = incoming.reply.send(Response::Stopping);
                 } else if wait {
                     self.request_restart(Some(incoming.reply));
@@ -408,12 +395,10 @@ impl Supervisor {
         if self.stop_begun() {
             return;
         }
-        if self.restart.is_some() {
-            self.pending.extend(waiter);
-            self.pending_requested = true;
-        } else {
-            self.scheduled = None;
-            self.begin_restart(Trigger::Requested, waiter.into_iter().collect());
+        match &mut self.phase {
+            Phase::Restarting { queued, .. } => queued.get_or_insert_default().add(waiter),
+            // A crash replacement that was due anyway starts now.
+            _ => self.begin_restart(Trigger::Requested, Waiters::of(waiter)),
         }
     }
 
@@ -444,13 +429,18 @@ impl Supervisor {
             fdstore: self.store.len(),
             restarts: self.restarts,
             crash_restarts: self.crash_restarts,
-            last_failure: self.last_failure.clone(),
-            restarting: self.restart.is_some(),
+            last_failure: self.last_failure.as_ref().map(|f| f.to_string()),
+            restarting: self.phase.restart().is_some(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             binary: self.image.binary.as_ref().map(|b| b.display().to_string()),
             upgrades: self.image.upgrades,
             image_uptime_s: (now - self.image.started).as_secs_f64(),
         }
+    }
+
+    /// When a generation asked to drain now gets SIGKILL.
+    fn drain_deadline(&self, now: Instant) -> Instant {
+        after(now, self.cfg.policy.stop_timeout)
     }
 
     fn upstream_notify(&self, states: &[NotifyState<'_>]) {

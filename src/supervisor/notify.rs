@@ -1,3 +1,8 @@
+//! Notify datagrams: who sent them (`--notify-access`, see
+//! [`crate::lineage`]) and what they change — READY=1, STOPPING=1,
+//! STATUS=, MAINPID=, the watchdog, EXTEND_TIMEOUT_USEC=, FDSTORE=.
+//! Follows systemd's `service_notify_message()` (src/core/service.c).
+
 use super::*;
 
 impl Supervisor {
@@ -104,7 +109,7 @@ impl Supervisor {
             }
         }
         if msg.has(&NotifyState::WatchdogTrigger) {
-            self.watchdog_expired(number, "WATCHDOG=trigger");
+            self.watchdog_expired(number, WatchdogCause::Triggered);
         }
         if msg.has(&NotifyState::FdStoreRemove) {
             if let Some(name) = msg.fdname() {
@@ -130,8 +135,9 @@ impl Supervisor {
             // systemd 259 on, STOPPING=1 is final for the whole unit.
             Some(Lifecycle::Stopping) => {
                 if self.generations[index].state == State::Active {
-                    let g = &mut self.generations[index];
-                    g.state = State::Draining { kill_at: after(now, self.cfg.policy.stop_timeout), killed: false };
+                    let kill_at = self.drain_deadline(now);
+                    // It is stopping already: no signal.
+                    let _ = self.generations[index].drain(None, kill_at);
                     if self.stop_begun() {
                         tracing::info!(
                             event = "stopping",

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::output::OutputMode;
 
 /// Who may send notifications (`NotifyAccess=`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NotifyAccess {
     /// Only a generation's main process.
@@ -29,6 +29,20 @@ pub enum NotifyAccess {
     /// membership alone is not enough: anyone in Baton's session can
     /// `setpgid()` into that group.
     All,
+}
+
+impl<'de> Deserialize<'de> for NotifyAccess {
+    /// `main`, `exec` or `all`; anything else is refused by name (the
+    /// handover's words since format 1).
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let word = String::deserialize(d)?;
+        match word.as_str() {
+            "main" => Ok(NotifyAccess::Main),
+            "exec" => Ok(NotifyAccess::Exec),
+            "all" => Ok(NotifyAccess::All),
+            other => Err(serde::de::Error::custom(format!("unknown notify access {other:?}"))),
+        }
+    }
 }
 
 /// Crash-restart policy for generations that die on their own.
@@ -139,6 +153,14 @@ mod tests {
         assert_eq!(json["notify_access"], "all");
         assert_eq!(json["output"], "inherit");
         assert_eq!(serde_json::from_value::<Policy>(json).unwrap(), policy);
+    }
+
+    #[test]
+    fn unknown_notify_access_is_refused_by_name() {
+        let mut json = serde_json::to_value(Policy::default()).unwrap();
+        json["notify_access"] = "bogus".into();
+        let e = serde_json::from_value::<Policy>(json).unwrap_err().to_string();
+        assert!(e.contains("unknown notify access \"bogus\""), "{e}");
     }
 
     #[test]

@@ -1,3 +1,6 @@
+//! The restart transaction: request → spawn → READY=1 → (health check)
+//! → cutover → reply to every caller; and a failed start's report.
+
 use super::*;
 
 impl Supervisor {
@@ -5,7 +8,7 @@ impl Supervisor {
         self.generations.iter().find(|g| g.state == State::Active)
     }
 
-    pub(super) fn begin_restart(&mut self, trigger: Trigger, waiters: Vec<oneshot::Sender<Response>>) {
+    pub(super) fn begin_restart(&mut self, trigger: Trigger, waiters: Waiters) {
         let number = self.next_number;
         self.next_number += 1;
         if trigger != Trigger::Initial {
@@ -20,7 +23,8 @@ impl Supervisor {
         self.upstream_notify(&[NotifyState::ExtendTimeoutUsec(
             micros(self.cfg.policy.ready_timeout).saturating_add(5_000_000),
         )]);
-        self.restart = Some(Restart { generation: number, trigger, waiters });
+        // Replaces a backoff that was due: this restart is the replacement.
+        self.phase = Phase::Restarting { restart: Restart { generation: number, trigger, waiters }, queued: None };
         match self.spawn(number) {
             Ok(g) => {
                 tracing::info!(
@@ -32,21 +36,20 @@ impl Supervisor {
                 );
                 self.generations.push(g);
             }
-            Err(reason) => self.finish_restart(Err(reason)),
+            Err(reason) => self.finish_restart(Err(StartFailure::SpawnFailed(reason))),
         }
     }
 
     /// The starting generation is ready (and healthy): retire the old one.
     pub(super) fn cutover(&mut self, number: u64) {
         let now = Instant::now();
-        let stop_timeout = self.cfg.policy.stop_timeout;
+        let kill_at = self.drain_deadline(now);
         let stop_signal = self.cfg.policy.stop_signal;
         let mut replaced = None;
         for g in &mut self.generations {
             if g.state == State::Active {
                 replaced = Some(g.number);
-                g.state = State::Draining { kill_at: after(now, stop_timeout), killed: false };
-                if let Err(e) = g.child.signal_group(stop_signal) {
+                if let Err(e) = g.drain(Some(stop_signal), kill_at) {
                     tracing::warn!(
                         event = "signal-failed",
                         generation = g.number,
@@ -123,8 +126,8 @@ impl Supervisor {
 
     /// Ends the running restart with an outcome for all its callers, then
     /// starts the next one if requests arrived meanwhile.
-    pub(super) fn finish_restart(&mut self, outcome: Result<RestartDone, String>) {
-        let Some(restart) = self.restart.take() else { return };
+    pub(super) fn finish_restart(&mut self, outcome: Result<RestartDone, StartFailure>) {
+        let Some((restart, queued)) = self.phase.take_restart() else { return };
         let response = match outcome {
             Ok(done) => {
                 self.consecutive_failures = 0;
@@ -144,19 +147,17 @@ impl Supervisor {
                 self.upstream_notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
                 Response::Restarted(done)
             }
-            Err(reason) => {
+            Err(why) => {
                 let serving = self.active().map(|g| g.number);
                 let failed = self.take_failed(restart.generation);
                 let (status_text, log_tail, hint) =
                     failed.map(|f| (f.status_text, f.lines, f.hint)).unwrap_or_default();
                 // Inherited output: not in the report, so say where it is.
-                let reason = match hint {
-                    Some(h) => format!("{reason}; {h}"),
-                    None => reason,
-                };
-                let message = format!("generation {} failed: {reason}", restart.generation);
+                let reason = failure::with_hint(&why, &hint);
+                let failure = Failure::Start { generation: restart.generation, why, hint };
+                let message = failure.to_string();
                 tracing::error!(event = "restart-failed", generation = restart.generation, "{message}");
-                self.last_failure = Some(message.clone());
+                self.last_failure = Some(failure);
                 let status = match serving {
                     Some(s) => format!("{message}; generation {s} keeps serving"),
                     None => message.clone(),
@@ -177,13 +178,11 @@ impl Supervisor {
                 })
             }
         };
-        for w in restart.waiters {
-            let _ = w.send(response.clone());
-        }
-        if self.pending_requested && self.ended.is_none() && self.stopping.is_none() {
-            self.pending_requested = false;
-            let waiters = std::mem::take(&mut self.pending);
-            self.scheduled = None;
+        restart.waiters.answer(&response);
+        // Not after the crash-loop verdict: the run is over.
+        if let Some(waiters) = queued
+            && !self.phase.is_stopping()
+        {
             self.begin_restart(Trigger::Requested, waiters);
         }
     }
@@ -198,15 +197,12 @@ impl Supervisor {
         }
         let i = self.generations.iter().position(|g| g.number == number)?;
         let hint = self.output_hint(&self.generations[i]);
+        let (stop_signal, kill_at) = (self.cfg.policy.stop_signal, self.drain_deadline(Instant::now()));
         let g = &mut self.generations[i];
-        if let Some(h) = g.health.take() {
-            let _ = h.signal_group(Signal::KILL);
-        }
         // Like systemd after a failed start: ask it to stop, so connections
         // it already accepted from the shared socket are finished, and
         // SIGKILL only at the stop deadline.
-        let _ = g.child.signal_group(self.cfg.policy.stop_signal);
-        g.state = State::Draining { kill_at: after(Instant::now(), self.cfg.policy.stop_timeout), killed: false };
+        let _ = g.drain(Some(stop_signal), kill_at);
         Some(FailedOutput { number, status_text: g.status_text.clone(), lines: g.output.lines(), hint })
     }
 
@@ -248,7 +244,7 @@ impl Supervisor {
                         g.state = State::HealthCheck { pid: child.pid };
                         g.health = Some(child);
                     }
-                    Err(e) => self.fail_starting(number, format!("cannot run the health check: {e}")),
+                    Err(e) => self.fail_starting(number, StartFailure::HealthCheckNotRun(e.to_string())),
                 }
             }
         }

@@ -1,3 +1,6 @@
+//! `baton upgrade`, the supervisor's side: when it may happen, the probe,
+//! quiescing, and the exec ([`crate::upgrade`]).
+
 use super::*;
 
 impl Supervisor {
@@ -5,19 +8,20 @@ impl Supervisor {
     /// (no generation starting, no restart pending or scheduled) is handed
     /// over, so the new image never has to resume a half-done transition.
     pub(super) fn busy_reason(&self) -> Option<String> {
-        if self.stopping.is_some() || self.ended.is_some() {
+        if self.phase.is_stopping() {
             return Some("baton is stopping".into());
         }
         if self.upgrading.is_some() {
             return Some("another upgrade is in progress".into());
         }
-        if let Some(r) = &self.restart {
-            return Some(format!("a restart is in progress (generation {} is starting)", r.generation));
+        match &self.phase {
+            Phase::Restarting { restart, .. } => {
+                return Some(format!("a restart is in progress (generation {} is starting)", restart.generation));
+            }
+            Phase::BackingOff { .. } => return Some("a crashed generation is being replaced".into()),
+            Phase::Steady | Phase::Stopping { .. } | Phase::Ended(_) => {}
         }
-        if self.pending_requested {
-            return Some("a restart is queued".into());
-        }
-        if self.scheduled.is_some() || self.pending_exit.is_some() {
+        if self.pending_exit.is_some() {
             return Some("a crashed generation is being replaced".into());
         }
         if let Some(g) = self.generations.iter().find(|g| !matches!(g.state, State::Active | State::Draining { .. })) {
@@ -53,7 +57,14 @@ impl Supervisor {
         tokio::spawn(async move {
             let _ = tx.send(upgrade::probe(&path, upgrade::PROBE_TIMEOUT).await);
         });
-        self.upgrading = Some(PendingUpgrade { reply, conn, binary, requested: Instant::now(), probe: Some(rx) });
+        self.upgrading = Some(PendingUpgrade {
+            reply,
+            conn,
+            binary,
+            requested: Instant::now(),
+            probe: Some(rx),
+            format: upgrade::STATE_FORMAT,
+        });
     }
 
     pub(super) fn on_probe(&mut self, probed: Result<ProbeInfo, UpgradeError>) {
@@ -78,6 +89,8 @@ impl Supervisor {
                     up.binary.display(),
                     info.version
                 );
+                // `probe` refused a binary with no format in common.
+                up.format = info.format_to_write().unwrap_or(upgrade::STATE_FORMAT);
                 // Executed at the top of the run loop, which owns the
                 // control channel.
                 self.upgrading = Some(up);

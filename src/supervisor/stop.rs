@@ -1,3 +1,6 @@
+//! Stopping: every generation drains, callers hear "stopped" once all
+//! are gone.
+
 use super::*;
 
 impl Supervisor {
@@ -8,59 +11,54 @@ impl Supervisor {
     /// exit) read before the stream fires would otherwise start a
     /// replacement that is stopped right away (see [`crate::stop_signal`]).
     pub(super) fn stop_begun(&mut self) -> bool {
-        if self.stopping.is_none() && self.ended.is_none() && crate::stop_signal::arrived() {
+        if !self.phase.is_stopping() && crate::stop_signal::arrived() {
             tracing::info!(event = "stop-signal", "stop signal received");
             self.begin_stop(None);
         }
-        self.stopping.is_some() || self.ended.is_some()
+        self.phase.is_stopping()
     }
 
     pub(super) fn begin_stop(&mut self, reply: Option<oneshot::Sender<Response>>) {
-        if let Some(waiters) = &mut self.stopping {
-            waiters.extend(reply);
-            return;
+        match &mut self.phase {
+            Phase::Stopping { waiters } => return waiters.add(reply),
+            // The run is over (crash loop): nothing left to stop.
+            Phase::Ended(_) => return Waiters::of(reply).answer(&Response::Stopping),
+            _ => {}
         }
         tracing::info!(event = "stopping", "stopping all generations");
         if let Some(up) = self.upgrading.take() {
             let _ = up.reply.send(Response::Error { message: "baton is stopping; the upgrade was cancelled".into() });
         }
-        if self.restart.as_ref().is_some_and(|r| r.trigger != Trigger::Initial) {
+        if self.phase.restart().is_some_and(|r| r.trigger != Trigger::Initial) {
             // We announced RELOADING=1; systemd 252 ignores STOPPING=1 until
             // the reload is over, so end it first, in its own datagram.
             self.upstream_notify(&[NotifyState::Ready]);
         }
         self.upstream_notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
-        self.stopping = Some(reply.into_iter().collect());
-        self.scheduled = None;
-        if let Some(r) = self.restart.take() {
-            for w in r.waiters {
-                let _ = w.send(Response::Stopping);
-            }
+        // A backoff is dropped; a restart's callers and those queued for
+        // the next one hear "stopping".
+        let before = std::mem::replace(&mut self.phase, Phase::Stopping { waiters: Waiters::of(reply) });
+        if let Phase::Restarting { restart, queued } = before {
+            restart.waiters.answer(&Response::Stopping);
+            queued.unwrap_or_default().answer(&Response::Stopping);
         }
-        for w in self.pending.drain(..) {
-            let _ = w.send(Response::Stopping);
-        }
-        let now = Instant::now();
+        let kill_at = self.drain_deadline(Instant::now());
+        let stop_signal = self.cfg.policy.stop_signal;
         for g in &mut self.generations {
-            if let Some(h) = g.health.take() {
-                let _ = h.signal_group(Signal::KILL);
-            }
+            // Draining ones were asked already (and have no health check).
             if !matches!(g.state, State::Draining { .. }) {
-                let _ = g.child.signal_group(self.cfg.policy.stop_signal);
-                g.state = State::Draining { kill_at: after(now, self.cfg.policy.stop_timeout), killed: false };
+                let _ = g.drain(Some(stop_signal), kill_at);
             }
         }
         self.check_stopped();
     }
 
     pub(super) fn check_stopped(&mut self) {
-        if self.generations.is_empty()
-            && let Some(waiters) = self.stopping.take()
-        {
-            for w in waiters {
-                let _ = w.send(Response::Stopping);
-            }
-            self.ended.get_or_insert(Ended::Stopped);
+        if self.generations.is_empty() && matches!(self.phase, Phase::Stopping { .. }) {
+            let Phase::Stopping { waiters } = std::mem::replace(&mut self.phase, Phase::Ended(Ended::Stopped)) else {
+                return;
+            };
+            waiters.answer(&Response::Stopping);
         }
     }
 

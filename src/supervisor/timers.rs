@@ -1,10 +1,13 @@
+//! Deadlines: the next one to sleep until, and what is due when it comes
+//! (ready timeouts, stop deadlines, the watchdog, the backoff).
+
 use super::*;
 
 impl Supervisor {
     pub(super) fn next_deadline(&self) -> Instant {
         let far = Instant::now() + Duration::from_secs(3600);
         let mut next = far;
-        if let Some(at) = self.scheduled {
+        if let Phase::BackingOff { at } = self.phase {
             next = next.min(at);
         }
         if let Some(p) = &self.pending_exit {
@@ -41,11 +44,13 @@ impl Supervisor {
             self.flush_connections();
         }
         self.restart_reset_if_due(now);
-        if self.scheduled.is_some_and(|at| at <= now) {
-            self.scheduled = None;
-            if self.restart.is_none() && !self.stop_begun() {
+        if let Phase::BackingOff { at } = self.phase
+            && at <= now
+        {
+            self.phase = Phase::Steady;
+            if !self.stop_begun() {
                 self.crash_restarts += 1;
-                self.begin_restart(Trigger::Replace, Vec::new());
+                self.begin_restart(Trigger::Replace, Waiters::default());
             }
         }
         let mut failed = None;
@@ -53,16 +58,11 @@ impl Supervisor {
         for g in &mut self.generations {
             match g.state {
                 State::Starting if g.start_deadline <= now => {
-                    failed = Some((g.number, format!("no READY=1 within {:?}", self.cfg.policy.ready_timeout)));
+                    failed = Some((g.number, StartFailure::NoReady { timeout: self.cfg.policy.ready_timeout }));
                 }
                 State::HealthCheck { .. } if g.start_deadline <= now => {
-                    failed = Some((
-                        g.number,
-                        format!(
-                            "health check did not finish within the ready timeout of {:?}",
-                            self.cfg.policy.ready_timeout
-                        ),
-                    ));
+                    let timeout = self.cfg.policy.ready_timeout;
+                    failed = Some((g.number, StartFailure::HealthCheckTimedOut { timeout }));
                 }
                 State::Draining { kill_at, killed: false } if kill_at <= now => {
                     tracing::warn!(
@@ -81,7 +81,7 @@ impl Supervisor {
             self.fail_starting(number, reason);
         }
         for number in watchdog {
-            self.watchdog_expired(number, "watchdog timeout: no WATCHDOG=1 in time");
+            self.watchdog_expired(number, WatchdogCause::Timeout);
         }
     }
 }

@@ -12,6 +12,20 @@
 
 use serde_json::{Map, Value};
 
+/// The policy's fields that format 1 has flat, under the same names.
+const POLICY_FIELDS: [&str; 8] = [
+    "ready_timeout",
+    "stop_signal",
+    "stop_timeout",
+    "notify_access",
+    "watchdog",
+    "fdstore_max",
+    "health_cmd",
+    "max_draining",
+];
+/// The backoff's fields, `backoff_`-prefixed in format 1.
+const BACKOFF_FIELDS: [&str; 4] = ["initial", "max", "burst", "interval"];
+
 /// Rewrites a format-1 state (parsed JSON) into format 2's shape. `Err`
 /// names the field that is missing.
 pub fn migrate(state: &mut Value) -> Result<(), String> {
@@ -34,7 +48,7 @@ pub fn migrate(state: &mut Value) -> Result<(), String> {
         policy.insert(key.to_owned(), take(key)?);
     }
     let mut backoff = Map::new();
-    for key in ["initial", "max", "burst", "interval"] {
+    for key in BACKOFF_FIELDS {
         backoff.insert(key.to_owned(), take(&format!("backoff_{key}"))?);
     }
     policy.insert("backoff".to_owned(), Value::Object(backoff));
@@ -42,6 +56,34 @@ pub fn migrate(state: &mut Value) -> Result<(), String> {
     let output = take("output_mode").unwrap_or_else(|_| Value::String("pipe".into()));
     policy.insert("output".to_owned(), output);
     supervisor.insert("policy".to_owned(), Value::Object(policy));
+    Ok(())
+}
+
+/// The other way: a format-2 state (serialized JSON) in format 1's shape,
+/// for a target binary that reads only format 1 (a package downgrade to
+/// the previous release).
+pub fn downgrade(state: &mut Value) -> Result<(), String> {
+    let supervisor = state
+        .get_mut("supervisor")
+        .and_then(Value::as_object_mut)
+        .ok_or_else(|| "it has no supervisor object".to_owned())?;
+    let Some(Value::Object(mut policy)) = supervisor.remove("policy") else {
+        return Err("supervisor.policy is missing".into());
+    };
+    let mut take = |key: &str| policy.remove(key).ok_or_else(|| format!("supervisor.policy.{key} is missing"));
+    for key in POLICY_FIELDS {
+        let value = take(key)?;
+        supervisor.insert(key.to_owned(), value);
+    }
+    let Value::Object(mut backoff) = take("backoff")? else {
+        return Err("supervisor.policy.backoff is not an object".into());
+    };
+    for key in BACKOFF_FIELDS {
+        let value = backoff.remove(key).ok_or_else(|| format!("supervisor.policy.backoff.{key} is missing"))?;
+        supervisor.insert(format!("backoff_{key}"), value);
+    }
+    let output = take("output")?;
+    supervisor.insert("output_mode".to_owned(), output);
     Ok(())
 }
 
@@ -53,7 +95,7 @@ mod tests {
 
     use crate::output::OutputMode;
     use crate::supervisor::{Backoff, NotifyAccess, Policy};
-    use crate::upgrade::{STATE_FORMAT, parse_state};
+    use crate::upgrade::{STATE_FORMAT, parse_state, state_json};
 
     /// Captured from the binary of main at 800ca5b (format 1): `baton run
     /// --name cap --listen http=127.0.0.1:18731 --ready-timeout 20s
@@ -113,10 +155,28 @@ mod tests {
     }
 
     #[test]
+    fn a_state_for_a_format_1_reader_has_exactly_the_fields_the_previous_release_wrote() {
+        let mut h = parse_state(CAPTURED_V1.as_bytes()).unwrap();
+        h.format = 1;
+        let written: serde_json::Value = serde_json::from_slice(&state_json(&h).unwrap()).unwrap();
+        let captured: serde_json::Value = serde_json::from_str(CAPTURED_V1).unwrap();
+        let keys = |v: &serde_json::Value| {
+            let mut k: Vec<String> = v["supervisor"].as_object().unwrap().keys().cloned().collect();
+            k.sort();
+            k
+        };
+        assert_eq!(keys(&written), keys(&captured));
+        assert_eq!(written["supervisor"]["backoff_burst"], 7);
+        assert_eq!(written["supervisor"]["notify_access"], "all");
+        assert_eq!(written["supervisor"]["stop_signal"], 2);
+        assert_eq!(parse_state(&state_json(&h).unwrap()).unwrap().supervisor.policy, h.supervisor.policy);
+    }
+
+    #[test]
     fn the_current_format_round_trips() {
         let mut h = parse_state(CAPTURED_V1.as_bytes()).unwrap();
         h.format = STATE_FORMAT;
-        let again = parse_state(&serde_json::to_vec(&h).unwrap()).unwrap();
+        let again = parse_state(&state_json(&h).unwrap()).unwrap();
         assert_eq!(again.supervisor.policy, h.supervisor.policy);
         assert_eq!(again.supervisor.generations.len(), 2);
     }
