@@ -35,16 +35,7 @@ pub fn migrate(state: &mut Value) -> Result<(), String> {
         .ok_or_else(|| "it has no supervisor object".to_owned())?;
     let mut take = |key: &str| supervisor.remove(key).ok_or_else(|| format!("supervisor.{key} is missing"));
     let mut policy = Map::new();
-    for key in [
-        "ready_timeout",
-        "stop_signal",
-        "stop_timeout",
-        "notify_access",
-        "watchdog",
-        "fdstore_max",
-        "health_cmd",
-        "max_draining",
-    ] {
+    for key in POLICY_FIELDS {
         policy.insert(key.to_owned(), take(key)?);
     }
     let mut backoff = Map::new();
