@@ -3,42 +3,6 @@
 use super::*;
 
 impl Supervisor {
-    /// Backoff for replacing a generation that died on its own (or a first
-    /// start that failed); gives up after `burst` failures in `interval`.
-    pub(super) fn schedule_replacement(&mut self) {
-        if !self.note_failure() || self.phase.is_stopping() {
-            return;
-        }
-        let now = Instant::now();
-        let shift = self.consecutive_failures.min(16);
-        self.consecutive_failures += 1;
-        let delay = (self.cfg.policy.backoff.initial * 2u32.pow(shift)).min(self.cfg.policy.backoff.max);
-        tracing::info!(event = "backoff", delay_ms = delay.as_millis() as u64, "next start in {delay:?}");
-        debug_assert!(self.phase.restart().is_none(), "a backoff never replaces a running restart");
-        self.phase = Phase::BackingOff { at: after(now, delay) };
-    }
-
-    /// Records a failure; `false` (and the crash-loop verdict) once `burst`
-    /// failures happened within `interval`.
-    pub(super) fn note_failure(&mut self) -> bool {
-        let now = Instant::now();
-        self.crashes.push_back(now);
-        while self.crashes.front().is_some_and(|t| now - *t > self.cfg.policy.backoff.interval) {
-            self.crashes.pop_front();
-        }
-        if self.crashes.len() as u32 > self.cfg.policy.backoff.burst {
-            let verdict =
-                Failure::CrashLoop { failures: self.crashes.len(), interval: self.cfg.policy.backoff.interval };
-            tracing::error!(event = "crash-loop", "{verdict}");
-            self.last_failure = Some(verdict.clone());
-            // Callers of a restart still under way hear "stopping".
-            self.phase = Phase::Ended(Ended::CrashLoop(verdict));
-            self.kill_all();
-            return false;
-        }
-        true
-    }
-
     /// Reports a starting generation's exit once its output is complete (or
     /// `anyway`, at the deadline).
     pub(super) fn report_pending_exit(&mut self, anyway: bool) {
@@ -52,7 +16,7 @@ impl Supervisor {
     }
 
     pub(super) fn fail_starting(&mut self, number: u64, reason: StartFailure) {
-        if self.phase.restart().is_some_and(|r| r.generation == number) {
+        if self.core.restart().is_some_and(|(generation, _)| generation == number) {
             self.finish_restart(Err(reason));
         }
     }
@@ -67,21 +31,10 @@ impl Supervisor {
         self.last_failure = Some(failure);
         let _ = g.drain(Some(Signal::ABORT), kill_at);
         g.watchdog = None;
-        // A hung generation counts as a failure: an app that always hangs
-        // ends in the crash-loop verdict, not in endless replacements.
-        if self.note_failure() {
-            self.replace_active();
-        }
-    }
-
-    /// The active generation is gone or going: start a replacement now,
-    /// unless a restart is already under way (it becomes the replacement).
-    pub(super) fn replace_active(&mut self) {
-        if self.stop_begun() || self.phase.restart().is_some() {
-            return;
-        }
-        self.crash_restarts += 1;
-        self.begin_restart(Trigger::Replace, Waiters::default());
+        // The core counts it as a failure and replaces it (no spawn once a
+        // stop signal arrived: see `stop_begun`).
+        self.stop_begun();
+        self.feed(Input::ServingLost(Lost::Hung));
     }
 
     pub(super) fn on_exit(&mut self, pid: u32, status: &std::process::ExitStatus) {
@@ -139,12 +92,9 @@ impl Supervisor {
                 let hint = self.output_hint(&g);
                 self.last_failure = Some(Failure::CrashedWhileServing { generation: g.number, exit: how, hint });
                 let _ = g.child.signal_group(Signal::KILL);
-                match self.phase {
-                    Phase::Stopping { .. } => {}
-                    // The starting generation becomes the replacement.
-                    Phase::Restarting { .. } => {}
-                    _ => self.schedule_replacement(),
-                }
+                // Backoff, unless stopping or a restart is under way (its
+                // generation becomes the replacement).
+                self.feed(Input::ServingLost(Lost::Crashed));
             }
             State::Draining { .. } => {
                 tracing::info!(event = "retired", generation = g.number, pid, "generation {} {how}", g.number);

@@ -8,6 +8,7 @@ impl Supervisor {
     /// stays open while `self` lives.
     pub(super) fn handover(&self, up: &PendingUpgrade) -> Result<Handover, UpgradeError> {
         let cfg = &self.cfg;
+        let counters = self.core.counters();
         // The new image rebuilds the app's command from its command line
         // (see `adopt`): make sure that works now, rather than after the
         // exec.
@@ -72,12 +73,12 @@ impl Supervisor {
                 .collect(),
             store_watching: self.store.is_watching(),
             generations,
-            next_number: self.next_number,
-            crashes: self.crashes.iter().map(|c| upgrade::to_mono(*c)).collect(),
-            consecutive_failures: self.consecutive_failures,
+            next_number: counters.next_number,
+            crashes: counters.crashes.iter().map(|c| upgrade::to_mono(*c)).collect(),
+            consecutive_failures: counters.consecutive_failures,
             started_mono_us: upgrade::to_mono(self.started),
-            restarts: self.restarts,
-            crash_restarts: self.crash_restarts,
+            restarts: counters.restarts,
+            crash_restarts: counters.crash_restarts,
             last_failure: self.last_failure.as_ref().map(|f| f.to_string()),
             flush_retry_mono_us: self.flush_retry.map(upgrade::to_mono),
         };
@@ -255,6 +256,7 @@ impl Supervisor {
                 passed: g.passed,
             });
         }
+        let backoff = s.policy.backoff;
         let cfg = Config { name: s.name, command, command_line: argv, sockets, stored: Vec::new(), policy: s.policy };
         let image = Image {
             binary: Some(h.binary),
@@ -270,13 +272,18 @@ impl Supervisor {
             store,
             upstream,
             generations,
-            next_number: s.next_number,
-            phase: Phase::Steady,
-            crashes: s.crashes.into_iter().map(upgrade::from_mono).collect(),
-            consecutive_failures: s.consecutive_failures,
+            core: Core::new(
+                backoff,
+                Counters {
+                    next_number: s.next_number,
+                    restarts: s.restarts,
+                    crash_restarts: s.crash_restarts,
+                    consecutive_failures: s.consecutive_failures,
+                    crashes: s.crashes.into_iter().map(upgrade::from_mono).collect(),
+                },
+            ),
+            waiters: Waiters::default(),
             started: upgrade::from_mono(s.started_mono_us),
-            restarts: s.restarts,
-            crash_restarts: s.crash_restarts,
             last_failure: s.last_failure.map(Failure::Inherited),
             failed_output: None,
             pending_exit: None,

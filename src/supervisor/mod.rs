@@ -27,7 +27,6 @@
 //! `self_upgrade` (`baton upgrade`) and its `handover`; the typed
 //! [`Policy`] and [`Failure`]s.
 
-use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::mem::ManuallyDrop;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -70,6 +69,7 @@ const FLUSH_RETRY: Duration = Duration::from_millis(50);
 const UPGRADE_QUIESCE: Duration = Duration::from_secs(1);
 
 mod connections;
+mod core;
 mod crash;
 mod failure;
 mod generation;
@@ -79,12 +79,15 @@ mod phase;
 mod policy;
 mod restart;
 mod self_upgrade;
+#[cfg(test)]
+mod simulation;
 mod stop;
 mod timers;
 
+use self::core::{Action, Core, Counters, Input, Lost};
 pub use failure::{Exit, Failure, StartFailure, WatchdogCause};
 use generation::{Generation, State};
-use phase::{Phase, Restart, Trigger, Waiters};
+use phase::{Trigger, Waiters};
 pub use policy::{Backoff, NotifyAccess, Policy};
 use self_upgrade::probe_result;
 
@@ -139,14 +142,12 @@ pub struct Supervisor {
     store: FdStore,
     upstream: Option<Arc<Notifier>>,
     generations: Vec<Generation>,
-    next_number: u64,
-    /// Restarting, backing off, stopping...: see `phase`.
-    phase: Phase,
-    crashes: VecDeque<Instant>,
-    consecutive_failures: u32,
+    /// The decisions: the phase (restarting, backing off, stopping...) and
+    /// the counters (see `core`).
+    core: Core,
+    /// Reply channels of the callers the core names by token.
+    waiters: Waiters,
     started: Instant,
-    restarts: u64,
-    crash_restarts: u64,
     last_failure: Option<Failure>,
     /// Status and output of a starting generation that already exited, for
     /// the failure report.
@@ -254,6 +255,7 @@ impl Supervisor {
                 tracing::warn!(event = "fdstore-inherit-failed", name = %name, "{e}");
             }
         }
+        let backoff = cfg.policy.backoff;
         Ok(Supervisor {
             cfg,
             notify,
@@ -261,13 +263,9 @@ impl Supervisor {
             store,
             upstream,
             generations: Vec::new(),
-            next_number: 1,
-            phase: Phase::Steady,
-            crashes: VecDeque::new(),
-            consecutive_failures: 0,
+            core: Core::new(backoff, Counters { next_number: 1, ..Counters::default() }),
+            waiters: Waiters::default(),
             started: Instant::now(),
-            restarts: 0,
-            crash_restarts: 0,
             last_failure: None,
             failed_output: None,
             pending_exit: None,
@@ -318,11 +316,14 @@ impl Supervisor {
         let mut int = signal(SignalKind::interrupt()).map_err(io("installing the SIGINT handler"))?;
         crate::closer::start();
         match self.adopted.take() {
-            None => self.begin_restart(Trigger::Initial, Waiters::default()),
+            None => {
+                let actions = self.core.start();
+                self.execute(actions);
+            }
             Some(adopted) => self.finish_adoption(adopted),
         }
         loop {
-            if let Some(ended) = self.phase.take_ended() {
+            if let Some(ended) = self.core.take_ended() {
                 if let Some(server) = self.control.take() {
                     server.shutdown(Duration::from_secs(2)).await;
                 }
@@ -371,7 +372,7 @@ impl Supervisor {
     fn on_control(&mut self, incoming: Incoming) {
         match incoming.request {
             Request::Restart { wait } => {
-                if matches!(self.phase, Phase::Stopping { .. }) {
+                if self.core.is_stopping() {
                     let _ = incoming.reply.send(Response::Stopping);
                 } else if wait {
                     self.request_restart(Some(incoming.reply));
@@ -395,11 +396,8 @@ impl Supervisor {
         if self.stop_begun() {
             return;
         }
-        match &mut self.phase {
-            Phase::Restarting { queued, .. } => queued.get_or_insert_default().add(waiter),
-            // A crash replacement that was due anyway starts now.
-            _ => self.begin_restart(Trigger::Requested, Waiters::of(waiter)),
-        }
+        let waiter = self.waiters.register(waiter);
+        self.feed(Input::RestartRequested { waiter });
     }
 
     fn status(&self) -> Status {
@@ -427,14 +425,39 @@ impl Supervisor {
                 .map(|s| SocketStatus { name: s.name.clone(), local: s.local.clone() })
                 .collect(),
             fdstore: self.store.len(),
-            restarts: self.restarts,
-            crash_restarts: self.crash_restarts,
+            restarts: self.core.counters().restarts,
+            crash_restarts: self.core.counters().crash_restarts,
             last_failure: self.last_failure.as_ref().map(|f| f.to_string()),
-            restarting: self.phase.restart().is_some(),
+            restarting: self.core.restart().is_some(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             binary: self.image.binary.as_ref().map(|b| b.display().to_string()),
             upgrades: self.image.upgrades,
             image_uptime_s: (now - self.image.started).as_secs_f64(),
+        }
+    }
+
+    /// Hands `input` to the core and carries out what it decides.
+    fn feed(&mut self, input: Input) {
+        let actions = self.core.handle(Instant::now(), input);
+        self.execute(actions);
+    }
+
+    /// Carries out the core's actions, in order.
+    fn execute(&mut self, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Spawn { generation, trigger } => self.spawn_generation(generation, trigger),
+                Action::Answer { waiters, response } => self.waiters.answer(&waiters, &response),
+                Action::StopAll { end_reload } => self.stop_all(end_reload),
+                Action::BackOff { delay } => {
+                    tracing::info!(event = "backoff", delay_ms = delay.as_millis() as u64, "next start in {delay:?}");
+                }
+                Action::GiveUp(verdict) => {
+                    tracing::error!(event = "crash-loop", "{verdict}");
+                    self.last_failure = Some(verdict);
+                    self.kill_all();
+                }
+            }
         }
     }
 

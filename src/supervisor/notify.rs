@@ -150,7 +150,7 @@ impl Supervisor {
                             generation = number,
                             "generation {number} is stopping on its own; starting a replacement"
                         );
-                        self.replace_active();
+                        self.feed(Input::ServingLost(Lost::Stopping));
                     }
                 }
             }

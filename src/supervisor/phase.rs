@@ -1,5 +1,6 @@
-//! What the supervisor is doing besides serving: its phase, one enum, and
-//! the callers waiting for an outcome.
+//! What the supervisor is doing besides serving: its phase, one enum (kept
+//! by the [`Core`](super::core::Core)), and the reply channels of the
+//! callers waiting for an outcome (kept by the shell).
 //!
 //! ```text
 //!   Steady ──restart/crash──► Restarting ──done──► Steady
@@ -13,33 +14,43 @@
 //! there is (a restart may begin meanwhile, and the upgrade is then refused
 //! as busy), and it executes only from `Steady`.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use tokio::sync::oneshot;
 
 use super::Ended;
+use super::core::Token;
 use crate::control::Response;
 
-/// Callers waiting for the same outcome (`baton restart`, `baton stop`).
+/// The reply channels of callers waiting for an outcome (`baton restart`,
+/// `baton stop`), by the [`Token`] the core knows them by. Each is answered
+/// once, when the core says so; those left when the run ends are dropped,
+/// which their clients read as "stopping". Bounded by the control socket's
+/// client limit: only a connected client waits.
 #[derive(Default)]
-pub(super) struct Waiters(Vec<oneshot::Sender<Response>>);
+pub(super) struct Waiters {
+    next: u64,
+    replies: HashMap<Token, oneshot::Sender<Response>>,
+}
 
 impl Waiters {
-    /// Just `reply`, if any.
-    pub(super) fn of(reply: Option<oneshot::Sender<Response>>) -> Waiters {
-        Waiters(reply.into_iter().collect())
+    /// A token for `reply`, if there is one.
+    pub(super) fn register(&mut self, reply: Option<oneshot::Sender<Response>>) -> Option<Token> {
+        let reply = reply?;
+        let token = Token(self.next);
+        self.next += 1;
+        self.replies.insert(token, reply);
+        Some(token)
     }
 
-    /// Adds `reply`, if any.
-    pub(super) fn add(&mut self, reply: Option<oneshot::Sender<Response>>) {
-        self.0.extend(reply);
-    }
-
-    /// Answers every one of them with `response` (callers that hung up
-    /// are skipped).
-    pub(super) fn answer(self, response: &Response) {
-        for w in self.0 {
-            let _ = w.send(response.clone());
+    /// Answers each of `tokens` with `response` (callers that hung up are
+    /// skipped).
+    pub(super) fn answer(&mut self, tokens: &[Token], response: &Response) {
+        for token in tokens {
+            if let Some(reply) = self.replies.remove(token) {
+                let _ = reply.send(response.clone());
+            }
         }
     }
 }
@@ -61,7 +72,7 @@ pub(super) struct Restart {
     pub(super) generation: u64,
     pub(super) trigger: Trigger,
     /// Who gets its outcome.
-    pub(super) waiters: Waiters,
+    pub(super) waiters: Vec<Token>,
 }
 
 /// The supervisor's phase.
@@ -75,10 +86,10 @@ pub(super) enum Phase {
     /// requested meanwhile (with their callers): one more restart runs
     /// right after, so that changes made before those requests are picked
     /// up.
-    Restarting { restart: Restart, queued: Option<Waiters> },
+    Restarting { restart: Restart, queued: Option<Vec<Token>> },
     /// Every generation was asked to stop; `waiters` hear "stopped" once
     /// all are gone.
-    Stopping { waiters: Waiters },
+    Stopping { waiters: Vec<Token> },
     /// The run is over: [`Supervisor::run`](super::Supervisor::run)
     /// returns this at its next turn.
     Ended(Ended),
@@ -104,7 +115,7 @@ impl Phase {
 
     /// Ends the restart under way (the phase becomes `Steady`): it, and the
     /// callers queued for the next one.
-    pub(super) fn take_restart(&mut self) -> Option<(Restart, Option<Waiters>)> {
+    pub(super) fn take_restart(&mut self) -> Option<(Restart, Option<Vec<Token>>)> {
         match std::mem::replace(self, Phase::Steady) {
             Phase::Restarting { restart, queued } => Some((restart, queued)),
             other => {

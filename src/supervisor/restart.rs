@@ -8,9 +8,8 @@ impl Supervisor {
         self.generations.iter().find(|g| g.state == State::Active)
     }
 
-    pub(super) fn begin_restart(&mut self, trigger: Trigger, waiters: Waiters) {
-        let number = self.next_number;
-        self.next_number += 1;
+    /// Starts generation `number` (the core's [`Action::Spawn`]).
+    pub(super) fn spawn_generation(&mut self, number: u64, trigger: Trigger) {
         if trigger != Trigger::Initial {
             self.upstream_notify(&[
                 NotifyState::Reloading,
@@ -23,8 +22,6 @@ impl Supervisor {
         self.upstream_notify(&[NotifyState::ExtendTimeoutUsec(
             micros(self.cfg.policy.ready_timeout).saturating_add(5_000_000),
         )]);
-        // Replaces a backoff that was due: this restart is the replacement.
-        self.phase = Phase::Restarting { restart: Restart { generation: number, trigger, waiters }, queued: None };
         match self.spawn(number) {
             Ok(g) => {
                 tracing::info!(
@@ -124,16 +121,12 @@ impl Supervisor {
         }
     }
 
-    /// Ends the running restart with an outcome for all its callers, then
-    /// starts the next one if requests arrived meanwhile.
+    /// Ends the running restart: reports its outcome (the core answers all
+    /// its callers, and starts the next one if requests arrived meanwhile).
     pub(super) fn finish_restart(&mut self, outcome: Result<RestartDone, StartFailure>) {
-        let Some((restart, queued)) = self.phase.take_restart() else { return };
-        let response = match outcome {
+        let Some((generation, _)) = self.core.restart() else { return };
+        let input = match outcome {
             Ok(done) => {
-                self.consecutive_failures = 0;
-                if restart.trigger != Trigger::Initial {
-                    self.restarts += 1;
-                }
                 tracing::info!(
                     event = "ready",
                     generation = done.generation,
@@ -145,18 +138,18 @@ impl Supervisor {
                 );
                 let status = format!("generation {} serving as pid {}", done.generation, done.pid);
                 self.upstream_notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
-                Response::Restarted(done)
+                Input::TookOver { response: Response::Restarted(done) }
             }
             Err(why) => {
                 let serving = self.active().map(|g| g.number);
-                let failed = self.take_failed(restart.generation);
+                let failed = self.take_failed(generation);
                 let (status_text, log_tail, hint) =
                     failed.map(|f| (f.status_text, f.lines, f.hint)).unwrap_or_default();
                 // Inherited output: not in the report, so say where it is.
                 let reason = failure::with_hint(&why, &hint);
-                let failure = Failure::Start { generation: restart.generation, why, hint };
+                let failure = Failure::Start { generation, why, hint };
                 let message = failure.to_string();
-                tracing::error!(event = "restart-failed", generation = restart.generation, "{message}");
+                tracing::error!(event = "restart-failed", generation, "{message}");
                 self.last_failure = Some(failure);
                 let status = match serving {
                     Some(s) => format!("{message}; generation {s} keeps serving"),
@@ -165,26 +158,14 @@ impl Supervisor {
                 // A reload must always end with READY=1, or systemd waits
                 // for it until its timeout.
                 self.upstream_notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
-                if serving.is_none() || restart.trigger == Trigger::Replace {
-                    // Nothing is serving: keep trying, with backoff.
-                    self.schedule_replacement();
-                }
-                Response::RestartFailed(RestartFailure {
-                    generation: restart.generation,
-                    reason,
-                    status_text,
-                    log_tail,
-                    serving,
-                })
+                let response =
+                    Response::RestartFailed(RestartFailure { generation, reason, status_text, log_tail, serving });
+                // Nothing serving (or a replacement failed): the core
+                // backs off and tries again.
+                Input::StartFailed { generation, serving: serving.is_some(), response }
             }
         };
-        restart.waiters.answer(&response);
-        // Not after the crash-loop verdict: the run is over.
-        if let Some(waiters) = queued
-            && !self.phase.is_stopping()
-        {
-            self.begin_restart(Trigger::Requested, waiters);
-        }
+        self.feed(input);
     }
 
     /// Kills a generation that failed to start and returns its last

@@ -8,20 +8,16 @@ impl Supervisor {
     /// (no generation starting, no restart pending or scheduled) is handed
     /// over, so the new image never has to resume a half-done transition.
     pub(super) fn busy_reason(&self) -> Option<String> {
-        if self.phase.is_stopping() {
+        if self.core.is_stopping() {
             return Some("baton is stopping".into());
         }
         if self.upgrading.is_some() {
             return Some("another upgrade is in progress".into());
         }
-        match &self.phase {
-            Phase::Restarting { restart, .. } => {
-                return Some(format!("a restart is in progress (generation {} is starting)", restart.generation));
-            }
-            Phase::BackingOff { .. } => return Some("a crashed generation is being replaced".into()),
-            Phase::Steady | Phase::Stopping { .. } | Phase::Ended(_) => {}
+        if let Some((generation, _)) = self.core.restart() {
+            return Some(format!("a restart is in progress (generation {generation} is starting)"));
         }
-        if self.pending_exit.is_some() {
+        if self.core.backoff_due().is_some() || self.pending_exit.is_some() {
             return Some("a crashed generation is being replaced".into());
         }
         if let Some(g) = self.generations.iter().find(|g| !matches!(g.state, State::Active | State::Draining { .. })) {

@@ -11,37 +11,32 @@ impl Supervisor {
     /// exit) read before the stream fires would otherwise start a
     /// replacement that is stopped right away (see [`crate::stop_signal`]).
     pub(super) fn stop_begun(&mut self) -> bool {
-        if !self.phase.is_stopping() && crate::stop_signal::arrived() {
+        if !self.core.is_stopping() && crate::stop_signal::arrived() {
             tracing::info!(event = "stop-signal", "stop signal received");
             self.begin_stop(None);
         }
-        self.phase.is_stopping()
+        self.core.is_stopping()
     }
 
+    /// `baton stop` (with its caller), SIGTERM or SIGINT.
     pub(super) fn begin_stop(&mut self, reply: Option<oneshot::Sender<Response>>) {
-        match &mut self.phase {
-            Phase::Stopping { waiters } => return waiters.add(reply),
-            // The run is over (crash loop): nothing left to stop.
-            Phase::Ended(_) => return Waiters::of(reply).answer(&Response::Stopping),
-            _ => {}
-        }
+        let waiter = self.waiters.register(reply);
+        self.feed(Input::StopRequested { waiter });
+    }
+
+    /// The stop began (the core's [`Action::StopAll`]): tell systemd, ask
+    /// every generation to drain.
+    pub(super) fn stop_all(&mut self, end_reload: bool) {
         tracing::info!(event = "stopping", "stopping all generations");
         if let Some(up) = self.upgrading.take() {
             let _ = up.reply.send(Response::Error { message: "baton is stopping; the upgrade was cancelled".into() });
         }
-        if self.phase.restart().is_some_and(|r| r.trigger != Trigger::Initial) {
+        if end_reload {
             // We announced RELOADING=1; systemd 252 ignores STOPPING=1 until
             // the reload is over, so end it first, in its own datagram.
             self.upstream_notify(&[NotifyState::Ready]);
         }
         self.upstream_notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
-        // A backoff is dropped; a restart's callers and those queued for
-        // the next one hear "stopping".
-        let before = std::mem::replace(&mut self.phase, Phase::Stopping { waiters: Waiters::of(reply) });
-        if let Phase::Restarting { restart, queued } = before {
-            restart.waiters.answer(&Response::Stopping);
-            queued.unwrap_or_default().answer(&Response::Stopping);
-        }
         let kill_at = self.drain_deadline(Instant::now());
         let stop_signal = self.cfg.policy.stop_signal;
         for g in &mut self.generations {
@@ -53,12 +48,10 @@ impl Supervisor {
         self.check_stopped();
     }
 
+    /// Once no generation is left, a stop is complete.
     pub(super) fn check_stopped(&mut self) {
-        if self.generations.is_empty() && matches!(self.phase, Phase::Stopping { .. }) {
-            let Phase::Stopping { waiters } = std::mem::replace(&mut self.phase, Phase::Ended(Ended::Stopped)) else {
-                return;
-            };
-            waiters.answer(&Response::Stopping);
+        if self.generations.is_empty() && self.core.is_stopping() && !self.core.has_ended() {
+            self.feed(Input::AllGone);
         }
     }
 

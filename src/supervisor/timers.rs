@@ -7,7 +7,7 @@ impl Supervisor {
     pub(super) fn next_deadline(&self) -> Instant {
         let far = Instant::now() + Duration::from_secs(3600);
         let mut next = far;
-        if let Phase::BackingOff { at } = self.phase {
+        if let Some(at) = self.core.next_deadline() {
             next = next.min(at);
         }
         if let Some(p) = &self.pending_exit {
@@ -44,14 +44,9 @@ impl Supervisor {
             self.flush_connections();
         }
         self.restart_reset_if_due(now);
-        if let Phase::BackingOff { at } = self.phase
-            && at <= now
-        {
-            self.phase = Phase::Steady;
-            if !self.stop_begun() {
-                self.crash_restarts += 1;
-                self.begin_restart(Trigger::Replace, Waiters::default());
-            }
+        // A stop signal that arrived drops the backoff instead.
+        if self.core.next_deadline().is_some_and(|at| at <= now) && !self.stop_begun() {
+            self.feed(Input::Tick);
         }
         let mut failed = None;
         let mut watchdog = Vec::new();
