@@ -15,13 +15,13 @@ impl Supervisor {
         fds: Vec<ReceivedFd>,
     ) -> Option<Vec<ReceivedFd>> {
         if baton_sd::StoredName::parse(name) != baton_sd::StoredName::Connection
-            || self.generations[sender].state == State::Active
+            || self.generations[sender].life.state == State::Active
         {
             return Some(fds);
         }
         // No active generation (Baton is stopping): keep them in the store,
         // forwarded to systemd's, for whoever runs next.
-        let Some(active) = self.generations.iter().find(|g| g.state == State::Active) else { return Some(fds) };
+        let Some(active) = self.generations.iter().find(|g| g.life.state == State::Active) else { return Some(fds) };
         let Some(conn) = &active.handoff else { return Some(fds) };
         let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
         match crate::handoff::push(conn, name, &borrowed) {
@@ -55,7 +55,7 @@ impl Supervisor {
     /// it (after a full handoff socket, or when it connected late); retries
     /// on a timer while the socket is full.
     pub(super) fn flush_connections(&mut self) {
-        let Some(active) = self.generations.iter().find(|g| g.state == State::Active) else { return };
+        let Some(active) = self.generations.iter().find(|g| g.life.state == State::Active) else { return };
         let Some(conn) = &active.handoff else { return };
         let pending: Vec<(std::os::fd::RawFd, BorrowedFd<'_>)> = self
             .store

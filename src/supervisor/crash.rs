@@ -30,7 +30,8 @@ impl Supervisor {
         tracing::error!(event = "watchdog", generation = number, pid = g.main_pid(), "{failure}");
         self.last_failure = Some(failure);
         let _ = g.drain(Some(Signal::ABORT), kill_at);
-        g.watchdog = None;
+        g.life.watchdog = None;
+        self.enforce_draining_limit();
         // The core counts it as a failure and replaces it (no spawn once a
         // stop signal arrived: see `stop_begun`).
         self.stop_begun();
@@ -44,7 +45,7 @@ impl Supervisor {
     /// A child is gone (`how` it ended).
     pub(super) fn on_gone(&mut self, pid: u32, how: Exit) {
         // Health check processes.
-        if let Some(g) = self.generations.iter_mut().find(|g| g.state == State::HealthCheck { pid }) {
+        if let Some(g) = self.generations.iter_mut().find(|g| g.life.state == State::HealthCheck { pid }) {
             let number = g.number;
             g.health = None;
             if how.success() {
@@ -61,10 +62,10 @@ impl Supervisor {
             return;
         };
         let g = self.generations.remove(i);
-        match g.state {
+        match g.life.state {
             State::Starting | State::HealthCheck { .. } => {
                 let (exit, last_status) = (how, g.status_text.clone());
-                let reason = match g.state {
+                let reason = match g.life.state {
                     State::HealthCheck { .. } => StartFailure::ExitedDuringHealthCheck { exit, last_status },
                     _ => StartFailure::ExitedBeforeReady { exit, last_status },
                 };

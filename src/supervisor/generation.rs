@@ -3,29 +3,17 @@
 
 use super::*;
 
-/// Where a generation is in its life (see the diagram in [`super`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum State {
-    Starting,
-    HealthCheck { pid: u32 },
-    Active,
-    Draining { kill_at: Instant, killed: bool },
-}
-
 pub(super) struct Generation {
     pub(super) number: u64,
     pub(super) child: Child,
     /// The process named by `MAINPID=`, if not the leader: pinned by its
     /// pidfd, and forgotten once it exits (see [`crate::lineage`]).
     pub(super) main: Option<MainProcess>,
-    pub(super) state: State,
+    /// Its state and deadlines (pure: see `lifecycle`).
+    pub(super) life: Life,
     pub(super) spawned_at: Instant,
     pub(super) ready_at: Option<Instant>,
-    /// Start deadline (Starting/HealthCheck), extended by EXTEND_TIMEOUT_USEC.
-    pub(super) start_deadline: Instant,
     pub(super) status_text: Option<String>,
-    pub(super) watchdog: Option<Duration>,
-    pub(super) last_ping: Instant,
     pub(super) output: Output,
     /// The running health check, killed with the generation if it fails.
     pub(super) health: Option<Child>,
@@ -38,7 +26,7 @@ pub(super) struct Generation {
 
 impl Generation {
     pub(super) fn state_name(&self) -> &'static str {
-        match self.state {
+        match self.life.state {
             State::Starting => "starting",
             State::HealthCheck { .. } => "health-check",
             State::Active => "active",
@@ -70,7 +58,7 @@ impl Generation {
     /// Whether `pid` is its health check (Baton's child too: see
     /// [`is_main`](Self::is_main)).
     pub(super) fn is_health_check(&self, pid: u32) -> bool {
-        self.state == State::HealthCheck { pid } && self.health.is_some()
+        self.life.state == State::HealthCheck { pid } && self.health.is_some()
     }
 
     /// Asks it to drain and exit: `signal` to its process group (`None`
@@ -80,14 +68,14 @@ impl Generation {
         if let Some(h) = self.health.take() {
             let _ = h.signal_group(Signal::KILL);
         }
-        self.state = State::Draining { kill_at, killed: false };
+        self.life.drain(kill_at);
         signal.map_or(Ok(()), |s| self.child.signal_group(s))
     }
 
     /// SIGKILL to the whole generation; it stays listed until reaped.
     pub(super) fn force_kill(&mut self) {
         let _ = self.child.signal_group(Signal::KILL);
-        self.state = State::Draining { kill_at: Instant::now(), killed: true };
+        self.life.killed(Instant::now());
     }
 }
 
@@ -131,13 +119,10 @@ impl Supervisor {
             number,
             main: None,
             child,
-            state: State::Starting,
+            life: Life::starting(now, self.cfg.policy.ready_timeout, self.cfg.policy.watchdog),
             spawned_at: now,
             ready_at: None,
-            start_deadline: after(now, self.cfg.policy.ready_timeout),
             status_text: None,
-            watchdog: self.cfg.policy.watchdog,
-            last_ping: now,
             output,
             health: None,
             handoff: None,

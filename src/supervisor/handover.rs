@@ -24,7 +24,7 @@ impl Supervisor {
         })?;
         let mut generations = Vec::with_capacity(self.generations.len());
         for g in &self.generations {
-            let (state, kill_at, killed) = match g.state {
+            let (state, kill_at, killed) = match g.life.state {
                 State::Active => ("active", None, false),
                 State::Draining { kill_at, killed } => ("draining", Some(upgrade::to_mono(kill_at)), killed),
                 _ => {
@@ -46,8 +46,8 @@ impl Supervisor {
                 spawned_mono_us: upgrade::to_mono(g.spawned_at),
                 ready_mono_us: g.ready_at.map(upgrade::to_mono),
                 status_text: g.status_text.clone(),
-                watchdog: g.watchdog,
-                last_ping_mono_us: upgrade::to_mono(g.last_ping),
+                watchdog: g.life.watchdog,
+                last_ping_mono_us: upgrade::to_mono(g.life.last_ping),
                 output: g.output.kind(),
                 output_fd: g.output.pipe_fd(),
                 output_lines: g.output.lines(),
@@ -243,13 +243,15 @@ impl Supervisor {
                 number: g.number,
                 child: Child { pid: g.pid, pidfd: t.pidfd },
                 main: t.main,
-                state,
+                life: Life {
+                    state,
+                    start_deadline: now,
+                    watchdog: g.watchdog,
+                    last_ping: upgrade::from_mono(g.last_ping_mono_us),
+                },
                 spawned_at: upgrade::from_mono(g.spawned_mono_us),
                 ready_at: g.ready_mono_us.map(upgrade::from_mono),
-                start_deadline: now,
                 status_text: g.status_text,
-                watchdog: g.watchdog,
-                last_ping: upgrade::from_mono(g.last_ping_mono_us),
                 output,
                 health: None,
                 handoff: t.handoff.map(ReceivedFd::new),

@@ -74,6 +74,7 @@ mod crash;
 mod failure;
 mod generation;
 mod handover;
+mod lifecycle;
 mod notify;
 mod phase;
 mod policy;
@@ -86,7 +87,8 @@ mod timers;
 
 use self::core::{Action, Core, Counters, Input, Lost};
 pub use failure::{Exit, Failure, StartFailure, WatchdogCause};
-use generation::{Generation, State};
+use generation::Generation;
+use lifecycle::{Due, Life, State};
 use phase::{Trigger, Waiters};
 pub use policy::{Backoff, NotifyAccess, Policy};
 use self_upgrade::probe_result;

@@ -88,22 +88,9 @@ impl Supervisor {
             }
             for f in &msg.fields {
                 match f {
-                    NotifyState::Watchdog => g.last_ping = now,
-                    NotifyState::WatchdogUsec(0) => g.watchdog = None,
-                    NotifyState::WatchdogUsec(u) => {
-                        g.watchdog = Some(Duration::from_micros(*u));
-                        g.last_ping = now;
-                    }
-                    NotifyState::ExtendTimeoutUsec(u) => {
-                        let until = after(now, Duration::from_micros(*u));
-                        match &mut g.state {
-                            State::Starting | State::HealthCheck { .. } => {
-                                g.start_deadline = g.start_deadline.max(until);
-                            }
-                            State::Draining { kill_at, killed: false } => *kill_at = (*kill_at).max(until),
-                            _ => {}
-                        }
-                    }
+                    NotifyState::Watchdog => g.life.ping(now),
+                    NotifyState::WatchdogUsec(u) => g.life.set_watchdog(now, *u),
+                    NotifyState::ExtendTimeoutUsec(u) => g.life.extend(now, *u),
                     _ => {}
                 }
             }
@@ -134,10 +121,11 @@ impl Supervisor {
             // A generation's STOPPING=1 is never forwarded upstream: from
             // systemd 259 on, STOPPING=1 is final for the whole unit.
             Some(Lifecycle::Stopping) => {
-                if self.generations[index].state == State::Active {
+                if self.generations[index].life.state == State::Active {
                     let kill_at = self.drain_deadline(now);
                     // It is stopping already: no signal.
                     let _ = self.generations[index].drain(None, kill_at);
+                    self.enforce_draining_limit();
                     if self.stop_begun() {
                         tracing::info!(
                             event = "stopping",

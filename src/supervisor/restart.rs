@@ -5,7 +5,7 @@ use super::*;
 
 impl Supervisor {
     pub(super) fn active(&self) -> Option<&Generation> {
-        self.generations.iter().find(|g| g.state == State::Active)
+        self.generations.iter().find(|g| g.life.state == State::Active)
     }
 
     /// Starts generation `number` (the core's [`Action::Spawn`]).
@@ -44,7 +44,7 @@ impl Supervisor {
         let stop_signal = self.cfg.policy.stop_signal;
         let mut replaced = None;
         for g in &mut self.generations {
-            if g.state == State::Active {
+            if g.life.state == State::Active {
                 replaced = Some(g.number);
                 if let Err(e) = g.drain(Some(stop_signal), kill_at) {
                     tracing::warn!(
@@ -64,8 +64,7 @@ impl Supervisor {
             }
         }
         let Some(g) = self.generations.iter_mut().find(|g| g.number == number) else { return };
-        g.state = State::Active;
-        g.last_ping = now;
+        g.life.activate(now);
         let done = RestartDone {
             generation: number,
             pid: g.main_pid(),
@@ -103,13 +102,17 @@ impl Supervisor {
         }
     }
 
-    /// Kills the oldest draining generations beyond `max_draining`.
+    /// Kills the oldest draining generations beyond `max_draining`: after
+    /// every drain but a stop's (which drains them all, each with its full
+    /// stop timeout). Found by the simulation: it used to run at cutovers
+    /// only, so a failed start, a watchdog or a `STOPPING=1` could leave
+    /// more draining until the next cutover, or for good if none came.
     pub(super) fn enforce_draining_limit(&mut self) {
-        let mut draining: Vec<usize> = (0..self.generations.len())
-            .filter(|&i| matches!(self.generations[i].state, State::Draining { killed: false, .. }))
-            .collect();
-        while draining.len() > self.cfg.policy.max_draining {
-            let i = draining.remove(0);
+        let beyond = lifecycle::over_draining_limit(
+            self.generations.iter().map(|g| &g.life.state),
+            self.cfg.policy.max_draining,
+        );
+        for i in beyond {
             let g = &mut self.generations[i];
             tracing::warn!(
                 event = "drain-limit",
@@ -184,7 +187,9 @@ impl Supervisor {
         // it already accepted from the shared socket are finished, and
         // SIGKILL only at the stop deadline.
         let _ = g.drain(Some(stop_signal), kill_at);
-        Some(FailedOutput { number, status_text: g.status_text.clone(), lines: g.output.lines(), hint })
+        let failed = FailedOutput { number, status_text: g.status_text.clone(), lines: g.output.lines(), hint };
+        self.enforce_draining_limit();
+        Some(failed)
     }
 
     /// Where to read `g`'s output if Baton did not capture it.
@@ -201,7 +206,7 @@ impl Supervisor {
     pub(super) fn on_ready(&mut self, index: usize) {
         let now = Instant::now();
         let g = &mut self.generations[index];
-        if g.state != State::Starting {
+        if g.life.state != State::Starting {
             return; // READY=1 after a reload of the app itself, or repeated
         }
         g.ready_at = Some(now);
@@ -222,7 +227,7 @@ impl Supervisor {
                 match sh.and_then(|sh| sh.spawn(&setup)) {
                     Ok(child) => {
                         let g = &mut self.generations[index];
-                        g.state = State::HealthCheck { pid: child.pid };
+                        g.life.state = State::HealthCheck { pid: child.pid };
                         g.health = Some(child);
                     }
                     Err(e) => self.fail_starting(number, StartFailure::HealthCheckNotRun(e.to_string())),

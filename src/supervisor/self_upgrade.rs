@@ -20,7 +20,9 @@ impl Supervisor {
         if self.core.backoff_due().is_some() || self.pending_exit.is_some() {
             return Some("a crashed generation is being replaced".into());
         }
-        if let Some(g) = self.generations.iter().find(|g| !matches!(g.state, State::Active | State::Draining { .. })) {
+        if let Some(g) =
+            self.generations.iter().find(|g| !matches!(g.life.state, State::Active | State::Draining { .. }))
+        {
             return Some(format!("generation {} is starting", g.number));
         }
         None

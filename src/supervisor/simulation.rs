@@ -42,6 +42,7 @@ use std::time::{Duration, Instant};
 
 use super::Ended;
 use super::core::{Action, Core, Counters, Input, Lost, Token};
+use super::lifecycle::{Due, Life, State, over_draining_limit};
 use super::policy::Backoff;
 use crate::control::{Response, RestartDone, RestartFailure};
 
@@ -52,6 +53,10 @@ const MOVES_PER_SEED: usize = 2_000;
 /// The model's ready timeout and stop timeout (the shell enforces them).
 const READY_TIMEOUT: Duration = Duration::from_secs(5);
 const STOP_TIMEOUT: Duration = Duration::from_secs(3);
+/// The even generations' watchdog interval.
+const WATCHDOG: Duration = Duration::from_secs(4);
+/// `--max-draining`.
+const MAX_DRAINING: usize = 2;
 
 /// splitmix64: small, seedable, good enough to pick moves.
 struct Rng(u64);
@@ -91,6 +96,10 @@ pub(super) enum Move {
     SelfStop,
     /// The oldest draining generation exits.
     DrainExit,
+    /// The serving generation sends `WATCHDOG=1`.
+    Ping,
+    /// The starting generation sends `EXTEND_TIMEOUT_USEC=` (ms).
+    Extend(u64),
     /// Time passes, in ms.
     Advance(u64),
 }
@@ -109,7 +118,9 @@ fn random_move(rng: &mut Rng, w: &World) -> Move {
             500..515 => Move::Crash,
             515..522 => Move::Hang,
             522..540 => Move::SelfStop,
-            540..760 => Move::DrainExit,
+            540..700 => Move::DrainExit,
+            700..740 => Move::Ping,
+            740..760 => Move::Extend(rng.below(8_000)),
             _ => Move::Advance(match rng.below(4) {
                 0 => rng.below(10),
                 1 => rng.below(500),
@@ -118,9 +129,9 @@ fn random_move(rng: &mut Rng, w: &World) -> Move {
             }),
         };
         let applies = match m {
-            Move::TakeOver | Move::FailStart => w.starting.is_some(),
-            Move::Crash | Move::Hang | Move::SelfStop => w.serving.is_some(),
-            Move::DrainExit => !w.draining.is_empty(),
+            Move::TakeOver | Move::FailStart | Move::Extend(_) => w.starting.is_some(),
+            Move::Crash | Move::Hang | Move::SelfStop | Move::Ping => w.serving.is_some(),
+            Move::DrainExit => w.oldest_draining().is_some(),
             _ => true,
         };
         if applies || rng.below(20) == 0 {
@@ -141,11 +152,12 @@ struct World {
     backoff: Backoff,
     base: Instant,
     now: Duration,
-    /// The generation starting, with its ready deadline.
+    /// The generation starting, and when it was spawned.
     starting: Option<(u64, Duration)>,
     serving: Option<u64>,
-    /// Draining generations and when they get SIGKILL.
-    draining: BTreeMap<u64, Duration>,
+    /// Every live generation's state and deadlines, as the shell keeps
+    /// them ([`Life`]: the same pure code).
+    lives: BTreeMap<u64, Life>,
     last_spawned: u64,
     stop_all_at: Option<Duration>,
     next_token: u64,
@@ -174,7 +186,7 @@ impl World {
             now: Duration::ZERO,
             starting: None,
             serving: None,
-            draining: BTreeMap::new(),
+            lives: BTreeMap::new(),
             last_spawned: 0,
             stop_all_at: None,
             next_token: 0,
@@ -230,7 +242,9 @@ impl World {
                         return Err(format!("generation {generation} after {}", self.last_spawned));
                     }
                     self.last_spawned = generation;
-                    self.starting = Some((generation, self.now + READY_TIMEOUT));
+                    self.starting = Some((generation, self.now));
+                    let watchdog = (generation % 2 == 0).then_some(WATCHDOG);
+                    self.lives.insert(generation, Life::starting(self.at(), READY_TIMEOUT, watchdog));
                 }
                 Action::Answer { waiters, response } => {
                     for t in waiters {
@@ -244,7 +258,9 @@ impl World {
                         self.answered.insert(t);
                         let waited = self.now - since;
                         let limit = match asked {
-                            Asked::Restart => 2 * READY_TIMEOUT,
+                            // Its own restart and the one it queued behind,
+                            // each extended at most once more.
+                            Asked::Restart => 4 * READY_TIMEOUT,
                             Asked::Stop => STOP_TIMEOUT,
                         };
                         // A stop waits for the drain it began (or joined).
@@ -262,9 +278,8 @@ impl World {
                         return Err("a second StopAll".into());
                     }
                     self.stop_all_at = Some(self.now);
-                    let kill_at = self.now + STOP_TIMEOUT;
                     for g in self.starting.take().map(|(g, _)| g).into_iter().chain(self.serving.take()) {
-                        self.draining.insert(g, kill_at);
+                        self.drain(g);
                     }
                     if self.nothing_left() {
                         self.feed(Input::AllGone)?;
@@ -283,7 +298,7 @@ impl World {
                     // kill_all: the run loop returns at its next turn.
                     self.starting = None;
                     self.serving = None;
-                    self.draining.clear();
+                    self.lives.clear();
                 }
             }
         }
@@ -291,10 +306,46 @@ impl World {
     }
 
     fn nothing_left(&self) -> bool {
-        self.starting.is_none() && self.serving.is_none() && self.draining.is_empty()
+        self.lives.is_empty()
+    }
+
+    /// The shell's `Generation::drain`: SIGKILL at the stop deadline; and
+    /// its draining limit, except in a stop (which drains them all).
+    fn drain(&mut self, g: u64) {
+        let kill_at = self.at() + STOP_TIMEOUT;
+        if let Some(life) = self.lives.get_mut(&g) {
+            life.drain(kill_at);
+        }
+        if self.stop_all_at.is_none() {
+            self.enforce_draining_limit();
+        }
+    }
+
+    /// The shell's `enforce_draining_limit`: the oldest beyond it get
+    /// SIGKILL (and are gone: a stop is never waiting for them alone, as
+    /// some generation drains or serves after every drain).
+    fn enforce_draining_limit(&mut self) {
+        let numbers: Vec<u64> = self.lives.keys().copied().collect();
+        let beyond = over_draining_limit(self.lives.values().map(|l| &l.state), MAX_DRAINING);
+        for i in beyond {
+            self.lives.remove(&numbers[i]);
+        }
+    }
+
+    /// The oldest draining generation, if any.
+    fn oldest_draining(&self) -> Option<u64> {
+        self.lives.iter().find(|(_, l)| matches!(l.state, State::Draining { .. })).map(|(g, _)| *g)
     }
 
     fn check(&self) -> Result<(), Violation> {
+        let draining = self.lives.values().filter(|l| matches!(l.state, State::Draining { killed: false, .. })).count();
+        if draining > MAX_DRAINING && self.stop_all_at.is_none() {
+            return Err(format!("{draining} generations draining, more than {MAX_DRAINING}"));
+        }
+        let state = |g: Option<u64>| g.and_then(|g| self.lives.get(&g)).map(|l| l.state);
+        if self.serving.is_some() && state(self.serving) != Some(State::Active) {
+            return Err(format!("serving generation {:?} is {:?}", self.serving, state(self.serving)));
+        }
         if !self.core.is_stopping()
             && self.serving.is_none()
             && self.starting.is_none()
@@ -339,14 +390,35 @@ impl World {
             Move::TakeOver => {
                 let Some((generation, _)) = self.starting.take() else { return Ok(()) };
                 if let Some(old) = self.serving.replace(generation) {
-                    self.draining.insert(old, self.now + STOP_TIMEOUT);
+                    self.drain(old);
                 }
+                let at = self.at();
+                self.lives.get_mut(&generation).expect("starting is alive").activate(at);
                 let done = RestartDone { generation, pid: 1000 + generation as u32, ready_ms: 1, replaced: None };
                 self.feed(Input::TookOver { response: Response::Restarted(done) })?;
             }
             Move::FailStart => {
+                // It exited before READY=1.
                 let Some((generation, _)) = self.starting.take() else { return Ok(()) };
+                self.lives.remove(&generation);
                 self.fail_start(generation)?;
+            }
+            Move::Ping => {
+                let at = self.at();
+                if let Some(life) = self.serving.and_then(|g| self.lives.get_mut(&g)) {
+                    life.ping(at);
+                }
+            }
+            Move::Extend(ms) => {
+                let (at, now) = (self.at(), self.now);
+                // Extended once at most by its ready timeout (so that the
+                // callers' deadline of invariant 3 holds).
+                if let Some((g, spawned)) = self.starting
+                    && now - spawned < READY_TIMEOUT
+                    && let Some(life) = self.lives.get_mut(&g)
+                {
+                    life.extend(at, ms.min(READY_TIMEOUT.as_millis() as u64) * 1000);
+                }
             }
             Move::StaleFail => {
                 let generation = self.last_spawned.saturating_sub(1);
@@ -357,9 +429,11 @@ impl World {
                 self.feed(Input::StartFailed { generation, serving: self.serving.is_some(), response })?;
             }
             Move::Crash => {
-                if self.serving.take().is_none() || self.core.is_stopping() {
+                if self.core.is_stopping() {
                     return Ok(());
                 }
+                let Some(g) = self.serving.take() else { return Ok(()) };
+                self.lives.remove(&g);
                 self.failures.push(self.now);
                 self.feed(Input::ServingLost(Lost::Crashed))?;
             }
@@ -367,24 +441,27 @@ impl World {
                 if self.core.is_stopping() {
                     return Ok(());
                 }
-                let Some(g) = self.serving.take() else { return Ok(()) };
-                self.draining.insert(g, self.now + STOP_TIMEOUT);
-                let lost = if m == Move::Hang {
-                    self.failures.push(self.now);
-                    Lost::Hung
-                } else {
-                    Lost::Stopping
-                };
-                self.feed(Input::ServingLost(lost))?;
+                self.serving_lost(if m == Move::Hang { Lost::Hung } else { Lost::Stopping })?;
             }
             Move::DrainExit => {
-                let Some(&g) = self.draining.keys().next() else { return Ok(()) };
-                self.draining.remove(&g);
+                let Some(g) = self.oldest_draining() else { return Ok(()) };
+                self.lives.remove(&g);
                 self.exited()?;
             }
             Move::Advance(ms) => self.advance(self.now + Duration::from_millis(ms))?,
         }
         Ok(())
+    }
+
+    /// The serving generation hangs (the watchdog: SIGABRT) or says
+    /// `STOPPING=1`: it drains.
+    fn serving_lost(&mut self, lost: Lost) -> Result<(), Violation> {
+        let Some(g) = self.serving.take() else { return Ok(()) };
+        self.drain(g);
+        if lost == Lost::Hung {
+            self.failures.push(self.now);
+        }
+        self.feed(Input::ServingLost(lost))
     }
 
     /// A generation exited: the shell's `check_stopped`.
@@ -402,22 +479,28 @@ impl World {
             if self.core.has_ended() {
                 return Ok(());
             }
-            let backoff = self.core.next_deadline().map(|at| at - self.base);
-            let ready = self.starting.map(|(_, at)| at);
-            let kill = self.draining.values().min().copied();
-            let next = [backoff, ready, kill].into_iter().flatten().min();
+            let backoff = self.core.next_deadline();
+            let lives = self.lives.values().filter_map(Life::next_deadline);
+            let next = backoff.into_iter().chain(lives).min().map(|at| at - self.base);
             match next {
                 Some(at) if at <= until => {
                     self.now = self.now.max(at);
-                    if ready == Some(at) {
-                        let (generation, _) = self.starting.take().expect("ready deadline of the starting one");
-                        self.fail_start(generation)?;
-                    } else if kill == Some(at) {
-                        let g = *self.draining.iter().find(|(_, k)| **k == at).expect("a kill deadline").0;
-                        self.draining.remove(&g);
-                        self.exited()?;
-                    } else {
-                        self.feed(Input::Tick)?;
+                    let at = self.at();
+                    let due = self.lives.iter().find_map(|(g, l)| l.due(at).map(|d| (*g, d)));
+                    match due {
+                        Some((g, Due::ReadyTimeout | Due::HealthCheckTimeout)) => {
+                            // The shell drains it and reports the failure.
+                            self.starting = None;
+                            self.drain(g);
+                            self.fail_start(g)?;
+                        }
+                        Some((g, Due::Kill)) => {
+                            // SIGKILL: it is gone.
+                            self.lives.remove(&g);
+                            self.exited()?;
+                        }
+                        Some((_, Due::Watchdog)) => self.serving_lost(Lost::Hung)?,
+                        None => self.feed(Input::Tick)?,
                     }
                 }
                 _ => {
@@ -550,6 +633,23 @@ fn simulation_keeps_every_invariant() {
         Some(seed) => campaign(std::iter::once(seed), u64::MAX),
         None => campaign(0.., var("BATON_SIM_EVENTS").unwrap_or(CI_EVENTS)),
     }
+}
+
+/// Found by this simulation (seed 3 with the limit enforced at cutovers
+/// only, as the shell did): the serving generation's `STOPPING=1` drained
+/// it beyond `--max-draining` (3 draining, limit 2) until the next cutover.
+/// The shell now enforces the limit after every drain but a stop's.
+#[test]
+fn regression_stopping_1_beyond_the_draining_limit() {
+    let moves = [
+        Move::TakeOver,
+        Move::Restart { wait: true },
+        Move::Restart { wait: true },
+        Move::TakeOver,
+        Move::TakeOver,
+        Move::SelfStop,
+    ];
+    replay(&moves).unwrap();
 }
 
 #[test]

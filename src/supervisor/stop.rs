@@ -41,7 +41,7 @@ impl Supervisor {
         let stop_signal = self.cfg.policy.stop_signal;
         for g in &mut self.generations {
             // Draining ones were asked already (and have no health check).
-            if !matches!(g.state, State::Draining { .. }) {
+            if !matches!(g.life.state, State::Draining { .. }) {
                 let _ = g.drain(Some(stop_signal), kill_at);
             }
         }

@@ -19,19 +19,7 @@ impl Supervisor {
         if let RestartReset::Due { at, .. } = self.restart_reset {
             next = next.min(at);
         }
-        for g in &self.generations {
-            match g.state {
-                State::Starting | State::HealthCheck { .. } => next = next.min(g.start_deadline),
-                State::Draining { kill_at, killed: false } => next = next.min(kill_at),
-                State::Active => {
-                    if let Some(w) = g.watchdog {
-                        next = next.min(after(g.last_ping, w));
-                    }
-                }
-                State::Draining { killed: true, .. } => {}
-            }
-        }
-        next
+        self.generations.iter().filter_map(|g| g.life.next_deadline()).fold(next, Instant::min)
     }
 
     pub(super) fn on_timers(&mut self) {
@@ -50,16 +38,14 @@ impl Supervisor {
         }
         let mut failed = None;
         let mut watchdog = Vec::new();
+        let timeout = self.cfg.policy.ready_timeout;
         for g in &mut self.generations {
-            match g.state {
-                State::Starting if g.start_deadline <= now => {
-                    failed = Some((g.number, StartFailure::NoReady { timeout: self.cfg.policy.ready_timeout }));
+            match g.life.due(now) {
+                Some(Due::ReadyTimeout) => failed = Some((g.number, StartFailure::NoReady { timeout })),
+                Some(Due::HealthCheckTimeout) => {
+                    failed = Some((g.number, StartFailure::HealthCheckTimedOut { timeout }))
                 }
-                State::HealthCheck { .. } if g.start_deadline <= now => {
-                    let timeout = self.cfg.policy.ready_timeout;
-                    failed = Some((g.number, StartFailure::HealthCheckTimedOut { timeout }));
-                }
-                State::Draining { kill_at, killed: false } if kill_at <= now => {
+                Some(Due::Kill) => {
                     tracing::warn!(
                         event = "forced-kill",
                         generation = g.number,
@@ -68,8 +54,8 @@ impl Supervisor {
                     );
                     g.force_kill();
                 }
-                State::Active if g.watchdog.is_some_and(|w| after(g.last_ping, w) <= now) => watchdog.push(g.number),
-                _ => {}
+                Some(Due::Watchdog) => watchdog.push(g.number),
+                None => {}
             }
         }
         if let Some((number, reason)) = failed {
