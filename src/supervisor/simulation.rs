@@ -2,16 +2,19 @@
 //! but legal inputs and checks invariants after every step.
 //!
 //! The driver plays the shell and the world: a small model of the
-//! generations (the one starting, the one serving, those draining, with
-//! their deadlines) answers the core's actions the way
+//! generations (the one starting, the one serving, those draining), each
+//! with its [`Life`] — the shell's own pure lifecycle code: deadlines, what
+//! is due, the draining limit — answers the core's actions the way
 //! [`Supervisor`](super::Supervisor) does — a spawn starts a generation, a
 //! stop drains them all, a crash-loop verdict kills them — and makes things
 //! happen in any order: restart and stop requests (waiting or not, many at
 //! once), a start that takes over or fails (exit before READY=1, failed
 //! health check) at any moment, a stale failure report for a generation
-//! that is no longer starting, the serving generation crashing, hanging
-//! (watchdog) or sending `STOPPING=1`, draining generations exiting, and
-//! time passing (ready timeouts, stop deadlines, the backoff).
+//! that is no longer starting, the serving generation crashing, hanging,
+//! pinging the watchdog (or not: even generations have one) or sending
+//! `STOPPING=1`, `EXTEND_TIMEOUT_USEC=` while starting, draining
+//! generations exiting, and time passing (ready timeouts, stop deadlines,
+//! the watchdog, the backoff).
 //!
 //! Invariants, checked after every input:
 //!
@@ -29,6 +32,13 @@
 //!    generation numbers strictly increasing, one stop only.
 //! 5. **The crash-loop verdict** comes only after more than `burst`
 //!    failures within `interval`.
+//! 6. **At most `--max-draining` draining** (not yet killed), outside a
+//!    stop (which asks every generation to drain, each with its full stop
+//!    timeout); the serving generation is `Active`.
+//!
+//! Not modelled yet (still shell-only decisions, see [`Core`]): notify
+//! attribution, the health check's own process, connections and the fd
+//! store, `baton upgrade`.
 //!
 //! `cargo test -p baton --lib simulation` runs [`CI_EVENTS`] inputs across
 //! seeds and prints the count and inputs per second. A long campaign:
