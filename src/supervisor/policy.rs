@@ -5,7 +5,10 @@
 //! it ([`crate::cli::RunArgs::policy`]), the supervisor reads it, and
 //! `baton upgrade` carries it to the next image as it is (serde, inside
 //! [`crate::upgrade::SupervisorState`]). A new knob is a field here and an
-//! option in the CLI; nothing else has to mirror it.
+//! option in the CLI; nothing else has to mirror it. Give it
+//! `#[serde(default)]` (with the default that matches what Batons without
+//! it did): states written by the previous release lack it, and a state
+//! written for one (format 1, see [`crate::upgrade::format_v1`]) drops it.
 
 use std::time::Duration;
 
