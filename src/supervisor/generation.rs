@@ -55,10 +55,13 @@ impl Generation {
         self.main_pid() == pid
     }
 
-    /// Whether `pid` is its health check (Baton's child too: see
+    /// The pid of its health check while it runs (Baton's child too: see
     /// [`is_main`](Self::is_main)).
-    pub(super) fn is_health_check(&self, pid: u32) -> bool {
-        self.life.state == State::HealthCheck { pid } && self.health.is_some()
+    pub(super) fn health_check_pid(&self) -> Option<u32> {
+        match self.life.state {
+            State::HealthCheck { pid } if self.health.is_some() => Some(pid),
+            _ => None,
+        }
     }
 
     /// Asks it to drain and exit: `signal` to its process group (`None`

@@ -148,19 +148,83 @@ impl Supervisor {
 
     /// Which generation a notify sender belongs to, per `NotifyAccess`.
     pub(super) fn attribute(&self, pid: u32) -> Option<usize> {
-        if let Some(i) = self.generations.iter().position(|g| g.is_main(pid)) {
-            return Some(i);
+        let candidates: Vec<Candidate> = self
+            .generations
+            .iter()
+            .map(|g| Candidate { main_pid: g.main_pid(), health_check: g.health_check_pid() })
+            .collect();
+        // Members of the leader's process group that also descend from it:
+        // anyone in Baton's session can join the group (see crate::lineage).
+        let descends = |i: usize| {
+            let g = &self.generations[i];
+            g.child.is_running() && lineage::belongs_to(pid, g.child.pid)
+        };
+        attribute(self.cfg.policy.notify_access, pid, &candidates, descends)
+    }
+}
+
+/// What attribution knows of a generation.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Candidate {
+    /// Its main process now ([`Generation::main_pid`]).
+    pub(super) main_pid: u32,
+    /// Its running health check, if any.
+    pub(super) health_check: Option<u32>,
+}
+
+/// The generation (index into `candidates`) that `pid` may notify for,
+/// like systemd's `service_notify_message_authorized()`: its main process
+/// always; its health check with `exec` or `all` (systemd's control
+/// process); with `all`, also a process that `descends(i)` from generation
+/// `i`'s leader (the only check that needs the system: asked last, and only
+/// then). Pure otherwise.
+pub(super) fn attribute(
+    access: NotifyAccess,
+    pid: u32,
+    candidates: &[Candidate],
+    descends: impl FnMut(usize) -> bool,
+) -> Option<usize> {
+    if let Some(i) = candidates.iter().position(|c| c.main_pid == pid) {
+        return Some(i);
+    }
+    let health_check = || candidates.iter().position(|c| c.health_check == Some(pid));
+    match access {
+        NotifyAccess::Main => None,
+        NotifyAccess::Exec => health_check(),
+        NotifyAccess::All => health_check().or_else(|| {
+            (0..candidates.len()).find_map({
+                let mut descends = descends;
+                move |i| descends(i).then_some(i)
+            })
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GENERATIONS: [Candidate; 2] =
+        [Candidate { main_pid: 10, health_check: None }, Candidate { main_pid: 20, health_check: Some(21) }];
+
+    #[test]
+    fn the_main_process_always_notifies() {
+        for access in [NotifyAccess::Main, NotifyAccess::Exec, NotifyAccess::All] {
+            assert_eq!(attribute(access, 20, &GENERATIONS, |_| panic!("no lineage check needed")), Some(1));
         }
-        let health_check = || self.generations.iter().position(|g| g.is_health_check(pid));
-        match self.cfg.policy.notify_access {
-            NotifyAccess::Main => None,
-            NotifyAccess::Exec => health_check(),
-            // Members of the leader's process group that also descend from
-            // it: anyone in Baton's session can join the group (see
-            // crate::lineage).
-            NotifyAccess::All => health_check().or_else(|| {
-                self.generations.iter().position(|g| g.child.is_running() && lineage::belongs_to(pid, g.child.pid))
-            }),
-        }
+    }
+
+    #[test]
+    fn the_health_check_needs_exec_or_all() {
+        assert_eq!(attribute(NotifyAccess::Main, 21, &GENERATIONS, |_| true), None);
+        assert_eq!(attribute(NotifyAccess::Exec, 21, &GENERATIONS, |_| true), Some(1));
+        assert_eq!(attribute(NotifyAccess::All, 21, &GENERATIONS, |_| panic!("found before")), Some(1));
+    }
+
+    #[test]
+    fn descendants_need_all_and_strangers_are_refused() {
+        assert_eq!(attribute(NotifyAccess::Exec, 11, &GENERATIONS, |_| true), None);
+        assert_eq!(attribute(NotifyAccess::All, 11, &GENERATIONS, |i| i == 0), Some(0));
+        assert_eq!(attribute(NotifyAccess::All, 99, &GENERATIONS, |_| false), None);
     }
 }
