@@ -1,65 +1,17 @@
-//! Deterministic simulation of the [`Core`]: a seeded driver feeds it random
-//! but legal inputs and checks invariants after every step.
-//!
-//! The driver plays the shell and the world: a small model of the
-//! generations (the one starting, the one serving, those draining), each
-//! with its [`Life`] — the shell's own pure lifecycle code: deadlines, what
-//! is due, the draining limit — answers the core's actions the way
-//! [`Supervisor`](super::Supervisor) does — a spawn starts a generation, a
-//! stop drains them all, a crash-loop verdict kills them — and makes things
-//! happen in any order: restart and stop requests (waiting or not, many at
-//! once), a start that takes over or fails (exit before READY=1, failed
-//! health check) at any moment, a stale failure report for a generation
-//! that is no longer starting, the serving generation crashing, hanging,
-//! pinging the watchdog (or not: even generations have one) or sending
-//! `STOPPING=1`, `EXTEND_TIMEOUT_USEC=` while starting, draining
-//! generations exiting, and time passing (ready timeouts, stop deadlines,
-//! the watchdog, the backoff).
-//!
-//! Invariants, checked after every input:
-//!
-//! 1. **Someone serves or is on the way.** Until a stop, some generation is
-//!    serving, or one is starting, or a replacement is scheduled (the
-//!    backoff): the phase never wedges with nothing serving.
-//! 2. **Exactly one answer per caller.** Every waiting caller gets one
-//!    answer, never two, and none is answered that never asked; at the end
-//!    of a run (everything stopped) none is left waiting.
-//! 3. **Within its deadline.** A restart's caller is answered within two
-//!    ready timeouts of simulated time (its own restart, and the one it may
-//!    have queued behind); a stop's within the stop timeout once every
-//!    generation was asked to drain.
-//! 4. **Nothing spawned once stopping**, at most one generation starting,
-//!    generation numbers strictly increasing, one stop only.
-//! 5. **The crash-loop verdict** comes only after more than `burst`
-//!    failures within `interval`.
-//! 6. **At most `--max-draining` draining** (not yet killed), outside a
-//!    stop (which asks every generation to drain, each with its full stop
-//!    timeout); the serving generation is `Active`.
-//!
-//! Not modelled yet (still shell-only decisions, see [`Core`]): notify
-//! attribution, the health check's own process, connections and the fd
-//! store, `baton upgrade`.
-//!
-//! `cargo test -p baton --lib simulation` runs [`CI_EVENTS`] inputs across
-//! seeds and prints the count and inputs per second. A long campaign:
-//! `BATON_SIM_EVENTS=100000000 cargo test --release -p baton --lib
-//! simulation -- --nocapture`; `BATON_SIM_SEED=N` runs one seed. A failing
-//! seed prints its shrunk trace of moves, which [`replay`] runs again: it
-//! becomes a regression test below.
+//! The simulation's world: the generations around the core, modelled the
+//! way the shell keeps them, and the invariants checked after each input
+//! (listed in [`super`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use super::Ended;
-use super::core::{Action, Core, Counters, Input, Lost, Token};
-use super::lifecycle::{Due, Life, State, over_draining_limit};
-use super::policy::Backoff;
+use super::Move;
 use crate::control::{Response, RestartDone, RestartFailure};
+use crate::supervisor::Ended;
+use crate::supervisor::core::{Action, Core, Counters, Input, Lost, Token};
+use crate::supervisor::lifecycle::{Due, Life, State, over_draining_limit};
+use crate::supervisor::policy::Backoff;
 
-/// Inputs a plain `cargo test` feeds across seeds.
-pub(super) const CI_EVENTS: u64 = 1_000_000;
-/// Moves per seed.
-const MOVES_PER_SEED: usize = 2_000;
 /// The model's ready timeout and stop timeout (the shell enforces them).
 const READY_TIMEOUT: Duration = Duration::from_secs(5);
 const STOP_TIMEOUT: Duration = Duration::from_secs(3);
@@ -68,121 +20,39 @@ const WATCHDOG: Duration = Duration::from_secs(4);
 /// `--max-draining`.
 const MAX_DRAINING: usize = 2;
 
-/// splitmix64: small, seedable, good enough to pick moves.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-/// One thing the world does; a move that does not apply now (a crash with
-/// nothing serving) is skipped, so any list of moves is a legal run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Move {
-    Restart {
-        wait: bool,
-    },
-    Stop {
-        wait: bool,
-    },
-    /// The starting generation sends READY=1 (and passes its health check).
-    TakeOver,
-    /// The starting generation exits before READY=1 (or fails its check).
-    FailStart,
-    /// A failure report for a generation that is not starting (any more).
-    StaleFail,
-    Crash,
-    Hang,
-    SelfStop,
-    /// The oldest draining generation exits.
-    DrainExit,
-    /// The serving generation sends `WATCHDOG=1`.
-    Ping,
-    /// The starting generation sends `EXTEND_TIMEOUT_USEC=` (ms).
-    Extend(u64),
-    /// Time passes, in ms.
-    Advance(u64),
-}
-
-/// A move that applies to `w` as it is (mostly: a few are left to be
-/// skipped, which is legal too). Stops and crashes are rare enough that a
-/// run goes through many restarts before it ends.
-fn random_move(rng: &mut Rng, w: &World) -> Move {
-    loop {
-        let m = match rng.below(1000) {
-            0..200 => Move::Restart { wait: rng.below(3) != 0 },
-            200..201 => Move::Stop { wait: rng.below(2) == 0 },
-            201..430 => Move::TakeOver,
-            430..490 => Move::FailStart,
-            490..500 => Move::StaleFail,
-            500..515 => Move::Crash,
-            515..522 => Move::Hang,
-            522..540 => Move::SelfStop,
-            540..700 => Move::DrainExit,
-            700..740 => Move::Ping,
-            740..760 => Move::Extend(rng.below(8_000)),
-            _ => Move::Advance(match rng.below(4) {
-                0 => rng.below(10),
-                1 => rng.below(500),
-                2 => rng.below(5_000),
-                _ => rng.below(40_000),
-            }),
-        };
-        let applies = match m {
-            Move::TakeOver | Move::FailStart | Move::Extend(_) => w.starting.is_some(),
-            Move::Crash | Move::Hang | Move::SelfStop | Move::Ping => w.serving.is_some(),
-            Move::DrainExit => w.oldest_draining().is_some(),
-            _ => true,
-        };
-        if applies || rng.below(20) == 0 {
-            return m;
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Asked {
+pub(super) enum Asked {
     Restart,
     Stop,
 }
 
 /// The world around the core, and what the invariants need to remember.
-struct World {
-    core: Core,
-    backoff: Backoff,
-    base: Instant,
-    now: Duration,
+pub(super) struct World {
+    pub(super) core: Core,
+    pub(super) backoff: Backoff,
+    pub(super) base: Instant,
+    pub(super) now: Duration,
     /// The generation starting, and when it was spawned.
-    starting: Option<(u64, Duration)>,
-    serving: Option<u64>,
+    pub(super) starting: Option<(u64, Duration)>,
+    pub(super) serving: Option<u64>,
     /// Every live generation's state and deadlines, as the shell keeps
     /// them ([`Life`]: the same pure code).
-    lives: BTreeMap<u64, Life>,
-    last_spawned: u64,
-    stop_all_at: Option<Duration>,
-    next_token: u64,
+    pub(super) lives: BTreeMap<u64, Life>,
+    pub(super) last_spawned: u64,
+    pub(super) stop_all_at: Option<Duration>,
+    pub(super) next_token: u64,
     /// Callers waiting: what they asked, when.
-    waiting: BTreeMap<Token, (Asked, Duration)>,
-    answered: BTreeSet<Token>,
+    pub(super) waiting: BTreeMap<Token, (Asked, Duration)>,
+    pub(super) answered: BTreeSet<Token>,
     /// Failures the core must have counted (for the crash-loop check).
-    failures: Vec<Duration>,
-    events: u64,
+    pub(super) failures: Vec<Duration>,
+    pub(super) events: u64,
 }
 
-type Violation = String;
+pub(super) type Violation = String;
 
 impl World {
-    fn new() -> World {
+    pub(super) fn new() -> World {
         let backoff = Backoff {
             initial: Duration::from_millis(100),
             max: Duration::from_secs(2),
@@ -207,11 +77,11 @@ impl World {
         }
     }
 
-    fn at(&self) -> Instant {
+    pub(super) fn at(&self) -> Instant {
         self.base + self.now
     }
 
-    fn token(&mut self, wait: bool, asked: Asked) -> Option<Token> {
+    pub(super) fn token(&mut self, wait: bool, asked: Asked) -> Option<Token> {
         if !wait {
             return None;
         }
@@ -221,7 +91,7 @@ impl World {
         Some(t)
     }
 
-    fn feed(&mut self, input: Input) -> Result<(), Violation> {
+    pub(super) fn feed(&mut self, input: Input) -> Result<(), Violation> {
         let stopping_before = self.core.is_stopping();
         let kind = match &input {
             Input::RestartRequested { .. } => "RestartRequested",
@@ -238,7 +108,7 @@ impl World {
         self.check()
     }
 
-    fn apply(&mut self, actions: Vec<Action>, stopping_before: bool) -> Result<(), Violation> {
+    pub(super) fn apply(&mut self, actions: Vec<Action>, stopping_before: bool) -> Result<(), Violation> {
         for action in actions {
             match action {
                 Action::Spawn { generation, .. } => {
@@ -315,13 +185,13 @@ impl World {
         Ok(())
     }
 
-    fn nothing_left(&self) -> bool {
+    pub(super) fn nothing_left(&self) -> bool {
         self.lives.is_empty()
     }
 
     /// The shell's `Generation::drain`: SIGKILL at the stop deadline; and
     /// its draining limit, except in a stop (which drains them all).
-    fn drain(&mut self, g: u64) {
+    pub(super) fn drain(&mut self, g: u64) {
         let kill_at = self.at() + STOP_TIMEOUT;
         if let Some(life) = self.lives.get_mut(&g) {
             life.drain(kill_at);
@@ -334,7 +204,7 @@ impl World {
     /// The shell's `enforce_draining_limit`: the oldest beyond it get
     /// SIGKILL (and are gone: a stop is never waiting for them alone, as
     /// some generation drains or serves after every drain).
-    fn enforce_draining_limit(&mut self) {
+    pub(super) fn enforce_draining_limit(&mut self) {
         let numbers: Vec<u64> = self.lives.keys().copied().collect();
         let beyond = over_draining_limit(self.lives.values().map(|l| &l.state), MAX_DRAINING);
         for i in beyond {
@@ -343,11 +213,11 @@ impl World {
     }
 
     /// The oldest draining generation, if any.
-    fn oldest_draining(&self) -> Option<u64> {
+    pub(super) fn oldest_draining(&self) -> Option<u64> {
         self.lives.iter().find(|(_, l)| matches!(l.state, State::Draining { .. })).map(|(g, _)| *g)
     }
 
-    fn check(&self) -> Result<(), Violation> {
+    pub(super) fn check(&self) -> Result<(), Violation> {
         let draining = self.lives.values().filter(|l| matches!(l.state, State::Draining { killed: false, .. })).count();
         if draining > MAX_DRAINING && self.stop_all_at.is_none() {
             return Err(format!("{draining} generations draining, more than {MAX_DRAINING}"));
@@ -370,7 +240,7 @@ impl World {
     }
 
     /// The shell's response to a start that did not take over.
-    fn fail_start(&mut self, generation: u64) -> Result<(), Violation> {
+    pub(super) fn fail_start(&mut self, generation: u64) -> Result<(), Violation> {
         let serving = self.serving.is_some();
         self.failures.push(self.now);
         let response = Response::RestartFailed(RestartFailure {
@@ -384,7 +254,7 @@ impl World {
         self.feed(Input::StartFailed { generation, serving, response })
     }
 
-    fn step(&mut self, m: Move) -> Result<(), Violation> {
+    pub(super) fn step(&mut self, m: Move) -> Result<(), Violation> {
         if self.core.has_ended() {
             return Ok(());
         }
@@ -465,7 +335,7 @@ impl World {
 
     /// The serving generation hangs (the watchdog: SIGABRT) or says
     /// `STOPPING=1`: it drains.
-    fn serving_lost(&mut self, lost: Lost) -> Result<(), Violation> {
+    pub(super) fn serving_lost(&mut self, lost: Lost) -> Result<(), Violation> {
         let Some(g) = self.serving.take() else { return Ok(()) };
         self.drain(g);
         if lost == Lost::Hung {
@@ -475,7 +345,7 @@ impl World {
     }
 
     /// A generation exited: the shell's `check_stopped`.
-    fn exited(&mut self) -> Result<(), Violation> {
+    pub(super) fn exited(&mut self) -> Result<(), Violation> {
         if self.nothing_left() && self.core.is_stopping() && !self.core.has_ended() {
             self.feed(Input::AllGone)?;
         }
@@ -484,7 +354,7 @@ impl World {
 
     /// Moves time to `until`, handling every deadline on the way in order,
     /// like the shell's timers.
-    fn advance(&mut self, until: Duration) -> Result<(), Violation> {
+    pub(super) fn advance(&mut self, until: Duration) -> Result<(), Violation> {
         loop {
             if self.core.has_ended() {
                 return Ok(());
@@ -523,7 +393,7 @@ impl World {
 
     /// Stops everything and lets every deadline pass: the run must end,
     /// with no caller left waiting.
-    fn finish(&mut self) -> Result<(), Violation> {
+    pub(super) fn finish(&mut self) -> Result<(), Violation> {
         if !self.core.has_ended() {
             let waiter = self.token(true, Asked::Stop);
             self.feed(Input::StopRequested { waiter })?;
@@ -540,163 +410,4 @@ impl World {
             None => Err("ended without a verdict".into()),
         }
     }
-}
-
-/// Runs `moves` from a fresh start; `Err` names the violated invariant.
-pub(super) fn replay(moves: &[Move]) -> Result<u64, Violation> {
-    let mut w = World::new();
-    let actions = w.core.start();
-    w.apply(actions, false)?;
-    for (i, m) in moves.iter().enumerate() {
-        w.step(*m).map_err(|e| format!("move {i} ({m:?}): {e}"))?;
-    }
-    w.finish().map_err(|e| format!("at the end: {e}"))?;
-    Ok(w.events)
-}
-
-/// Runs seed `seed`, choosing each move for the world as it is; returns
-/// the moves made (for [`replay`] and shrinking) and the outcome.
-fn run_seed(seed: u64) -> (Vec<Move>, Result<u64, Violation>) {
-    let mut rng = Rng(seed);
-    let mut w = World::new();
-    let mut moves = Vec::with_capacity(MOVES_PER_SEED);
-    let actions = w.core.start();
-    if let Err(e) = w.apply(actions, false) {
-        return (moves, Err(e));
-    }
-    for i in 0..MOVES_PER_SEED {
-        if w.core.has_ended() {
-            break;
-        }
-        let m = random_move(&mut rng, &w);
-        moves.push(m);
-        if let Err(e) = w.step(m) {
-            return (moves, Err(format!("move {i} ({m:?}): {e}")));
-        }
-    }
-    let outcome = w.finish().map(|()| w.events).map_err(|e| format!("at the end: {e}"));
-    (moves, outcome)
-}
-
-/// The moves of `seed` (for the shrinking test).
-fn moves_of(seed: u64) -> Vec<Move> {
-    run_seed(seed).0
-}
-
-/// The shortest sub-list of `moves` that still fails (greedy: drop chunks,
-/// then single moves, while it still fails).
-fn shrink(moves: Vec<Move>) -> Vec<Move> {
-    shrink_by(moves, &|m: &[Move]| replay(m).is_err())
-}
-
-fn shrink_by(mut moves: Vec<Move>, fails: &dyn Fn(&[Move]) -> bool) -> Vec<Move> {
-    let mut chunk = moves.len() / 2;
-    while chunk >= 1 {
-        let mut i = 0;
-        while i < moves.len() {
-            let mut candidate = moves.clone();
-            candidate.drain(i..(i + chunk).min(moves.len()));
-            if fails(&candidate) {
-                moves = candidate;
-            } else {
-                i += chunk;
-            }
-        }
-        chunk /= 2;
-    }
-    moves
-}
-
-fn campaign(seeds: impl Iterator<Item = u64>, budget: u64) {
-    let started = Instant::now();
-    let mut events = 0;
-    let mut ran = 0;
-    for seed in seeds {
-        if events >= budget {
-            break;
-        }
-        let (moves, outcome) = run_seed(seed);
-        match outcome {
-            Ok(n) => events += n,
-            Err(e) => {
-                let trace = shrink(moves);
-                panic!(
-                    "seed {seed}: {e}\nshrunk to {} moves: {trace:?}\nreplayed: {:?}",
-                    trace.len(),
-                    replay(&trace).err()
-                );
-            }
-        }
-        ran += 1;
-    }
-    let secs = started.elapsed().as_secs_f64();
-    println!(
-        "simulation: {events} core inputs over {ran} seeds in {secs:.2} s ({:.0} inputs/s)",
-        events as f64 / secs.max(1e-9)
-    );
-}
-
-#[test]
-fn simulation_keeps_every_invariant() {
-    let var = |name| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
-    match var("BATON_SIM_SEED") {
-        Some(seed) => campaign(std::iter::once(seed), u64::MAX),
-        None => campaign(0.., var("BATON_SIM_EVENTS").unwrap_or(CI_EVENTS)),
-    }
-}
-
-/// Found by this simulation (seed 3 with the limit enforced at cutovers
-/// only, as the shell did): the serving generation's `STOPPING=1` drained
-/// it beyond `--max-draining` (3 draining, limit 2) until the next cutover.
-/// The shell now enforces the limit after every drain but a stop's.
-#[test]
-fn regression_stopping_1_beyond_the_draining_limit() {
-    let moves = [
-        Move::TakeOver,
-        Move::Restart { wait: true },
-        Move::Restart { wait: true },
-        Move::TakeOver,
-        Move::TakeOver,
-        Move::SelfStop,
-    ];
-    replay(&moves).unwrap();
-}
-
-#[test]
-fn the_trace_of_a_restart_storm_replays() {
-    // Queued restarts behind one that fails, a stop in the middle.
-    let moves = [
-        Move::TakeOver,
-        Move::Restart { wait: true },
-        Move::Restart { wait: true },
-        Move::Restart { wait: false },
-        Move::FailStart,
-        Move::Stop { wait: true },
-        Move::DrainExit,
-    ];
-    assert!(replay(&moves).is_ok_and(|n| n > 5));
-}
-
-#[test]
-fn the_invariants_can_fail() {
-    // A world that lost its starting generation without telling the core:
-    // nothing serves, nothing starts, nothing is scheduled.
-    let mut w = World::new();
-    let actions = w.core.start();
-    w.apply(actions, false).unwrap();
-    w.starting = None;
-    assert!(w.check().unwrap_err().contains("nothing serves"));
-    // An answer to a caller that never asked.
-    let bogus = Action::Answer { waiters: vec![Token(99)], response: Response::Stopping };
-    assert!(w.apply(vec![bogus], false).unwrap_err().contains("never asked"));
-}
-
-#[test]
-fn shrinking_keeps_a_failure_and_drops_the_rest() {
-    // Every run ends with a stop; a trace is only as long as it must be.
-    let failing = |moves: &[Move]| moves.contains(&Move::Hang);
-    let mut moves = moves_of(7);
-    moves.push(Move::Hang);
-    let shrunk = shrink_by(moves, &failing);
-    assert_eq!(shrunk, [Move::Hang]);
 }
