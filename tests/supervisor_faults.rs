@@ -56,12 +56,6 @@ fn baton_bin() -> &'static str {
     env!("CARGO_BIN_EXE_baton")
 }
 
-/// `CLOCK_MONOTONIC` in µs, the clock of the probe's `--timestamps`.
-fn mono_us() -> u64 {
-    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
-    t.tv_sec as u64 * 1_000_000 + t.tv_nsec as u64 / 1_000
-}
-
 /// Whether `pid` is a live process (a zombie counts as gone: Baton reaps its
 /// children, so a zombie is only a moment away from disappearing).
 fn alive(pid: u32) -> bool {
@@ -937,7 +931,7 @@ fn killed_generation_is_replaced_with_backoff_and_the_socket_stays_open() {
 
     // The first replacements fail before READY=1, making a long gap.
     std::fs::write(&fail, "").unwrap();
-    let killed_at = mono_us();
+    let killed_at = baton_sd::monotonic_usec();
     signal(pid1, Signal::KILL);
     wait_gone(pid1, "the killed generation");
 
@@ -947,7 +941,7 @@ fn killed_generation_is_replaced_with_backoff_and_the_socket_stays_open() {
     let port = b.port;
     let client = std::thread::spawn(move || {
         let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect during the gap: {e}"))?;
-        let _ = tx.send(mono_us());
+        let _ = tx.send(baton_sd::monotonic_usec());
         s.set_read_timeout(Some(WAIT)).unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).map_err(|e| format!("read: {e}"))?;
