@@ -737,6 +737,8 @@ mod tests {
         assert!(parse_whole_ms_duration("0.5ms").unwrap_err().contains("whole number of milliseconds"));
         assert!(parse_whole_ms_duration("3 days").unwrap_err().contains("unknown unit"));
         assert!(parse_whole_ms_duration("soon").is_err());
+        // `baton run`'s limit: a unit must not carry what it would refuse.
+        assert!(parse_whole_ms_duration("8761h").unwrap_err().contains("the maximum is 8760h"));
         assert_eq!(format_duration(Duration::from_secs(45)), "45s");
         assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
     }
