@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 use baton::control::{Response, Status};
 use baton_testbed::baton::{Baton, BatonBuilder, WAIT, cli_at};
 use baton_testbed::expect_success as ok;
+use baton_testbed::httpd::{Served, healthz};
 use baton_testbed::load::{Load, LoadConfig, LoadReport, Mode};
 use baton_testbed::probe::{ProbeClients, ask};
 use baton_testbed::{cargo_bin, poll_until};
@@ -175,7 +176,7 @@ trait FaultSuite {
 
 impl FaultSuite for Baton {
     fn http(&self) -> Served {
-        http_get(self.port()).unwrap_or_else(|e| panic!("GET /healthz: {e}\nlog:\n{}", self.log()))
+        healthz(self.port()).unwrap_or_else(|e| panic!("GET /healthz: {e}\nlog:\n{}", self.log()))
     }
 
     fn cpu(&self) -> Duration {
@@ -250,38 +251,6 @@ fn assert_all_served(load: ProbeClients, what: &str) {
 
 fn httpd_bin() -> PathBuf {
     cargo_bin("baton-httpd", "baton-httpd")
-}
-
-/// Who answered a request: `baton-httpd`'s `baton-pid` and
-/// `baton-generation` headers.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Served {
-    pid: u32,
-    generation: String,
-}
-
-/// `GET /healthz` on a new connection (`Connection: close`), expecting 200
-/// from `baton-httpd`.
-fn http_get(port: u16) -> Result<Served, String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .map_err(|e| format!("write: {e}"))?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).map_err(|e| format!("read: {e}"))?;
-    let head = out.split("\r\n\r\n").next().unwrap_or("");
-    if !head.starts_with("HTTP/1.1 200") {
-        return Err(format!("not a 200 from baton-httpd: {out:?}"));
-    }
-    let header = |name: &str| {
-        head.lines().find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
-        })
-    };
-    let pid = header("baton-pid").and_then(|p| p.parse().ok()).ok_or_else(|| format!("no baton-pid: {head:?}"))?;
-    let generation = header("baton-generation").ok_or_else(|| format!("no baton-generation: {head:?}"))?;
-    Ok(Served { pid, generation })
 }
 
 /// Continuous load on the app from the shared generator: a keep-alive pool

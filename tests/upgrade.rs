@@ -6,7 +6,7 @@
 //! directory.
 
 use std::ffi::OsString;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use baton::control::{Request, Response};
 use baton_testbed::baton::{Baton, BatonBuilder, WAIT};
 use baton_testbed::expect_success as ok;
+use baton_testbed::httpd::healthz;
 use baton_testbed::load::{Load, LoadConfig, Mode};
 use baton_testbed::probe::ask;
 use baton_testbed::{cargo_bin, poll_until};
@@ -72,22 +73,6 @@ fn wait_settled(b: &Baton, n: u64) {
     b.wait_status(&format!("generation {n} active"), |s| {
         s.generations.iter().any(|g| g.generation == n && g.state == "active") && !s.restarting
     });
-}
-
-/// One HTTP request on a new connection; the `baton-pid` header.
-fn get_pid(port: u16) -> Result<u32, String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).map_err(|e| format!("read: {e}"))?;
-    if !out.starts_with("HTTP/1.1 200") {
-        return Err(format!("bad answer {out:?}"));
-    }
-    out.lines()
-        .find_map(|l| l.to_ascii_lowercase().strip_prefix("baton-pid:").map(|p| p.trim().to_owned()))
-        .and_then(|p| p.parse().ok())
-        .ok_or_else(|| format!("no baton-pid in {out:?}"))
 }
 
 /// Whether `pid` exists (a zombie counts: it is not reaped).
@@ -218,7 +203,7 @@ fn upgrade_under_load_keeps_pid_generation_port_and_fds() {
     assert_eq!((after.generations[0].generation, after.generations[0].pid), (1, gen_pid));
     assert_eq!(after.generations[0].state, "active");
     assert!(!b.exe().ends_with("(deleted)"), "runs the new file: {}", b.exe());
-    assert_eq!(get_pid(b.port()).unwrap(), gen_pid);
+    assert_eq!(healthz(b.port()).unwrap().pid, gen_pid);
     assert_eq!(b.settled_fd_count(), fds_before, "fds before/after the upgrade");
 
     // The adopted store, notify socket and generation tracking work: a
@@ -229,7 +214,7 @@ fn upgrade_under_load_keeps_pid_generation_port_and_fds() {
         .unwrap();
     let gen2 = b.generation_pid(2);
     assert_ne!(gen2, gen_pid);
-    assert_eq!(get_pid(b.port()).unwrap(), gen2);
+    assert_eq!(healthz(b.port()).unwrap().pid, gen2);
     assert!(zombie_children(pid).is_empty());
 }
 
@@ -269,7 +254,7 @@ fn unusable_binaries_are_refused_and_baton_goes_on() {
         assert_eq!((s.pid, s.upgrades), (b.pid(), 0));
         assert_eq!(s.generations.len(), 1);
         assert_eq!(s.generations[0].pid, gen_pid);
-        assert_eq!(get_pid(b.port()).unwrap(), gen_pid);
+        assert_eq!(healthz(b.port()).unwrap().pid, gen_pid);
     }
     assert_eq!(b.settled_fd_count(), fds_before, "a failed exec leaks nothing");
     assert!(zombie_children(b.pid()).is_empty(), "probe processes are reaped");
@@ -291,7 +276,7 @@ fn a_hanging_binary_is_killed_at_the_probe_timeout() {
     let hung: u32 = std::fs::read_to_string(&marker).unwrap().trim().parse().unwrap();
     poll_until("the hung probe killed and reaped", WAIT, || (!exists(hung)).then_some(())).unwrap();
     assert_eq!(b.status().upgrades, 0);
-    assert!(get_pid(b.port()).is_ok());
+    assert!(healthz(b.port()).is_ok());
 }
 
 #[test]
@@ -320,14 +305,14 @@ fn upgrade_during_a_restart_is_busy_and_loses_nothing() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("busy") && stderr.contains("restart is in progress"), "{stderr}");
     // Generation 1 serves meanwhile, and the restart goes through.
-    assert_eq!(get_pid(b.port()).unwrap(), gen1);
+    assert_eq!(healthz(b.port()).unwrap().pid, gen1);
     wait_settled(&b, 2);
     let s = b.status();
     assert_eq!((s.upgrades, s.restarts), (0, 1));
     ok(&b.cli(&["upgrade"]));
     let s = b.status();
     assert_eq!((s.upgrades, s.restarts), (1, 1));
-    assert_eq!(get_pid(b.port()).unwrap(), b.generation_pid(2));
+    assert_eq!(healthz(b.port()).unwrap().pid, b.generation_pid(2));
 }
 
 #[test]
@@ -341,7 +326,7 @@ fn two_upgrades_then_stop_exits_0_without_zombies() {
         let s = b.status();
         assert_eq!(s.upgrades, n);
         assert_eq!(s.binary.as_deref(), Some(env!("CARGO_BIN_EXE_baton")));
-        assert_eq!(get_pid(b.port()).unwrap(), gen1);
+        assert_eq!(healthz(b.port()).unwrap().pid, gen1);
     }
     assert_eq!(b.settled_fd_count(), fds);
     let out = ok(&b.cli(&["stop"]));
@@ -647,7 +632,7 @@ BATON_UPGRADE_STATE=$fd exec {real} "$@""#,
         assert_eq!(s.binary.as_deref(), Some(b.binary().to_str().unwrap()), "{case}");
         assert_eq!(s.generations.len(), 1, "{case}: {s:?}");
         assert_eq!((s.generations[0].pid, s.generations[0].state.as_str()), (gen1, "active"), "{case}");
-        assert_eq!(get_pid(b.port()).unwrap(), gen1, "{case}");
+        assert_eq!(healthz(b.port()).unwrap().pid, gen1, "{case}");
         assert_eq!(b.settled_fd_count(), fds_before, "{case}: fds before/after the way back");
     }
     // Still supervised: a restart cuts over and retires generation 1.
@@ -656,7 +641,7 @@ BATON_UPGRADE_STATE=$fd exec {real} "$@""#,
     poll_until("generation 1 retired", WAIT, || (b.status().generations.len() == 1 && !exists(gen1)).then_some(()))
         .unwrap();
     let gen2 = b.generation_pid(2);
-    assert_eq!(get_pid(b.port()).unwrap(), gen2);
+    assert_eq!(healthz(b.port()).unwrap().pid, gen2);
     assert!(zombie_children(b.pid()).is_empty());
     // And a real upgrade still goes through.
     ok(&b.cli(&["upgrade"]));
@@ -683,7 +668,7 @@ fn a_new_baton_that_rejects_the_old_command_line_still_adopts() {
     assert!(out.contains(&format!("upgraded: pid {}", b.pid())), "{out}");
     let s = b.status();
     assert_eq!((s.upgrades, s.generations.len(), s.generations[0].pid), (1, 1, gen1), "{s:?}");
-    assert_eq!(get_pid(b.port()).unwrap(), gen1);
+    assert_eq!(healthz(b.port()).unwrap().pid, gen1);
     let out = ok(&b.cli(&["restart"]));
     assert!(out.contains("generation 2"), "{out}");
 }

@@ -66,6 +66,7 @@ mod cargo;
 mod cgroup;
 mod cmd;
 mod error;
+pub mod httpd;
 pub mod load;
 pub mod mounts;
 pub mod probe;
