@@ -655,7 +655,8 @@ impl Supervisor {
         }
         let (output_fd, output) = match self.cfg.output {
             OutputMode::Pipe => {
-                let (fd, tail) = crate::output::capture(Arc::clone(&self.output_closed))
+                let identity = crate::journal::Identity::new(self.cfg.command.program(), number);
+                let (fd, tail) = crate::output::capture(Arc::clone(&self.output_closed), identity)
                     .map_err(|e| format!("cannot create the pipe for its output: {e}"))?;
                 (Some(fd), Output::Captured(tail))
             }
@@ -670,6 +671,7 @@ impl Supervisor {
             output: output_fd.as_ref().map(|fd| fd.as_fd()),
         };
         let child = self.cfg.command.spawn(&setup).map_err(|e| e.to_string())?;
+        output.set_pid(child.pid);
         // Only the child (and its descendants) may hold the write end, so
         // the copying task sees end-of-file when they are all gone.
         drop(output_fd);
@@ -1755,6 +1757,7 @@ impl Supervisor {
                 output: g.output.kind(),
                 output_fd: g.output.pipe_fd(),
                 output_lines: g.output.lines(),
+                output_unwritten: g.output.unwritten(),
                 handoff: g.handoff.as_ref().map(|h| h.as_raw_fd()),
                 passed: g.passed.clone(),
             });
@@ -1944,8 +1947,17 @@ impl Supervisor {
             };
             let output = match (g.output, t.output) {
                 (OutputKind::Pipe, Some(fd)) => Output::Captured(
-                    crate::output::adopt(fd, Arc::clone(&output_closed), g.output_lines)
-                        .map_err(io("adopting a generation's output pipe"))?,
+                    crate::output::adopt(
+                        crate::output::Adopted {
+                            read_end: fd,
+                            lines: g.output_lines,
+                            unwritten: g.output_unwritten,
+                            identity: crate::journal::Identity::new(command.program(), g.number),
+                            pid: g.pid,
+                        },
+                        Arc::clone(&output_closed),
+                    )
+                    .map_err(io("adopting a generation's output pipe"))?,
                 ),
                 (OutputKind::Pipe, None) => Output::Captured(crate::output::Tail::finished(g.output_lines)),
                 (OutputKind::None, None) => Output::Inherited,

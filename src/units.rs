@@ -403,6 +403,9 @@ struct Plan<'a> {
     app_exec: String,
     /// Baton's path, quoted for `ExecStart=`.
     baton_exec: String,
+    /// `SyslogIdentifier=` for the supervised service: the file name of the
+    /// app's program, escaped; `None` when a unit file cannot hold it.
+    syslog_identifier: Option<String>,
 }
 
 /// Generates the `.socket` unit(s) and then the `.service` for `args`, for
@@ -443,7 +446,8 @@ fn plan(args: &UnitsArgs, version: u32) -> Result<Plan<'_>, UnitsError> {
     let groups = group_sockets(args)?;
     let app_exec = exec_command(&args.command)?;
     let baton_exec = exec_quote(args.baton.to_str().unwrap_or_default());
-    Ok(Plan { args, header: args.command_line(version), groups, app_exec, baton_exec })
+    let syslog_identifier = syslog_identifier(&args.command);
+    Ok(Plan { args, header: args.command_line(version), groups, app_exec, baton_exec, syslog_identifier })
 }
 
 fn check_name(name: &str) -> Result<(), UnitsError> {
@@ -683,6 +687,16 @@ fn exec_command(command: &[OsString]) -> Result<String, UnitsError> {
     Ok(words.iter().map(|w| exec_quote(w)).collect::<Vec<_>>().join(" "))
 }
 
+/// What systemd would name the app's lines if it ran the program itself
+/// (`SyslogIdentifier=`'s default: the file name of the command's path, as
+/// `src/core/exec-invoke.c` passes it to `connect_logger_as()`), escaped
+/// for the unit file; `None` for a name a unit file cannot hold verbatim.
+fn syslog_identifier(command: &[OsString]) -> Option<String> {
+    let name = Path::new(command.first()?).file_name()?.to_str()?;
+    check_unit_value("program's file name", name).ok()?;
+    Some(escape_specifiers(name))
+}
+
 /// Parses a duration as `baton run` does ([`crate::cli::parse_duration`]:
 /// the unit passes it on to `baton run`, which must accept it), in whole
 /// milliseconds: [`format_duration`] writes no finer unit.
@@ -763,6 +777,21 @@ mod tests {
 
     fn service(argv: &[&str], version: u32) -> String {
         generate(&args(argv), version).unwrap().pop().unwrap().contents
+    }
+
+    #[test]
+    fn supervised_units_name_the_app_in_the_journal() {
+        for version in [252, 257, 262] {
+            let svc = service(&[], version);
+            assert_eq!(svc.matches("\nSyslogIdentifier=app\n").count(), 1, "{version}:\n{svc}");
+            // systemd names a directly run app's lines itself.
+            assert!(!service(&["--direct"], version).contains("SyslogIdentifier="));
+        }
+        let odd = |program: &str| syslog_identifier(&[program.into()]);
+        assert_eq!(odd("/opt/100%/web").as_deref(), Some("web"));
+        assert_eq!(odd("/opt/w%eb").as_deref(), Some("w%%eb"), "a specifier escaped");
+        assert_eq!(odd("/opt/we\\b"), None, "a backslash cannot be written verbatim");
+        assert_eq!(odd("/opt/we\nb"), None);
     }
 
     #[test]

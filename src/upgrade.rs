@@ -468,6 +468,12 @@ pub struct GenerationState {
     pub output_fd: Option<RawFd>,
     /// The last lines it printed.
     pub output_lines: Vec<String>,
+    /// Bytes read from its pipe and not yet written on (a partial line, or
+    /// what journald or Baton's stderr had not taken yet): the next image
+    /// writes them first, so nothing read is lost or written twice.
+    /// Absent in states written before it existed.
+    #[serde(default)]
+    pub output_unwritten: Vec<u8>,
     /// Its handoff connection.
     pub handoff: Option<RawFd>,
     /// Fd-store fds it received at start.

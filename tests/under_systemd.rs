@@ -1122,8 +1122,9 @@ fn stop(b: &Bed) {
 }
 
 /// With stderr on the journal, Baton logs through tracing-journald: its
-/// fields arrive as `F_EVENT`, `F_GENERATION`, `F_PID` (uppercased, with
-/// tracing-journald's default `F_` prefix) next to `MESSAGE`.
+/// fields arrive as `BATON_EVENT`, `BATON_GENERATION`, `BATON_PID`
+/// (uppercased, with the `BATON_` prefix Baton gives tracing-journald) next
+/// to `MESSAGE`.
 fn journal_fields(b: &Bed) {
     b.install_app(&Unit::default());
     b.ok(&["start", APP]);
@@ -1139,15 +1140,15 @@ fn journal_fields(b: &Bed) {
         entries
             .iter()
             .find(|e| {
-                field(e, "F_EVENT").as_deref() == Some(event)
-                    && field(e, "F_GENERATION") == Some(generation.to_string())
+                field(e, "BATON_EVENT").as_deref() == Some(event)
+                    && field(e, "BATON_GENERATION") == Some(generation.to_string())
             })
-            .unwrap_or_else(|| panic!("no F_EVENT={event} F_GENERATION={generation} entry in:\n{}", out.stdout))
+            .unwrap_or_else(|| panic!("no BATON_EVENT={event} BATON_GENERATION={generation} entry in:\n{}", out.stdout))
     };
     for (event, generation, pid) in [("spawned", 1, pid1), ("ready", 1, pid1), ("spawned", 2, pid2), ("ready", 2, pid2)]
     {
         let e = find(event, generation);
-        assert_eq!(field(e, "F_PID"), Some(pid.to_string()), "{e}");
+        assert_eq!(field(e, "BATON_PID"), Some(pid.to_string()), "{e}");
         assert_eq!(field(e, "SYSLOG_IDENTIFIER").as_deref(), Some("baton"), "{e}");
         assert_eq!(field(e, "_PID"), Some(main.clone()), "logged by Baton itself: {e}");
         // tracing-journald maps INFO to 5 (notice), not 6.
@@ -1155,12 +1156,12 @@ fn journal_fields(b: &Bed) {
         assert!(field(e, "MESSAGE").is_some_and(|m| m.starts_with(&format!("generation {generation} "))), "{e}");
     }
     let draining = find("draining", 1);
-    assert_eq!(field(draining, "F_PID"), Some(pid1.to_string()), "{draining}");
+    assert_eq!(field(draining, "BATON_PID"), Some(pid1.to_string()), "{draining}");
     let listening = entries
         .iter()
-        .find(|e| field(e, "F_EVENT").as_deref() == Some("listening"))
+        .find(|e| field(e, "BATON_EVENT").as_deref() == Some("listening"))
         .unwrap_or_else(|| panic!("no listening event:\n{}", out.stdout));
-    assert_eq!(field(listening, "F_NAME").as_deref(), Some("http"), "{listening}");
+    assert_eq!(field(listening, "BATON_NAME").as_deref(), Some("http"), "{listening}");
 }
 
 /// A generation slower than `TimeoutStartSec=`: Baton's EXTEND_TIMEOUT_USEC
