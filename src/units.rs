@@ -114,12 +114,12 @@ pub struct UnitsArgs {
     pub fdstore_preserve: Option<FdStorePreserve>,
     /// Watchdog interval (e.g. 10s): WatchdogSec= in direct mode; in
     /// supervised mode Baton enforces it on each generation.
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = parse_whole_ms_duration)]
     pub watchdog: Option<Duration>,
     /// How long a stopping app may drain (Baton's --stop-timeout; the app's
     /// own drain deadline should be a few seconds shorter, as baton-httpd's
     /// 25 s is below the default 30 s). TimeoutStopSec= is this plus 15 s.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_whole_ms_duration)]
     pub stop_timeout: Duration,
     /// Baton is the main process and `systemctl reload` is an overlapped
     /// restart (the default).
@@ -697,24 +697,15 @@ fn syslog_identifier(command: &[OsString]) -> Option<String> {
     Some(escape_specifiers(name))
 }
 
-/// Parses a duration: a number with an optional unit (`ms`, `s`/`sec`,
-/// `m`/`min`, `h`; none means seconds), in whole milliseconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration (e.g. 500ms, 30s, 2min)"))?;
-    let ms = match unit.trim() {
-        "ms" => n,
-        "" | "s" | "sec" => n * 1e3,
-        "m" | "min" => n * 60e3,
-        "h" => n * 3600e3,
-        other => return Err(format!("unknown unit {other:?} in {s:?}: use ms, s, min or h")),
-    };
-    if ms.fract() != 0.0 || !(0.0..=1e15).contains(&ms) {
-        return Err(format!("{s:?}: give a whole number of milliseconds, at most about 30,000 years"));
+/// Parses a duration as `baton run` does ([`crate::cli::parse_duration`]:
+/// the unit passes it on to `baton run`, which must accept it), in whole
+/// milliseconds: [`format_duration`] writes no finer unit.
+pub fn parse_whole_ms_duration(s: &str) -> Result<Duration, String> {
+    let d = crate::cli::parse_duration(s)?;
+    if d.subsec_nanos() % 1_000_000 != 0 {
+        return Err(format!("{s:?}: give a whole number of milliseconds"));
     }
-    Ok(Duration::from_millis(ms as u64))
+    Ok(d)
 }
 
 /// A duration both systemd and Baton read: `30s`, `1500ms`.
@@ -752,14 +743,16 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("2min"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert!(parse_duration("0.5ms").unwrap_err().contains("whole number of milliseconds"));
-        assert!(parse_duration("3 days").unwrap_err().contains("unknown unit"));
-        assert!(parse_duration("soon").is_err());
+        assert_eq!(parse_whole_ms_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_whole_ms_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_whole_ms_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_whole_ms_duration("2min"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_whole_ms_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_whole_ms_duration("0.5ms").unwrap_err().contains("whole number of milliseconds"));
+        assert!(parse_whole_ms_duration("3 days").unwrap_err().contains("unknown unit"));
+        assert!(parse_whole_ms_duration("soon").is_err());
+        // `baton run`'s limit: a unit must not carry what it would refuse.
+        assert!(parse_whole_ms_duration("8761h").unwrap_err().contains("the maximum is 8760h"));
         assert_eq!(format_duration(Duration::from_secs(45)), "45s");
         assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
     }

@@ -526,10 +526,7 @@ pub fn from_mono(us: u64) -> Instant {
 }
 
 /// `CLOCK_MONOTONIC` now, in microseconds.
-pub fn mono_now_us() -> u64 {
-    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
-    t.tv_sec as u64 * 1_000_000 + t.tv_nsec as u64 / 1000
-}
+pub use baton_sd::monotonic_usec as mono_now_us;
 
 /// `OsString` ↔ bytes, for the JSON state.
 pub fn os_bytes(s: &OsStr) -> Vec<u8> {

@@ -16,10 +16,11 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use baton_testbed::probe::{ProbeClients, ask, read_answer};
 use baton_testbed::{CmdOutput, Flavor, Testbed, cargo_bin, free_loopback_port, skip_unless_root};
 
 /// Generous: the machine is a noisy 2-core box.
@@ -225,65 +226,6 @@ impl Drop for Bed {
     }
 }
 
-/// One request to the probe: it answers `http PID` and closes.
-fn ask(port: u16) -> Result<String, String> {
-    let s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
-    read_answer(s)
-}
-
-fn read_answer(mut s: TcpStream) -> Result<String, String> {
-    s.set_read_timeout(Some(WAIT)).map_err(|e| format!("timeout: {e}"))?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).map_err(|e| format!("read: {e}"))?;
-    if out.is_empty() {
-        return Err("closed without an answer".into());
-    }
-    Ok(out.trim().to_owned())
-}
-
-/// Client threads asking the probe in a loop until stopped.
-struct Load {
-    stop: Arc<AtomicBool>,
-    served: Arc<AtomicU64>,
-    failures: Arc<Mutex<Vec<String>>>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(port: u16, clients: usize) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let served = Arc::new(AtomicU64::new(0));
-        let failures = Arc::new(Mutex::new(Vec::new()));
-        let threads = (0..clients)
-            .map(|_| {
-                let (stop, served, failures) = (stop.clone(), served.clone(), failures.clone());
-                std::thread::spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        match ask(port) {
-                            Ok(a) if a.starts_with("http ") => {
-                                served.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Ok(other) => failures.lock().unwrap().push(format!("unexpected answer {other:?}")),
-                            Err(e) => failures.lock().unwrap().push(e),
-                        }
-                    }
-                })
-            })
-            .collect();
-        Load { stop, served, failures, threads }
-    }
-
-    /// Stops the clients; returns (requests served, failures).
-    fn finish(self) -> (u64, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads {
-            t.join().unwrap();
-        }
-        let failures = std::mem::take(&mut *self.failures.lock().unwrap());
-        (self.served.load(Ordering::Relaxed), failures)
-    }
-}
-
 // ---- scenarios -----------------------------------------------------------
 
 /// `systemctl start` waits for the first generation; `MainPID` is Baton;
@@ -382,7 +324,7 @@ fn reloads_under_load_lose_nothing(b: &Bed) {
     b.install_app(&Unit::default());
     b.ok(&["start", APP]);
     b.wait_serving(b.starts()[0]);
-    let load = Load::start(b.port, 4);
+    let load = ProbeClients::start(b.port, 4, "http ");
     let t0 = Instant::now();
     for n in 2..=6 {
         b.ok(&["reload", APP]);
@@ -421,7 +363,7 @@ fn baton_crash(b: &Bed, kill_mode: &str) {
         assert!(out.stdout.contains("listen/http") && out.stdout.contains("app/state"), "{out}");
     }
 
-    let load = Load::start(b.port, 2);
+    let load = ProbeClients::start(b.port, 2, "http ");
     b.ok(&["kill", "-s", "SIGKILL", "--kill-whom=main", APP]);
     b.wait_for("app.service in auto-restart", || b.show("SubState") == "auto-restart");
     // During the gap (RestartSec=2s) no Baton runs; with KillMode=control-group
