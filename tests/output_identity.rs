@@ -15,10 +15,10 @@
 //!   `BATON_PID=`; piped numbered lines across `baton upgrade`s arrive
 //!   exactly once.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use baton_testbed::baton::BatonBuilder;
 use baton_testbed::{Flavor, Testbed, free_loopback_port, poll_until, skip_unless_root};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -70,62 +70,28 @@ fn assert_complete(lines: &[String], pid: u32) -> usize {
 
 // ---- without systemd ---------------------------------------------------------
 
-struct Local {
-    child: Child,
-    dir: PathBuf,
-    control: PathBuf,
-}
-
-impl Local {
-    fn cli(&self, args: &[&str]) -> std::process::Output {
-        Command::new(env!("CARGO_BIN_EXE_baton"))
-            .args(&args[..1])
-            .arg("--control")
-            .arg(&self.control)
-            .args(&args[1..])
-            .output()
-            .unwrap()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("out")).unwrap_or_default()
-    }
-}
-
-impl Drop for Local {
-    fn drop(&mut self) {
-        baton_testbed::terminate(&mut self.child, WAIT);
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// Baton's stderr is a pipe (the app's lines pass unchanged), full at each
 /// upgrade; Baton's own logs are off so that only the app's lines are there.
 #[test]
 fn upgrade_loses_no_piped_output() {
     let dir = baton_testbed::unique_temp_dir("baton-output", "upgrade_loses_no_piped_output");
-    let control = dir.join("baton.sock");
     let app = dir.join("app");
     std::fs::write(&app, APP).unwrap();
-    let mut out = std::fs::File::create(dir.join("out")).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_baton"))
-        .arg("run")
-        .arg("--control")
-        .arg(&control)
-        .args(["--output", "pipe", "--notify-access", "all", "--"])
-        .arg("/bin/sh")
-        .arg(&app)
+    let out_path = dir.join("out");
+    let mut out = std::fs::File::create(&out_path).unwrap();
+    let mut b = BatonBuilder::new(env!("CARGO_BIN_EXE_baton"), &dir)
+        .no_http_listener()
+        .args(["--output", "pipe", "--notify-access", "all"])
+        .app([std::ffi::OsStr::new("/bin/sh"), app.as_os_str()])
         .env("BATON", env!("CARGO_BIN_EXE_baton"))
         .env("STOP", dir.join("stop"))
         .env("FAIL", dir.join("fail"))
-        .env("BATON_LOG", "error")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .log_level(Some("error"))
+        .stderr_piped()
+        .spawn();
     // The test reads Baton's stderr, and stops reading at each upgrade
     // until the pipe is full: Baton then holds output it cannot write yet.
-    let stderr: std::os::fd::OwnedFd = child.stderr.take().unwrap().into();
+    let stderr: std::os::fd::OwnedFd = b.take_stderr().unwrap().into();
     let queued = stderr.try_clone().unwrap();
     let paused = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reader_paused = std::sync::Arc::clone(&paused);
@@ -144,15 +110,15 @@ fn upgrade_loses_no_piped_output() {
             }
         }
     });
-    let b = Local { child, dir: dir.clone(), control };
+    let log = || std::fs::read_to_string(&out_path).unwrap_or_default();
     let hello = poll_until("the app's hello", WAIT, || {
-        b.log().lines().find_map(|l| l.strip_prefix("hello gen=1 pid=").and_then(|p| p.parse::<u32>().ok()))
+        log().lines().find_map(|l| l.strip_prefix("hello gen=1 pid=").and_then(|p| p.parse::<u32>().ok()))
     })
     .unwrap();
     let t0 = Instant::now();
     let upgrades = 5;
     for k in 1..=upgrades {
-        poll_until("more output", WAIT, || (b.log().lines().count() > k * 1000).then_some(())).unwrap();
+        poll_until("more output", WAIT, || (log().lines().count() > k * 1000).then_some(())).unwrap();
         paused.store(true, std::sync::atomic::Ordering::SeqCst);
         // Full: more than half its 64 KiB queued and no longer growing,
         // while the app writes without pause (Baton has read more than it
@@ -173,8 +139,8 @@ fn upgrade_loses_no_piped_output() {
     let took = t0.elapsed();
     std::fs::write(dir.join("stop"), "").unwrap();
     let stopped = format!("stopped pid={hello}");
-    poll_until("the app's last line", WAIT, || b.log().contains(&stopped).then_some(())).unwrap();
-    let lines: Vec<String> = b.log().lines().map(str::to_owned).collect();
+    poll_until("the app's last line", WAIT, || log().contains(&stopped).then_some(())).unwrap();
+    let lines: Vec<String> = log().lines().map(str::to_owned).collect();
     let n = assert_complete(&lines, hello);
     eprintln!("upgrade_loses_no_piped_output: {n} lines across {upgrades} upgrades ({took:?}), none lost or repeated");
 }

@@ -73,6 +73,7 @@ pub struct BatonBuilder {
     report: PathBuf,
     kill_on_drop: bool,
     keep_dir: bool,
+    stderr_piped: bool,
     after_stop: Option<AfterStop>,
 }
 
@@ -99,6 +100,7 @@ impl BatonBuilder {
             current_dir: None,
             kill_on_drop: false,
             keep_dir: false,
+            stderr_piped: false,
             after_stop: None,
         }
     }
@@ -193,6 +195,14 @@ impl BatonBuilder {
         self
     }
 
+    /// Baton's stderr a pipe the test reads ([`Baton::take_stderr`])
+    /// instead of `DIR/baton.log` ([`Baton::log`] is then empty): for a
+    /// test that makes Baton's writes wait, as a slow reader does.
+    pub fn stderr_piped(mut self) -> BatonBuilder {
+        self.stderr_piped = true;
+        self
+    }
+
     /// Runs `f` on drop once Baton is stopped and reaped, before its
     /// directory goes: for what the app may have left behind.
     pub fn after_stop(mut self, f: impl FnOnce(&Baton) + 'static) -> BatonBuilder {
@@ -226,7 +236,8 @@ impl BatonBuilder {
             cmd.args(["-l", "http=127.0.0.1:0"]);
         }
         cmd.args(&self.args).arg("--").args(&self.app);
-        cmd.stdout(file("baton.out")).stderr(file("baton.log")).stdin(Stdio::null());
+        let stderr = if self.stderr_piped { Stdio::piped() } else { file("baton.log").into() };
+        cmd.stdout(file("baton.out")).stderr(stderr).stdin(Stdio::null());
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         for key in &self.env_remove {
             cmd.env_remove(key);
@@ -286,6 +297,12 @@ impl Baton {
     /// Baton's pid.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The read end of Baton's stderr, once, when started with
+    /// [`BatonBuilder::stderr_piped`].
+    pub fn take_stderr(&mut self) -> Option<std::process::ChildStderr> {
+        self.child.stderr.take()
     }
 
     /// The binary `baton run` was started from ([`BatonBuilder::run_from`]).
