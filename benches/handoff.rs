@@ -43,11 +43,6 @@ use baton_testbed::cargo_bin;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-fn mono_us() -> u64 {
-    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
-    t.tv_sec as u64 * 1_000_000 + t.tv_nsec as u64 / 1_000
-}
-
 /// Polls `probe` until it yields, every millisecond (a benchmark wants to
 /// see events promptly; the wait is bounded by `WAIT`).
 fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
@@ -127,9 +122,9 @@ fn bench_spawn(probe: &Path, dir: &Path, n: usize) -> (Stats, Stats) {
     let setup = GenerationSetup { fds: &fds, ..GenerationSetup::default() };
     let (mut call, mut to_main) = (Stats::new("spawn() call (fork → exec'd)"), Stats::new("spawn → app main()"));
     for _ in 0..n {
-        let t0 = mono_us();
+        let t0 = baton_sd::monotonic_usec();
         let child = cmd.spawn(&setup).expect("spawn the probe");
-        call.us.push(mono_us() - t0);
+        call.us.push(baton_sd::monotonic_usec() - t0);
         to_main.us.push(event(&report, child.pid, "start") - t0);
         child.signal(rustix::process::Signal::KILL).unwrap();
         rustix::process::waitid(
@@ -202,12 +197,12 @@ fn main() {
     let started = Instant::now();
     for _ in 0..n {
         let old = status(&control, &rt).unwrap().generations[0].pid;
-        let t_cmd = mono_us();
+        let t_cmd = baton_sd::monotonic_usec();
         let done = match rt.block_on(baton::control::call(&control, &Request::Restart { wait: true })) {
             Ok(Response::Restarted(done)) => done,
             other => panic!("restart: {other:?}"),
         };
-        round_trip.us.push(mono_us() - t_cmd);
+        round_trip.us.push(baton_sd::monotonic_usec() - t_cmd);
         let signalled = event(&report, old, "signal-received");
         let (start, ready) = (event(&report, done.pid, "start"), event(&report, done.pid, "ready"));
         ready_to_signal.us.push(signalled.saturating_sub(ready));

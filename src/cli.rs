@@ -203,13 +203,18 @@ pub struct RunArgs {
     /// Where the app's stdout and stderr go: `inherit` gives every generation
     /// baton's own stdout and stderr (under systemd the journal stream, kept
     /// open by the app itself: its logging never depends on baton staying
-    /// alive, and $JOURNAL_STREAM lets it log natively; failure reports name
-    /// the journalctl command instead of quoting lines); `pipe` passes them
-    /// through baton, which keeps the last lines for failure reports (should
-    /// baton die, the app's next write fails: EPIPE, or death by SIGPIPE);
-    /// `auto`
-    /// is `inherit` when baton's stderr is the journal ($JOURNAL_STREAM
-    /// matches it), `pipe` otherwise.
+    /// alive, and $JOURNAL_STREAM lets it log natively; its lines carry the
+    /// writer's _PID and the unit's SyslogIdentifier=, which `baton units`
+    /// sets to the app's program name; failure reports name the journalctl
+    /// command instead of quoting lines); `pipe` passes them through baton,
+    /// which keeps the last lines for failure reports and, under the
+    /// journal, writes each line as a journal entry with the app's program
+    /// name as SYSLOG_IDENTIFIER and BATON_GENERATION=, BATON_PID= (_PID is
+    /// baton's); nothing read is lost at `baton upgrade`; should baton die,
+    /// the app's next write fails (EPIPE, or death by SIGPIPE). Baton's own
+    /// lines are SYSLOG_IDENTIFIER=baton with BATON_GENERATION= and
+    /// BATON_PID= in either mode. `auto` is `inherit` when baton's stderr is
+    /// the journal ($JOURNAL_STREAM matches it), `pipe` otherwise.
     #[arg(long, value_enum, default_value = "auto", value_name = "MODE")]
     pub output: OutputArg,
     /// The app and its arguments.

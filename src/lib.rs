@@ -40,6 +40,7 @@ pub mod cli;
 pub mod closer;
 pub mod control;
 pub mod handoff;
+pub mod journal;
 pub mod lineage;
 pub mod listen;
 pub mod notify_refusal;

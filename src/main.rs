@@ -260,7 +260,12 @@ fn init_logging() {
     if baton::output::stderr_is_journal()
         && let Ok(journald) = tracing_journald::layer()
     {
-        tracing_subscriber::registry().with(filter).with(journald.with_syslog_identifier("baton".into())).init();
+        // Fields as BATON_<NAME> (tracing-journald upper-cases the field's
+        // name after the prefix): `generation` and `pid` become
+        // BATON_GENERATION= and BATON_PID=, the fields piped app lines carry,
+        // so `journalctl -u app BATON_GENERATION=3` finds both.
+        let journald = journald.with_syslog_identifier("baton".into()).with_field_prefix(Some("BATON".into()));
+        tracing_subscriber::registry().with(filter).with(journald).init();
         return;
     }
     // Colour for a person at a terminal only: escape codes in a log file or

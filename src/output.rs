@@ -11,17 +11,27 @@
 //! `JOURNAL_STREAM` is passed on unchanged and stays true for the app, which
 //! may then use the journal's native protocol. Baton keeps no lines then;
 //! failure reports say where to read them instead ([`InheritedTo::hint`]).
+//! The stream is the one systemd opened for the unit (as root, so journald
+//! trusts its unit name: the lines of a generation that exited before
+//! journald read them are still the unit's); its identifier is the unit's
+//! `SyslogIdentifier=`, which `baton units` sets to the app's program name.
+//! Baton's own lines are native entries with their own identifier, `baton`.
 //!
 //! **Piped** (the default otherwise): each generation writes into its own
-//! pipe; one task per generation copies
-//! the bytes unchanged to Baton's stderr and remembers the last
-//! [`TAIL_LINES`] lines (each cut at [`LINE_MAX`] bytes). Memory per
-//! generation is therefore bounded whatever the app prints.
+//! pipe; one task per generation copies it on, without blocking the
+//! supervisor's thread: under the journal as one native entry per line with
+//! the generation's identity ([`crate::journal::NativeJournal`]), else the
+//! bytes unchanged to Baton's stderr. It remembers the last [`TAIL_LINES`]
+//! lines (each cut at [`LINE_MAX`] bytes). Memory per generation is
+//! bounded whatever the app prints ([`UNWRITTEN_MAX`] waiting to be
+//! written, plus the tail).
 //!
 //! The read end is shared between the copying task and the [`Tail`] until
 //! the output ends, so that `baton upgrade` can hand it, with the lines
-//! kept, to the next program image ([`Tail::pipe_fd`], [`adopt`]): the app
-//! never notices, its pipe stays open and unread bytes wait in it.
+//! kept and the bytes read but not yet written ([`Tail::unwritten`]), to
+//! the next program image ([`Tail::pipe_fd`], [`adopt`]): the app never
+//! notices, its pipe stays open, unread bytes wait in it, and no byte read
+//! is lost or written twice.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -30,8 +40,11 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
+use rustix::net::SendFlags;
+use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncWriteExt, Interest};
+
+use crate::journal::Identity;
 
 /// Lines kept per generation.
 pub const TAIL_LINES: usize = 20;
@@ -182,6 +195,21 @@ impl Output {
         }
     }
 
+    /// Bytes read from the pipe and not yet written on ([`Tail::unwritten`]).
+    pub fn unwritten(&self) -> Vec<u8> {
+        match self {
+            Output::Captured(t) => t.unwritten(),
+            Output::Inherited => Vec::new(),
+        }
+    }
+
+    /// The generation's pid, once spawned: its lines in the journal carry it.
+    pub fn set_pid(&self, pid: u32) {
+        if let Output::Captured(t) = self {
+            t.0.lock().unwrap_or_else(|e| e.into_inner()).pid = pid;
+        }
+    }
+
     /// How `baton upgrade` hands it over.
     pub fn kind(&self) -> OutputKind {
         match self {
@@ -216,7 +244,21 @@ struct Lines {
     /// copying task; dropped at end-of-file so the fd closes then, as
     /// before it was shared).
     pipe: Option<Arc<OwnedFd>>,
+    /// Read from the pipe, not yet written on. Bytes leave it only in the
+    /// same step as the write that took them, so at any moment the
+    /// supervisor looks, each byte is either written or here: `baton
+    /// upgrade` hands these over and the next image writes them first.
+    unwritten: Vec<u8>,
+    /// The generation's pid (0 until spawned).
+    pid: u32,
 }
+
+/// The most that waits to be written: a partial line shorter than a
+/// journal entry's longest plus one read (reading waits while the rest is
+/// written, and the app's writes then block on its full pipe).
+pub const UNWRITTEN_MAX: usize = crate::journal::LINE_MAX + READ_CHUNK;
+/// Read at once from the pipe.
+const READ_CHUNK: usize = 16 * 1024;
 
 impl Tail {
     /// The last complete lines, oldest first, plus an unterminated last line.
@@ -236,7 +278,7 @@ impl Tail {
         while done.len() > TAIL_LINES {
             done.pop_front();
         }
-        Tail(Arc::new(Mutex::new(Lines { done, partial: Vec::new(), closed: true, pipe: None })))
+        Tail(Arc::new(Mutex::new(Lines { done, closed: true, ..Lines::default() })))
     }
 
     /// Whether every writer is gone and all output has been read.
@@ -251,24 +293,39 @@ impl Tail {
         lines.pipe.as_ref().map(|p| p.as_raw_fd())
     }
 
+    /// What was read from the pipe and not yet written on (at most
+    /// [`crate::journal::LINE_MAX`] plus 16 KiB): with piped output to the
+    /// journal, at least the line being written.
+    pub fn unwritten(&self) -> Vec<u8> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).unwritten.clone()
+    }
+
     fn close(&self) {
         let mut lines = self.0.lock().unwrap_or_else(|e| e.into_inner());
         lines.closed = true;
         lines.pipe = None;
     }
 
+    /// Bytes just read: kept for the tail and queued for writing.
     fn push(&self, bytes: &[u8]) {
         let mut lines = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        lines.unwritten.extend_from_slice(bytes);
+        lines.keep(bytes);
+    }
+}
+
+impl Lines {
+    fn keep(&mut self, bytes: &[u8]) {
         for &b in bytes {
             if b == b'\n' {
-                let line = String::from_utf8_lossy(&lines.partial).into_owned();
-                lines.partial.clear();
-                if lines.done.len() == TAIL_LINES {
-                    lines.done.pop_front();
+                let line = String::from_utf8_lossy(&self.partial).into_owned();
+                self.partial.clear();
+                if self.done.len() == TAIL_LINES {
+                    self.done.pop_front();
                 }
-                lines.done.push_back(line);
-            } else if lines.partial.len() < LINE_MAX {
-                lines.partial.push(b);
+                self.done.push_back(line);
+            } else if self.partial.len() < LINE_MAX {
+                self.partial.push(b);
             }
         }
     }
@@ -278,63 +335,250 @@ impl Tail {
 /// child (blocking, close-on-exec: the spawn dups it onto 1 and 2) and the
 /// tail, and starts the task that copies the output; `closed` is notified
 /// when the output ends. Must run inside a tokio runtime.
-pub fn capture(closed: Arc<tokio::sync::Notify>) -> std::io::Result<(OwnedFd, Tail)> {
+pub fn capture(closed: Arc<tokio::sync::Notify>, identity: Identity) -> std::io::Result<(OwnedFd, Tail)> {
     let (read_end, write_end) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
     // Only our end is non-blocking: the app's writes must block, not fail,
     // when the pipe is full.
     let flags = rustix::fs::fcntl_getfl(&read_end)?;
     rustix::fs::fcntl_setfl(&read_end, flags | rustix::fs::OFlags::NONBLOCK)?;
-    let tail = start(read_end, closed, Vec::new())?;
+    let tail = start(read_end, closed, Lines::default(), identity)?;
     Ok((write_end, tail))
 }
 
-/// Resumes copying a generation's output from a pipe read end handed over
-/// by the previous program image (`baton upgrade`), keeping the `lines` it
-/// had already collected. The fd must be close-on-exec already. Must run
-/// inside a tokio runtime.
-pub fn adopt(read_end: OwnedFd, closed: Arc<tokio::sync::Notify>, lines: Vec<String>) -> std::io::Result<Tail> {
-    let flags = rustix::fs::fcntl_getfl(&read_end)?;
-    rustix::fs::fcntl_setfl(&read_end, flags | rustix::fs::OFlags::NONBLOCK)?;
-    start(read_end, closed, lines)
+/// What the previous program image handed over for one generation's pipe.
+#[derive(Debug)]
+pub struct Adopted {
+    /// The read end (close-on-exec already).
+    pub read_end: OwnedFd,
+    /// The lines it had collected.
+    pub lines: Vec<String>,
+    /// What it had read and not written ([`Tail::unwritten`]): written first.
+    pub unwritten: Vec<u8>,
+    /// Whose output it is.
+    pub identity: Identity,
+    /// The generation's pid.
+    pub pid: u32,
 }
 
-fn start(read_end: OwnedFd, closed: Arc<tokio::sync::Notify>, lines: Vec<String>) -> std::io::Result<Tail> {
+/// Resumes copying a generation's output from a pipe read end handed over
+/// by the previous program image (`baton upgrade`), keeping the lines it
+/// had already collected and writing first what it had read but not
+/// written. Must run inside a tokio runtime.
+pub fn adopt(a: Adopted, closed: Arc<tokio::sync::Notify>) -> std::io::Result<Tail> {
+    let flags = rustix::fs::fcntl_getfl(&a.read_end)?;
+    rustix::fs::fcntl_setfl(&a.read_end, flags | rustix::fs::OFlags::NONBLOCK)?;
+    let mut done: VecDeque<String> = a.lines.into_iter().collect();
+    while done.len() > TAIL_LINES {
+        done.pop_front();
+    }
+    let lines = Lines { done, unwritten: a.unwritten, pid: a.pid, ..Lines::default() };
+    start(a.read_end, closed, lines, a.identity)
+}
+
+fn start(
+    read_end: OwnedFd,
+    closed: Arc<tokio::sync::Notify>,
+    mut lines: Lines,
+    identity: Identity,
+) -> std::io::Result<Tail> {
     let read_end = Arc::new(read_end);
     // SAFETY: the AsyncFd holds one clone of the Arc, so the fd stays open
     // and keeps its number while it is registered; nothing closes or
     // replaces an fd owned by an `OwnedFd`.
     let receiver = unsafe { AsyncFd::register_with_interest(Arc::clone(&read_end), Interest::READABLE) }
         .map_err(std::io::Error::from)?;
-    let mut done: VecDeque<String> = lines.into_iter().collect();
-    while done.len() > TAIL_LINES {
-        done.pop_front();
-    }
-    let tail = Tail(Arc::new(Mutex::new(Lines { done, partial: Vec::new(), closed: false, pipe: Some(read_end) })));
+    lines.pipe = Some(read_end);
+    let tail = Tail(Arc::new(Mutex::new(lines)));
     let kept = tail.clone();
+    let mut sink = Sink::open(identity);
     tokio::spawn(async move {
-        let mut stderr = tokio::io::stderr();
-        let mut buf = vec![0u8; 16 * 1024];
+        let mut buf = vec![0u8; READ_CHUNK];
         // Ends at EOF: when the generation and everything it started have
         // closed their copies of the write end.
         loop {
+            // Returns once what is left is at most a partial line, so
+            // what waits stays bounded (UNWRITTEN_MAX).
+            sink.flush(&kept, false).await;
             let Ok(mut guard) = receiver.readable().await else { break };
-            let n = match guard.try_io(|fd| rustix::io::read(fd.get_ref().as_fd(), &mut buf).map_err(Into::into)) {
+            // No await between the read and the push: what was read is
+            // queued before anything else can look.
+            match guard.try_io(|fd| rustix::io::read(fd.get_ref().as_fd(), &mut buf).map_err(Into::into)) {
                 Ok(Ok(0)) => break,
-                Ok(Ok(n)) => n,
-                Ok(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Ok(Ok(n)) => kept.push(&buf[..n]),
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Ok(Err(_)) => break,
-                Err(_would_block) => continue,
-            };
-            kept.push(&buf[..n]);
-            // Losing Baton's stderr must not stop the tail.
-            let _ = stderr.write_all(&buf[..n]).await;
+                Err(_would_block) => {}
+            }
         }
+        // The last line may lack its newline.
+        sink.flush(&kept, true).await;
         // Deregister before the tail lets go of the fd.
         drop(receiver);
         kept.close();
         closed.notify_one();
     });
     Ok(tail)
+}
+
+/// Where a copying task writes a generation's output.
+enum Sink {
+    /// journald's native socket, one entry per line, under the app's
+    /// identity (when Baton's stderr is the journal).
+    Journal(crate::journal::NativeJournal, Identity),
+    /// Baton's stderr, the bytes unchanged.
+    Stderr(RawStderr),
+}
+
+/// Baton's stderr, written without blocking the supervisor's thread.
+enum RawStderr {
+    /// A descriptor of its own (a pipe, FIFO or terminal reopened
+    /// non-blocking), or a copy of a socket written with `MSG_DONTWAIT`:
+    /// both leave the flags of the description Baton shares alone.
+    Async { fd: AsyncFd<OwnedFd>, socket: bool },
+    /// A regular file or a device that cannot be polled: writes there do
+    /// not wait.
+    Direct,
+}
+
+impl RawStderr {
+    fn open() -> RawStderr {
+        use rustix::fs::{FileType, Mode, OFlags};
+        let stderr = std::io::stderr();
+        let Ok(st) = rustix::fs::fstat(stderr.as_fd()) else { return RawStderr::Direct };
+        let own = match FileType::from_raw_mode(st.st_mode) {
+            FileType::Socket => rustix::io::fcntl_dupfd_cloexec(stderr.as_fd(), 3).ok().map(|fd| (fd, true)),
+            FileType::Fifo | FileType::CharacterDevice => rustix::fs::open(
+                "/proc/self/fd/2",
+                OFlags::WRONLY | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY,
+                Mode::empty(),
+            )
+            .ok()
+            .map(|fd| (fd, false)),
+            _ => None,
+        };
+        // SAFETY: the AsyncFd owns the fd, so it stays open and keeps its
+        // number while registered.
+        let register = |fd: OwnedFd| unsafe { AsyncFd::register_with_interest(fd, Interest::WRITABLE) }.ok();
+        match own.and_then(|(fd, socket)| Some((register(fd)?, socket))) {
+            Some((fd, socket)) => RawStderr::Async { fd, socket },
+            None => RawStderr::Direct,
+        }
+    }
+
+    /// Writes all that is unwritten.
+    async fn flush(&mut self, kept: &Tail) {
+        loop {
+            // The guard ends with this block: nothing awaits while it lives.
+            let blocked = {
+                let mut lines = kept.0.lock().unwrap_or_else(|e| e.into_inner());
+                if lines.unwritten.is_empty() {
+                    return;
+                }
+                let result = match self {
+                    RawStderr::Direct => rustix::io::write(std::io::stderr().as_fd(), &lines.unwritten),
+                    RawStderr::Async { fd, socket: true } => {
+                        rustix::net::send(fd.get_ref(), &lines.unwritten, SendFlags::DONTWAIT | SendFlags::NOSIGNAL)
+                    }
+                    RawStderr::Async { fd, socket: false } => rustix::io::write(fd.get_ref(), &lines.unwritten),
+                };
+                match result {
+                    Ok(n) => {
+                        lines.unwritten.drain(..n);
+                        false
+                    }
+                    Err(rustix::io::Errno::INTR) => false,
+                    Err(rustix::io::Errno::AGAIN) => true,
+                    // Losing Baton's stderr must not stop the tail.
+                    Err(_) => {
+                        lines.unwritten.clear();
+                        false
+                    }
+                }
+            };
+            if blocked {
+                let RawStderr::Async { fd, .. } = self else {
+                    // Someone made Baton's own stderr non-blocking: wait a
+                    // little rather than spin.
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    continue;
+                };
+                match fd.writable().await {
+                    Ok(mut guard) => guard.clear_ready(),
+                    Err(_) => *self = RawStderr::Direct,
+                }
+            }
+        }
+    }
+}
+
+impl Sink {
+    fn open(identity: Identity) -> Sink {
+        if stderr_is_journal() {
+            match crate::journal::NativeJournal::connect() {
+                Ok(j) => return Sink::Journal(j, identity),
+                Err(e) => tracing::warn!(
+                    event = "journal-socket-failed",
+                    "cannot reach journald's native socket ({e}): generation {}'s lines go to baton's stderr",
+                    identity.generation
+                ),
+            }
+        }
+        Sink::Stderr(RawStderr::open())
+    }
+
+    /// Writes what is unwritten; to the journal, only whole lines (or
+    /// [`crate::journal::LINE_MAX`] bytes of a longer one) unless `last`.
+    async fn flush(&mut self, kept: &Tail, last: bool) {
+        let mut retried = false;
+        loop {
+            let (journal, identity) = match self {
+                Sink::Journal(journal, identity) => (journal, identity),
+                Sink::Stderr(raw) => return raw.flush(kept).await,
+            };
+            // The guard ends with this block: nothing awaits while it lives.
+            let sent = {
+                let mut lines = kept.0.lock().unwrap_or_else(|e| e.into_inner());
+                let pending = &lines.unwritten;
+                let limit = pending.len().min(crate::journal::LINE_MAX);
+                let (line_len, taken) = match pending[..limit].iter().position(|b| *b == b'\n') {
+                    Some(i) => (i, i + 1),
+                    None if limit == crate::journal::LINE_MAX || (last && limit > 0) => (limit, limit),
+                    None => return,
+                };
+                let entry = crate::journal::entry(identity, lines.pid, &pending[..line_len]);
+                // Sent and dequeued in one step (see `Lines::unwritten`).
+                let sent = journal.send(&entry);
+                if let Ok(crate::journal::Sent::Done) = sent {
+                    lines.unwritten.drain(..taken);
+                }
+                sent
+            };
+            match sent {
+                Ok(crate::journal::Sent::Done) => retried = false,
+                Ok(crate::journal::Sent::Full) => {
+                    // Woken when journald reads; the timer only guards
+                    // against a missed wake-up (measured once on systemd
+                    // 257: output stalled with journald idle).
+                    tokio::select! {
+                        r = journal.writable() => if r.is_err() {
+                            *self = Sink::Stderr(RawStderr::open());
+                        },
+                        () = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
+                    }
+                }
+                // journald restarted: a new connection, once.
+                Err(_) if !retried && journal.reconnect().is_ok() => retried = true,
+                Err(e) => {
+                    tracing::warn!(
+                        event = "journal-socket-failed",
+                        "cannot write generation {}'s output to the journal ({e}): its lines go to baton's stderr",
+                        identity.generation
+                    );
+                    *self = Sink::Stderr(RawStderr::open());
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -415,7 +659,7 @@ mod tests {
     #[tokio::test]
     async fn capture_passes_output_through_and_keeps_the_tail() {
         let closed = Arc::new(tokio::sync::Notify::new());
-        let (write_end, tail) = capture(Arc::clone(&closed)).unwrap();
+        let (write_end, tail) = capture(Arc::clone(&closed), Identity::new("app".as_ref(), 1)).unwrap();
         let mut w = std::fs::File::from(write_end);
         std::io::Write::write_all(&mut w, b"hello\nworld\n").unwrap();
         drop(w);
@@ -426,15 +670,55 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn journal_entries_are_whole_lines_and_a_partial_one_waits() {
+        let dir = std::env::temp_dir().join(format!("baton-output-test-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("journal");
+        let _ = std::fs::remove_file(&path);
+        let server = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        server.set_nonblocking(true).unwrap();
+        let journal = crate::journal::NativeJournal::connect_to(&path).unwrap();
+        let mut sink = Sink::Journal(journal, Identity::new("app".as_ref(), 7));
+        let tail = Tail::default();
+        tail.push(b"one\ntwo\npart");
+        sink.flush(&tail, false).await;
+        let mut buf = [0u8; 4096];
+        let mut messages = Vec::new();
+        while let Ok(n) = server.recv(&mut buf) {
+            let entry = String::from_utf8_lossy(&buf[..n]).into_owned();
+            assert!(entry.contains("\nSYSLOG_IDENTIFIER=app\n") && entry.contains("\nBATON_GENERATION=7\n"), "{entry}");
+            messages.push(entry.rsplit_once("MESSAGE=").unwrap().1.to_owned());
+        }
+        assert_eq!(messages, ["one\n", "two\n"]);
+        assert_eq!(tail.unwritten(), b"part", "the partial line waits (and is what an upgrade hands over)");
+        tail.push(b"ial\nlast");
+        sink.flush(&tail, true).await;
+        let n = server.recv(&mut buf).unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).ends_with("MESSAGE=partial\n"));
+        let n = server.recv(&mut buf).unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).ends_with("MESSAGE=last\n"), "at the end, the last line goes too");
+        assert!(tail.unwritten().is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
     async fn adopted_pipe_keeps_the_lines_and_reads_on() {
         let closed = Arc::new(tokio::sync::Notify::new());
         let (read_end, write_end) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap();
         let mut w = std::fs::File::from(write_end);
         std::io::Write::write_all(&mut w, b"queued\n").unwrap();
-        let tail = adopt(read_end, Arc::clone(&closed), vec!["before".into()]).unwrap();
+        let adopted = Adopted {
+            read_end,
+            lines: vec!["before".into()],
+            unwritten: b"carried\n".to_vec(),
+            identity: Identity::new("app".as_ref(), 1),
+            pid: 0,
+        };
+        let tail = adopt(adopted, Arc::clone(&closed)).unwrap();
         assert!(tail.pipe_fd().is_some());
         drop(w);
         closed.notified().await;
         assert_eq!(tail.lines(), ["before", "queued"]);
+        assert!(tail.unwritten().is_empty(), "the carried bytes were written first");
     }
 }

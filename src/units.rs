@@ -114,12 +114,12 @@ pub struct UnitsArgs {
     pub fdstore_preserve: Option<FdStorePreserve>,
     /// Watchdog interval (e.g. 10s): WatchdogSec= in direct mode; in
     /// supervised mode Baton enforces it on each generation.
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = parse_whole_ms_duration)]
     pub watchdog: Option<Duration>,
     /// How long a stopping app may drain (Baton's --stop-timeout; the app's
     /// own drain deadline should be a few seconds shorter, as baton-httpd's
     /// 25 s is below the default 30 s). TimeoutStopSec= is this plus 15 s.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_whole_ms_duration)]
     pub stop_timeout: Duration,
     /// Baton is the main process and `systemctl reload` is an overlapped
     /// restart (the default).
@@ -403,6 +403,9 @@ struct Plan<'a> {
     app_exec: String,
     /// Baton's path, quoted for `ExecStart=`.
     baton_exec: String,
+    /// `SyslogIdentifier=` for the supervised service: the file name of the
+    /// app's program, escaped; `None` when a unit file cannot hold it.
+    syslog_identifier: Option<String>,
 }
 
 /// Generates the `.socket` unit(s) and then the `.service` for `args`, for
@@ -443,7 +446,8 @@ fn plan(args: &UnitsArgs, version: u32) -> Result<Plan<'_>, UnitsError> {
     let groups = group_sockets(args)?;
     let app_exec = exec_command(&args.command)?;
     let baton_exec = exec_quote(args.baton.to_str().unwrap_or_default());
-    Ok(Plan { args, header: args.command_line(version), groups, app_exec, baton_exec })
+    let syslog_identifier = syslog_identifier(&args.command);
+    Ok(Plan { args, header: args.command_line(version), groups, app_exec, baton_exec, syslog_identifier })
 }
 
 fn check_name(name: &str) -> Result<(), UnitsError> {
@@ -683,24 +687,25 @@ fn exec_command(command: &[OsString]) -> Result<String, UnitsError> {
     Ok(words.iter().map(|w| exec_quote(w)).collect::<Vec<_>>().join(" "))
 }
 
-/// Parses a duration: a number with an optional unit (`ms`, `s`/`sec`,
-/// `m`/`min`, `h`; none means seconds), in whole milliseconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration (e.g. 500ms, 30s, 2min)"))?;
-    let ms = match unit.trim() {
-        "ms" => n,
-        "" | "s" | "sec" => n * 1e3,
-        "m" | "min" => n * 60e3,
-        "h" => n * 3600e3,
-        other => return Err(format!("unknown unit {other:?} in {s:?}: use ms, s, min or h")),
-    };
-    if ms.fract() != 0.0 || !(0.0..=1e15).contains(&ms) {
-        return Err(format!("{s:?}: give a whole number of milliseconds, at most about 30,000 years"));
+/// What systemd would name the app's lines if it ran the program itself
+/// (`SyslogIdentifier=`'s default: the file name of the command's path, as
+/// `src/core/exec-invoke.c` passes it to `connect_logger_as()`), escaped
+/// for the unit file; `None` for a name a unit file cannot hold verbatim.
+fn syslog_identifier(command: &[OsString]) -> Option<String> {
+    let name = Path::new(command.first()?).file_name()?.to_str()?;
+    check_unit_value("program's file name", name).ok()?;
+    Some(escape_specifiers(name))
+}
+
+/// Parses a duration as `baton run` does ([`crate::cli::parse_duration`]:
+/// the unit passes it on to `baton run`, which must accept it), in whole
+/// milliseconds: [`format_duration`] writes no finer unit.
+pub fn parse_whole_ms_duration(s: &str) -> Result<Duration, String> {
+    let d = crate::cli::parse_duration(s)?;
+    if d.subsec_nanos() % 1_000_000 != 0 {
+        return Err(format!("{s:?}: give a whole number of milliseconds"));
     }
-    Ok(Duration::from_millis(ms as u64))
+    Ok(d)
 }
 
 /// A duration both systemd and Baton read: `30s`, `1500ms`.
@@ -738,14 +743,16 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("2min"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert!(parse_duration("0.5ms").unwrap_err().contains("whole number of milliseconds"));
-        assert!(parse_duration("3 days").unwrap_err().contains("unknown unit"));
-        assert!(parse_duration("soon").is_err());
+        assert_eq!(parse_whole_ms_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_whole_ms_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_whole_ms_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_whole_ms_duration("2min"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_whole_ms_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_whole_ms_duration("0.5ms").unwrap_err().contains("whole number of milliseconds"));
+        assert!(parse_whole_ms_duration("3 days").unwrap_err().contains("unknown unit"));
+        assert!(parse_whole_ms_duration("soon").is_err());
+        // `baton run`'s limit: a unit must not carry what it would refuse.
+        assert!(parse_whole_ms_duration("8761h").unwrap_err().contains("the maximum is 8760h"));
         assert_eq!(format_duration(Duration::from_secs(45)), "45s");
         assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
     }
@@ -770,6 +777,21 @@ mod tests {
 
     fn service(argv: &[&str], version: u32) -> String {
         generate(&args(argv), version).unwrap().pop().unwrap().contents
+    }
+
+    #[test]
+    fn supervised_units_name_the_app_in_the_journal() {
+        for version in [252, 257, 262] {
+            let svc = service(&[], version);
+            assert_eq!(svc.matches("\nSyslogIdentifier=app\n").count(), 1, "{version}:\n{svc}");
+            // systemd names a directly run app's lines itself.
+            assert!(!service(&["--direct"], version).contains("SyslogIdentifier="));
+        }
+        let odd = |program: &str| syslog_identifier(&[program.into()]);
+        assert_eq!(odd("/opt/100%/web").as_deref(), Some("web"));
+        assert_eq!(odd("/opt/w%eb").as_deref(), Some("w%%eb"), "a specifier escaped");
+        assert_eq!(odd("/opt/we\\b"), None, "a backslash cannot be written verbatim");
+        assert_eq!(odd("/opt/we\nb"), None);
     }
 
     #[test]

@@ -457,6 +457,12 @@ pub struct GenerationState {
     pub output_fd: Option<RawFd>,
     /// The last lines it printed.
     pub output_lines: Vec<String>,
+    /// Bytes read from its pipe and not yet written on (a partial line, or
+    /// what journald or Baton's stderr had not taken yet): the next image
+    /// writes them first, so nothing read is lost or written twice.
+    /// Absent in states written before it existed.
+    #[serde(default)]
+    pub output_unwritten: Vec<u8>,
     /// Its handoff connection.
     pub handoff: Option<RawFd>,
     /// Fd-store fds it received at start.
@@ -509,10 +515,7 @@ pub fn from_mono(us: u64) -> Instant {
 }
 
 /// `CLOCK_MONOTONIC` now, in microseconds.
-pub fn mono_now_us() -> u64 {
-    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
-    t.tv_sec as u64 * 1_000_000 + t.tv_nsec as u64 / 1000
-}
+pub use baton_sd::monotonic_usec as mono_now_us;
 
 /// `OsString` ↔ bytes, for the JSON state.
 pub fn os_bytes(s: &OsStr) -> Vec<u8> {

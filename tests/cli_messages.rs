@@ -15,13 +15,11 @@ use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::Duration;
+use std::process::{Command, Output, Stdio};
 
-use baton::control::{Request, Response, Status};
+use baton::control::Response;
+use baton_testbed::baton::{Baton, BatonBuilder, WAIT};
 use baton_testbed::{cargo_bin, poll_until};
-
-const WAIT: Duration = Duration::from_secs(30);
 
 fn scratch(test: &str) -> PathBuf {
     baton_testbed::unique_temp_dir("baton-cli", test)
@@ -36,75 +34,20 @@ fn probe_bin() -> PathBuf {
 }
 
 /// `baton run --control DIR/baton.sock -l http=127.0.0.1:0 ARGS -- APP...`,
-/// stdout and stderr in `DIR/baton.out` and `DIR/baton.log`.
-struct Baton {
-    child: Child,
-    dir: PathBuf,
-    control: PathBuf,
+/// stdout and stderr in `DIR/baton.out` and `DIR/baton.log`, `NO_COLOR`
+/// removed (the colour test sets what it needs); the directory stays.
+fn launch(dir: &Path, args: &[&str], app: &[&OsStr]) -> Baton {
+    BatonBuilder::new(baton_bin(), dir).args(args).app(app).env_remove("NO_COLOR").keep_dir().spawn()
 }
 
-impl Baton {
-    fn launch(dir: &Path, args: &[&str], app: &[&OsStr]) -> Baton {
-        let control = dir.join("baton.sock");
-        let mut cmd = Command::new(baton_bin());
-        cmd.arg("run").arg("--control").arg(&control).args(["-l", "http=127.0.0.1:0"]).args(args).arg("--").args(app);
-        cmd.stdout(std::fs::File::create(dir.join("baton.out")).unwrap())
-            .stderr(std::fs::File::create(dir.join("baton.log")).unwrap())
-            .stdin(Stdio::null())
-            .env("BATON_LOG", "debug")
-            .env_remove("NO_COLOR");
-        let child = cmd.spawn().expect("spawn baton");
-        Baton { child, dir: dir.to_owned(), control }
-    }
-
-    /// Baton running `baton-sd-probe --serve http PROBE_ARGS`, generation 1 active.
-    fn probe(dir: &Path, args: &[&str], probe_args: &[&str]) -> Baton {
-        let probe = probe_bin();
-        let mut app: Vec<&OsStr> = vec![probe.as_os_str(), OsStr::new("--serve"), OsStr::new("http")];
-        app.extend(probe_args.iter().map(OsStr::new));
-        let b = Baton::launch(dir, args, &app);
-        b.wait_active(1);
-        b
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("baton.log")).unwrap_or_default()
-    }
-
-    fn try_status(&self) -> Option<Status> {
-        match call(&self.control, &Request::Status) {
-            Ok(Response::Status(s)) => Some(*s),
-            _ => None,
-        }
-    }
-
-    fn wait_active(&self, n: u64) {
-        poll_until(&format!("generation {n} active"), WAIT, || {
-            self.try_status()?.generations.iter().any(|g| g.generation == n && g.state == "active").then_some(())
-        })
-        .unwrap_or_else(|e| panic!("{e}\nlog:\n{}", self.log()));
-    }
-
-    fn cli(&self, args: &[&str]) -> Output {
-        Command::new(baton_bin())
-            .args(&args[..1])
-            .arg("--control")
-            .arg(&self.control)
-            .args(&args[1..])
-            .output()
-            .expect("run baton cli")
-    }
-}
-
-impl Drop for Baton {
-    fn drop(&mut self) {
-        baton_testbed::terminate(&mut self.child, WAIT);
-    }
-}
-
-fn call(control: &Path, request: &Request) -> Result<Response, baton::control::ControlError> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    rt.block_on(baton::control::call(control, request))
+/// Baton running `baton-sd-probe --serve http PROBE_ARGS`, generation 1 active.
+fn start_probe(dir: &Path, args: &[&str], probe_args: &[&str]) -> Baton {
+    let probe = probe_bin();
+    let mut app: Vec<&OsStr> = vec![probe.as_os_str(), OsStr::new("--serve"), OsStr::new("http")];
+    app.extend(probe_args.iter().map(OsStr::new));
+    let b = launch(dir, args, &app);
+    b.wait_active(1);
+    b
 }
 
 fn stderr(out: &Output) -> String {
@@ -170,10 +113,10 @@ fn notify_with_a_negative_or_closed_fd_is_a_usage_error_not_a_panic() {
 #[test]
 fn a_waiting_restart_client_that_half_closes_still_gets_its_answer() {
     let dir = scratch("half-close");
-    let b = Baton::probe(&dir, &[], &[]);
+    let b = start_probe(&dir, &[], &[]);
     // As `nc -N` or socat do at the end of their input: the request, then
     // shutdown(SHUT_WR), then wait for the answer.
-    let mut s = UnixStream::connect(&b.control).unwrap();
+    let mut s = UnixStream::connect(b.control()).unwrap();
     s.write_all(b"{\"cmd\":\"restart\",\"wait\":true}\n").unwrap();
     s.shutdown(std::net::Shutdown::Write).unwrap();
     let answer = read_answer(&mut s);
@@ -183,7 +126,7 @@ fn a_waiting_restart_client_that_half_closes_still_gets_its_answer() {
     }
     // A request ended by the end of the stream, not by a newline
     // (`printf '{"cmd":"status"}' | nc -N`), is a request too.
-    let mut s = UnixStream::connect(&b.control).unwrap();
+    let mut s = UnixStream::connect(b.control()).unwrap();
     s.write_all(b"{\"cmd\":\"status\"}").unwrap();
     s.shutdown(std::net::Shutdown::Write).unwrap();
     let answer = read_answer(&mut s);
@@ -206,19 +149,19 @@ fn a_waiting_client_that_closes_completely_is_let_go_while_the_restart_goes_on()
     // restart ends).
     let dir = scratch("full-close");
     let hang = dir.join("hang");
-    let b = Baton::probe(&dir, &[], &["--hang-if-exists", hang.to_str().unwrap()]);
+    let b = start_probe(&dir, &[], &["--hang-if-exists", hang.to_str().unwrap()]);
     std::fs::write(&hang, "").unwrap();
-    let mut s = UnixStream::connect(&b.control).unwrap();
+    let mut s = UnixStream::connect(b.control()).unwrap();
     s.write_all(b"{\"cmd\":\"restart\",\"wait\":true}\n").unwrap();
     poll_until("baton starting generation 2", WAIT, || {
         b.try_status()?.generations.iter().any(|g| g.generation == 2).then_some(())
     })
     .unwrap();
     // Ours, once the status polls' connections are closed too.
-    poll_until("only the waiting client connected", WAIT, || (connections_at(&b.control) == 1).then_some(())).unwrap();
+    poll_until("only the waiting client connected", WAIT, || (connections_at(b.control()) == 1).then_some(())).unwrap();
     drop(s);
     poll_until("baton to close the departed client's connection", WAIT, || {
-        (connections_at(&b.control) == 0).then_some(())
+        (connections_at(b.control()) == 0).then_some(())
     })
     .unwrap();
     let s = b.try_status().unwrap();
@@ -230,7 +173,7 @@ fn a_waiting_client_that_closes_completely_is_let_go_while_the_restart_goes_on()
 #[test]
 fn a_control_socket_the_user_may_not_use_is_not_reported_as_no_baton() {
     let dir = scratch("denied");
-    let b = Baton::probe(&dir, &[], &[]);
+    let b = start_probe(&dir, &[], &[]);
     let root = rustix::process::geteuid().is_root();
     let out = if root {
         // Another user: the socket is baton's, mode 0600.
@@ -238,15 +181,15 @@ fn a_control_socket_the_user_may_not_use_is_not_reported_as_no_baton() {
         let setpriv = setpriv.expect("setpriv not found: apt-get install util-linux");
         Command::new(setpriv)
             .args(["--reuid=65534", "--regid=65534", "--clear-groups", baton_bin(), "status", "--control"])
-            .arg(&b.control)
+            .arg(b.control())
             .output()
             .unwrap()
     } else {
         // Our own socket without write permission: connect() gets EACCES.
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&b.control, std::fs::Permissions::from_mode(0o000)).unwrap();
+        std::fs::set_permissions(b.control(), std::fs::Permissions::from_mode(0o000)).unwrap();
         let out = b.cli(&["status"]);
-        std::fs::set_permissions(&b.control, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::set_permissions(b.control(), std::fs::Permissions::from_mode(0o600)).unwrap();
         out
     };
     let err = stderr(&out);
@@ -325,7 +268,7 @@ fn notify_from_a_child(test: &str, access: &str) -> (i32, String) {
         dir.as_os_str(),
         probe.as_os_str(),
     ];
-    let b = Baton::launch(&dir, &["--notify-access", access], &app);
+    let b = launch(&dir, &["--notify-access", access], &app);
     b.wait_active(1);
     let rc = poll_until("baton notify's exit code", WAIT, || {
         std::fs::read_to_string(dir.join("notify.rc")).ok().filter(|t| t.ends_with('\n'))
@@ -351,7 +294,7 @@ fn a_notification_baton_refuses_makes_baton_notify_fail_with_the_fix() {
 #[test]
 fn oversized_non_utf8_and_slow_control_requests_are_answered_with_the_problem() {
     let dir = scratch("bad-requests");
-    let b = Baton::probe(&dir, &[], &[]);
+    let b = start_probe(&dir, &[], &[]);
     let cases: [(&str, Vec<u8>, &str); 3] = [
         ("oversized", vec![b'a'; 5000], "longer than 4096 bytes"),
         ("not UTF-8", b"{\"cmd\":\"st\xffatus\"}\n".to_vec(), "not UTF-8"),
@@ -361,7 +304,7 @@ fn oversized_non_utf8_and_slow_control_requests_are_answered_with_the_problem() 
     let threads: Vec<_> = cases
         .into_iter()
         .map(|(what, bytes, expect)| {
-            let control = b.control.clone();
+            let control = b.control().to_owned();
             std::thread::spawn(move || {
                 let mut s = UnixStream::connect(&control).unwrap();
                 s.write_all(&bytes).unwrap();
@@ -474,7 +417,7 @@ fn log_lines_are_coloured_only_on_a_terminal_and_never_with_no_color() {
 fn status_counts_are_in_the_right_number() {
     let dir = scratch("plural");
     // One fd-store entry: the probe stores a memfd.
-    let b = Baton::probe(&dir, &[], &["--store", "state=hello"]);
+    let b = start_probe(&dir, &[], &["--store", "state=hello"]);
     let first = String::from_utf8_lossy(&b.cli(&["status"]).stdout).into_owned();
     assert!(first.lines().next().unwrap_or_default().ends_with(", 0 restarts"), "{first}");
     assert!(first.contains("fd store: 1 entry\n") && first.contains(", 0 upgrades\n"), "{first}");

@@ -7,11 +7,10 @@
 //! Each scenario boots its own testbed, so scenarios run in parallel and a
 //! failure shows that scenario's journal only.
 
-use std::io::Read;
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use baton_testbed::probe::ask;
 use baton_testbed::{Flavor, Testbed, cargo_bin, free_loopback_port, skip_unless_root};
 
 /// Generous: the machine is a noisy 2-core box.
@@ -100,15 +99,6 @@ fn socket_unit(port: u16, fdname: &str) -> String {
     format!("[Socket]\nListenStream=127.0.0.1:{port}\nFileDescriptorName={fdname}\nService=probe.service\n")
 }
 
-/// Connects to a probe listener and returns its one-line answer.
-fn ask(port: u16) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap_or_else(|e| panic!("connect {port}: {e}"));
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap_or_else(|e| panic!("read from {port}: {e}"));
-    out.trim().to_owned()
-}
-
 fn has(block: &[String], line: &str) -> bool {
     block.iter().any(|l| l == line)
 }
@@ -142,7 +132,7 @@ fn start_waits_for_ready(p: &Probe) {
     assert_eq!(p.show("probe.service", "StatusText"), "probe-is-ready");
     assert!(has(&starts[0], "fd 3 name=http kind=a listening TCP socket"), "{}", p.report_text());
     let pid = pid_of(&starts[0]).to_owned();
-    assert_eq!(ask(port), format!("http {pid}"));
+    assert_eq!(ask(port), Ok(format!("http {pid}")));
     assert_eq!(p.show("probe.service", "MainPID"), pid);
 }
 
@@ -161,8 +151,8 @@ fn named_sockets(p: &Probe) {
     p.ok(&["start", "probe-a.socket", "probe-b.socket"]);
     p.ok(&["start", "probe.service"]);
     let pid = pid_of(&p.starts()[0]).to_owned();
-    assert_eq!(ask(a), format!("alpha {pid}"));
-    assert_eq!(ask(b), format!("beta {pid}"));
+    assert_eq!(ask(a), Ok(format!("alpha {pid}")));
+    assert_eq!(ask(b), Ok(format!("beta {pid}")));
     let fds = p.starts()[0].iter().filter(|l| l.starts_with("fd ")).count();
     assert_eq!(fds, 2, "{}", p.report_text());
 }

@@ -26,22 +26,19 @@
 //! Finding 5: a flood of refused datagrams must produce a few log lines and
 //! a summary with the exact count, not a line per datagram.
 
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsStr;
 use std::io::{IoSlice, Write};
 use std::mem::MaybeUninit;
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use baton::control::{Request, Response, Status};
+use baton_testbed::baton::{Baton, BatonBuilder, WAIT};
 use baton_testbed::{cargo_bin, poll_until};
 use rustix::net::{AddressFamily, SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketFlags, SocketType};
-
-/// Deadline for anything that should happen "soon" on a noisy 2-core box.
-const WAIT: Duration = Duration::from_secs(30);
 
 /// How long a close of the weapon socket blocks.
 const LINGER: Duration = Duration::from_secs(20);
@@ -111,75 +108,40 @@ fn weapon(port: u16) -> OwnedFd {
     OwnedFd::from(conn)
 }
 
-struct Baton {
-    child: Child,
-    dir: PathBuf,
-    control: PathBuf,
+/// `PREFIX baton run --control DIR/baton.sock -l http=127.0.0.1:0 ARGS --
+/// APP` at `BATON_LOG=info` (the flood test counts lines), with generation
+/// 1 active; killed, not stopped, on drop: a Baton frozen by a failing
+/// test must not hold the test up for another linger.
+fn start(test: &str, prefix: &[&OsStr], args: &[&str], app: &[&OsStr], env: &[(&str, &OsStr)]) -> Baton {
+    BatonBuilder::new(baton_bin(), baton_testbed::unique_temp_dir("baton-hostile", test))
+        .wrapped_in(prefix)
+        .args(args)
+        .app(app)
+        .envs(env.iter().copied())
+        .log_level(Some("info"))
+        .kill_on_drop()
+        .start()
 }
 
-impl Baton {
-    /// `PREFIX baton run --control DIR/baton.sock -l http=127.0.0.1:0 ARGS --
-    /// APP`, with generation 1 active.
-    fn start(test: &str, prefix: &[&OsStr], args: &[&str], app: &[&OsStr], env: &[(&str, &OsStr)]) -> Baton {
-        let dir = baton_testbed::unique_temp_dir("baton-hostile", test);
-        let control = dir.join("baton.sock");
-        let (program, prefix_args) = match prefix.split_first() {
-            Some((p, rest)) => (p.to_os_string(), rest.to_vec()),
-            None => (OsString::from(baton_bin()), Vec::new()),
-        };
-        let mut cmd = Command::new(program);
-        cmd.args(prefix_args);
-        if !prefix.is_empty() {
-            cmd.arg(baton_bin());
-        }
-        cmd.arg("run").arg("--control").arg(&control).args(["-l", "http=127.0.0.1:0"]).args(args).arg("--").args(app);
-        cmd.stdout(std::fs::File::create(dir.join("baton.out")).unwrap())
-            .stderr(std::fs::File::create(dir.join("baton.log")).unwrap())
-            .stdin(Stdio::null())
-            .envs(env.iter().copied())
-            .env("BATON_LOG", "info");
-        let child = cmd.spawn().expect("spawn baton");
-        let b = Baton { child, dir, control };
-        b.wait_status("generation 1 active", |s| {
-            s.generations.iter().any(|g| g.generation == 1 && g.state == "active")
-        });
-        b
-    }
+/// Baton serving `baton-sd-probe`.
+fn with_probe(test: &str, prefix: &[&OsStr]) -> Baton {
+    let probe = cargo_bin("sd-probe", "baton-sd-probe");
+    let report = std::env::temp_dir().join(format!("baton-hostile-{test}-{}.report", std::process::id()));
+    let app =
+        [probe.as_os_str(), OsStr::new("--serve"), OsStr::new("http"), OsStr::new("--report"), report.as_os_str()];
+    start(test, prefix, &[], &app, &[])
+}
 
-    /// Baton serving `baton-sd-probe`.
-    fn with_probe(test: &str, prefix: &[&OsStr]) -> Baton {
-        let probe = cargo_bin("sd-probe", "baton-sd-probe");
-        let report = std::env::temp_dir().join(format!("baton-hostile-{test}-{}.report", std::process::id()));
-        let app =
-            [probe.as_os_str(), OsStr::new("--serve"), OsStr::new("http"), OsStr::new("--report"), report.as_os_str()];
-        Baton::start(test, prefix, &[], &app, &[])
-    }
-
-    fn notify_path(&self) -> PathBuf {
-        self.control.with_extension("notify")
-    }
-
-    fn handoff_path(&self) -> PathBuf {
-        self.control.with_extension("handoff")
-    }
-
-    fn try_status(&self) -> Option<Status> {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        match rt.block_on(async {
-            tokio::time::timeout(2 * LINGER, baton::control::call(&self.control, &Request::Status)).await
-        }) {
-            Ok(Ok(Response::Status(s))) => Some(*s),
-            _ => None,
-        }
-    }
-
-    fn wait_status(&self, what: &str, mut pred: impl FnMut(&Status) -> bool) -> Status {
-        poll_until(what, WAIT, || self.try_status().filter(|s| pred(s)))
-            .unwrap_or_else(|e| panic!("{e}\nlog:\n{}", self.log()))
-    }
-
+/// What these tests watch of Baton besides what the harness has.
+trait Responsive {
     /// Asks for `status` `times` times; each answer must come within
     /// [`PROMPT`].
+    fn assert_status_prompt(&self, times: usize, during: &str);
+    /// Waits until Baton holds at most `at_most` fds.
+    fn wait_fds(&self, at_most: usize);
+}
+
+impl Responsive for Baton {
     fn assert_status_prompt(&self, times: usize, during: &str) {
         for i in 0..times {
             let started = Instant::now();
@@ -195,51 +157,9 @@ impl Baton {
         }
     }
 
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).unwrap().count()
-    }
-
-    fn fd_targets(&self) -> Vec<String> {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
-            .unwrap()
-            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-            .map(|p| p.display().to_string())
-            .collect()
-    }
-
-    /// Waits until Baton holds at most `at_most` fds.
     fn wait_fds(&self, at_most: usize) {
-        poll_until(&format!("baton's fds back to {at_most}"), WAIT, || (self.fds() <= at_most).then_some(()))
-            .unwrap_or_else(|e| panic!("{e}: {} now: {:?}\nlog:\n{}", self.fds(), self.fd_targets(), self.log()));
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("baton.log")).unwrap_or_default()
-    }
-
-    fn wait_log(&self, needle: &str) {
-        self.wait_log_within(needle, WAIT);
-    }
-
-    /// Waits for `needle` in the log, at most `limit`: for lines a
-    /// responsive Baton logs at once (a frozen one only after [`LINGER`]).
-    fn wait_log_within(&self, needle: &str, limit: Duration) {
-        poll_until(&format!("{needle:?} in baton's log"), limit, || self.log().contains(needle).then_some(()))
-            .unwrap_or_else(|e| panic!("{e}: Baton did not process it promptly\nlog:\n{}", self.log()));
-    }
-}
-
-impl Drop for Baton {
-    fn drop(&mut self) {
-        // Killed, not stopped: a Baton frozen by a failing test must not
-        // hold the test up for another linger.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        poll_until(&format!("baton's fds back to {at_most}"), WAIT, || (self.fd_count() <= at_most).then_some(()))
+            .unwrap_or_else(|e| panic!("{e}: {} now: {:?}\nlog:\n{}", self.fd_count(), self.fd_targets(), self.log()));
     }
 }
 
@@ -285,17 +205,17 @@ fn send_through_handoff(path: &Path, fd: BorrowedFd<'_>) {
 
 #[test]
 fn refused_notify_datagrams_with_lingering_fds_do_not_freeze_baton() {
-    let b = Baton::with_probe("refused-notify", &[]);
-    let baseline = b.fds();
+    let b = with_probe("refused-notify", &[]);
+    let baseline = b.fd_count();
     let sink = Sink::new();
     let weapons: Vec<OwnedFd> = (0..4).map(|_| weapon(sink.port())).collect();
     while_stopped(b.pid(), || {
         // Repeatedly: each would freeze an unfixed Baton for the whole linger.
         for w in &weapons[..3] {
-            send_dgram(&b.notify_path(), b"READY=1\nFDSTORE=1", &[w.as_fd()]);
+            send_dgram(&b.notify_socket(), b"READY=1\nFDSTORE=1", &[w.as_fd()]);
         }
         // Oversized: refused by the receive path itself.
-        send_dgram(&b.notify_path(), &vec![b'x'; 5000], &[weapons[3].as_fd(), weapons[3].as_fd()]);
+        send_dgram(&b.notify_socket(), &vec![b'x'; 5000], &[weapons[3].as_fd(), weapons[3].as_fd()]);
         drop(weapons);
     });
     // Logged just before the fds are dropped.
@@ -309,13 +229,13 @@ fn refused_notify_datagrams_with_lingering_fds_do_not_freeze_baton() {
 
 #[test]
 fn refused_handoff_peers_with_queued_lingering_fds_do_not_freeze_baton() {
-    let b = Baton::with_probe("refused-handoff", &[]);
-    let baseline = b.fds();
+    let b = with_probe("refused-handoff", &[]);
+    let baseline = b.fd_count();
     let sink = Sink::new();
     let weapons: Vec<OwnedFd> = (0..3).map(|_| weapon(sink.port())).collect();
     while_stopped(b.pid(), || {
         for w in &weapons {
-            send_through_handoff(&b.handoff_path(), w.as_fd());
+            send_through_handoff(&b.handoff_socket(), w.as_fd());
         }
         drop(weapons);
     });
@@ -328,8 +248,8 @@ fn refused_handoff_peers_with_queued_lingering_fds_do_not_freeze_baton() {
 #[test]
 fn truncated_control_data_with_lingering_fds_does_not_freeze_baton() {
     use rustix::process::{Pid, Resource, prlimit};
-    let b = Baton::with_probe("truncated", &[]);
-    let baseline = b.fds();
+    let b = with_probe("truncated", &[]);
+    let baseline = b.fd_count();
     let sink = Sink::new();
     let w = weapon(sink.port());
     // Baton at its open-file limit: the kernel installs the few fds that fit
@@ -341,7 +261,7 @@ fn truncated_control_data_with_lingering_fds_does_not_freeze_baton() {
     prlimit(Some(pid), Resource::Nofile, low).expect("lower baton's RLIMIT_NOFILE");
     while_stopped(b.pid(), || {
         let copies = vec![w.as_fd(); 200];
-        send_dgram(&b.notify_path(), b"FDSTORE=1", &copies);
+        send_dgram(&b.notify_socket(), b"FDSTORE=1", &copies);
         drop(w);
     });
     b.wait_log_within("its control data was truncated", PROMPT);
@@ -360,8 +280,8 @@ fn a_generations_unstored_and_overflowing_fds_do_not_freeze_baton() {
     let port = sink.port().to_string();
     let app = [exe.as_os_str(), OsStr::new("generation_helper"), OsStr::new("--exact"), OsStr::new("--nocapture")];
     let env: [(&str, &OsStr); 2] = [(HELPER_PORT_ENV, OsStr::new(&port)), (HELPER_TRIGGER_ENV, trigger.as_os_str())];
-    let b = Baton::start("generation", &[], &["--fdstore-max", "1"], &app, &env);
-    let baseline = b.fds();
+    let b = start("generation", &[], &["--fdstore-max", "1"], &app, &env);
+    let baseline = b.fd_count();
     std::fs::write(&trigger, "").unwrap();
     b.wait_log_within("fd(s) sent without FDSTORE=1", PROMPT);
     b.assert_status_prompt(3, "after a generation sent lingering sockets without FDSTORE=1");
@@ -415,10 +335,10 @@ fn summary_counts(log: &str, what: &str, from: &str) -> Vec<u64> {
 
 #[test]
 fn a_flood_of_refused_datagrams_is_summarised_not_logged_line_by_line() {
-    let b = Baton::with_probe("flood", &[]);
+    let b = with_probe("flood", &[]);
     let lines_before = b.log().lines().count();
     let sock = UnixDatagram::unbound().unwrap();
-    sock.connect(b.notify_path()).unwrap();
+    sock.connect(b.notify_socket()).unwrap();
     let started = Instant::now();
     let mut sent: u64 = 0;
     while started.elapsed() < Duration::from_secs(2) {
@@ -455,11 +375,11 @@ fn a_handoff_peer_whose_pid_baton_cannot_see_is_refused_clearly_and_quietly() {
     // Baton in a PID namespace of its own: this test process is outside it,
     // so SO_PEERCRED reports our pid as 0 to Baton.
     let prefix = ["unshare", "--pid", "--mount-proc", "--kill-child", "--"].map(OsStr::new);
-    let b = Baton::with_probe("pidns", &prefix);
+    let b = with_probe("pidns", &prefix);
     for _ in 0..30 {
         let conn = rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)
             .expect("socket");
-        rustix::net::connect(&conn, &rustix::net::SocketAddrUnix::new(b.handoff_path()).unwrap())
+        rustix::net::connect(&conn, &rustix::net::SocketAddrUnix::new(b.handoff_socket()).unwrap())
             .expect("connect to handoff");
     }
     b.wait_log("its pid is not visible in Baton's PID namespace");
@@ -477,8 +397,8 @@ fn a_handoff_peer_whose_pid_baton_cannot_see_is_refused_clearly_and_quietly() {
 
 #[test]
 fn an_upgrade_is_not_held_up_by_fds_waiting_for_the_closer() {
-    let b = Baton::with_probe("upgrade", &[]);
-    let baseline = b.fds();
+    let b = with_probe("upgrade", &[]);
+    let baseline = b.fd_count();
     let sink = Sink::new();
     // One keeps the closer thread busy, the others wait in its queue; the
     // exec of `baton upgrade` would close those on Baton's thread, one
@@ -486,13 +406,14 @@ fn an_upgrade_is_not_held_up_by_fds_waiting_for_the_closer() {
     let weapons: Vec<OwnedFd> = (0..3).map(|_| weapon(sink.port())).collect();
     while_stopped(b.pid(), || {
         for w in &weapons {
-            send_dgram(&b.notify_path(), b"READY=1", &[w.as_fd()]);
+            send_dgram(&b.notify_socket(), b"READY=1", &[w.as_fd()]);
         }
         drop(weapons);
     });
     b.wait_log_within("refused: not a generation's main process", PROMPT);
     let started = Instant::now();
-    let out = Command::new(baton_bin()).args(["upgrade", "--control"]).arg(&b.control).output().expect("baton upgrade");
+    let out =
+        Command::new(baton_bin()).args(["upgrade", "--control"]).arg(b.control()).output().expect("baton upgrade");
     let took = started.elapsed();
     assert!(out.status.success(), "baton upgrade failed after {took:?}: {out:?}\nlog:\n{}", b.log());
     assert!(took < LINGER, "baton upgrade took {took:?} (the weapons linger {LINGER:?} each)\nlog:\n{}", b.log());

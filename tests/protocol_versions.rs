@@ -22,15 +22,12 @@ use std::ffi::OsString;
 use std::net::TcpStream;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use baton_testbed::baton::{Baton, BatonBuilder, WAIT};
+use baton_testbed::probe::ask;
 use baton_testbed::{Flavor, Testbed, cargo_bin, free_loopback_port, poll_until, skip_unless_root, unique_temp_dir};
 use rustix::process::{Pid, PidfdFlags, Signal};
-
-/// Deadline for anything that should happen soon: generous, the machine
-/// is a noisy 2-core box.
-const WAIT: Duration = Duration::from_secs(30);
 
 fn baton_bin() -> &'static str {
     env!("CARGO_BIN_EXE_baton")
@@ -55,81 +52,17 @@ fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
-/// `baton run --control DIR/baton.sock ARGS -- APP...` with its log in
-/// `DIR/baton.log`.
-struct Baton {
-    child: Child,
-    dir: PathBuf,
-    control: PathBuf,
-    exited: Option<ExitStatus>,
-}
-
-impl Baton {
-    fn launch(dir: &Path, args: &[&str], app: &[OsString], env: &[(&str, &str)]) -> Baton {
-        let control = dir.join("baton.sock");
-        let mut cmd = Command::new(baton_bin());
-        cmd.arg("run").arg("--control").arg(&control).args(args).arg("--").args(app);
-        cmd.stdout(std::fs::File::create(dir.join("baton.out")).unwrap())
-            .stderr(std::fs::File::create(dir.join("baton.log")).unwrap())
-            .stdin(Stdio::null())
-            .current_dir(dir)
-            .envs(env.iter().copied())
-            .env("BATON_LOG", "debug");
-        let child = cmd.spawn().expect("spawn baton");
-        Baton { child, dir: dir.to_owned(), control, exited: None }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("baton.log")).unwrap_or_default()
-    }
-
-    /// `baton status --json`, or `None` while Baton does not answer.
-    fn try_status(&self) -> Option<serde_json::Value> {
-        let out =
-            Command::new(baton_bin()).arg("status").arg("--control").arg(&self.control).arg("--json").output().ok()?;
-        out.status.success().then(|| serde_json::from_slice(&out.stdout).ok()).flatten()
-    }
-
-    /// Waits until generation `n` is active; returns its pid.
-    fn wait_active(&self, n: u64) -> u32 {
-        poll_until(&format!("generation {n} active"), WAIT, || {
-            let s = self.try_status()?;
-            let g = s["generations"].as_array()?.iter().find(|g| g["generation"] == n && g["state"] == "active")?;
-            g["pid"].as_u64().map(|p| p as u32)
-        })
-        .unwrap_or_else(|e| panic!("{e}\nlog:\n{}", self.log()))
-    }
-
-    /// The address of its first listener (`baton status`).
-    fn local_addr(&self) -> std::net::SocketAddr {
-        let s = self.try_status().expect("baton status");
-        let local = s["sockets"][0]["local"].as_str().unwrap_or_else(|| panic!("no socket in {s}"));
-        local.trim_start_matches("tcp ").parse().unwrap_or_else(|e| panic!("{local:?}: {e}"))
-    }
-
-    fn wait_exit(&mut self) -> ExitStatus {
-        if let Some(s) = self.exited {
-            return s;
-        }
-        let child = &mut self.child;
-        let status = poll_until("baton to exit", WAIT, || child.try_wait().ok().flatten());
-        let status = status.unwrap_or_else(|e| panic!("{e}\nlog:\n{}", self.log()));
-        self.exited = Some(status);
-        status
-    }
-}
-
-impl Drop for Baton {
-    fn drop(&mut self) {
-        if self.exited.is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// `baton run --control DIR/baton.sock -l http=127.0.0.1:0 -- APP...` in
+/// `DIR` with `env`, its log in `DIR/baton.log`; SIGKILLed on drop unless
+/// it exited, the directory left in place.
+fn launch(dir: &Path, app: &[OsString], env: &[(&str, &str)]) -> Baton {
+    BatonBuilder::new(baton_bin(), dir)
+        .app(app)
+        .envs(env.iter().copied())
+        .current_dir(dir)
+        .kill_on_drop()
+        .keep_dir()
+        .spawn()
 }
 
 fn wait_file_line(path: &Path, line: &str) {
@@ -181,12 +114,12 @@ fn stop_race_round(round: usize) -> bool {
         "--report".into(),
         report.clone().into(),
     ];
-    let mut b = Baton::launch(&dir, &["-l", "http=127.0.0.1:0"], &app, &[]);
+    let mut b = launch(&dir, &app, &[]);
     let pid1 = b.wait_active(1);
     // A request in flight keeps the generation draining (alive) after its
     // STOPPING=1: an exited sender's datagram is refused anyway.
     let fds = fd_count(pid1);
-    let _in_flight = TcpStream::connect(b.local_addr()).unwrap();
+    let _in_flight = TcpStream::connect(("127.0.0.1", b.port())).unwrap();
     poll_until("the probe accepting the request", WAIT, || (fd_count(pid1) > fds).then_some(()))
         .unwrap_or_else(|e| panic!("{e}"));
     signal(b.pid(), Signal::STOP);
@@ -230,7 +163,7 @@ fn a_generation_gets_its_own_pidfd_id_and_none_of_batons_ids() {
         ("MANAGERPIDFDID", "4243"),
         ("LISTEN_PIDFDID", "4244"),
     ];
-    let b = Baton::launch(&dir, &["-l", "http=127.0.0.1:0"], &app, &batons);
+    let b = launch(&dir, &app, &batons);
     let pid = b.wait_active(1);
     let text = std::fs::read_to_string(&env_file).unwrap();
     let var = |name: &str| text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix('=').map(str::to_owned));
@@ -303,15 +236,6 @@ impl Bed {
     }
 }
 
-/// One request to the probe: it answers `http PID`.
-fn ask(port: u16) -> Option<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(WAIT)).ok()?;
-    let mut out = String::new();
-    std::io::Read::read_to_string(&mut s, &mut out).ok()?;
-    Some(out.trim().to_owned())
-}
-
 /// `STOPPING=1` final (259+) and `RESTART_RESET=1` (258+), on whatever
 /// systemd `b` runs:
 ///
@@ -347,7 +271,7 @@ fn stopping_is_never_forwarded_and_restart_reset(b: &Bed) {
     assert_eq!(b.show("NRestarts"), "1");
     b.wait_for("the new Baton's generation", || b.starts().len() > before);
     let pid1 = *b.starts().last().unwrap();
-    b.wait_for("its generation serving", || ask(b.port) == Some(format!("http {pid1}")));
+    b.wait_for("its generation serving", || ask(b.port) == Ok(format!("http {pid1}")));
 
     // The generation stops on its own, while a request keeps it draining
     // (an exited sender's datagram would be refused, see the report).
@@ -366,7 +290,7 @@ fn stopping_is_never_forwarded_and_restart_reset(b: &Bed) {
     b.wait_for("the replacement serving", || {
         states.insert(format!("{}/{}", b.show("ActiveState"), b.show("SubState")));
         pid2 = b.starts().last().copied().filter(|&p| p != pid1);
-        pid2.is_some_and(|p| ask(b.port) == Some(format!("http {p}")))
+        pid2.is_some_and(|p| ask(b.port) == Ok(format!("http {p}")))
     });
     let replaced_in = t0.elapsed();
     drop(in_flight);
@@ -386,7 +310,7 @@ fn stopping_is_never_forwarded_and_restart_reset(b: &Bed) {
     let expected = if version >= 258 { "0" } else { "1" };
     b.wait_for(&format!("NRestarts={expected}"), || b.show("NRestarts") == expected);
     assert_eq!(format!("{}/{}", b.show("ActiveState"), b.show("SubState")), "active/running");
-    assert_eq!(ask(b.port), Some(format!("http {}", pid2.unwrap())));
+    assert_eq!(ask(b.port), Ok(format!("http {}", pid2.unwrap())));
     eprintln!(
         "systemd {version}: generation's own STOPPING=1 replaced in {replaced_in:?}, unit stayed active/running; \
          after RESTART_RESET=1 NRestarts={}",

@@ -22,18 +22,14 @@
 //! directory.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use baton::control::{Request, Response, Status};
+use baton::control::Status;
+use baton_testbed::baton::{Baton, BatonBuilder, WAIT};
 use baton_testbed::load::{Load, LoadConfig, LoadReport, Mode};
 use baton_testbed::{cargo_bin, poll_until};
-
-/// Deadline for anything that should happen "soon" (a noisy 2-core box).
-const WAIT: Duration = Duration::from_secs(30);
 
 /// Default number of restarts.
 const DEFAULT_RESTARTS: u64 = 100;
@@ -45,134 +41,38 @@ const RSS_GROWTH_MAX_KIB: u64 = 4 * 1024;
 /// a draining generation hands over wait there briefly (the pool has 8).
 const STORE_MAX: usize = 32;
 
-struct Baton {
-    child: Child,
-    dir: PathBuf,
-    control: PathBuf,
-    port: u16,
+/// `baton run -l http=127.0.0.1:0 --control DIR/baton.sock -- baton-httpd
+/// --root DIR/www`, at Baton's default log level, generation 1 active.
+fn start(dir: &Path) -> Baton {
+    let www = dir.join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("index.html"), "soak\n").unwrap();
+    BatonBuilder::new(env!("CARGO_BIN_EXE_baton"), dir)
+        .app([cargo_bin("baton-httpd", "baton-httpd").as_os_str(), "--root".as_ref(), www.as_os_str()])
+        .log_level(None)
+        .start()
 }
 
-impl Baton {
-    /// `baton run -l http=127.0.0.1:0 --control DIR/baton.sock -- baton-httpd --root DIR/www`
-    fn start(dir: &Path) -> Baton {
-        let www = dir.join("www");
-        std::fs::create_dir_all(&www).unwrap();
-        std::fs::write(www.join("index.html"), "soak\n").unwrap();
-        let control = dir.join("baton.sock");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_baton"))
-            .arg("run")
-            .arg("--control")
-            .arg(&control)
-            .args(["-l", "http=127.0.0.1:0", "--"])
-            .arg(cargo_bin("baton-httpd", "baton-httpd"))
-            .arg("--root")
-            .arg(&www)
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(dir.join("baton.log")).unwrap())
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn baton");
-        // Baton prints "baton: NAME ADDR" for each socket before starting the app.
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let port = line
-            .trim()
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("no port in baton's first line {line:?}"));
-        let b = Baton { child, dir: dir.to_owned(), control, port };
-        b.wait_status("generation 1 active", |s| s.generations.iter().any(|g| g.state == "active"));
-        b
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn try_status(&self) -> Option<Status> {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        match rt.block_on(baton::control::call(&self.control, &Request::Status)) {
-            Ok(Response::Status(s)) => Some(*s),
-            _ => None,
-        }
-    }
-
-    fn wait_status(&self, what: &str, mut pred: impl FnMut(&Status) -> bool) -> Status {
-        poll_until(what, WAIT, || self.try_status().filter(|s| pred(s)))
-            .unwrap_or_else(|e| panic!("{e}\nstatus: {:?}\nlog:\n{}", self.try_status(), self.log_tail()))
-    }
-
-    /// `baton restart`, through the CLI, as an operator would.
-    fn restart(&self) -> u64 {
-        let out = Command::new(env!("CARGO_BIN_EXE_baton"))
-            .arg("restart")
-            .arg("--control")
-            .arg(&self.control)
-            .output()
-            .expect("run baton restart");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "baton restart: {:?}\nstdout: {stdout}\nstderr: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        // "generation N (pid P) ready after T ms, replacing generation M"
-        stdout
-            .split_whitespace()
-            .nth(1)
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no generation in {stdout:?}"))
-    }
-
-    /// Waits until the draining generations have exited.
-    fn wait_drained(&self) -> Status {
-        self.wait_status("draining generations gone", |s| s.generations.len() == 1)
-    }
-
-    fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.join("baton.log")).unwrap_or_default();
-        log[log.len().saturating_sub(20_000)..].to_owned()
-    }
-
-    /// Baton's resources now (not its children's).
-    fn resources(&self) -> Resources {
-        let pid = self.pid();
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        let field = |name: &str| -> u64 {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name)?.split_whitespace().next()?.parse().ok())
-                .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
-        };
-        Resources {
-            fds: std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count(),
-            threads: field("Threads:"),
-            rss_kib: field("VmRSS:"),
-            zombies: zombie_children(pid),
-        }
-    }
-
-    fn fd_targets(&self) -> Vec<String> {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
-            .unwrap()
-            .filter_map(|e| {
-                let e = e.ok()?;
-                let target = std::fs::read_link(e.path()).ok()?;
-                Some(format!("{}->{}", e.file_name().to_string_lossy(), target.display()))
-            })
-            .collect()
-    }
+/// Waits until the draining generations have exited.
+fn wait_drained(b: &Baton) -> Status {
+    b.wait_status("draining generations gone", |s| s.generations.len() == 1)
 }
 
-impl Drop for Baton {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("----- baton's log (tail) -----\n{}", self.log_tail());
-        }
-        baton_testbed::terminate(&mut self.child, WAIT);
-        let _ = std::fs::remove_dir_all(&self.dir);
+/// Baton's resources now (not its children's).
+fn resources(b: &Baton) -> Resources {
+    let pid = b.pid();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+    };
+    Resources {
+        fds: std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count(),
+        threads: field("Threads:"),
+        rss_kib: field("VmRSS:"),
+        zombies: zombie_children(pid),
     }
 }
 
@@ -252,8 +152,8 @@ fn ms(d: Duration) -> f64 {
 fn soak_restarts_under_load_leak_nothing_and_lose_nothing() {
     let n = restarts_wanted();
     let dir = baton_testbed::unique_temp_dir("baton-soak", "soak");
-    let b = Baton::start(&dir);
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, b.port));
+    let b = start(&dir);
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, b.port()));
     let config = |mode, connections, rate| {
         LoadConfig::new(addr)
             .mode(mode)
@@ -284,13 +184,13 @@ fn soak_restarts_under_load_leak_nothing_and_lose_nothing() {
         b.restart();
         wait_ok(20, "warm-up restart");
     }
-    b.wait_drained();
+    wait_drained(&b);
     let store_start = settled("the fd store", || b.try_status().map(|s| s.fdstore));
-    let fds = settled("baton's fds", || b.resources().fds);
+    let fds = settled("baton's fds", || resources(&b).fds);
     // Idle threads of tokio's blocking pool exit after 10 s without work:
     // the count at rest is the one that held that long.
-    let threads = steady("baton's threads", Duration::from_secs(12), || b.resources().threads);
-    let start = Resources { fds, threads, ..b.resources() };
+    let threads = steady("baton's threads", Duration::from_secs(12), || resources(&b).threads);
+    let start = Resources { fds, threads, ..resources(&b) };
     eprintln!("soak: start (after warm-up): {start:?}, fd store {store_start:?}");
     assert!(start.zombies.is_empty(), "{start:?}");
 
@@ -310,7 +210,7 @@ fn soak_restarts_under_load_leak_nothing_and_lose_nothing() {
             assert!(s.fdstore <= STORE_MAX, "fd store at {} entries after restart {i}: {s:?}", s.fdstore);
         }
         if i % 100 == 0 {
-            let r = b.resources();
+            let r = resources(&b);
             eprintln!("soak: {i} restarts in {:.1} s: {r:?}, fd store max {store_max}", t0.elapsed().as_secs_f64());
         }
     }
@@ -319,15 +219,15 @@ fn soak_restarts_under_load_leak_nothing_and_lose_nothing() {
     let reports: Vec<(&str, LoadReport)> = loads.into_iter().map(|(name, load)| (name, load.stop())).collect();
 
     // Settle: the draining generations exit, then Baton's counts come back.
-    let s = b.wait_drained();
+    let s = wait_drained(&b);
     let store_end = settled("the fd store", || b.try_status().map(|s| s.fdstore));
     let fds_back =
-        poll_until("baton's fds back to the start value", WAIT, || (b.resources().fds == start.fds).then_some(()));
+        poll_until("baton's fds back to the start value", WAIT, || (resources(&b).fds == start.fds).then_some(()));
     let threads_back = poll_until("baton's threads back to the start value", WAIT, || {
-        (b.resources().threads == start.threads).then_some(())
+        (resources(&b).threads == start.threads).then_some(())
     });
-    let no_zombies = poll_until("no zombie child", WAIT, || b.resources().zombies.is_empty().then_some(()));
-    let end = b.resources();
+    let no_zombies = poll_until("no zombie child", WAIT, || resources(&b).zombies.is_empty().then_some(()));
+    let end = resources(&b);
 
     took.sort();
     let pct = |p: f64| took[((took.len() - 1) as f64 * p) as usize];

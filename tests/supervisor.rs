@@ -6,165 +6,44 @@
 //! private temporary directory.
 
 use std::ffi::OsStr;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use baton::control::{Response, Status};
+use baton_testbed::baton::{Baton, BatonBuilder, WAIT};
 use baton_testbed::expect_success as ok;
 use baton_testbed::load::{Load, LoadConfig, Mode};
+use baton_testbed::probe::ask;
 use baton_testbed::{cargo_bin, poll_until};
-
-const WAIT: Duration = Duration::from_secs(30);
 
 fn scratch(test: &str) -> PathBuf {
     baton_testbed::unique_temp_dir("baton-sup", test)
 }
 
-struct Baton {
-    child: Child,
-    /// Baton's stdout, kept open: with `--output inherit` it is the
-    /// generations' stdout too, which must not turn into a broken pipe.
-    _stdout: BufReader<std::process::ChildStdout>,
-    dir: PathBuf,
-    control: PathBuf,
-    port: u16,
-    report: PathBuf,
+/// `baton run -l http=127.0.0.1:0 ARGS -- baton-sd-probe --serve http
+/// --report DIR/report PROBE_ARGS`, generation 1 active.
+fn start(test: &str, args: &[&str], probe_args: &[&str]) -> Baton {
+    let dir = scratch(test);
+    let report = dir.join("report");
+    let probe = cargo_bin("sd-probe", "baton-sd-probe");
+    let mut app: Vec<&OsStr> = vec![probe.as_os_str(), "--serve".as_ref(), "http".as_ref(), "--report".as_ref()];
+    app.push(report.as_os_str());
+    app.extend(probe_args.iter().map(OsStr::new));
+    run(dir, args, &app).start()
 }
 
-impl Baton {
-    /// `baton run -l http=127.0.0.1:0 ARGS -- baton-sd-probe --serve http --report R PROBE_ARGS`
-    fn start(test: &str, args: &[&str], probe_args: &[&str]) -> Baton {
-        let dir = scratch(test);
-        let report = dir.join("report");
-        let probe = cargo_bin("sd-probe", "baton-sd-probe");
-        let mut app: Vec<&OsStr> = vec![probe.as_os_str(), "--serve".as_ref(), "http".as_ref(), "--report".as_ref()];
-        app.push(report.as_os_str());
-        app.extend(probe_args.iter().map(OsStr::new));
-        Baton::run(dir, args, &app)
-    }
-
-    /// `baton run -l http=127.0.0.1:0 ARGS -- APP...` in `dir`, with
-    /// generation 1 active.
-    fn run(dir: PathBuf, args: &[&str], app: &[&OsStr]) -> Baton {
-        Baton::run_with_env(dir, args, app, &[])
-    }
-
-    /// [`Baton::run`] with more environment variables for Baton.
-    fn run_with_env(dir: PathBuf, args: &[&str], app: &[&OsStr], env: &[(&str, String)]) -> Baton {
-        let control = dir.join("baton.sock");
-        let report = dir.join("report");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_baton"));
-        cmd.arg("run").arg("--control").arg(&control).args(["-l", "http=127.0.0.1:0"]).args(args).arg("--");
-        cmd.args(app);
-        let log = std::fs::File::create(dir.join("baton.log")).unwrap();
-        cmd.stdout(Stdio::piped()).stderr(log).env("BATON_LOG", "debug");
-        cmd.envs(env.iter().map(|(k, v)| (k, v)));
-        let mut child = cmd.spawn().expect("spawn baton");
-        // Baton prints "baton: NAME ADDR" for each socket before starting the app.
-        let mut line = String::new();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        stdout.read_line(&mut line).unwrap();
-        let port = line
-            .trim()
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("no port in baton's first line {line:?}"));
-        let b = Baton { child, _stdout: stdout, dir, control, port, report };
-        b.wait_active(1);
-        b
-    }
-
-    fn cli(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_baton"))
-            .args(&args[..1])
-            .arg("--control")
-            .arg(&self.control)
-            .args(&args[1..])
-            .output()
-            .expect("run baton cli")
-    }
-
-    fn status(&self) -> Status {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        match rt.block_on(baton::control::call(&self.control, &baton::control::Request::Status)) {
-            Ok(Response::Status(s)) => *s,
-            other => panic!("status: {other:?}"),
-        }
-    }
-
-    fn try_status(&self) -> Option<Status> {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        match rt.block_on(baton::control::call(&self.control, &baton::control::Request::Status)) {
-            Ok(Response::Status(s)) => Some(*s),
-            _ => None,
-        }
-    }
-
-    /// Waits until generation `n` is the active one.
-    fn wait_active(&self, n: u64) {
-        poll_until(&format!("generation {n} active"), WAIT, || {
-            self.try_status()?.generations.iter().any(|g| g.generation == n && g.state == "active").then_some(())
-        })
-        .unwrap_or_else(|e| panic!("{e}\nreport:\n{}", self.report_text()));
-    }
-
-    fn report_text(&self) -> String {
-        std::fs::read_to_string(&self.report).unwrap_or_default()
-    }
-
-    fn active_pid(&self) -> u32 {
-        let s = self.status();
-        s.generations.iter().find(|g| g.state == "active").expect("an active generation").pid
-    }
-
-    fn fd_targets(&self) -> Vec<String> {
-        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
-            .unwrap()
-            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-            .map(|p| p.display().to_string())
-            .collect()
-    }
-
-    fn baton_fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.child.id())).unwrap().count()
-    }
-}
-
-impl Drop for Baton {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!(
-                "----- baton's log -----\n{}\n----- probe report -----\n{}",
-                std::fs::read_to_string(self.dir.join("baton.log")).unwrap_or_default(),
-                self.report_text()
-            );
-        }
-        baton_testbed::terminate(&mut self.child, WAIT);
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// One request to the probe: it answers "http PID" and closes.
-fn ask(port: u16) -> Result<String, String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).map_err(|e| format!("read: {e}"))?;
-    if out.is_empty() {
-        return Err("closed without an answer".into());
-    }
-    Ok(out.trim().to_owned())
+/// `baton run -l http=127.0.0.1:0 ARGS -- APP...` in `dir`.
+fn run(dir: PathBuf, args: &[&str], app: &[&OsStr]) -> BatonBuilder {
+    BatonBuilder::new(env!("CARGO_BIN_EXE_baton"), dir).args(args).app(app)
 }
 
 #[test]
 fn conformance_app_runs_unchanged_and_restarts_overlapped() {
-    let b = Baton::start("overlap", &[], &[]);
+    let b = start("overlap", &[], &[]);
     let pid1 = b.active_pid();
-    assert_eq!(ask(b.port).unwrap(), format!("http {pid1}"));
+    assert_eq!(ask(b.port()).unwrap(), format!("http {pid1}"));
     let text = b.report_text();
     assert!(text.contains("fd 3 name=http kind=a listening TCP socket"), "{text}");
 
@@ -176,7 +55,7 @@ fn conformance_app_runs_unchanged_and_restarts_overlapped() {
     // and handling its SIGTERM (both serve the same socket); once it is
     // gone, only generation 2 answers.
     poll_until("generation 1 gone", WAIT, || (b.status().generations.len() == 1).then_some(())).unwrap();
-    assert_eq!(ask(b.port).unwrap(), format!("http {pid2}"));
+    assert_eq!(ask(b.port()).unwrap(), format!("http {pid2}"));
     // The old generation was asked to stop only after the new one was ready.
     let text = b.report_text();
     let ready2 = text.match_indices("ready").nth(1).map(|(i, _)| i).unwrap();
@@ -196,8 +75,8 @@ fn restarts_under_load_lose_nothing() {
     std::fs::write(www.join("index.html"), "load\n").unwrap();
     let httpd = cargo_bin("baton-httpd", "baton-httpd");
     let app = [httpd.as_os_str(), "--root".as_ref(), www.as_os_str()];
-    let b = Baton::run(dir, &[], &app);
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, b.port));
+    let b = run(dir, &[], &app).start();
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, b.port()));
     let config = |mode, connections, rate| {
         LoadConfig::new(addr)
             .mode(mode)
@@ -237,7 +116,7 @@ fn failed_restarts_leave_the_old_generation_serving() {
     let dir = scratch("fail-marks");
     let fail = dir.join("fail");
     let hang = dir.join("hang");
-    let b = Baton::start(
+    let b = start(
         "fail",
         &["--ready-timeout", "2s"],
         &["--fail-if-exists", fail.to_str().unwrap(), "--hang-if-exists", hang.to_str().unwrap()],
@@ -252,7 +131,7 @@ fn failed_restarts_leave_the_old_generation_serving() {
     assert!(err.contains("generation 1 keeps serving"), "{err}");
     // The app's last output comes with the failure.
     assert!(err.contains("last output:") && err.contains("failing before READY=1"), "{err}");
-    assert_eq!(ask(b.port).unwrap(), format!("http {pid1}"));
+    assert_eq!(ask(b.port()).unwrap(), format!("http {pid1}"));
     std::fs::remove_file(&fail).unwrap();
 
     std::fs::write(&hang, "").unwrap();
@@ -263,7 +142,7 @@ fn failed_restarts_leave_the_old_generation_serving() {
     // The hung generation was asked to stop (SIGTERM, like systemd after a
     // start timeout) and finishes what it accepted; then only 1 is left.
     poll_until("the failed generation gone", WAIT, || (b.status().generations.len() == 1).then_some(())).unwrap();
-    assert_eq!(ask(b.port).unwrap(), format!("http {pid1}"));
+    assert_eq!(ask(b.port()).unwrap(), format!("http {pid1}"));
     let status = b.status();
     assert!(status.last_failure.as_deref().unwrap_or("").contains("no READY=1"), "{status:?}");
     std::fs::remove_file(&hang).unwrap();
@@ -276,8 +155,8 @@ fn failed_restarts_leave_the_old_generation_serving() {
 
 #[test]
 fn concurrent_restarts_all_get_an_outcome() {
-    let b = Baton::start("concurrent", &[], &["--ready-delay-ms", "200"]);
-    let control = b.control.clone();
+    let b = start("concurrent", &[], &["--ready-delay-ms", "200"]);
+    let control = b.control().to_owned();
     let callers: Vec<_> = (0..20)
         .map(|_| {
             let control = control.clone();
@@ -302,11 +181,11 @@ fn concurrent_restarts_all_get_an_outcome() {
 
 #[test]
 fn a_stalled_control_client_does_not_delay_a_restart() {
-    let b = Baton::start("stall", &[], &[]);
+    let b = start("stall", &[], &[]);
     // Connects and says nothing, holding the connection open.
-    let _stalled = std::os::unix::net::UnixStream::connect(&b.control).unwrap();
+    let _stalled = std::os::unix::net::UnixStream::connect(b.control()).unwrap();
     let _half = {
-        let mut s = std::os::unix::net::UnixStream::connect(&b.control).unwrap();
+        let mut s = std::os::unix::net::UnixStream::connect(b.control()).unwrap();
         std::io::Write::write_all(&mut s, b"{\"cmd\":\"rest").unwrap();
         s
     };
@@ -321,9 +200,9 @@ fn a_stalled_control_client_does_not_delay_a_restart() {
 fn notifications_from_other_processes_are_refused() {
     let dir = scratch("spoof-marks");
     let hang = dir.join("hang");
-    let b = Baton::start("spoof", &["--ready-timeout", "3s"], &["--hang-if-exists", hang.to_str().unwrap()]);
+    let b = start("spoof", &["--ready-timeout", "3s"], &["--hang-if-exists", hang.to_str().unwrap()]);
     std::fs::write(&hang, "").unwrap();
-    let control = b.control.clone();
+    let control = b.control().to_owned();
     let restart = std::thread::spawn(move || {
         Command::new(env!("CARGO_BIN_EXE_baton")).args(["restart", "--control"]).arg(&control).output().unwrap()
     });
@@ -333,7 +212,7 @@ fn notifications_from_other_processes_are_refused() {
         b.status().generations.iter().any(|g| g.generation == 2).then_some(())
     })
     .unwrap();
-    let notify_socket = b.control.with_extension("notify");
+    let notify_socket = b.control().with_extension("notify");
     for _ in 0..5 {
         let out = Command::new("systemd-notify")
             .args(["--ready", "--no-block"])
@@ -350,39 +229,24 @@ fn notifications_from_other_processes_are_refused() {
 
 #[test]
 fn systemd_notify_from_a_shell_script_child_works() {
-    let dir = scratch("shell");
-    let control = dir.join("baton.sock");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_baton"))
-        .arg("run")
-        .arg("--control")
-        .arg(&control)
-        .args(["--notify-access", "all", "--ready-timeout", "20s", "--"])
-        .args(["/bin/sh", "-c", "sleep 0.1; systemd-notify --ready --status='from a script' && exec sleep 1000"])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let status = poll_until("the shell generation active", WAIT, || {
-        match rt.block_on(baton::control::call(&control, &baton::control::Request::Status)) {
-            Ok(Response::Status(s)) if s.generations.iter().any(|g| g.state == "active") => Some(s),
-            _ => None,
-        }
-    });
-    let _ = rustix::process::kill_process(rustix::process::Pid::from_child(&child), rustix::process::Signal::TERM);
-    let _ = child.wait();
-    let status = status.unwrap();
+    let b = BatonBuilder::new(env!("CARGO_BIN_EXE_baton"), scratch("shell"))
+        .no_http_listener()
+        .args(["--notify-access", "all", "--ready-timeout", "20s"])
+        .app(["/bin/sh", "-c", "sleep 0.1; systemd-notify --ready --status='from a script' && exec sleep 1000"])
+        .spawn();
+    let status = b.wait_status("the shell generation active", |s| s.generations.iter().any(|g| g.state == "active"));
+    drop(b);
     assert_eq!(status.generations[0].status_text.as_deref(), Some("from a script"));
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
 fn no_fd_leak_over_200_restarts() {
-    let b = Baton::start("leak", &[], &[]);
+    let b = start("leak", &[], &[]);
     // Warm up lazily created fds (runtime, logging).
     ok(&b.cli(&["restart"]));
     b.wait_active(2);
     poll_until("generation 1 gone", WAIT, || (b.status().generations.len() == 1).then_some(())).unwrap();
-    let before = b.baton_fds();
+    let before = b.fd_count();
     for n in 3..=202 {
         ok(&b.cli(&["restart"]));
         b.wait_active(n);
@@ -392,9 +256,9 @@ fn no_fd_leak_over_200_restarts() {
     // a retiring generation close asynchronously; a real leak never returns
     // to the starting count.
     let settled = poll_until("baton's fd count back to its start", Duration::from_secs(10), || {
-        (b.baton_fds() <= before).then_some(())
+        (b.fd_count() <= before).then_some(())
     });
-    let after = b.baton_fds();
+    let after = b.fd_count();
     eprintln!("baton fds: {before} before, {after} after 200 restarts");
     settled.unwrap_or_else(|e| panic!("{e}: {before} before, {after} after: {:?}", b.fd_targets()));
     assert_eq!(b.status().restarts, 201);
@@ -402,10 +266,10 @@ fn no_fd_leak_over_200_restarts() {
 
 #[test]
 fn connections_stored_by_the_old_generation_reach_the_running_one() {
-    let b = Baton::start("handoff", &[], &["--hold"]);
+    let b = start("handoff", &[], &["--hold"]);
     let pid1 = b.active_pid();
     // Connections generation 1 accepted and holds without answering.
-    let clients: Vec<TcpStream> = (0..5).map(|_| TcpStream::connect(("127.0.0.1", b.port)).unwrap()).collect();
+    let clients: Vec<TcpStream> = (0..5).map(|_| TcpStream::connect(("127.0.0.1", b.port())).unwrap()).collect();
     let ports: Vec<u16> = clients.iter().map(|c| c.local_addr().unwrap().port()).collect();
     poll_until("generation 1 holding 5 connections", WAIT, || {
         (b.report_text().lines().filter(|l| *l == "held").count() == 5).then_some(())
@@ -433,9 +297,9 @@ fn connections_stored_by_the_old_generation_reach_the_running_one() {
 fn connections_wait_in_the_store_for_a_late_receiver() {
     let dir = scratch("late-gate");
     let gate = dir.join("gate");
-    let b = Baton::start("late", &[], &["--hold", "--handoff-gate", gate.to_str().unwrap()]);
+    let b = start("late", &[], &["--hold", "--handoff-gate", gate.to_str().unwrap()]);
     // Generation 1's own receiver is gated too; it never matters for it.
-    let clients: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(("127.0.0.1", b.port)).unwrap()).collect();
+    let clients: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(("127.0.0.1", b.port())).unwrap()).collect();
     poll_until("generation 1 holding 3 connections", WAIT, || {
         (b.report_text().lines().filter(|l| *l == "held").count() == 3).then_some(())
     })
@@ -542,11 +406,12 @@ fn logging_app_outliving_baton(test: &str, output: &str) -> (Orphan, Baton) {
     let dir = scratch(test);
     let script = dir.join("app.sh");
     std::fs::write(&script, LOGGING_APP).unwrap();
-    let b = Baton::run(
+    let b = run(
         dir.clone(),
         &["--output", output, "--notify-access", "all"],
         &["/bin/sh".as_ref(), script.as_os_str(), dir.as_os_str(), env!("CARGO_BIN_EXE_baton").as_ref()],
-    );
+    )
+    .start();
     let gen1 = Orphan::new(b.active_pid());
     (gen1, b)
 }
@@ -560,7 +425,7 @@ fn logging_app_outliving_baton(test: &str, output: &str) -> (Orphan, Baton) {
 #[test]
 fn inherited_output_outlives_baton() {
     let (gen1, mut b) = logging_app_outliving_baton("inherit-kill", "inherit");
-    let baton = b.child.id();
+    let baton = b.pid();
     for fd in [1, 2] {
         let (theirs, ours) = (fd_target(gen1.pid, fd), fd_target(baton, fd));
         assert!(!ours.is_empty(), "baton's fd {fd}");
@@ -570,10 +435,9 @@ fn inherited_output_outlives_baton() {
     // Baton reads no pipe of the generation's.
     assert_eq!(shared_pipes(gen1.pid, baton), Vec::<String>::new());
 
-    b.child.kill().unwrap();
-    b.child.wait().unwrap();
+    b.kill();
     // Still logging after Baton's death.
-    let log = b.dir.join("baton.log");
+    let log = b.dir().join("baton.log");
     let ticks = || std::fs::read_to_string(&log).unwrap_or_default().matches("tick").count();
     let before = ticks();
     poll_until("the orphaned generation logging on", WAIT, || (ticks() > before + 5).then_some(())).unwrap();
@@ -581,7 +445,7 @@ fn inherited_output_outlives_baton() {
     assert!(gen1.wait_exit(WAIT), "the generation did not finish draining");
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("draining 49"), "{text}");
-    assert_eq!(std::fs::read_to_string(b.dir.join("exited")).unwrap().trim(), "0", "it ran to its `exit 0`");
+    assert_eq!(std::fs::read_to_string(b.dir().join("exited")).unwrap().trim(), "0", "it ran to its `exit 0`");
 }
 
 /// The control for [`inherited_output_outlives_baton`]: with `--output pipe`
@@ -591,12 +455,11 @@ fn inherited_output_outlives_baton() {
 fn piped_output_breaks_when_baton_dies() {
     let (gen1, mut b) = logging_app_outliving_baton("pipe-kill", "pipe");
     assert!(fd_target(gen1.pid, 2).starts_with("pipe:"), "{}", fd_target(gen1.pid, 2));
-    assert_ne!(fd_target(gen1.pid, 2), fd_target(b.child.id(), 2));
-    assert_eq!(shared_pipes(gen1.pid, b.child.id()), vec![fd_target(gen1.pid, 2)], "baton reads its pipe");
-    b.child.kill().unwrap();
-    b.child.wait().unwrap();
+    assert_ne!(fd_target(gen1.pid, 2), fd_target(b.pid(), 2));
+    assert_eq!(shared_pipes(gen1.pid, b.pid()), vec![fd_target(gen1.pid, 2)], "baton reads its pipe");
+    b.kill();
     assert!(gen1.wait_exit(WAIT), "the app should die of SIGPIPE within {WAIT:?}");
-    assert!(!b.dir.join("exited").exists(), "it never reached its exit");
+    assert!(!b.dir().join("exited").exists(), "it never reached its exit");
 }
 
 /// `--output auto` (the default) inherits when `$JOURNAL_STREAM` names
@@ -622,9 +485,9 @@ fn auto_output_inherits_when_stderr_is_the_journal() {
         "--fail-if-exists".as_ref(),
         fail.as_os_str(),
     ];
-    let b = Baton::run_with_env(dir.clone(), &[], &app, &[("JOURNAL_STREAM", stream.clone())]);
+    let b = run(dir.clone(), &[], &app).env("JOURNAL_STREAM", &stream).start();
     let pid1 = b.active_pid();
-    assert_eq!(fd_target(pid1, 2), fd_target(b.child.id(), 2), "inherited");
+    assert_eq!(fd_target(pid1, 2), fd_target(b.pid(), 2), "inherited");
     let environ = std::fs::read(format!("/proc/{pid1}/environ")).unwrap();
     let want = format!("JOURNAL_STREAM={stream}");
     assert!(environ.split(|&c| c == 0).any(|v| v == want.as_bytes()), "the app can log natively");
@@ -644,8 +507,8 @@ fn auto_output_inherits_when_stderr_is_the_journal() {
     drop(b);
 
     // The same without JOURNAL_STREAM: a pipe, as before.
-    let b = Baton::start("auto-pipe", &[], &[]);
+    let b = start("auto-pipe", &[], &[]);
     let pid = b.active_pid();
     assert!(fd_target(pid, 2).starts_with("pipe:"), "{}", fd_target(pid, 2));
-    assert_ne!(fd_target(pid, 2), fd_target(b.child.id(), 2));
+    assert_ne!(fd_target(pid, 2), fd_target(b.pid(), 2));
 }

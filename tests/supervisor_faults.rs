@@ -29,20 +29,18 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Once};
+use std::process::{Command, ExitStatus, Output};
+use std::sync::Once;
 use std::time::{Duration, Instant};
 
-use baton::control::{Request, Response, Status};
+use baton::control::{Response, Status};
+use baton_testbed::baton::{Baton, BatonBuilder, WAIT, cli_at};
 use baton_testbed::expect_success as ok;
+use baton_testbed::httpd::{Served, healthz};
 use baton_testbed::load::{Load, LoadConfig, LoadReport, Mode};
+use baton_testbed::probe::{ProbeClients, ask};
 use baton_testbed::{cargo_bin, poll_until};
 use rustix::process::{Pid, Signal};
-
-/// Deadline for anything that should happen "soon": generous, the machine
-/// is a noisy 2-core box.
-const WAIT: Duration = Duration::from_secs(30);
 
 fn scratch(test: &str) -> PathBuf {
     baton_testbed::unique_temp_dir("baton-faults", test)
@@ -54,12 +52,6 @@ fn probe_bin() -> PathBuf {
 
 fn baton_bin() -> &'static str {
     env!("CARGO_BIN_EXE_baton")
-}
-
-/// `CLOCK_MONOTONIC` in µs, the clock of the probe's `--timestamps`.
-fn mono_us() -> u64 {
-    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
-    t.tv_sec as u64 * 1_000_000 + t.tv_nsec as u64 / 1_000
 }
 
 /// Whether `pid` is a live process (a zombie counts as gone: Baton reaps its
@@ -113,89 +105,82 @@ fn parse_report(text: &str) -> Vec<Line> {
         .collect()
 }
 
-struct Baton {
-    child: Child,
-    exited: Option<ExitStatus>,
-    dir: PathBuf,
-    control: PathBuf,
-    port: u16,
-    report: PathBuf,
+/// `baton run --control DIR/baton.sock -l http=127.0.0.1:0 ARGS -- APP...`
+/// in `dir`, returning once Baton has bound its socket (not waiting for
+/// the app).
+fn launch(dir: &Path, args: &[&str], app: &[&OsStr]) -> Baton {
+    launch_with_env(dir, args, app, &[])
 }
 
-impl Baton {
-    /// `baton run --control DIR/baton.sock -l http=127.0.0.1:0 ARGS -- APP...`,
-    /// returning once Baton has bound its socket (not waiting for the app).
-    fn launch(dir: &Path, args: &[&str], app: &[&OsStr]) -> Baton {
-        Baton::launch_with_env(dir, args, app, &[])
-    }
+/// [`launch`] with extra environment for Baton, which its generations
+/// inherit.
+fn launch_with_env(dir: &Path, args: &[&str], app: &[&OsStr], env: &[(&str, &OsStr)]) -> Baton {
+    no_core_dumps();
+    let b = BatonBuilder::new(baton_bin(), dir)
+        .args(args)
+        .app(app)
+        .envs(env.iter().copied())
+        .current_dir(dir)
+        .after_stop(kill_leftovers)
+        .spawn();
+    b.port();
+    b
+}
 
-    /// [`Baton::launch`] with extra environment for Baton, which its
-    /// generations inherit.
-    fn launch_with_env(dir: &Path, args: &[&str], app: &[&OsStr], env: &[(&str, &OsStr)]) -> Baton {
-        no_core_dumps();
-        let control = dir.join("baton.sock");
-        let out = dir.join("baton.out");
-        let mut cmd = Command::new(baton_bin());
-        cmd.arg("run").arg("--control").arg(&control).args(["-l", "http=127.0.0.1:0"]).args(args).arg("--").args(app);
-        cmd.stdout(std::fs::File::create(&out).unwrap())
-            .stderr(std::fs::File::create(dir.join("baton.log")).unwrap())
-            .stdin(Stdio::null())
-            .current_dir(dir)
-            .envs(env.iter().copied())
-            .env("BATON_LOG", "debug");
-        let child = cmd.spawn().expect("spawn baton");
-        let mut b = Baton { child, exited: None, dir: dir.to_owned(), control, port: 0, report: dir.join("report") };
-        // Baton prints "baton: NAME ADDR" for each socket before starting the app.
-        let line = poll_until("baton's socket line", WAIT, || {
-            let text = std::fs::read_to_string(&out).ok()?;
-            text.lines().find(|l| l.starts_with("baton: http ")).map(str::to_owned)
-        })
-        .unwrap_or_else(|e| panic!("{e}\nlog:\n{}", b.log()));
-        b.port = line.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("no port in {line:?}"));
-        b
-    }
+/// Baton running `baton-sd-probe --serve http --timestamps --report
+/// DIR/report PROBE_ARGS`, with generation 1 active.
+fn start_probe(dir: &Path, args: &[&str], probe_args: &[&str]) -> Baton {
+    let b = launch(dir, args, &probe_command(&dir.join("report"), probe_args));
+    b.wait_active(1);
+    b
+}
 
-    /// Baton running `baton-sd-probe --serve http --timestamps --report
-    /// DIR/report PROBE_ARGS`, with generation 1 active.
-    fn probe(dir: &Path, args: &[&str], probe_args: &[&str]) -> Baton {
-        let b = Baton::launch(dir, args, &probe_command(&dir.join("report"), probe_args));
-        b.wait_active(1);
-        b
-    }
+/// Baton running the fault switch (see the module docs): while a fault
+/// file exists, `fault` (shell commands) decides what the generation
+/// does; when it falls through, the generation execs `baton-httpd
+/// --root DIR/www`. The script sees `$T_DIR` (the test's directory),
+/// `$T_HTTPD`, `$T_PROBE`, `$T_BATON` and `$T_SELF` (this test binary).
+/// Returns with generation 1 (`baton-httpd`) active.
+fn start_httpd(dir: &Path, args: &[&str], fault: &str) -> Baton {
+    std::fs::create_dir_all(dir.join("www")).unwrap();
+    std::fs::write(dir.join("www/index.html"), "fault suite\n").unwrap();
+    std::fs::write(dir.join("report"), "").unwrap();
+    let script = format!("{fault}\nexec \"$T_HTTPD\" --root \"$T_DIR/www\"");
+    let (httpd, probe, exe) = (httpd_bin(), probe_bin(), std::env::current_exe().unwrap());
+    let env: [(&str, &OsStr); 5] = [
+        ("T_DIR", dir.as_os_str()),
+        ("T_HTTPD", httpd.as_os_str()),
+        ("T_PROBE", probe.as_os_str()),
+        ("T_BATON", OsStr::new(baton_bin())),
+        ("T_SELF", exe.as_os_str()),
+    ];
+    let app = [OsStr::new("/bin/sh"), OsStr::new("-c"), OsStr::new(&script), OsStr::new("baton-fault-switch")];
+    let b = launch_with_env(dir, args, &app, &env);
+    b.wait_active(1);
+    b
+}
 
-    /// Baton running the fault switch (see the module docs): while a fault
-    /// file exists, `fault` (shell commands) decides what the generation
-    /// does; when it falls through, the generation execs `baton-httpd
-    /// --root DIR/www`. The script sees `$T_DIR` (the test's directory),
-    /// `$T_HTTPD`, `$T_PROBE`, `$T_BATON` and `$T_SELF` (this test binary).
-    /// Returns with generation 1 (`baton-httpd`) active.
-    fn httpd(dir: &Path, args: &[&str], fault: &str) -> Baton {
-        std::fs::create_dir_all(dir.join("www")).unwrap();
-        std::fs::write(dir.join("www/index.html"), "fault suite\n").unwrap();
-        std::fs::write(dir.join("report"), "").unwrap();
-        let script = format!("{fault}\nexec \"$T_HTTPD\" --root \"$T_DIR/www\"");
-        let (httpd, probe, exe) = (httpd_bin(), probe_bin(), std::env::current_exe().unwrap());
-        let env: [(&str, &OsStr); 5] = [
-            ("T_DIR", dir.as_os_str()),
-            ("T_HTTPD", httpd.as_os_str()),
-            ("T_PROBE", probe.as_os_str()),
-            ("T_BATON", OsStr::new(baton_bin())),
-            ("T_SELF", exe.as_os_str()),
-        ];
-        let app = [OsStr::new("/bin/sh"), OsStr::new("-c"), OsStr::new(&script), OsStr::new("baton-fault-switch")];
-        let b = Baton::launch_with_env(dir, args, &app, &env);
-        b.wait_active(1);
-        b
-    }
-
+/// What this suite reads of a Baton besides what the harness has.
+trait FaultSuite {
     /// Which `baton-httpd` answers now (one request on a new connection).
+    fn http(&self) -> Served;
+    /// Baton's own CPU time so far (user + system, not its children's).
+    fn cpu(&self) -> Duration;
+    /// The probe's report, parsed.
+    fn lines(&self) -> Vec<Line>;
+    /// Waits for a report line of `pid` starting with `prefix`.
+    fn wait_line(&self, pid: u32, prefix: &str) -> Line;
+    /// Every probe pid the report has seen start.
+    fn probe_pids(&self) -> Vec<u32>;
+}
+
+impl FaultSuite for Baton {
     fn http(&self) -> Served {
-        http_get(self.port).unwrap_or_else(|e| panic!("GET /healthz: {e}\nlog:\n{}", self.log()))
+        healthz(self.port()).unwrap_or_else(|e| panic!("GET /healthz: {e}\nlog:\n{}", self.log()))
     }
 
-    /// Baton's own CPU time so far (user + system, not its children's).
     fn cpu(&self) -> Duration {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
         let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
         // utime and stime are fields 14 and 15 of stat(5), 12 and 13 after the name.
         let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
@@ -204,47 +189,10 @@ impl Baton {
         Duration::from_micros(ticks * 1_000_000 / hz)
     }
 
-    fn cli(&self, args: &[&str]) -> Output {
-        cli_at(&self.control, args)
-    }
-
-    fn try_status(&self) -> Option<Status> {
-        match call(&self.control, Request::Status) {
-            Ok(Response::Status(s)) => Some(*s),
-            _ => None,
-        }
-    }
-
-    fn status(&self) -> Status {
-        self.try_status().unwrap_or_else(|| panic!("no status from baton\nlog:\n{}", self.log()))
-    }
-
-    /// Waits until generation `n` is the active one.
-    fn wait_active(&self, n: u64) {
-        self.wait_status(&format!("generation {n} active"), |s| {
-            s.generations.iter().any(|g| g.generation == n && g.state == "active")
-        });
-    }
-
-    fn wait_status(&self, what: &str, mut pred: impl FnMut(&Status) -> bool) -> Status {
-        poll_until(what, WAIT, || self.try_status().filter(|s| pred(s)))
-            .unwrap_or_else(|e| panic!("{e}\nstatus: {:?}\nreport:\n{}", self.try_status(), self.report_text()))
-    }
-
-    fn active_pid(&self) -> u32 {
-        let s = self.status();
-        s.generations.iter().find(|g| g.state == "active").unwrap_or_else(|| panic!("no active generation: {s:?}")).pid
-    }
-
-    fn report_text(&self) -> String {
-        std::fs::read_to_string(&self.report).unwrap_or_default()
-    }
-
     fn lines(&self) -> Vec<Line> {
         parse_report(&self.report_text())
     }
 
-    /// Waits for a report line of `pid` starting with `prefix`.
     fn wait_line(&self, pid: u32, prefix: &str) -> Line {
         poll_until(&format!("report line {prefix:?} of pid {pid}"), WAIT, || {
             self.lines().into_iter().find(|l| l.pid == Some(pid) && l.text.starts_with(prefix))
@@ -252,73 +200,31 @@ impl Baton {
         .unwrap_or_else(|e| panic!("{e}\nreport:\n{}", self.report_text()))
     }
 
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("baton.log")).unwrap_or_default()
-    }
-
-    fn wait_log(&self, needle: &str) {
-        poll_until(&format!("{needle:?} in baton's log"), WAIT, || self.log().contains(needle).then_some(()))
-            .unwrap_or_else(|e| panic!("{e}"));
-    }
-
-    fn baton_fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.child.id())).unwrap().count()
-    }
-
-    fn fd_targets(&self) -> Vec<String> {
-        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
-            .unwrap()
-            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-            .map(|p| p.display().to_string())
-            .collect()
-    }
-
-    /// Waits for `baton run` to exit on its own.
-    fn wait_exit(&mut self) -> ExitStatus {
-        let status = poll_until("baton run to exit", WAIT, || self.child.try_wait().ok().flatten())
-            .unwrap_or_else(|e| panic!("{e}\nlog:\n{}", self.log()));
-        self.exited = Some(status);
-        status
-    }
-
-    /// Every probe pid the report has seen start.
     fn probe_pids(&self) -> Vec<u32> {
         self.lines().iter().filter(|l| l.text.starts_with("start pid=")).filter_map(|l| l.pid).collect()
     }
 }
 
-impl Drop for Baton {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            let log = self.log();
-            // The notify-abuse tests log thousands of refusals: keep the end.
-            let tail = &log[log.len().saturating_sub(20_000)..];
-            eprintln!("----- baton's log (tail) -----\n{tail}\n----- probe report -----\n{}", self.report_text());
+/// Once Baton is stopped: a failed test may leave generations behind (e.g.
+/// ones ignoring SIGTERM after Baton was SIGKILLed): never leak them.
+fn kill_leftovers(b: &Baton) {
+    for pid in b.probe_pids() {
+        let is_probe = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains("baton-sd-probe"));
+        if is_probe && alive(pid) {
+            let _ = rustix::process::kill_process(Pid::from_raw(pid as i32).unwrap(), Signal::KILL);
         }
-        if self.exited.is_none() {
-            baton_testbed::terminate(&mut self.child, WAIT);
+    }
+    // Shells (health checks, apps) that tests leave in `exec sleep`,
+    // reported as `health-sh pid=P` / `app-sh pid=P`.
+    for l in b.report_text().lines() {
+        let Some(pid) = l.split_once("-sh pid=").and_then(|(_, r)| r.split(' ').next()?.parse::<u32>().ok()) else {
+            continue;
+        };
+        let is_sleep = std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.starts_with(b"sleep\0"));
+        if is_sleep && alive(pid) {
+            let _ = rustix::process::kill_process(Pid::from_raw(pid as i32).unwrap(), Signal::KILL);
         }
-        // A failed test may leave generations behind (e.g. ones ignoring
-        // SIGTERM after Baton was SIGKILLed): never leak them.
-        for pid in self.probe_pids() {
-            let is_probe = std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("baton-sd-probe"));
-            if is_probe && alive(pid) {
-                let _ = rustix::process::kill_process(Pid::from_raw(pid as i32).unwrap(), Signal::KILL);
-            }
-        }
-        // Shells (health checks, apps) that tests leave in `exec sleep`,
-        // reported as `health-sh pid=P` / `app-sh pid=P`.
-        for l in self.report_text().lines() {
-            let Some(pid) = l.split_once("-sh pid=").and_then(|(_, r)| r.split(' ').next()?.parse::<u32>().ok()) else {
-                continue;
-            };
-            let is_sleep = std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.starts_with(b"sleep\0"));
-            if is_sleep && alive(pid) {
-                let _ = rustix::process::kill_process(Pid::from_raw(pid as i32).unwrap(), Signal::KILL);
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -330,120 +236,21 @@ fn probe_command(report: &Path, probe_args: &[&str]) -> Vec<&'static OsStr> {
     cmd.into_iter().map(|s| &*Box::leak(s.into_boxed_os_str())).collect()
 }
 
-fn call(control: &Path, request: Request) -> Result<Response, baton::control::ControlError> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    rt.block_on(baton::control::call(control, &request))
-}
-
-fn cli_at(control: &Path, args: &[&str]) -> Output {
-    Command::new(baton_bin())
-        .args(&args[..1])
-        .arg("--control")
-        .arg(control)
-        .args(&args[1..])
-        .output()
-        .expect("run baton cli")
-}
-
-/// One request to the probe: it answers "http PID" and closes.
-fn ask(port: u16) -> Result<String, String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).map_err(|e| format!("read: {e}"))?;
-    if out.is_empty() {
-        return Err("closed without an answer".into());
-    }
-    Ok(out.trim().to_owned())
-}
-
-/// Clients of the probe's one-line protocol (`http PID`, then close),
-/// asking in a loop until stopped; every failure is kept. Only for the tests
-/// whose app must be the probe: the shared HTTP load generator cannot read
-/// its answers.
-struct ProbeClients {
-    stop: Arc<AtomicBool>,
-    served: Arc<AtomicU64>,
-    failures: Arc<Mutex<Vec<String>>>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl ProbeClients {
-    fn start(port: u16) -> ProbeClients {
-        let stop = Arc::new(AtomicBool::new(false));
-        let served = Arc::new(AtomicU64::new(0));
-        let failures = Arc::new(Mutex::new(Vec::new()));
-        let threads = (0..3)
-            .map(|_| {
-                let (stop, served, failures) = (stop.clone(), served.clone(), failures.clone());
-                std::thread::spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        match ask(port) {
-                            Ok(_) => {
-                                served.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Err(e) => failures.lock().unwrap().push(e),
-                        }
-                    }
-                })
-            })
-            .collect();
-        ProbeClients { stop, served, failures, threads }
-    }
-
-    /// Stops the clients and asserts that all was served.
-    fn finish(self, what: &str) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads {
-            t.join().unwrap();
-        }
-        let served = self.served.load(Ordering::Relaxed);
-        let failures = self.failures.lock().unwrap();
-        eprintln!("{what}: {served} requests served, {} failed", failures.len());
-        assert!(served > 0, "{what}: no request was served");
-        assert!(
-            failures.is_empty(),
-            "{what}: {} failed requests: {:?}",
-            failures.len(),
-            &failures[..failures.len().min(5)]
-        );
-    }
+/// Stops the probe's clients and asserts that all was served.
+fn assert_all_served(load: ProbeClients, what: &str) {
+    let (served, failures) = load.finish();
+    eprintln!("{what}: {served} requests served, {} failed", failures.len());
+    assert!(served > 0, "{what}: no request was served");
+    assert!(
+        failures.is_empty(),
+        "{what}: {} failed requests: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
 }
 
 fn httpd_bin() -> PathBuf {
     cargo_bin("baton-httpd", "baton-httpd")
-}
-
-/// Who answered a request: `baton-httpd`'s `baton-pid` and
-/// `baton-generation` headers.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Served {
-    pid: u32,
-    generation: String,
-}
-
-/// `GET /healthz` on a new connection (`Connection: close`), expecting 200
-/// from `baton-httpd`.
-fn http_get(port: u16) -> Result<Served, String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .map_err(|e| format!("write: {e}"))?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).map_err(|e| format!("read: {e}"))?;
-    let head = out.split("\r\n\r\n").next().unwrap_or("");
-    if !head.starts_with("HTTP/1.1 200") {
-        return Err(format!("not a 200 from baton-httpd: {out:?}"));
-    }
-    let header = |name: &str| {
-        head.lines().find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
-        })
-    };
-    let pid = header("baton-pid").and_then(|p| p.parse().ok()).ok_or_else(|| format!("no baton-pid: {head:?}"))?;
-    let generation = header("baton-generation").ok_or_else(|| format!("no baton-generation: {head:?}"))?;
-    Ok(Served { pid, generation })
 }
 
 /// Continuous load on the app from the shared generator: a keep-alive pool
@@ -524,9 +331,9 @@ fn started(b: &Baton) -> Vec<u32> {
 #[test]
 fn new_generation_exiting_before_ready_leaves_the_old_one_serving() {
     let dir = scratch("exit-before-ready");
-    let b = Baton::httpd(&dir, &[], &format!(r#"{PROBE_FAULT} --fail-if-exists "$T_DIR/fault"; fi"#));
+    let b = start_httpd(&dir, &[], &format!(r#"{PROBE_FAULT} --fail-if-exists "$T_DIR/fault"; fi"#));
     let first = b.http();
-    let clients = Clients::start(b.port);
+    let clients = Clients::start(b.port());
 
     std::fs::write(dir.join("fault"), "").unwrap();
     let out = b.cli(&["restart"]);
@@ -556,13 +363,10 @@ fn new_generation_exiting_before_ready_leaves_the_old_one_serving() {
 #[test]
 fn new_generation_hanging_past_the_ready_timeout_is_stopped_and_the_old_one_keeps_serving() {
     let dir = scratch("hang");
-    let b = Baton::httpd(
-        &dir,
-        &["--ready-timeout", "2s"],
-        &format!(r#"{PROBE_FAULT} --hang-if-exists "$T_DIR/fault"; fi"#),
-    );
+    let b =
+        start_httpd(&dir, &["--ready-timeout", "2s"], &format!(r#"{PROBE_FAULT} --hang-if-exists "$T_DIR/fault"; fi"#));
     let first = b.http();
-    let clients = Clients::start(b.port);
+    let clients = Clients::start(b.port());
 
     std::fs::write(dir.join("fault"), "").unwrap();
     let t0 = Instant::now();
@@ -592,13 +396,13 @@ fn new_generation_hanging_and_ignoring_sigterm_is_killed_at_the_stop_deadline() 
     let dir = scratch("hang-ignore-term");
     // Never ready, and SIGTERM is ignored (an ignored signal stays ignored
     // across exec): only SIGKILL ends it.
-    let b = Baton::httpd(
+    let b = start_httpd(
         &dir,
         &["--ready-timeout", "2s", "--stop-timeout", "1s"],
         r#"if [ -e "$T_DIR/fault" ]; then echo "app-sh pid=$$" >> "$T_DIR/report"; trap '' TERM; exec sleep 1000; fi"#,
     );
     let first = b.http();
-    let clients = Clients::start(b.port);
+    let clients = Clients::start(b.port());
 
     std::fs::write(dir.join("fault"), "").unwrap();
     let t0 = Instant::now();
@@ -641,9 +445,9 @@ fn new_generation_crashing_right_after_ready_is_replaced_and_no_request_fails() 
         r#"if [ -e "$T_DIR/crash" ]; then rm "$T_DIR/crash"; "$T_BATON" notify --ready && exit 1; exit 2; fi
 {PROBE_FAULT} --fail-if-exists "$T_DIR/fault"; fi"#
     );
-    let b = Baton::httpd(&dir, &["--notify-access", "all"], &fault);
+    let b = start_httpd(&dir, &["--notify-access", "all"], &fault);
     let first = b.http();
-    let clients = Clients::start(b.port);
+    let clients = Clients::start(b.port());
 
     std::fs::write(dir.join("fault"), "").unwrap();
     std::fs::write(dir.join("crash"), "").unwrap();
@@ -701,19 +505,19 @@ fn passing_health_check_cuts_over_and_sees_the_new_generations_pid() {
     let dir = scratch("health-ok");
     let report = dir.join("report");
     let health = format!("echo \"health pid=$BATON_PID gen=$BATON_GENERATION\" >> {}", report.display());
-    let b = Baton::probe(&dir, &["--health-cmd", &health], &[]);
+    let b = start_probe(&dir, &["--health-cmd", &health], &[]);
     let pid1 = b.active_pid();
     assert!(b.report_text().contains(&format!("health pid={pid1} gen=1\n")), "{}", b.report_text());
 
-    let load = ProbeClients::start(b.port);
+    let load = ProbeClients::start(b.port(), 3, "");
     let out = ok(&b.cli(&["restart"]));
     assert!(out.contains("generation 2"), "{out}");
     let pid2 = b.active_pid();
     assert_ne!(pid1, pid2);
-    load.finish("restart with a passing health check");
+    assert_all_served(load, "restart with a passing health check");
     // Generation 1 may take a connection or two before handling its SIGTERM.
     b.wait_status("generation 1 gone", |s| s.generations.len() == 1);
-    assert_eq!(ask(b.port).unwrap(), format!("http {pid2}"));
+    assert_eq!(ask(b.port()).unwrap(), format!("http {pid2}"));
 
     // The check ran for the new generation, after its READY=1 and before the
     // old generation was asked to stop.
@@ -743,9 +547,9 @@ fn failing_health_check_keeps_the_old_generation_serving() {
         report.display(),
         flag.display()
     );
-    let b = Baton::httpd(&dir, &["--health-cmd", &health], "");
+    let b = start_httpd(&dir, &["--health-cmd", &health], "");
     let first = b.http();
-    let clients = Clients::start(b.port);
+    let clients = Clients::start(b.port());
 
     std::fs::write(&flag, "").unwrap();
     let mut failed = Vec::new();
@@ -799,9 +603,9 @@ fn hanging_health_check_is_killed_at_the_ready_timeout() {
         report.display(),
         flag.display()
     );
-    let b = Baton::httpd(&dir, &["--health-cmd", &health, "--ready-timeout", "2s"], "");
+    let b = start_httpd(&dir, &["--health-cmd", &health, "--ready-timeout", "2s"], "");
     let first = b.http();
-    let clients = Clients::start(b.port);
+    let clients = Clients::start(b.port());
 
     std::fs::write(&flag, "").unwrap();
     let out = b.cli(&["restart"]);
@@ -832,13 +636,13 @@ fn new_generation_crashing_during_its_health_check_leaves_the_old_one_serving() 
     // The check takes a second; the faulty generation sends READY=1 (and
     // waits until Baton processed it: `baton notify` ends with a barrier),
     // then dies without ever accepting a connection.
-    let b = Baton::httpd(
+    let b = start_httpd(
         &dir,
         &["--notify-access", "all", "--health-cmd", "sleep 1"],
         r#"if [ -e "$T_DIR/fault" ]; then "$T_BATON" notify --ready && exit 1; exit 2; fi"#,
     );
     let first = b.http();
-    let clients = Clients::start(b.port);
+    let clients = Clients::start(b.port());
 
     std::fs::write(dir.join("fault"), "").unwrap();
     let out = b.cli(&["restart"]);
@@ -869,7 +673,7 @@ fn new_generation_crashing_during_its_health_check_leaves_the_old_one_serving() 
 fn watchdog_without_pings_aborts_and_replaces_the_generation() {
     let dir = scratch("watchdog-silent");
     // The probe does not ping (no --watchdog), though WATCHDOG_USEC asks it to.
-    let b = Baton::probe(&dir, &["--watchdog", "1s"], &[]);
+    let b = start_probe(&dir, &["--watchdog", "1s"], &[]);
     let pid1 = b.status().generations[0].pid;
     let s = b.wait_status("a later generation active", |s| {
         s.generations.iter().any(|g| g.generation >= 2 && g.state == "active")
@@ -895,7 +699,7 @@ fn watchdog_without_pings_aborts_and_replaces_the_generation() {
     assert!(start2 - ready1 >= 1_000_000, "replaced {} µs after READY=1, before the 1 s watchdog", start2 - ready1);
 
     // The replacement serves.
-    let answer = ask(b.port).unwrap();
+    let answer = ask(b.port()).unwrap();
     let server: u32 = answer.strip_prefix("http ").unwrap().parse().unwrap();
     assert_ne!(server, pid1);
 }
@@ -904,7 +708,7 @@ fn watchdog_without_pings_aborts_and_replaces_the_generation() {
 fn watchdog_pings_keep_the_generation_over_several_periods() {
     let dir = scratch("watchdog-ping");
     // WATCHDOG_USEC=2s: the probe pings every second.
-    let b = Baton::probe(&dir, &["--watchdog", "2s"], &["--watchdog"]);
+    let b = start_probe(&dir, &["--watchdog", "2s"], &["--watchdog"]);
     let pid1 = b.active_pid();
     b.wait_line(pid1, "watchdog usec=2000000");
     let until = Instant::now() + Duration::from_secs(7);
@@ -917,7 +721,7 @@ fn watchdog_pings_keep_the_generation_over_several_periods() {
         std::thread::sleep(Duration::from_millis(250));
     }
     assert!(!b.log().contains("watchdog timeout"), "{}", b.log());
-    assert_eq!(ask(b.port).unwrap(), format!("http {pid1}"));
+    assert_eq!(ask(b.port()).unwrap(), format!("http {pid1}"));
 }
 
 // ---- crashes ----------------------------------------------------------------
@@ -932,22 +736,22 @@ fn watchdog_pings_keep_the_generation_over_several_periods() {
 fn killed_generation_is_replaced_with_backoff_and_the_socket_stays_open() {
     let dir = scratch("crash");
     let fail = dir.join("fail");
-    let b = Baton::probe(&dir, &[], &["--fail-if-exists", fail.to_str().unwrap()]);
+    let b = start_probe(&dir, &[], &["--fail-if-exists", fail.to_str().unwrap()]);
     let pid1 = b.active_pid();
 
     // The first replacements fail before READY=1, making a long gap.
     std::fs::write(&fail, "").unwrap();
-    let killed_at = mono_us();
+    let killed_at = baton_sd::monotonic_usec();
     signal(pid1, Signal::KILL);
     wait_gone(pid1, "the killed generation");
 
     // A client connecting during the gap is queued on the listening socket
     // that Baton keeps open, not refused.
     let (tx, rx) = std::sync::mpsc::channel();
-    let port = b.port;
+    let port = b.port();
     let client = std::thread::spawn(move || {
         let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect during the gap: {e}"))?;
-        let _ = tx.send(mono_us());
+        let _ = tx.send(baton_sd::monotonic_usec());
         s.set_read_timeout(Some(WAIT)).unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).map_err(|e| format!("read: {e}"))?;
@@ -1019,14 +823,14 @@ fn crash_loop_gives_up_with_exit_1_without_busy_looping() {
     let fail = dir.join("fail");
     std::fs::write(&fail, "").unwrap();
     let t0 = Instant::now();
-    let mut b = Baton::launch(
+    let mut b = launch(
         &dir,
         &["--restart-burst", "3", "--restart-interval", "60s"],
         &probe_command(&dir.join("report"), &["--fail-if-exists", fail.to_str().unwrap()]),
     );
-    let (status, cpu) = wait4(b.child.id());
+    let (status, cpu) = wait4(b.pid());
     let wall = t0.elapsed();
-    b.exited = Some(status);
+    b.reaped_by_the_test();
     eprintln!("crash loop: gave up after {wall:?}, {cpu:?} CPU (baton and its generations)");
     assert_eq!(status.code(), Some(1), "{status:?}\n{}", b.log());
     assert!(b.log().contains("giving up"), "{}", b.log());
@@ -1050,7 +854,7 @@ fn ready_then_crash_loop_gives_up() {
     let starts = dir.join("starts");
     // Ready (acknowledged: `baton notify` waits on a barrier), then dies.
     let script = format!("echo start >> {}; \"$0\" notify --ready; exit 1", starts.display());
-    let mut b = Baton::launch(
+    let mut b = launch(
         &dir,
         &["--notify-access", "all", "--restart-burst", "2", "--restart-interval", "60s"],
         &[OsStr::new("/bin/sh"), OsStr::new("-c"), OsStr::new(&script), OsStr::new(baton_bin())],
@@ -1072,7 +876,7 @@ fn ready_then_crash_loop_gives_up() {
 #[test]
 fn generation_ignoring_sigterm_is_killed_at_the_stop_timeout() {
     let dir = scratch("ignore-term");
-    let b = Baton::probe(&dir, &["--stop-timeout", "1s"], &["--ignore-sigterm"]);
+    let b = start_probe(&dir, &["--stop-timeout", "1s"], &["--ignore-sigterm"]);
     let pid1 = b.active_pid();
     let t0 = Instant::now();
     ok(&b.cli(&["restart"]));
@@ -1085,25 +889,25 @@ fn generation_ignoring_sigterm_is_killed_at_the_stop_timeout() {
     assert!(!b.lines().iter().any(|l| l.pid == Some(pid1) && l.text.starts_with("stopping")), "{}", b.report_text());
     let s = b.wait_status("only generation 2 left", |s| s.generations.len() == 1);
     assert_eq!(s.generations[0].pid, pid2);
-    assert_eq!(ask(b.port).unwrap(), format!("http {pid2}"));
+    assert_eq!(ask(b.port()).unwrap(), format!("http {pid2}"));
 }
 
 #[test]
 fn generation_sending_stopping_on_its_own_is_replaced() {
     let dir = scratch("self-stop");
-    let b = Baton::probe(&dir, &[], &["--stop-on-usr1"]);
+    let b = start_probe(&dir, &[], &["--stop-on-usr1"]);
     let pid1 = b.active_pid();
-    let load = ProbeClients::start(b.port);
+    let load = ProbeClients::start(b.port(), 3, "");
     signal(pid1, Signal::USR1);
     b.wait_active(2);
     wait_gone(pid1, "the generation that stopped itself");
-    load.finish("a generation stopping on its own");
+    assert_all_served(load, "a generation stopping on its own");
     b.wait_line(pid1, "stopping-self");
     assert!(b.wait_line(pid1, "stopping signal=SIGUSR1").text.contains("drained=true"));
     assert!(b.log().contains("generation 1 is stopping on its own"), "{}", b.log());
     let s = b.wait_status("only generation 2 left", |s| s.generations.len() == 1);
     assert_eq!((s.generations[0].generation, s.generations[0].state.as_str()), (2, "active"));
-    assert_eq!(ask(b.port).unwrap(), format!("http {}", s.generations[0].pid));
+    assert_eq!(ask(b.port()).unwrap(), format!("http {}", s.generations[0].pid));
 }
 
 #[test]
@@ -1111,7 +915,7 @@ fn max_draining_kills_the_oldest_draining_generation() {
     let dir = scratch("max-draining");
     // Draining generations never leave by themselves (they ignore SIGTERM)
     // within the 5 s stop timeout.
-    let b = Baton::probe(&dir, &["--max-draining", "1", "--stop-timeout", "5s"], &["--ignore-sigterm"]);
+    let b = start_probe(&dir, &["--max-draining", "1", "--stop-timeout", "5s"], &["--ignore-sigterm"]);
     let pid1 = b.active_pid();
     ok(&b.cli(&["restart"]));
     let pid2 = b.active_pid();
@@ -1124,7 +928,7 @@ fn max_draining_kills_the_oldest_draining_generation() {
     let states: Vec<(u64, &str)> = s.generations.iter().map(|g| (g.generation, g.state.as_str())).collect();
     assert_eq!(states, [(2, "draining"), (3, "active")], "{s:?}");
     assert!(alive(pid2), "generation 2 is within its limit and must keep draining");
-    assert_eq!(ask(b.port).unwrap().split_whitespace().next(), Some("http"));
+    assert_eq!(ask(b.port()).unwrap().split_whitespace().next(), Some("http"));
     assert!(alive(pid3));
 }
 
@@ -1135,11 +939,11 @@ fn status_json_and_exit_code_3_without_a_baton() {
     let dir = scratch("cli");
     // Nothing runs at the control path yet: exit code 3.
     for cmd in ["restart", "status", "stop"] {
-        let out = cli_at(&dir.join("baton.sock"), &[cmd]);
+        let out = cli_at(baton_bin().as_ref(), &dir.join("baton.sock"), &[cmd]);
         assert_eq!(out.status.code(), Some(3), "baton {cmd} with no baton: {out:?}");
     }
 
-    let b = Baton::probe(&dir, &[], &[]);
+    let b = start_probe(&dir, &[], &[]);
     let pid1 = b.active_pid();
     let out = ok(&b.cli(&["status", "--json"]));
     let json: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
@@ -1148,7 +952,7 @@ fn status_json_and_exit_code_3_without_a_baton() {
     assert_eq!(json["generations"][0]["pid"], pid1, "{json}");
     assert_eq!(json["generations"][0]["state"], "active", "{json}");
     assert_eq!(json["sockets"][0]["name"], "http", "{json}");
-    assert!(json["sockets"][0]["local"].as_str().unwrap().ends_with(&format!(":{}", b.port)), "{json}");
+    assert!(json["sockets"][0]["local"].as_str().unwrap().ends_with(&format!(":{}", b.port())), "{json}");
     let parsed: Response = serde_json::from_str(&out).unwrap();
     assert!(matches!(parsed, Response::Status(s) if s.generations.len() == 1));
 }
@@ -1158,11 +962,11 @@ fn status_json_and_exit_code_3_without_a_baton() {
 /// socket removed, and exit code 3 from then on. Returns the CLI's output.
 fn stop_scenario(test: &str) -> Output {
     let dir = scratch(test);
-    let mut b = Baton::probe(&dir, &[], &[]);
+    let mut b = start_probe(&dir, &[], &[]);
     let pid1 = b.active_pid();
-    let load = ProbeClients::start(b.port);
+    let load = ProbeClients::start(b.port(), 3, "");
     ok(&b.cli(&["restart"]));
-    load.finish("restart before stop");
+    assert_all_served(load, "restart before stop");
     let out = b.cli(&["stop"]);
     let status = b.wait_exit();
     assert_eq!(status.code(), Some(0), "{status:?}");
@@ -1173,7 +977,7 @@ fn stop_scenario(test: &str) -> Output {
     for pid in b.probe_pids() {
         assert!(!alive(pid), "probe {pid} left running after baton stop");
     }
-    assert!(!b.control.exists(), "the control socket was left behind");
+    assert!(!b.control().exists(), "the control socket was left behind");
     for cmd in ["restart", "status"] {
         let out = b.cli(&[cmd]);
         assert_eq!(out.status.code(), Some(3), "baton {cmd} after stop: {out:?}");
@@ -1198,7 +1002,7 @@ fn baton_stop_answers_stopped_and_exits_0() {
 fn baton_notify_works_from_a_shell_script_app() {
     let dir = scratch("notify-cli");
     let script = "\"$0\" notify --ready --status \"from baton notify $$\" && exec sleep 1000";
-    let b = Baton::launch(
+    let b = launch(
         &dir,
         &["--notify-access", "all"],
         &[OsStr::new("/bin/sh"), OsStr::new("-c"), OsStr::new(script), OsStr::new(baton_bin())],
@@ -1224,21 +1028,18 @@ fn mainpid_of_a_process_outside_the_namespace_group_is_ignored() {
     // refuses it with a warning and goes on.
     let script = "echo \"app-sh pid=$$\" >> \"$1\"; \"$0\" notify --ready MAINPID=1 && exec sleep 1000";
     let report = dir.join("report");
-    let mut b = Baton::launch(
+    let mut b = launch(
         &dir,
         &["--notify-access", "all"],
         &[OsStr::new("/bin/sh"), OsStr::new("-c"), OsStr::new(script), OsStr::new(baton_bin()), report.as_os_str()],
     );
     let survived = poll_until("generation 1 active", Duration::from_secs(10), || {
-        if let Ok(Some(status)) = b.child.try_wait() {
+        if let Some(status) = b.try_exit() {
             return Some(Err(status));
         }
         let s = b.try_status()?;
         s.generations.iter().any(|g| g.state == "active").then_some(Ok(s))
     });
-    if let Ok(Err(status)) = &survived {
-        b.exited = Some(*status);
-    }
     let s = survived.unwrap().unwrap_or_else(|status| panic!("baton died ({status:?})"));
     assert_ne!(s.generations[0].pid, 1, "{s:?}");
     ok(&b.cli(&["restart"]));
@@ -1259,8 +1060,8 @@ fn assert_abuse_line(line: &Line) {
 /// output pipe, still closing). A leak never comes back down.
 fn assert_fds_settle(b: &Baton, before: usize) {
     let settled =
-        poll_until("baton's fd count back", Duration::from_secs(10), || (b.baton_fds() <= before).then_some(()));
-    let after = b.baton_fds();
+        poll_until("baton's fd count back", Duration::from_secs(10), || (b.fd_count() <= before).then_some(()));
+    let after = b.fd_count();
     eprintln!("baton fds: {before} before, {after} after the abuse");
     settled.unwrap_or_else(|e| {
         let holders: Vec<String> =
@@ -1288,7 +1089,7 @@ fn holders(target: &str) -> String {
 fn notify_abuse_from_strangers_and_from_the_main_process_changes_nothing() {
     let dir = scratch("abuse-main");
     // Every generation sends the battery right after READY=1.
-    let b = Baton::probe(&dir, &[], &["--abuse"]);
+    let b = start_probe(&dir, &[], &["--abuse"]);
     let pid1 = b.active_pid();
     assert_abuse_line(&b.wait_line(pid1, "abuse"));
     let s = b.status();
@@ -1302,15 +1103,15 @@ fn notify_abuse_from_strangers_and_from_the_main_process_changes_nothing() {
     let pid2 = b.active_pid();
     assert_abuse_line(&b.wait_line(pid2, "abuse"));
     b.wait_status("generation 1 gone", |s| s.generations.len() == 1);
-    let before = b.baton_fds();
+    let before = b.fd_count();
 
     // Processes outside any generation: refused, fds closed.
-    let notify_socket = b.control.with_extension("notify");
-    let load = ProbeClients::start(b.port);
+    let notify_socket = b.control().with_extension("notify");
+    let load = ProbeClients::start(b.port(), 3, "");
     for _ in 0..2 {
         let out = Command::new(probe_bin())
             .args(["--abuse-only", "--timestamps", "--report"])
-            .arg(&b.report)
+            .arg(b.report_path())
             .env("NOTIFY_SOCKET", &notify_socket)
             .output()
             .unwrap();
@@ -1323,14 +1124,14 @@ fn notify_abuse_from_strangers_and_from_the_main_process_changes_nothing() {
     assert_eq!((s.generations.len(), s.crash_restarts, s.restarts, s.fdstore), (1, 0, 1, 0), "{s:?}");
     // A stranger's (valid) STATUS= was not taken either.
     assert_eq!(s.generations[0].status_text.as_deref(), Some(&*format!("abuse done by {pid2}")));
-    assert_eq!(ask(b.port).unwrap(), format!("http {pid2}"));
+    assert_eq!(ask(b.port()).unwrap(), format!("http {pid2}"));
 
     // And Baton still works: a restart (with more abuse from generation 3).
     ok(&b.cli(&["restart"]));
     let pid3 = b.active_pid();
     assert_abuse_line(&b.wait_line(pid3, "abuse"));
     b.wait_status("generation 2 gone", |s| s.generations.len() == 1);
-    load.finish("notify abuse");
+    assert_all_served(load, "notify abuse");
     let s = b.status();
     assert_eq!((s.crash_restarts, s.restarts, s.fdstore), (0, 2, 0), "{s:?}");
     assert_fds_settle(&b, before);
@@ -1353,7 +1154,7 @@ fn notify_abuse_from_a_helper_inside_a_starting_generation_changes_nothing() {
                   while [ -e \"$2\" ]; do sleep 0.05; done; \
                   exec \"$0\" --serve http --timestamps --report \"$1\"";
     let probe = probe_bin();
-    let b = Baton::launch(
+    let b = launch(
         &dir,
         &["--notify-access", "all"],
         &[
@@ -1379,15 +1180,15 @@ fn notify_abuse_from_a_helper_inside_a_starting_generation_changes_nothing() {
     std::fs::remove_file(&gate).unwrap();
     b.wait_active(1);
     let pid1 = b.active_pid();
-    assert_eq!(ask(b.port).unwrap(), format!("http {pid1}"));
+    assert_eq!(ask(b.port()).unwrap(), format!("http {pid1}"));
     ok(&b.cli(&["restart"]));
     b.wait_status("generation 1 gone", |s| s.generations.len() == 1);
-    let before = b.baton_fds();
+    let before = b.fd_count();
 
-    let load = ProbeClients::start(b.port);
+    let load = ProbeClients::start(b.port(), 3, "");
     ok(&b.cli(&["restart"]));
     b.wait_status("generation 2 gone", |s| s.generations.len() == 1);
-    load.finish("restart with a helper abusing the notify socket");
+    assert_all_served(load, "restart with a helper abusing the notify socket");
     let s = b.status();
     assert_eq!((s.crash_restarts, s.restarts, s.fdstore), (0, 2, 0), "{s:?}");
     assert_eq!(b.lines().iter().filter(|l| l.text.starts_with("abuse")).count(), 3, "{}", b.report_text());
@@ -1509,7 +1310,7 @@ fn notify_abuse_under_load_is_refused_and_leaks_nothing() {
         r#"({gate}; exec "$T_PROBE" --abuse-only --timestamps --report "$T_DIR/report") &
 ({gate}; T_ROLE=notify-helper exec "$T_SELF" --exact notify_abuse_helper --nocapture --test-threads=1) &"#
     );
-    let b = Baton::httpd(&dir, &["--notify-access", "all", "--fdstore-max", "8"], &fault);
+    let b = start_httpd(&dir, &["--notify-access", "all", "--fdstore-max", "8"], &fault);
     let abuse_lines = || -> Vec<Line> { b.lines().into_iter().filter(|l| l.text.starts_with("abuse")).collect() };
     let helper_lines = || -> Vec<Line> {
         let lines: Vec<Line> = b.lines().into_iter().filter(|l| l.text.starts_with("helper ")).collect();
@@ -1527,15 +1328,15 @@ fn notify_abuse_under_load_is_refused_and_leaks_nothing() {
     ok(&b.cli(&["restart"]));
     b.wait_status("generation 1 gone", |s| s.generations.len() == 1 && s.generations[0].generation == 2);
     let serving = b.http();
-    let before = b.baton_fds();
-    let clients = Clients::start(b.port);
+    let before = b.fd_count();
+    let clients = Clients::start(b.port());
 
     // Unrelated processes: refused, their fds closed.
-    let notify_socket = b.control.with_extension("notify");
+    let notify_socket = b.control().with_extension("notify");
     for _ in 0..2 {
         let out = Command::new(probe_bin())
             .args(["--abuse-only", "--timestamps", "--report"])
-            .arg(&b.report)
+            .arg(b.report_path())
             .env("NOTIFY_SOCKET", &notify_socket)
             .output()
             .unwrap();
@@ -1548,7 +1349,7 @@ fn notify_abuse_under_load_is_refused_and_leaks_nothing() {
     // Truncated control data: with Baton's fd limit lowered, the kernel can
     // install only some of 200 fds and flags MSG_CTRUNC. Baton must close
     // the ones that arrived and drop the datagram.
-    let baton = b.child.id() as libc::pid_t;
+    let baton = b.pid() as libc::pid_t;
     let nofile = |new: Option<libc::rlimit>| {
         let mut old = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
         let new_ptr = new.as_ref().map_or(std::ptr::null(), |n| n as *const libc::rlimit);
@@ -1561,7 +1362,7 @@ fn notify_abuse_under_load_is_refused_and_leaks_nothing() {
     // Only the soft limit is lowered (the hard one stays), so no privilege
     // is needed and it can be put back.
     let limit = nofile(None);
-    nofile(Some(libc::rlimit { rlim_cur: b.baton_fds() as libc::rlim_t + 8, rlim_max: limit.rlim_max }));
+    nofile(Some(libc::rlimit { rlim_cur: b.fd_count() as libc::rlim_t + 8, rlim_max: limit.rlim_max }));
     let pairs: Vec<(OwnedFd, OwnedFd)> = (0..200).map(|_| socket_pair()).collect();
     let fds: Vec<BorrowedFd<'_>> = pairs.iter().map(|(s, _)| s.as_fd()).collect();
     let stranger = baton_sd::Notifier::new(notify_socket.to_str().unwrap()).unwrap();

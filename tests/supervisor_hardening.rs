@@ -14,14 +14,13 @@ use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use baton::control::{Request, Response, Status};
+use baton_testbed::baton::{Baton, BatonBuilder, WAIT};
 use baton_testbed::expect_success as ok;
 use baton_testbed::poll_until;
 
-const WAIT: Duration = Duration::from_secs(30);
 /// How long a `baton run` with a bad option may take to refuse it.
 const REFUSAL: Duration = Duration::from_secs(10);
 
@@ -29,77 +28,17 @@ fn baton_bin() -> &'static str {
     env!("CARGO_BIN_EXE_baton")
 }
 
-struct Baton {
-    child: Child,
-    dir: PathBuf,
-    control: PathBuf,
-}
-
-impl Baton {
-    /// `baton run --control DIR/baton.sock ARGS -- APP...` with `env`, once
-    /// generation 1 is active.
-    fn start(test: &str, args: &[&str], app: &[&OsStr], env: &[(&str, &OsStr)]) -> Baton {
-        let dir = baton_testbed::unique_temp_dir("baton-hardening", test);
-        let control = dir.join("baton.sock");
-        let mut cmd = Command::new(baton_bin());
-        cmd.arg("run").arg("--control").arg(&control).args(args).arg("--").args(app);
-        cmd.stdout(std::fs::File::create(dir.join("baton.out")).unwrap())
-            .stderr(std::fs::File::create(dir.join("baton.log")).unwrap())
-            .stdin(Stdio::null())
-            .env("T_DIR", &dir)
-            .envs(env.iter().copied())
-            .env("BATON_LOG", "debug");
-        let b = Baton { child: cmd.spawn().expect("spawn baton"), dir, control };
-        b.wait_status("generation 1 active", |s| {
-            s.generations.iter().any(|g| g.generation == 1 && g.state == "active")
-        });
-        b
-    }
-
-    fn notify_socket(&self) -> PathBuf {
-        self.control.with_extension("notify")
-    }
-
-    fn cli(&self, args: &[&str]) -> Output {
-        Command::new(baton_bin())
-            .args(&args[..1])
-            .arg("--control")
-            .arg(&self.control)
-            .args(&args[1..])
-            .output()
-            .unwrap()
-    }
-
-    fn try_status(&self) -> Option<Status> {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        match rt.block_on(baton::control::call(&self.control, &Request::Status)) {
-            Ok(Response::Status(s)) => Some(*s),
-            _ => None,
-        }
-    }
-
-    fn status(&self) -> Status {
-        self.try_status().unwrap_or_else(|| panic!("no status from baton\n{}", self.log()))
-    }
-
-    fn wait_status(&self, what: &str, mut pred: impl FnMut(&Status) -> bool) -> Status {
-        poll_until(what, WAIT, || self.try_status().filter(|s| pred(s)))
-            .unwrap_or_else(|e| panic!("{e}\nstatus: {:?}\n{}", self.try_status(), self.log()))
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("baton.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Baton {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("----- baton's log -----\n{}", self.log());
-        }
-        baton_testbed::terminate(&mut self.child, WAIT);
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// `baton run --control DIR/baton.sock ARGS -- APP...` with `env` and
+/// `T_DIR=DIR`, once generation 1 is active.
+fn start(test: &str, args: &[&str], app: &[&OsStr], env: &[(&str, &OsStr)]) -> Baton {
+    let dir = baton_testbed::unique_temp_dir("baton-hardening", test);
+    BatonBuilder::new(baton_bin(), &dir)
+        .no_http_listener()
+        .args(args)
+        .app(app)
+        .env("T_DIR", &dir)
+        .envs(env.iter().copied())
+        .start()
 }
 
 fn read_pid(path: &Path) -> u32 {
@@ -213,21 +152,21 @@ fn a_reused_mainpid_is_not_the_generation() {
     let fifo = dir.join("cmd");
     let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
     assert!(made.success());
-    let b = Baton::start(
+    let b = start(
         "mainpid",
         &["--notify-access", "main"],
         &app,
         &[("T_ROLE", OsStr::new("mainpid-app")), ("T_FIFO", fifo.as_os_str())],
     );
-    let leader = read_pid(&b.dir.join("leader"));
-    let sleeper = read_pid(&b.dir.join("mainpid"));
+    let leader = read_pid(&b.dir().join("leader"));
+    let sleeper = read_pid(&b.dir().join("mainpid"));
     let s = b.status();
     assert_eq!((s.generations.len(), s.generations[0].pid), (1, sleeper), "MAINPID= taken: {s:?}");
 
     // The sleeper exits and is reaped: its pid is free.
     let mut cmd = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
     cmd.write_all(b"kill\n").unwrap();
-    poll_until("the MAINPID= process reaped", WAIT, || b.dir.join("killed").exists().then_some(())).unwrap();
+    poll_until("the MAINPID= process reaped", WAIT, || b.dir().join("killed").exists().then_some(())).unwrap();
     assert!(!Path::new(&format!("/proc/{sleeper}")).exists(), "pid {sleeper} still taken");
 
     // A stranger with exactly that pid.
@@ -257,7 +196,7 @@ fn a_reused_mainpid_is_not_the_generation() {
 fn notify_access_all_refuses_a_process_that_joined_the_group() {
     // The app: `baton notify` (its child, so a descendant) sends READY=1.
     let script = r#""$0" notify --ready --status original && exec sleep 1000"#;
-    let b = Baton::start(
+    let b = start(
         "setpgid",
         &["--notify-access", "all"],
         &[OsStr::new("/bin/sh"), OsStr::new("-c"), OsStr::new(script), OsStr::new(baton_bin())],
@@ -335,7 +274,7 @@ fn huge_extend_timeout_and_watchdog_from_the_app_are_saturated() {
 "$0" notify --ready WATCHDOG_USEC={max}
 sleep 1000 & wait"#
     );
-    let b = Baton::start(
+    let b = start(
         "extend",
         &["--notify-access", "all", "--stop-timeout", "8760h", "--ready-timeout", "8760h"],
         &[OsStr::new("/bin/sh"), OsStr::new("-c"), OsStr::new(&script), OsStr::new(baton_bin())],

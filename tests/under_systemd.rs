@@ -16,10 +16,11 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use baton_testbed::probe::{ProbeClients, ask, read_answer};
 use baton_testbed::{CmdOutput, Flavor, Testbed, cargo_bin, free_loopback_port, skip_unless_root};
 
 /// Generous: the machine is a noisy 2-core box.
@@ -225,65 +226,6 @@ impl Drop for Bed {
     }
 }
 
-/// One request to the probe: it answers `http PID` and closes.
-fn ask(port: u16) -> Result<String, String> {
-    let s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
-    read_answer(s)
-}
-
-fn read_answer(mut s: TcpStream) -> Result<String, String> {
-    s.set_read_timeout(Some(WAIT)).map_err(|e| format!("timeout: {e}"))?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).map_err(|e| format!("read: {e}"))?;
-    if out.is_empty() {
-        return Err("closed without an answer".into());
-    }
-    Ok(out.trim().to_owned())
-}
-
-/// Client threads asking the probe in a loop until stopped.
-struct Load {
-    stop: Arc<AtomicBool>,
-    served: Arc<AtomicU64>,
-    failures: Arc<Mutex<Vec<String>>>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(port: u16, clients: usize) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let served = Arc::new(AtomicU64::new(0));
-        let failures = Arc::new(Mutex::new(Vec::new()));
-        let threads = (0..clients)
-            .map(|_| {
-                let (stop, served, failures) = (stop.clone(), served.clone(), failures.clone());
-                std::thread::spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        match ask(port) {
-                            Ok(a) if a.starts_with("http ") => {
-                                served.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Ok(other) => failures.lock().unwrap().push(format!("unexpected answer {other:?}")),
-                            Err(e) => failures.lock().unwrap().push(e),
-                        }
-                    }
-                })
-            })
-            .collect();
-        Load { stop, served, failures, threads }
-    }
-
-    /// Stops the clients; returns (requests served, failures).
-    fn finish(self) -> (u64, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads {
-            t.join().unwrap();
-        }
-        let failures = std::mem::take(&mut *self.failures.lock().unwrap());
-        (self.served.load(Ordering::Relaxed), failures)
-    }
-}
-
 // ---- scenarios -----------------------------------------------------------
 
 /// `systemctl start` waits for the first generation; `MainPID` is Baton;
@@ -382,7 +324,7 @@ fn reloads_under_load_lose_nothing(b: &Bed) {
     b.install_app(&Unit::default());
     b.ok(&["start", APP]);
     b.wait_serving(b.starts()[0]);
-    let load = Load::start(b.port, 4);
+    let load = ProbeClients::start(b.port, 4, "http ");
     let t0 = Instant::now();
     for n in 2..=6 {
         b.ok(&["reload", APP]);
@@ -421,7 +363,7 @@ fn baton_crash(b: &Bed, kill_mode: &str) {
         assert!(out.stdout.contains("listen/http") && out.stdout.contains("app/state"), "{out}");
     }
 
-    let load = Load::start(b.port, 2);
+    let load = ProbeClients::start(b.port, 2, "http ");
     b.ok(&["kill", "-s", "SIGKILL", "--kill-whom=main", APP]);
     b.wait_for("app.service in auto-restart", || b.show("SubState") == "auto-restart");
     // During the gap (RestartSec=2s) no Baton runs; with KillMode=control-group
@@ -1180,8 +1122,9 @@ fn stop(b: &Bed) {
 }
 
 /// With stderr on the journal, Baton logs through tracing-journald: its
-/// fields arrive as `F_EVENT`, `F_GENERATION`, `F_PID` (uppercased, with
-/// tracing-journald's default `F_` prefix) next to `MESSAGE`.
+/// fields arrive as `BATON_EVENT`, `BATON_GENERATION`, `BATON_PID`
+/// (uppercased, with the `BATON_` prefix Baton gives tracing-journald) next
+/// to `MESSAGE`.
 fn journal_fields(b: &Bed) {
     b.install_app(&Unit::default());
     b.ok(&["start", APP]);
@@ -1197,15 +1140,15 @@ fn journal_fields(b: &Bed) {
         entries
             .iter()
             .find(|e| {
-                field(e, "F_EVENT").as_deref() == Some(event)
-                    && field(e, "F_GENERATION") == Some(generation.to_string())
+                field(e, "BATON_EVENT").as_deref() == Some(event)
+                    && field(e, "BATON_GENERATION") == Some(generation.to_string())
             })
-            .unwrap_or_else(|| panic!("no F_EVENT={event} F_GENERATION={generation} entry in:\n{}", out.stdout))
+            .unwrap_or_else(|| panic!("no BATON_EVENT={event} BATON_GENERATION={generation} entry in:\n{}", out.stdout))
     };
     for (event, generation, pid) in [("spawned", 1, pid1), ("ready", 1, pid1), ("spawned", 2, pid2), ("ready", 2, pid2)]
     {
         let e = find(event, generation);
-        assert_eq!(field(e, "F_PID"), Some(pid.to_string()), "{e}");
+        assert_eq!(field(e, "BATON_PID"), Some(pid.to_string()), "{e}");
         assert_eq!(field(e, "SYSLOG_IDENTIFIER").as_deref(), Some("baton"), "{e}");
         assert_eq!(field(e, "_PID"), Some(main.clone()), "logged by Baton itself: {e}");
         // tracing-journald maps INFO to 5 (notice), not 6.
@@ -1213,12 +1156,12 @@ fn journal_fields(b: &Bed) {
         assert!(field(e, "MESSAGE").is_some_and(|m| m.starts_with(&format!("generation {generation} "))), "{e}");
     }
     let draining = find("draining", 1);
-    assert_eq!(field(draining, "F_PID"), Some(pid1.to_string()), "{draining}");
+    assert_eq!(field(draining, "BATON_PID"), Some(pid1.to_string()), "{draining}");
     let listening = entries
         .iter()
-        .find(|e| field(e, "F_EVENT").as_deref() == Some("listening"))
+        .find(|e| field(e, "BATON_EVENT").as_deref() == Some("listening"))
         .unwrap_or_else(|| panic!("no listening event:\n{}", out.stdout));
-    assert_eq!(field(listening, "F_NAME").as_deref(), Some("http"), "{listening}");
+    assert_eq!(field(listening, "BATON_NAME").as_deref(), Some("http"), "{listening}");
 }
 
 /// A generation slower than `TimeoutStartSec=`: Baton's EXTEND_TIMEOUT_USEC

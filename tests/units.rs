@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use baton::units::{self, UnitFile, UnitsArgs, UnitsError, generate, to_stdout_text, write_files};
+use baton_testbed::probe::ask;
 use baton_testbed::{Flavor, Testbed, cargo_bin, free_loopback_port, skip_unless_root};
 use clap::Parser;
 
@@ -824,17 +825,8 @@ fn assert_hardened(bed: &Bed, pid: &str, what: &str) {
     assert_eq!(field("CapBnd"), "0000000000000000", "{what}: CapabilityBoundingSet=");
 }
 
-/// Connects to the probe and returns its answer, `http PID`.
-fn ask(port: u16) -> Option<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(WAIT)).ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    Some(out.trim().to_owned())
-}
-
 fn probe_pid(port: u16) -> String {
-    let answer = ask(port).unwrap_or_else(|| panic!("no answer on port {port}"));
+    let answer = ask(port).unwrap_or_else(|e| panic!("no answer on port {port}: {e}"));
     answer.strip_prefix("http ").unwrap_or_else(|| panic!("unexpected answer {answer:?}")).to_owned()
 }
 
@@ -885,7 +877,7 @@ fn supervised_probe(bed: &Bed) {
     assert_eq!(bed.show(svc, "NFileDescriptorStore"), "1", "Baton mirrors the app's stored fd");
 
     bed.ok(&["reload", svc]);
-    bed.wait_for("the new generation to serve", || ask(port).is_some_and(|a| a != format!("http {first}")));
+    bed.wait_for("the new generation to serve", || ask(port).is_ok_and(|a| a != format!("http {first}")));
     let second = probe_pid(port);
     assert_eq!(bed.show(svc, "MainPID"), baton_pid, "reload keeps Baton");
     assert_eq!(bed.show(svc, "ActiveState"), "active");

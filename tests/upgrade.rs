@@ -5,20 +5,22 @@
 //! No root needed: control and notify sockets live in a private temporary
 //! directory.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::ffi::OsString;
+use std::io::Read;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use baton::control::{Request, Response, Status};
+use baton::control::{Request, Response};
+use baton_testbed::baton::{Baton, BatonBuilder, WAIT};
 use baton_testbed::expect_success as ok;
+use baton_testbed::httpd::healthz;
 use baton_testbed::load::{Load, LoadConfig, Mode};
+use baton_testbed::probe::ask;
 use baton_testbed::{cargo_bin, poll_until};
-
-const WAIT: Duration = Duration::from_secs(30);
 
 /// The app a test runs under Baton.
 enum App {
@@ -30,158 +32,47 @@ enum App {
     ProbeCopy(&'static [&'static str]),
 }
 
-struct Baton {
-    child: Child,
-    /// Baton's stdout, kept open: with `--output inherit` it is the
-    /// generations' stdout too, which must not turn into a broken pipe.
-    _stdout: BufReader<std::process::ChildStdout>,
-    dir: PathBuf,
-    control: PathBuf,
-    port: u16,
-    /// The binary Baton was started from (a copy, so tests may replace it).
-    binary: PathBuf,
-}
-
-impl Baton {
-    fn start(test: &str, baton_args: &[&str], app: App) -> Baton {
-        let dir = baton_testbed::unique_temp_dir("baton-upgrade", test);
-        let control = dir.join("baton.sock");
-        // Started from a copy: the "package upgrade" test replaces it.
-        let binary = dir.join("bin/baton");
-        std::fs::create_dir_all(binary.parent().unwrap()).unwrap();
-        copy_executable(Path::new(env!("CARGO_BIN_EXE_baton")), &binary);
-        let mut cmd = Command::new(&binary);
-        cmd.arg("run").arg("--control").arg(&control).args(["-l", "http=127.0.0.1:0"]).args(baton_args).arg("--");
-        match app {
-            App::Httpd(args) => {
-                let www = dir.join("www");
-                std::fs::create_dir_all(&www).unwrap();
-                std::fs::write(www.join("index.html"), "hello\n").unwrap();
-                cmd.arg(cargo_bin("baton-httpd", "baton-httpd")).arg("--root").arg(&www).args(args);
-            }
-            App::Probe(_) | App::ProbeCopy(_) => {
-                let (probe, args) = match app {
-                    App::ProbeCopy(args) => {
-                        let copy = dir.join("app/probe");
-                        std::fs::create_dir_all(copy.parent().unwrap()).unwrap();
-                        copy_executable(&cargo_bin("sd-probe", "baton-sd-probe"), &copy);
-                        (copy, args)
-                    }
-                    App::Probe(args) => (cargo_bin("sd-probe", "baton-sd-probe"), args),
-                    App::Httpd(_) => unreachable!(),
-                };
-                cmd.arg(probe).args(["--serve", "http", "--report"]).arg(dir.join("report")).args(args);
-            }
+/// `baton run --control DIR/baton.sock -l http=127.0.0.1:0 BATON_ARGS --
+/// APP`, from a copy of the binary at `DIR/bin/baton` (the "package
+/// upgrade" test replaces it), with generation 1 active.
+fn start(test: &str, baton_args: &[&str], app: App) -> Baton {
+    let dir = baton_testbed::unique_temp_dir("baton-upgrade", test);
+    let binary = dir.join("bin/baton");
+    std::fs::create_dir_all(binary.parent().unwrap()).unwrap();
+    copy_executable(Path::new(env!("CARGO_BIN_EXE_baton")), &binary);
+    let mut cmd: Vec<OsString> = Vec::new();
+    match app {
+        App::Httpd(args) => {
+            let www = dir.join("www");
+            std::fs::create_dir_all(&www).unwrap();
+            std::fs::write(www.join("index.html"), "hello\n").unwrap();
+            cmd.extend([cargo_bin("baton-httpd", "baton-httpd").into(), "--root".into(), www.into()]);
+            cmd.extend(args.iter().map(OsString::from));
         }
-        let log = std::fs::File::create(dir.join("baton.log")).unwrap();
-        cmd.stdout(Stdio::piped()).stderr(log).env("BATON_LOG", "debug");
-        let mut child = cmd.spawn().expect("spawn baton");
-        let mut line = String::new();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        stdout.read_line(&mut line).unwrap();
-        let port = line
-            .trim()
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("no port in baton's first line {line:?}"));
-        let b = Baton { child, _stdout: stdout, dir, control, port, binary };
-        b.wait_active(1);
-        b
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn cli(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_baton"))
-            .args(&args[..1])
-            .arg("--control")
-            .arg(&self.control)
-            .args(&args[1..])
-            .output()
-            .expect("run baton cli")
-    }
-
-    fn try_status(&self) -> Option<Status> {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        match rt.block_on(baton::control::call(&self.control, &Request::Status)) {
-            Ok(Response::Status(s)) => Some(*s),
-            _ => None,
+        App::Probe(args) | App::ProbeCopy(args) => {
+            let probe = if matches!(app, App::ProbeCopy(_)) {
+                let copy = dir.join("app/probe");
+                std::fs::create_dir_all(copy.parent().unwrap()).unwrap();
+                copy_executable(&cargo_bin("sd-probe", "baton-sd-probe"), &copy);
+                copy
+            } else {
+                cargo_bin("sd-probe", "baton-sd-probe")
+            };
+            cmd.extend([probe.into(), "--serve".into(), "http".into(), "--report".into(), dir.join("report").into()]);
+            cmd.extend(args.iter().map(OsString::from));
         }
     }
-
-    fn status(&self) -> Status {
-        self.try_status().unwrap_or_else(|| panic!("no status\n{}", self.log()))
-    }
-
-    fn wait_active(&self, n: u64) {
-        poll_until(&format!("generation {n} active"), WAIT, || {
-            let s = self.try_status()?;
-            (s.generations.iter().any(|g| g.generation == n && g.state == "active") && !s.restarting).then_some(())
-        })
-        .unwrap_or_else(|e| panic!("{e}\n{}", self.log()));
-    }
-
-    fn generation_pid(&self, n: u64) -> u32 {
-        self.status().generations.iter().find(|g| g.generation == n).unwrap_or_else(|| panic!("generation {n}")).pid
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("baton.log")).unwrap_or_default()
-    }
-
-    /// Baton's open fds, once two reads a moment apart agree (a control
-    /// connection being closed must not count).
-    fn fd_count(&self) -> usize {
-        let count = || std::fs::read_dir(format!("/proc/{}/fd", self.pid())).unwrap().count();
-        poll_until("a stable fd count", WAIT, || {
-            let a = count();
-            std::thread::sleep(Duration::from_millis(100));
-            (count() == a).then_some(a)
-        })
-        .unwrap()
-    }
-
-    fn exe(&self) -> String {
-        std::fs::read_link(format!("/proc/{}/exe", self.pid())).unwrap().display().to_string()
-    }
+    let b = BatonBuilder::new(env!("CARGO_BIN_EXE_baton"), dir).run_from(binary).args(baton_args).app(cmd).spawn();
+    b.port();
+    wait_settled(&b, 1);
+    b
 }
 
-impl Drop for Baton {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("----- baton's log -----\n{}", self.log());
-        }
-        baton_testbed::terminate(&mut self.child, WAIT);
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// One HTTP request on a new connection; the `baton-pid` header.
-fn get_pid(port: u16) -> Result<u32, String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).map_err(|e| format!("read: {e}"))?;
-    if !out.starts_with("HTTP/1.1 200") {
-        return Err(format!("bad answer {out:?}"));
-    }
-    out.lines()
-        .find_map(|l| l.to_ascii_lowercase().strip_prefix("baton-pid:").map(|p| p.trim().to_owned()))
-        .and_then(|p| p.parse().ok())
-        .ok_or_else(|| format!("no baton-pid in {out:?}"))
-}
-
-/// One connection to the probe app: it answers `http PID`.
-fn ask_probe(port: u16) -> Result<String, String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).map_err(|e| format!("read: {e}"))?;
-    Ok(out.trim().to_owned())
+/// Waits until generation `n` is the active one and no restart runs.
+fn wait_settled(b: &Baton, n: u64) {
+    b.wait_status(&format!("generation {n} active"), |s| {
+        s.generations.iter().any(|g| g.generation == n && g.state == "active") && !s.restarting
+    });
 }
 
 /// Whether `pid` exists (a zombie counts: it is not reaped).
@@ -234,22 +125,22 @@ fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
 
 #[test]
 fn upgrade_under_load_keeps_pid_generation_port_and_fds() {
-    let b = Baton::start("load", &[], App::Httpd(&[]));
+    let b = start("load", &[], App::Httpd(&[]));
     let pid = b.pid();
     let gen_pid = b.generation_pid(1);
     let before = b.status();
-    let fds_before = b.fd_count();
+    let fds_before = b.settled_fd_count();
     assert_eq!(before.upgrades, 0);
-    assert_eq!(before.binary.as_deref(), Some(b.binary.to_str().unwrap()));
+    assert_eq!(before.binary.as_deref(), Some(b.binary().to_str().unwrap()));
 
     // A package upgrade: the file Baton was started from is replaced by a
     // new inode (rename over it), so /proc/PID/exe now names a deleted file.
-    let fresh = b.dir.join("bin/baton.new");
+    let fresh = b.dir().join("bin/baton.new");
     copy_executable(Path::new(env!("CARGO_BIN_EXE_baton")), &fresh);
-    std::fs::rename(&fresh, &b.binary).unwrap();
+    std::fs::rename(&fresh, b.binary()).unwrap();
     assert!(b.exe().ends_with("(deleted)"), "{}", b.exe());
 
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], b.port));
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], b.port()));
     let keepalive = Load::start(LoadConfig::new(addr).mode(Mode::KeepAlive).connections(4).rate(Some(300))).unwrap();
     let fresh_conns =
         Load::start(LoadConfig::new(addr).mode(Mode::NewConnection).connections(4).rate(Some(300))).unwrap();
@@ -258,7 +149,7 @@ fn upgrade_under_load_keeps_pid_generation_port_and_fds() {
     // (before the exec) or the new one (queued in the backlog meanwhile).
     let stop = Arc::new(AtomicBool::new(false));
     let control_clients = {
-        let (stop, control) = (Arc::clone(&stop), b.control.clone());
+        let (stop, control) = (Arc::clone(&stop), b.control().to_owned());
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             let (mut answered, mut failed, mut upgraded) = (0u64, Vec::new(), 0u64);
@@ -305,15 +196,15 @@ fn upgrade_under_load_keeps_pid_generation_port_and_fds() {
 
     assert_eq!(after.pid, pid);
     assert_eq!(after.upgrades, 1);
-    assert_eq!(after.binary.as_deref(), Some(b.binary.to_str().unwrap()));
+    assert_eq!(after.binary.as_deref(), Some(b.binary().to_str().unwrap()));
     assert!(after.image_uptime_s < after.uptime_s, "{after:?}");
     assert_eq!(after.sockets, before.sockets, "same listening socket");
     assert_eq!(after.generations.len(), 1);
     assert_eq!((after.generations[0].generation, after.generations[0].pid), (1, gen_pid));
     assert_eq!(after.generations[0].state, "active");
     assert!(!b.exe().ends_with("(deleted)"), "runs the new file: {}", b.exe());
-    assert_eq!(get_pid(b.port).unwrap(), gen_pid);
-    assert_eq!(b.fd_count(), fds_before, "fds before/after the upgrade");
+    assert_eq!(healthz(b.port()).unwrap().pid, gen_pid);
+    assert_eq!(b.settled_fd_count(), fds_before, "fds before/after the upgrade");
 
     // The adopted store, notify socket and generation tracking work: a
     // restart cuts over to generation 2 and retires generation 1.
@@ -323,24 +214,24 @@ fn upgrade_under_load_keeps_pid_generation_port_and_fds() {
         .unwrap();
     let gen2 = b.generation_pid(2);
     assert_ne!(gen2, gen_pid);
-    assert_eq!(get_pid(b.port).unwrap(), gen2);
+    assert_eq!(healthz(b.port()).unwrap().pid, gen2);
     assert!(zombie_children(pid).is_empty());
 }
 
 #[test]
 fn unusable_binaries_are_refused_and_baton_goes_on() {
-    let b = Baton::start("refused", &[], App::Httpd(&[]));
+    let b = start("refused", &[], App::Httpd(&[]));
     let gen_pid = b.generation_pid(1);
-    let fds_before = b.fd_count();
-    let not_exec = b.dir.join("not-executable");
+    let fds_before = b.settled_fd_count();
+    let not_exec = b.dir().join("not-executable");
     std::fs::write(&not_exec, "#!/bin/sh\necho hi\n").unwrap();
     let wrong =
-        script(&b.dir, "wrong-version", "echo baton-upgrade-probe state-format=99 min-state-format=99 version=9.9");
-    let garbage = script(&b.dir, "garbage", "echo 'usage: something else'; exit 2");
+        script(b.dir(), "wrong-version", "echo baton-upgrade-probe state-format=99 min-state-format=99 version=9.9");
+    let garbage = script(b.dir(), "garbage", "echo 'usage: something else'; exit 2");
     // Passes the probe, then makes itself unexecutable: the execve() fails
     // and Baton must restore everything and go on.
     let vanishing = script(
-        &b.dir,
+        b.dir(),
         "vanishing",
         "chmod -x \"$0\"; echo baton-upgrade-probe state-format=1 min-state-format=1 version=0.0.0",
     );
@@ -363,9 +254,9 @@ fn unusable_binaries_are_refused_and_baton_goes_on() {
         assert_eq!((s.pid, s.upgrades), (b.pid(), 0));
         assert_eq!(s.generations.len(), 1);
         assert_eq!(s.generations[0].pid, gen_pid);
-        assert_eq!(get_pid(b.port).unwrap(), gen_pid);
+        assert_eq!(healthz(b.port()).unwrap().pid, gen_pid);
     }
-    assert_eq!(b.fd_count(), fds_before, "a failed exec leaks nothing");
+    assert_eq!(b.settled_fd_count(), fds_before, "a failed exec leaks nothing");
     assert!(zombie_children(b.pid()).is_empty(), "probe processes are reaped");
     // And it still upgrades fine.
     ok(&b.cli(&["upgrade"]));
@@ -374,9 +265,9 @@ fn unusable_binaries_are_refused_and_baton_goes_on() {
 
 #[test]
 fn a_hanging_binary_is_killed_at_the_probe_timeout() {
-    let b = Baton::start("hang", &[], App::Httpd(&[]));
-    let marker = b.dir.join("hung-pid");
-    let hang = script(&b.dir, "hang", &format!("echo $$ > {}; exec sleep 300", marker.display()));
+    let b = start("hang", &[], App::Httpd(&[]));
+    let marker = b.dir().join("hung-pid");
+    let hang = script(b.dir(), "hang", &format!("echo $$ > {}; exec sleep 300", marker.display()));
     let out = b.cli(&["upgrade", "--binary", hang.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -385,15 +276,15 @@ fn a_hanging_binary_is_killed_at_the_probe_timeout() {
     let hung: u32 = std::fs::read_to_string(&marker).unwrap().trim().parse().unwrap();
     poll_until("the hung probe killed and reaped", WAIT, || (!exists(hung)).then_some(())).unwrap();
     assert_eq!(b.status().upgrades, 0);
-    assert!(get_pid(b.port).is_ok());
+    assert!(healthz(b.port()).is_ok());
 }
 
 #[test]
 fn a_stalled_control_client_delays_the_upgrade_by_the_grace_only() {
-    let b = Baton::start("stalled", &[], App::Httpd(&[]));
+    let b = start("stalled", &[], App::Httpd(&[]));
     // Connected, never sends its request: its connection cannot be handed
     // over, so the old image waits for it a bounded time, then lets it go.
-    let mut stalled = std::os::unix::net::UnixStream::connect(&b.control).unwrap();
+    let mut stalled = std::os::unix::net::UnixStream::connect(b.control()).unwrap();
     stalled.set_read_timeout(Some(WAIT)).unwrap();
     std::thread::sleep(Duration::from_millis(200));
     let out = ok(&b.cli(&["upgrade"]));
@@ -406,7 +297,7 @@ fn a_stalled_control_client_delays_the_upgrade_by_the_grace_only() {
 
 #[test]
 fn upgrade_during_a_restart_is_busy_and_loses_nothing() {
-    let b = Baton::start("busy", &[], App::Httpd(&["--startup-delay", "3s"]));
+    let b = start("busy", &[], App::Httpd(&["--startup-delay", "3s"]));
     let gen1 = b.generation_pid(1);
     ok(&b.cli(&["restart", "--no-block"]));
     let out = b.cli(&["upgrade"]);
@@ -414,35 +305,35 @@ fn upgrade_during_a_restart_is_busy_and_loses_nothing() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("busy") && stderr.contains("restart is in progress"), "{stderr}");
     // Generation 1 serves meanwhile, and the restart goes through.
-    assert_eq!(get_pid(b.port).unwrap(), gen1);
-    b.wait_active(2);
+    assert_eq!(healthz(b.port()).unwrap().pid, gen1);
+    wait_settled(&b, 2);
     let s = b.status();
     assert_eq!((s.upgrades, s.restarts), (0, 1));
     ok(&b.cli(&["upgrade"]));
     let s = b.status();
     assert_eq!((s.upgrades, s.restarts), (1, 1));
-    assert_eq!(get_pid(b.port).unwrap(), b.generation_pid(2));
+    assert_eq!(healthz(b.port()).unwrap().pid, b.generation_pid(2));
 }
 
 #[test]
 fn two_upgrades_then_stop_exits_0_without_zombies() {
-    let mut b = Baton::start("twice", &[], App::Httpd(&[]));
+    let mut b = start("twice", &[], App::Httpd(&[]));
     let gen1 = b.generation_pid(1);
-    let fds = b.fd_count();
+    let fds = b.settled_fd_count();
     for n in 1..=2 {
         let out = ok(&b.cli(&["upgrade", "--binary", env!("CARGO_BIN_EXE_baton")]));
         assert!(out.contains(&format!("pid {}", b.pid())), "{out}");
         let s = b.status();
         assert_eq!(s.upgrades, n);
         assert_eq!(s.binary.as_deref(), Some(env!("CARGO_BIN_EXE_baton")));
-        assert_eq!(get_pid(b.port).unwrap(), gen1);
+        assert_eq!(healthz(b.port()).unwrap().pid, gen1);
     }
-    assert_eq!(b.fd_count(), fds);
+    assert_eq!(b.settled_fd_count(), fds);
     let out = ok(&b.cli(&["stop"]));
     assert!(out.contains("stopped"), "{out}");
     let deadline = Instant::now() + WAIT;
     let status = loop {
-        if let Some(status) = b.child.try_wait().unwrap() {
+        if let Some(status) = b.try_exit() {
             break status;
         }
         assert!(Instant::now() < deadline, "baton run did not exit");
@@ -450,14 +341,14 @@ fn two_upgrades_then_stop_exits_0_without_zombies() {
     };
     assert_eq!(status.code(), Some(0), "{}", b.log());
     assert!(!exists(gen1) || !is_zombie(gen1), "generation 1 reaped");
-    assert!(!b.control.exists(), "control socket removed");
+    assert!(!b.control().exists(), "control socket removed");
 }
 
 #[test]
 fn draining_generation_is_reaped_and_crashes_handled_after_upgrade() {
     // Generations ignore SIGTERM: generation 1 stays draining until Baton's
     // SIGKILL at the stop deadline, which the new image must keep.
-    let b = Baton::start("draining", &["--stop-timeout", "4s"], App::Probe(&["--ignore-sigterm"]));
+    let b = start("draining", &["--stop-timeout", "4s"], App::Probe(&["--ignore-sigterm"]));
     let gen1 = b.generation_pid(1);
     ok(&b.cli(&["restart"]));
     let gen2 = b.generation_pid(2);
@@ -476,12 +367,12 @@ fn draining_generation_is_reaped_and_crashes_handled_after_upgrade() {
     // A crash after the upgrade is replaced with backoff, as before.
     rustix::process::kill_process(rustix::process::Pid::from_raw(gen2 as i32).unwrap(), rustix::process::Signal::KILL)
         .unwrap();
-    b.wait_active(3);
+    wait_settled(&b, 3);
     let s = b.status();
     assert_eq!(s.crash_restarts, 1);
     assert!(s.last_failure.as_deref().unwrap_or("").contains("generation 2 killed by SIGKILL"), "{s:?}");
     let gen3 = b.generation_pid(3);
-    assert_eq!(ask_probe(b.port).unwrap(), format!("http {gen3}"));
+    assert_eq!(ask(b.port()).unwrap(), format!("http {gen3}"));
     poll_until("generation 2 reaped", WAIT, || (!exists(gen2)).then_some(())).unwrap();
     assert!(zombie_children(b.pid()).is_empty());
 }
@@ -510,7 +401,7 @@ fn under_systemd_mainpid_is_unchanged() {
     let show = |p: &str| tb.show("app.service", p).unwrap();
     let main = show("MainPID");
     assert_ne!(main, "0");
-    let gen1 = ask_probe(port).unwrap();
+    let gen1 = ask(port).unwrap();
 
     let out = tb.run(&[baton, "upgrade", "--name", "app"]).unwrap();
     assert!(out.status.success(), "{}\n{}", out.stdout, out.stderr);
@@ -521,7 +412,7 @@ fn under_systemd_mainpid_is_unchanged() {
     .unwrap();
     assert_eq!(show("MainPID"), main, "MainPID must not change");
     assert!(show("StatusText").contains("upgraded in place"), "{}", show("StatusText"));
-    assert_eq!(ask_probe(port).unwrap(), gen1, "the same generation serves");
+    assert_eq!(ask(port).unwrap(), gen1, "the same generation serves");
     let status = tb.run(&[baton, "status", "--name", "app", "--json"]).unwrap();
     let status: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
     assert_eq!(status["upgrades"], 1, "{status}");
@@ -529,7 +420,7 @@ fn under_systemd_mainpid_is_unchanged() {
     // A reload-style restart and the stop still work through systemd.
     let out = tb.run(&[baton, "restart", "--name", "app"]).unwrap();
     assert!(out.status.success(), "{}\n{}", out.stdout, out.stderr);
-    assert_ne!(ask_probe(port).unwrap(), gen1);
+    assert_ne!(ask(port).unwrap(), gen1);
     assert_eq!(show("MainPID"), main);
     tb.systemctl_checked(&["stop", "app.service"]).unwrap();
     assert_eq!(show("ActiveState"), "inactive");
@@ -542,20 +433,20 @@ fn under_systemd_mainpid_is_unchanged() {
 /// are moved to generation 2 on restart and answered there.
 #[test]
 fn store_and_handoff_survive_the_upgrade() {
-    let b = Baton::start("store", &[], App::Probe(&["--hold", "--store", "state=hello"]));
-    let report = || std::fs::read_to_string(b.dir.join("report")).unwrap_or_default();
+    let b = start("store", &[], App::Probe(&["--hold", "--store", "state=hello"]));
+    let report = || std::fs::read_to_string(b.dir().join("report")).unwrap_or_default();
     poll_until("the memfd stored", WAIT, || (b.status().fdstore == 1).then_some(())).unwrap();
     // Held (accepted, unanswered) by generation 1 across the upgrade.
-    let clients: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(("127.0.0.1", b.port)).unwrap()).collect();
+    let clients: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(("127.0.0.1", b.port())).unwrap()).collect();
     poll_until("generation 1 holding 3 connections", WAIT, || {
         (report().lines().filter(|l| *l == "held").count() == 3).then_some(())
     })
     .unwrap();
-    let fds = b.fd_count();
+    let fds = b.settled_fd_count();
     ok(&b.cli(&["upgrade"]));
     let s = b.status();
     assert_eq!((s.upgrades, s.fdstore), (1, 1));
-    assert_eq!(b.fd_count(), fds);
+    assert_eq!(b.settled_fd_count(), fds);
 
     ok(&b.cli(&["restart"]));
     let gen2 = b.generation_pid(2);
@@ -580,22 +471,26 @@ fn store_and_handoff_survive_the_upgrade() {
 /// image gets it, Baton stops its generations and `baton run` exits 0.
 #[test]
 fn sigterm_during_an_upgrade_still_stops_baton() {
-    let mut b = Baton::start("sigterm", &[], App::Httpd(&[]));
+    let mut b = start("sigterm", &[], App::Httpd(&[]));
     let gen1 = b.generation_pid(1);
-    let stalled = std::os::unix::net::UnixStream::connect(&b.control).unwrap();
+    let stalled = std::os::unix::net::UnixStream::connect(b.control()).unwrap();
     std::thread::sleep(Duration::from_millis(200));
     let upgrade = {
-        let control = b.control.clone();
+        let control = b.control().to_owned();
         std::thread::spawn(move || {
             Command::new(env!("CARGO_BIN_EXE_baton")).arg("upgrade").arg("--control").arg(&control).output().unwrap()
         })
     };
     // Inside the old image's grace for the stalled client.
     std::thread::sleep(Duration::from_millis(400));
-    rustix::process::kill_process(rustix::process::Pid::from_child(&b.child), rustix::process::Signal::TERM).unwrap();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(b.pid() as i32).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
     let deadline = Instant::now() + WAIT;
     let status = loop {
-        if let Some(status) = b.child.try_wait().unwrap() {
+        if let Some(status) = b.try_exit() {
             break status;
         }
         assert!(Instant::now() < deadline, "SIGTERM was lost: baton still runs\n{}", b.log());
@@ -617,17 +512,17 @@ fn sigterm_during_an_upgrade_still_stops_baton() {
 /// right now, the upgrade is refused before the exec, and Baton goes on.
 #[test]
 fn upgrade_is_refused_while_the_apps_program_is_missing() {
-    let b = Baton::start("app-missing", &[], App::ProbeCopy(&[]));
+    let b = start("app-missing", &[], App::ProbeCopy(&[]));
     let gen1 = b.generation_pid(1);
-    let program = b.dir.join("app/probe");
-    let moved = b.dir.join("app/probe.moved");
+    let program = b.dir().join("app/probe");
+    let moved = b.dir().join("app/probe.moved");
     std::fs::rename(&program, &moved).unwrap();
     let out = b.cli(&["upgrade"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("app's program") && stderr.contains("put it back first"), "{stderr}");
     assert_eq!(b.status().upgrades, 0);
-    assert_eq!(ask_probe(b.port).unwrap(), format!("http {gen1}"));
+    assert_eq!(ask(b.port()).unwrap(), format!("http {gen1}"));
     std::fs::rename(&moved, &program).unwrap();
     ok(&b.cli(&["upgrade"]));
     assert_eq!(b.status().upgrades, 1);
@@ -645,7 +540,7 @@ fn fd_target(pid: u32, fd: u32) -> String {
 /// theirs before or after.
 #[test]
 fn inherited_output_survives_upgrades() {
-    let b = Baton::start("inherit", &["--output", "inherit"], App::Probe(&[]));
+    let b = start("inherit", &["--output", "inherit"], App::Probe(&[]));
     let baton = b.pid();
     let gen1 = b.generation_pid(1);
     let batons_own = [fd_target(baton, 1), fd_target(baton, 2)];
@@ -664,19 +559,19 @@ fn inherited_output_survives_upgrades() {
 
     ok(&b.cli(&["upgrade", "--binary", env!("CARGO_BIN_EXE_baton")]));
     assert_eq!(b.generation_pid(1), gen1);
-    assert_eq!(ask_probe(b.port).unwrap(), format!("http {gen1}"));
+    assert_eq!(ask(b.port()).unwrap(), format!("http {gen1}"));
     assert_eq!([fd_target(gen1, 1), fd_target(gen1, 2)], batons_own, "baton's own fds survive the exec");
     no_pipe_of(gen1);
 
     ok(&b.cli(&["restart"]));
-    b.wait_active(2);
+    wait_settled(&b, 2);
     let gen2 = b.generation_pid(2);
     assert_eq!([fd_target(gen2, 1), fd_target(gen2, 2)], batons_own, "the adopted mode applies to new generations");
     no_pipe_of(gen2);
     // And a second upgrade with the draining one gone and the new one running.
     poll_until("generation 1 retired", WAIT, || (!exists(gen1) || is_zombie(gen1)).then_some(())).unwrap();
     ok(&b.cli(&["upgrade", "--binary", env!("CARGO_BIN_EXE_baton")]));
-    assert_eq!(ask_probe(b.port).unwrap(), format!("http {gen2}"));
+    assert_eq!(ask(b.port()).unwrap(), format!("http {gen2}"));
     assert_eq!(b.status().upgrades, 2);
     assert_eq!([fd_target(gen2, 1), fd_target(gen2, 2)], batons_own);
     no_pipe_of(gen2);
@@ -690,11 +585,11 @@ fn inherited_output_survives_upgrades() {
 /// upgrade` with the reason and goes on supervising the same generations.
 #[test]
 fn a_binary_that_cannot_adopt_hands_control_back() {
-    let b = Baton::start("handback", &[], App::Httpd(&[]));
+    let b = start("handback", &[], App::Httpd(&[]));
     let gen1 = b.generation_pid(1);
-    let fds_before = b.fd_count();
-    let mode = b.dir.join("mode");
-    let bad = b.dir.join("bad-state.json");
+    let fds_before = b.settled_fd_count();
+    let mode = b.dir().join("mode");
+    let bad = b.dir().join("bad-state.json");
     let body = format!(
         r#"[ "$1" = upgrade-probe ] && exec {real} upgrade-probe
 state=/proc/self/fd/$BATON_UPGRADE_STATE
@@ -709,7 +604,7 @@ BATON_UPGRADE_STATE=$fd exec {real} "$@""#,
         mode = mode.display(),
         bad = bad.display(),
     );
-    let wrapper = b.dir.join("cannot-adopt");
+    let wrapper = b.dir().join("cannot-adopt");
     let st = Command::new("sh")
         .args(["-c", "printf '#!/bin/bash\\n%s\\n' \"$1\" > \"$2\" && chmod 755 \"$2\"", "sh", &body])
         .arg(&wrapper)
@@ -734,11 +629,11 @@ BATON_UPGRADE_STATE=$fd exec {real} "$@""#,
         );
         let s = b.status();
         assert_eq!((s.pid, s.upgrades), (b.pid(), 0), "{case}: {s:?}");
-        assert_eq!(s.binary.as_deref(), Some(b.binary.to_str().unwrap()), "{case}");
+        assert_eq!(s.binary.as_deref(), Some(b.binary().to_str().unwrap()), "{case}");
         assert_eq!(s.generations.len(), 1, "{case}: {s:?}");
         assert_eq!((s.generations[0].pid, s.generations[0].state.as_str()), (gen1, "active"), "{case}");
-        assert_eq!(get_pid(b.port).unwrap(), gen1, "{case}");
-        assert_eq!(b.fd_count(), fds_before, "{case}: fds before/after the way back");
+        assert_eq!(healthz(b.port()).unwrap().pid, gen1, "{case}");
+        assert_eq!(b.settled_fd_count(), fds_before, "{case}: fds before/after the way back");
     }
     // Still supervised: a restart cuts over and retires generation 1.
     let out = ok(&b.cli(&["restart"]));
@@ -746,7 +641,7 @@ BATON_UPGRADE_STATE=$fd exec {real} "$@""#,
     poll_until("generation 1 retired", WAIT, || (b.status().generations.len() == 1 && !exists(gen1)).then_some(()))
         .unwrap();
     let gen2 = b.generation_pid(2);
-    assert_eq!(get_pid(b.port).unwrap(), gen2);
+    assert_eq!(healthz(b.port()).unwrap().pid, gen2);
     assert!(zombie_children(b.pid()).is_empty());
     // And a real upgrade still goes through.
     ok(&b.cli(&["upgrade"]));
@@ -759,11 +654,11 @@ BATON_UPGRADE_STATE=$fd exec {real} "$@""#,
 /// the handed-over state and never parses it, so the upgrade goes through.
 #[test]
 fn a_new_baton_that_rejects_the_old_command_line_still_adopts() {
-    let b = Baton::start("argv", &[], App::Httpd(&[]));
+    let b = start("argv", &[], App::Httpd(&[]));
     let gen1 = b.generation_pid(1);
     let real = env!("CARGO_BIN_EXE_baton");
     let wrapper = script(
-        &b.dir,
+        b.dir(),
         "strict-cli",
         &format!(
             "[ \"$1\" = upgrade-probe ] && exec {real} upgrade-probe\nexec {real} run --a-flag-this-baton-rejects"
@@ -773,7 +668,7 @@ fn a_new_baton_that_rejects_the_old_command_line_still_adopts() {
     assert!(out.contains(&format!("upgraded: pid {}", b.pid())), "{out}");
     let s = b.status();
     assert_eq!((s.upgrades, s.generations.len(), s.generations[0].pid), (1, 1, gen1), "{s:?}");
-    assert_eq!(get_pid(b.port).unwrap(), gen1);
+    assert_eq!(healthz(b.port()).unwrap().pid, gen1);
     let out = ok(&b.cli(&["restart"]));
     assert!(out.contains("generation 2"), "{out}");
 }

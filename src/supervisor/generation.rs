@@ -99,7 +99,8 @@ impl Supervisor {
         }
         let (output_fd, output) = match self.cfg.policy.output {
             OutputMode::Pipe => {
-                let (fd, tail) = crate::output::capture(Arc::clone(&self.output_closed))
+                let identity = crate::journal::Identity::new(self.cfg.command.program(), number);
+                let (fd, tail) = crate::output::capture(Arc::clone(&self.output_closed), identity)
                     .map_err(|e| format!("cannot create the pipe for its output: {e}"))?;
                 (Some(fd), Output::Captured(tail))
             }
@@ -114,6 +115,7 @@ impl Supervisor {
             output: output_fd.as_ref().map(|fd| fd.as_fd()),
         };
         let child = self.cfg.command.spawn(&setup).map_err(|e| e.to_string())?;
+        output.set_pid(child.pid);
         // Only the child (and its descendants) may hold the write end, so
         // the copying task sees end-of-file when they are all gone.
         drop(output_fd);

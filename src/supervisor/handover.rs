@@ -51,6 +51,7 @@ impl Supervisor {
                 output: g.output.kind(),
                 output_fd: g.output.pipe_fd(),
                 output_lines: g.output.lines(),
+                output_unwritten: g.output.unwritten(),
                 handoff: g.handoff.as_ref().map(|h| h.as_raw_fd()),
                 passed: g.passed.clone(),
             });
@@ -215,8 +216,17 @@ impl Supervisor {
             };
             let output = match (g.output, t.output) {
                 (OutputKind::Pipe, Some(fd)) => Output::Captured(
-                    crate::output::adopt(fd, Arc::clone(&output_closed), g.output_lines)
-                        .map_err(io("adopting a generation's output pipe"))?,
+                    crate::output::adopt(
+                        crate::output::Adopted {
+                            read_end: fd,
+                            lines: g.output_lines,
+                            unwritten: g.output_unwritten,
+                            identity: crate::journal::Identity::new(command.program(), g.number),
+                            pid: g.pid,
+                        },
+                        Arc::clone(&output_closed),
+                    )
+                    .map_err(io("adopting a generation's output pipe"))?,
                 ),
                 (OutputKind::Pipe, None) => Output::Captured(crate::output::Tail::finished(g.output_lines)),
                 (OutputKind::None, None) => Output::Inherited,

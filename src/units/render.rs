@@ -172,6 +172,24 @@ pub(super) fn service_unit(plan: &Plan<'_>) -> UnitFile {
             plan.baton_exec
         );
         s.push_str("# Only Baton notifies systemd; the generations notify Baton.\nNotifyAccess=main\n");
+        // The generations inherit Baton's stdout and stderr (`--output auto` under the journal):
+        // the stream systemd opens for ExecStart=, whose identifier is this, "baton" otherwise.
+        // Baton's own log lines are native journal entries with SYSLOG_IDENTIFIER=baton whatever
+        // this says; what Baton (or ExecReload='s `baton restart`) prints to stderr is filed here.
+        match &plan.syslog_identifier {
+            Some(ident) => {
+                let _ = write!(
+                    s,
+                    "# The app's lines in the journal carry its own name, as if systemd ran {program} itself;\n\
+                     # Baton's own lines stay SYSLOG_IDENTIFIER=baton.\n\
+                     SyslogIdentifier={ident}\n"
+                );
+            }
+            None => s.push_str(
+                "# No SyslogIdentifier=: the program's file name cannot be written here, so the app's\n\
+                 # lines carry systemd's default, Baton's name.\n",
+            ),
+        }
     } else {
         let _ = writeln!(s, "Type=notify\nExecStart={}", plan.app_exec);
         s.push_str(

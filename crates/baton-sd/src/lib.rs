@@ -97,4 +97,4 @@ pub mod wire;
 pub use activation::{ActivationError, FdKind, ListenFds, Select};
 pub use fdstore::{FdPoll, StoredName};
 pub use notify::{Notifier, NotifyError, notify};
-pub use wire::NotifyState;
+pub use wire::{NotifyState, monotonic_usec};

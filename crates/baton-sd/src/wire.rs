@@ -125,14 +125,21 @@ impl fmt::Display for NotifyState<'_> {
     }
 }
 
+/// `CLOCK_MONOTONIC` now, in microseconds: the clock of `MONOTONIC_USEC=`,
+/// the same in every process of the machine (so one process can compare
+/// another's timestamps with its own, and a re-executed image can convert
+/// a deadline back).
+pub fn monotonic_usec() -> u64 {
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    // CLOCK_MONOTONIC is never negative.
+    (ts.tv_sec as u64) * 1_000_000 + (ts.tv_nsec as u64) / 1_000
+}
+
 impl NotifyState<'_> {
     /// `MONOTONIC_USEC=` for the current `CLOCK_MONOTONIC`, as systemd ≥ 253
     /// wants next to `RELOADING=1`.
     pub fn monotonic_usec_now() -> NotifyState<'static> {
-        let ts = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
-        // CLOCK_MONOTONIC is never negative.
-        let usec = (ts.tv_sec as u64) * 1_000_000 + (ts.tv_nsec as u64) / 1_000;
-        NotifyState::MonotonicUsec(usec)
+        NotifyState::MonotonicUsec(monotonic_usec())
     }
 
     /// Checks that this assignment survives the trip through systemd intact.

@@ -54,14 +54,22 @@
 //! - `BATON_TESTBED_STATE_DIR`: where per-testbed state directories go
 //!   (default [`DEFAULT_STATE_BASE`]).
 //! - `CI`: when `true`, [`skip_unless_root`] panics instead of skipping.
+//!
+//! # Without systemd
+//!
+//! [`baton`] starts `baton run` itself, as a child of the test (no root
+//! needed); [`probe`] holds the clients of the conformance probe's answer.
 
+pub mod baton;
 mod boot;
 mod cargo;
 mod cgroup;
 mod cmd;
 mod error;
+pub mod httpd;
 pub mod load;
 pub mod mounts;
+pub mod probe;
 mod rootfs;
 mod support;
 mod testbed;

@@ -130,7 +130,7 @@ impl Report {
     }
 
     fn line(&mut self, line: impl AsRef<str>) {
-        self.line_at(line, mono_us());
+        self.line_at(line, baton_sd::monotonic_usec());
     }
 
     /// A line observed at `at` (µs of `CLOCK_MONOTONIC`).
@@ -150,16 +150,9 @@ impl Report {
     }
 }
 
-/// `CLOCK_MONOTONIC` in µs: the same clock in every process of the machine,
-/// so a benchmark can compare this probe's timestamps with its own.
-fn mono_us() -> u64 {
-    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
-    t.tv_sec as u64 * 1_000_000 + t.tv_nsec as u64 / 1_000
-}
-
 fn main() {
     // Before anything else: `--timestamps` reports it as the start time.
-    let started = mono_us();
+    let started = baton_sd::monotonic_usec();
     let opts = match parse_args() {
         Ok(o) => o,
         Err(e) => {
