@@ -222,6 +222,31 @@ pub struct RunArgs {
     pub command: Vec<OsString>,
 }
 
+impl RunArgs {
+    /// The supervisor's policy these options ask for (`--output auto`
+    /// decided now, from baton's stderr).
+    pub fn policy(&self) -> crate::supervisor::Policy {
+        use crate::supervisor::{Backoff, NotifyAccess, Policy};
+        Policy {
+            ready_timeout: self.ready_timeout,
+            stop_signal: self.stop_signal,
+            stop_timeout: self.stop_timeout,
+            notify_access: match self.notify_access {
+                Access::Main => NotifyAccess::Main,
+                Access::Exec => NotifyAccess::Exec,
+                Access::All => NotifyAccess::All,
+            },
+            watchdog: self.watchdog,
+            fdstore_max: self.fdstore_max,
+            health_cmd: self.health_cmd.clone(),
+            // One at least: the generation a cutover retires.
+            max_draining: self.max_draining.max(1),
+            backoff: Backoff { burst: self.restart_burst, interval: self.restart_interval, ..Backoff::default() },
+            output: self.output.resolve(),
+        }
+    }
+}
+
 /// `--output` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum OutputArg {

@@ -10,14 +10,14 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use baton::cli::{Access, Cli, Command, NotifyArgs, RunArgs, Target};
+use baton::cli::{Cli, Command, NotifyArgs, RunArgs, Target};
 use baton::control::{self, Request, Response};
 use baton::listen::{self, BoundSocket, SocketOptions};
 use baton::notify_refusal::BarrierReply;
 use baton::notify_server::NotifyServer;
 use baton::output::OutputMode;
 use baton::spawn::AppCommand;
-use baton::supervisor::{Backoff, Config, Ended, NotifyAccess, Supervisor};
+use baton::supervisor::{Config, Ended, Supervisor};
 use baton_sd::{FdPoll, ListenFds, Notifier, NotifyState, StoredName};
 use clap::Parser;
 
@@ -390,7 +390,8 @@ fn run(args: RunArgs) -> ExitCode {
         println!("baton: restart with `baton restart {target}` (waits for the new generation's READY=1),");
         println!("baton: watch with `baton status {target}`; stop with Ctrl-C or `baton stop {target}`");
     }
-    let output = args.output.resolve();
+    let policy = args.policy();
+    let output = policy.output;
     tracing::info!(
         event = "output",
         mode = ?output,
@@ -400,28 +401,7 @@ fn run(args: RunArgs) -> ExitCode {
             OutputMode::Pipe => "piped through baton",
         }
     );
-    let access = match args.notify_access {
-        Access::Main => NotifyAccess::Main,
-        Access::Exec => NotifyAccess::Exec,
-        Access::All => NotifyAccess::All,
-    };
-    let config = Config {
-        name: name.clone(),
-        command,
-        command_line: args.command.clone(),
-        sockets,
-        stored,
-        ready_timeout: args.ready_timeout,
-        stop_signal: args.stop_signal,
-        stop_timeout: args.stop_timeout,
-        notify_access: access,
-        watchdog: args.watchdog,
-        fdstore_max: args.fdstore_max,
-        health_cmd: args.health_cmd.clone(),
-        max_draining: args.max_draining.max(1),
-        backoff: Backoff { burst: args.restart_burst, interval: args.restart_interval, ..Backoff::default() },
-        output,
-    };
+    let config = Config { name: name.clone(), command, command_line: args.command.clone(), sockets, stored, policy };
     let result = runtime().block_on(async move {
         let (server, requests) = control::ControlServer::start(&control_path).await.map_err(|e| e.to_string())?;
         let notify = NotifyServer::bind(&notify_path).map_err(|e| format!("notify socket {}: {e}", notify_path.display()))?;

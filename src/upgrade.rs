@@ -54,11 +54,15 @@ use tokio::io::AsyncReadExt;
 use crate::notify_server::NotifyExport;
 
 mod fallback;
+pub mod format_v1;
 pub use fallback::{FAILED_ENV, Fallback, RETURN_ENV, open_own_exe};
 
-/// Version of the [`Handover`] format this binary writes.
-pub const STATE_FORMAT: u32 = 1;
-/// Oldest [`Handover`] format this binary still reads.
+/// Version of the [`Handover`] format this binary writes: 2 carries the
+/// policy as one [`crate::supervisor::Policy`] (1 had its fields flat; read
+/// through [`format_v1`]).
+pub const STATE_FORMAT: u32 = 2;
+/// Oldest [`Handover`] format this binary still reads: a Baton of the
+/// previous release must be able to upgrade to this one.
 pub const MIN_STATE_FORMAT: u32 = 1;
 /// Environment variable naming the memfd with the handed-over state.
 pub const STATE_ENV: &str = "BATON_UPGRADE_STATE";
@@ -217,6 +221,15 @@ pub struct ProbeInfo {
     pub min_state_format: u32,
 }
 
+impl ProbeInfo {
+    /// The newest state format both this binary writes and the probed one
+    /// reads; `None` if there is none (then it cannot take over).
+    pub fn format_to_write(&self) -> Option<u32> {
+        let newest = STATE_FORMAT.min(self.state_format);
+        (newest >= MIN_STATE_FORMAT.max(self.min_state_format)).then_some(newest)
+    }
+}
+
 /// Parses the probe's output; `Err` says what was wrong, for the user.
 pub fn parse_probe(output: &str) -> Result<ProbeInfo, String> {
     let Some(line) = output.lines().find(|l| l.split_whitespace().next() == Some(PROBE_TAG)) else {
@@ -286,11 +299,11 @@ pub async fn probe(binary: &Path, timeout: Duration) -> Result<ProbeInfo, Upgrad
     }
     let info = parse_probe(&String::from_utf8_lossy(&output))
         .map_err(|reason| UpgradeError::Incompatible { path: binary.to_owned(), reason })?;
-    if !(info.min_state_format..=info.state_format).contains(&STATE_FORMAT) {
+    if info.format_to_write().is_none() {
         return Err(UpgradeError::Incompatible {
             path: binary.to_owned(),
             reason: format!(
-                "version {} reads state formats {}..={}, this baton writes format {STATE_FORMAT}",
+                "version {} reads state formats {}..={}, this baton writes formats {MIN_STATE_FORMAT}..={STATE_FORMAT}",
                 info.version, info.min_state_format, info.state_format
             ),
         });
@@ -354,38 +367,14 @@ pub struct SupervisorState {
     pub app_program: PathBuf,
     /// Listening sockets, in `LISTEN_FDS` order.
     pub sockets: Vec<SocketState>,
-    /// `--ready-timeout`.
-    pub ready_timeout: Duration,
-    /// `--stop-signal`, as a number.
-    pub stop_signal: i32,
-    /// `--stop-timeout`.
-    pub stop_timeout: Duration,
-    /// `main`, `exec` or `all`.
-    pub notify_access: String,
-    /// `--watchdog`.
-    pub watchdog: Option<Duration>,
-    /// `--fdstore-max`.
-    pub fdstore_max: usize,
-    /// `--health-cmd`.
-    pub health_cmd: Option<String>,
-    /// `--max-draining`.
-    pub max_draining: usize,
-    /// Backoff: first delay.
-    pub backoff_initial: Duration,
-    /// Backoff: longest delay.
-    pub backoff_max: Duration,
-    /// `--restart-burst`.
-    pub backoff_burst: u32,
-    /// `--restart-interval`.
-    pub backoff_interval: Duration,
+    /// The policy (`baton run`'s options), as the supervisor has it
+    /// (format 1 had its fields flat here: see [`format_v1`]).
+    pub policy: crate::supervisor::Policy,
     /// The fd store, in order.
     pub store: Vec<StoredState>,
     /// Whether the store had its epoll instance.
     #[serde(default)]
     pub store_watching: bool,
-    /// `--output`, resolved (`pipe` in states written before it existed).
-    #[serde(default)]
-    pub output_mode: crate::output::OutputMode,
     /// Live generations, oldest first.
     pub generations: Vec<GenerationState>,
     /// Number of the next generation.
@@ -640,17 +629,27 @@ fn read_state(value: &OsStr, fallback: Option<&Fallback>, adopter: &mut Adopter)
     // Closed after this (the way back keeps its own fd): the state lives
     // on in memory only.
     file.take(STATE_MAX).read_to_end(&mut json).map_err(|e| bad(format!("reading the state memfd: {e}")))?;
-    let format = serde_json::from_slice::<serde_json::Value>(&json)
-        .map_err(|e| bad(format!("the state is not JSON: {e}")))?
-        .get("format")
-        .and_then(|f| f.as_u64())
-        .ok_or_else(|| bad("the state has no format number".into()))?;
+    parse_state(&json)
+}
+
+/// The handed-over state from its JSON, in any format this binary reads
+/// ([`MIN_STATE_FORMAT`]`..=`[`STATE_FORMAT`]; older ones are brought up
+/// to date first).
+pub fn parse_state(json: &[u8]) -> Result<Handover, UpgradeError> {
+    let bad = UpgradeError::State;
+    let mut value =
+        serde_json::from_slice::<serde_json::Value>(json).map_err(|e| bad(format!("the state is not JSON: {e}")))?;
+    let format =
+        value.get("format").and_then(|f| f.as_u64()).ok_or_else(|| bad("the state has no format number".into()))?;
     if !(u64::from(MIN_STATE_FORMAT)..=u64::from(STATE_FORMAT)).contains(&format) {
         return Err(bad(format!(
             "state format {format} is not one this baton reads ({MIN_STATE_FORMAT}..={STATE_FORMAT})"
         )));
     }
-    serde_json::from_slice(&json).map_err(|e| bad(format!("the state is malformed: {e}")))
+    if format == 1 {
+        format_v1::migrate(&mut value).map_err(|e| bad(format!("the state is malformed (format 1): {e}")))?;
+    }
+    serde_json::from_value(value).map_err(|e| bad(format!("the state is malformed: {e}")))
 }
 
 // ---- exec -------------------------------------------------------------------
@@ -726,13 +725,23 @@ pub fn exec(binary: &Path, argv: &[OsString], state: &Handover, exe: Option<Borr
 
 enum Never {}
 
+/// The state as JSON in its [`Handover::format`]: format 1 (for a binary
+/// that reads nothing newer) is format 2 with the policy's fields flat.
+pub fn state_json(state: &Handover) -> Result<Vec<u8>, String> {
+    let mut value = serde_json::to_value(state).map_err(|e| e.to_string())?;
+    if state.format == 1 {
+        format_v1::downgrade(&mut value)?;
+    }
+    serde_json::to_vec(&value).map_err(|e| e.to_string())
+}
+
 fn prepare_and_exec(
     binary: &Path,
     argv: &[OsString],
     state: &Handover,
     exe: Option<BorrowedFd<'_>>,
 ) -> Result<Never, UpgradeError> {
-    let json = serde_json::to_vec(state)
+    let json = state_json(state)
         .map_err(|e| UpgradeError::Exec { context: "serializing the state", source: std::io::Error::other(e) })?;
     use rustix::fs::{MemfdFlags, SealFlags};
     let memfd = rustix::fs::memfd_create("baton-upgrade-state", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)

@@ -1,0 +1,145 @@
+//! Connections a generation stores (`FDSTORE=1` with `FDNAME=connection`):
+//! moved straight to the active generation over its handoff connection,
+//! else kept in the fd store (and systemd's) until one can take them.
+
+use super::*;
+
+impl Supervisor {
+    /// Connections stored by a generation that is not the active one go
+    /// straight to the active generation, if it listens for them. Returns
+    /// the fds that still need storing.
+    pub(super) fn push_to_active(
+        &mut self,
+        sender: usize,
+        name: &str,
+        fds: Vec<ReceivedFd>,
+    ) -> Option<Vec<ReceivedFd>> {
+        if baton_sd::StoredName::parse(name) != baton_sd::StoredName::Connection
+            || self.generations[sender].life.state == State::Active
+        {
+            return Some(fds);
+        }
+        // No active generation (Baton is stopping): keep them in the store,
+        // forwarded to systemd's, for whoever runs next.
+        let Some(active) = self.generations.iter().find(|g| g.life.state == State::Active) else { return Some(fds) };
+        let Some(conn) = &active.handoff else { return Some(fds) };
+        let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
+        match crate::handoff::push(conn, name, &borrowed) {
+            Ok(()) => {
+                tracing::debug!(
+                    event = "handoff",
+                    generation = active.number,
+                    count = fds.len(),
+                    "moved {} fd(s) to generation {}",
+                    fds.len(),
+                    active.number
+                );
+                None
+            }
+            Err((sent, e)) => {
+                tracing::warn!(
+                    event = "handoff-deferred",
+                    generation = active.number,
+                    "cannot move connections to generation {} now: {e}; storing them and retrying",
+                    active.number
+                );
+                // Those sent are the receiver's now; the rest wait in the
+                // store and are moved by `flush_connections` shortly.
+                self.flush_retry = Some(Instant::now() + FLUSH_RETRY);
+                Some(fds.into_iter().skip(sent).collect())
+            }
+        }
+    }
+
+    /// Moves stored connections the active generation has not seen yet to
+    /// it (after a full handoff socket, or when it connected late); retries
+    /// on a timer while the socket is full.
+    pub(super) fn flush_connections(&mut self) {
+        let Some(active) = self.generations.iter().find(|g| g.life.state == State::Active) else { return };
+        let Some(conn) = &active.handoff else { return };
+        let pending: Vec<(std::os::fd::RawFd, BorrowedFd<'_>)> = self
+            .store
+            .entries()
+            .filter(|(name, fd)| {
+                baton_sd::StoredName::parse(name) == baton_sd::StoredName::Connection
+                    && !active.passed.contains(&std::os::fd::AsRawFd::as_raw_fd(fd))
+            })
+            .map(|(_, fd)| (std::os::fd::AsRawFd::as_raw_fd(&fd), fd))
+            .collect();
+        if pending.is_empty() {
+            return;
+        }
+        let fds: Vec<BorrowedFd<'_>> = pending.iter().map(|(_, fd)| *fd).collect();
+        let (sent, failed) = match crate::handoff::push(conn, baton_sd::fdstore::CONNECTION, &fds) {
+            Ok(()) => (fds.len(), None),
+            Err((sent, e)) => (sent, Some(e)),
+        };
+        let moved: Vec<std::os::fd::RawFd> = pending[..sent].iter().map(|(raw, _)| *raw).collect();
+        let number = active.number;
+        if let Some(e) = failed {
+            tracing::debug!(event = "handoff-deferred", generation = number, "{e}; retrying");
+            self.flush_retry = Some(Instant::now() + FLUSH_RETRY);
+        }
+        if !moved.is_empty() {
+            tracing::info!(
+                event = "handoff",
+                generation = number,
+                count = moved.len(),
+                "moved {} stored connection(s) to generation {number}",
+                moved.len()
+            );
+            self.store.remove_raw(&moved);
+            // They were also kept in systemd's store for a crash of ours;
+            // once none is left here, drop them there too.
+            if !self.store.entries().any(|(n, _)| baton_sd::StoredName::parse(n) == baton_sd::StoredName::Connection) {
+                let upstream_name = format!("app/{}", baton_sd::fdstore::CONNECTION);
+                self.upstream_notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(&upstream_name)]);
+            }
+        }
+    }
+
+    pub(super) fn on_handoff_peer(&mut self, peer: crate::handoff::Peer) {
+        let generation =
+            peer.pid.and_then(|pid| self.generations.iter_mut().find(|g| g.is_main(pid) || g.child.pid == pid));
+        match generation {
+            Some(g) => {
+                g.handoff = Some(peer.conn);
+                // It may have become active (READY=1) before we saw it connect.
+                self.flush_connections();
+            }
+            // Dropping `peer.conn` releases whatever the peer queued in it,
+            // on the closer thread.
+            None if !self.refusals.allow(Refused::Handoff, peer.pid) => {}
+            None => match peer.pid {
+                Some(pid) => tracing::warn!(
+                    event = "handoff-refused",
+                    sender = pid,
+                    "handoff connection from pid {pid} refused: not a generation's main process"
+                ),
+                None => tracing::warn!(
+                    event = "handoff-refused",
+                    uid = peer.uid,
+                    "handoff connection from uid {} refused: its pid is not visible in Baton's PID namespace, so it \
+                     is no generation of Baton's; run the app in Baton's PID namespace (or one below it)",
+                    peer.uid
+                ),
+            },
+        }
+    }
+
+    pub(super) fn store_fds(&mut self, name: &str, fds: Vec<ReceivedFd>, poll: bool) {
+        // Forward first (the store takes ownership): under systemd, the
+        // store must survive Baton itself. The `app/` prefix tells the next
+        // Baton which entries are the app's.
+        if let Some(up) = &self.upstream {
+            let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
+            let poll = if poll { FdPoll::Poll } else { FdPoll::NoPoll };
+            if let Err(e) = up.store_fds(&format!("app/{name}"), &borrowed, poll) {
+                tracing::warn!(event = "fdstore-forward-failed", name, "cannot forward to systemd's fd store: {e}");
+            }
+        }
+        if let Err(e) = self.store.add_received(name, fds, poll) {
+            tracing::warn!(event = "fdstore-full", name, "{e}");
+        }
+    }
+}

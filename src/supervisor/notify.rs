@@ -1,0 +1,230 @@
+//! Notify datagrams: who sent them (`--notify-access`, see
+//! [`crate::lineage`]) and what they change — READY=1, STOPPING=1,
+//! STATUS=, MAINPID=, the watchdog, EXTEND_TIMEOUT_USEC=, FDSTORE=.
+//! Follows systemd's `service_notify_message()` (src/core/service.c).
+
+use super::*;
+
+impl Supervisor {
+    pub(super) fn on_datagram(&mut self, mut d: Datagram) {
+        // Refused datagrams drop their fds through the closer thread
+        // (`ReceivedFd`), and are logged within the rate limit.
+        let Some(index) = self.attribute(d.pid) else {
+            if self.refusals.allow(Refused::Notify, Some(d.pid)) {
+                tracing::warn!(
+                    event = "notify-refused",
+                    sender = d.pid,
+                    "notify message from pid {} refused: not a generation's {} process",
+                    d.pid,
+                    match self.cfg.policy.notify_access {
+                        NotifyAccess::All => "",
+                        _ => "main",
+                    }
+                );
+            }
+            // `baton notify` ends with a barrier: tell it, not just the log.
+            crate::notify_refusal::answer_refused_barrier(&d.payload, &d.fds, d.pid, self.cfg.policy.notify_access);
+            return;
+        };
+        let msg = match wire::parse(&d.payload) {
+            Ok(m) => m,
+            Err(e) => {
+                if self.refusals.allow(Refused::Notify, Some(d.pid)) {
+                    tracing::warn!(
+                        event = "notify-refused",
+                        sender = d.pid,
+                        "notify message from pid {} refused: {e}",
+                        d.pid
+                    );
+                }
+                return;
+            }
+        };
+        for bad in &msg.invalid {
+            tracing::warn!(event = "notify-invalid", sender = d.pid, "ignoring {:?}: {}", bad.line, bad.reason);
+        }
+        match msg.barrier() {
+            BarrierUse::Valid if d.fds.len() == 1 => {
+                // Everything sent before was processed (one task, in order):
+                // closing the fd is the acknowledgement.
+                d.fds.clear();
+                return;
+            }
+            BarrierUse::None => {}
+            _ => {
+                tracing::warn!(
+                    event = "notify-refused",
+                    sender = d.pid,
+                    "BARRIER=1 must come alone with exactly one fd; ignoring the message"
+                );
+                return;
+            }
+        }
+        let number = self.generations[index].number;
+        let now = Instant::now();
+        if let Some(pid) = msg.find(|f| match f {
+            NotifyState::MainPid(p) => Some(*p),
+            _ => None,
+        }) {
+            let g = &mut self.generations[index];
+            if pid == g.child.pid {
+                g.main = None;
+            } else {
+                match MainProcess::pin(pid, g.child.pid) {
+                    Ok(main) => g.main = Some(main),
+                    Err(why) => {
+                        tracing::warn!(
+                            event = "notify-invalid",
+                            "MAINPID={pid} for generation {number} ignored: {why}"
+                        );
+                    }
+                }
+            }
+        }
+        {
+            let g = &mut self.generations[index];
+            if let Some(s) = msg.status() {
+                g.status_text = Some(s.to_owned());
+            }
+            for f in &msg.fields {
+                match f {
+                    NotifyState::Watchdog => g.life.ping(now),
+                    NotifyState::WatchdogUsec(u) => g.life.set_watchdog(now, *u),
+                    NotifyState::ExtendTimeoutUsec(u) => g.life.extend(now, *u),
+                    _ => {}
+                }
+            }
+        }
+        if msg.has(&NotifyState::WatchdogTrigger) {
+            self.watchdog_expired(number, WatchdogCause::Triggered);
+        }
+        if msg.has(&NotifyState::FdStoreRemove) {
+            if let Some(name) = msg.fdname() {
+                let n = self.store.remove(name);
+                tracing::debug!(event = "fdstore-remove", name, removed = n);
+                let upstream_name = format!("app/{name}");
+                self.upstream_notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(&upstream_name)]);
+            }
+        } else if msg.has(&NotifyState::FdStore) && !d.fds.is_empty() {
+            let name = msg.fdname().unwrap_or("stored").to_owned();
+            let poll = !msg.has(&NotifyState::FdPollDisable);
+            let fds = std::mem::take(&mut d.fds);
+            if let Some(fds) = self.push_to_active(index, &name, fds) {
+                self.store_fds(&name, fds, poll);
+            }
+        }
+        if !d.fds.is_empty() {
+            tracing::warn!(event = "notify-fds-closed", "closing {} fd(s) sent without FDSTORE=1", d.fds.len());
+        }
+        match msg.lifecycle() {
+            Some(Lifecycle::Ready) => self.on_ready(index),
+            // A generation's STOPPING=1 is never forwarded upstream: from
+            // systemd 259 on, STOPPING=1 is final for the whole unit.
+            Some(Lifecycle::Stopping) => {
+                if self.generations[index].life.state == State::Active {
+                    let kill_at = self.drain_deadline(now);
+                    // It is stopping already: no signal.
+                    let _ = self.generations[index].drain(None, kill_at);
+                    self.enforce_draining_limit();
+                    if self.stop_begun() {
+                        tracing::info!(
+                            event = "stopping",
+                            generation = number,
+                            "generation {number} is stopping with baton; no replacement"
+                        );
+                    } else {
+                        tracing::info!(
+                            event = "stopping",
+                            generation = number,
+                            "generation {number} is stopping on its own; starting a replacement"
+                        );
+                        self.feed(Input::ServingLost(Lost::Stopping));
+                    }
+                }
+            }
+            Some(Lifecycle::Reloading) | None => {}
+        }
+    }
+
+    /// Which generation a notify sender belongs to, per `NotifyAccess`.
+    pub(super) fn attribute(&self, pid: u32) -> Option<usize> {
+        let candidates: Vec<Candidate> = self
+            .generations
+            .iter()
+            .map(|g| Candidate { main_pid: g.main_pid(), health_check: g.health_check_pid() })
+            .collect();
+        // Members of the leader's process group that also descend from it:
+        // anyone in Baton's session can join the group (see crate::lineage).
+        let descends = |i: usize| {
+            let g = &self.generations[i];
+            g.child.is_running() && lineage::belongs_to(pid, g.child.pid)
+        };
+        attribute(self.cfg.policy.notify_access, pid, &candidates, descends)
+    }
+}
+
+/// What attribution knows of a generation.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Candidate {
+    /// Its main process now ([`Generation::main_pid`]).
+    pub(super) main_pid: u32,
+    /// Its running health check, if any.
+    pub(super) health_check: Option<u32>,
+}
+
+/// The generation (index into `candidates`) that `pid` may notify for,
+/// like systemd's `service_notify_message_authorized()`: its main process
+/// always; its health check with `exec` or `all` (systemd's control
+/// process); with `all`, also a process that `descends(i)` from generation
+/// `i`'s leader (the only check that needs the system: asked last, and only
+/// then). Pure otherwise.
+pub(super) fn attribute(
+    access: NotifyAccess,
+    pid: u32,
+    candidates: &[Candidate],
+    descends: impl FnMut(usize) -> bool,
+) -> Option<usize> {
+    if let Some(i) = candidates.iter().position(|c| c.main_pid == pid) {
+        return Some(i);
+    }
+    let health_check = || candidates.iter().position(|c| c.health_check == Some(pid));
+    match access {
+        NotifyAccess::Main => None,
+        NotifyAccess::Exec => health_check(),
+        NotifyAccess::All => health_check().or_else(|| {
+            (0..candidates.len()).find_map({
+                let mut descends = descends;
+                move |i| descends(i).then_some(i)
+            })
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GENERATIONS: [Candidate; 2] =
+        [Candidate { main_pid: 10, health_check: None }, Candidate { main_pid: 20, health_check: Some(21) }];
+
+    #[test]
+    fn the_main_process_always_notifies() {
+        for access in [NotifyAccess::Main, NotifyAccess::Exec, NotifyAccess::All] {
+            assert_eq!(attribute(access, 20, &GENERATIONS, |_| panic!("no lineage check needed")), Some(1));
+        }
+    }
+
+    #[test]
+    fn the_health_check_needs_exec_or_all() {
+        assert_eq!(attribute(NotifyAccess::Main, 21, &GENERATIONS, |_| true), None);
+        assert_eq!(attribute(NotifyAccess::Exec, 21, &GENERATIONS, |_| true), Some(1));
+        assert_eq!(attribute(NotifyAccess::All, 21, &GENERATIONS, |_| panic!("found before")), Some(1));
+    }
+
+    #[test]
+    fn descendants_need_all_and_strangers_are_refused() {
+        assert_eq!(attribute(NotifyAccess::Exec, 11, &GENERATIONS, |_| true), None);
+        assert_eq!(attribute(NotifyAccess::All, 11, &GENERATIONS, |i| i == 0), Some(0));
+        assert_eq!(attribute(NotifyAccess::All, 99, &GENERATIONS, |_| false), None);
+    }
+}
