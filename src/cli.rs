@@ -303,12 +303,37 @@ pub struct NotifyArgs {
     /// FDNAME= for --fd.
     #[arg(long)]
     pub fdname: Option<String>,
+    /// The service's main process is PID now (a number, or `parent`: the
+    /// caller's shell), as with systemd-notify --pid: MAINPID=PID with the
+    /// process's pidfd attached (MAINPIDFD=1, systemd >= 257), so a reused
+    /// pid cannot be mistaken for it.
+    #[arg(long, value_name = "PID", value_parser = parse_main_pid, conflicts_with = "fds")]
+    pub pid: Option<MainPidArg>,
     /// Do not wait for the manager to process the message (no BARRIER=1);
     /// then not even Baton's refusal of it is reported.
     #[arg(long)]
     pub no_block: bool,
     /// More assignments, KEY=VALUE.
     pub assignments: Vec<String>,
+}
+
+/// `baton notify --pid`'s value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MainPidArg {
+    /// This pid.
+    Pid(u32),
+    /// The parent of `baton notify` (the shell that ran it).
+    Parent,
+}
+
+fn parse_main_pid(s: &str) -> Result<MainPidArg, String> {
+    match s {
+        "parent" => Ok(MainPidArg::Parent),
+        _ => match s.parse::<u32>() {
+            Ok(p) if (1..=i32::MAX as u32).contains(&p) => Ok(MainPidArg::Pid(p)),
+            _ => Err(format!("{s:?} is not a pid: give a process id (e.g. $!) or `parent`")),
+        },
+    }
 }
 
 /// The longest duration any option takes: 365 days. Far beyond any sane

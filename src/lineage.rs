@@ -74,6 +74,44 @@ impl MainProcess {
         Ok(pinned)
     }
 
+    /// Pins `pid` as [`pin`](Self::pin) does, and checks that it is the
+    /// process whose pidfd id (`MAINPIDFDID=`, systemd ≥ 257) the sender
+    /// gave: a process that got the pid after the one the sender meant
+    /// exited has another id. Without pidfs (Linux < 6.9) no process has an
+    /// id to compare, and `MAINPID=` alone decides, as before 257.
+    pub fn pin_with_id(pid: u32, leader: u32, pidfd_id: u64) -> Result<MainProcess, String> {
+        let pinned = Self::pin(pid, leader)?;
+        match baton_sd::pidfs::pidfd_inode_id(pinned.pidfd.as_fd()) {
+            Some(id) if id != pidfd_id => Err(format!(
+                "process {pid} has pidfd id {id}, not MAINPIDFDID={pidfd_id}: the process meant has exited"
+            )),
+            _ => Ok(pinned),
+        }
+    }
+
+    /// Pins the process `pidfd` refers to (`MAINPIDFD=1`, systemd ≥ 257:
+    /// the sender attached the new main process's pidfd) if it is a live
+    /// process of `leader`'s generation and, when the sender also gave
+    /// `MAINPID=` (`claimed`), has that pid. The pidfd names one process
+    /// for good, so no pid reuse can slip in between.
+    pub fn from_pidfd(pidfd: OwnedFd, claimed: Option<u32>, leader: u32) -> Result<MainProcess, String> {
+        let pid = pidfd_pid(pidfd.as_fd())?;
+        if let Some(claimed) = claimed.filter(|c| *c != pid) {
+            return Err(format!("MAINPID={claimed} but the attached pidfd is of process {pid}"));
+        }
+        if !belongs_to(pid, leader) {
+            return Err(format!(
+                "process {pid} (from MAINPIDFD=1) is not in the generation's process group {leader} or does not \
+                 descend from its leader"
+            ));
+        }
+        let pinned = MainProcess { pid, pidfd };
+        if !pinned.is_alive() {
+            return Err(format!("process {pid} exited"));
+        }
+        Ok(pinned)
+    }
+
     /// Adopts a pidfd handed over by the previous image (`baton upgrade`).
     pub fn adopt(pid: u32, pidfd: OwnedFd) -> MainProcess {
         MainProcess { pid, pidfd }
@@ -88,6 +126,27 @@ impl MainProcess {
     /// Borrows the pidfd, for handing it over.
     pub fn pidfd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.pidfd.as_fd()
+    }
+}
+
+/// The pid of the process `pidfd` refers to, from the `Pid:` line the
+/// kernel writes in a pidfd's `/proc/self/fdinfo` entry (Linux 5.3+; no
+/// such line for any other kind of fd). `-1` there means the process has
+/// exited, `0` that it is outside Baton's pid namespace.
+fn pidfd_pid(pidfd: BorrowedFd<'_>) -> Result<u32, String> {
+    use std::os::fd::AsRawFd;
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd()))
+        .map_err(|e| format!("cannot read the attached fd's fdinfo ({e})"))?;
+    let pid = info
+        .lines()
+        .find_map(|l| l.strip_prefix("Pid:"))
+        .ok_or("the fd attached to MAINPIDFD=1 is not a pidfd")?
+        .trim();
+    match pid.parse::<i64>() {
+        Ok(p) if p > 0 => u32::try_from(p).map_err(|_| format!("pid {p} out of range")),
+        Ok(0) => Err("the pidfd's process is outside Baton's pid namespace".into()),
+        Ok(_) => Err("the pidfd's process has exited".into()),
+        Err(_) => Err(format!("unreadable pid {pid:?} in the pidfd's fdinfo")),
     }
 }
 
@@ -191,5 +250,52 @@ mod tests {
         leader.wait().unwrap();
         assert!(!pinned.is_alive(), "the pidfd sees the exit");
         assert!(MainProcess::pin(sleeper, l).is_err(), "gone");
+    }
+
+    #[test]
+    fn a_pidfd_or_a_pidfd_id_names_the_main_process() {
+        use std::io::BufRead;
+        use std::os::unix::process::CommandExt;
+        let mut leader = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & echo $!; wait"])
+            .process_group(0)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(leader.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let (l, sleeper): (u32, u32) = (leader.id(), line.trim().parse().unwrap());
+        let open = |pid: u32| rustix::process::pidfd_open(Pid::from_raw(pid as i32).unwrap(), PidfdFlags::empty());
+
+        // MAINPIDFD=1: the pid comes from the pidfd itself.
+        let pinned = MainProcess::from_pidfd(open(sleeper).unwrap(), None, l).unwrap();
+        assert_eq!(pinned.pid, sleeper);
+        assert!(MainProcess::from_pidfd(open(sleeper).unwrap(), Some(sleeper), l).is_ok());
+        let err = MainProcess::from_pidfd(open(sleeper).unwrap(), Some(l), l).unwrap_err();
+        assert!(err.contains(&format!("MAINPID={l} but the attached pidfd is of process {sleeper}")), "{err}");
+        let me = std::process::id();
+        let err = MainProcess::from_pidfd(open(me).unwrap(), None, l).unwrap_err();
+        assert!(err.contains("does not descend"), "a pidfd of a process outside the generation: {err}");
+        let file: OwnedFd = std::fs::File::open("/proc/self/stat").unwrap().into();
+        let err = MainProcess::from_pidfd(file, None, l).unwrap_err();
+        assert!(err.contains("is not a pidfd"), "{err}");
+
+        // MAINPIDFDID=: checked where the kernel has pidfs.
+        match baton_sd::pidfs::pidfd_inode_id(open(sleeper).unwrap().as_fd()) {
+            Some(id) => {
+                assert!(MainProcess::pin_with_id(sleeper, l, id).is_ok());
+                let err = MainProcess::pin_with_id(sleeper, l, id + 1).unwrap_err();
+                assert!(err.contains("the process meant has exited"), "{err}");
+            }
+            None => assert!(MainProcess::pin_with_id(sleeper, l, 12345).is_ok(), "no pidfs: MAINPID= decides"),
+        }
+
+        // A pidfd of a process that has exited names nothing.
+        let kept = open(sleeper).unwrap();
+        rustix::process::kill_process(Pid::from_raw(sleeper as i32).unwrap(), rustix::process::Signal::KILL).unwrap();
+        leader.wait().unwrap();
+        assert!(!pinned.is_alive());
+        let err = MainProcess::from_pidfd(kept, None, l).unwrap_err();
+        assert!(err.contains("exited") || err.contains("does not descend"), "{err}");
     }
 }

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use baton::cli::{Cli, Command, NotifyArgs, RunArgs, Target};
+use baton::cli::{Cli, Command, MainPidArg, NotifyArgs, RunArgs, Target};
 use baton::control::{self, Request, Response};
 use baton::listen::{self, BoundSocket, SocketOptions};
 use baton::notify_refusal::BarrierReply;
@@ -239,7 +239,20 @@ fn notify(args: NotifyArgs) -> ExitCode {
             states.push(NotifyState::FdName(n));
         }
     }
-    if let Err(e) = notifier.notify_with_fds(&states, &fds) {
+    let sent = match args.pid {
+        Some(which) => {
+            let pid = match which {
+                MainPidArg::Pid(p) => p,
+                MainPidArg::Parent => match rustix::process::getppid() {
+                    Some(p) => p.as_raw_nonzero().get() as u32,
+                    None => return fail("--pid parent: the parent is outside this pid namespace; give its pid".into()),
+                },
+            };
+            notifier.notify_main_pid(pid, &states)
+        }
+        None => notifier.notify_with_fds(&states, &fds),
+    };
+    if let Err(e) = sent {
         return fail(e.to_string());
     }
     if args.no_block {

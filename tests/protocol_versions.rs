@@ -359,6 +359,43 @@ fn systemctl_stop_spawns_no_replacement(b: &Bed) {
     );
 }
 
+/// The real `systemd-notify --pid` of each version names the main process
+/// to Baton: 252's with `MAINPID=` alone, 257's and 262's with
+/// `MAINPIDFDID=` too (the pidfd id, Linux 6.9+), which Baton checks
+/// against the process holding the pid before taking it.
+fn systemd_notify_pid_names_the_main_process(b: &Bed) {
+    let version = b.tb.systemd_version();
+    let control = "/run/baton/app.sock";
+    let script = "sleep 1000 & echo $! > /run/baton/forked; systemd-notify --ready --pid=$!; wait";
+    let unit = format!(
+        "[Service]\nType=notify\nRuntimeDirectory=baton\n\
+         ExecStart={} run --control {control} --notify-access all -- /bin/sh -c '{script}'\n",
+        baton_bin()
+    );
+    b.tb.install_unit("app.service", &unit).unwrap_or_else(|e| panic!("install: {e}"));
+    b.ok(&["start", "app.service"]);
+    let forked = || b.tb.run(&["cat", "/run/baton/forked"]).ok().and_then(|o| o.stdout_trimmed().parse::<u32>().ok());
+    let mut sleeper = 0;
+    b.wait_for("the forked pid", || {
+        sleeper = forked().unwrap_or(0);
+        sleeper != 0
+    });
+    let named = format!("generation 1's main process is now {sleeper} (named by ");
+    b.wait_for("Baton taking the main process", || b.journal().contains(&named));
+    let journal = b.journal();
+    let how = journal[journal.find(&named).unwrap() + named.len()..].lines().next().unwrap_or("").to_owned();
+    let status = b.tb.run(&[baton_bin(), "status", "--json", "--control", control]).unwrap();
+    let status: serde_json::Value = serde_json::from_str(&status.stdout).unwrap_or_else(|e| panic!("{e}: {status}"));
+    assert_eq!(status["generations"][0]["pid"], sleeper, "{status}");
+    assert!(!journal.contains("ignored"), "{journal}");
+    if version >= 257 && kernel_release_at_least(6, 9) {
+        assert!(how.starts_with("pid and MAINPIDFDID="), "systemd-notify {version} sends MAINPIDFDID=: {how}");
+    } else {
+        assert!(how.starts_with("pid)"), "systemd-notify {version} sends MAINPID= alone: {how}");
+    }
+    eprintln!("systemd-notify {version} --pid: Baton's generation 1 main process {sleeper}, named by {how}");
+}
+
 fn run_scenario(flavor: Flavor, version: u32, name: &str, scenario: fn(&Bed)) {
     let Some(b) = Bed::boot(flavor, name) else { return };
     assert_eq!(b.tb.systemd_version(), version);
@@ -389,4 +426,8 @@ macro_rules! on_versions {
     };
 }
 
-on_versions!(stopping_is_never_forwarded_and_restart_reset, systemctl_stop_spawns_no_replacement);
+on_versions!(
+    stopping_is_never_forwarded_and_restart_reset,
+    systemctl_stop_spawns_no_replacement,
+    systemd_notify_pid_names_the_main_process
+);

@@ -62,24 +62,60 @@ impl Supervisor {
         }
         let number = self.generations[index].number;
         let now = Instant::now();
-        if let Some(pid) = msg.find(|f| match f {
+        let claimed = msg.find(|f| match f {
             NotifyState::MainPid(p) => Some(*p),
             _ => None,
-        }) {
-            let g = &mut self.generations[index];
-            if pid == g.child.pid {
-                g.main = None;
-            } else {
-                match MainProcess::pin(pid, g.child.pid) {
-                    Ok(main) => g.main = Some(main),
-                    Err(why) => {
-                        tracing::warn!(
-                            event = "notify-invalid",
-                            "MAINPID={pid} for generation {number} ignored: {why}"
-                        );
-                    }
-                }
+        });
+        let pidfd_id = msg.find(|f| match f {
+            NotifyState::MainPidFdId(id) => Some(*id),
+            _ => None,
+        });
+        // MAINPIDFD=1 (systemd >= 257): exactly one fd, the new main
+        // process's pidfd; FDSTORE=1 in the same message would be ambiguous.
+        let pidfd = (msg.has(&NotifyState::MainPidFd) && d.fds.len() == 1 && !msg.has(&NotifyState::FdStore))
+            .then(|| d.fds.pop())
+            .flatten();
+        if msg.has(&NotifyState::MainPidFd) && pidfd.is_none() {
+            tracing::warn!(
+                event = "notify-invalid",
+                "MAINPIDFD=1 for generation {number} ignored: it needs exactly one fd, the pidfd, and no FDSTORE=1 ({} attached)",
+                d.fds.len()
+            );
+        }
+        let g = &mut self.generations[index];
+        let leader = g.child.pid;
+        // How the process was named, for the log: race-free (a pidfd, or a
+        // pidfd id checked against the process holding the pid) or by pid.
+        let (pinned, how) = match (pidfd, claimed) {
+            (Some(fd), claimed) => {
+                (Some(MainProcess::from_pidfd(fd.into_owned(), claimed, leader).map(Some)), "its pidfd (MAINPIDFD=1)")
             }
+            (None, Some(pid)) if pid == leader => (Some(Ok(None)), "pid"),
+            (None, Some(pid)) => match pidfd_id {
+                Some(id) => (Some(MainProcess::pin_with_id(pid, leader, id).map(Some)), "pid and MAINPIDFDID="),
+                None => (Some(MainProcess::pin(pid, leader).map(Some)), "pid"),
+            },
+            (None, None) => (None, ""),
+        };
+        match pinned {
+            Some(Ok(Some(main))) if main.pid == leader => g.main = None,
+            Some(Ok(main)) => {
+                if let Some(m) = &main {
+                    tracing::info!(
+                        event = "main-pid",
+                        generation = number,
+                        pid = m.pid,
+                        "generation {number}'s main process is now {} (named by {how})",
+                        m.pid
+                    );
+                }
+                g.main = main;
+            }
+            Some(Err(why)) => {
+                let what = claimed.map_or_else(|| "MAINPIDFD=1".to_owned(), |pid| format!("MAINPID={pid}"));
+                tracing::warn!(event = "notify-invalid", "{what} for generation {number} ignored: {why}");
+            }
+            None => {}
         }
         {
             let g = &mut self.generations[index];

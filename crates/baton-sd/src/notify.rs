@@ -41,6 +41,14 @@ pub enum NotifyError {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// The process named as the new main process could not be pinned.
+    #[error("cannot open a pidfd for the new main process {pid}: {source} (is it running?)")]
+    MainPid {
+        /// The pid given.
+        pid: u32,
+        /// Why `pidfd_open()` failed.
+        source: std::io::Error,
+    },
     /// The receiver did not confirm a `BARRIER=1` in time.
     #[error("no BARRIER=1 acknowledgement from NOTIFY_SOCKET={socket:?} within {timeout:?}")]
     BarrierTimeout {
@@ -118,6 +126,25 @@ impl Notifier {
     pub fn notify_with_fds(&self, states: &[NotifyState<'_>], fds: &[BorrowedFd<'_>]) -> Result<(), NotifyError> {
         let payload = wire::encode(states)?;
         self.send_raw(payload.as_bytes(), fds)
+    }
+
+    /// Tells the manager that process `pid` is the service's main process
+    /// now, race-free: `MAINPID=` and `MAINPIDFD=1` with the process's
+    /// pidfd attached, plus `states` (e.g. [`NotifyState::Ready`]) in the
+    /// same datagram. systemd ≥ 257 and Baton take the process the pidfd
+    /// refers to, so a pid reused between the send and the receipt cannot
+    /// be mistaken for it; older systemd reads `MAINPID=` and closes the fd.
+    pub fn notify_main_pid(&self, pid: u32, states: &[NotifyState<'_>]) -> Result<(), NotifyError> {
+        let main_pid = |source: std::io::Error| NotifyError::MainPid { pid, source };
+        let raw = i32::try_from(pid)
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+            .ok_or_else(|| main_pid(std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;
+        let pidfd =
+            rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty()).map_err(|e| main_pid(e.into()))?;
+        let mut all = vec![NotifyState::MainPid(pid), NotifyState::MainPidFd];
+        all.extend_from_slice(states);
+        self.notify_with_fds(&all, &[std::os::fd::AsFd::as_fd(&pidfd)])
     }
 
     /// Sends a raw payload, unchecked. For tests and tools that must send

@@ -65,6 +65,13 @@ pub enum NotifyState<'a> {
     BusError(&'a str),
     /// `MAINPID=…`: the service's main pid changed to this one.
     MainPid(u32),
+    /// `MAINPIDFDID=…` (systemd ≥ 257): the pidfd id
+    /// ([`crate::pidfs::pidfd_inode_id`]) of the process `MAINPID=` names,
+    /// so the receiver can tell it from a later process with the same pid.
+    MainPidFdId(u64),
+    /// `MAINPIDFD=1` (systemd ≥ 257): the new main process is the one of
+    /// the pidfd attached to this datagram (exactly one fd).
+    MainPidFd,
     /// `WATCHDOG=1`: the keep-alive ping.
     Watchdog,
     /// `WATCHDOG=trigger`: act as if the watchdog had expired (systemd ≥ 243).
@@ -109,6 +116,8 @@ impl fmt::Display for NotifyState<'_> {
             Self::Errno(e) => write!(f, "ERRNO={e}"),
             Self::BusError(s) => write!(f, "BUSERROR={s}"),
             Self::MainPid(p) => write!(f, "MAINPID={p}"),
+            Self::MainPidFdId(id) => write!(f, "MAINPIDFDID={id}"),
+            Self::MainPidFd => f.write_str("MAINPIDFD=1"),
             Self::Watchdog => f.write_str("WATCHDOG=1"),
             Self::WatchdogTrigger => f.write_str("WATCHDOG=trigger"),
             Self::WatchdogUsec(u) => write!(f, "WATCHDOG_USEC={u}"),
@@ -414,6 +423,7 @@ fn parse_line(line: &str) -> Result<NotifyState<'_>, &'static str> {
         ("FDPOLL", "0") => NotifyState::FdPollDisable,
         ("BARRIER", "1") => NotifyState::Barrier,
         ("RESTART_RESET", "1") => NotifyState::RestartReset,
+        ("MAINPIDFD", "1") => NotifyState::MainPidFd,
         ("WATCHDOG", "1") => NotifyState::Watchdog,
         ("WATCHDOG", "trigger") => NotifyState::WatchdogTrigger,
         ("WATCHDOG", _) => return Err("WATCHDOG= must be 1 or trigger"),
@@ -430,6 +440,10 @@ fn parse_line(line: &str) -> Result<NotifyState<'_>, &'static str> {
         ("MAINPID", v) => match parse_pid(v) {
             Some(p) => NotifyState::MainPid(p),
             None => return Err("MAINPID= must be a positive pid"),
+        },
+        ("MAINPIDFDID", v) => match parse_decimal(v) {
+            Some(id) if id > 0 => NotifyState::MainPidFdId(id),
+            _ => return Err("MAINPIDFDID= must be a positive decimal pidfd id"),
         },
         ("WATCHDOG_USEC", v) => {
             NotifyState::WatchdogUsec(parse_decimal(v).ok_or("WATCHDOG_USEC= must be a decimal u64")?)
@@ -833,6 +847,21 @@ mod tests {
     #[test]
     fn restart_reset_round_trips() {
         assert_eq!(NotifyState::RestartReset.to_string(), "RESTART_RESET=1");
+        assert_eq!(NotifyState::MainPidFd.to_string(), "MAINPIDFD=1");
+        assert_eq!(NotifyState::MainPidFdId(77).to_string(), "MAINPIDFDID=77");
+        assert_eq!(
+            parse(b"MAINPID=9\nMAINPIDFDID=77\nMAINPIDFD=1").unwrap().fields,
+            vec![NotifyState::MainPid(9), NotifyState::MainPidFdId(77), NotifyState::MainPidFd]
+        );
+        for bad in ["MAINPIDFDID=0", "MAINPIDFDID=-1", "MAINPIDFDID=x"] {
+            let msg = parse(bad.as_bytes()).unwrap();
+            assert!(msg.fields.is_empty() && msg.invalid.len() == 1, "{bad}: {msg:?}");
+        }
+        assert_eq!(
+            parse(b"MAINPIDFD=0").unwrap().fields,
+            vec![NotifyState::Other("MAINPIDFD=0")],
+            "only =1 is the flag"
+        );
         assert_eq!(parse(b"RESTART_RESET=1").unwrap().fields, vec![NotifyState::RestartReset]);
         assert_eq!(parse(b"RESTART_RESET=0").unwrap().fields, vec![NotifyState::Other("RESTART_RESET=0")]);
     }

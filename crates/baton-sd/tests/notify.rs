@@ -320,3 +320,26 @@ fn bad_addresses_are_refused_naming_notify_socket() {
     assert!(Notifier::new(&format!("@{}", "a".repeat(107))).is_ok());
     assert!(Notifier::new(&format!("/{}", "p".repeat(106))).is_ok());
 }
+
+#[test]
+fn main_pid_goes_with_its_pidfd() {
+    for rx in Receiver::both("mainpid") {
+        let n = Notifier::new(&rx.addr).expect("notifier");
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().expect("spawn sleep");
+        n.notify_main_pid(child.id(), &[NotifyState::Ready]).expect("notify_main_pid");
+        let d = rx.recv();
+        assert_eq!(d.text(), format!("MAINPID={}\nMAINPIDFD=1\nREADY=1\n", child.id()));
+        assert_eq!(d.fds.len(), 1, "exactly one fd: the pidfd");
+        // The kernel names the pidfd's process in its fdinfo.
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", std::os::fd::AsRawFd::as_raw_fd(&d.fds[0])))
+            .expect("fdinfo");
+        assert!(info.lines().any(|l| l == format!("Pid:\t{}", child.id())), "{info}");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        rx.assert_empty();
+    }
+    let n = Notifier::new("/nonexistent/notify").expect("notifier");
+    let err = n.notify_main_pid(i32::MAX as u32, &[]).unwrap_err();
+    assert!(matches!(err, NotifyError::MainPid { .. }), "{err}");
+    assert!(err.to_string().contains("is it running?"), "{err}");
+}
