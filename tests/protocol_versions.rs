@@ -241,9 +241,11 @@ impl Bed {
 ///
 /// 1. systemd restarts a SIGKILLed Baton (`Restart=always`): `NRestarts=1`.
 /// 2. The new Baton's generation sends `STOPPING=1` on its own (the probe
-///    on SIGUSR1): Baton starts a replacement and sends nothing of it
-///    upstream, so the unit never leaves `active/running` (sampled until
-///    the replacement serves) and `MainPID` stays Baton.
+///    on SIGUSR1): Baton starts a replacement and forwards none of it
+///    upstream, so the unit is never deactivating (sampled until the
+///    replacement serves; it may be `reloading/running` for the moment the
+///    replacement starts, as for every generation after the first, whose
+///    start Baton announces with `RELOADING=1`) and `MainPID` stays Baton.
 /// 3. 10 s after that cutover Baton sends `RESTART_RESET=1`: systemd ≥ 258
 ///    resets `NRestarts` to 0; older ones ignore the unknown assignment and
 ///    the unit stays active with `NRestarts=1`.
@@ -297,7 +299,13 @@ fn stopping_is_never_forwarded_and_restart_reset(b: &Bed) {
     for _ in 0..10 {
         states.insert(format!("{}/{}", b.show("ActiveState"), b.show("SubState")));
     }
-    assert_eq!(states.into_iter().collect::<Vec<_>>(), ["active/running"], "a generation's STOPPING=1 reached systemd");
+    // Seen on a loaded machine: the sample fell inside the replacement's
+    // start (RELOADING=1 ... READY=1). Only a STOPPING=1 would deactivate.
+    assert!(
+        states.iter().all(|s| s == "active/running" || s == "reloading/running"),
+        "a generation's STOPPING=1 reached systemd: {states:?}"
+    );
+    assert!(states.contains("active/running"), "{states:?}");
     assert_eq!(b.show("MainPID"), main2, "baton must stay the main process");
     let journal = b.journal();
     assert!(journal.contains("is stopping on its own; starting a replacement"), "{journal}");
