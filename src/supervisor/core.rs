@@ -11,10 +11,11 @@
 //! the deterministic simulation (`simulation`, its tests) relies on. One task
 //! (the shell's) owns it; nothing is shared.
 //!
-//! Still in the shell, for now: each generation's lifecycle (READY=1, the
-//! health check, cutover, drain deadlines, the draining limit), notify
-//! attribution, the watchdog's timing, connections, the fd store, the
-//! upgrade. The shell reports their outcomes to the core as inputs.
+//! Each generation's states and deadlines, and the draining limit, are
+//! pure too ([`super::lifecycle`]), driven by the shell. Still in the shell,
+//! for now: the generation table, READY=1 → health check → cutover, exit
+//! classification, upstream notifications, connections and the fd store,
+//! the upgrade. The shell reports their outcomes to the core as inputs.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
