@@ -171,6 +171,11 @@ pub struct Status {
     /// `uptime_s` until the first upgrade).
     #[serde(default)]
     pub image_uptime_s: f64,
+    /// How the generations are started, checked, drained and replaced
+    /// (`baton run`'s options, as carried across `baton upgrade`). Absent
+    /// from Batons before it was reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<crate::supervisor::Policy>,
 }
 
 /// One generation in [`Status`].

@@ -957,6 +957,23 @@ fn status_json_and_exit_code_3_without_a_baton() {
     assert!(matches!(parsed, Response::Status(s) if s.generations.len() == 1));
 }
 
+#[test]
+fn status_reports_the_policy() {
+    let dir = scratch("policy");
+    let b = start_probe(&dir, &["--max-draining", "2", "--stop-timeout", "7s", "--notify-access", "all"], &[]);
+    let out = ok(&b.cli(&["status", "--json"]));
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let policy = &json["policy"];
+    assert_eq!(policy["max_draining"], 2, "{json}");
+    assert_eq!(policy["stop_timeout"]["secs"], 7, "{json}");
+    assert_eq!(policy["notify_access"], "all", "{json}");
+    assert_eq!(policy["stop_signal"], 15, "SIGTERM, as its number: {json}");
+    // What `baton upgrade` carries is what status reports.
+    ok(&b.cli(&["upgrade"]));
+    let after: serde_json::Value = serde_json::from_str(&ok(&b.cli(&["status", "--json"]))).unwrap();
+    assert_eq!(after["policy"], json["policy"]);
+}
+
 /// `baton stop`, then what must hold whatever the CLI printed: every
 /// generation asked to stop and gone, `baton run` exited 0, its control
 /// socket removed, and exit code 3 from then on. Returns the CLI's output.

@@ -435,6 +435,7 @@ impl Supervisor {
             binary: self.image.binary.as_ref().map(|b| b.display().to_string()),
             upgrades: self.image.upgrades,
             image_uptime_s: (now - self.image.started).as_secs_f64(),
+            policy: Some(self.cfg.policy.clone()),
         }
     }
 

@@ -4,7 +4,8 @@
 //! [`Policy`] is the one definition of those knobs: the command line fills
 //! it ([`crate::cli::RunArgs::policy`]), the supervisor reads it, and
 //! `baton upgrade` carries it to the next image as it is (serde, inside
-//! [`crate::upgrade::SupervisorState`]). A new knob is a field here and an
+//! [`crate::upgrade::SupervisorState`]), and `baton status --json` reports
+//! it (`policy`). A new knob is a field here and an
 //! option in the CLI; nothing else has to mirror it. Give it
 //! `#[serde(default)]` (with the default that matches what Batons without
 //! it did): states written by the previous release lack it, and a state
