@@ -238,6 +238,20 @@ impl MiniManager {
         Ok(())
     }
 
+    /// Simulates the manager's death (Baton SIGKILLed): the notify socket's
+    /// path stays but nothing is bound to it any more, so the service's
+    /// next datagram (`STOPPING=1`, `FDSTORE=1`) fails with
+    /// `ECONNREFUSED`, as it does once Baton is gone.
+    pub fn lose_notify_socket(&mut self) -> io::Result<()> {
+        std::fs::remove_file(&self.notify_path)?;
+        let dead =
+            rustix::net::socket_with(AddressFamily::UNIX, rustix::net::SocketType::DGRAM, SocketFlags::CLOEXEC, None)?;
+        rustix::net::bind(&dead, &SocketAddrUnix::new(&self.notify_path)?)?;
+        // Closing it leaves the path with no socket behind it.
+        drop(dead);
+        Ok(())
+    }
+
     /// Processes notifications until the service exits; then reads what it
     /// sent before exiting. SIGKILLs it after `timeout`.
     pub fn wait_stopped(&mut self, timeout: Duration) -> io::Result<ExitStatus> {
