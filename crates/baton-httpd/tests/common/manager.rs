@@ -154,6 +154,9 @@ impl MiniManager {
         while !self.ready {
             if let Some(status) = self.child_exited()? {
                 self.child = None;
+                // What it sent before exiting (its `STATUS=failed: ...`)
+                // may still be queued: the exit can be seen first.
+                self.pump(Duration::ZERO)?;
                 return Err(other(format!("the service exited before READY=1: {status}; STATUS={}", self.status)));
             }
             if Instant::now() >= deadline {
