@@ -18,7 +18,11 @@
 //!    listener stays open in the manager, so new connections wait in its
 //!    backlog), let in-flight requests finish within `--drain-timeout`,
 //!    hand each connection over as soon as it is idle (and pushed ones that
-//!    were still queued, at once), `BARRIER=1`, exit 0.
+//!    were still queued, at once), `BARRIER=1`, exit 0. When nothing can be
+//!    handed over (`--handoff=false`, no manager, or `STOPPING=1` failed:
+//!    the manager is gone) idle connections are closed instead, and a
+//!    fresh one first gets a moment to send its first request
+//!    ([`crate::conn::FIRST_REQUEST_GRACE`]).
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -33,7 +37,7 @@ use tokio::task::JoinSet;
 
 use crate::admission::{AcceptPacer, Refuser};
 use crate::config::Config;
-use crate::conn::{self, Deadlines, DrainSignal, Outcome};
+use crate::conn::{self, Arrival, Deadlines, DrainMode, DrainSignal, Outcome};
 use crate::files::{Files, FilesError};
 use crate::generation::{self, GENERATION_FDNAME, GenerationError};
 use crate::handoff::{self, HandoffPlan, HandoffWorker, NameBudget, PushedConnections};
@@ -201,7 +205,7 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
     for stream in adoption.streams {
         match adopt_stream(stream) {
             Ok(s) => {
-                conns.spawn(conn::drive(s, handler.clone(), drain.clone(), deadlines));
+                conns.spawn(conn::drive(s, handler.clone(), drain.clone(), deadlines, Arrival::HandedOver));
             }
             Err(e) => tracing::warn!(error = %e, "cannot serve an adopted connection; closing it"),
         }
@@ -241,7 +245,9 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
         }
     };
     tokio::pin!(fail_after_ready);
-    loop {
+    // Whether the manager took `STOPPING=1`: if not (Baton was killed),
+    // nothing stored now would reach anyone.
+    let manager_reachable = loop {
         tokio::select! {
             accepted = listener.accept(), if pacer.paused_until().is_none() => match accepted {
                 Ok((stream, _)) => {
@@ -251,7 +257,7 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
                     } else {
                         // Small responses must not wait for Nagle.
                         let _ = stream.set_nodelay(true);
-                        conns.spawn(conn::drive(stream, handler.clone(), drain.clone(), deadlines));
+                        conns.spawn(conn::drive(stream, handler.clone(), drain.clone(), deadlines, Arrival::Accepted));
                     }
                 }
                 Err(e) => pacer.failed(&e),
@@ -265,7 +271,7 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
                 Some(stream) => match adopt_stream(stream) {
                     Ok(s) => {
                         handler.count_adopted(1);
-                        conns.spawn(conn::drive(s, handler.clone(), drain.clone(), deadlines));
+                        conns.spawn(conn::drive(s, handler.clone(), drain.clone(), deadlines, Arrival::HandedOver));
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot serve a pushed connection; closing it"),
                 },
@@ -281,24 +287,27 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
                 }
             },
             (signal, sent) = shutdown.wait(n) => {
-                if let Err(e) = sent {
+                if let Err(e) = &sent {
                     tracing::warn!(error = %e, "cannot send STOPPING=1");
                 }
                 tracing::info!(?signal, connections = conns.len(), "stopping");
-                break;
+                break sent.is_ok();
             }
             () = &mut fail_after_ready => {
                 tracing::error!("exiting abruptly with status 1 (--fail-after-ready)");
                 std::process::exit(1);
             }
         }
-    }
+    };
 
     // Stop accepting. A passed or stored listener stays open in the manager.
     drop(listener);
     let open = conns.len();
     status(n, &format!("draining {open} connections"));
-    drain.start();
+    let mode =
+        if config.handoff && notifier.is_some() && manager_reachable { DrainMode::HandOver } else { DrainMode::Close };
+    tracing::debug!(?mode, "draining");
+    drain.start(mode);
     // Pushes that were queued before we were asked to stop still arrive;
     // then the stream ends.
     if let Some(p) = &mut pushed {

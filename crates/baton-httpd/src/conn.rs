@@ -32,6 +32,32 @@
 //! queue stay there when the fd is handed over: the next generation reads
 //! them.
 //!
+//! # A fresh connection when nothing can be handed over
+//!
+//! A connection accepted here that has not yet received a byte has never
+//! carried a request: its client may have just connected and be about to
+//! send one (the request follows `connect()` at once, but the accept can
+//! win that race). When the drain can hand connections over, it is handed
+//! over as it is (the next generation reads the request). When it cannot —
+//! `--handoff=false`, no service manager, or the manager is gone (Baton was
+//! killed: `STOPPING=1` failed) — closing it would lose that request, and
+//! its client could not know it might: RFC 9112 §9.6 lets clients retry
+//! only on a connection that already carried a request (an idle keep-alive
+//! one, which the drain still closes at once). So such a connection gets
+//! [`FIRST_REQUEST_GRACE`] to send its first byte (counted from the drain,
+//! and within the drain deadline): the request is then served and the
+//! connection closed at the next request boundary, as an idle one; if no
+//! byte arrives it is closed. Connections handed over from an earlier
+//! generation ([`Arrival::HandedOver`]) may have carried requests there, so
+//! they keep the plain behaviour.
+//!
+//! Others do the same: hyper's HTTP/1 graceful shutdown waited for a fresh
+//! connection's first request (hyperium/hyper#2730), and its proposed
+//! `first_byte_read_timeout` (hyperium/hyper#3808) bounds that wait rather
+//! than closing at once; nginx closes at a graceful shutdown only the
+//! connections it marked idle (`c->idle`, set in `ngx_http_set_keepalive`,
+//! i.e. after a request), not one still waiting for its first request.
+//!
 //! # Deadlines: a partial request head, an idle connection
 //!
 //! hyper's own `header_read_timeout` starts when hyper *begins waiting* for
@@ -112,6 +138,41 @@ pub fn http1_builder(max_head: usize) -> http1::Builder {
 /// hyper's smallest `max_buf_size` (it panics below).
 const MIN_HEAD: usize = 8 * 1024;
 
+/// How long a fresh connection may take to send the first byte of its first
+/// request once a drain without handoff has begun (see the [module
+/// docs](self#a-fresh-connection-when-nothing-can-be-handed-over)).
+///
+/// The client that loses this race has already connected and writes its
+/// request right after `connect()` returns: the gap is its own scheduling
+/// delay, microseconds to milliseconds, since the request needs no further
+/// round trip. One second covers a client stalled far beyond that (a
+/// loaded machine), while a connection that stays silent (a browser's
+/// speculative pre-connect) delays the exit by at most this much, instead
+/// of by `--idle-timeout` or `--drain-timeout` (75 s and 25 s by default).
+pub const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
+
+/// Where a connection came from, which decides whether it can be fresh
+/// (see [`FIRST_REQUEST_GRACE`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arrival {
+    /// Accepted by this process: until its first byte, it has never carried
+    /// a request.
+    Accepted,
+    /// Adopted or pushed from an earlier generation: it may have carried
+    /// requests there.
+    HandedOver,
+}
+
+/// What the drain does with a connection once it is idle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainMode {
+    /// It will be handed over to the next generation.
+    HandOver,
+    /// It will be closed: no handoff is possible. A fresh connection first
+    /// gets [`FIRST_REQUEST_GRACE`] to send its request.
+    Close,
+}
+
 /// How long a connection may stay in each phase, and how large a request
 /// head may be (see the [module docs](self)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,6 +222,11 @@ struct ConnState {
     /// Bumped at every change of phase (see [`Phase`]), so that `drive`
     /// restarts its count even when a whole request fits in one poll.
     transitions: AtomicU64,
+    /// Accepted here and no byte read yet: it has never carried a request.
+    fresh: AtomicBool,
+    /// The drain cannot hand over and [`FIRST_REQUEST_GRACE`] has not run
+    /// out: a fresh connection is read rather than stopped.
+    first_request_grace: AtomicBool,
 }
 
 /// What a connection is doing, for its deadline.
@@ -172,8 +238,10 @@ enum Phase {
 }
 
 impl ConnState {
-    fn new() -> Self {
+    fn new(arrival: Arrival) -> Self {
         Self {
+            fresh: AtomicBool::new(arrival == Arrival::Accepted),
+            first_request_grace: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             flushed: AtomicBool::new(true),
             draining: AtomicBool::new(false),
@@ -205,6 +273,7 @@ impl ConnState {
         if n == 0 {
             return;
         }
+        self.fresh.store(false, Relaxed);
         if self.in_flight.load(Relaxed) > 0 {
             self.read_while_busy.store(true, Relaxed);
         } else if !self.head_begun.swap(true, Relaxed) {
@@ -217,6 +286,18 @@ impl ConnState {
             && self.armed.load(Relaxed)
             && self.in_flight.load(Relaxed) == 0
             && self.flushed.load(Relaxed)
+            && !self.awaiting_first_request()
+    }
+
+    /// Draining without handoff, within the grace, and nothing read yet.
+    fn awaiting_first_request(&self) -> bool {
+        self.draining.load(Relaxed) && self.first_request_grace.load(Relaxed) && self.fresh.load(Relaxed)
+    }
+
+    /// Draining has started, in `mode`.
+    fn start_draining(&self, mode: DrainMode) {
+        self.first_request_grace.store(mode == DrainMode::Close, Relaxed);
+        self.draining.store(true, Relaxed);
     }
 }
 
@@ -403,6 +484,8 @@ pub struct DrainSignal {
 #[derive(Debug, Default)]
 struct Registry {
     started: AtomicBool,
+    /// Set before `started`: the drain cannot hand over ([`DrainMode::Close`]).
+    closing: AtomicBool,
     next_id: AtomicU64,
     conns: Mutex<HashMap<u64, Arc<ConnState>>>,
 }
@@ -434,13 +517,20 @@ impl DrainSignal {
     }
 
     /// Starts draining: every connection, present or registering later,
-    /// stops at its next request boundary.
-    pub fn start(&self) {
+    /// stops at its next request boundary — except, in [`DrainMode::Close`],
+    /// a fresh one, which first gets [`FIRST_REQUEST_GRACE`] to send its
+    /// request (see the [module docs](self)).
+    pub fn start(&self, mode: DrainMode) {
+        self.inner.closing.store(mode == DrainMode::Close, SeqCst);
         self.inner.started.store(true, SeqCst);
         for state in self.inner.lock().values() {
-            state.draining.store(true, Relaxed);
+            state.start_draining(mode);
             state.waker.wake();
         }
+    }
+
+    fn mode(&self) -> DrainMode {
+        if self.inner.closing.load(SeqCst) { DrainMode::Close } else { DrainMode::HandOver }
     }
 
     fn register(&self, state: &Arc<ConnState>) -> Registration {
@@ -449,7 +539,7 @@ impl DrainSignal {
         // After the insert: either `start` saw this entry, or its flag
         // (stored before it took the lock) is visible here.
         if self.inner.started.load(SeqCst) {
-            state.draining.store(true, Relaxed);
+            state.start_draining(self.mode());
         }
         Registration { registry: Arc::clone(&self.inner), id }
     }
@@ -511,15 +601,26 @@ impl PhaseTimer {
 
 /// Serves `stream` until the client closes it, a deadline of `deadlines`
 /// passes, or — once `drain` has started — until it is idle with nothing
-/// buffered ([`Outcome::Idle`]).
+/// buffered ([`Outcome::Idle`]); a fresh connection ([`Arrival::Accepted`],
+/// nothing read yet) in a [`DrainMode::Close`] drain waits up to
+/// [`FIRST_REQUEST_GRACE`] for its first request first.
 ///
 /// The caller bounds the drain with its deadline by dropping (aborting) the
 /// future.
-pub async fn drive(stream: TcpStream, handler: Handler, drain: DrainSignal, deadlines: Deadlines) -> Outcome {
-    let state = Arc::new(ConnState::new());
+pub async fn drive(
+    stream: TcpStream,
+    handler: Handler,
+    drain: DrainSignal,
+    deadlines: Deadlines,
+    arrival: Arrival,
+) -> Outcome {
+    let state = Arc::new(ConnState::new(arrival));
     let _registration = drain.register(&state);
     let builder = http1_builder(deadlines.max_head);
     let mut timer = PhaseTimer::new(deadlines);
+    // Armed the first time the connection is seen awaiting its first
+    // request in a drain, so counted from the drain.
+    let mut grace: Option<Pin<Box<Sleep>>> = None;
     let mut stream = stream;
     let mut prefix = Bytes::new();
     loop {
@@ -531,6 +632,16 @@ pub async fn drive(stream: TcpStream, handler: Handler, drain: DrainSignal, dead
             state.waker.register(cx.waker());
             if let Poll::Ready(r) = conn.poll_without_shutdown(cx) {
                 return Poll::Ready(Ok(r));
+            }
+            if state.awaiting_first_request() {
+                let sleep = grace.get_or_insert_with(|| Box::pin(tokio::time::sleep(FIRST_REQUEST_GRACE)));
+                if sleep.as_mut().poll(cx).is_ready() {
+                    tracing::debug!(grace = ?FIRST_REQUEST_GRACE, "closing a fresh connection: no request arrived");
+                    state.first_request_grace.store(false, Relaxed);
+                    // hyper reads again only when polled: once, so that its
+                    // read sees the drain (the flag is now off: no loop).
+                    cx.waker().wake_by_ref();
+                }
             }
             // After hyper's poll: it is what moves the connection on.
             match timer.poll_expired(&state, cx) {

@@ -154,6 +154,9 @@ impl MiniManager {
         while !self.ready {
             if let Some(status) = self.child_exited()? {
                 self.child = None;
+                // What it sent before exiting (its `STATUS=failed: ...`)
+                // may still be queued: the exit can be seen first.
+                self.pump(Duration::ZERO)?;
                 return Err(other(format!("the service exited before READY=1: {status}; STATUS={}", self.status)));
             }
             if Instant::now() >= deadline {
@@ -235,6 +238,20 @@ impl MiniManager {
         if unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) } != 0 {
             return Err(io::Error::last_os_error());
         }
+        Ok(())
+    }
+
+    /// Simulates the manager's death (Baton SIGKILLed): the notify socket's
+    /// path stays but nothing is bound to it any more, so the service's
+    /// next datagram (`STOPPING=1`, `FDSTORE=1`) fails with
+    /// `ECONNREFUSED`, as it does once Baton is gone.
+    pub fn lose_notify_socket(&mut self) -> io::Result<()> {
+        std::fs::remove_file(&self.notify_path)?;
+        let dead =
+            rustix::net::socket_with(AddressFamily::UNIX, rustix::net::SocketType::DGRAM, SocketFlags::CLOEXEC, None)?;
+        rustix::net::bind(&dead, &SocketAddrUnix::new(&self.notify_path)?)?;
+        // Closing it leaves the path with no socket behind it.
+        drop(dead);
         Ok(())
     }
 
