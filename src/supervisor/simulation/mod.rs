@@ -16,6 +16,21 @@
 //! generations exiting, and time passing (ready timeouts, stop deadlines,
 //! the watchdog, the backoff).
 //!
+//! Notify datagrams ([`senders`], [`datagrams`]): the world keeps a process
+//! table — each generation's leader, its other descendants (they fork and
+//! exit), the one its `MAINPID=` names, its health check — and pids of
+//! processes that exited, which strangers may reuse. READY=1, STOPPING=1,
+//! STATUS=, WATCHDOG=1 and MAINPID= (naming the leader, a descendant or a
+//! stranger) come from any of them or from strangers, are attributed by the
+//! shell's own pure `notify::attribute()` (the model's tree is its lineage
+//! check) under `--notify-access` `main`, `exec` or `all` (by seed), and
+//! only attributed ones reach the core and the [`Life`]s, as in the shell's
+//! `on_datagram`. With a health check (every other pair of seeds), READY=1
+//! puts the generation in [`State::HealthCheck`](super::lifecycle::State)
+//! with its own process, which passes, fails or crashes
+//! ([`Move::HealthCheckExits`]), hangs (its deadline passes), or is killed
+//! by a stop or the generation's exit.
+//!
 //! Invariants, checked after every input:
 //!
 //! 1. **Someone serves or is on the way.** Until a stop, some generation is
@@ -35,10 +50,27 @@
 //! 6. **At most `--max-draining` draining** (not yet killed), outside a
 //!    stop (which asks every generation to drain, each with its full stop
 //!    timeout); the serving generation is `Active`.
+//! 7. **Strangers change nothing.** `attribute()` gives every datagram the
+//!    generation the model says its sender may notify for (its main
+//!    process always, its health check with `exec`/`all`, any process of
+//!    its tree with `all`), or none; a datagram from a stranger or from a
+//!    process that exited (its pid reused or not) is refused and leaves
+//!    the core, every [`Life`] and the process table as they were.
+//! 8. **Only its own pids.** Every signal and kill (drain, draining limit,
+//!    stop deadline, watchdog, crash-loop kill) names a live generation of
+//!    the model; the model's process table holds exactly the live
+//!    generations, and each main process is a live process of its own
+//!    generation's tree.
+//! 9. **Everything is reaped.** At the end of a run every generation the
+//!    core spawned was signalled (or exited) and reaped, once, and none of
+//!    its processes is left.
 //!
-//! Not modelled yet (still shell-only decisions, see [`Core`]): notify
-//! attribution, the health check's own process, connections and the fd
-//! store, `baton upgrade`.
+//! Not modelled (shell-only decisions, see [`Core`]): what the health
+//! check's outcome means is decided in the shell (`restart.rs`'s
+//! `on_ready` spawns it, `crash.rs`'s `on_gone` turns its exit into a
+//! cutover or a failed start; [`Life`] only holds its pid and deadline), so
+//! the world plays those two steps as the shell does rather than through
+//! shared code; connections and the fd store; `baton upgrade`.
 //!
 //! `cargo test -p baton --lib simulation` runs [`CI_EVENTS`] inputs across
 //! seeds and prints the count and inputs per second. A long campaign:
@@ -49,10 +81,14 @@
 
 use std::time::Instant;
 
+use self::senders::{Claim, Msg, Sender};
 use self::world::{Violation, World};
 use super::core::{Action, Token};
+use super::policy::NotifyAccess;
 use crate::control::Response;
 
+mod datagrams;
+mod senders;
 mod world;
 
 /// Inputs a plain `cargo test` feeds across seeds.
@@ -87,7 +123,8 @@ pub(super) enum Move {
     Stop {
         wait: bool,
     },
-    /// The starting generation sends READY=1 (and passes its health check).
+    /// The starting generation's main process sends READY=1 (and, with a
+    /// health check, the check passes).
     TakeOver,
     /// The starting generation exits before READY=1 (or fails its check).
     FailStart,
@@ -104,6 +141,41 @@ pub(super) enum Move {
     Extend(u64),
     /// Time passes, in ms.
     Advance(u64),
+    /// A datagram from anyone, attributed as the shell does.
+    Notify(Sender, Msg),
+    /// A generation (picked oldest first) forks a process.
+    Fork(u8),
+    /// A generation's oldest descendant exits.
+    ChildExit(u8),
+    /// The starting generation's health check exits.
+    HealthCheckExits {
+        passed: bool,
+    },
+}
+
+/// A datagram from a random sender.
+fn random_datagram(rng: &mut Rng) -> Move {
+    let k = rng.below(4) as u8;
+    let sender = match rng.below(6) {
+        0 => Sender::Leader(k),
+        1 => Sender::Main(k),
+        2 => Sender::HealthCheck(k),
+        3 => Sender::Descendant(k),
+        4 => Sender::Exited(k),
+        _ => Sender::Stranger { reuse: rng.below(2) == 0 },
+    };
+    let msg = match rng.below(6) {
+        0 => Msg::Ready,
+        1 => Msg::Stopping,
+        2 => Msg::Status,
+        3 => Msg::Watchdog,
+        _ => Msg::MainPid(match rng.below(3) {
+            0 => Claim::Leader,
+            1 => Claim::Descendant,
+            _ => Claim::Stranger,
+        }),
+    };
+    Move::Notify(sender, msg)
 }
 
 /// A move that applies to `w` as it is (mostly: a few are left to be
@@ -123,6 +195,10 @@ fn random_move(rng: &mut Rng, w: &World) -> Move {
             540..700 => Move::DrainExit,
             700..740 => Move::Ping,
             740..760 => Move::Extend(rng.below(8_000)),
+            760..850 => random_datagram(rng),
+            850..865 => Move::Fork(rng.below(4) as u8),
+            865..875 => Move::ChildExit(rng.below(4) as u8),
+            875..900 => Move::HealthCheckExits { passed: rng.below(3) != 0 },
             _ => Move::Advance(match rng.below(4) {
                 0 => rng.below(10),
                 1 => rng.below(500),
@@ -131,7 +207,7 @@ fn random_move(rng: &mut Rng, w: &World) -> Move {
             }),
         };
         let applies = match m {
-            Move::TakeOver | Move::FailStart | Move::Extend(_) => w.starting.is_some(),
+            Move::TakeOver | Move::FailStart | Move::Extend(_) | Move::HealthCheckExits { .. } => w.starting.is_some(),
             Move::Crash | Move::Hang | Move::SelfStop | Move::Ping => w.serving.is_some(),
             Move::DrainExit => w.oldest_draining().is_some(),
             _ => true,
@@ -142,9 +218,38 @@ fn random_move(rng: &mut Rng, w: &World) -> Move {
     }
 }
 
-/// Runs `moves` from a fresh start; `Err` names the violated invariant.
+/// The world's settings: `--notify-access`, and whether a health check
+/// runs after READY=1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Config {
+    access: NotifyAccess,
+    health_check: bool,
+}
+
+impl Config {
+    /// What [`replay`] runs: the defaults (no health check).
+    const DEFAULT: Config = Config { access: NotifyAccess::Main, health_check: false };
+
+    /// Seeds go through every combination.
+    fn of_seed(seed: u64) -> Config {
+        let access = [NotifyAccess::Main, NotifyAccess::Exec, NotifyAccess::All][(seed % 3) as usize];
+        Config { access, health_check: (seed / 3) % 2 == 1 }
+    }
+
+    fn world(self) -> World {
+        World::new(self.access, self.health_check)
+    }
+}
+
+/// Runs `moves` from a fresh start with the defaults; `Err` names the
+/// violated invariant.
 pub(super) fn replay(moves: &[Move]) -> Result<u64, Violation> {
-    let mut w = World::new();
+    replay_with(Config::DEFAULT, moves)
+}
+
+/// Runs `moves` from a fresh start with `config`.
+pub(super) fn replay_with(config: Config, moves: &[Move]) -> Result<u64, Violation> {
+    let mut w = config.world();
     let actions = w.core.start();
     w.apply(actions, false)?;
     for (i, m) in moves.iter().enumerate() {
@@ -154,11 +259,14 @@ pub(super) fn replay(moves: &[Move]) -> Result<u64, Violation> {
     Ok(w.events)
 }
 
+/// A run's core inputs, datagrams and datagrams attributed.
+type Tally = (u64, u64, u64);
+
 /// Runs seed `seed`, choosing each move for the world as it is; returns
 /// the moves made (for [`replay`] and shrinking) and the outcome.
-fn run_seed(seed: u64) -> (Vec<Move>, Result<u64, Violation>) {
+fn run_seed(seed: u64) -> (Vec<Move>, Result<Tally, Violation>) {
     let mut rng = Rng(seed);
-    let mut w = World::new();
+    let mut w = Config::of_seed(seed).world();
     let mut moves = Vec::with_capacity(MOVES_PER_SEED);
     let actions = w.core.start();
     if let Err(e) = w.apply(actions, false) {
@@ -174,7 +282,7 @@ fn run_seed(seed: u64) -> (Vec<Move>, Result<u64, Violation>) {
             return (moves, Err(format!("move {i} ({m:?}): {e}")));
         }
     }
-    let outcome = w.finish().map(|()| w.events).map_err(|e| format!("at the end: {e}"));
+    let outcome = w.finish().map(|()| (w.events, w.datagrams, w.attributed)).map_err(|e| format!("at the end: {e}"));
     (moves, outcome)
 }
 
@@ -185,8 +293,8 @@ fn moves_of(seed: u64) -> Vec<Move> {
 
 /// The shortest sub-list of `moves` that still fails (greedy: drop chunks,
 /// then single moves, while it still fails).
-fn shrink(moves: Vec<Move>) -> Vec<Move> {
-    shrink_by(moves, &|m: &[Move]| replay(m).is_err())
+fn shrink(config: Config, moves: Vec<Move>) -> Vec<Move> {
+    shrink_by(moves, &|m: &[Move]| replay_with(config, m).is_err())
 }
 
 fn shrink_by(mut moves: Vec<Move>, fails: &dyn Fn(&[Move]) -> bool) -> Vec<Move> {
@@ -209,7 +317,7 @@ fn shrink_by(mut moves: Vec<Move>, fails: &dyn Fn(&[Move]) -> bool) -> Vec<Move>
 
 fn campaign(seeds: impl Iterator<Item = u64>, budget: u64) {
     let started = Instant::now();
-    let mut events = 0;
+    let (mut events, mut datagrams, mut attributed) = (0, 0, 0);
     let mut ran = 0;
     for seed in seeds {
         if events >= budget {
@@ -217,13 +325,18 @@ fn campaign(seeds: impl Iterator<Item = u64>, budget: u64) {
         }
         let (moves, outcome) = run_seed(seed);
         match outcome {
-            Ok(n) => events += n,
+            Ok((n, d, a)) => {
+                events += n;
+                datagrams += d;
+                attributed += a;
+            }
             Err(e) => {
-                let trace = shrink(moves);
+                let config = Config::of_seed(seed);
+                let trace = shrink(config, moves);
                 panic!(
-                    "seed {seed}: {e}\nshrunk to {} moves: {trace:?}\nreplayed: {:?}",
+                    "seed {seed} ({config:?}): {e}\nshrunk to {} moves: {trace:?}\nreplayed: {:?}",
                     trace.len(),
-                    replay(&trace).err()
+                    replay_with(config, &trace).err()
                 );
             }
         }
@@ -234,6 +347,7 @@ fn campaign(seeds: impl Iterator<Item = u64>, budget: u64) {
         "simulation: {events} core inputs over {ran} seeds in {secs:.2} s ({:.0} inputs/s)",
         events as f64 / secs.max(1e-9)
     );
+    println!("simulation: {datagrams} notify datagrams, {attributed} attributed");
 }
 
 #[test]
@@ -281,7 +395,7 @@ fn the_trace_of_a_restart_storm_replays() {
 fn the_invariants_can_fail() {
     // A world that lost its starting generation without telling the core:
     // nothing serves, nothing starts, nothing is scheduled.
-    let mut w = World::new();
+    let mut w = Config::DEFAULT.world();
     let actions = w.core.start();
     w.apply(actions, false).unwrap();
     w.starting = None;
