@@ -414,3 +414,70 @@ fn shrinking_keeps_a_failure_and_drops_the_rest() {
     let shrunk = shrink_by(moves, &failing);
     assert_eq!(shrunk, [Move::Hang]);
 }
+
+/// A world with the first generation spawned.
+fn started(config: Config) -> World {
+    let mut w = config.world();
+    let actions = w.core.start();
+    w.apply(actions, false).unwrap();
+    w
+}
+
+#[test]
+fn a_pid_reused_after_its_main_process_exited_is_refused() {
+    let mut w = started(Config { access: NotifyAccess::Main, health_check: false });
+    for m in [Move::Fork(0), Move::Notify(Sender::Leader(0), Msg::MainPid(Claim::Descendant))] {
+        w.step(m).unwrap();
+    }
+    let main = w.pids.gens[&1].main.expect("MAINPID= named the descendant");
+    // The leader is no longer the main process: refused under `main`.
+    w.step(Move::Notify(Sender::Leader(0), Msg::Ready)).unwrap();
+    assert_eq!((w.serving, w.attributed), (None, 1));
+    // Its main process exits; a stranger gets its pid and says READY=1.
+    w.step(Move::ChildExit(0)).unwrap();
+    assert_eq!(w.pids.gens[&1].main, None);
+    assert_eq!(w.pids.pid_of(Sender::Exited(0)), Some(main));
+    w.step(Move::Notify(Sender::Stranger { reuse: true }, Msg::Ready)).unwrap();
+    assert_eq!((w.serving, w.attributed), (None, 1));
+    // The leader is the main process again.
+    w.step(Move::Notify(Sender::Leader(0), Msg::Ready)).unwrap();
+    assert_eq!((w.serving, w.attributed), (Some(1), 2));
+}
+
+#[test]
+fn health_checks_and_descendants_notify_by_access() {
+    for (access, check_counts, descendant_counts) in
+        [(NotifyAccess::Main, false, false), (NotifyAccess::Exec, true, false), (NotifyAccess::All, true, true)]
+    {
+        let mut w = started(Config { access, health_check: true });
+        for m in [Move::Fork(0), Move::Notify(Sender::Leader(0), Msg::Ready)] {
+            w.step(m).unwrap();
+        }
+        assert!(w.pids.gens[&1].health_check.is_some(), "READY=1 started the check");
+        w.step(Move::Notify(Sender::HealthCheck(0), Msg::Status)).unwrap();
+        w.step(Move::Notify(Sender::Descendant(0), Msg::Status)).unwrap();
+        assert_eq!(w.attributed, 1 + u64::from(check_counts) + u64::from(descendant_counts), "{access:?}");
+        // A stop during the check kills it with the generation.
+        w.step(Move::Stop { wait: true }).unwrap();
+        assert_eq!(w.pids.gens[&1].health_check, None);
+        w.finish().unwrap();
+    }
+}
+
+#[test]
+fn the_new_invariants_can_fail() {
+    // A stranger's datagram that the shell would attribute.
+    let mut w = started(Config { access: NotifyAccess::All, health_check: false });
+    w.step(Move::Fork(0)).unwrap();
+    let pid = w.pids.pid_of(Sender::Descendant(0)).unwrap();
+    assert!(w.datagram(pid, Msg::Status, true).unwrap_err().contains("no generation's process"));
+    // A signal to a generation the model does not have.
+    assert!(w.drain(42, true).unwrap_err().contains("does not have"));
+    // A generation whose processes outlive it.
+    w.lives.clear();
+    assert!(w.check().unwrap_err().contains("but processes of"));
+    // A run that ends with a generation never reaped.
+    let mut w = started(Config::DEFAULT);
+    w.spawned.insert(7);
+    assert!(w.finish().unwrap_err().contains("generation 7 was never reaped"));
+}
