@@ -16,6 +16,25 @@
 //! generations exiting, and time passing (ready timeouts, stop deadlines,
 //! the watchdog, the backoff).
 //!
+//! Notify datagrams ([`senders`], [`datagrams`]): the world keeps a process
+//! table — each generation's leader, its other descendants (they fork and
+//! exit), the one its `MAINPID=` names, its health check — and pids of
+//! processes that exited, which strangers may reuse. READY=1, STOPPING=1,
+//! STATUS=, WATCHDOG=1 and MAINPID= (naming the leader, a descendant or a
+//! stranger) come from any of them or from strangers, are attributed by the
+//! shell's own pure `notify::attribute()` (the model's tree is its lineage
+//! check) under `--notify-access` `main`, `exec` or `all` (by seed), and
+//! only attributed ones reach the core and the [`Life`]s, as in the shell's
+//! `on_datagram`. With a health check (every other pair of seeds), READY=1
+//! puts the generation in [`State::HealthCheck`](super::lifecycle::State)
+//! with its own process, which passes, fails or crashes
+//! ([`Move::HealthCheckExits`]), hangs (its deadline passes), or is killed
+//! when its generation drains (a stop, a timeout). When the generation's
+//! leader exits during the check, the model drops the check with it;
+//! the shell's `on_gone` (`crash.rs`) does not signal it today (it runs
+//! on until it ends and is reaped as an orphan), which the model does not
+//! reproduce: invariant 9 counts the core's generations.
+//!
 //! Invariants, checked after every input:
 //!
 //! 1. **Someone serves or is on the way.** Until a stop, some generation is
@@ -35,10 +54,27 @@
 //! 6. **At most `--max-draining` draining** (not yet killed), outside a
 //!    stop (which asks every generation to drain, each with its full stop
 //!    timeout); the serving generation is `Active`.
+//! 7. **Strangers change nothing.** `attribute()` gives every datagram the
+//!    generation the model says its sender may notify for (its main
+//!    process always, its health check with `exec`/`all`, any process of
+//!    its tree with `all`), or none; a datagram from a stranger or from a
+//!    process that exited (its pid reused or not) is refused and leaves
+//!    the core, every [`Life`] and the process table as they were.
+//! 8. **Only its own pids.** Every signal and kill (drain, draining limit,
+//!    stop deadline, watchdog, crash-loop kill) names a live generation of
+//!    the model; the model's process table holds exactly the live
+//!    generations, and each main process is a live process of its own
+//!    generation's tree.
+//! 9. **Everything is reaped.** At the end of a run every generation the
+//!    core spawned was signalled (or exited) and reaped, once, and none of
+//!    its processes is left.
 //!
-//! Not modelled yet (still shell-only decisions, see [`Core`]): notify
-//! attribution, the health check's own process, connections and the fd
-//! store, `baton upgrade`.
+//! Not modelled (shell-only decisions, see [`Core`]): what the health
+//! check's outcome means is decided in the shell (`restart.rs`'s
+//! `on_ready` spawns it, `crash.rs`'s `on_gone` turns its exit into a
+//! cutover or a failed start; [`Life`] only holds its pid and deadline), so
+//! the world plays those two steps as the shell does rather than through
+//! shared code; connections and the fd store; `baton upgrade`.
 //!
 //! `cargo test -p baton --lib simulation` runs [`CI_EVENTS`] inputs across
 //! seeds and prints the count and inputs per second. A long campaign:
@@ -49,10 +85,14 @@
 
 use std::time::Instant;
 
+use self::senders::{Claim, Msg, Sender};
 use self::world::{Violation, World};
 use super::core::{Action, Token};
+use super::policy::NotifyAccess;
 use crate::control::Response;
 
+mod datagrams;
+mod senders;
 mod world;
 
 /// Inputs a plain `cargo test` feeds across seeds.
@@ -87,7 +127,8 @@ pub(super) enum Move {
     Stop {
         wait: bool,
     },
-    /// The starting generation sends READY=1 (and passes its health check).
+    /// The starting generation's main process sends READY=1 (and, with a
+    /// health check, the check passes).
     TakeOver,
     /// The starting generation exits before READY=1 (or fails its check).
     FailStart,
@@ -104,6 +145,41 @@ pub(super) enum Move {
     Extend(u64),
     /// Time passes, in ms.
     Advance(u64),
+    /// A datagram from anyone, attributed as the shell does.
+    Notify(Sender, Msg),
+    /// A generation (picked oldest first) forks a process.
+    Fork(u8),
+    /// A generation's oldest descendant exits.
+    ChildExit(u8),
+    /// The starting generation's health check exits.
+    HealthCheckExits {
+        passed: bool,
+    },
+}
+
+/// A datagram from a random sender.
+fn random_datagram(rng: &mut Rng) -> Move {
+    let k = rng.below(4) as u8;
+    let sender = match rng.below(6) {
+        0 => Sender::Leader(k),
+        1 => Sender::Main(k),
+        2 => Sender::HealthCheck(k),
+        3 => Sender::Descendant(k),
+        4 => Sender::Exited(k),
+        _ => Sender::Stranger { reuse: rng.below(2) == 0 },
+    };
+    let msg = match rng.below(6) {
+        0 => Msg::Ready,
+        1 => Msg::Stopping,
+        2 => Msg::Status,
+        3 => Msg::Watchdog,
+        _ => Msg::MainPid(match rng.below(3) {
+            0 => Claim::Leader,
+            1 => Claim::Descendant,
+            _ => Claim::Stranger,
+        }),
+    };
+    Move::Notify(sender, msg)
 }
 
 /// A move that applies to `w` as it is (mostly: a few are left to be
@@ -123,6 +199,10 @@ fn random_move(rng: &mut Rng, w: &World) -> Move {
             540..700 => Move::DrainExit,
             700..740 => Move::Ping,
             740..760 => Move::Extend(rng.below(8_000)),
+            760..850 => random_datagram(rng),
+            850..865 => Move::Fork(rng.below(4) as u8),
+            865..875 => Move::ChildExit(rng.below(4) as u8),
+            875..900 => Move::HealthCheckExits { passed: rng.below(3) != 0 },
             _ => Move::Advance(match rng.below(4) {
                 0 => rng.below(10),
                 1 => rng.below(500),
@@ -131,7 +211,7 @@ fn random_move(rng: &mut Rng, w: &World) -> Move {
             }),
         };
         let applies = match m {
-            Move::TakeOver | Move::FailStart | Move::Extend(_) => w.starting.is_some(),
+            Move::TakeOver | Move::FailStart | Move::Extend(_) | Move::HealthCheckExits { .. } => w.starting.is_some(),
             Move::Crash | Move::Hang | Move::SelfStop | Move::Ping => w.serving.is_some(),
             Move::DrainExit => w.oldest_draining().is_some(),
             _ => true,
@@ -142,9 +222,38 @@ fn random_move(rng: &mut Rng, w: &World) -> Move {
     }
 }
 
-/// Runs `moves` from a fresh start; `Err` names the violated invariant.
+/// The world's settings: `--notify-access`, and whether a health check
+/// runs after READY=1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Config {
+    access: NotifyAccess,
+    health_check: bool,
+}
+
+impl Config {
+    /// What [`replay`] runs: the defaults (no health check).
+    const DEFAULT: Config = Config { access: NotifyAccess::Main, health_check: false };
+
+    /// Seeds go through every combination.
+    fn of_seed(seed: u64) -> Config {
+        let access = [NotifyAccess::Main, NotifyAccess::Exec, NotifyAccess::All][(seed % 3) as usize];
+        Config { access, health_check: (seed / 3) % 2 == 1 }
+    }
+
+    fn world(self) -> World {
+        World::new(self.access, self.health_check)
+    }
+}
+
+/// Runs `moves` from a fresh start with the defaults; `Err` names the
+/// violated invariant.
 pub(super) fn replay(moves: &[Move]) -> Result<u64, Violation> {
-    let mut w = World::new();
+    replay_with(Config::DEFAULT, moves)
+}
+
+/// Runs `moves` from a fresh start with `config`.
+pub(super) fn replay_with(config: Config, moves: &[Move]) -> Result<u64, Violation> {
+    let mut w = config.world();
     let actions = w.core.start();
     w.apply(actions, false)?;
     for (i, m) in moves.iter().enumerate() {
@@ -154,11 +263,14 @@ pub(super) fn replay(moves: &[Move]) -> Result<u64, Violation> {
     Ok(w.events)
 }
 
+/// A run's core inputs, datagrams and datagrams attributed.
+type Tally = (u64, u64, u64);
+
 /// Runs seed `seed`, choosing each move for the world as it is; returns
 /// the moves made (for [`replay`] and shrinking) and the outcome.
-fn run_seed(seed: u64) -> (Vec<Move>, Result<u64, Violation>) {
+fn run_seed(seed: u64) -> (Vec<Move>, Result<Tally, Violation>) {
     let mut rng = Rng(seed);
-    let mut w = World::new();
+    let mut w = Config::of_seed(seed).world();
     let mut moves = Vec::with_capacity(MOVES_PER_SEED);
     let actions = w.core.start();
     if let Err(e) = w.apply(actions, false) {
@@ -174,7 +286,7 @@ fn run_seed(seed: u64) -> (Vec<Move>, Result<u64, Violation>) {
             return (moves, Err(format!("move {i} ({m:?}): {e}")));
         }
     }
-    let outcome = w.finish().map(|()| w.events).map_err(|e| format!("at the end: {e}"));
+    let outcome = w.finish().map(|()| (w.events, w.datagrams, w.attributed)).map_err(|e| format!("at the end: {e}"));
     (moves, outcome)
 }
 
@@ -185,8 +297,8 @@ fn moves_of(seed: u64) -> Vec<Move> {
 
 /// The shortest sub-list of `moves` that still fails (greedy: drop chunks,
 /// then single moves, while it still fails).
-fn shrink(moves: Vec<Move>) -> Vec<Move> {
-    shrink_by(moves, &|m: &[Move]| replay(m).is_err())
+fn shrink(config: Config, moves: Vec<Move>) -> Vec<Move> {
+    shrink_by(moves, &|m: &[Move]| replay_with(config, m).is_err())
 }
 
 fn shrink_by(mut moves: Vec<Move>, fails: &dyn Fn(&[Move]) -> bool) -> Vec<Move> {
@@ -209,7 +321,7 @@ fn shrink_by(mut moves: Vec<Move>, fails: &dyn Fn(&[Move]) -> bool) -> Vec<Move>
 
 fn campaign(seeds: impl Iterator<Item = u64>, budget: u64) {
     let started = Instant::now();
-    let mut events = 0;
+    let (mut events, mut datagrams, mut attributed) = (0, 0, 0);
     let mut ran = 0;
     for seed in seeds {
         if events >= budget {
@@ -217,13 +329,18 @@ fn campaign(seeds: impl Iterator<Item = u64>, budget: u64) {
         }
         let (moves, outcome) = run_seed(seed);
         match outcome {
-            Ok(n) => events += n,
+            Ok((n, d, a)) => {
+                events += n;
+                datagrams += d;
+                attributed += a;
+            }
             Err(e) => {
-                let trace = shrink(moves);
+                let config = Config::of_seed(seed);
+                let trace = shrink(config, moves);
                 panic!(
-                    "seed {seed}: {e}\nshrunk to {} moves: {trace:?}\nreplayed: {:?}",
+                    "seed {seed} ({config:?}): {e}\nshrunk to {} moves: {trace:?}\nreplayed: {:?}",
                     trace.len(),
-                    replay(&trace).err()
+                    replay_with(config, &trace).err()
                 );
             }
         }
@@ -231,7 +348,8 @@ fn campaign(seeds: impl Iterator<Item = u64>, budget: u64) {
     }
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "simulation: {events} core inputs over {ran} seeds in {secs:.2} s ({:.0} inputs/s)",
+        "simulation: {events} core inputs over {ran} seeds in {secs:.2} s ({:.0} inputs/s); \
+         {datagrams} notify datagrams, {attributed} attributed",
         events as f64 / secs.max(1e-9)
     );
 }
@@ -281,7 +399,7 @@ fn the_trace_of_a_restart_storm_replays() {
 fn the_invariants_can_fail() {
     // A world that lost its starting generation without telling the core:
     // nothing serves, nothing starts, nothing is scheduled.
-    let mut w = World::new();
+    let mut w = Config::DEFAULT.world();
     let actions = w.core.start();
     w.apply(actions, false).unwrap();
     w.starting = None;
@@ -299,4 +417,71 @@ fn shrinking_keeps_a_failure_and_drops_the_rest() {
     moves.push(Move::Hang);
     let shrunk = shrink_by(moves, &failing);
     assert_eq!(shrunk, [Move::Hang]);
+}
+
+/// A world with the first generation spawned.
+fn started(config: Config) -> World {
+    let mut w = config.world();
+    let actions = w.core.start();
+    w.apply(actions, false).unwrap();
+    w
+}
+
+#[test]
+fn a_pid_reused_after_its_main_process_exited_is_refused() {
+    let mut w = started(Config { access: NotifyAccess::Main, health_check: false });
+    for m in [Move::Fork(0), Move::Notify(Sender::Leader(0), Msg::MainPid(Claim::Descendant))] {
+        w.step(m).unwrap();
+    }
+    let main = w.pids.gens[&1].main.expect("MAINPID= named the descendant");
+    // The leader is no longer the main process: refused under `main`.
+    w.step(Move::Notify(Sender::Leader(0), Msg::Ready)).unwrap();
+    assert_eq!((w.serving, w.attributed), (None, 1));
+    // Its main process exits; a stranger gets its pid and says READY=1.
+    w.step(Move::ChildExit(0)).unwrap();
+    assert_eq!(w.pids.gens[&1].main, None);
+    assert_eq!(w.pids.pid_of(Sender::Exited(0)), Some(main));
+    w.step(Move::Notify(Sender::Stranger { reuse: true }, Msg::Ready)).unwrap();
+    assert_eq!((w.serving, w.attributed), (None, 1));
+    // The leader is the main process again.
+    w.step(Move::Notify(Sender::Leader(0), Msg::Ready)).unwrap();
+    assert_eq!((w.serving, w.attributed), (Some(1), 2));
+}
+
+#[test]
+fn health_checks_and_descendants_notify_by_access() {
+    for (access, check_counts, descendant_counts) in
+        [(NotifyAccess::Main, false, false), (NotifyAccess::Exec, true, false), (NotifyAccess::All, true, true)]
+    {
+        let mut w = started(Config { access, health_check: true });
+        for m in [Move::Fork(0), Move::Notify(Sender::Leader(0), Msg::Ready)] {
+            w.step(m).unwrap();
+        }
+        assert!(w.pids.gens[&1].health_check.is_some(), "READY=1 started the check");
+        w.step(Move::Notify(Sender::HealthCheck(0), Msg::Status)).unwrap();
+        w.step(Move::Notify(Sender::Descendant(0), Msg::Status)).unwrap();
+        assert_eq!(w.attributed, 1 + u64::from(check_counts) + u64::from(descendant_counts), "{access:?}");
+        // A stop during the check kills it with the generation.
+        w.step(Move::Stop { wait: true }).unwrap();
+        assert_eq!(w.pids.gens[&1].health_check, None);
+        w.finish().unwrap();
+    }
+}
+
+#[test]
+fn the_new_invariants_can_fail() {
+    // A stranger's datagram that the shell would attribute.
+    let mut w = started(Config { access: NotifyAccess::All, health_check: false });
+    w.step(Move::Fork(0)).unwrap();
+    let pid = w.pids.pid_of(Sender::Descendant(0)).unwrap();
+    assert!(w.datagram(pid, Msg::Status, true).unwrap_err().contains("no generation's process"));
+    // A signal to a generation the model does not have.
+    assert!(w.drain(42, true).unwrap_err().contains("does not have"));
+    // A generation whose processes outlive it.
+    w.lives.clear();
+    assert!(w.check().unwrap_err().contains("but processes of"));
+    // A run that ends with a generation never reaped.
+    let mut w = started(Config::DEFAULT);
+    w.spawned.insert(7);
+    assert!(w.finish().unwrap_err().contains("generation 7 was never reaped"));
 }

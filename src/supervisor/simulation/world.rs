@@ -6,11 +6,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use super::Move;
-use crate::control::{Response, RestartDone, RestartFailure};
+use super::senders::{Msg, Pids, Sender};
+use crate::control::{Response, RestartFailure};
 use crate::supervisor::Ended;
 use crate::supervisor::core::{Action, Core, Counters, Input, Lost, Token};
 use crate::supervisor::lifecycle::{Due, Life, State, over_draining_limit};
-use crate::supervisor::policy::Backoff;
+use crate::supervisor::policy::{Backoff, NotifyAccess};
 
 /// The model's ready timeout and stop timeout (the shell enforces them).
 const READY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -47,12 +48,23 @@ pub(super) struct World {
     /// Failures the core must have counted (for the crash-loop check).
     pub(super) failures: Vec<Duration>,
     pub(super) events: u64,
+    /// `--notify-access`, and whether a health check runs after READY=1.
+    pub(super) access: NotifyAccess,
+    pub(super) health_check: bool,
+    /// The processes: senders of datagrams, targets of signals.
+    pub(super) pids: Pids,
+    /// Generations spawned, and those reaped (invariant 9).
+    pub(super) spawned: BTreeSet<u64>,
+    pub(super) reaped: BTreeSet<u64>,
+    /// Datagrams sent, and those attributed.
+    pub(super) datagrams: u64,
+    pub(super) attributed: u64,
 }
 
 pub(super) type Violation = String;
 
 impl World {
-    pub(super) fn new() -> World {
+    pub(super) fn new(access: NotifyAccess, health_check: bool) -> World {
         let backoff = Backoff {
             initial: Duration::from_millis(100),
             max: Duration::from_secs(2),
@@ -74,6 +86,13 @@ impl World {
             answered: BTreeSet::new(),
             failures: Vec::new(),
             events: 0,
+            access,
+            health_check,
+            pids: Pids::new(),
+            spawned: BTreeSet::new(),
+            reaped: BTreeSet::new(),
+            datagrams: 0,
+            attributed: 0,
         }
     }
 
@@ -122,6 +141,8 @@ impl World {
                         return Err(format!("generation {generation} after {}", self.last_spawned));
                     }
                     self.last_spawned = generation;
+                    self.spawned.insert(generation);
+                    self.pids.spawned(generation);
                     self.starting = Some((generation, self.now));
                     let watchdog = (generation % 2 == 0).then_some(WATCHDOG);
                     self.lives.insert(generation, Life::starting(self.at(), READY_TIMEOUT, watchdog));
@@ -159,7 +180,7 @@ impl World {
                     }
                     self.stop_all_at = Some(self.now);
                     for g in self.starting.take().map(|(g, _)| g).into_iter().chain(self.serving.take()) {
-                        self.drain(g);
+                        self.drain(g, true)?;
                     }
                     if self.nothing_left() {
                         self.feed(Input::AllGone)?;
@@ -175,10 +196,14 @@ impl World {
                     if window as u32 <= self.backoff.burst {
                         return Err(format!("crash-loop verdict after {window} failures in the window"));
                     }
-                    // kill_all: the run loop returns at its next turn.
+                    // kill_all (health checks too): the run loop returns
+                    // at its next turn, everything is reaped.
                     self.starting = None;
                     self.serving = None;
-                    self.lives.clear();
+                    let all: Vec<u64> = self.lives.keys().copied().collect();
+                    for g in all {
+                        self.reap(g)?;
+                    }
                 }
             }
         }
@@ -189,27 +214,57 @@ impl World {
         self.lives.is_empty()
     }
 
-    /// The shell's `Generation::drain`: SIGKILL at the stop deadline; and
-    /// its draining limit, except in a stop (which drains them all).
-    pub(super) fn drain(&mut self, g: u64) {
+    /// The shell's `Generation::drain` (`signal`: SIGTERM or SIGABRT to
+    /// its group; none after its own `STOPPING=1`), which also kills its
+    /// health check: SIGKILL at the stop deadline; and its draining limit,
+    /// except in a stop (which drains them all).
+    pub(super) fn drain(&mut self, g: u64, signal: bool) -> Result<(), Violation> {
         let kill_at = self.at() + STOP_TIMEOUT;
-        if let Some(life) = self.lives.get_mut(&g) {
-            life.drain(kill_at);
+        let Some(life) = self.lives.get_mut(&g) else {
+            return Err(format!("drained generation {g}, which the model does not have"));
+        };
+        life.drain(kill_at);
+        if signal {
+            self.signal(g)?;
         }
+        self.pids.end_health_check(g);
         if self.stop_all_at.is_none() {
-            self.enforce_draining_limit();
+            self.enforce_draining_limit()?;
         }
+        Ok(())
+    }
+
+    /// A signal to generation `g`'s group: invariant 8, it is a live
+    /// generation of the model, whose leader the model knows.
+    pub(super) fn signal(&mut self, g: u64) -> Result<(), Violation> {
+        if !self.lives.contains_key(&g) || !self.pids.gens.contains_key(&g) {
+            return Err(format!("signalled generation {g}, which the model does not have"));
+        }
+        Ok(())
+    }
+
+    /// Generation `g`'s leader exited (on its own or by a signal) and the
+    /// shell reaped it, SIGKILLing what is left of its group.
+    pub(super) fn reap(&mut self, g: u64) -> Result<(), Violation> {
+        self.signal(g)?;
+        self.lives.remove(&g);
+        self.pids.reaped(g);
+        if !self.reaped.insert(g) {
+            return Err(format!("generation {g} reaped twice"));
+        }
+        Ok(())
     }
 
     /// The shell's `enforce_draining_limit`: the oldest beyond it get
     /// SIGKILL (and are gone: a stop is never waiting for them alone, as
     /// some generation drains or serves after every drain).
-    pub(super) fn enforce_draining_limit(&mut self) {
+    pub(super) fn enforce_draining_limit(&mut self) -> Result<(), Violation> {
         let numbers: Vec<u64> = self.lives.keys().copied().collect();
         let beyond = over_draining_limit(self.lives.values().map(|l| &l.state), MAX_DRAINING);
         for i in beyond {
-            self.lives.remove(&numbers[i]);
+            self.reap(numbers[i])?;
         }
+        Ok(())
     }
 
     /// The oldest draining generation, if any.
@@ -232,6 +287,18 @@ impl World {
             && self.core.backoff_due().is_none()
         {
             return Err("nothing serves, nothing starts and no replacement is scheduled".into());
+        }
+        // Invariant 8: the process table is the generation table, and
+        // every main process is one of its generation's own.
+        if !self.lives.keys().eq(self.pids.gens.keys()) {
+            return Err(format!(
+                "generations {:?} but processes of {:?}",
+                self.lives.keys().collect::<Vec<_>>(),
+                self.pids.gens.keys().collect::<Vec<_>>()
+            ));
+        }
+        if let Some((g, p)) = self.pids.gens.iter().find(|(g, p)| p.main.is_some_and(|m| !self.pids.owns(**g, m))) {
+            return Err(format!("generation {g}'s main process {:?} is not its own", p.main));
         }
         if self.core.restart().map(|(g, _)| g) != self.starting.map(|(g, _)| g) && !self.core.is_stopping() {
             return Err(format!("core restarting {:?}, world starting {:?}", self.core.restart(), self.starting));
@@ -268,21 +335,48 @@ impl World {
                 self.feed(Input::StopRequested { waiter })?;
             }
             Move::TakeOver => {
-                let Some((generation, _)) = self.starting.take() else { return Ok(()) };
-                if let Some(old) = self.serving.replace(generation) {
-                    self.drain(old);
+                // Its main process sends READY=1 (and, with a health
+                // check, the check passes).
+                let Some((generation, _)) = self.starting else { return Ok(()) };
+                let main = self.pids.gens.get(&generation).map(|p| p.main_pid());
+                if let Some(pid) = main {
+                    self.datagram(pid, Msg::Ready, false)?;
                 }
-                let at = self.at();
-                self.lives.get_mut(&generation).expect("starting is alive").activate(at);
-                let done = RestartDone { generation, pid: 1000 + generation as u32, ready_ms: 1, replaced: None };
-                self.feed(Input::TookOver { response: Response::Restarted(done) })?;
+                if self.pids.gens.get(&generation).is_some_and(|p| p.health_check.is_some()) {
+                    self.health_check_exits(true)?;
+                }
             }
             Move::FailStart => {
-                // It exited before READY=1.
+                // It exited before READY=1 (or during its health check).
                 let Some((generation, _)) = self.starting.take() else { return Ok(()) };
-                self.lives.remove(&generation);
+                self.reap(generation)?;
                 self.fail_start(generation)?;
             }
+            Move::Notify(sender, msg) => {
+                let stranger = matches!(sender, Sender::Exited(_) | Sender::Stranger { .. });
+                let Some(pid) = self.pids.pid_of(sender) else { return Ok(()) };
+                if !stranger {
+                    return self.datagram(pid, msg, false);
+                }
+                // Invariant 7: nothing changes, in the core or the world.
+                let before = (self.lives.clone(), self.events, self.serving, self.starting, self.pids.gens.clone());
+                self.datagram(pid, msg, true)?;
+                let after = (self.lives.clone(), self.events, self.serving, self.starting, self.pids.gens.clone());
+                if before != after {
+                    return Err(format!("{msg:?} from pid {pid}, no generation's process, changed the world"));
+                }
+            }
+            Move::Fork(k) => {
+                if let Some(g) = self.pids.pick(k) {
+                    self.pids.fork(g);
+                }
+            }
+            Move::ChildExit(k) => {
+                if let Some(g) = self.pids.pick(k) {
+                    self.pids.child_exits(g);
+                }
+            }
+            Move::HealthCheckExits { passed } => self.health_check_exits(passed)?,
             Move::Ping => {
                 let at = self.at();
                 if let Some(life) = self.serving.and_then(|g| self.lives.get_mut(&g)) {
@@ -313,7 +407,7 @@ impl World {
                     return Ok(());
                 }
                 let Some(g) = self.serving.take() else { return Ok(()) };
-                self.lives.remove(&g);
+                self.reap(g)?;
                 self.failures.push(self.now);
                 self.feed(Input::ServingLost(Lost::Crashed))?;
             }
@@ -325,7 +419,7 @@ impl World {
             }
             Move::DrainExit => {
                 let Some(g) = self.oldest_draining() else { return Ok(()) };
-                self.lives.remove(&g);
+                self.reap(g)?;
                 self.exited()?;
             }
             Move::Advance(ms) => self.advance(self.now + Duration::from_millis(ms))?,
@@ -337,7 +431,8 @@ impl World {
     /// `STOPPING=1`: it drains.
     pub(super) fn serving_lost(&mut self, lost: Lost) -> Result<(), Violation> {
         let Some(g) = self.serving.take() else { return Ok(()) };
-        self.drain(g);
+        // SIGABRT for the watchdog; none after its own STOPPING=1.
+        self.drain(g, lost == Lost::Hung)?;
         if lost == Lost::Hung {
             self.failures.push(self.now);
         }
@@ -371,12 +466,12 @@ impl World {
                         Some((g, Due::ReadyTimeout | Due::HealthCheckTimeout)) => {
                             // The shell drains it and reports the failure.
                             self.starting = None;
-                            self.drain(g);
+                            self.drain(g, true)?;
                             self.fail_start(g)?;
                         }
                         Some((g, Due::Kill)) => {
                             // SIGKILL: it is gone.
-                            self.lives.remove(&g);
+                            self.reap(g)?;
                             self.exited()?;
                         }
                         Some((_, Due::Watchdog)) => self.serving_lost(Lost::Hung)?,
@@ -404,6 +499,14 @@ impl World {
         }
         if let Some(t) = self.waiting.keys().next() {
             return Err(format!("{t:?} never answered"));
+        }
+        // Invariant 9: every generation spawned was signalled or exited,
+        // and reaped; none of its processes is left.
+        if let Some(g) = self.spawned.difference(&self.reaped).next() {
+            return Err(format!("generation {g} was never reaped"));
+        }
+        if let Some((g, p)) = self.pids.gens.iter().next() {
+            return Err(format!("generation {g}'s processes {p:?} outlived the run"));
         }
         match self.core.take_ended() {
             Some(Ended::Stopped | Ended::CrashLoop(_)) => Ok(()),
