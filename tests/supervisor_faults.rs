@@ -627,6 +627,37 @@ fn hanging_health_check_is_killed_at_the_ready_timeout() {
     assert!(served.is_subset(&generations(&["1", "2"])) && served.contains("1"), "{served:?}");
 }
 
+/// A generation that dies while its health check hangs: the check (in a
+/// process group of its own) is killed with it, not left running once the
+/// generation is gone (found by reading the shell while widening the
+/// supervisor core's simulation; before, it ran until it ended by itself,
+/// here for 1000 s, long after the 120 s ready timeout no longer applied).
+#[test]
+fn a_hanging_health_check_dies_with_its_generation() {
+    let dir = scratch("health-orphan");
+    let health = format!(
+        "if [ -e {dir}/fault ]; then echo $$ > {dir}/check-$BATON_GENERATION; exec sleep 1000; fi",
+        dir = dir.display()
+    );
+    // The faulty generation sends READY=1, waits until its check has
+    // written its pid, then dies.
+    let b = start_httpd(
+        &dir,
+        &["--notify-access", "all", "--health-cmd", &health, "--ready-timeout", "120s"],
+        r#"if [ -e "$T_DIR/fault" ]; then "$T_BATON" notify --ready || exit 2;
+           while [ ! -s "$T_DIR/check-$BATON_GENERATION" ]; do sleep 0.05; done; exit 1; fi"#,
+    );
+    let first = b.http();
+    std::fs::write(dir.join("fault"), "").unwrap();
+    let out = b.cli(&["restart"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("generation 2 exited with status 1 after READY=1, during its health check"), "{err}");
+    let check: u32 = std::fs::read_to_string(dir.join("check-2")).unwrap().trim().parse().unwrap();
+    wait_gone(check, "the health check of a generation that died");
+    assert_eq!(b.http(), first, "generation 1 no longer answers");
+}
+
 /// Crashing right after READY=1 while the health check runs is a failed
 /// start: the old generation was not asked to drain yet (that happens only
 /// once the check passes), so it keeps serving.

@@ -61,7 +61,7 @@ impl Supervisor {
             tracing::debug!(event = "reaped", pid, "reaped pid {pid} ({how})");
             return;
         };
-        let g = self.generations.remove(i);
+        let mut g = self.generations.remove(i);
         match g.life.state {
             State::Starting | State::HealthCheck { .. } => {
                 let (exit, last_status) = (how, g.status_text.clone());
@@ -70,8 +70,13 @@ impl Supervisor {
                     _ => StartFailure::ExitedBeforeReady { exit, last_status },
                 };
                 tracing::warn!(event = "exited", generation = g.number, pid, "generation {} {reason}", g.number);
-                // Kill what it left behind in its process group.
+                // Kill what it left behind in its process group, and its
+                // health check, which runs in a group of its own: nothing
+                // else would ever stop it (it is reaped as an orphan).
                 let _ = g.child.signal_group(Signal::KILL);
+                if let Some(check) = g.health.take() {
+                    let _ = check.signal_group(Signal::KILL);
+                }
                 self.pending_exit = Some(PendingExit {
                     number: g.number,
                     reason,
