@@ -963,6 +963,47 @@ fn max_draining_kills_the_oldest_draining_generation() {
     assert!(alive(pid3));
 }
 
+/// The draining limit holds after every drain, not only at a cutover: a
+/// generation that fails its health check is asked to drain too, and with
+/// one generation already draining that is one too many, so the oldest is
+/// killed at once (found by the supervisor core's simulation: before, both
+/// drained on past the limit until the next cutover, here for the whole
+/// 300 s stop timeout).
+#[test]
+fn max_draining_holds_after_a_failed_start() {
+    let dir = scratch("max-draining-failed-start");
+    let flag = dir.join("unhealthy");
+    let health = format!("test ! -e {}", flag.display());
+    let mut b = start_probe(
+        &dir,
+        &["--max-draining", "1", "--stop-timeout", "300s", "--health-cmd", &health],
+        &["--ignore-sigterm"],
+    );
+    let pid1 = b.active_pid();
+    ok(&b.cli(&["restart"]));
+    let pid2 = b.active_pid();
+    b.wait_line(pid1, "ignoring signal=SIGTERM");
+    std::fs::write(&flag, "").unwrap();
+    let out = b.cli(&["restart"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    // At once, not at a deadline: 10 s is far below the stop timeout.
+    poll_until("the oldest draining generation gone", Duration::from_secs(10), || (!alive(pid1)).then_some(()))
+        .unwrap_or_else(|e| panic!("{e}\n{}", b.log()));
+    assert!(b.log().contains("too many draining generations; killing 1"), "{}", b.log());
+    let s = b.wait_status("generation 1 reaped", |s| s.generations.len() == 2);
+    let states: Vec<(u64, &str)> = s.generations.iter().map(|g| (g.generation, g.state.as_str())).collect();
+    assert_eq!(states, [(2, "active"), (3, "draining")], "{s:?}");
+    // Generation 3 ignores SIGTERM and so still answers too.
+    assert!(ask(b.port()).unwrap().starts_with("http "));
+    // Both ignore SIGTERM for the 300 s stop timeout: end them all now.
+    let pid3 = s.generations[1].pid;
+    b.kill();
+    for pid in [pid2, pid3] {
+        signal(pid, Signal::KILL);
+        wait_gone(pid, "a generation of the killed baton");
+    }
+}
+
 // ---- the CLI ----------------------------------------------------------------
 
 #[test]

@@ -184,6 +184,8 @@ impl BatonBuilder {
 
     /// On drop, SIGKILL at once instead of SIGTERM and a grace period: for
     /// tests whose Baton may be frozen or must not run its stop sequence.
+    /// Its children (the generations, each with its process group) are
+    /// SIGKILLed right after it.
     pub fn kill_on_drop(mut self) -> BatonBuilder {
         self.kill_on_drop = true;
         self
@@ -559,8 +561,18 @@ impl Baton {
             return;
         }
         if self.kill_on_drop {
+            // Its children first (read while they are still its own), so
+            // that the generations a killed Baton leaves behind are ended
+            // too instead of serving on as orphans.
+            let children = children_of(self.child.id());
             let _ = self.child.kill();
             let _ = self.child.wait();
+            for pid in children {
+                // Each generation leads its own process group.
+                if let Some(group) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) {
+                    let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+                }
+            }
         } else {
             terminate(&mut self.child, WAIT);
         }
@@ -618,6 +630,20 @@ fn tail(text: &str, max: usize) -> &str {
         start += 1;
     }
     &text[start..]
+}
+
+/// The children of process `pid` (every thread's `children` list in
+/// `/proc`); none if it is gone.
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+    let mut children: Vec<u32> = tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|list| list.split_whitespace().filter_map(|p| p.parse().ok()).collect::<Vec<u32>>())
+        .collect();
+    children.sort_unstable();
+    children.dedup();
+    children
 }
 
 #[cfg(test)]
