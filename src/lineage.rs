@@ -219,13 +219,11 @@ fn parent_of(pid: u32) -> Option<u32> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn ancestry_follows_parent_links() {
+    /// A leader of its own group (as Baton starts generations) with one
+    /// child in that group: the leader and the child's pid.
+    fn leader_with_child() -> (std::process::Child, u32) {
         use std::io::BufRead;
         use std::os::unix::process::CommandExt;
-        let me = std::process::id();
-        // A leader of its own group (as Baton starts generations) with one
-        // child in that group.
         let mut leader = std::process::Command::new("sh")
             .args(["-c", "sleep 30 & echo $!; wait"])
             .process_group(0)
@@ -234,7 +232,14 @@ mod tests {
             .unwrap();
         let mut line = String::new();
         std::io::BufReader::new(leader.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let (l, sleeper): (u32, u32) = (leader.id(), line.trim().parse().unwrap());
+        (leader, line.trim().parse().unwrap())
+    }
+
+    #[test]
+    fn ancestry_follows_parent_links() {
+        let me = std::process::id();
+        let (mut leader, sleeper) = leader_with_child();
+        let l = leader.id();
         assert!(descends_from(sleeper, l) && descends_from(sleeper, me) && descends_from(l, me));
         assert!(descends_from(me, me), "a process counts as its own descendant");
         assert!(!descends_from(me, l), "a parent does not descend from its child");
@@ -254,17 +259,8 @@ mod tests {
 
     #[test]
     fn a_pidfd_or_a_pidfd_id_names_the_main_process() {
-        use std::io::BufRead;
-        use std::os::unix::process::CommandExt;
-        let mut leader = std::process::Command::new("sh")
-            .args(["-c", "sleep 30 & echo $!; wait"])
-            .process_group(0)
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufReader::new(leader.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let (l, sleeper): (u32, u32) = (leader.id(), line.trim().parse().unwrap());
+        let (mut leader, sleeper) = leader_with_child();
+        let l = leader.id();
         let open = |pid: u32| rustix::process::pidfd_open(Pid::from_raw(pid as i32).unwrap(), PidfdFlags::empty());
 
         // MAINPIDFD=1: the pid comes from the pidfd itself.
