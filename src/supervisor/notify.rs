@@ -3,13 +3,14 @@
 //! STATUS=, MAINPID=, the watchdog, EXTEND_TIMEOUT_USEC=, FDSTORE=.
 //! Follows systemd's `service_notify_message()` (src/core/service.c).
 
+use super::core::{FdStore, Notice, Said, Timing};
 use super::*;
 
 impl Supervisor {
     pub(super) fn on_datagram(&mut self, mut d: Datagram) {
         // Refused datagrams drop their fds through the closer thread
         // (`ReceivedFd`), and are logged within the rate limit.
-        let Some(index) = self.attribute(d.pid) else {
+        let Some(number) = self.attribute(d.pid) else {
             if self.refusals.allow(Refused::Notify, Some(d.pid)) {
                 tracing::warn!(
                     event = "notify-refused",
@@ -60,8 +61,40 @@ impl Supervisor {
                 return;
             }
         }
-        let number = self.generations[index].number;
-        let now = Instant::now();
+        self.main_pid_named(number, &msg, &mut d.fds);
+        let mut notice = Notice { status: msg.status().map(str::to_owned), ..Notice::default() };
+        for f in &msg.fields {
+            match f {
+                NotifyState::Watchdog => notice.timing.push(Timing::Ping),
+                NotifyState::WatchdogUsec(u) => notice.timing.push(Timing::WatchdogUsec(*u)),
+                NotifyState::ExtendTimeoutUsec(u) => notice.timing.push(Timing::ExtendUsec(*u)),
+                _ => {}
+            }
+        }
+        notice.watchdog_trigger = msg.has(&NotifyState::WatchdogTrigger);
+        if msg.has(&NotifyState::FdStoreRemove) {
+            notice.fdstore = msg.fdname().map(|name| FdStore::Remove { name: name.to_owned() });
+        } else if msg.has(&NotifyState::FdStore) && !d.fds.is_empty() {
+            let name = msg.fdname().unwrap_or("stored").to_owned();
+            let poll = !msg.has(&NotifyState::FdPollDisable);
+            let fds = self.fds.hold(std::mem::take(&mut d.fds));
+            notice.fdstore = Some(FdStore::Store { name, fds, poll });
+        }
+        if !d.fds.is_empty() {
+            tracing::warn!(event = "notify-fds-closed", "closing {} fd(s) sent without FDSTORE=1", d.fds.len());
+        }
+        notice.lifecycle = match msg.lifecycle() {
+            Some(Lifecycle::Ready) => Some(Said::Ready),
+            Some(Lifecycle::Stopping) => Some(Said::Stopping),
+            Some(Lifecycle::Reloading) | None => None,
+        };
+        self.feed(Input::Notified { generation: number, notice });
+    }
+
+    /// `MAINPID=`, `MAINPIDFD=1` and `MAINPIDFDID=`: which process is
+    /// generation `number`'s main process now (pinned by a pidfd: this is
+    /// the shell's, the core never needs a pid's liveness).
+    fn main_pid_named(&mut self, number: u64, msg: &wire::Message<'_>, fds: &mut Vec<ReceivedFd>) {
         let claimed = msg.find(|f| match f {
             NotifyState::MainPid(p) => Some(*p),
             _ => None,
@@ -72,17 +105,17 @@ impl Supervisor {
         });
         // MAINPIDFD=1 (systemd >= 257): exactly one fd, the new main
         // process's pidfd; FDSTORE=1 in the same message would be ambiguous.
-        let pidfd = (msg.has(&NotifyState::MainPidFd) && d.fds.len() == 1 && !msg.has(&NotifyState::FdStore))
-            .then(|| d.fds.pop())
+        let pidfd = (msg.has(&NotifyState::MainPidFd) && fds.len() == 1 && !msg.has(&NotifyState::FdStore))
+            .then(|| fds.pop())
             .flatten();
         if msg.has(&NotifyState::MainPidFd) && pidfd.is_none() {
             tracing::warn!(
                 event = "notify-invalid",
                 "MAINPIDFD=1 for generation {number} ignored: it needs exactly one fd, the pidfd, and no FDSTORE=1 ({} attached)",
-                d.fds.len()
+                fds.len()
             );
         }
-        let g = &mut self.generations[index];
+        let Some(g) = self.procs_mut(number) else { return };
         let leader = g.child.pid;
         // How the process was named, for the log: race-free (a pidfd, or a
         // pidfd id checked against the process holding the pid) or by pid.
@@ -117,92 +150,28 @@ impl Supervisor {
             }
             None => {}
         }
-        {
-            let g = &mut self.generations[index];
-            if let Some(s) = msg.status() {
-                g.status_text = Some(s.to_owned());
-            }
-            for f in &msg.fields {
-                match f {
-                    NotifyState::Watchdog => g.life.ping(now),
-                    NotifyState::WatchdogUsec(u) => g.life.set_watchdog(now, *u),
-                    NotifyState::ExtendTimeoutUsec(u) => g.life.extend(now, *u),
-                    _ => {}
-                }
-            }
-        }
-        if msg.has(&NotifyState::WatchdogTrigger) {
-            self.watchdog_expired(number, WatchdogCause::Triggered);
-        }
-        if msg.has(&NotifyState::FdStoreRemove) {
-            if let Some(name) = msg.fdname() {
-                let n = self.store.remove(name);
-                tracing::debug!(event = "fdstore-remove", name, removed = n);
-                let upstream_name = format!("app/{name}");
-                self.upstream_notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(&upstream_name)]);
-            }
-        } else if msg.has(&NotifyState::FdStore) && !d.fds.is_empty() {
-            let name = msg.fdname().unwrap_or("stored").to_owned();
-            let poll = !msg.has(&NotifyState::FdPollDisable);
-            let fds = std::mem::take(&mut d.fds);
-            if let Some(fds) = self.push_to_active(index, &name, fds) {
-                self.store_fds(&name, fds, poll);
-            }
-        }
-        if !d.fds.is_empty() {
-            tracing::warn!(event = "notify-fds-closed", "closing {} fd(s) sent without FDSTORE=1", d.fds.len());
-        }
-        match msg.lifecycle() {
-            Some(Lifecycle::Ready) => self.on_ready(index),
-            // A generation's STOPPING=1 is never forwarded upstream: from
-            // systemd 259 on, STOPPING=1 is final for the whole unit.
-            Some(Lifecycle::Stopping) => {
-                if self.generations[index].life.state == State::Active {
-                    let kill_at = self.drain_deadline(now);
-                    // It is stopping already: no signal.
-                    let _ = self.generations[index].drain(None, kill_at);
-                    self.enforce_draining_limit();
-                    if self.stop_begun() {
-                        tracing::info!(
-                            event = "stopping",
-                            generation = number,
-                            "generation {number} is stopping with baton; no replacement"
-                        );
-                    } else {
-                        tracing::info!(
-                            event = "stopping",
-                            generation = number,
-                            "generation {number} is stopping on its own; starting a replacement"
-                        );
-                        self.feed(Input::ServingLost(Lost::Stopping));
-                    }
-                }
-            }
-            Some(Lifecycle::Reloading) | None => {}
-        }
     }
 
     /// Which generation a notify sender belongs to, per `NotifyAccess`.
-    pub(super) fn attribute(&self, pid: u32) -> Option<usize> {
-        let candidates: Vec<Candidate> = self
-            .generations
+    pub(super) fn attribute(&self, pid: u32) -> Option<u64> {
+        let gens = self.core.generations();
+        let candidates: Vec<Candidate> = gens
             .iter()
-            .map(|g| Candidate { main_pid: g.main_pid(), health_check: g.health_check_pid() })
+            .map(|g| Candidate { main_pid: self.main_pid(g.number), health_check: g.health_check() })
             .collect();
         // Members of the leader's process group that also descend from it:
         // anyone in Baton's session can join the group (see crate::lineage).
         let descends = |i: usize| {
-            let g = &self.generations[i];
-            g.child.is_running() && lineage::belongs_to(pid, g.child.pid)
+            self.procs(gens[i].number).is_some_and(|p| p.child.is_running() && lineage::belongs_to(pid, p.child.pid))
         };
-        attribute(self.cfg.policy.notify_access, pid, &candidates, descends)
+        attribute(self.cfg.policy.notify_access, pid, &candidates, descends).map(|i| gens[i].number)
     }
 }
 
 /// What attribution knows of a generation.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Candidate {
-    /// Its main process now ([`Generation::main_pid`]).
+    /// Its main process now ([`Procs::main_pid`]).
     pub(super) main_pid: u32,
     /// Its running health check, if any.
     pub(super) health_check: Option<u32>,

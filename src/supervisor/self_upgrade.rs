@@ -4,48 +4,47 @@
 use super::*;
 
 impl Supervisor {
-    /// Why an upgrade cannot happen now, if it cannot: only a stable state
-    /// (no generation starting, no restart pending or scheduled) is handed
-    /// over, so the new image never has to resume a half-done transition.
-    pub(super) fn busy_reason(&self) -> Option<String> {
-        if self.core.is_stopping() {
-            return Some("baton is stopping".into());
-        }
-        if self.upgrading.is_some() {
-            return Some("another upgrade is in progress".into());
-        }
-        if let Some((generation, _)) = self.core.restart() {
-            return Some(format!("a restart is in progress (generation {generation} is starting)"));
-        }
-        if self.core.backoff_due().is_some() || self.pending_exit.is_some() {
-            return Some("a crashed generation is being replaced".into());
-        }
-        if let Some(g) =
-            self.generations.iter().find(|g| !matches!(g.life.state, State::Active | State::Draining { .. }))
-        {
-            return Some(format!("generation {} is starting", g.number));
-        }
-        None
-    }
-
+    /// `baton upgrade`: the core says whether Baton is busy
+    /// ([`Action::RefuseUpgrade`]) or the new binary is probed
+    /// ([`Action::ProbeUpgrade`]).
     pub(super) fn request_upgrade(
         &mut self,
         binary: Option<PathBuf>,
         reply: oneshot::Sender<Response>,
         conn: Option<OwnedFd>,
     ) {
-        if let Some(reason) = self.busy_reason() {
-            let message = format!("busy: {reason}; nothing was changed, retry `baton upgrade` once it is over");
+        self.upgrade_request = Some(UpgradeRequest { binary, reply, conn });
+        self.feed(Input::UpgradeRequested);
+        // Answered by the action it led to; this is never left over.
+        self.upgrade_request = None;
+    }
+
+    /// Refuses the upgrade asked just now, or the one probed.
+    pub(super) fn refuse_upgrade(&mut self, message: String) {
+        let reply = match self.upgrade_request.take() {
+            Some(request) => Some(request.reply),
+            None => self.upgrading.take().map(|up| up.reply),
+        };
+        if let Some(reply) = reply {
             let _ = reply.send(Response::Error { message });
-            return;
         }
+    }
+
+    /// Starts probing the binary asked for (the core's
+    /// [`Action::ProbeUpgrade`]).
+    pub(super) fn probe_upgrade(&mut self) {
+        let Some(UpgradeRequest { binary, reply, conn }) = self.upgrade_request.take() else { return };
         let binary = match binary.or_else(|| self.image.binary.clone()) {
-            None => return drop(reply.send(Response::Error { message: UpgradeError::NoDefaultBinary.to_string() })),
-            Some(b) if !b.is_absolute() => {
-                let message = UpgradeError::RelativeBinary { path: b }.to_string();
-                return drop(reply.send(Response::Error { message }));
+            None => Err(UpgradeError::NoDefaultBinary.to_string()),
+            Some(b) if !b.is_absolute() => Err(UpgradeError::RelativeBinary { path: b }.to_string()),
+            Some(b) => Ok(b),
+        };
+        let binary = match binary {
+            Ok(b) => b,
+            Err(message) => {
+                let _ = reply.send(Response::Error { message });
+                return self.feed(Input::UpgradeAbandoned);
             }
-            Some(b) => b,
         };
         tracing::info!(event = "upgrade-requested", binary = %binary.display(), "checking {} before upgrading", binary.display());
         // The probe runs beside the supervisor, which keeps serving; the
@@ -72,26 +71,25 @@ impl Supervisor {
             Err(e) => {
                 tracing::warn!(event = "upgrade-refused", "{e}");
                 let _ = up.reply.send(Response::Error { message: e.to_string() });
+                self.feed(Input::UpgradeProbed { ok: false });
             }
             Ok(info) => {
-                // A restart may have begun while probing.
-                if let Some(reason) = self.busy_reason() {
-                    let message = format!("busy: {reason}; nothing was changed, retry `baton upgrade` once it is over");
-                    let _ = up.reply.send(Response::Error { message });
-                    return;
-                }
-                tracing::info!(
-                    event = "upgrade-probed",
-                    version = %info.version,
-                    "{} is baton {}; upgrading",
-                    up.binary.display(),
-                    info.version
-                );
                 // `probe` refused a binary with no format in common.
                 up.format = info.format_to_write().unwrap_or(upgrade::STATE_FORMAT);
+                let binary = up.binary.display().to_string();
                 // Executed at the top of the run loop, which owns the
-                // control channel.
+                // control channel, unless a restart began while probing
+                // (the core refuses it then).
                 self.upgrading = Some(up);
+                self.feed(Input::UpgradeProbed { ok: true });
+                if self.upgrading.is_some() {
+                    tracing::info!(
+                        event = "upgrade-probed",
+                        version = %info.version,
+                        "{binary} is baton {}; upgrading",
+                        info.version
+                    );
+                }
             }
         }
     }
@@ -110,6 +108,7 @@ impl Supervisor {
 
     pub(super) fn fail_upgrade(&mut self, up: PendingUpgrade, message: String) {
         tracing::error!(event = "upgrade-failed", "{message}");
+        self.feed(Input::UpgradeAbandoned);
         // Signals that came meanwhile are delivered now, to the run loop.
         upgrade::unblock_handled_signals();
         if let Some(server) = &mut self.control {
@@ -181,7 +180,7 @@ impl Supervisor {
         for peer in peers {
             self.on_handoff_peer(peer);
         }
-        if let Some(reason) = self.busy_reason() {
+        if let Some(reason) = self.core.busy() {
             let message = format!("busy: {reason}; nothing was changed, retry `baton upgrade` once it is over");
             return self.fail_upgrade(up, message);
         }
@@ -198,11 +197,11 @@ impl Supervisor {
         tracing::info!(
             event = "upgrade-exec",
             binary = %up.binary.display(),
-            generations = self.generations.len(),
+            generations = self.core.generations().len(),
             prepare_ms = up.requested.elapsed().as_millis() as u64,
             "re-executing {} with {} generation(s), {} socket(s), {} stored fd(s)",
             up.binary.display(),
-            self.generations.len(),
+            self.core.generations().len(),
             self.cfg.sockets.len(),
             self.store.len()
         );
@@ -210,8 +209,8 @@ impl Supervisor {
         crate::closer::close_queued_without_lingering();
         // Only returns if the exec failed; everything is as before.
         let e = upgrade::exec(&up.binary, &self.image.argv, &state, self.image.exe.as_deref().map(|e| e.as_fd()));
-        let serving = self.active().map(|g| format!("generation {} serving as pid {}", g.number, g.main_pid()));
-        let status = format!("upgrade failed; {}", serving.unwrap_or_else(|| "no generation serving".into()));
+        let status =
+            format!("upgrade failed; {}", self.serving_status().unwrap_or_else(|| "no generation serving".into()));
         self.upstream_notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
         self.fail_upgrade(up, e.to_string());
     }

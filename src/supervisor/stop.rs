@@ -1,5 +1,6 @@
-//! Stopping: every generation drains, callers hear "stopped" once all
-//! are gone.
+//! Stopping, the shell's side: stop signals are handed to the core first,
+//! and the crash-loop verdict kills everything (the core decides the rest:
+//! `core::exits`).
 
 use super::*;
 
@@ -24,43 +25,13 @@ impl Supervisor {
         self.feed(Input::StopRequested { waiter });
     }
 
-    /// The stop began (the core's [`Action::StopAll`]): tell systemd, ask
-    /// every generation to drain.
-    pub(super) fn stop_all(&mut self, end_reload: bool) {
-        tracing::info!(event = "stopping", "stopping all generations");
-        if let Some(up) = self.upgrading.take() {
-            let _ = up.reply.send(Response::Error { message: "baton is stopping; the upgrade was cancelled".into() });
-        }
-        if end_reload {
-            // We announced RELOADING=1; systemd 252 ignores STOPPING=1 until
-            // the reload is over, so end it first, in its own datagram.
-            self.upstream_notify(&[NotifyState::Ready]);
-        }
-        self.upstream_notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
-        let kill_at = self.drain_deadline(Instant::now());
-        let stop_signal = self.cfg.policy.stop_signal;
-        for g in &mut self.generations {
-            // Draining ones were asked already (and have no health check).
-            if !matches!(g.life.state, State::Draining { .. }) {
-                let _ = g.drain(Some(stop_signal), kill_at);
-            }
-        }
-        self.check_stopped();
-    }
-
-    /// Once no generation is left, a stop is complete.
-    pub(super) fn check_stopped(&mut self) {
-        if self.generations.is_empty() && self.core.is_stopping() && !self.core.has_ended() {
-            self.feed(Input::AllGone);
-        }
-    }
-
+    /// The crash-loop verdict: SIGKILL every generation and health check.
     pub(super) fn kill_all(&mut self) {
-        for g in &mut self.generations {
-            if let Some(h) = g.health.take() {
+        for p in &mut self.procs {
+            if let Some(h) = p.health.take() {
                 let _ = h.signal_group(Signal::KILL);
             }
-            let _ = g.child.signal_group(Signal::KILL);
+            let _ = p.child.signal_group(Signal::KILL);
         }
     }
 }

@@ -250,24 +250,62 @@ pub(super) enum Upstream {
 /// What the log says (rendered by the shell).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Event {
-    Draining { generation: u64 },
-    DrainLimit { generation: u64 },
-    ForcedKill { generation: u64 },
-    Watchdog { generation: u64, cause: WatchdogCause },
-    ExitedStarting { generation: u64, pid: u32, why: StartFailure },
+    Draining {
+        generation: u64,
+    },
+    DrainLimit {
+        generation: u64,
+    },
+    ForcedKill {
+        generation: u64,
+    },
+    Watchdog {
+        generation: u64,
+        cause: WatchdogCause,
+    },
+    ExitedStarting {
+        generation: u64,
+        pid: u32,
+        why: StartFailure,
+    },
     /// The serving generation ended on its own.
-    Crashed { generation: u64, pid: u32, exit: Exit },
-    Retired { generation: u64, pid: u32, exit: Exit },
-    Reaped { pid: u32, exit: Exit },
-    HealthCheckPassed { generation: u64 },
-    Ready { generation: u64, ready_ms: u64 },
+    Crashed {
+        generation: u64,
+        pid: u32,
+        exit: Exit,
+    },
+    Retired {
+        generation: u64,
+        pid: u32,
+        exit: Exit,
+    },
+    Reaped {
+        pid: u32,
+        exit: Exit,
+    },
+    HealthCheckPassed {
+        generation: u64,
+    },
+    Ready {
+        generation: u64,
+        ready_ms: u64,
+    },
     /// A start failed (its output was kept just before).
-    RestartFailed { generation: u64, why: StartFailure },
+    RestartFailed {
+        generation: u64,
+        why: StartFailure,
+    },
     /// A generation sent `STOPPING=1`; `replaced`: a replacement starts.
-    StoppingOnItsOwn { generation: u64, replaced: bool },
-    RestartReset { generation: u64 },
-    BackOff { delay: Duration },
-    CrashLoop(Failure),
+    StoppingOnItsOwn {
+        generation: u64,
+        replaced: bool,
+    },
+    RestartReset {
+        generation: u64,
+    },
+    BackOff {
+        delay: Duration,
+    },
     StoppingAll,
 }
 
@@ -304,7 +342,7 @@ pub(super) enum Action {
     /// Send these connections straight to generation `to`'s handoff
     /// connection (what cannot be sent is stored; then
     /// [`Input::HandoffBlocked`]).
-    PushConnections { fds: FdsHandle, name: String, to: u64 },
+    PushConnections { fds: FdsHandle, name: String, poll: bool, to: u64 },
     /// Close these fds unused.
     CloseFds { fds: FdsHandle },
     /// Remove the store's entries named `name`.
@@ -436,9 +474,7 @@ impl Core {
             Input::RestartRequested { waiter } => self.request_restart(waiter),
             Input::StopRequested { waiter } => self.begin_stop(now, waiter),
             Input::Spawned { generation, leader } => self.spawned(now, generation, leader),
-            Input::SpawnFailed { generation, why } => {
-                self.fail_start(now, generation, StartFailure::SpawnFailed(why))
-            }
+            Input::SpawnFailed { generation, why } => self.fail_start(now, generation, StartFailure::SpawnFailed(why)),
             Input::HealthCheckStarted { generation, pid } => self.health_check_started(generation, pid),
             Input::HealthCheckNotRun { generation, why } => {
                 self.fail_start(now, generation, StartFailure::HealthCheckNotRun(why))
@@ -493,11 +529,6 @@ impl Core {
         self.phase.take_ended()
     }
 
-    /// Whether the run has ended.
-    pub(super) fn has_ended(&self) -> bool {
-        matches!(self.phase, Phase::Ended(_))
-    }
-
     /// The counters.
     pub(super) fn counters(&self) -> &Counters {
         &self.counters
@@ -507,11 +538,6 @@ impl Core {
     /// carries it).
     pub(super) fn flush_retry(&self) -> Option<Instant> {
         self.flush_retry
-    }
-
-    /// The policy.
-    pub(super) fn policy(&self) -> &Policy {
-        &self.policy
     }
 
     // ---- helpers shared by the concerns ------------------------------------

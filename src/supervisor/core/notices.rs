@@ -53,7 +53,7 @@ impl Core {
                         if StoredName::parse(&name) == StoredName::Connection
                             && self.gens[i].life.state != State::Active =>
                     {
-                        self.actions.push(Action::PushConnections { fds, name, to })
+                        self.actions.push(Action::PushConnections { fds, name, poll, to })
                     }
                     _ => self.actions.push(Action::StoreFds { fds, name, poll }),
                 }

@@ -12,7 +12,7 @@ use crate::supervisor::phase::Phase;
 impl Core {
     /// The earliest time [`Input::Tick`](super::Input::Tick) has something
     /// to do, if ever.
-    pub(super) fn next_deadline(&self) -> Option<Instant> {
+    pub(in crate::supervisor) fn next_deadline(&self) -> Option<Instant> {
         let backoff = match self.phase {
             Phase::BackingOff { at } => Some(at),
             _ => None,

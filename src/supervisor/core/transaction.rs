@@ -40,7 +40,7 @@ impl Core {
 
     /// The restart's generation runs.
     pub(super) fn spawned(&mut self, now: Instant, generation: u64, leader: u32) {
-        if self.restart().is_none_or(|(g, _)| g != generation) || self.index(generation).is_some() {
+        if self.index(generation).is_some() {
             return;
         }
         self.gens.push(Gen {
@@ -52,6 +52,11 @@ impl Core {
             status_text: None,
             handoff: false,
         });
+        if self.restart().is_none_or(|(g, _)| g != generation) {
+            // Its restart ended before it ran (a stop): it only drains.
+            let i = self.gens.len() - 1;
+            self.drain(now, i, Some(Sig::Stop));
+        }
     }
 
     /// READY=1 from generation `i`.
@@ -128,6 +133,14 @@ impl Core {
         status_text: Option<String>,
     ) {
         if self.restart().is_none_or(|(g, _)| g != generation) {
+            // Not the restart's (it ended): a generation still starting can
+            // never take over any more, so it drains rather than fall due
+            // again at every turn.
+            if let Some(i) = self.index(generation)
+                && matches!(self.gens[i].life.state, State::Starting | State::HealthCheck { .. })
+            {
+                self.drain(now, i, Some(Sig::Stop));
+            }
             return;
         }
         self.actions.push(Action::KeepFailedOutput { generation, status_text });
