@@ -26,8 +26,12 @@ impl Supervisor {
     }
 
     /// The crash-loop verdict: SIGKILL every generation and health check.
+    /// Only those the core still keeps: one whose leader was reaped already
+    /// (its report waiting for its output) had its group killed then, and
+    /// its pid may be anyone's now.
     pub(super) fn kill_all(&mut self) {
-        for p in &mut self.procs {
+        let core = &self.core;
+        for p in self.procs.iter_mut().filter(|p| core.generation(p.number).is_some()) {
             if let Some(h) = p.health.take() {
                 let _ = h.signal_group(Signal::KILL);
             }
