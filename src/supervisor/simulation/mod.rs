@@ -162,6 +162,9 @@ pub(super) enum Move {
     /// The starting generation's main process sends READY=1 (and, with a
     /// health check, the check passes).
     TakeOver,
+    /// The starting generation's main process sends READY=1 (a health
+    /// check, if any, starts and runs on).
+    Ready,
     /// The starting generation's leader exits (status 1).
     FailStart,
     /// The active generation's leader exits (status 1).
@@ -257,7 +260,12 @@ fn random_move(rng: &mut Rng, w: &World) -> Move {
         let m = match rng.below(1000) {
             0..150 => Move::Restart { wait: rng.below(3) != 0 },
             150..151 => Move::Stop { wait: rng.below(2) == 0 },
-            151..330 => Move::TakeOver,
+            151..300 => Move::TakeOver,
+            300..320 => Move::Ready,
+            320..330 => Move::Notify(
+                Sender::Leader(rng.below(4) as u8),
+                Msg::Store { conn: rng.below(4) != 0, poll: rng.below(2) == 0 },
+            ),
             330..370 => Move::FailStart,
             370..380 => Move::Crash,
             380..385 => Move::Hang,

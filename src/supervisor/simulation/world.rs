@@ -259,7 +259,7 @@ impl World {
     /// Whether `m` has something to act on now.
     pub(super) fn applies(&self, m: &Move) -> bool {
         match m {
-            Move::TakeOver | Move::FailStart | Move::Extend(_) => self.starting().is_some(),
+            Move::TakeOver | Move::Ready | Move::FailStart | Move::Extend(_) => self.starting().is_some(),
             Move::Crash | Move::Hang | Move::SelfStop | Move::Ping => self.active().is_some(),
             Move::DrainExit => self.oldest_draining().is_some(),
             Move::HealthCheckExits { .. } => !self.pids.checks.is_empty(),
@@ -302,6 +302,7 @@ impl World {
                     self.check_exits(g, true)?;
                 }
             }
+            Move::Ready => self.main_sends(self.starting(), Msg::Ready)?,
             Move::FailStart => self.exits(Who::Starting, Exit::Code(1))?,
             Move::Crash => self.exits(Who::Active, Exit::Code(1))?,
             Move::DrainExit => self.exits(Who::OldestDraining, Exit::Code(0))?,
