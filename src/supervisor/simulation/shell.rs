@@ -1,6 +1,6 @@
 //! The shell's part in the simulation: the core's actions carried out the
 //! way [`Supervisor`](crate::supervisor::Supervisor) does, each checked on
-//! the way (invariants 2 to 7 and 9, see [`super`]).
+//! the way (invariants 2 to 7 and 9 to 11, see [`super`]).
 
 use super::world::{Asked, READY_TIMEOUT, STOP_TIMEOUT, Violation, World};
 use crate::supervisor::core::{Action, Core, Event, FdsHandle, Input, Outcome, Sig, Token, Upstream};
@@ -36,10 +36,10 @@ impl World {
                 }
                 if std::mem::take(&mut self.choices.check_not_run) {
                     let why = "sh: not found".into();
-                    self.followups.push_back(Input::HealthCheckNotRun { generation, why });
+                    self.feed(Input::HealthCheckNotRun { generation, why })?;
                 } else {
                     let pid = self.pids.start_health_check(generation);
-                    self.followups.push_back(Input::HealthCheckStarted { generation, pid });
+                    self.feed(Input::HealthCheckStarted { generation, pid })?;
                 }
             }
             Action::KillHealthCheck { generation } => {
@@ -56,7 +56,7 @@ impl World {
             Action::AwaitOutput { generation } => {
                 self.known(generation, "AwaitOutput")?;
                 match self.choices.output_later {
-                    None => self.followups.push_back(Input::OutputComplete { generation }),
+                    None => self.feed(Input::OutputComplete { generation })?,
                     Some(true) => self.output_pending = Some(generation),
                     Some(false) => {}
                 }
@@ -100,7 +100,11 @@ impl World {
                     return Err("cancelled an upgrade that was not being probed".into());
                 }
             }
-            Action::ExecuteUpgrade => self.execute_upgrade()?,
+            Action::ExecuteUpgrade => {
+                if std::mem::replace(&mut self.upgrade_due, true) {
+                    return Err("ExecuteUpgrade twice".into());
+                }
+            }
             Action::Log(event) => self.logged(&event)?,
             Action::GiveUp(_) => {
                 let interval = self.policy.backoff.interval;
@@ -139,11 +143,11 @@ impl World {
         self.spawned.insert(generation);
         if std::mem::take(&mut self.choices.spawn_fails) {
             let why = "No such file or directory (os error 2)".into();
-            self.followups.push_back(Input::SpawnFailed { generation, why });
+            self.feed(Input::SpawnFailed { generation, why })?;
         } else {
             let leader = self.pids.spawned(generation);
             self.running.insert(generation);
-            self.followups.push_back(Input::Spawned { generation, leader });
+            self.feed(Input::Spawned { generation, leader })?;
         }
         Ok(())
     }
@@ -285,13 +289,13 @@ impl World {
     /// Invariant 10: `baton upgrade` executes only from a stable state;
     /// then (unless the exec fails) the next image adopts the state, as
     /// `Core::adopt` does after the handover.
-    fn execute_upgrade(&mut self) -> Result<(), Violation> {
+    pub(super) fn execute_upgrade(&mut self) -> Result<(), Violation> {
         if let Some(busy) = self.core.busy() {
             return Err(format!("upgrade executed while busy: {busy}"));
         }
         if self.choices.upgrade_abandoned {
-            self.followups.push_back(Input::UpgradeAbandoned);
-            return Ok(());
+            // The exec failed: a turn of its own.
+            return self.feed(Input::UpgradeAbandoned);
         }
         if let Some(t) = self.waiting.keys().next() {
             return Err(format!("upgrade executed with {t:?} waiting"));

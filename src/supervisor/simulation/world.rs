@@ -3,7 +3,7 @@
 //! callers, datagrams, time), what it remembers for the invariants
 //! ([`super::invariants`]), and the moves it makes.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use super::senders::{Msg, Pids, Sender};
@@ -65,9 +65,11 @@ pub(super) struct World {
     pub(super) access: NotifyAccess,
     /// The processes: senders of datagrams, targets of signals.
     pub(super) pids: Pids,
-    /// What the shell feeds right after the actions it is carrying out
-    /// (a spawn's outcome, a health check's, complete output): one turn.
-    pub(super) followups: VecDeque<Input>,
+    /// How deep in the shell's nested `feed`s the world is (0: between
+    /// turns).
+    pub(super) depth: usize,
+    /// `ExecuteUpgrade` was decided: executed once the turn ends.
+    pub(super) upgrade_due: bool,
     /// Processes sent SIGKILL, not reaped yet: (pid, generation if it is
     /// that generation's leader).
     pub(super) dying: Vec<(u32, Option<u64>)>,
@@ -148,7 +150,8 @@ impl World {
             now: Duration::ZERO,
             access,
             pids: Pids::new(),
-            followups: VecDeque::new(),
+            depth: 0,
+            upgrade_due: false,
             dying: Vec::new(),
             group_pending: BTreeMap::new(),
             choices: Choices::default(),
@@ -193,8 +196,11 @@ impl World {
     pub(super) fn start(&mut self) -> Result<(), Violation> {
         let actions = self.core.start();
         self.events += 1;
-        self.apply(actions, false)?;
-        self.drain_followups()
+        self.depth += 1;
+        let applied = self.apply(actions, false);
+        self.depth -= 1;
+        applied?;
+        self.end_turn()
     }
 
     pub(super) fn token(&mut self, wait: bool, asked: Asked) -> Option<Token> {
@@ -207,36 +213,44 @@ impl World {
         Some(t)
     }
 
-    /// Feeds `input`, carries out the actions, feeds what they lead to in
-    /// the same turn, and checks the invariants.
+    /// Feeds `input` and carries out the actions, as the shell's `feed`
+    /// does: an action whose outcome is known at once (a spawn, a health
+    /// check, complete output) feeds it right there, before the actions
+    /// after it. Once the outermost input is carried out, the turn ends.
     pub(super) fn feed(&mut self, input: Input) -> Result<(), Violation> {
-        self.followups.push_back(input);
-        self.drain_followups()
+        let kind = kind(&input);
+        let stopping_before = self.core.is_stopping();
+        if self.trace {
+            println!("{:?} {}{input:?}", self.now, "  ".repeat(self.depth));
+        }
+        let actions = self.core.handle(self.at(), input);
+        if self.trace {
+            println!("{:?} {}-> {actions:?}", self.now, "  ".repeat(self.depth));
+        }
+        self.events += 1;
+        self.depth += 1;
+        let applied = self.apply(actions, stopping_before);
+        self.depth -= 1;
+        applied.map_err(|e| format!("after {kind}: {e}"))?;
+        if self.depth == 0 { self.end_turn() } else { Ok(()) }
     }
 
-    fn drain_followups(&mut self) -> Result<(), Violation> {
-        while let Some(input) = self.followups.pop_front() {
-            let kind = kind(&input);
-            let stopping_before = self.core.is_stopping();
-            if self.trace {
-                println!("{:?} {input:?}", self.now);
-            }
-            let actions = self.core.handle(self.at(), input);
-            if self.trace {
-                println!("    -> {actions:?}");
-            }
-            self.events += 1;
-            self.apply(actions, stopping_before).map_err(|e| format!("after {kind}: {e}"))?;
-            if let Some(ended) = self.core.take_ended() {
-                self.ended = Some(ended);
-                self.awaiting_at_end = self.core.awaiting_output();
-                self.followups.clear();
-            }
-        }
+    /// The end of the shell's turn: the run loop returns if the run ended;
+    /// the invariants hold; an upgrade that was decided is executed (at the
+    /// top of the run loop, as the shell does).
+    fn end_turn(&mut self) -> Result<(), Violation> {
         if let Some(g) = self.group_pending.keys().next() {
             return Err(format!("generation {g}'s leader was reaped but its process group was not killed"));
         }
-        self.check()
+        if self.ended.is_none() {
+            self.awaiting_at_end = self.core.awaiting_output();
+            self.ended = self.core.take_ended();
+        }
+        self.check()?;
+        if std::mem::take(&mut self.upgrade_due) && !self.has_ended() {
+            self.execute_upgrade()?;
+        }
+        Ok(())
     }
 
     /// The first live generation (core's table) in `state`.
