@@ -489,13 +489,12 @@ impl World {
             return Err("the stop never completed".into());
         }
         let ended = self.ended.take();
-        if !matches!(ended, Some(Ended::CrashLoop(_))) {
-            if let Some(t) = self.waiting.keys().next() {
-                return Err(format!("{t:?} never answered"));
-            }
-            if !self.upstream.stopping {
-                return Err("stopped without STOPPING=1 upstream".into());
-            }
+        // Even after the crash-loop verdict: its waiters hear "stopping".
+        if let Some(t) = self.waiting.keys().next() {
+            return Err(format!("{t:?} never answered"));
+        }
+        if !matches!(ended, Some(Ended::CrashLoop(_))) && !self.upstream.stopping {
+            return Err("stopped without STOPPING=1 upstream".into());
         }
         self.everything_reaped()?;
         match ended {
