@@ -346,3 +346,33 @@ fn a_stop_outside_a_reload_sends_no_end_reload() {
     let actions = b.after(Duration::from_secs(3));
     assert!(actions.contains(&Action::Signal { generation: 1, signal: Sig::Kill }), "{actions:?}");
 }
+
+#[test]
+fn a_generation_spawned_after_its_restart_ended_only_drains() {
+    let mut b = Bench::new(false, 10, true);
+    b.input(Input::RestartRequested { waiter: Some(Token(1)) });
+    // The stop comes before the shell reports the spawn.
+    let actions = b.input(Input::StopRequested { waiter: None });
+    assert_eq!(*answer(&actions, 1), Outcome::Stopping);
+    let actions = b.input(Input::Spawned { generation: 2, leader: 102 });
+    assert_eq!(actions, [Action::Signal { generation: 2, signal: Sig::Stop }]);
+    assert!(matches!(b.core.generation(2).unwrap().life.state, State::Draining { .. }));
+}
+
+#[test]
+fn the_draining_limit_holds_after_a_failed_start() {
+    // Two restarts drain 1 and 2 (the limit); 4's failed start (its
+    // WATCHDOG=trigger) drains it too: the oldest draining, 1, is killed.
+    let mut b = Bench::new(false, 10, true);
+    for (token, generation) in [(1, 2), (2, 3)] {
+        b.restart(token, generation);
+        b.take_over(generation);
+    }
+    b.restart(3, 4);
+    let actions = b.notice(4, Notice { watchdog_trigger: true, ..Notice::default() });
+    assert!(actions.contains(&Action::Log(Event::DrainLimit { generation: 1 })), "{actions:?}");
+    assert!(actions.contains(&Action::Signal { generation: 1, signal: Sig::Kill }));
+    assert!(!actions.iter().any(|a| matches!(a, Action::Signal { generation: 2, signal: Sig::Kill })));
+    let why = StartFailure::WatchdogTriggered;
+    assert_eq!(*answer(&actions, 3), Outcome::RestartFailed { generation: 4, why, serving: Some(3) });
+}

@@ -32,8 +32,9 @@
 //! `--notify-access` `main`, `exec` or `all` (by seed), with the model's
 //! tree as the lineage check; only attributed ones reach the core.
 //!
-//! Invariants, checked after every turn (an input and what the shell feeds
-//! right after it: a spawn's or a health check's outcome):
+//! Invariants, checked after every turn (an input, and those the shell
+//! feeds while carrying out its actions: a spawn's or a health check's
+//! outcome, complete output), some as each action is carried out:
 //!
 //! 1. **Someone serves or is on the way.** Until a stop, a generation is
 //!    active, or a restart is under way, or a replacement is scheduled.
