@@ -735,6 +735,43 @@ fn watchdog_without_pings_aborts_and_replaces_the_generation() {
     assert_ne!(server, pid1);
 }
 
+/// A new generation that sends `WATCHDOG=trigger` before READY=1 fails its
+/// start at once (SIGABRT, as systemd does), and the old one keeps serving.
+/// Found while moving the generation table into the pure core: Baton used
+/// to drain it and keep waiting for a READY=1 that could no longer count,
+/// so `baton restart` never returned and every later restart queued
+/// behind it.
+#[test]
+fn watchdog_trigger_before_ready_fails_the_start_and_the_old_one_keeps_serving() {
+    let dir = scratch("watchdog-trigger-starting");
+    let fault = r#"if [ -e "$T_DIR/fault" ]; then exec "$T_BATON" notify WATCHDOG=trigger; fi"#;
+    let b = start_httpd(&dir, &[], fault);
+    let first = b.http();
+    let clients = Clients::start(b.port());
+
+    std::fs::write(dir.join("fault"), "").unwrap();
+    let t0 = Instant::now();
+    let out = b.cli(&["restart"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}\nlog:\n{}", b.log());
+    assert!(t0.elapsed() < Duration::from_secs(30), "the failed restart took {:?}", t0.elapsed());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("generation 2 sent WATCHDOG=trigger before it took over"), "{err}");
+    assert!(err.contains("generation 1 keeps serving"), "{err}");
+    clients.wait_ok(100, "after the failed restart");
+    assert_eq!(b.http(), first, "generation 1 no longer answers");
+    b.wait_status("generation 2 gone", |s| s.generations.len() == 1 && s.generations[0].generation == 1);
+    let s = b.status();
+    assert!(s.last_failure.as_deref().unwrap_or("").contains("WATCHDOG=trigger"), "{s:?}");
+    assert_eq!((s.restarts, s.crash_restarts), (0, 0), "{s:?}");
+
+    // The next restart is not stuck behind it.
+    std::fs::remove_file(dir.join("fault")).unwrap();
+    ok(&b.cli(&["restart"]));
+    b.wait_status("generation 3 alone", |s| s.generations.len() == 1 && s.generations[0].generation == 3);
+    let (served, _) = clients.finish("a generation triggering its watchdog before READY=1");
+    assert_eq!(served, generations(&["1", "3"]));
+}
+
 #[test]
 fn watchdog_pings_keep_the_generation_over_several_periods() {
     let dir = scratch("watchdog-ping");

@@ -86,7 +86,8 @@ pub enum StartFailure {
     },
     /// The health check could not be started.
     HealthCheckNotRun(String),
-    /// It sent `WATCHDOG=trigger` before it took over.
+    /// It sent `WATCHDOG=trigger` before it took over (it is sent SIGABRT,
+    /// as systemd does).
     WatchdogTriggered,
 }
 
@@ -112,7 +113,7 @@ impl fmt::Display for StartFailure {
                 write!(f, "health check did not finish within the ready timeout of {timeout:?}")
             }
             StartFailure::HealthCheckNotRun(why) => write!(f, "cannot run the health check: {why}"),
-            StartFailure::WatchdogTriggered => f.write_str("WATCHDOG=trigger before it took over"),
+            StartFailure::WatchdogTriggered => f.write_str("sent WATCHDOG=trigger before it took over"),
         }
     }
 }
@@ -237,7 +238,7 @@ mod tests {
             ),
             (StartFailure::HealthCheckNotRun("no sh".into()).to_string(), "cannot run the health check: no sh"),
             (StartFailure::SpawnFailed("cannot fork".into()).to_string(), "cannot fork"),
-            (StartFailure::WatchdogTriggered.to_string(), "WATCHDOG=trigger before it took over"),
+            (StartFailure::WatchdogTriggered.to_string(), "sent WATCHDOG=trigger before it took over"),
             (
                 Failure::Start {
                     generation: 4,

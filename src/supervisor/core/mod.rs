@@ -37,44 +37,24 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use super::failure::{Exit, StartFailure, WatchdogCause};
+use super::Ended;
+use super::failure::{Exit, StartFailure};
 use super::lifecycle::{Life, State};
 use super::phase::{Phase, Trigger};
 use super::policy::Policy;
-use super::{Ended, Failure};
 
 mod eligibility;
 mod exits;
+mod interface;
 mod notices;
 #[cfg(test)]
 mod tests;
 mod timers;
 mod transaction;
 
-pub(super) use eligibility::Busy;
-
-/// A caller waiting for an outcome, named by the shell (which keeps its
-/// reply channel).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub(super) struct Token(pub(super) u64);
-
-/// Fds a datagram brought (`FDSTORE=1`), named by the shell (which holds
-/// them) until an action consumes them: each handle is consumed by exactly
-/// one [`Action::StoreFds`] or [`Action::PushConnections`], or by
-/// [`Action::CloseFds`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub(super) struct FdsHandle(pub(super) u64);
-
-/// Why the serving generation stopped serving.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Lost {
-    /// It ended on its own.
-    Crashed,
-    /// The watchdog fired (it was sent SIGABRT).
-    Hung,
-    /// It sent `STOPPING=1`.
-    Stopping,
-}
+pub(super) use interface::{
+    Action, Event, FdStore, FdsHandle, Input, Lost, Notice, Outcome, Said, Sig, Timing, Token, Upstream,
+};
 
 /// A generation as the core keeps it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,253 +95,6 @@ impl Gen {
     pub(super) fn ready_ms(&self) -> u64 {
         self.ready_at.map_or(0, |r| r.saturating_duration_since(self.spawned_at).as_millis() as u64)
     }
-}
-
-/// What a notify datagram says, once attributed to a generation and parsed
-/// (the shell has already handled `BARRIER=1`, `MAINPID=` and
-/// `MAINPIDFD=1`, which need the system).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(super) struct Notice {
-    /// `STATUS=`.
-    pub(super) status: Option<String>,
-    /// `WATCHDOG=1`, `WATCHDOG_USEC=` and `EXTEND_TIMEOUT_USEC=`, in the
-    /// order sent.
-    pub(super) timing: Vec<Timing>,
-    /// `WATCHDOG=trigger`.
-    pub(super) watchdog_trigger: bool,
-    /// `FDSTORE=1` or `FDSTORE_REMOVE=1`.
-    pub(super) fdstore: Option<FdStore>,
-    /// `READY=1` or `STOPPING=1` (`RELOADING=1` changes nothing here).
-    pub(super) lifecycle: Option<Said>,
-}
-
-/// A timing field of a [`Notice`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Timing {
-    Ping,
-    WatchdogUsec(u64),
-    ExtendUsec(u64),
-}
-
-/// The fd-store part of a [`Notice`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum FdStore {
-    /// `FDSTORE=1` with fds (`FDNAME=`, default `stored`); `poll`: not
-    /// `FDPOLL=0`.
-    Store { name: String, fds: FdsHandle, poll: bool },
-    /// `FDSTORE_REMOVE=1` with `FDNAME=`.
-    Remove { name: String },
-}
-
-/// `READY=1` or `STOPPING=1`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Said {
-    Ready,
-    Stopping,
-}
-
-/// What happened.
-#[derive(Debug)]
-pub(super) enum Input {
-    /// `baton restart` (with its caller, if it waits) or SIGHUP.
-    RestartRequested { waiter: Option<Token> },
-    /// `baton stop` (with its caller), SIGTERM or SIGINT.
-    StopRequested { waiter: Option<Token> },
-    /// Generation `generation` runs, led by `leader` (after
-    /// [`Action::Spawn`]).
-    Spawned { generation: u64, leader: u32 },
-    /// It could not be spawned.
-    SpawnFailed { generation: u64, why: String },
-    /// Its health check runs as `pid` (after [`Action::RunHealthCheck`]).
-    HealthCheckStarted { generation: u64, pid: u32 },
-    /// Its health check could not be started.
-    HealthCheckNotRun { generation: u64, why: String },
-    /// A datagram from generation `generation`'s process.
-    Notified { generation: u64, notice: Notice },
-    /// A child of Baton's ended (a leader, a health check, or an orphan
-    /// reaped as subreaper).
-    Exited { pid: u32, exit: Exit },
-    /// The output of generation `generation`, which exited while starting,
-    /// is complete (after [`Action::AwaitOutput`]).
-    OutputComplete { generation: u64 },
-    /// Generation `generation` connected to the handoff socket.
-    HandoffConnected { generation: u64 },
-    /// Moving connections failed for now (the handoff socket was full):
-    /// what was not sent is in the store; try again soon.
-    HandoffBlocked,
-    /// `baton upgrade` was asked.
-    UpgradeRequested,
-    /// The new binary's probe ended (`ok`: it can take the state).
-    UpgradeProbed { ok: bool },
-    /// The upgrade did not happen after all (the exec failed, a signal
-    /// came): Baton goes on as before.
-    UpgradeAbandoned,
-    /// Time passed (a deadline of [`Core::next_deadline`] may be due).
-    Tick,
-}
-
-/// Which signal a generation's process group gets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Sig {
-    /// `--stop-signal`: drain and exit.
-    Stop,
-    /// The watchdog's SIGABRT.
-    Abort,
-    /// SIGKILL.
-    Kill,
-}
-
-/// An outcome a waiting caller hears (rendered into a control answer by
-/// the shell, with what only it knows: the main pid, the output).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum Outcome {
-    /// Generation `generation` took over, replacing `replaced`.
-    Restarted { generation: u64, ready_ms: u64, replaced: Option<u64> },
-    /// Generation `generation` did not take over; `serving` still serves.
-    RestartFailed { generation: u64, why: StartFailure, serving: Option<u64> },
-    /// Baton is stopping (or stopped).
-    Stopping,
-}
-
-/// A notification to the service manager above Baton.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum Upstream {
-    /// `RELOADING=1`, `MONOTONIC_USEC=`, `STATUS=starting generation N`.
-    Reloading { generation: u64 },
-    /// `EXTEND_TIMEOUT_USEC=`: Baton's own start or reload timeout must
-    /// not fire before the app's ready timeout does.
-    ExtendTimeout { usec: u64 },
-    /// `READY=1` and `STATUS=generation N serving as pid P`.
-    Serving { generation: u64 },
-    /// `READY=1` and the failure as `STATUS=` (a reload always ends with
-    /// READY=1, or systemd waits until its timeout).
-    StartFailed { generation: u64, why: StartFailure, serving: Option<u64> },
-    /// `READY=1` alone: ends an announced reload before `STOPPING=1`
-    /// (systemd 252 ignores STOPPING=1 during a reload).
-    EndReload,
-    /// `STOPPING=1`, `STATUS=stopping`.
-    Stopping,
-    /// `RESTART_RESET=1`.
-    RestartReset,
-    /// `FDSTORE_REMOVE=1`, `FDNAME=app/<name>`.
-    FdStoreRemove { name: String },
-}
-
-/// What the log says (rendered by the shell).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum Event {
-    Draining {
-        generation: u64,
-    },
-    DrainLimit {
-        generation: u64,
-    },
-    ForcedKill {
-        generation: u64,
-    },
-    Watchdog {
-        generation: u64,
-        cause: WatchdogCause,
-    },
-    ExitedStarting {
-        generation: u64,
-        pid: u32,
-        why: StartFailure,
-    },
-    /// The serving generation ended on its own.
-    Crashed {
-        generation: u64,
-        pid: u32,
-        exit: Exit,
-    },
-    Retired {
-        generation: u64,
-        pid: u32,
-        exit: Exit,
-    },
-    Reaped {
-        pid: u32,
-        exit: Exit,
-    },
-    HealthCheckPassed {
-        generation: u64,
-    },
-    Ready {
-        generation: u64,
-        ready_ms: u64,
-    },
-    /// A start failed (its output was kept just before).
-    RestartFailed {
-        generation: u64,
-        why: StartFailure,
-    },
-    /// A generation sent `STOPPING=1`; `replaced`: a replacement starts.
-    StoppingOnItsOwn {
-        generation: u64,
-        replaced: bool,
-    },
-    RestartReset {
-        generation: u64,
-    },
-    BackOff {
-        delay: Duration,
-    },
-    StoppingAll,
-}
-
-/// What the shell must do, in order.
-#[derive(Debug, PartialEq)]
-pub(super) enum Action {
-    /// Start generation `generation`; the outcome comes back as
-    /// [`Input::Spawned`] or [`Input::SpawnFailed`].
-    Spawn { generation: u64, trigger: Trigger },
-    /// Signal the generation's process group.
-    Signal { generation: u64, signal: Sig },
-    /// Start its health check (`BATON_PID`: its main process); the outcome
-    /// comes back as [`Input::HealthCheckStarted`] or
-    /// [`Input::HealthCheckNotRun`].
-    RunHealthCheck { generation: u64 },
-    /// SIGKILL its health check's process group, if it has one.
-    KillHealthCheck { generation: u64 },
-    /// Its start failed: keep its last output (and `status_text`, its last
-    /// `STATUS=`) for the report, which the [`Event::RestartFailed`],
-    /// [`Upstream::StartFailed`] and [`Outcome::RestartFailed`] after it
-    /// render.
-    KeepFailedOutput { generation: u64, status_text: Option<String> },
-    /// It exited while starting: say [`Input::OutputComplete`] once its
-    /// output is read to the end (the core gives up waiting at a deadline).
-    AwaitOutput { generation: u64 },
-    /// Nothing more is needed of it: drop its handles.
-    Forget { generation: u64 },
-    /// Answer these callers.
-    Answer { waiters: Vec<Token>, outcome: Outcome },
-    /// Tell the service manager.
-    Upstream(Upstream),
-    /// Keep these fds in the fd store (and forward them upstream).
-    StoreFds { fds: FdsHandle, name: String, poll: bool },
-    /// Send these connections straight to generation `to`'s handoff
-    /// connection (what cannot be sent is stored; then
-    /// [`Input::HandoffBlocked`]).
-    PushConnections { fds: FdsHandle, name: String, poll: bool, to: u64 },
-    /// Close these fds unused.
-    CloseFds { fds: FdsHandle },
-    /// Remove the store's entries named `name`.
-    RemoveStored { name: String },
-    /// Move stored connections generation `to` has not seen to it.
-    FlushConnections { to: u64 },
-    /// Probe the new binary of `baton upgrade`
-    /// ([`Input::UpgradeProbed`]).
-    ProbeUpgrade,
-    /// Refuse the upgrade: Baton is busy.
-    RefuseUpgrade(Busy),
-    /// Cancel the upgrade being probed: Baton is stopping.
-    CancelUpgrade,
-    /// The probe passed and nothing is under way: hand over and exec.
-    ExecuteUpgrade,
-    /// Log this.
-    Log(Event),
-    /// Crash loop: give up, SIGKILL every generation and health check.
-    GiveUp(Failure),
 }
 
 /// The counters `baton status` shows and the handover carries.
