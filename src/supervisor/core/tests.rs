@@ -4,7 +4,9 @@
 
 use std::time::{Duration, Instant};
 
+use super::eligibility::Busy;
 use super::*;
+use crate::supervisor::Failure;
 use crate::supervisor::policy::{Backoff, Policy};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(5);

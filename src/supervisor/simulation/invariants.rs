@@ -2,7 +2,6 @@
 //! the core's own table, and the end-of-run checks.
 
 use super::world::{MAX_DRAINING, Violation, World};
-use crate::supervisor::core::Busy;
 use crate::supervisor::lifecycle::State;
 
 impl World {
@@ -30,7 +29,9 @@ impl World {
             return Err(format!("the restart of generation {r} waits for nothing: wedged"));
         }
         let stopping = self.core.is_stopping();
-        if !stopping && self.core.active().is_none() && restart.is_none() && self.core.busy() != Some(Busy::Replacing) {
+        // (`busy()` is `None` only with no backoff scheduled, no failure
+        // report pending, nothing starting.)
+        if !stopping && self.core.active().is_none() && restart.is_none() && self.core.busy().is_none() {
             return Err("nothing serves, nothing starts and no replacement is scheduled".into());
         }
         // Invariant 11: the draining limit, outside a stop.

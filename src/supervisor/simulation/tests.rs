@@ -38,8 +38,8 @@ fn regression_stopping_1_beyond_the_draining_limit() {
 
 /// Found while moving the generation table into the core, and caught by
 /// the simulation: with `watchdog_expired` reverted to drain a starting
-/// generation without failing its start, seed 16 fails at move 1841 ("the
-/// restart of generation 312 waits for nothing: wedged"), shrunk to the
+/// generation without failing its start, seed 16 fails at move 1882 ("the
+/// restart of generation 318 waits for nothing: wedged"), shrunk to the
 /// first trace below (the first generation sends `WATCHDOG=trigger`).
 /// The generation was drained (SIGABRT) and the restart waited for a
 /// READY=1 that could no longer count: forever, with its callers and
