@@ -203,7 +203,8 @@ pub(super) enum Move {
     Reap,
     /// The awaited output is complete.
     Output,
-    /// `OutputComplete` for a generation whose output is not awaited.
+    /// `OutputComplete` for a generation whose output is not awaited, or
+    /// `HandoffConnected` for one that is gone.
     Stale(u8),
     /// `baton upgrade`.
     Upgrade,
@@ -284,7 +285,7 @@ fn random_move(rng: &mut Rng, w: &World) -> Move {
             800..805 => Move::Blocked,
             805..825 => Move::Reap,
             825..835 => Move::Output,
-            835..838 => Move::Stale(rng.below(3) as u8),
+            835..838 => Move::Stale(rng.below(6) as u8),
             838..848 => Move::Upgrade,
             848..858 => Move::Probed { ok: rng.below(4) != 0 },
             858..878 => Move::Next(match rng.below(7) {

@@ -131,9 +131,16 @@ impl Pids {
         self.fresh()
     }
 
+    /// A pid for a new child of Baton's: once enough processes were
+    /// reaped, the kernel's pids wrap and the oldest reaped one comes back
+    /// (the core must tell processes apart by what is alive now).
+    fn new_child(&mut self) -> u32 {
+        if self.exited.len() == EXITED_KEPT { self.exited.remove(0) } else { self.fresh() }
+    }
+
     /// Generation `g` was spawned: its leader.
     pub(super) fn spawned(&mut self, g: u64) -> u32 {
-        let leader = self.fresh();
+        let leader = self.new_child();
         self.gens.insert(g, Procs { leader, ..Procs::default() });
         leader
     }
@@ -180,7 +187,7 @@ impl Pids {
 
     /// Its health check starts.
     pub(super) fn start_health_check(&mut self, g: u64) -> u32 {
-        let pid = self.fresh();
+        let pid = self.new_child();
         self.checks.insert(g, pid);
         pid
     }

@@ -370,9 +370,13 @@ impl World {
                 }
             }
             Move::Stale(k) => {
-                // Late news of a generation that is gone (or never was).
+                // Late news of a generation that is gone (or never was):
+                // its output, or a process it left connecting to the
+                // handoff socket.
                 let generation = self.last_spawned.saturating_sub(u64::from(k % 3));
-                if self.output_pending != Some(generation) {
+                if k % 2 == 1 && !self.pids.gens.contains_key(&generation) {
+                    self.feed(Input::HandoffConnected { generation })?;
+                } else if self.output_pending != Some(generation) {
                     self.feed(Input::OutputComplete { generation })?;
                 }
             }
