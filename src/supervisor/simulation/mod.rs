@@ -111,6 +111,9 @@ mod world;
 pub(super) const CI_EVENTS: u64 = 1_000_000;
 /// Moves per seed.
 const MOVES_PER_SEED: usize = 2_000;
+/// Whether the random moves include [`Choice::SigtermInTurn`] (off: it
+/// finds a core bug not fixed yet, kept as an ignored regression test).
+const SIGTERM_IN_TURN: bool = false;
 
 /// splitmix64: small, seedable, good enough to pick moves.
 struct Rng(u64);
@@ -148,6 +151,10 @@ pub(super) enum Choice {
     OutputLater,
     OutputNever,
     UpgradeAbandoned(bool),
+    /// SIGTERM while the shell carries out the next actions that feed an
+    /// input of their own (a spawn's outcome: the restart has ended by
+    /// the time `Spawned` comes).
+    SigtermInTurn,
 }
 
 /// One thing the world does; a move that does not apply now (a crash with
@@ -288,12 +295,16 @@ fn random_move(rng: &mut Rng, w: &World) -> Move {
             835..838 => Move::Stale(rng.below(6) as u8),
             838..848 => Move::Upgrade,
             848..858 => Move::Probed { ok: rng.below(4) != 0 },
-            858..878 => Move::Next(match rng.below(7) {
+            858..878 => Move::Next(match rng.below(8) {
                 0 => Choice::SpawnFails,
                 1 => Choice::CheckNotRun,
                 2 => Choice::OutputNow,
                 3 => Choice::OutputLater,
                 4 => Choice::OutputNever,
+                // Rare (it ends the run), and off until the core stops
+                // leaving a spawn in flight unreaped (see
+                // `tests::a_spawn_in_flight_when_the_stop_ends_the_run_is_never_reaped`).
+                5 if SIGTERM_IN_TURN && rng.below(4) == 0 => Choice::SigtermInTurn,
                 k => Choice::UpgradeAbandoned(k == 5),
             }),
             878..888 => Move::Tick,

@@ -44,6 +44,9 @@ pub(super) struct Choices {
     pub(super) output_later: Option<bool>,
     /// An upgrade to execute is abandoned (the exec failed) instead.
     pub(super) upgrade_abandoned: bool,
+    /// SIGTERM arrives while the shell carries out actions: its
+    /// `stop_begun` feeds the stop before the next nested input.
+    pub(super) sigterm_in_turn: bool,
 }
 
 /// The upstream notifications so far (invariant 6).
@@ -218,6 +221,12 @@ impl World {
     /// check, complete output) feeds it right there, before the actions
     /// after it. Once the outermost input is carried out, the turn ends.
     pub(super) fn feed(&mut self, input: Input) -> Result<(), Violation> {
+        if self.depth > 0
+            && !matches!(input, Input::StopRequested { .. })
+            && std::mem::take(&mut self.choices.sigterm_in_turn)
+        {
+            self.feed(Input::StopRequested { waiter: None })?;
+        }
         let kind = kind(&input);
         let stopping_before = self.core.is_stopping();
         if self.trace {
@@ -393,6 +402,7 @@ impl World {
                 Choice::OutputLater => self.choices.output_later = Some(true),
                 Choice::OutputNever => self.choices.output_later = Some(false),
                 Choice::UpgradeAbandoned(yes) => self.choices.upgrade_abandoned = yes,
+                Choice::SigtermInTurn => self.choices.sigterm_in_turn = true,
             },
             Move::Tick => self.feed(Input::Tick)?,
             Move::Advance(ms) => self.advance(self.now + Duration::from_millis(ms))?,
