@@ -81,9 +81,8 @@ mod policy;
 mod render;
 mod restart;
 mod self_upgrade;
-// The simulation is being ported to the new core (branch i11-sim).
-// #[cfg(test)]
-// mod simulation;
+#[cfg(test)]
+mod simulation;
 mod stop;
 
 use self::core::{Action, Core, Counters, FdsHandle, Gen, Input};

@@ -1,20 +1,21 @@
 //! Datagrams in the simulation's world: attributed by the shell's own
-//! `attribute()` (see [`super::senders`]), and only then carried out the
-//! way the shell's `on_datagram` does — READY=1 (and the health check it
-//! starts), STOPPING=1, STATUS=, WATCHDOG=1, MAINPID=.
+//! `attribute()` (see [`super::senders`]) over the core's table, then
+//! carried out the way the shell's `on_datagram` does: `MAINPID=` stays in
+//! the shell (it pins a process of the generation's tree, or refuses);
+//! everything else is parsed into a [`Notice`] and fed to the core, with
+//! an [`FdsHandle`] for the fds of `FDSTORE=1` (which the core must consume
+//! exactly once: invariant 7).
 
 use super::senders::{Claim, Msg};
-use super::world::{Violation, World};
-use crate::control::{Response, RestartDone};
-use crate::supervisor::core::{Input, Lost};
-use crate::supervisor::lifecycle::State;
+use super::world::{READY_TIMEOUT, Violation, World};
+use crate::supervisor::core::{FdStore, FdsHandle, Input, Notice, Said, Timing};
 
 impl World {
     /// A datagram from `pid`; `stranger`: its sender is no generation's
-    /// (invariant 7: it must change nothing).
+    /// (invariant 8: it must be refused, and so change nothing).
     pub(super) fn datagram(&mut self, pid: u32, msg: Msg, stranger: bool) -> Result<(), Violation> {
         self.datagrams += 1;
-        let got = self.pids.attribute(self.access, pid);
+        let got = self.pids.attribute(self.access, pid, self.core.generations());
         let expected = self.pids.expected(self.access, pid);
         if got != expected {
             return Err(format!(
@@ -23,50 +24,39 @@ impl World {
             ));
         }
         // Refused: the shell logs it (rate-limited) and changes nothing.
-        let Some(g) = got else { return Ok(()) };
+        let Some(generation) = got else { return Ok(()) };
         if stranger {
-            return Err(format!("{msg:?} from pid {pid}, no generation's process, attributed to {g}"));
+            return Err(format!("{msg:?} from pid {pid}, no generation's process, attributed to {generation}"));
         }
         self.attributed += 1;
-        let Some(state) = self.lives.get(&g).map(|l| l.state) else {
-            return Err(format!("attributed to generation {g}, which has no life"));
-        };
+        let mut notice = Notice::default();
         match msg {
-            Msg::Ready if state == State::Starting => self.ready(g)?,
-            // READY=1 again, or after a reload of the app itself: nothing.
-            Msg::Ready => {}
-            Msg::Stopping if state == State::Active => {
-                if self.serving != Some(g) {
-                    return Err(format!("generation {g} is active but {:?} serves", self.serving));
-                }
-                self.serving_lost(Lost::Stopping)?;
+            Msg::MainPid(claim) => {
+                self.main_pid(generation, claim);
+                return Ok(());
             }
-            Msg::Stopping | Msg::Status => {}
-            Msg::Watchdog => {
-                let at = self.at();
-                if let Some(life) = self.lives.get_mut(&g) {
-                    life.ping(at);
+            Msg::Ready => notice.lifecycle = Some(Said::Ready),
+            Msg::Stopping => notice.lifecycle = Some(Said::Stopping),
+            Msg::Status => notice.status = Some(format!("busy in generation {generation}")),
+            Msg::Watchdog => notice.timing.push(Timing::Ping),
+            Msg::Trigger => notice.watchdog_trigger = true,
+            Msg::WatchdogUsec(ms) => notice.timing.push(Timing::WatchdogUsec(u64::from(ms) * 1000)),
+            Msg::Extend(ms) => {
+                if !self.extended.insert(generation) {
+                    return Ok(());
                 }
+                let ms = u64::from(ms).min(READY_TIMEOUT.as_millis() as u64);
+                notice.timing.push(Timing::ExtendUsec(ms * 1000));
             }
-            Msg::MainPid(claim) => self.main_pid(g, claim),
+            Msg::Store { conn, poll } => {
+                let fds = FdsHandle(self.next_fds);
+                self.next_fds += 1;
+                self.fds_open.insert(fds);
+                notice.fdstore = Some(FdStore::Store { name: fd_name(conn).into(), fds, poll });
+            }
+            Msg::Remove { conn } => notice.fdstore = Some(FdStore::Remove { name: fd_name(conn).into() }),
         }
-        Ok(())
-    }
-
-    /// READY=1 from a starting generation: its health check starts, or it
-    /// takes over.
-    fn ready(&mut self, g: u64) -> Result<(), Violation> {
-        if self.starting.map(|(s, _)| s) != Some(g) {
-            return Err(format!("generation {g} is starting but the world starts {:?}", self.starting));
-        }
-        if !self.health_check {
-            return self.cutover(g);
-        }
-        let pid = self.pids.start_health_check(g);
-        if let Some(life) = self.lives.get_mut(&g) {
-            life.state = State::HealthCheck { pid };
-        }
-        Ok(())
+        self.feed(Input::Notified { generation, notice })
     }
 
     /// `MAINPID=`: the shell pins it only if it is the leader or one of
@@ -80,34 +70,10 @@ impl World {
             p.main = Some(pid);
         }
     }
+}
 
-    /// The starting generation's health check exits (`passed`: status 0);
-    /// a hang is its deadline passing ([`super::Move::Advance`]), a crash a
-    /// failure.
-    pub(super) fn health_check_exits(&mut self, passed: bool) -> Result<(), Violation> {
-        let Some((g, _)) = self.starting else { return Ok(()) };
-        if self.pids.gens.get(&g).is_none_or(|p| p.health_check.is_none()) {
-            return Ok(());
-        }
-        self.pids.end_health_check(g);
-        if passed {
-            return self.cutover(g);
-        }
-        // The shell's `fail_starting`: drained, reported.
-        self.starting = None;
-        self.drain(g, true)?;
-        self.fail_start(g)
-    }
-
-    /// Generation `g` takes over: the one serving drains (SIGTERM).
-    fn cutover(&mut self, generation: u64) -> Result<(), Violation> {
-        self.starting = None;
-        if let Some(old) = self.serving.replace(generation) {
-            self.drain(old, true)?;
-        }
-        let at = self.at();
-        self.lives.get_mut(&generation).expect("starting is alive").activate(at);
-        let done = RestartDone { generation, pid: 1000 + generation as u32, ready_ms: 1, replaced: None };
-        self.feed(Input::TookOver { response: Response::Restarted(done) })
-    }
+/// A connection (`conn`, which goes to the active generation's handoff)
+/// or anything else an app keeps in the store.
+fn fd_name(conn: bool) -> &'static str {
+    if conn { baton_sd::fdstore::CONNECTION } else { "cache" }
 }

@@ -1,104 +1,119 @@
-//! Deterministic simulation of the [`Core`]: a seeded driver feeds it random
-//! but legal inputs and checks invariants after every step.
+//! Deterministic simulation of the [`Core`](super::core::Core): a seeded
+//! driver feeds it random but legal inputs and checks invariants after
+//! every one.
 //!
-//! The driver plays the shell and the world: a small model of the
-//! generations (the one starting, the one serving, those draining), each
-//! with its [`Life`] — the shell's own pure lifecycle code: deadlines, what
-//! is due, the draining limit — answers the core's actions the way
-//! [`Supervisor`](super::Supervisor) does — a spawn starts a generation, a
-//! stop drains them all, a crash-loop verdict kills them — and makes things
-//! happen in any order: restart and stop requests (waiting or not, many at
-//! once), a start that takes over or fails (exit before READY=1, failed
-//! health check) at any moment, a stale failure report for a generation
-//! that is no longer starting, the serving generation crashing, hanging,
-//! pinging the watchdog (or not: even generations have one) or sending
-//! `STOPPING=1`, `EXTEND_TIMEOUT_USEC=` while starting, draining
-//! generations exiting, and time passing (ready timeouts, stop deadlines,
-//! the watchdog, the backoff).
+//! The core keeps the generation table and makes every decision; the
+//! [`World`] plays only the shell and the outside world. It carries out the
+//! core's actions the way [`Supervisor`](super::Supervisor) does
+//! ([`shell`]): a spawn runs (its leader's pid fed back as `Spawned`) or
+//! fails; a health check runs as its own process or cannot be started;
+//! SIGKILL kills a generation's whole process group (reaped soon after,
+//! orphans too), `--stop-signal` and SIGABRT are honoured whenever the app
+//! likes (or never); awaited output completes at once, later or never (the
+//! core's deadline); fds are stored, pushed or closed; the upgrade's probe
+//! ends later, and an executed upgrade is either abandoned or carried out:
+//! a new core adopts the state ([`Core::adopt`](super::core::Core::adopt)).
+//! And it makes things happen in any order ([`Move`]): restart and stop
+//! requests (waiting or not, many at once); READY=1, STOPPING=1, STATUS=,
+//! WATCHDOG=1, WATCHDOG=trigger, WATCHDOG_USEC=, EXTEND_TIMEOUT_USEC=,
+//! FDSTORE=1 (connections and other names) and FDSTORE_REMOVE=1 from any
+//! generation's processes and from strangers; exits at any moment
+//! (leaders, health checks, orphans); handoff connections and a full
+//! handoff socket; `baton upgrade`; late news of gone generations; and
+//! time passing (`Tick` at the core's next deadline, or at random times).
 //!
 //! Notify datagrams ([`senders`], [`datagrams`]): the world keeps a process
 //! table — each generation's leader, its other descendants (they fork and
 //! exit), the one its `MAINPID=` names, its health check — and pids of
-//! processes that exited, which strangers may reuse. READY=1, STOPPING=1,
-//! STATUS=, WATCHDOG=1 and MAINPID= (naming the leader, a descendant or a
-//! stranger) come from any of them or from strangers, are attributed by the
-//! shell's own pure `notify::attribute()` (the model's tree is its lineage
-//! check) under `--notify-access` `main`, `exec` or `all` (by seed), and
-//! only attributed ones reach the core and the [`Life`]s, as in the shell's
-//! `on_datagram`. With a health check (every other pair of seeds), READY=1
-//! puts the generation in [`State::HealthCheck`](super::lifecycle::State)
-//! with its own process, which passes, fails or crashes
-//! ([`Move::HealthCheckExits`]), hangs (its deadline passes), or is killed
-//! when its generation drains (a stop, a timeout). When the generation's
-//! leader exits during the check, the model drops the check with it;
-//! the shell's `on_gone` (`crash.rs`) does not signal it today (it runs
-//! on until it ends and is reaped as an orphan), which the model does not
-//! reproduce: invariant 9 counts the core's generations.
+//! processes that exited, which strangers may reuse. Datagrams are
+//! attributed by the shell's own pure `notify::attribute()` over the
+//! candidates the shell takes from the core's table (the leader as main
+//! process unless `MAINPID=` pinned another; `Gen::health_check`) under
+//! `--notify-access` `main`, `exec` or `all` (by seed), with the model's
+//! tree as the lineage check; only attributed ones reach the core.
 //!
-//! Invariants, checked after every input:
+//! Invariants, checked after every turn (an input, and those the shell
+//! feeds while carrying out its actions: a spawn's or a health check's
+//! outcome, complete output), some as each action is carried out:
 //!
-//! 1. **Someone serves or is on the way.** Until a stop, some generation is
-//!    serving, or one is starting, or a replacement is scheduled (the
-//!    backoff): the phase never wedges with nothing serving.
-//! 2. **Exactly one answer per caller.** Every waiting caller gets one
-//!    answer, never two, and none is answered that never asked; at the end
-//!    of a run (everything stopped) none is left waiting.
-//! 3. **Within its deadline.** A restart's caller is answered within two
-//!    ready timeouts of simulated time (its own restart, and the one it may
-//!    have queued behind); a stop's within the stop timeout once every
-//!    generation was asked to drain.
-//! 4. **Nothing spawned once stopping**, at most one generation starting,
-//!    generation numbers strictly increasing, one stop only.
-//! 5. **The crash-loop verdict** comes only after more than `burst`
-//!    failures within `interval`.
-//! 6. **At most `--max-draining` draining** (not yet killed), outside a
-//!    stop (which asks every generation to drain, each with its full stop
-//!    timeout); the serving generation is `Active`.
-//! 7. **Strangers change nothing.** `attribute()` gives every datagram the
+//! 1. **Someone serves or is on the way.** Until a stop, a generation is
+//!    active, or a restart is under way, or a replacement is scheduled.
+//!    The phase never wedges: a restart under way has its generation
+//!    starting (or its failure report waiting for output, with a
+//!    deadline), and a deadline that falls due clears when ticked.
+//! 2. **Exactly one answer per caller**, never two, none to a caller that
+//!    never asked; a stop's caller hears `Stopping`; at the end of a
+//!    stopped run none is left waiting.
+//! 3. **Within its deadline**, checked at the answer and after every turn
+//!    (with time advancing, every pending request progresses): a restart's
+//!    caller within its own restart and the one it queued behind (each a
+//!    ready timeout, extended once by at most as much, plus the output
+//!    grace); a stop's within the stop timeout (plus one extension) from
+//!    when the stop began.
+//! 4. **Nothing spawned once stopping**, at most one generation starting
+//!    and only the restart's, generation numbers strictly increasing.
+//! 5. **Only its own generations.** Every `Signal`, `KillHealthCheck`,
+//!    `RunHealthCheck`, `AwaitOutput`, `Forget`, `PushConnections` and
+//!    `FlushConnections` names a generation the core spawned, that ran,
+//!    and that the shell has not been told to forget; `Forget` comes only
+//!    once its leader was reaped. The core's table is the world's live
+//!    leaders, with their pids and running health checks; every main
+//!    process is a live process of its own generation's tree.
+//! 6. **systemd never waits forever.** Every `Upstream::Reloading` is
+//!    followed by `Serving` or `StartFailed` of that generation, or by
+//!    `EndReload` at a stop, before the next `Reloading` and before
+//!    `Stopping`; `Stopping` at most once, and no reload after it;
+//!    `RESTART_RESET=1` at most once per image.
+//! 7. **Every fd handle consumed exactly once**: stored, pushed or closed
+//!    within the input that brought it, never twice; connections are
+//!    pushed only to the active generation, and only once it connected to
+//!    the handoff socket.
+//! 8. **Strangers change nothing.** `attribute()` gives every datagram the
 //!    generation the model says its sender may notify for (its main
 //!    process always, its health check with `exec`/`all`, any process of
 //!    its tree with `all`), or none; a datagram from a stranger or from a
-//!    process that exited (its pid reused or not) is refused and leaves
-//!    the core, every [`Life`] and the process table as they were.
-//! 8. **Only its own pids.** Every signal and kill (drain, draining limit,
-//!    stop deadline, watchdog, crash-loop kill) names a live generation of
-//!    the model; the model's process table holds exactly the live
-//!    generations, and each main process is a live process of its own
-//!    generation's tree.
-//! 9. **Everything is reaped.** At the end of a run every generation the
-//!    core spawned was signalled (or exited) and reaped, once, and none of
-//!    its processes is left.
-//!
-//! Not modelled (shell-only decisions, see [`Core`]): what the health
-//! check's outcome means is decided in the shell (`restart.rs`'s
-//! `on_ready` spawns it, `crash.rs`'s `on_gone` turns its exit into a
-//! cutover or a failed start; [`Life`] only holds its pid and deadline), so
-//! the world plays those two steps as the shell does rather than through
-//! shared code; connections and the fd store; `baton upgrade`.
+//!    process that exited (its pid reused or not) is refused and never
+//!    reaches the core.
+//! 9. **Everything is reaped.** A leader's exit is followed, in the same
+//!    turn, by SIGKILL to what is left of its group (and its health check,
+//!    which runs in a group of its own, is killed). At the end of a run
+//!    every generation that ran was reaped and forgotten (or killed by the
+//!    crash-loop verdict), and no health check or process of it is left.
+//! 10. **`baton upgrade` only from a stable state**: `ExecuteUpgrade` only
+//!     when `Core::busy()` is `None` and no caller waits; one probe at a
+//!     time, cancelled only while it runs.
+//! 11. **Limits.** At most `--max-draining` draining (not yet killed)
+//!     outside a stop; backoff never beyond its maximum; the crash-loop
+//!     verdict only after more than `burst` failures within `interval`.
 //!
 //! `cargo test -p baton --lib simulation` runs [`CI_EVENTS`] inputs across
 //! seeds and prints the count and inputs per second. A long campaign:
 //! `BATON_SIM_EVENTS=100000000 cargo test --release -p baton --lib
 //! simulation -- --nocapture`; `BATON_SIM_SEED=N` runs one seed. A failing
 //! seed prints its shrunk trace of moves, which [`replay`] runs again: it
-//! becomes a regression test below.
+//! becomes a regression test ([`tests`]).
 
 use std::time::Instant;
 
 use self::senders::{Claim, Msg, Sender};
 use self::world::{Violation, World};
-use super::core::{Action, Token};
 use super::policy::NotifyAccess;
-use crate::control::Response;
 
 mod datagrams;
+mod invariants;
 mod senders;
+mod shell;
+#[cfg(test)]
+mod tests;
 mod world;
 
 /// Inputs a plain `cargo test` feeds across seeds.
 pub(super) const CI_EVENTS: u64 = 1_000_000;
 /// Moves per seed.
 const MOVES_PER_SEED: usize = 2_000;
+/// Whether the random moves include [`Choice::SigtermInTurn`] (off: it
+/// finds a core bug not fixed yet, kept as an ignored regression test).
+const SIGTERM_IN_TURN: bool = false;
 
 /// splitmix64: small, seedable, good enough to pick moves.
 struct Rng(u64);
@@ -117,8 +132,33 @@ impl Rng {
     }
 }
 
+/// Whose leader exits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Who {
+    Starting,
+    Active,
+    OldestDraining,
+    /// Any live generation (picked oldest first, modulo their number).
+    Any(u8),
+}
+
+/// How the world will carry out the next actions of a kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Choice {
+    SpawnFails,
+    CheckNotRun,
+    OutputNow,
+    OutputLater,
+    OutputNever,
+    UpgradeAbandoned(bool),
+    /// SIGTERM while the shell carries out the next actions that feed an
+    /// input of their own (a spawn's outcome: the restart has ended by
+    /// the time `Spawned` comes).
+    SigtermInTurn,
+}
+
 /// One thing the world does; a move that does not apply now (a crash with
-/// nothing serving) is skipped, so any list of moves is a legal run.
+/// nothing serving) does nothing, so any list of moves is a legal run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Move {
     Restart {
@@ -130,31 +170,60 @@ pub(super) enum Move {
     /// The starting generation's main process sends READY=1 (and, with a
     /// health check, the check passes).
     TakeOver,
-    /// The starting generation exits before READY=1 (or fails its check).
+    /// The starting generation's main process sends READY=1 (a health
+    /// check, if any, starts and runs on).
+    Ready,
+    /// The starting generation's leader exits (status 1).
     FailStart,
-    /// A failure report for a generation that is not starting (any more).
-    StaleFail,
+    /// The active generation's leader exits (status 1).
     Crash,
+    /// The active generation's main process sends `WATCHDOG=trigger`.
     Hang,
+    /// The active generation's main process sends `STOPPING=1`.
     SelfStop,
-    /// The oldest draining generation exits.
+    /// The oldest draining generation's leader exits (status 0).
     DrainExit,
-    /// The serving generation sends `WATCHDOG=1`.
+    /// A generation's leader exits (status 143).
+    LeaderExits(u8),
+    /// The active generation's main process sends `WATCHDOG=1`.
     Ping,
-    /// The starting generation sends `EXTEND_TIMEOUT_USEC=` (ms).
-    Extend(u64),
-    /// Time passes, in ms.
-    Advance(u64),
+    /// The starting generation's main process sends
+    /// `EXTEND_TIMEOUT_USEC=` (ms).
+    Extend(u16),
     /// A datagram from anyone, attributed as the shell does.
     Notify(Sender, Msg),
     /// A generation (picked oldest first) forks a process.
     Fork(u8),
-    /// A generation's oldest descendant exits.
+    /// A generation's oldest descendant exits (reaped by its parent).
     ChildExit(u8),
-    /// The starting generation's health check exits.
+    /// A running health check exits.
     HealthCheckExits {
         passed: bool,
     },
+    /// An orphan Baton adopted as subreaper exits.
+    Orphan,
+    /// A generation connects to the handoff socket.
+    Handoff(u8),
+    /// Moving connections blocked: the handoff socket is full.
+    Blocked,
+    /// The oldest process sent SIGKILL dies and is reaped.
+    Reap,
+    /// The awaited output is complete.
+    Output,
+    /// `OutputComplete` for a generation whose output is not awaited, or
+    /// `HandoffConnected` for one that is gone.
+    Stale(u8),
+    /// `baton upgrade`.
+    Upgrade,
+    /// The upgrade's probe ends.
+    Probed {
+        ok: bool,
+    },
+    Next(Choice),
+    /// `Tick` now, whether or not a deadline is due.
+    Tick,
+    /// Time passes, in ms (ticking at every deadline on the way).
+    Advance(u64),
 }
 
 /// A datagram from a random sender.
@@ -168,11 +237,16 @@ fn random_datagram(rng: &mut Rng) -> Move {
         4 => Sender::Exited(k),
         _ => Sender::Stranger { reuse: rng.below(2) == 0 },
     };
-    let msg = match rng.below(6) {
-        0 => Msg::Ready,
-        1 => Msg::Stopping,
-        2 => Msg::Status,
-        3 => Msg::Watchdog,
+    let msg = match rng.below(40) {
+        0..6 => Msg::Ready,
+        6..10 => Msg::Stopping,
+        10..14 => Msg::Status,
+        14..20 => Msg::Watchdog,
+        20 => Msg::Trigger,
+        21 => Msg::WatchdogUsec([0, 2_000, 10_000, 30_000][rng.below(4) as usize]),
+        22..24 => Msg::Extend(rng.below(6_000) as u16),
+        24..30 => Msg::Store { conn: rng.below(3) != 0, poll: rng.below(2) == 0 },
+        30..32 => Msg::Remove { conn: rng.below(2) == 0 },
         _ => Msg::MainPid(match rng.below(3) {
             0 => Claim::Leader,
             1 => Claim::Descendant,
@@ -182,66 +256,92 @@ fn random_datagram(rng: &mut Rng) -> Move {
     Move::Notify(sender, msg)
 }
 
-/// A move that applies to `w` as it is (mostly: a few are left to be
-/// skipped, which is legal too). Stops and crashes are rare enough that a
+/// A move that applies to `w` as it is (mostly: a few are left to do
+/// nothing, which is legal too). Stops and crashes are rare enough that a
 /// run goes through many restarts before it ends.
 fn random_move(rng: &mut Rng, w: &World) -> Move {
+    // An outage (nothing serving) mostly ends soon: otherwise most runs
+    // would end in the crash-loop verdict, their failed starts in a row.
+    if w.active().is_none() && w.starting().is_some() && rng.below(3) == 0 {
+        return Move::TakeOver;
+    }
     loop {
         let m = match rng.below(1000) {
-            0..200 => Move::Restart { wait: rng.below(3) != 0 },
-            200..201 => Move::Stop { wait: rng.below(2) == 0 },
-            201..430 => Move::TakeOver,
-            430..490 => Move::FailStart,
-            490..500 => Move::StaleFail,
-            500..515 => Move::Crash,
-            515..522 => Move::Hang,
-            522..540 => Move::SelfStop,
-            540..700 => Move::DrainExit,
-            700..740 => Move::Ping,
-            740..760 => Move::Extend(rng.below(8_000)),
-            760..850 => random_datagram(rng),
-            850..865 => Move::Fork(rng.below(4) as u8),
-            865..875 => Move::ChildExit(rng.below(4) as u8),
-            875..900 => Move::HealthCheckExits { passed: rng.below(3) != 0 },
+            0..150 => Move::Restart { wait: rng.below(3) != 0 },
+            150..151 => Move::Stop { wait: rng.below(2) == 0 },
+            151..300 => Move::TakeOver,
+            300..320 => Move::Ready,
+            320..330 => Move::Notify(
+                Sender::Leader(rng.below(4) as u8),
+                Msg::Store { conn: rng.below(4) != 0, poll: rng.below(2) == 0 },
+            ),
+            330..370 => Move::FailStart,
+            370..380 => Move::Crash,
+            380..385 => Move::Hang,
+            385..400 => Move::SelfStop,
+            400..520 => Move::DrainExit,
+            520..527 => Move::LeaderExits(rng.below(4) as u8),
+            527..580 => Move::Ping,
+            580..595 => Move::Extend(rng.below(8_000) as u16),
+            595..725 => random_datagram(rng),
+            725..740 => Move::Fork(rng.below(4) as u8),
+            740..750 => Move::ChildExit(rng.below(4) as u8),
+            750..780 => Move::HealthCheckExits { passed: rng.below(3) != 0 },
+            780..785 => Move::Orphan,
+            785..800 => Move::Handoff(rng.below(4) as u8),
+            800..805 => Move::Blocked,
+            805..825 => Move::Reap,
+            825..835 => Move::Output,
+            835..838 => Move::Stale(rng.below(6) as u8),
+            838..848 => Move::Upgrade,
+            848..858 => Move::Probed { ok: rng.below(4) != 0 },
+            858..878 => Move::Next(match rng.below(8) {
+                0 => Choice::SpawnFails,
+                1 => Choice::CheckNotRun,
+                2 => Choice::OutputNow,
+                3 => Choice::OutputLater,
+                4 => Choice::OutputNever,
+                // Rare (it ends the run), and off until the core stops
+                // leaving a spawn in flight unreaped (see
+                // `tests::a_spawn_in_flight_when_the_stop_ends_the_run_is_never_reaped`).
+                5 if SIGTERM_IN_TURN && rng.below(4) == 0 => Choice::SigtermInTurn,
+                k => Choice::UpgradeAbandoned(k == 5),
+            }),
+            878..888 => Move::Tick,
             _ => Move::Advance(match rng.below(4) {
                 0 => rng.below(10),
                 1 => rng.below(500),
-                2 => rng.below(5_000),
-                _ => rng.below(40_000),
+                2 => rng.below(3_000),
+                _ => rng.below(12_000),
             }),
         };
-        let applies = match m {
-            Move::TakeOver | Move::FailStart | Move::Extend(_) | Move::HealthCheckExits { .. } => w.starting.is_some(),
-            Move::Crash | Move::Hang | Move::SelfStop | Move::Ping => w.serving.is_some(),
-            Move::DrainExit => w.oldest_draining().is_some(),
-            _ => true,
-        };
-        if applies || rng.below(20) == 0 {
+        if w.applies(&m) || rng.below(20) == 0 {
             return m;
         }
     }
 }
 
-/// The world's settings: `--notify-access`, and whether a health check
-/// runs after READY=1.
+/// The world's settings: `--notify-access`, whether a health check runs
+/// after READY=1, whether `--watchdog` is set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Config {
     access: NotifyAccess,
     health_check: bool,
+    watchdog: bool,
 }
 
 impl Config {
-    /// What [`replay`] runs: the defaults (no health check).
-    const DEFAULT: Config = Config { access: NotifyAccess::Main, health_check: false };
+    /// What [`replay`] runs: the defaults (no health check, no watchdog).
+    const DEFAULT: Config = Config { access: NotifyAccess::Main, health_check: false, watchdog: false };
 
     /// Seeds go through every combination.
     fn of_seed(seed: u64) -> Config {
         let access = [NotifyAccess::Main, NotifyAccess::Exec, NotifyAccess::All][(seed % 3) as usize];
-        Config { access, health_check: (seed / 3) % 2 == 1 }
+        Config { access, health_check: (seed / 3) % 2 == 1, watchdog: (seed / 6) % 2 == 1 }
     }
 
     fn world(self) -> World {
-        World::new(self.access, self.health_check)
+        World::new(self.access, self.health_check, self.watchdog)
     }
 }
 
@@ -254,8 +354,7 @@ pub(super) fn replay(moves: &[Move]) -> Result<u64, Violation> {
 /// Runs `moves` from a fresh start with `config`.
 pub(super) fn replay_with(config: Config, moves: &[Move]) -> Result<u64, Violation> {
     let mut w = config.world();
-    let actions = w.core.start();
-    w.apply(actions, false)?;
+    w.start().map_err(|e| format!("at the start: {e}"))?;
     for (i, m) in moves.iter().enumerate() {
         w.step(*m).map_err(|e| format!("move {i} ({m:?}): {e}"))?;
     }
@@ -263,8 +362,8 @@ pub(super) fn replay_with(config: Config, moves: &[Move]) -> Result<u64, Violati
     Ok(w.events)
 }
 
-/// A run's core inputs, datagrams and datagrams attributed.
-type Tally = (u64, u64, u64);
+/// A run's core inputs, datagrams, datagrams attributed, upgrades.
+type Tally = (u64, u64, u64, u64);
 
 /// Runs seed `seed`, choosing each move for the world as it is; returns
 /// the moves made (for [`replay`] and shrinking) and the outcome.
@@ -272,12 +371,11 @@ fn run_seed(seed: u64) -> (Vec<Move>, Result<Tally, Violation>) {
     let mut rng = Rng(seed);
     let mut w = Config::of_seed(seed).world();
     let mut moves = Vec::with_capacity(MOVES_PER_SEED);
-    let actions = w.core.start();
-    if let Err(e) = w.apply(actions, false) {
-        return (moves, Err(e));
+    if let Err(e) = w.start() {
+        return (moves, Err(format!("at the start: {e}")));
     }
     for i in 0..MOVES_PER_SEED {
-        if w.core.has_ended() {
+        if w.has_ended() {
             break;
         }
         let m = random_move(&mut rng, &w);
@@ -286,7 +384,8 @@ fn run_seed(seed: u64) -> (Vec<Move>, Result<Tally, Violation>) {
             return (moves, Err(format!("move {i} ({m:?}): {e}")));
         }
     }
-    let outcome = w.finish().map(|()| (w.events, w.datagrams, w.attributed)).map_err(|e| format!("at the end: {e}"));
+    let outcome =
+        w.finish().map(|()| (w.events, w.datagrams, w.attributed, w.upgrades)).map_err(|e| format!("at the end: {e}"));
     (moves, outcome)
 }
 
@@ -321,7 +420,7 @@ fn shrink_by(mut moves: Vec<Move>, fails: &dyn Fn(&[Move]) -> bool) -> Vec<Move>
 
 fn campaign(seeds: impl Iterator<Item = u64>, budget: u64) {
     let started = Instant::now();
-    let (mut events, mut datagrams, mut attributed) = (0, 0, 0);
+    let (mut events, mut datagrams, mut attributed, mut upgrades) = (0, 0, 0, 0);
     let mut ran = 0;
     for seed in seeds {
         if events >= budget {
@@ -329,10 +428,11 @@ fn campaign(seeds: impl Iterator<Item = u64>, budget: u64) {
         }
         let (moves, outcome) = run_seed(seed);
         match outcome {
-            Ok((n, d, a)) => {
+            Ok((n, d, a, u)) => {
                 events += n;
                 datagrams += d;
                 attributed += a;
+                upgrades += u;
             }
             Err(e) => {
                 let config = Config::of_seed(seed);
@@ -349,7 +449,7 @@ fn campaign(seeds: impl Iterator<Item = u64>, budget: u64) {
     let secs = started.elapsed().as_secs_f64();
     println!(
         "simulation: {events} core inputs over {ran} seeds in {secs:.2} s ({:.0} inputs/s); \
-         {datagrams} notify datagrams, {attributed} attributed",
+         {datagrams} notify datagrams, {attributed} attributed; {upgrades} upgrades executed",
         events as f64 / secs.max(1e-9)
     );
 }
@@ -361,127 +461,4 @@ fn simulation_keeps_every_invariant() {
         Some(seed) => campaign(std::iter::once(seed), u64::MAX),
         None => campaign(0.., var("BATON_SIM_EVENTS").unwrap_or(CI_EVENTS)),
     }
-}
-
-/// Found by this simulation (seed 3 with the limit enforced at cutovers
-/// only, as the shell did): the serving generation's `STOPPING=1` drained
-/// it beyond `--max-draining` (3 draining, limit 2) until the next cutover.
-/// The shell now enforces the limit after every drain but a stop's.
-#[test]
-fn regression_stopping_1_beyond_the_draining_limit() {
-    let moves = [
-        Move::TakeOver,
-        Move::Restart { wait: true },
-        Move::Restart { wait: true },
-        Move::TakeOver,
-        Move::TakeOver,
-        Move::SelfStop,
-    ];
-    replay(&moves).unwrap();
-}
-
-#[test]
-fn the_trace_of_a_restart_storm_replays() {
-    // Queued restarts behind one that fails, a stop in the middle.
-    let moves = [
-        Move::TakeOver,
-        Move::Restart { wait: true },
-        Move::Restart { wait: true },
-        Move::Restart { wait: false },
-        Move::FailStart,
-        Move::Stop { wait: true },
-        Move::DrainExit,
-    ];
-    assert!(replay(&moves).is_ok_and(|n| n > 5));
-}
-
-#[test]
-fn the_invariants_can_fail() {
-    // A world that lost its starting generation without telling the core:
-    // nothing serves, nothing starts, nothing is scheduled.
-    let mut w = Config::DEFAULT.world();
-    let actions = w.core.start();
-    w.apply(actions, false).unwrap();
-    w.starting = None;
-    assert!(w.check().unwrap_err().contains("nothing serves"));
-    // An answer to a caller that never asked.
-    let bogus = Action::Answer { waiters: vec![Token(99)], response: Response::Stopping };
-    assert!(w.apply(vec![bogus], false).unwrap_err().contains("never asked"));
-}
-
-#[test]
-fn shrinking_keeps_a_failure_and_drops_the_rest() {
-    // Every run ends with a stop; a trace is only as long as it must be.
-    let failing = |moves: &[Move]| moves.contains(&Move::Hang);
-    let mut moves = moves_of(7);
-    moves.push(Move::Hang);
-    let shrunk = shrink_by(moves, &failing);
-    assert_eq!(shrunk, [Move::Hang]);
-}
-
-/// A world with the first generation spawned.
-fn started(config: Config) -> World {
-    let mut w = config.world();
-    let actions = w.core.start();
-    w.apply(actions, false).unwrap();
-    w
-}
-
-#[test]
-fn a_pid_reused_after_its_main_process_exited_is_refused() {
-    let mut w = started(Config { access: NotifyAccess::Main, health_check: false });
-    for m in [Move::Fork(0), Move::Notify(Sender::Leader(0), Msg::MainPid(Claim::Descendant))] {
-        w.step(m).unwrap();
-    }
-    let main = w.pids.gens[&1].main.expect("MAINPID= named the descendant");
-    // The leader is no longer the main process: refused under `main`.
-    w.step(Move::Notify(Sender::Leader(0), Msg::Ready)).unwrap();
-    assert_eq!((w.serving, w.attributed), (None, 1));
-    // Its main process exits; a stranger gets its pid and says READY=1.
-    w.step(Move::ChildExit(0)).unwrap();
-    assert_eq!(w.pids.gens[&1].main, None);
-    assert_eq!(w.pids.pid_of(Sender::Exited(0)), Some(main));
-    w.step(Move::Notify(Sender::Stranger { reuse: true }, Msg::Ready)).unwrap();
-    assert_eq!((w.serving, w.attributed), (None, 1));
-    // The leader is the main process again.
-    w.step(Move::Notify(Sender::Leader(0), Msg::Ready)).unwrap();
-    assert_eq!((w.serving, w.attributed), (Some(1), 2));
-}
-
-#[test]
-fn health_checks_and_descendants_notify_by_access() {
-    for (access, check_counts, descendant_counts) in
-        [(NotifyAccess::Main, false, false), (NotifyAccess::Exec, true, false), (NotifyAccess::All, true, true)]
-    {
-        let mut w = started(Config { access, health_check: true });
-        for m in [Move::Fork(0), Move::Notify(Sender::Leader(0), Msg::Ready)] {
-            w.step(m).unwrap();
-        }
-        assert!(w.pids.gens[&1].health_check.is_some(), "READY=1 started the check");
-        w.step(Move::Notify(Sender::HealthCheck(0), Msg::Status)).unwrap();
-        w.step(Move::Notify(Sender::Descendant(0), Msg::Status)).unwrap();
-        assert_eq!(w.attributed, 1 + u64::from(check_counts) + u64::from(descendant_counts), "{access:?}");
-        // A stop during the check kills it with the generation.
-        w.step(Move::Stop { wait: true }).unwrap();
-        assert_eq!(w.pids.gens[&1].health_check, None);
-        w.finish().unwrap();
-    }
-}
-
-#[test]
-fn the_new_invariants_can_fail() {
-    // A stranger's datagram that the shell would attribute.
-    let mut w = started(Config { access: NotifyAccess::All, health_check: false });
-    w.step(Move::Fork(0)).unwrap();
-    let pid = w.pids.pid_of(Sender::Descendant(0)).unwrap();
-    assert!(w.datagram(pid, Msg::Status, true).unwrap_err().contains("no generation's process"));
-    // A signal to a generation the model does not have.
-    assert!(w.drain(42, true).unwrap_err().contains("does not have"));
-    // A generation whose processes outlive it.
-    w.lives.clear();
-    assert!(w.check().unwrap_err().contains("but processes of"));
-    // A run that ends with a generation never reaped.
-    let mut w = started(Config::DEFAULT);
-    w.spawned.insert(7);
-    assert!(w.finish().unwrap_err().contains("generation 7 was never reaped"));
 }

@@ -2,12 +2,15 @@
 //! generation's leader, the process its `MAINPID=` names, its health check,
 //! its other descendants; processes that exited (whose pid a stranger may
 //! now hold); strangers. Datagrams are attributed by the shell's own pure
-//! [`attribute`], with the model's process tree as the lineage check, and
-//! compared with what the model says the sender may do
+//! [`attribute`], with the candidates the shell takes from the core's
+//! table (each generation's leader, or the process its `MAINPID=` pinned,
+//! and [`Gen::health_check`]) and the model's process tree as the lineage
+//! check, and compared with what the model says the sender may do
 //! ([`Pids::expected`]).
 
 use std::collections::BTreeMap;
 
+use crate::supervisor::core::Gen;
 use crate::supervisor::notify::{Candidate, attribute};
 use crate::supervisor::policy::NotifyAccess;
 
@@ -41,6 +44,22 @@ pub(in crate::supervisor) enum Msg {
     Stopping,
     Status,
     Watchdog,
+    /// `WATCHDOG=trigger`.
+    Trigger,
+    /// `WATCHDOG_USEC=` (ms; 0 turns it off).
+    WatchdogUsec(u16),
+    /// `EXTEND_TIMEOUT_USEC=` (ms; once per generation, at most the
+    /// ready timeout, so that invariant 3's deadlines hold).
+    Extend(u16),
+    /// `FDSTORE=1` with fds: connections (`conn`) or another name.
+    Store {
+        conn: bool,
+        poll: bool,
+    },
+    /// `FDSTORE_REMOVE=1`.
+    Remove {
+        conn: bool,
+    },
     MainPid(Claim),
 }
 
@@ -63,8 +82,6 @@ pub(super) struct Procs {
     pub(super) descendants: Vec<u32>,
     /// The descendant `MAINPID=` named, while it lives.
     pub(super) main: Option<u32>,
-    /// Its running health check (Baton's child, not the leader's).
-    pub(super) health_check: Option<u32>,
 }
 
 impl Procs {
@@ -82,15 +99,19 @@ impl Procs {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Pids {
     next: u32,
-    /// Every live generation's processes.
+    /// Every live generation's processes (its leader not reaped yet).
     pub(super) gens: BTreeMap<u64, Procs>,
+    /// Running health checks, by generation (Baton's children, in a
+    /// process group of their own: they outlive their generation's leader
+    /// unless killed).
+    pub(super) checks: BTreeMap<u64, u32>,
     /// Pids of processes that exited, newest last.
     exited: Vec<u32>,
 }
 
 impl Pids {
     pub(super) fn new() -> Pids {
-        Pids { next: 100, gens: BTreeMap::new(), exited: Vec::new() }
+        Pids { next: 100, gens: BTreeMap::new(), checks: BTreeMap::new(), exited: Vec::new() }
     }
 
     fn fresh(&mut self) -> u32 {
@@ -98,32 +119,48 @@ impl Pids {
         self.next
     }
 
-    fn exit_pid(&mut self, pid: u32) {
+    pub(super) fn exit_pid(&mut self, pid: u32) {
         if self.exited.len() == EXITED_KEPT {
             self.exited.remove(0);
         }
         self.exited.push(pid);
     }
 
-    /// Generation `g` was spawned: its leader.
-    pub(super) fn spawned(&mut self, g: u64) {
-        let leader = self.fresh();
-        self.gens.insert(g, Procs { leader, ..Procs::default() });
+    /// A fresh pid no process had before (an orphan's, a stranger's).
+    pub(super) fn fresh_pid(&mut self) -> u32 {
+        self.fresh()
     }
 
-    /// Generation `g` was reaped: its process group is gone with it (the
-    /// shell SIGKILLs the group on the leader's exit). Its health check is
-    /// not in that group: `true` if one was still running (the caller says
-    /// whether the shell killed it).
+    /// A pid for a new child of Baton's: once enough processes were
+    /// reaped, the kernel's pids wrap and the oldest reaped one comes back
+    /// (the core must tell processes apart by what is alive now).
+    fn new_child(&mut self) -> u32 {
+        if self.exited.len() == EXITED_KEPT { self.exited.remove(0) } else { self.fresh() }
+    }
+
+    /// Generation `g` was spawned: its leader.
+    pub(super) fn spawned(&mut self, g: u64) -> u32 {
+        let leader = self.new_child();
+        self.gens.insert(g, Procs { leader, ..Procs::default() });
+        leader
+    }
+
+    /// Generation `g`'s leader exited and was reaped: what was left of its
+    /// process group (its descendants, still running until the shell
+    /// SIGKILLs the group).
     pub(super) fn reaped(&mut self, g: u64) -> Option<Procs> {
         let procs = self.gens.remove(&g)?;
-        for pid in std::iter::once(procs.leader).chain(procs.descendants.iter().copied()) {
-            self.exit_pid(pid);
-        }
-        if let Some(hc) = procs.health_check {
-            self.exit_pid(hc);
-        }
+        self.exit_pid(procs.leader);
         Some(procs)
+    }
+
+    /// SIGKILL to generation `g`'s group: its descendants die (they are
+    /// reaped by Baton as subreaper: returned, to be fed as exits); its
+    /// leader dies too (the caller feeds its exit).
+    pub(super) fn kill_descendants(&mut self, g: u64) -> Vec<u32> {
+        let Some(p) = self.gens.get_mut(&g) else { return Vec::new() };
+        p.main = None;
+        std::mem::take(&mut p.descendants)
     }
 
     /// Generation `g` forks a process.
@@ -150,18 +187,15 @@ impl Pids {
 
     /// Its health check starts.
     pub(super) fn start_health_check(&mut self, g: u64) -> u32 {
-        let pid = self.fresh();
-        if let Some(p) = self.gens.get_mut(&g) {
-            p.health_check = Some(pid);
-        }
+        let pid = self.new_child();
+        self.checks.insert(g, pid);
         pid
     }
 
-    /// Its health check exited (or was killed and reaped).
-    pub(super) fn end_health_check(&mut self, g: u64) {
-        if let Some(hc) = self.gens.get_mut(&g).and_then(|p| p.health_check.take()) {
-            self.exit_pid(hc);
-        }
+    /// Its health check stops counting as its own: it exited, or it was
+    /// sent SIGKILL (its exit is fed later, as an orphan's).
+    pub(super) fn take_health_check(&mut self, g: u64) -> Option<u32> {
+        self.checks.remove(&g)
     }
 
     /// The generation picked by `k`, oldest first.
@@ -176,7 +210,7 @@ impl Pids {
         match sender {
             Sender::Leader(k) => procs(k).map(|p| p.leader),
             Sender::Main(k) => procs(k).and_then(|p| p.main),
-            Sender::HealthCheck(k) => procs(k).and_then(|p| p.health_check),
+            Sender::HealthCheck(k) => self.pick(k).and_then(|g| self.checks.get(&g).copied()),
             Sender::Descendant(k) => {
                 procs(k).and_then(|p| p.descendants.iter().copied().rev().find(|d| Some(*d) != p.main))
             }
@@ -200,13 +234,19 @@ impl Pids {
     }
 
     /// The generation the shell attributes a datagram from `pid` to: the
-    /// shell's own [`attribute`], fed the model's table.
-    pub(super) fn attribute(&self, access: NotifyAccess, pid: u32) -> Option<u64> {
-        let numbers: Vec<u64> = self.gens.keys().copied().collect();
-        let candidates: Vec<Candidate> =
-            self.gens.values().map(|p| Candidate { main_pid: p.main_pid(), health_check: p.health_check }).collect();
-        let descends = |i: usize| self.gens[&numbers[i]].descends(pid);
-        attribute(access, pid, &candidates, descends).map(|i| numbers[i])
+    /// shell's own [`attribute`], fed the core's table (`gens`) as the
+    /// shell does: each generation's main process (its leader unless
+    /// `MAINPID=` pinned another) and the core's idea of its health check.
+    pub(super) fn attribute(&self, access: NotifyAccess, pid: u32, gens: &[Gen]) -> Option<u64> {
+        let candidates: Vec<Candidate> = gens
+            .iter()
+            .map(|g| Candidate {
+                main_pid: self.gens.get(&g.number).and_then(|p| p.main).unwrap_or(g.leader),
+                health_check: g.health_check(),
+            })
+            .collect();
+        let descends = |i: usize| self.gens.get(&gens[i].number).is_some_and(|p| p.descends(pid));
+        attribute(access, pid, &candidates, descends).map(|i| gens[i].number)
     }
 
     /// What the model says: the generation `pid` may notify for under
@@ -215,8 +255,9 @@ impl Pids {
     /// [`attribute`]'s search order.
     pub(super) fn expected(&self, access: NotifyAccess, pid: u32) -> Option<u64> {
         self.gens.iter().find_map(|(g, p)| {
+            let check = self.checks.get(g).copied();
             let allowed = p.main_pid() == pid
-                || (p.health_check == Some(pid) && access != NotifyAccess::Main)
+                || (check == Some(pid) && access != NotifyAccess::Main)
                 || (p.descends(pid) && access == NotifyAccess::All);
             allowed.then_some(*g)
         })
@@ -224,6 +265,6 @@ impl Pids {
 
     /// Whether `pid` is a live process of generation `g`.
     pub(super) fn owns(&self, g: u64, pid: u32) -> bool {
-        self.gens.get(&g).is_some_and(|p| p.descends(pid) || p.health_check == Some(pid))
+        self.gens.get(&g).is_some_and(|p| p.descends(pid)) || self.checks.get(&g) == Some(&pid)
     }
 }

@@ -1,62 +1,128 @@
-//! The simulation's world: the generations around the core, modelled the
-//! way the shell keeps them, and the invariants checked after each input
-//! (listed in [`super`]).
+//! The simulation's world: the shell around the core (it carries out the
+//! core's actions: [`super::shell`]) and the outside world (processes,
+//! callers, datagrams, time), what it remembers for the invariants
+//! ([`super::invariants`]), and the moves it makes.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use super::Move;
 use super::senders::{Msg, Pids, Sender};
-use crate::control::{Response, RestartFailure};
+use super::{Choice, Move, Who};
 use crate::supervisor::Ended;
-use crate::supervisor::core::{Action, Core, Counters, Input, Lost, Token};
-use crate::supervisor::lifecycle::{Due, Life, State, over_draining_limit};
-use crate::supervisor::policy::{Backoff, NotifyAccess};
+use crate::supervisor::core::{Core, Counters, FdsHandle, Input, Token};
+use crate::supervisor::failure::Exit;
+use crate::supervisor::lifecycle::State;
+use crate::supervisor::policy::{Backoff, NotifyAccess, Policy};
 
-/// The model's ready timeout and stop timeout (the shell enforces them).
-const READY_TIMEOUT: Duration = Duration::from_secs(5);
-const STOP_TIMEOUT: Duration = Duration::from_secs(3);
-/// The even generations' watchdog interval.
+/// `--ready-timeout` and `--stop-timeout` of every run.
+pub(super) const READY_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const STOP_TIMEOUT: Duration = Duration::from_secs(3);
+/// `--watchdog`, for the seeds that have one.
 const WATCHDOG: Duration = Duration::from_secs(4);
 /// `--max-draining`.
-const MAX_DRAINING: usize = 2;
+pub(super) const MAX_DRAINING: usize = 2;
+/// How often [`World::advance`] may tick at one instant before a deadline
+/// that never clears counts as a wedge.
+const TICKS_AT_ONE_INSTANT: u32 = 100;
 
+/// What a waiting caller asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Asked {
     Restart,
     Stop,
 }
 
+/// What the world does with the next few actions (set by [`Move::Next`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Choices {
+    /// The next spawn fails.
+    pub(super) spawn_fails: bool,
+    /// The next health check cannot be started.
+    pub(super) check_not_run: bool,
+    /// Awaited output: complete at once (`None`: later, by
+    /// [`Move::Output`]; `Some(false)`: never, the core's deadline ends it).
+    pub(super) output_later: Option<bool>,
+    /// An upgrade to execute is abandoned (the exec failed) instead.
+    pub(super) upgrade_abandoned: bool,
+    /// SIGTERM arrives while the shell carries out actions: its
+    /// `stop_begun` feeds the stop before the next nested input.
+    pub(super) sigterm_in_turn: bool,
+}
+
+/// The upstream notifications so far (invariant 6).
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct UpstreamLedger {
+    /// The generation whose `RELOADING=1` has not been ended yet.
+    pub(super) reload_open: Option<u64>,
+    pub(super) stopping: bool,
+    pub(super) restart_resets: u32,
+}
+
 /// The world around the core, and what the invariants need to remember.
 pub(super) struct World {
     pub(super) core: Core,
-    pub(super) backoff: Backoff,
+    pub(super) policy: Policy,
     pub(super) base: Instant,
     pub(super) now: Duration,
-    /// The generation starting, and when it was spawned.
-    pub(super) starting: Option<(u64, Duration)>,
-    pub(super) serving: Option<u64>,
-    /// Every live generation's state and deadlines, as the shell keeps
-    /// them ([`Life`]: the same pure code).
-    pub(super) lives: BTreeMap<u64, Life>,
+    /// `--notify-access`.
+    pub(super) access: NotifyAccess,
+    /// The processes: senders of datagrams, targets of signals.
+    pub(super) pids: Pids,
+    /// How deep in the shell's nested `feed`s the world is (0: between
+    /// turns).
+    pub(super) depth: usize,
+    /// `ExecuteUpgrade` was decided: executed once the turn ends.
+    pub(super) upgrade_due: bool,
+    /// Processes sent SIGKILL, not reaped yet: (pid, generation if it is
+    /// that generation's leader).
+    pub(super) dying: Vec<(u32, Option<u64>)>,
+    /// Leaders reaped whose group must still get SIGKILL in this turn
+    /// (with what was left of it).
+    pub(super) group_pending: BTreeMap<u64, Vec<u32>>,
+    pub(super) choices: Choices,
+    /// The generation whose output the shell is still reading, after
+    /// [`Action::AwaitOutput`](crate::supervisor::core::Action::AwaitOutput).
+    pub(super) output_pending: Option<u64>,
+    pub(super) probing: bool,
+    /// Generations connected to the handoff socket.
+    pub(super) handoff: BTreeSet<u64>,
+    /// Generations that sent `EXTEND_TIMEOUT_USEC=` (once each).
+    pub(super) extended: BTreeSet<u64>,
+    pub(super) next_fds: u64,
+    /// Fds handed to the core and not yet consumed.
+    pub(super) fds_open: BTreeSet<FdsHandle>,
+    pub(super) consumed: BTreeSet<FdsHandle>,
+    /// Generations the core asked to spawn; those that run (`Spawned`);
+    /// those whose leader was reaped; those forgotten; those killed by
+    /// the crash-loop verdict.
     pub(super) last_spawned: u64,
-    pub(super) stop_all_at: Option<Duration>,
+    pub(super) spawned: BTreeSet<u64>,
+    pub(super) running: BTreeSet<u64>,
+    pub(super) reaped: BTreeSet<u64>,
+    pub(super) forgotten: BTreeSet<u64>,
+    pub(super) given_up: BTreeSet<u64>,
     pub(super) next_token: u64,
     /// Callers waiting: what they asked, when.
     pub(super) waiting: BTreeMap<Token, (Asked, Duration)>,
     pub(super) answered: BTreeSet<Token>,
-    /// Failures the core must have counted (for the crash-loop check).
+    pub(super) stop_began: Option<Duration>,
+    pub(super) upstream: UpstreamLedger,
+    /// Failures the core may count (crashes, watchdogs, failed starts),
+    /// for the crash-loop check.
     pub(super) failures: Vec<Duration>,
+    /// `BATON_SIM_TRACE=1`: print every input and its actions (to read a
+    /// shrunk trace).
+    pub(super) trace: bool,
+    /// How the run ended, once the core said so (the shell's run loop
+    /// returns then: nothing more is fed).
+    pub(super) ended: Option<Ended>,
+    /// The generation whose failed start's report still waited for its
+    /// output when the run ended: moot, never forgotten (the run loop
+    /// returns and drops everything).
+    pub(super) awaiting_at_end: Option<u64>,
+    /// Core inputs fed; upgrades executed; datagrams sent and attributed.
     pub(super) events: u64,
-    /// `--notify-access`, and whether a health check runs after READY=1.
-    pub(super) access: NotifyAccess,
-    pub(super) health_check: bool,
-    /// The processes: senders of datagrams, targets of signals.
-    pub(super) pids: Pids,
-    /// Generations spawned, and those reaped (invariant 9).
-    pub(super) spawned: BTreeSet<u64>,
-    pub(super) reaped: BTreeSet<u64>,
-    /// Datagrams sent, and those attributed.
+    pub(super) upgrades: u64,
     pub(super) datagrams: u64,
     pub(super) attributed: u64,
 }
@@ -64,40 +130,80 @@ pub(super) struct World {
 pub(super) type Violation = String;
 
 impl World {
-    pub(super) fn new(access: NotifyAccess, health_check: bool) -> World {
-        let backoff = Backoff {
-            initial: Duration::from_millis(100),
-            max: Duration::from_secs(2),
-            burst: 10,
-            interval: Duration::from_secs(60),
+    pub(super) fn new(access: NotifyAccess, health_check: bool, watchdog: bool) -> World {
+        let policy = Policy {
+            ready_timeout: READY_TIMEOUT,
+            stop_timeout: STOP_TIMEOUT,
+            notify_access: access,
+            watchdog: watchdog.then_some(WATCHDOG),
+            health_cmd: health_check.then(|| "check".into()),
+            max_draining: MAX_DRAINING,
+            backoff: Backoff {
+                initial: Duration::from_millis(100),
+                max: Duration::from_secs(2),
+                burst: 10,
+                interval: Duration::from_secs(20),
+            },
+            ..Policy::default()
         };
         World {
-            core: Core::new(backoff, Counters { next_number: 1, ..Counters::default() }),
-            backoff,
+            core: Core::new(policy.clone(), Counters { next_number: 1, ..Counters::default() }),
+            policy,
             base: Instant::now(),
             now: Duration::ZERO,
-            starting: None,
-            serving: None,
-            lives: BTreeMap::new(),
+            access,
+            pids: Pids::new(),
+            depth: 0,
+            upgrade_due: false,
+            dying: Vec::new(),
+            group_pending: BTreeMap::new(),
+            choices: Choices::default(),
+            output_pending: None,
+            probing: false,
+            handoff: BTreeSet::new(),
+            extended: BTreeSet::new(),
+            next_fds: 0,
+            fds_open: BTreeSet::new(),
+            consumed: BTreeSet::new(),
             last_spawned: 0,
-            stop_all_at: None,
+            spawned: BTreeSet::new(),
+            running: BTreeSet::new(),
+            reaped: BTreeSet::new(),
+            forgotten: BTreeSet::new(),
+            given_up: BTreeSet::new(),
             next_token: 0,
             waiting: BTreeMap::new(),
             answered: BTreeSet::new(),
+            stop_began: None,
+            trace: std::env::var_os("BATON_SIM_TRACE").is_some(),
+            ended: None,
+            awaiting_at_end: None,
+            upstream: UpstreamLedger::default(),
             failures: Vec::new(),
             events: 0,
-            access,
-            health_check,
-            pids: Pids::new(),
-            spawned: BTreeSet::new(),
-            reaped: BTreeSet::new(),
+            upgrades: 0,
             datagrams: 0,
             attributed: 0,
         }
     }
 
+    pub(super) fn has_ended(&self) -> bool {
+        self.ended.is_some()
+    }
+
     pub(super) fn at(&self) -> Instant {
         self.base + self.now
+    }
+
+    /// The first generation, as `Supervisor::run` starts it.
+    pub(super) fn start(&mut self) -> Result<(), Violation> {
+        let actions = self.core.start();
+        self.events += 1;
+        self.depth += 1;
+        let applied = self.apply(actions, false);
+        self.depth -= 1;
+        applied?;
+        self.end_turn()
     }
 
     pub(super) fn token(&mut self, wait: bool, asked: Asked) -> Option<Token> {
@@ -110,219 +216,93 @@ impl World {
         Some(t)
     }
 
+    /// Feeds `input` and carries out the actions, as the shell's `feed`
+    /// does: an action whose outcome is known at once (a spawn, a health
+    /// check, complete output) feeds it right there, before the actions
+    /// after it. Once the outermost input is carried out, the turn ends.
     pub(super) fn feed(&mut self, input: Input) -> Result<(), Violation> {
-        let stopping_before = self.core.is_stopping();
-        let kind = match &input {
-            Input::RestartRequested { .. } => "RestartRequested",
-            Input::StopRequested { .. } => "StopRequested",
-            Input::TookOver { .. } => "TookOver",
-            Input::StartFailed { .. } => "StartFailed",
-            Input::ServingLost(_) => "ServingLost",
-            Input::AllGone => "AllGone",
-            Input::Tick => "Tick",
-        };
-        let actions = self.core.handle(self.at(), input);
-        self.events += 1;
-        self.apply(actions, stopping_before).map_err(|e| format!("after {kind}: {e}"))?;
-        self.check()
-    }
-
-    pub(super) fn apply(&mut self, actions: Vec<Action>, stopping_before: bool) -> Result<(), Violation> {
-        for action in actions {
-            match action {
-                Action::Spawn { generation, .. } => {
-                    if stopping_before || self.core.is_stopping() {
-                        return Err(format!("spawned generation {generation} while stopping"));
-                    }
-                    if let Some((s, _)) = self.starting {
-                        return Err(format!("spawned generation {generation} while {s} is starting"));
-                    }
-                    if generation <= self.last_spawned {
-                        return Err(format!("generation {generation} after {}", self.last_spawned));
-                    }
-                    self.last_spawned = generation;
-                    self.spawned.insert(generation);
-                    self.pids.spawned(generation);
-                    self.starting = Some((generation, self.now));
-                    let watchdog = (generation % 2 == 0).then_some(WATCHDOG);
-                    self.lives.insert(generation, Life::starting(self.at(), READY_TIMEOUT, watchdog));
-                }
-                Action::Answer { waiters, response } => {
-                    for t in waiters {
-                        let Some((asked, since)) = self.waiting.remove(&t) else {
-                            return Err(if self.answered.contains(&t) {
-                                format!("{t:?} answered twice ({response:?})")
-                            } else {
-                                format!("{t:?} answered but never asked")
-                            });
-                        };
-                        self.answered.insert(t);
-                        let waited = self.now - since;
-                        let limit = match asked {
-                            // Its own restart and the one it queued behind,
-                            // each extended at most once more.
-                            Asked::Restart => 4 * READY_TIMEOUT,
-                            Asked::Stop => STOP_TIMEOUT,
-                        };
-                        // A stop waits for the drain it began (or joined).
-                        let waited = match (asked, self.stop_all_at) {
-                            (Asked::Stop, Some(at)) => self.now - at.max(since),
-                            _ => waited,
-                        };
-                        if waited > limit {
-                            return Err(format!("{t:?} ({asked:?}) answered after {waited:?}"));
-                        }
-                    }
-                }
-                Action::StopAll { .. } => {
-                    if self.stop_all_at.is_some() {
-                        return Err("a second StopAll".into());
-                    }
-                    self.stop_all_at = Some(self.now);
-                    for g in self.starting.take().map(|(g, _)| g).into_iter().chain(self.serving.take()) {
-                        self.drain(g, true)?;
-                    }
-                    if self.nothing_left() {
-                        self.feed(Input::AllGone)?;
-                    }
-                }
-                Action::BackOff { delay } => {
-                    if delay > self.backoff.max {
-                        return Err(format!("backoff of {delay:?} beyond the maximum"));
-                    }
-                }
-                Action::GiveUp(_) => {
-                    let window = self.failures.iter().filter(|t| self.now - **t <= self.backoff.interval).count();
-                    if window as u32 <= self.backoff.burst {
-                        return Err(format!("crash-loop verdict after {window} failures in the window"));
-                    }
-                    // kill_all (health checks too): the run loop returns
-                    // at its next turn, everything is reaped.
-                    self.starting = None;
-                    self.serving = None;
-                    let all: Vec<u64> = self.lives.keys().copied().collect();
-                    for g in all {
-                        self.reap(g)?;
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    pub(super) fn nothing_left(&self) -> bool {
-        self.lives.is_empty()
-    }
-
-    /// The shell's `Generation::drain` (`signal`: SIGTERM or SIGABRT to
-    /// its group; none after its own `STOPPING=1`), which also kills its
-    /// health check: SIGKILL at the stop deadline; and its draining limit,
-    /// except in a stop (which drains them all).
-    pub(super) fn drain(&mut self, g: u64, signal: bool) -> Result<(), Violation> {
-        let kill_at = self.at() + STOP_TIMEOUT;
-        let Some(life) = self.lives.get_mut(&g) else {
-            return Err(format!("drained generation {g}, which the model does not have"));
-        };
-        life.drain(kill_at);
-        if signal {
-            self.signal(g)?;
-        }
-        self.pids.end_health_check(g);
-        if self.stop_all_at.is_none() {
-            self.enforce_draining_limit()?;
-        }
-        Ok(())
-    }
-
-    /// A signal to generation `g`'s group: invariant 8, it is a live
-    /// generation of the model, whose leader the model knows.
-    pub(super) fn signal(&mut self, g: u64) -> Result<(), Violation> {
-        if !self.lives.contains_key(&g) || !self.pids.gens.contains_key(&g) {
-            return Err(format!("signalled generation {g}, which the model does not have"));
-        }
-        Ok(())
-    }
-
-    /// Generation `g`'s leader exited (on its own or by a signal) and the
-    /// shell reaped it, SIGKILLing what is left of its group.
-    pub(super) fn reap(&mut self, g: u64) -> Result<(), Violation> {
-        self.signal(g)?;
-        self.lives.remove(&g);
-        self.pids.reaped(g);
-        if !self.reaped.insert(g) {
-            return Err(format!("generation {g} reaped twice"));
-        }
-        Ok(())
-    }
-
-    /// The shell's `enforce_draining_limit`: the oldest beyond it get
-    /// SIGKILL (and are gone: a stop is never waiting for them alone, as
-    /// some generation drains or serves after every drain).
-    pub(super) fn enforce_draining_limit(&mut self) -> Result<(), Violation> {
-        let numbers: Vec<u64> = self.lives.keys().copied().collect();
-        let beyond = over_draining_limit(self.lives.values().map(|l| &l.state), MAX_DRAINING);
-        for i in beyond {
-            self.reap(numbers[i])?;
-        }
-        Ok(())
-    }
-
-    /// The oldest draining generation, if any.
-    pub(super) fn oldest_draining(&self) -> Option<u64> {
-        self.lives.iter().find(|(_, l)| matches!(l.state, State::Draining { .. })).map(|(g, _)| *g)
-    }
-
-    pub(super) fn check(&self) -> Result<(), Violation> {
-        let draining = self.lives.values().filter(|l| matches!(l.state, State::Draining { killed: false, .. })).count();
-        if draining > MAX_DRAINING && self.stop_all_at.is_none() {
-            return Err(format!("{draining} generations draining, more than {MAX_DRAINING}"));
-        }
-        let state = |g: Option<u64>| g.and_then(|g| self.lives.get(&g)).map(|l| l.state);
-        if self.serving.is_some() && state(self.serving) != Some(State::Active) {
-            return Err(format!("serving generation {:?} is {:?}", self.serving, state(self.serving)));
-        }
-        if !self.core.is_stopping()
-            && self.serving.is_none()
-            && self.starting.is_none()
-            && self.core.backoff_due().is_none()
+        if self.depth > 0
+            && !matches!(input, Input::StopRequested { .. })
+            && std::mem::take(&mut self.choices.sigterm_in_turn)
         {
-            return Err("nothing serves, nothing starts and no replacement is scheduled".into());
+            self.feed(Input::StopRequested { waiter: None })?;
         }
-        // Invariant 8: the process table is the generation table, and
-        // every main process is one of its generation's own.
-        if !self.lives.keys().eq(self.pids.gens.keys()) {
-            return Err(format!(
-                "generations {:?} but processes of {:?}",
-                self.lives.keys().collect::<Vec<_>>(),
-                self.pids.gens.keys().collect::<Vec<_>>()
-            ));
+        let kind = kind(&input);
+        let stopping_before = self.core.is_stopping();
+        if self.trace {
+            println!("{:?} {}{input:?}", self.now, "  ".repeat(self.depth));
         }
-        if let Some((g, p)) = self.pids.gens.iter().find(|(g, p)| p.main.is_some_and(|m| !self.pids.owns(**g, m))) {
-            return Err(format!("generation {g}'s main process {:?} is not its own", p.main));
+        let actions = self.core.handle(self.at(), input);
+        if self.trace {
+            println!("{:?} {}-> {actions:?}", self.now, "  ".repeat(self.depth));
         }
-        if self.core.restart().map(|(g, _)| g) != self.starting.map(|(g, _)| g) && !self.core.is_stopping() {
-            return Err(format!("core restarting {:?}, world starting {:?}", self.core.restart(), self.starting));
+        self.events += 1;
+        self.depth += 1;
+        let applied = self.apply(actions, stopping_before);
+        self.depth -= 1;
+        applied.map_err(|e| format!("after {kind}: {e}"))?;
+        if self.depth == 0 { self.end_turn() } else { Ok(()) }
+    }
+
+    /// The end of the shell's turn: the run loop returns if the run ended;
+    /// the invariants hold; an upgrade that was decided is executed (at the
+    /// top of the run loop, as the shell does).
+    fn end_turn(&mut self) -> Result<(), Violation> {
+        if let Some(g) = self.group_pending.keys().next() {
+            return Err(format!("generation {g}'s leader was reaped but its process group was not killed"));
+        }
+        if self.ended.is_none() {
+            self.awaiting_at_end = self.core.awaiting_output();
+            self.ended = self.core.take_ended();
+        }
+        self.check()?;
+        if std::mem::take(&mut self.upgrade_due) && !self.has_ended() {
+            self.execute_upgrade()?;
         }
         Ok(())
     }
 
-    /// The shell's response to a start that did not take over.
-    pub(super) fn fail_start(&mut self, generation: u64) -> Result<(), Violation> {
-        let serving = self.serving.is_some();
-        self.failures.push(self.now);
-        let response = Response::RestartFailed(RestartFailure {
-            generation,
-            reason: "exited with status 1 before READY=1".into(),
-            status_text: None,
-            log_tail: Vec::new(),
-            serving: self.serving,
-        });
-        // The shell drains the failed generation (it already exited here).
-        self.feed(Input::StartFailed { generation, serving, response })
+    /// The first live generation (core's table) in `state`.
+    fn in_state(&self, want: fn(&State) -> bool) -> Option<u64> {
+        self.core.generations().iter().find(|g| want(&g.life.state)).map(|g| g.number)
+    }
+
+    pub(super) fn starting(&self) -> Option<u64> {
+        self.in_state(|s| matches!(s, State::Starting | State::HealthCheck { .. }))
+    }
+
+    pub(super) fn active(&self) -> Option<u64> {
+        self.core.active().map(|g| g.number)
+    }
+
+    pub(super) fn oldest_draining(&self) -> Option<u64> {
+        self.in_state(|s| matches!(s, State::Draining { .. }))
+    }
+
+    /// Whether `m` has something to act on now.
+    pub(super) fn applies(&self, m: &Move) -> bool {
+        match m {
+            Move::TakeOver | Move::Ready | Move::FailStart | Move::Extend(_) => self.starting().is_some(),
+            Move::Crash | Move::Hang | Move::SelfStop | Move::Ping => self.active().is_some(),
+            Move::DrainExit => self.oldest_draining().is_some(),
+            Move::HealthCheckExits { .. } => !self.pids.checks.is_empty(),
+            Move::Reap => !self.dying.is_empty(),
+            Move::Output => self.output_pending.is_some(),
+            Move::Probed { .. } => self.probing,
+            _ => true,
+        }
+    }
+
+    /// The main process of generation `g` sends `msg`.
+    fn main_sends(&mut self, g: Option<u64>, msg: Msg) -> Result<(), Violation> {
+        match g.and_then(|g| self.pids.gens.get(&g)).map(|p| p.main_pid()) {
+            Some(pid) => self.datagram(pid, msg, false),
+            None => Ok(()),
+        }
     }
 
     pub(super) fn step(&mut self, m: Move) -> Result<(), Violation> {
-        if self.core.has_ended() {
+        if self.has_ended() {
             return Ok(());
         }
         match m {
@@ -335,35 +315,29 @@ impl World {
                 self.feed(Input::StopRequested { waiter })?;
             }
             Move::TakeOver => {
-                // Its main process sends READY=1 (and, with a health
-                // check, the check passes).
-                let Some((generation, _)) = self.starting else { return Ok(()) };
-                let main = self.pids.gens.get(&generation).map(|p| p.main_pid());
-                if let Some(pid) = main {
-                    self.datagram(pid, Msg::Ready, false)?;
+                let g = self.starting();
+                if g.is_some_and(|g| self.core.generation(g).is_some_and(|g| g.life.state == State::Starting)) {
+                    self.main_sends(g, Msg::Ready)?;
                 }
-                if self.pids.gens.get(&generation).is_some_and(|p| p.health_check.is_some()) {
-                    self.health_check_exits(true)?;
+                if let Some(g) = g
+                    && self.pids.checks.contains_key(&g)
+                {
+                    self.check_exits(g, true)?;
                 }
             }
-            Move::FailStart => {
-                // It exited before READY=1 (or during its health check).
-                let Some((generation, _)) = self.starting.take() else { return Ok(()) };
-                self.reap(generation)?;
-                self.fail_start(generation)?;
-            }
+            Move::Ready => self.main_sends(self.starting(), Msg::Ready)?,
+            Move::FailStart => self.exits(Who::Starting, Exit::Code(1))?,
+            Move::Crash => self.exits(Who::Active, Exit::Code(1))?,
+            Move::DrainExit => self.exits(Who::OldestDraining, Exit::Code(0))?,
+            Move::LeaderExits(k) => self.exits(Who::Any(k), Exit::Code(143))?,
+            Move::Hang => self.main_sends(self.active(), Msg::Trigger)?,
+            Move::SelfStop => self.main_sends(self.active(), Msg::Stopping)?,
+            Move::Ping => self.main_sends(self.active(), Msg::Watchdog)?,
+            Move::Extend(ms) => self.main_sends(self.starting(), Msg::Extend(ms))?,
             Move::Notify(sender, msg) => {
                 let stranger = matches!(sender, Sender::Exited(_) | Sender::Stranger { .. });
-                let Some(pid) = self.pids.pid_of(sender) else { return Ok(()) };
-                if !stranger {
-                    return self.datagram(pid, msg, false);
-                }
-                // Invariant 7: nothing changes, in the core or the world.
-                let before = (self.lives.clone(), self.events, self.serving, self.starting, self.pids.gens.clone());
-                self.datagram(pid, msg, true)?;
-                let after = (self.lives.clone(), self.events, self.serving, self.starting, self.pids.gens.clone());
-                if before != after {
-                    return Err(format!("{msg:?} from pid {pid}, no generation's process, changed the world"));
+                if let Some(pid) = self.pids.pid_of(sender) {
+                    self.datagram(pid, msg, stranger)?;
                 }
             }
             Move::Fork(k) => {
@@ -376,141 +350,191 @@ impl World {
                     self.pids.child_exits(g);
                 }
             }
-            Move::HealthCheckExits { passed } => self.health_check_exits(passed)?,
-            Move::Ping => {
-                let at = self.at();
-                if let Some(life) = self.serving.and_then(|g| self.lives.get_mut(&g)) {
-                    life.ping(at);
+            Move::HealthCheckExits { passed } => {
+                if let Some(g) = self.pids.checks.keys().next().copied() {
+                    self.check_exits(g, passed)?;
                 }
             }
-            Move::Extend(ms) => {
-                let (at, now) = (self.at(), self.now);
-                // Extended once at most by its ready timeout (so that the
-                // callers' deadline of invariant 3 holds).
-                if let Some((g, spawned)) = self.starting
-                    && now - spawned < READY_TIMEOUT
-                    && let Some(life) = self.lives.get_mut(&g)
+            Move::Orphan => {
+                let pid = self.pids.fresh_pid();
+                self.feed(Input::Exited { pid, exit: Exit::Code(0) })?;
+            }
+            Move::Handoff(k) => {
+                if let Some(g) = self.pids.pick(k)
+                    && self.handoff.insert(g)
                 {
-                    life.extend(at, ms.min(READY_TIMEOUT.as_millis() as u64) * 1000);
+                    self.feed(Input::HandoffConnected { generation: g })?;
                 }
             }
-            Move::StaleFail => {
-                let generation = self.last_spawned.saturating_sub(1);
-                if self.starting.is_some_and(|(g, _)| g == generation) {
-                    return Ok(());
+            Move::Blocked => self.feed(Input::HandoffBlocked)?,
+            Move::Reap => {
+                if !self.dying.is_empty() {
+                    let (pid, leader) = self.dying.remove(0);
+                    self.reap_killed(pid, leader)?;
                 }
-                let response = Response::Stopping;
-                self.feed(Input::StartFailed { generation, serving: self.serving.is_some(), response })?;
             }
-            Move::Crash => {
-                if self.core.is_stopping() {
-                    return Ok(());
+            Move::Output => {
+                if let Some(generation) = self.output_pending.take() {
+                    self.feed(Input::OutputComplete { generation })?;
                 }
-                let Some(g) = self.serving.take() else { return Ok(()) };
-                self.reap(g)?;
-                self.failures.push(self.now);
-                self.feed(Input::ServingLost(Lost::Crashed))?;
             }
-            Move::Hang | Move::SelfStop => {
-                if self.core.is_stopping() {
-                    return Ok(());
+            Move::Stale(k) => {
+                // Late news of a generation that is gone (or never was):
+                // its output, or a process it left connecting to the
+                // handoff socket.
+                let generation = self.last_spawned.saturating_sub(u64::from(k % 3));
+                if k % 2 == 1 && !self.pids.gens.contains_key(&generation) {
+                    self.feed(Input::HandoffConnected { generation })?;
+                } else if self.output_pending != Some(generation) {
+                    self.feed(Input::OutputComplete { generation })?;
                 }
-                self.serving_lost(if m == Move::Hang { Lost::Hung } else { Lost::Stopping })?;
             }
-            Move::DrainExit => {
-                let Some(g) = self.oldest_draining() else { return Ok(()) };
-                self.reap(g)?;
-                self.exited()?;
+            Move::Upgrade => self.feed(Input::UpgradeRequested)?,
+            Move::Probed { ok } => {
+                if std::mem::take(&mut self.probing) {
+                    self.feed(Input::UpgradeProbed { ok })?;
+                }
             }
+            Move::Next(choice) => match choice {
+                Choice::SpawnFails => self.choices.spawn_fails = true,
+                Choice::CheckNotRun => self.choices.check_not_run = true,
+                Choice::OutputNow => self.choices.output_later = None,
+                Choice::OutputLater => self.choices.output_later = Some(true),
+                Choice::OutputNever => self.choices.output_later = Some(false),
+                Choice::UpgradeAbandoned(yes) => self.choices.upgrade_abandoned = yes,
+                Choice::SigtermInTurn => self.choices.sigterm_in_turn = true,
+            },
+            Move::Tick => self.feed(Input::Tick)?,
             Move::Advance(ms) => self.advance(self.now + Duration::from_millis(ms))?,
         }
         Ok(())
     }
 
-    /// The serving generation hangs (the watchdog: SIGABRT) or says
-    /// `STOPPING=1`: it drains.
-    pub(super) fn serving_lost(&mut self, lost: Lost) -> Result<(), Violation> {
-        let Some(g) = self.serving.take() else { return Ok(()) };
-        // SIGABRT for the watchdog; none after its own STOPPING=1.
-        self.drain(g, lost == Lost::Hung)?;
-        if lost == Lost::Hung {
-            self.failures.push(self.now);
-        }
-        self.feed(Input::ServingLost(lost))
+    /// A generation's leader exits on its own (`exit`).
+    fn exits(&mut self, who: Who, exit: Exit) -> Result<(), Violation> {
+        let g = match who {
+            Who::Starting => self.starting(),
+            Who::Active => self.active(),
+            Who::OldestDraining => self.oldest_draining(),
+            Who::Any(k) => self.pids.pick(k),
+        };
+        let Some(g) = g else { return Ok(()) };
+        // It ended before the SIGKILL it may have been sent.
+        self.dying.retain(|(_, leader)| *leader != Some(g));
+        self.leader_exits(g, exit)
     }
 
-    /// A generation exited: the shell's `check_stopped`.
-    pub(super) fn exited(&mut self) -> Result<(), Violation> {
-        if self.nothing_left() && self.core.is_stopping() && !self.core.has_ended() {
-            self.feed(Input::AllGone)?;
+    /// Generation `g`'s leader ended and is reaped: the shell feeds its
+    /// exit; the core must then SIGKILL what is left of its group.
+    pub(super) fn leader_exits(&mut self, g: u64, exit: Exit) -> Result<(), Violation> {
+        let Some(procs) = self.pids.reaped(g) else { return Ok(()) };
+        if !self.reaped.insert(g) {
+            return Err(format!("generation {g} reaped twice"));
+        }
+        self.group_pending.insert(g, procs.descendants);
+        self.feed(Input::Exited { pid: procs.leader, exit })
+    }
+
+    /// Generation `g`'s health check ends on its own.
+    fn check_exits(&mut self, g: u64, passed: bool) -> Result<(), Violation> {
+        let Some(pid) = self.pids.take_health_check(g) else { return Ok(()) };
+        self.pids.exit_pid(pid);
+        self.feed(Input::Exited { pid, exit: Exit::Code(if passed { 0 } else { 1 }) })
+    }
+
+    /// A process sent SIGKILL dies and is reaped.
+    fn reap_killed(&mut self, pid: u32, leader: Option<u64>) -> Result<(), Violation> {
+        let killed = Exit::Other("killed by SIGKILL".into());
+        match leader {
+            Some(g) => self.leader_exits(g, killed),
+            None => {
+                self.pids.exit_pid(pid);
+                self.feed(Input::Exited { pid, exit: killed })
+            }
+        }
+    }
+
+    /// Every process sent SIGKILL dies (the kernel does not wait for time
+    /// to pass).
+    fn reap_all_killed(&mut self) -> Result<(), Violation> {
+        while !self.dying.is_empty() && !self.has_ended() {
+            let (pid, leader) = self.dying.remove(0);
+            self.reap_killed(pid, leader)?;
         }
         Ok(())
     }
 
-    /// Moves time to `until`, handling every deadline on the way in order,
-    /// like the shell's timers.
+    /// Moves time to `until`, feeding [`Input::Tick`] at every deadline of
+    /// the core's on the way, like the shell's timer.
     pub(super) fn advance(&mut self, until: Duration) -> Result<(), Violation> {
+        let mut ticks_here = 0;
         loop {
-            if self.core.has_ended() {
+            self.reap_all_killed()?;
+            if self.has_ended() {
                 return Ok(());
             }
-            let backoff = self.core.next_deadline();
-            let lives = self.lives.values().filter_map(Life::next_deadline);
-            let next = backoff.into_iter().chain(lives).min().map(|at| at - self.base);
+            let next = self.core.next_deadline().map(|at| at.saturating_duration_since(self.base));
             match next {
                 Some(at) if at <= until => {
-                    self.now = self.now.max(at);
-                    let at = self.at();
-                    let due = self.lives.iter().find_map(|(g, l)| l.due(at).map(|d| (*g, d)));
-                    match due {
-                        Some((g, Due::ReadyTimeout | Due::HealthCheckTimeout)) => {
-                            // The shell drains it and reports the failure.
-                            self.starting = None;
-                            self.drain(g, true)?;
-                            self.fail_start(g)?;
-                        }
-                        Some((g, Due::Kill)) => {
-                            // SIGKILL: it is gone.
-                            self.reap(g)?;
-                            self.exited()?;
-                        }
-                        Some((_, Due::Watchdog)) => self.serving_lost(Lost::Hung)?,
-                        None => self.feed(Input::Tick)?,
+                    ticks_here = if at <= self.now { ticks_here + 1 } else { 0 };
+                    if ticks_here > TICKS_AT_ONE_INSTANT {
+                        return Err(format!("the deadline at {at:?} never clears (now {:?})", self.now));
                     }
+                    self.now = self.now.max(at);
+                    self.feed(Input::Tick)?;
                 }
                 _ => {
                     self.now = until;
-                    return Ok(());
+                    return self.check();
                 }
             }
         }
     }
 
     /// Stops everything and lets every deadline pass: the run must end,
-    /// with no caller left waiting.
+    /// with no caller left waiting and nothing left running.
     pub(super) fn finish(&mut self) -> Result<(), Violation> {
-        if !self.core.has_ended() {
+        if !self.has_ended() {
             let waiter = self.token(true, Asked::Stop);
             self.feed(Input::StopRequested { waiter })?;
             self.advance(self.now + 2 * (READY_TIMEOUT + STOP_TIMEOUT))?;
         }
-        if !self.core.has_ended() {
+        if !self.has_ended() {
             return Err("the stop never completed".into());
         }
+        let ended = self.ended.take();
+        // Even after the crash-loop verdict: its waiters hear "stopping".
         if let Some(t) = self.waiting.keys().next() {
             return Err(format!("{t:?} never answered"));
         }
-        // Invariant 9: every generation spawned was signalled or exited,
-        // and reaped; none of its processes is left.
-        if let Some(g) = self.spawned.difference(&self.reaped).next() {
-            return Err(format!("generation {g} was never reaped"));
+        if !matches!(ended, Some(Ended::CrashLoop(_))) && !self.upstream.stopping {
+            return Err("stopped without STOPPING=1 upstream".into());
         }
-        if let Some((g, p)) = self.pids.gens.iter().next() {
-            return Err(format!("generation {g}'s processes {p:?} outlived the run"));
-        }
-        match self.core.take_ended() {
+        self.everything_reaped()?;
+        match ended {
             Some(Ended::Stopped | Ended::CrashLoop(_)) => Ok(()),
             None => Err("ended without a verdict".into()),
         }
+    }
+}
+
+/// An input's name, for violations.
+fn kind(input: &Input) -> &'static str {
+    match input {
+        Input::RestartRequested { .. } => "RestartRequested",
+        Input::StopRequested { .. } => "StopRequested",
+        Input::Spawned { .. } => "Spawned",
+        Input::SpawnFailed { .. } => "SpawnFailed",
+        Input::HealthCheckStarted { .. } => "HealthCheckStarted",
+        Input::HealthCheckNotRun { .. } => "HealthCheckNotRun",
+        Input::Notified { .. } => "Notified",
+        Input::Exited { .. } => "Exited",
+        Input::OutputComplete { .. } => "OutputComplete",
+        Input::HandoffConnected { .. } => "HandoffConnected",
+        Input::HandoffBlocked => "HandoffBlocked",
+        Input::UpgradeRequested => "UpgradeRequested",
+        Input::UpgradeProbed { .. } => "UpgradeProbed",
+        Input::UpgradeAbandoned => "UpgradeAbandoned",
+        Input::Tick => "Tick",
     }
 }
