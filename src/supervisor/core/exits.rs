@@ -156,9 +156,10 @@ impl Core {
         self.check_stopped();
     }
 
-    /// Once no generation is left, a stop is complete.
+    /// Once no generation is left (and none is being spawned), a stop is
+    /// complete.
     pub(super) fn check_stopped(&mut self) {
-        if !self.gens.is_empty() {
+        if !self.gens.is_empty() || self.spawning.is_some() {
             return;
         }
         if let Phase::Stopping { waiters } = &mut self.phase {

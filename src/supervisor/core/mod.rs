@@ -167,6 +167,10 @@ pub(super) struct Core {
     restart_reset: RestartReset,
     flush_retry: Option<Instant>,
     upgrade: Option<Upgrade>,
+    /// The generation the shell is spawning ([`Action::Spawn`] given, its
+    /// [`Input::Spawned`] or [`Input::SpawnFailed`] not yet): a stop does
+    /// not end while it may still appear.
+    spawning: Option<u64>,
     actions: Vec<Action>,
 }
 
@@ -183,6 +187,7 @@ impl Core {
             restart_reset: RestartReset::Waiting,
             flush_retry: None,
             upgrade: None,
+            spawning: None,
             actions: Vec::new(),
         }
     }
@@ -207,7 +212,7 @@ impl Core {
             Input::RestartRequested { waiter } => self.request_restart(waiter),
             Input::StopRequested { waiter } => self.begin_stop(now, waiter),
             Input::Spawned { generation, leader } => self.spawned(now, generation, leader),
-            Input::SpawnFailed { generation, why } => self.fail_start(now, generation, StartFailure::SpawnFailed(why)),
+            Input::SpawnFailed { generation, why } => self.spawn_failed(now, generation, why),
             Input::HealthCheckStarted { generation, pid } => self.health_check_started(generation, pid),
             Input::HealthCheckNotRun { generation, why } => {
                 self.fail_start(now, generation, StartFailure::HealthCheckNotRun(why))

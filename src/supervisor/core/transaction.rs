@@ -35,11 +35,15 @@ impl Core {
         // app's ready timeout does.
         let usec = micros(self.policy.ready_timeout).saturating_add(5_000_000);
         self.upstream(Upstream::ExtendTimeout { usec });
+        self.spawning = Some(generation);
         self.actions.push(Action::Spawn { generation, trigger });
     }
 
     /// The restart's generation runs.
     pub(super) fn spawned(&mut self, now: Instant, generation: u64, leader: u32) {
+        if self.spawning == Some(generation) {
+            self.spawning = None;
+        }
         if self.index(generation).is_some() {
             return;
         }
@@ -53,10 +57,25 @@ impl Core {
             handoff: false,
         });
         if self.restart().is_none_or(|(g, _)| g != generation) {
-            // Its restart ended before it ran (a stop): it only drains.
+            // Its restart ended while it was being spawned (a stop signal
+            // handed over first, see `Supervisor::feed`): it only drains,
+            // and the stop waits for it (`check_stopped`). Found by the
+            // simulation: the stop used to end the run at once, with the
+            // table still empty, and this generation was never reaped.
             let i = self.gens.len() - 1;
-            self.drain(now, i, Some(Sig::Stop));
+            let signal = if matches!(self.phase, Phase::Ended(_)) { Sig::Kill } else { Sig::Stop };
+            self.drain(now, i, Some(signal));
         }
+    }
+
+    /// The restart's generation could not be spawned.
+    pub(super) fn spawn_failed(&mut self, now: Instant, generation: u64, why: String) {
+        if self.spawning == Some(generation) {
+            self.spawning = None;
+        }
+        self.fail_start(now, generation, StartFailure::SpawnFailed(why));
+        // A stop that came while it was being spawned may be complete.
+        self.check_stopped();
     }
 
     /// READY=1 from generation `i`.

@@ -215,14 +215,10 @@ fn an_upgrade_is_adopted_by_a_new_core() {
 /// table is empty: the stop ends the run at once (`Ended::Stopped`).
 /// `Spawned` then lists generation 2 in the ended core and only sends it
 /// `--stop-signal`; the run loop returns, and generation 2 is never
-/// waited for, killed or reaped ("generation 2 was never reaped"). It
-/// passes with the stop resumed in `spawned()` (`Phase::Ended(Stopped)`
-/// back to `Stopping`) or, better, a stop that does not end while the
-/// restart's spawn is in flight. Ignored until the core is fixed (not this
-/// branch's file); `cargo test -p baton --lib -- --ignored
-/// a_spawn_in_flight` runs it.
+/// waited for, killed or reaped ("generation 2 was never reaped"). Fixed:
+/// a stop does not end while the restart's spawn is in flight
+/// (`Core::check_stopped`), and the generation drains when it appears.
 #[test]
-#[ignore = "core bug, reported: a stop during a spawn leaves the new generation unreaped"]
 fn a_spawn_in_flight_when_the_stop_ends_the_run_is_never_reaped() {
     let seed_3 = Config { access: NotifyAccess::Main, health_check: true, watchdog: false };
     let moves =
