@@ -617,7 +617,7 @@ fn deb_lifecycle(flavor: Flavor, name: &str) {
     assert_eq!(bed.exe(&main2), "/usr/bin/baton", "the new Baton runs the new file (not a deleted one)");
     let httpd2 = bed.wait_serving(port);
     assert_ne!(httpd2, httpd1);
-    assert_eq!(bed.exe(&httpd2.to_string()), "/usr/bin/baton-httpd");
+    assert_eq!(bed.exe(httpd2), "/usr/bin/baton-httpd");
     assert!(report.pids.contains(&httpd1) && report.pids.contains(&httpd2), "{report:?}");
     assert!(
         report.handed_over > 0,

@@ -363,7 +363,7 @@ fn baton_crash(b: &Bed, kill_mode: &str) {
         // The reason `process` is never generated: the orphan escapes both
         // Batons and the stop.
         assert_eq!(after_stop, vec![pid1], "KillMode=process: the orphaned generation outlives `systemctl stop`");
-        b.signal(&pid1.to_string(), "KILL");
+        b.signal(pid1, "KILL");
     } else {
         assert_eq!(after_stop, Vec::<u32>::new(), "KillMode={kill_mode}: `systemctl stop` left probes running");
     }
@@ -919,7 +919,7 @@ fn crash_costs(b: &Bed, kill_mode: &str) -> Costs {
     for pid in &after_stop {
         // Only `process` leaves one (asserted by the caller); the testbed's
         // teardown would end it too.
-        b.signal(&pid.to_string(), "KILL");
+        b.signal(pid, "KILL");
     }
     Costs {
         kill_mode: kill_mode.to_owned(),
