@@ -19,7 +19,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use baton_testbed::baton::BatonBuilder;
-use baton_testbed::{Flavor, Testbed, free_loopback_port, poll_until, skip_unless_root};
+use baton_testbed::{Bed, Flavor, Testbed, free_loopback_port, poll_until};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -391,30 +391,19 @@ fn piped(tb: &Testbed, name: &str, not: &[u32]) {
     );
 }
 
-fn identity(flavor: Flavor, version: u32, name: &str) {
-    if !skip_unless_root(name) {
-        return;
-    }
-    let tb = Testbed::boot(flavor).unwrap_or_else(|e| panic!("{name}: boot: {e}"));
-    assert_eq!(tb.systemd_version(), version);
+fn identity(flavor: Flavor, name: &str) {
+    let Some(bed) = Bed::boot(flavor, name) else { return };
+    let tb = &bed.tb;
+    assert_eq!(tb.systemd_version(), flavor.expected_systemd());
     std::fs::copy(env!("CARGO_BIN_EXE_baton"), tb.host_path(BATON_INSIDE)).unwrap();
     tb.write_file(APP_INSIDE, APP).unwrap();
-    run(&tb, &["chmod", "755", APP_INSIDE]);
-    let earlier = inherited(&tb, name);
-    piped(&tb, name, &earlier);
+    run(tb, &["chmod", "755", APP_INSIDE]);
+    let earlier = inherited(tb, name);
+    piped(tb, name, &earlier);
 }
 
-#[test]
-fn systemd_252() {
-    identity(Flavor::Host, 252, "systemd_252");
-}
-
-#[test]
-fn systemd_257() {
-    identity(Flavor::Trixie, 257, "systemd_257");
-}
-
-#[test]
-fn systemd_262() {
-    identity(Flavor::Forky, 262, "systemd_262");
+baton_testbed::systemd_tests! { identity:
+    systemd_252: Host,
+    systemd_257: Trixie,
+    systemd_262: Forky,
 }

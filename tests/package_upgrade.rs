@@ -3,8 +3,8 @@
 //! upgraded under loopback load.
 //!
 //! Each upgrade (`dpkg -i` and `apt-get install` of a newer .deb on every
-//! flavor in [`deb_upgrade_tests!`], `rpm -U` on 252) must: fail no request
-//! (`baton_testbed::load`, fresh and keep-alive connections), keep every one
+//! flavor in the [`baton_testbed::systemd_tests!`] list, `rpm -U` on 252)
+//! must: fail no request (`baton_testbed::load`, fresh and keep-alive connections), keep every one
 //! of [`IDLE`] idle keep-alive connections opened before it (each answers
 //! afterwards, from the new generation: handed over), keep systemd's
 //! `MainPID` (`baton upgrade` re-executes the new binary in place) and
@@ -19,15 +19,16 @@
 //! rpm case) `rpm`; without them the tests skip outside CI and fail in CI.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::BufReader;
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use baton_testbed::httpd;
 use baton_testbed::load::{Load, LoadConfig, LoadReport, Mode};
-use baton_testbed::{CmdOutput, Flavor, Testbed, free_loopback_port, skip_unless_root};
+use baton_testbed::{Bed, CmdOutput, Flavor, skip_unless_root};
 
 /// Generous: the machine is a noisy 2-core box.
 const WAIT: Duration = Duration::from_secs(60);
@@ -40,21 +41,12 @@ const SOCKET: &str = "baton-httpd.socket";
 /// What the running Baton's probe of the fallback package's `baton` prints.
 const PROBE_REFUSAL: &str = "this baton reads state format 99 only";
 
-/// One `#[test]` per systemd flavor running the .deb upgrades: adding a
-/// flavor is one line (`deb_upgrades_on_262: Flavor::Forky, 262;`).
-macro_rules! deb_upgrade_tests {
-    ($($name:ident: $flavor:expr, $version:expr;)*) => {$(
-        #[test]
-        fn $name() {
-            deb_upgrades($flavor, $version, stringify!($name));
-        }
-    )*};
-}
-
-deb_upgrade_tests! {
-    deb_upgrades_on_252: Flavor::Host, 252;
-    deb_upgrades_on_257: Flavor::Trixie, 257;
-    deb_upgrades_on_262: Flavor::Forky, 262;
+// One `#[test]` per systemd flavor running the .deb upgrades: adding a
+// flavor is one line (`deb_upgrades_on_262: Forky,`).
+baton_testbed::systemd_tests! { deb_upgrades:
+    deb_upgrades_on_252: Host,
+    deb_upgrades_on_257: Trixie,
+    deb_upgrades_on_262: Forky,
 }
 
 // ---- building -----------------------------------------------------------------
@@ -208,44 +200,33 @@ fn scripts_upgrade_in_place_without_sysv() {
 
 // ---- the testbed ---------------------------------------------------------------
 
-struct Bed {
-    tb: Testbed,
-    port: u16,
-    name: String,
-}
-
-impl Bed {
+/// What the upgrade tests add to the shared [`Bed`].
+trait UpgradeBed {
     /// Boots `flavor` with the socket moved to a free loopback port (the
     /// network namespace is the host's) and no policy-rc.d.
-    fn boot(flavor: Flavor, name: &str) -> Bed {
-        let tb = Testbed::boot(flavor).unwrap_or_else(|e| panic!("{name}: boot {flavor}: {e}"));
-        let bed = Bed { tb, port: free_loopback_port(), name: name.to_owned() };
-        bed.run(&["rm", "-f", "/usr/sbin/policy-rc.d"]);
+    fn boot_prepared(flavor: Flavor, name: &str) -> Option<Bed>;
+    /// Runs a package operation (its long timeout), which must succeed.
+    fn package_op(&self, argv: &[&str]) -> CmdOutput;
+    /// Number of baton-httpd processes (generations) inside.
+    fn generations_running(&self) -> usize;
+    fn addr(&self) -> SocketAddr;
+}
+
+impl UpgradeBed for Bed {
+    fn boot_prepared(flavor: Flavor, name: &str) -> Option<Bed> {
+        let bed = Bed::builder(flavor, name).wait(WAIT).boot()?;
+        bed.package_op(&["rm", "-f", "/usr/sbin/policy-rc.d"]);
         let dropin = format!("[Socket]\nListenStream=\nListenStream=127.0.0.1:{}\n", bed.port);
         bed.tb.write_file("/etc/systemd/system/baton-httpd.socket.d/port.conf", &dropin).unwrap();
-        bed
+        Some(bed)
     }
 
-    fn run(&self, argv: &[&str]) -> CmdOutput {
-        let out = self.tb.run_with_timeout(argv, PACKAGE_OP).unwrap_or_else(|e| panic!("{}: {argv:?}: {e}", self.name));
-        assert!(out.success(), "{}: {out}", self.name);
-        out
+    fn package_op(&self, argv: &[&str]) -> CmdOutput {
+        self.run_ok_with_timeout(argv, PACKAGE_OP)
     }
 
-    fn show(&self, prop: &str) -> String {
-        self.tb.show(SERVICE, prop).unwrap_or_else(|e| panic!("{}: show {prop}: {e}", self.name))
-    }
-
-    fn carry(&self, pkg: &Path) -> String {
-        let dest = self.tb.scratch().join(pkg.file_name().unwrap());
-        std::fs::copy(pkg, &dest).unwrap_or_else(|e| panic!("copy {}: {e}", pkg.display()));
-        dest.to_str().unwrap().to_owned()
-    }
-
-    /// Number of baton-httpd processes (generations) inside.
     fn generations_running(&self) -> usize {
-        let script = "for p in /proc/[0-9]*; do [ \"$(cat $p/comm 2>/dev/null)\" = baton-httpd ] && echo; done; true";
-        self.run(&["/bin/sh", "-c", script]).stdout.lines().count()
+        self.pids_named("baton-httpd").len()
     }
 
     fn addr(&self) -> SocketAddr {
@@ -257,29 +238,11 @@ impl Bed {
 
 /// One `GET /` on `conn` (kept alive): the answering generation.
 fn get(conn: &mut BufReader<TcpStream>) -> Result<u64, String> {
-    conn.get_mut()
-        .write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: keep-alive\r\n\r\n")
-        .map_err(|e| format!("write: {e}"))?;
-    let mut line = String::new();
-    if conn.read_line(&mut line).map_err(|e| format!("read: {e}"))? == 0 {
-        return Err("closed by the server".into());
+    let r = httpd::get(conn, "/", false)?;
+    if r.status != 200 {
+        return Err(format!("status {}", r.status));
     }
-    if !line.starts_with("HTTP/1.1 200") {
-        return Err(format!("status line {line:?}"));
-    }
-    let mut headers = BTreeMap::new();
-    loop {
-        line.clear();
-        conn.read_line(&mut line).map_err(|e| format!("read headers: {e}"))?;
-        match line.trim_end().split_once(':') {
-            Some((k, v)) => headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned()),
-            None => break,
-        };
-    }
-    let field = |k: &str| headers.get(k).and_then(|v| v.parse::<u64>().ok()).ok_or(format!("no {k}: {headers:?}"));
-    let mut body = vec![0; field("content-length")? as usize];
-    conn.read_exact(&mut body).map_err(|e| format!("read body: {e}"))?;
-    field("baton-generation")
+    r.generation()
 }
 
 fn open_idle(addr: SocketAddr) -> (Vec<BufReader<TcpStream>>, u64) {
@@ -312,7 +275,7 @@ struct Figures {
 /// connections open; every figure printed, none asserted (the caller does).
 fn upgrade_under_load(bed: &Bed, what: &str, argv: &[&str]) -> Figures {
     let (mut idle, generation_before) = open_idle(bed.addr());
-    let main_before = bed.show("MainPID");
+    let main_before = bed.show(SERVICE, "MainPID");
     let config = |mode: Mode, connections: usize, rate: u32| {
         LoadConfig::new(bed.addr())
             .path("/")
@@ -347,16 +310,16 @@ fn upgrade_under_load(bed: &Bed, what: &str, argv: &[&str]) -> Figures {
     let answers: Vec<Result<u64, String>> = idle.iter_mut().map(get).collect();
     let idle_generations: Vec<u64> = answers.iter().filter_map(|a| a.as_ref().ok().copied()).collect();
     let generation_after = bed
-        .show("StatusText")
+        .show(SERVICE, "StatusText")
         .strip_prefix("generation ")
         .and_then(|s| s.split_whitespace().next())
         .and_then(|g| g.parse().ok())
-        .unwrap_or_else(|| panic!("{}: StatusText {:?}", bed.name, bed.show("StatusText")));
+        .unwrap_or_else(|| panic!("{}: StatusText {:?}", bed.name, bed.show(SERVICE, "StatusText")));
     let figures = Figures {
         took,
         idle_kept: idle_generations.len(),
         idle_generations,
-        main_pid: (main_before, bed.show("MainPID")),
+        main_pid: (main_before, bed.show(SERVICE, "MainPID")),
         generation: (generation_before, generation_after),
         output,
         load,
@@ -419,15 +382,15 @@ fn assert_in_place(bed: &Bed, what: &str, f: &Figures) {
     );
 }
 
-fn deb_upgrades(flavor: Flavor, version: u32, name: &str) {
+fn deb_upgrades(flavor: Flavor, name: &str) {
     if !skip_unless_root(name) {
         return;
     }
     let Some(b) = built(name) else { return };
-    let bed = Bed::boot(flavor, name);
-    assert_eq!(bed.tb.systemd_version(), version);
+    let Some(bed) = Bed::boot_prepared(flavor, name) else { return };
+    assert_eq!(bed.tb.systemd_version(), flavor.expected_systemd());
     let debs = b.deb.each_ref().map(|d| bed.carry(d));
-    bed.run(&["dpkg", "-i", &debs[0]]);
+    bed.package_op(&["dpkg", "-i", &debs[0]]);
     bed.tb.wait_for("baton-httpd serving", WAIT, || TcpStream::connect(bed.addr()).is_ok()).unwrap();
     let socket_since = bed.tb.show(SOCKET, "ActiveEnterTimestampMonotonic").unwrap();
 
@@ -469,12 +432,12 @@ fn rpm_upgrade_on_252() {
         return;
     }
     let Some(b) = built(name) else { return };
-    let bed = Bed::boot(Flavor::Host, name);
+    let Some(bed) = Bed::boot_prepared(Flavor::Host, name) else { return };
     let (rpm1, rpm2) = (bed.carry(&b.rpm[0]), bed.carry(&b.rpm[1]));
     // --nodeps: the rpm database of a Debian system knows no libc.
-    bed.run(&["rpm", "-i", "--nodeps", &rpm1]);
+    bed.package_op(&["rpm", "-i", "--nodeps", &rpm1]);
     bed.tb.wait_for("baton-httpd serving", WAIT, || TcpStream::connect(bed.addr()).is_ok()).unwrap();
     let f = upgrade_under_load(&bed, "rpm -U", &["rpm", "-U", "--nodeps", &rpm2]);
     assert_in_place(&bed, "rpm -U", &f);
-    bed.run(&["rpm", "-e", "baton"]);
+    bed.package_op(&["rpm", "-e", "baton"]);
 }

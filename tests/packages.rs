@@ -27,7 +27,7 @@
 //! outside CI and fail in CI (`CI=true`).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -36,7 +36,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use baton_testbed::{CmdOutput, Flavor, Testbed, free_loopback_port, skip_unless_root};
+use baton_testbed::httpd;
+use baton_testbed::{Bed, CmdOutput, Flavor, free_loopback_port, skip_unless_root};
 
 /// Generous: the machine is a noisy 2-core box.
 const WAIT: Duration = Duration::from_secs(60);
@@ -334,51 +335,12 @@ struct Response {
 
 /// `GET /` on `stream`; `close` asks the server to close afterwards.
 fn request(stream: &mut BufReader<TcpStream>, close: bool) -> Result<Response, String> {
-    let connection = if close { "close" } else { "keep-alive" };
-    stream
-        .get_mut()
-        .write_all(format!("GET / HTTP/1.1\r\nHost: localhost\r\nConnection: {connection}\r\n\r\n").as_bytes())
-        .map_err(|e| format!("write: {e}"))?;
-    let mut line = String::new();
-    let n = stream.read_line(&mut line).map_err(|e| format!("read status line: {e}"))?;
-    if n == 0 {
-        return Err("closed without a response".into());
-    }
-    let status: u16 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("bad status line {line:?}"))?;
-    let mut headers = BTreeMap::new();
-    loop {
-        line.clear();
-        stream.read_line(&mut line).map_err(|e| format!("read headers: {e}"))?;
-        let l = line.trim_end();
-        if l.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = l.split_once(':') {
-            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
-        }
-    }
-    let len: usize = headers
-        .get("content-length")
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| format!("no Content-Length in {headers:?}"))?;
-    let mut body = vec![0; len];
-    stream.read_exact(&mut body).map_err(|e| format!("read body: {e}"))?;
-    let pid =
-        headers.get("baton-pid").and_then(|v| v.parse().ok()).ok_or_else(|| format!("no baton-pid: {headers:?}"))?;
-    let close = headers.get("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
-    Ok(Response { status, pid, close, body })
+    let r = httpd::get(stream, "/", close)?;
+    Ok(Response { status: r.status, pid: r.pid()?, close: r.closes(), body: r.body })
 }
 
 fn connect(port: u16) -> Result<BufReader<TcpStream>, String> {
-    let s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
-    s.set_read_timeout(Some(WAIT)).map_err(|e| format!("timeout: {e}"))?;
-    s.set_write_timeout(Some(WAIT)).map_err(|e| format!("timeout: {e}"))?;
-    s.set_nodelay(true).map_err(|e| format!("nodelay: {e}"))?;
-    Ok(BufReader::new(s))
+    httpd::connect(port, WAIT)
 }
 
 fn check(r: &Response) -> Result<(), String> {
@@ -521,85 +483,39 @@ fn get(port: u16) -> Result<u32, String> {
 
 // ---- the testbed side ----------------------------------------------------------
 
-struct Bed {
-    tb: Testbed,
-    port: u16,
-    name: String,
-}
-
-impl Bed {
+/// What the package tests add to the shared [`Bed`].
+trait PackageBed {
     /// Boots `flavor`, prepared like a freshly booted machine: the listening
     /// port moved to a free loopback one by a drop-in (as an admin would;
     /// the network namespace is the host's, so port 80 is not an option),
     /// and no Docker-style policy-rc.d that forbids starting services.
-    fn boot(flavor: Flavor, name: &str) -> Bed {
-        let tb = Testbed::boot(flavor).unwrap_or_else(|e| panic!("{name}: boot {flavor}: {e}"));
-        let port = free_loopback_port();
-        let bed = Bed { tb, port, name: name.to_owned() };
-        bed.run_ok(&["rm", "-f", "/usr/sbin/policy-rc.d"]);
-        bed.tb
-            .write_file(
-                "/etc/systemd/system/baton-httpd.socket.d/port.conf",
-                &format!("[Socket]\nListenStream=\nListenStream=127.0.0.1:{port}\n"),
-            )
-            .unwrap();
-        bed
-    }
-
-    fn run(&self, argv: &[&str]) -> CmdOutput {
-        self.tb.run(argv).unwrap_or_else(|e| panic!("{}: {argv:?}: {e}", self.name))
-    }
-
-    fn run_ok(&self, argv: &[&str]) -> String {
-        let out = self.run(argv);
-        assert!(out.success(), "{}: {out}", self.name);
-        out.stdout
-    }
-
+    fn boot_prepared(flavor: Flavor, name: &str) -> Option<Bed>;
     /// A package operation, with its long timeout; returns its output.
+    fn package_op(&self, argv: &[&str]) -> CmdOutput;
+    /// The socket unit's listener was never closed: it entered `active`
+    /// once and never left.
+    fn socket_epoch(&self) -> (String, String);
+    fn wait_serving(&self, port: u16) -> u32;
+}
+
+impl PackageBed for Bed {
+    fn boot_prepared(flavor: Flavor, name: &str) -> Option<Bed> {
+        let bed = Bed::builder(flavor, name).wait(WAIT).boot()?;
+        bed.run_ok(&["rm", "-f", "/usr/sbin/policy-rc.d"]);
+        bed.write_file(
+            "/etc/systemd/system/baton-httpd.socket.d/port.conf",
+            &format!("[Socket]\nListenStream=\nListenStream=127.0.0.1:{}\n", bed.port),
+        );
+        Some(bed)
+    }
+
     fn package_op(&self, argv: &[&str]) -> CmdOutput {
         let t0 = Instant::now();
-        let out = self.tb.run_with_timeout(argv, PACKAGE_OP).unwrap_or_else(|e| panic!("{}: {argv:?}: {e}", self.name));
-        assert!(out.success(), "{}: {out}", self.name);
+        let out = self.run_ok_with_timeout(argv, PACKAGE_OP);
         eprintln!("{}: {argv:?} took {:?}", self.name, t0.elapsed());
         out
     }
 
-    fn show(&self, unit: &str, prop: &str) -> String {
-        self.tb.show(unit, prop).unwrap_or_else(|e| panic!("{}: show {unit} {prop}: {e}", self.name))
-    }
-
-    fn systemctl_ok(&self, args: &[&str]) {
-        self.tb.systemctl_checked(args).unwrap_or_else(|e| panic!("{}: systemctl {args:?}: {e}", self.name));
-    }
-
-    fn wait_for(&self, what: &str, mut pred: impl FnMut() -> bool) {
-        self.tb.wait_for(what, WAIT, &mut pred).unwrap_or_else(|e| panic!("{}: {e}", self.name));
-    }
-
-    /// Copies `pkg` into the shared scratch directory; returns its path there.
-    fn carry(&self, pkg: &Path) -> String {
-        let dest = self.tb.scratch().join(pkg.file_name().unwrap());
-        std::fs::copy(pkg, &dest).unwrap_or_else(|e| panic!("copy {}: {e}", pkg.display()));
-        dest.to_str().unwrap().to_owned()
-    }
-
-    /// `readlink /proc/PID/exe` inside.
-    fn exe(&self, pid: &str) -> String {
-        self.run_ok(&["readlink", &format!("/proc/{pid}/exe")]).trim().to_owned()
-    }
-
-    /// Pids of processes named `comm` inside (from /proc: the trixie root
-    /// has no pgrep).
-    fn pids_named(&self, comm: &str) -> Vec<String> {
-        let script = format!(
-            "for p in /proc/[0-9]*; do [ \"$(cat $p/comm 2>/dev/null)\" = {comm} ] && echo ${{p#/proc/}}; done; true"
-        );
-        self.run_ok(&["/bin/sh", "-c", &script]).lines().map(str::to_owned).collect()
-    }
-
-    /// The socket unit's listener was never closed: it entered `active`
-    /// once and never left.
     fn socket_epoch(&self) -> (String, String) {
         (self.show(SOCKET, "ActiveEnterTimestampMonotonic"), self.show(SOCKET, "InactiveEnterTimestampMonotonic"))
     }
@@ -647,13 +563,13 @@ fn under_load(bed: &Bed, port: u16, what: &str, action: impl FnOnce()) -> LoadRe
 }
 
 /// The whole life of the .deb on one systemd.
-fn deb_lifecycle(flavor: Flavor, version: u32, name: &str) {
+fn deb_lifecycle(flavor: Flavor, name: &str) {
     if !skip_unless_root(name) || !have_tools(name, &[("curl", "apt-get install curl")]) {
         return;
     }
     let Some(b) = built(name) else { return };
-    let bed = Bed::boot(flavor, name);
-    assert_eq!(bed.tb.systemd_version(), version);
+    let Some(bed) = Bed::boot_prepared(flavor, name) else { return };
+    assert_eq!(bed.tb.systemd_version(), flavor.expected_systemd());
     let deb1 = bed.carry(&b.deb[0]);
     let deb2 = bed.carry(&b.deb[1]);
     let port = bed.port;
@@ -701,7 +617,7 @@ fn deb_lifecycle(flavor: Flavor, version: u32, name: &str) {
     assert_eq!(bed.exe(&main2), "/usr/bin/baton", "the new Baton runs the new file (not a deleted one)");
     let httpd2 = bed.wait_serving(port);
     assert_ne!(httpd2, httpd1);
-    assert_eq!(bed.exe(&httpd2.to_string()), "/usr/bin/baton-httpd");
+    assert_eq!(bed.exe(httpd2), "/usr/bin/baton-httpd");
     assert!(report.pids.contains(&httpd1) && report.pids.contains(&httpd2), "{report:?}");
     assert!(
         report.handed_over > 0,
@@ -788,7 +704,7 @@ fn direct_restart(bed: &Bed) {
 /// No Baton or baton-httpd process runs and nothing listens on the port.
 fn assert_stopped(bed: &Bed) {
     for comm in ["baton", "baton-httpd"] {
-        assert_eq!(bed.pids_named(comm), Vec::<String>::new(), "{} still running", comm);
+        assert_eq!(bed.pids_named(comm), Vec::<u32>::new(), "{} still running", comm);
     }
     match TcpStream::connect(("127.0.0.1", bed.port)) {
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
@@ -825,19 +741,10 @@ fn assert_purged(bed: &Bed) {
     assert!(leftovers.is_empty(), "left after removal: {leftovers:?}");
 }
 
-#[test]
-fn deb_lifecycle_on_252() {
-    deb_lifecycle(Flavor::Host, 252, "deb_lifecycle_on_252");
-}
-
-#[test]
-fn deb_lifecycle_on_257() {
-    deb_lifecycle(Flavor::Trixie, 257, "deb_lifecycle_on_257");
-}
-
-#[test]
-fn deb_lifecycle_on_262() {
-    deb_lifecycle(Flavor::Forky, 262, "deb_lifecycle_on_262");
+baton_testbed::systemd_tests! { deb_lifecycle:
+    deb_lifecycle_on_252: Host,
+    deb_lifecycle_on_257: Trixie,
+    deb_lifecycle_on_262: Forky,
 }
 
 /// The .rpm on systemd 252 with Debian's `rpm` (the trixie root has none):
@@ -850,7 +757,7 @@ fn rpm_lifecycle_on_252() {
         return;
     }
     let Some(b) = built(name) else { return };
-    let bed = Bed::boot(Flavor::Host, name);
+    let Some(bed) = Bed::boot_prepared(Flavor::Host, name) else { return };
     let (rpm1, rpm2) = (bed.carry(&b.rpm[0]), bed.carry(&b.rpm[1]));
     let port = bed.port;
     // --nodeps: the rpm database of a Debian system knows no libc.
@@ -888,7 +795,7 @@ fn deb_without_systemd_or_with_policy_rc_d() {
         return;
     }
     let Some(b) = built(name) else { return };
-    let bed = Bed::boot(Flavor::Host, name);
+    let Some(bed) = Bed::boot_prepared(Flavor::Host, name) else { return };
     let (deb1, deb2) = (bed.carry(&b.deb[0]), bed.carry(&b.deb[1]));
 
     // systemd hidden from dpkg and its scripts, in a private mount namespace.

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use baton_testbed::baton::{Baton, BatonBuilder, WAIT};
 use baton_testbed::probe::ask;
-use baton_testbed::{Flavor, Testbed, cargo_bin, free_loopback_port, poll_until, skip_unless_root, unique_temp_dir};
+use baton_testbed::{Bed, Flavor, cargo_bin, poll_until, unique_temp_dir};
 use rustix::process::{Pid, PidfdFlags, Signal};
 
 fn baton_bin() -> &'static str {
@@ -191,50 +191,8 @@ fn kernel_release_at_least(major: u32, minor: u32) -> bool {
 
 // ---- under systemd ------------------------------------------------------
 
-/// A booted testbed with `app.service` = Baton running the probe.
-struct Bed {
-    tb: Testbed,
-    report: PathBuf,
-    port: u16,
-}
-
-impl Bed {
-    fn boot(flavor: Flavor, test: &str) -> Option<Bed> {
-        if !skip_unless_root(test) {
-            return None;
-        }
-        let tb = Testbed::boot(flavor).unwrap_or_else(|e| panic!("{test}: boot {flavor}: {e}"));
-        let report = tb.scratch().join("report");
-        Some(Bed { tb, report, port: free_loopback_port() })
-    }
-
-    fn show(&self, prop: &str) -> String {
-        self.tb.show("app.service", prop).unwrap_or_else(|e| panic!("show {prop}: {e}"))
-    }
-
-    fn ok(&self, args: &[&str]) {
-        self.tb.systemctl_checked(args).unwrap_or_else(|e| panic!("systemctl {args:?}: {e}\n{}", self.report_text()));
-    }
-
-    fn report_text(&self) -> String {
-        std::fs::read_to_string(&self.report).unwrap_or_default()
-    }
-
-    /// Pids of the probe's starts, in order.
-    fn starts(&self) -> Vec<u32> {
-        self.report_text().lines().filter_map(|l| l.strip_prefix("start pid=")?.parse().ok()).collect()
-    }
-
-    fn journal(&self) -> String {
-        self.tb.journal(Some("app.service")).unwrap_or_else(|e| panic!("journal: {e}"))
-    }
-
-    fn wait_for(&self, what: &str, mut pred: impl FnMut() -> bool) {
-        self.tb
-            .wait_for(what, WAIT, &mut pred)
-            .unwrap_or_else(|e| panic!("{e}\nreport:\n{}\njournal:\n{}", self.report_text(), self.journal()));
-    }
-}
+/// The unit under test: Baton running the probe.
+const APP: &str = "app.service";
 
 /// `STOPPING=1` final (259+) and `RESTART_RESET=1` (258+), on whatever
 /// systemd `b` runs:
@@ -258,21 +216,21 @@ fn stopping_is_never_forwarded_and_restart_reset(b: &Bed) {
         baton_bin(),
         b.port,
         probe_bin().display(),
-        b.report.display()
+        b.report_path().display()
     );
     b.tb.install_unit("app.service", &unit).unwrap_or_else(|e| panic!("install: {e}"));
-    b.ok(&["start", "app.service"]);
-    let main1 = b.show("MainPID");
-    let before = b.starts().len();
-    b.ok(&["kill", "-s", "SIGKILL", "--kill-whom=main", "app.service"]);
+    b.systemctl_ok(&["start", "app.service"]);
+    let main1 = b.show(APP, "MainPID");
+    let before = b.probe_starts().len();
+    b.systemctl_ok(&["kill", "-s", "SIGKILL", "--kill-whom=main", "app.service"]);
     b.wait_for("a new Baton", || {
-        let main = b.show("MainPID");
-        main != main1 && main != "0" && b.show("ActiveState") == "active"
+        let main = b.show(APP, "MainPID");
+        main != main1 && main != "0" && b.show(APP, "ActiveState") == "active"
     });
-    let main2 = b.show("MainPID");
-    assert_eq!(b.show("NRestarts"), "1");
-    b.wait_for("the new Baton's generation", || b.starts().len() > before);
-    let pid1 = *b.starts().last().unwrap();
+    let main2 = b.show(APP, "MainPID");
+    assert_eq!(b.show(APP, "NRestarts"), "1");
+    b.wait_for("the new Baton's generation", || b.probe_starts().len() > before);
+    let pid1 = *b.probe_starts().last().unwrap();
     b.wait_for("its generation serving", || ask(b.port) == Ok(format!("http {pid1}")));
 
     // The generation stops on its own, while a request keeps it draining
@@ -290,14 +248,14 @@ fn stopping_is_never_forwarded_and_restart_reset(b: &Bed) {
     let mut states = std::collections::BTreeSet::new();
     let mut pid2 = None;
     b.wait_for("the replacement serving", || {
-        states.insert(format!("{}/{}", b.show("ActiveState"), b.show("SubState")));
-        pid2 = b.starts().last().copied().filter(|&p| p != pid1);
+        states.insert(format!("{}/{}", b.show(APP, "ActiveState"), b.show(APP, "SubState")));
+        pid2 = b.probe_starts().last().copied().filter(|&p| p != pid1);
         pid2.is_some_and(|p| ask(b.port) == Ok(format!("http {p}")))
     });
     let replaced_in = t0.elapsed();
     drop(in_flight);
     for _ in 0..10 {
-        states.insert(format!("{}/{}", b.show("ActiveState"), b.show("SubState")));
+        states.insert(format!("{}/{}", b.show(APP, "ActiveState"), b.show(APP, "SubState")));
     }
     // Seen on a loaded machine: the sample fell inside the replacement's
     // start (RELOADING=1 ... READY=1): `reloading/running` on 257,
@@ -307,23 +265,23 @@ fn stopping_is_never_forwarded_and_restart_reset(b: &Bed) {
         "a generation's STOPPING=1 reached systemd: {states:?}"
     );
     assert!(states.contains("active/running"), "{states:?}");
-    assert_eq!(b.show("MainPID"), main2, "baton must stay the main process");
-    let journal = b.journal();
+    assert_eq!(b.show(APP, "MainPID"), main2, "baton must stay the main process");
+    let journal = b.journal(Some(APP));
     assert!(journal.contains("is stopping on its own; starting a replacement"), "{journal}");
 
     // RESTART_RESET=1 once generation 2 has served for 10 s.
     b.tb.wait_for("RESTART_RESET=1 in baton's log", Duration::from_secs(40), || {
-        b.journal().contains("RESTART_RESET=1 (earlier restarts")
+        b.journal(Some(APP)).contains("RESTART_RESET=1 (earlier restarts")
     })
-    .unwrap_or_else(|e| panic!("{e}\n{}", b.journal()));
+    .unwrap_or_else(|e| panic!("{e}\n{}", b.journal(Some(APP))));
     let expected = if version >= 258 { "0" } else { "1" };
-    b.wait_for(&format!("NRestarts={expected}"), || b.show("NRestarts") == expected);
-    assert_eq!(format!("{}/{}", b.show("ActiveState"), b.show("SubState")), "active/running");
+    b.wait_for(&format!("NRestarts={expected}"), || b.show(APP, "NRestarts") == expected);
+    assert_eq!(format!("{}/{}", b.show(APP, "ActiveState"), b.show(APP, "SubState")), "active/running");
     assert_eq!(ask(b.port), Ok(format!("http {}", pid2.unwrap())));
     eprintln!(
         "systemd {version}: generation's own STOPPING=1 replaced in {replaced_in:?}, unit stayed active/running; \
          after RESTART_RESET=1 NRestarts={}",
-        b.show("NRestarts")
+        b.show(APP, "NRestarts")
     );
 }
 
@@ -340,13 +298,13 @@ fn systemctl_stop_spawns_no_replacement(b: &Bed) {
         baton_bin(),
         b.port,
         probe_bin().display(),
-        b.report.display()
+        b.report_path().display()
     );
     b.tb.install_unit("app.service", &unit).unwrap_or_else(|e| panic!("install: {e}"));
     let t0 = Instant::now();
     for round in 0..ROUNDS {
-        b.ok(&["start", "app.service"]);
-        let pid = *b.starts().last().unwrap();
+        b.systemctl_ok(&["start", "app.service"]);
+        let pid = *b.probe_starts().last().unwrap();
         let fds = || {
             let out = b.tb.run(&["/bin/sh", "-c", &format!("ls /proc/{pid}/fd | wc -l")]).unwrap();
             out.stdout_trimmed().parse::<usize>().unwrap_or(0)
@@ -354,10 +312,10 @@ fn systemctl_stop_spawns_no_replacement(b: &Bed) {
         let idle = fds();
         let in_flight = TcpStream::connect(("127.0.0.1", b.port)).unwrap();
         b.wait_for("the generation accepting a request", || fds() > idle);
-        b.ok(&["stop", "app.service"]);
+        b.systemctl_ok(&["stop", "app.service"]);
         drop(in_flight);
-        assert_eq!(b.show("Result"), "success", "round {round}");
-        let journal = b.journal();
+        assert_eq!(b.show(APP, "Result"), "success", "round {round}");
+        let journal = b.journal(Some(APP));
         assert!(!journal.contains("generation 2 started"), "round {round}: a replacement was spawned:\n{journal}");
     }
     eprintln!(
@@ -382,7 +340,7 @@ fn systemd_notify_pid_names_the_main_process(b: &Bed) {
         baton_bin()
     );
     b.tb.install_unit("app.service", &unit).unwrap_or_else(|e| panic!("install: {e}"));
-    b.ok(&["start", "app.service"]);
+    b.systemctl_ok(&["start", "app.service"]);
     let forked = || b.tb.run(&["cat", "/run/baton/forked"]).ok().and_then(|o| o.stdout_trimmed().parse::<u32>().ok());
     let mut sleeper = 0;
     b.wait_for("the forked pid", || {
@@ -390,8 +348,8 @@ fn systemd_notify_pid_names_the_main_process(b: &Bed) {
         sleeper != 0
     });
     let named = format!("generation 1's main process is now {sleeper} (named by ");
-    b.wait_for("Baton taking the main process", || b.journal().contains(&named));
-    let journal = b.journal();
+    b.wait_for("Baton taking the main process", || b.journal(Some(APP)).contains(&named));
+    let journal = b.journal(Some(APP));
     let how = journal[journal.find(&named).unwrap() + named.len()..].lines().next().unwrap_or("").to_owned();
     let status = b.tb.run(&[baton_bin(), "status", "--json", "--control", control]).unwrap();
     let status: serde_json::Value = serde_json::from_str(&status.stdout).unwrap_or_else(|e| panic!("{e}: {status}"));
@@ -405,37 +363,18 @@ fn systemd_notify_pid_names_the_main_process(b: &Bed) {
     eprintln!("systemd-notify {version} --pid: Baton's generation 1 main process {sleeper}, named by {how}");
 }
 
-fn run_scenario(flavor: Flavor, version: u32, name: &str, scenario: fn(&Bed)) {
-    let Some(b) = Bed::boot(flavor, name) else { return };
-    assert_eq!(b.tb.systemd_version(), version);
+/// Boots `flavor` for the test `name` and runs `scenario` in it.
+fn run_scenario(flavor: Flavor, name: &str, scenario: fn(&Bed)) {
+    let Some(b) = Bed::builder(flavor, name).report().boot() else { return };
+    assert_eq!(b.tb.systemd_version(), flavor.expected_systemd());
     let t0 = Instant::now();
     scenario(&b);
     eprintln!("{name}: scenario {:?} (boot {:?})", t0.elapsed(), b.tb.boot_duration());
 }
 
-/// One test per systemd version.
-macro_rules! on_versions {
-    ($($scenario:ident),* $(,)?) => {
-        $(mod $scenario {
-            on_versions!(@one $scenario, systemd_252 => Host, 252);
-            on_versions!(@one $scenario, systemd_257 => Trixie, 257);
-            on_versions!(@one $scenario, systemd_262 => Forky, 262);
-        })*
-    };
-    (@one $scenario:ident, $test:ident => $flavor:ident, $version:literal) => {
-        #[test]
-        fn $test() {
-            super::run_scenario(
-                baton_testbed::Flavor::$flavor,
-                $version,
-                concat!(stringify!($scenario), "::", stringify!($test)),
-                super::$scenario,
-            );
-        }
-    };
-}
-
-on_versions!(
+// One test per systemd version: `scenario::systemd_252`, ...
+baton_testbed::systemd_tests!(
+    grouped by scenario, run_scenario:
     stopping_is_never_forwarded_and_restart_reset,
     systemctl_stop_spawns_no_replacement,
     systemd_notify_pid_names_the_main_process

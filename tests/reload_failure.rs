@@ -4,19 +4,19 @@
 //! keeps serving; and `--fdstore-preserve yes` (systemd ≥ 254) keeps the
 //! app's stored fds across `systemctl stop` and start.
 //!
-//! Each scenario runs once per systemd through [`per_systemd!`]: adding a
-//! version is one `name: Flavor` entry in its list.
+//! Each scenario runs once per systemd through
+//! [`baton_testbed::systemd_tests!`]: adding a version is one `name: Flavor`
+//! entry in its list.
 //!
 //! Needs root (the testbed boots systemd in private namespaces); skips
 //! otherwise, and fails under `CI=true`.
 
 use std::io::Read;
 use std::net::TcpStream;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use baton::units::{UnitFile, UnitsArgs, generate};
-use baton_testbed::{Flavor, Testbed, cargo_bin, free_loopback_port, skip_unless_root};
+use baton_testbed::{Bed, Flavor, cargo_bin};
 use clap::Parser;
 
 /// Generous: the machine is a noisy 2-core box.
@@ -32,29 +32,18 @@ const REPORT_DIR: &str = "/var/lib/baton-reload-report";
 const BATON: &str = "/usr/local/bin/baton";
 const PROBE: &str = "/usr/local/bin/baton-sd-probe";
 
-/// One `#[test]` per systemd for scenario `$scenario(flavor, test_name)`;
-/// adding a version is one more `name: Flavor::X` entry.
-macro_rules! per_systemd {
-    ($scenario:ident: $($test:ident: $flavor:expr),+ $(,)?) => {
-        $(
-            #[test]
-            fn $test() {
-                $scenario($flavor, stringify!($test));
-            }
-        )+
-    };
+// One `#[test]` per systemd for each scenario `scenario(flavor, test_name)`;
+// adding a version is one more `name: Flavor` entry.
+baton_testbed::systemd_tests! { refused_restart_fails_reload:
+    refused_restart_fails_reload_on_252: Host,
+    refused_restart_fails_reload_on_257: Trixie,
+    refused_restart_fails_reload_on_262: Forky,
 }
 
-per_systemd!(refused_restart_fails_reload:
-    refused_restart_fails_reload_on_252: Flavor::Host,
-    refused_restart_fails_reload_on_257: Flavor::Trixie,
-    refused_restart_fails_reload_on_262: Flavor::Forky,
-);
-
-per_systemd!(fdstore_preserve_yes_keeps_the_store_across_stop:
-    fdstore_preserve_yes_keeps_the_store_across_stop_on_257: Flavor::Trixie,
-    fdstore_preserve_yes_keeps_the_store_across_stop_on_262: Flavor::Forky,
-);
+baton_testbed::systemd_tests! { fdstore_preserve_yes_keeps_the_store_across_stop:
+    fdstore_preserve_yes_keeps_the_store_across_stop_on_257: Trixie,
+    fdstore_preserve_yes_keeps_the_store_across_stop_on_262: Forky,
+}
 
 #[derive(Parser)]
 struct Cli {
@@ -69,54 +58,39 @@ fn units_for(argv: &[&str], version: u32) -> Vec<UnitFile> {
     generate(&args, version).unwrap_or_else(|e| panic!("{argv:?}: {e}"))
 }
 
-struct Bed {
-    tb: Testbed,
-    port: u16,
-}
-
-impl Bed {
-    fn boot(flavor: Flavor, test: &str) -> Option<Bed> {
-        if !skip_unless_root(test) {
-            return None;
-        }
-        let tb = Testbed::boot(flavor).unwrap_or_else(|e| panic!("{test}: boot {flavor}: {e}"));
-        let probe = cargo_bin("sd-probe", "baton-sd-probe");
-        for (from, to) in [(Path::new(env!("CARGO_BIN_EXE_baton")), BATON), (probe.as_path(), PROBE)] {
-            let dest = tb.host_path(to);
-            std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
-            std::fs::copy(from, &dest).unwrap_or_else(|e| panic!("copy {} to {to}: {e}", from.display()));
-        }
-        Some(Bed { tb, port: free_loopback_port() })
-    }
-
+/// What these scenarios add to the shared [`Bed`].
+trait ReloadBed {
+    /// Boots `flavor` with Baton and the probe at [`BATON`] and [`PROBE`].
+    fn boot_with_binaries(flavor: Flavor, test: &str) -> Option<Bed>;
     /// Generates the supervised units of `name` for this systemd (with
     /// `extra` options) running the probe with `probe_args`, and installs
     /// them.
+    fn install(&self, name: &str, extra: &[&str], probe_args: &[&str]);
+    /// Connects to the probe and returns the pid in its answer `http PID`.
+    fn serving_pid(&self) -> Option<String>;
+    fn serving(&self) -> String;
+    /// `systemctl reload`, timed.
+    fn reload(&self, svc: &str) -> (baton_testbed::CmdOutput, Duration);
+}
+
+impl ReloadBed for Bed {
+    fn boot_with_binaries(flavor: Flavor, test: &str) -> Option<Bed> {
+        Bed::builder(flavor, test)
+            .wait(WAIT)
+            .binary(env!("CARGO_BIN_EXE_baton"), BATON)
+            .binary(cargo_bin("sd-probe", "baton-sd-probe"), PROBE)
+            .boot()
+    }
+
     fn install(&self, name: &str, extra: &[&str], probe_args: &[&str]) {
         let listen = format!("http=127.0.0.1:{}", self.port);
         let mut argv = vec!["--name", name, "--listen", &listen, "--baton", BATON];
         argv.extend_from_slice(extra);
         argv.extend(["--", PROBE, "--serve", "http"]);
         argv.extend_from_slice(probe_args);
-        for f in units_for(&argv, self.tb.systemd_version()) {
-            self.tb.write_file(format!("/etc/systemd/system/{}", f.name), &f.contents).unwrap();
-        }
-        self.tb.daemon_reload().unwrap();
+        self.install_units(units_for(&argv, self.tb.systemd_version()).into_iter().map(|f| (f.name, f.contents)));
     }
 
-    fn ok(&self, args: &[&str]) {
-        self.tb.systemctl_checked(args).unwrap_or_else(|e| panic!("systemctl {args:?}: {e}"));
-    }
-
-    fn show(&self, unit: &str, prop: &str) -> String {
-        self.tb.show(unit, prop).unwrap_or_else(|e| panic!("show {unit} {prop}: {e}"))
-    }
-
-    fn wait_for(&self, what: &str, mut pred: impl FnMut() -> bool) {
-        self.tb.wait_for(what, WAIT, &mut pred).unwrap_or_else(|e| panic!("{e}"));
-    }
-
-    /// Connects to the probe and returns the pid in its answer `http PID`.
     fn serving_pid(&self) -> Option<String> {
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
         s.set_read_timeout(Some(WAIT)).ok()?;
@@ -129,7 +103,6 @@ impl Bed {
         self.serving_pid().unwrap_or_else(|| panic!("nothing answers on port {}", self.port))
     }
 
-    /// `systemctl reload`, timed.
     fn reload(&self, svc: &str) -> (baton_testbed::CmdOutput, Duration) {
         let t = Instant::now();
         let out = self.tb.systemctl(&["reload", svc]).unwrap();
@@ -143,12 +116,12 @@ impl Bed {
 /// journal lines of the ExecReload= process and in `systemctl status`
 /// (STATUS=); once the cause is gone, reloads succeed again.
 fn refused_restart_fails_reload(flavor: Flavor, test: &str) {
-    let Some(bed) = Bed::boot(flavor, test) else { return };
+    let Some(bed) = Bed::boot_with_binaries(flavor, test) else { return };
     let version = bed.tb.systemd_version();
     let name = "reload-fail";
     let svc = "reload-fail.service";
     bed.install(name, &[], &["--fail-if-exists", FAIL_FLAG]);
-    bed.ok(&["start", "reload-fail.socket", svc]);
+    bed.systemctl_ok(&["start", "reload-fail.socket", svc]);
     let baton = bed.show(svc, "MainPID");
     let first = bed.serving();
 
@@ -196,7 +169,7 @@ fn refused_restart_fails_reload(flavor: Flavor, test: &str) {
         took_bad.as_millis(),
         bad.code()
     );
-    bed.ok(&["stop", svc, "reload-fail.socket"]);
+    bed.systemctl_ok(&["stop", svc, "reload-fail.socket"]);
 }
 
 /// The probe's report blocks, one per start.
@@ -219,7 +192,7 @@ fn report_blocks(bed: &Bed, file: &str) -> Vec<Vec<String>> {
 /// generation of the next start. The same units without the option lose
 /// it at the stop, which shows the check can fail.
 fn fdstore_preserve_yes_keeps_the_store_across_stop(flavor: Flavor, test: &str) {
-    let Some(bed) = Bed::boot(flavor, test) else { return };
+    let Some(bed) = Bed::boot_with_binaries(flavor, test) else { return };
     let version = bed.tb.systemd_version();
     bed.tb.run_checked(&["mkdir", "-p", REPORT_DIR]).unwrap();
     bed.tb.run_checked(&["chmod", "1777", REPORT_DIR]).unwrap();
@@ -235,16 +208,16 @@ fn fdstore_preserve_yes_keeps_the_store_across_stop(flavor: Flavor, test: &str) 
             let verify = bed.tb.run(&["systemd-analyze", "verify", "--man=no", &unit_path]).unwrap();
             assert!(verify.success() && verify.stderr.trim().is_empty(), "systemd-analyze verify: {verify:?}");
         }
-        bed.ok(&["start", &format!("{name}.socket"), &svc]);
+        bed.systemctl_ok(&["start", &format!("{name}.socket"), &svc]);
         bed.wait_for("the first generation to store its fd", || {
             report_blocks(&bed, &report).first().is_some_and(|b| b.iter().any(|l| l == "store-sent name=state"))
         });
         bed.wait_for("Baton to mirror it into systemd's store", || bed.show(&svc, "NFileDescriptorStore") == "1");
 
-        bed.ok(&["stop", &svc]);
+        bed.systemctl_ok(&["stop", &svc]);
         assert_eq!(bed.show(&svc, "ActiveState"), "inactive");
         let kept_while_stopped = bed.show(&svc, "NFileDescriptorStore");
-        bed.ok(&["start", &svc]);
+        bed.systemctl_ok(&["start", &svc]);
         bed.wait_for("the next start to serve", || bed.serving_pid().is_some());
         let blocks = report_blocks(&bed, &report);
         let second = blocks.get(1).unwrap_or_else(|| panic!("no second start in {blocks:?}"));
@@ -263,6 +236,6 @@ fn fdstore_preserve_yes_keeps_the_store_across_stop(flavor: Flavor, test: &str) 
             assert_eq!(kept_while_stopped, "0", "systemd {version}: the default empties the store at stop");
             assert!(!passed_in, "{second:?}");
         }
-        bed.ok(&["stop", &svc, &format!("{name}.socket")]);
+        bed.systemctl_ok(&["stop", &svc, &format!("{name}.socket")]);
     }
 }

@@ -19,14 +19,13 @@
 //! served and failed, idle connections kept) are printed per version; run
 //! with `--nocapture` to see them.
 
-use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::BufReader;
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
 use std::time::{Duration, Instant};
 
+use baton_testbed::httpd;
 use baton_testbed::load::{Load, LoadConfig, LoadReport, Mode};
-use baton_testbed::{Flavor, Testbed, cargo_bin, free_loopback_port, skip_unless_root};
+use baton_testbed::{Bed, Flavor, cargo_bin};
 
 /// Generous: the machine is a noisy 2-core box.
 const WAIT: Duration = Duration::from_secs(60);
@@ -37,65 +36,24 @@ const SERVICE: &str = "baton-httpd.service";
 const SOCKET: &str = "baton-httpd.socket";
 const INDEX: &str = "hello from restart_versions\n";
 
-/// One parsed response of baton-httpd.
-struct Response {
-    status: u16,
-    /// `baton-pid`: the generation's pid.
-    pid: u32,
-}
-
-/// `GET /` with keep-alive on `stream`, reading exactly one response.
-fn request(stream: &mut BufReader<TcpStream>) -> Result<Response, String> {
-    stream
-        .get_mut()
-        .write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: keep-alive\r\n\r\n")
-        .map_err(|e| format!("write: {e}"))?;
-    let mut line = String::new();
-    if stream.read_line(&mut line).map_err(|e| format!("read status line: {e}"))? == 0 {
-        return Err("closed by the server without a response".into());
+/// `GET /` with keep-alive on `stream`, reading exactly one response,
+/// whose body must be [`INDEX`]: the status and the generation's pid.
+fn request(stream: &mut BufReader<TcpStream>) -> Result<(u16, u32), String> {
+    let r = httpd::get(stream, "/", false)?;
+    if r.body != INDEX.as_bytes() {
+        return Err(format!("unexpected body {:?}", String::from_utf8_lossy(&r.body)));
     }
-    let status = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("bad status line {line:?}"))?;
-    let mut headers = BTreeMap::new();
-    loop {
-        line.clear();
-        stream.read_line(&mut line).map_err(|e| format!("read headers: {e}"))?;
-        let l = line.trim_end();
-        if l.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = l.split_once(':') {
-            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
-        }
-    }
-    let len: usize = headers
-        .get("content-length")
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| format!("no Content-Length in {headers:?}"))?;
-    let mut body = vec![0; len];
-    stream.read_exact(&mut body).map_err(|e| format!("read body: {e}"))?;
-    if body != INDEX.as_bytes() {
-        return Err(format!("unexpected body {:?}", String::from_utf8_lossy(&body)));
-    }
-    let pid =
-        headers.get("baton-pid").and_then(|v| v.parse().ok()).ok_or_else(|| format!("no baton-pid: {headers:?}"))?;
-    Ok(Response { status, pid })
+    Ok((r.status, r.pid()?))
 }
 
 fn connect(port: u16) -> Result<BufReader<TcpStream>, String> {
-    let s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
-    s.set_read_timeout(Some(WAIT)).map_err(|e| format!("timeout: {e}"))?;
-    s.set_write_timeout(Some(WAIT)).map_err(|e| format!("timeout: {e}"))?;
-    Ok(BufReader::new(s))
+    httpd::connect(port, WAIT)
 }
 
 /// One request on a fresh connection: the serving generation's pid.
 fn serving_pid(port: u16) -> Result<u32, String> {
-    let r = request(&mut connect(port)?)?;
-    if r.status == 200 { Ok(r.pid) } else { Err(format!("status {}", r.status)) }
+    let (status, pid) = request(&mut connect(port)?)?;
+    if status == 200 { Ok(pid) } else { Err(format!("status {status}")) }
 }
 
 /// [`IDLE`] keep-alive connections, each used once and then left idle.
@@ -108,8 +66,8 @@ impl IdleConnections {
         let streams = (0..IDLE)
             .map(|i| {
                 let mut s = connect(port).unwrap_or_else(|e| panic!("idle connection {i}: {e}"));
-                let r = request(&mut s).unwrap_or_else(|e| panic!("idle connection {i}, first request: {e}"));
-                assert_eq!(r.status, 200, "idle connection {i}");
+                let (status, _) = request(&mut s).unwrap_or_else(|e| panic!("idle connection {i}, first request: {e}"));
+                assert_eq!(status, 200, "idle connection {i}");
                 s
             })
             .collect();
@@ -122,12 +80,12 @@ impl IdleConnections {
         let mut pids = Vec::new();
         let mut errors = Vec::new();
         self.streams.retain_mut(|s| match request(s) {
-            Ok(r) if r.status == 200 => {
-                pids.push(r.pid);
+            Ok((200, pid)) => {
+                pids.push(pid);
                 true
             }
-            Ok(r) => {
-                errors.push(format!("status {}", r.status));
+            Ok((status, _)) => {
+                errors.push(format!("status {status}"));
                 false
             }
             Err(e) => {
@@ -147,27 +105,28 @@ struct Figures {
     kept: usize,
 }
 
-struct Bed {
-    tb: Testbed,
-    port: u16,
-    name: String,
-}
-
-impl Bed {
+/// What these tests add to the shared [`Bed`].
+trait RestartBed {
     /// Boots `flavor`, installs the binaries as packaged and the units
     /// `baton units` generates there for this systemd, and starts them.
-    fn boot(flavor: Flavor, name: &str) -> Option<Bed> {
-        if !skip_unless_root(name) {
-            return None;
-        }
-        let tb = Testbed::boot(flavor).unwrap_or_else(|e| panic!("{name}: boot {flavor}: {e}"));
-        assert_eq!(tb.systemd_version(), flavor.expected_systemd(), "{name}");
-        let port = free_loopback_port();
-        let bed = Bed { tb, port, name: name.to_owned() };
-        bed.install_binary(Path::new(env!("CARGO_BIN_EXE_baton")), "/usr/bin/baton");
-        bed.install_binary(&cargo_bin("baton-httpd", "baton-httpd"), "/usr/bin/baton-httpd");
+    fn boot_started(flavor: Flavor, name: &str) -> Option<Bed>;
+    /// Waits until a fresh connection is served by a pid other than `old`.
+    fn wait_new_pid(&self, old: u32) -> u32;
+    /// Runs `systemctl <verb> baton-httpd` under load with [`IDLE`] idle
+    /// keep-alive connections held across it.
+    fn under_load(&self, verb: &str) -> Figures;
+}
+
+impl RestartBed for Bed {
+    fn boot_started(flavor: Flavor, name: &str) -> Option<Bed> {
+        let bed = Bed::builder(flavor, name)
+            .wait(WAIT)
+            .binary(env!("CARGO_BIN_EXE_baton"), "/usr/bin/baton")
+            .binary(cargo_bin("baton-httpd", "baton-httpd"), "/usr/bin/baton-httpd")
+            .boot()?;
+        assert_eq!(bed.tb.systemd_version(), flavor.expected_systemd(), "{name}");
         bed.tb.write_file("/usr/share/baton-httpd/www/index.html", INDEX).unwrap();
-        let listen = format!("http=127.0.0.1:{port}");
+        let listen = format!("http=127.0.0.1:{}", bed.port);
         let generate = [
             "/usr/bin/baton",
             "units",
@@ -184,29 +143,12 @@ impl Bed {
         ];
         bed.tb.run_checked(&generate).unwrap_or_else(|e| panic!("{name}: baton units: {e}"));
         bed.tb.daemon_reload().unwrap();
-        assert_eq!(bed.show("Type"), "notify", "{name}: the units were generated for this systemd");
+        assert_eq!(bed.show(SERVICE, "Type"), "notify", "{name}: the units were generated for this systemd");
         bed.systemctl_ok(&["start", SOCKET, SERVICE]);
         bed.wait_new_pid(0);
         Some(bed)
     }
 
-    /// Copies a host binary to `to` inside (not under /root, which
-    /// `ProtectHome=` hides).
-    fn install_binary(&self, from: &Path, to: &str) {
-        let dest = self.tb.host_path(to);
-        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
-        std::fs::copy(from, &dest).unwrap_or_else(|e| panic!("{}: copy {} to {to}: {e}", self.name, from.display()));
-    }
-
-    fn show(&self, prop: &str) -> String {
-        self.tb.show(SERVICE, prop).unwrap_or_else(|e| panic!("{}: show {prop}: {e}", self.name))
-    }
-
-    fn systemctl_ok(&self, args: &[&str]) {
-        self.tb.systemctl_checked(args).unwrap_or_else(|e| panic!("{}: systemctl {args:?}: {e}", self.name));
-    }
-
-    /// Waits until a fresh connection is served by a pid other than `old`.
     fn wait_new_pid(&self, old: u32) -> u32 {
         let mut pid = 0;
         let what = format!("{}: a generation other than pid {old} to serve", self.name);
@@ -219,8 +161,6 @@ impl Bed {
         pid
     }
 
-    /// Runs `systemctl <verb> baton-httpd` under load with [`IDLE`] idle
-    /// keep-alive connections held across it.
     fn under_load(&self, verb: &str) -> Figures {
         let mut idle = IdleConnections::open(self.port);
         let before = serving_pid(self.port).unwrap_or_else(|e| panic!("{}: before {verb}: {e}", self.name));
@@ -289,16 +229,16 @@ impl Bed {
 }
 
 fn restart_and_reload(flavor: Flavor, name: &str) {
-    let Some(bed) = Bed::boot(flavor, name) else { return };
-    let main = bed.show("MainPID");
+    let Some(bed) = Bed::boot_started(flavor, name) else { return };
+    let main = bed.show(SERVICE, "MainPID");
 
     let restart = bed.under_load("restart");
-    let main_after_restart = bed.show("MainPID");
+    let main_after_restart = bed.show(SERVICE, "MainPID");
     assert_ne!(main_after_restart, main, "{name}: systemctl restart restarts Baton");
-    assert_eq!(bed.show("NRestarts"), "0", "{name}: an asked-for restart is not an automatic one");
+    assert_eq!(bed.show(SERVICE, "NRestarts"), "0", "{name}: an asked-for restart is not an automatic one");
 
     let reload = bed.under_load("reload");
-    assert_eq!(bed.show("MainPID"), main_after_restart, "{name}: systemctl reload keeps Baton");
+    assert_eq!(bed.show(SERVICE, "MainPID"), main_after_restart, "{name}: systemctl reload keeps Baton");
 
     for (verb, f) in [("restart", &restart), ("reload", &reload)] {
         eprintln!(
@@ -313,20 +253,11 @@ fn restart_and_reload(flavor: Flavor, name: &str) {
         );
     }
     bed.systemctl_ok(&["stop", SERVICE, SOCKET]);
-    assert_eq!(bed.show("Result"), "success", "{name}");
+    assert_eq!(bed.show(SERVICE, "Result"), "success", "{name}");
 }
 
-#[test]
-fn restart_and_reload_on_252() {
-    restart_and_reload(Flavor::Host, "restart_and_reload_on_252");
-}
-
-#[test]
-fn restart_and_reload_on_257() {
-    restart_and_reload(Flavor::Trixie, "restart_and_reload_on_257");
-}
-
-#[test]
-fn restart_and_reload_on_262() {
-    restart_and_reload(Flavor::Forky, "restart_and_reload_on_262");
+baton_testbed::systemd_tests! { restart_and_reload:
+    restart_and_reload_on_252: Host,
+    restart_and_reload_on_257: Trixie,
+    restart_and_reload_on_262: Forky,
 }

@@ -15,13 +15,13 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use baton_testbed::probe::{ProbeClients, ask, read_answer};
-use baton_testbed::{CmdOutput, Flavor, Testbed, cargo_bin, free_loopback_port, skip_unless_root};
+use baton_testbed::{Bed, Flavor, cargo_bin, free_loopback_port};
 
 /// Generous: the machine is a noisy 2-core box.
 const WAIT: Duration = Duration::from_secs(30);
@@ -31,14 +31,6 @@ const CONTROL: &str = "/run/baton/app.sock";
 
 /// The unit under test is always `app.service`.
 const APP: &str = "app.service";
-
-struct Bed {
-    tb: Testbed,
-    baton: PathBuf,
-    probe: PathBuf,
-    report: PathBuf,
-    port: u16,
-}
 
 /// The parts of `app.service` that vary between scenarios.
 struct Unit<'a> {
@@ -63,21 +55,42 @@ impl Default for Unit<'_> {
     }
 }
 
-impl Bed {
-    /// Boots a testbed, or returns `None` when the test may skip (see
-    /// [`skip_unless_root`]).
-    fn boot(flavor: Flavor, test: &str) -> Option<Bed> {
-        if !skip_unless_root(test) {
-            return None;
-        }
-        let probe = cargo_bin("sd-probe", "baton-sd-probe");
-        let tb = Testbed::boot(flavor).unwrap_or_else(|e| panic!("{test}: boot {flavor}: {e}"));
-        let report = tb.scratch().join("report");
-        Some(Bed { tb, baton: PathBuf::from(env!("CARGO_BIN_EXE_baton")), probe, report, port: free_loopback_port() })
-    }
+fn baton_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_baton"))
+}
 
+fn probe_bin() -> PathBuf {
+    cargo_bin("sd-probe", "baton-sd-probe")
+}
+
+/// What these scenarios add to the shared [`Bed`] (booted with the probe's
+/// report): `app.service` (Baton running the probe) and its report.
+trait AppBed {
+    /// `app.service` as `u` describes it.
+    fn unit(&self, u: &Unit<'_>) -> String;
+    fn install_app(&self, u: &Unit<'_>);
+    /// Waits for the `n`-th start of the probe and returns its pid.
+    fn wait_start(&self, n: usize) -> u32;
+    /// The lines the probe with `pid` wrote, from its `start` line up to the
+    /// next probe's `start` (other generations' `stopping` lines may be
+    /// mixed in: they share the file).
+    fn block(&self, pid: u32) -> Vec<String>;
+    /// `baton status --json`, asked inside the testbed.
+    fn baton_status(&self) -> serde_json::Value;
+    /// Pids of every running probe in the testbed.
+    fn probe_pids(&self) -> Vec<u32>;
+    /// Asserts that `pid` answers on the port (retrying: right after a
+    /// cutover the old generation may still accept the odd connection it
+    /// had already been woken for).
+    fn wait_serving(&self, pid: u32);
+    /// The report shows the old generation asked to stop only after the
+    /// `ready` of the `nth` start (all `stopping` lines come after it).
+    fn assert_overlapped(&self, nth_ready: usize);
+}
+
+impl AppBed for Bed {
     fn unit(&self, u: &Unit<'_>) -> String {
-        let baton = self.baton.display();
+        let baton = baton_bin().display();
         let listen = if u.listen { format!(" -l http=127.0.0.1:{}", self.port) } else { String::new() };
         let reload = if u.exec_reload { format!("ExecReload={baton} restart --name app\n") } else { String::new() };
         format!(
@@ -86,111 +99,40 @@ impl Bed {
             u.ty,
             u.extra,
             u.baton_args,
-            self.probe.display(),
-            self.report.display(),
+            probe_bin().display(),
+            self.report_path().display(),
             u.probe_opts,
         )
     }
 
-    fn install(&self, name: &str, contents: &str) {
-        self.tb.install_unit(name, contents).unwrap_or_else(|e| panic!("install {name}: {e}"));
-    }
-
     fn install_app(&self, u: &Unit<'_>) {
-        self.install(APP, &self.unit(u));
+        self.install_unit(APP, &self.unit(u));
     }
 
-    fn systemctl(&self, args: &[&str]) -> CmdOutput {
-        self.tb.systemctl(args).unwrap_or_else(|e| panic!("systemctl {args:?}: {e}"))
-    }
-
-    fn ok(&self, args: &[&str]) {
-        self.tb.systemctl_checked(args).unwrap_or_else(|e| panic!("systemctl {args:?}: {e}\n{}", self.report_text()));
-    }
-
-    fn show(&self, prop: &str) -> String {
-        self.tb.show(APP, prop).unwrap_or_else(|e| panic!("show {APP} {prop}: {e}"))
-    }
-
-    fn run(&self, argv: &[&str]) -> CmdOutput {
-        self.tb.run(argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"))
-    }
-
-    fn wait_for(&self, what: &str, mut pred: impl FnMut() -> bool) {
-        self.tb.wait_for(what, WAIT, &mut pred).unwrap_or_else(|e| panic!("{e}\nreport:\n{}", self.report_text()));
-    }
-
-    fn report_text(&self) -> String {
-        std::fs::read_to_string(&self.report).unwrap_or_default()
-    }
-
-    fn lines(&self) -> Vec<String> {
-        self.report_text().lines().map(str::to_owned).collect()
-    }
-
-    /// Pids of the probe's starts, in order.
-    fn starts(&self) -> Vec<u32> {
-        self.lines().iter().filter_map(|l| l.strip_prefix("start pid=")?.parse().ok()).collect()
-    }
-
-    /// Waits for the `n`-th start of the probe and returns its pid.
     fn wait_start(&self, n: usize) -> u32 {
-        self.wait_for(&format!("start #{n} of the probe"), || self.starts().len() >= n);
-        self.starts()[n - 1]
+        self.wait_for(&format!("start #{n} of the probe"), || self.probe_starts().len() >= n);
+        self.probe_starts()[n - 1]
     }
 
-    /// The lines the probe with `pid` wrote, from its `start` line up to the
-    /// next probe's `start` (other generations' `stopping` lines may be
-    /// mixed in: they share the file).
     fn block(&self, pid: u32) -> Vec<String> {
-        let lines = self.lines();
+        let lines = self.report_lines();
         let start = format!("start pid={pid}");
         let Some(i) = lines.iter().position(|l| *l == start) else { return Vec::new() };
         let end = lines[i + 1..].iter().position(|l| l.starts_with("start pid=")).map_or(lines.len(), |e| i + 1 + e);
         lines[i..end].to_vec()
     }
 
-    fn journal(&self) -> String {
-        self.tb.journal(Some(APP)).unwrap_or_else(|e| panic!("journal: {e}"))
-    }
-
-    /// `baton status --json`, asked inside the testbed.
     fn baton_status(&self) -> serde_json::Value {
-        let baton = self.baton.display().to_string();
+        let baton = baton_bin().display().to_string();
         let out = self.run(&[&baton, "status", "--control", CONTROL, "--json"]);
         assert!(out.success(), "{out}");
         serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("status JSON: {e}: {}", out.stdout))
     }
 
-    /// Pids of every running probe in the testbed.
     fn probe_pids(&self) -> Vec<u32> {
-        let script = "for p in /proc/[0-9]*; do \
-                      [ \"$(cat $p/comm 2>/dev/null)\" = baton-sd-probe ] && echo ${p#/proc/}; done; true";
-        let out = self.run(&["/bin/sh", "-c", script]);
-        out.stdout.lines().filter_map(|l| l.trim().parse().ok()).collect()
+        self.pids_named("baton-sd-probe")
     }
 
-    /// A field of `/proc/PID/status` inside the testbed.
-    fn proc_status(&self, pid: u32, field: &str) -> Option<String> {
-        let out = self.run(&["cat", &format!("/proc/{pid}/status")]);
-        out.stdout.lines().find_map(|l| Some(l.strip_prefix(field)?.strip_prefix(':')?.trim().to_owned()))
-    }
-
-    /// Whether `pid` runs inside the testbed (`/proc`: the trixie root has
-    /// no `/bin/kill`).
-    fn alive(&self, pid: u32) -> bool {
-        self.run(&["test", "-d", &format!("/proc/{pid}")]).success()
-    }
-
-    /// Sends `signal` (e.g. `TERM`) to `pid` inside the testbed.
-    fn signal(&self, pid: &str, signal: &str) {
-        let out = self.run(&["/bin/sh", "-c", &format!("kill -{signal} {pid}")]);
-        assert!(out.success(), "{out}");
-    }
-
-    /// Asserts that `pid` answers on the port (retrying: right after a
-    /// cutover the old generation may still accept the odd connection it
-    /// had already been woken for).
     fn wait_serving(&self, pid: u32) {
         let want = format!("http {pid}");
         let mut last = String::new();
@@ -201,11 +143,9 @@ impl Bed {
         found.unwrap_or_else(|e| panic!("{e}\nlast answer: {last}\nreport:\n{}", self.report_text()));
     }
 
-    /// The report shows the old generation asked to stop only after the
-    /// `ready` of the `nth` start (all `stopping` lines come after it).
     fn assert_overlapped(&self, nth_ready: usize) {
-        self.wait_for("the old generation stopping", || self.lines().iter().any(|l| l.starts_with("stopping")));
-        let lines = self.lines();
+        self.wait_for("the old generation stopping", || self.report_lines().iter().any(|l| l.starts_with("stopping")));
+        let lines = self.report_lines();
         let ready = lines
             .iter()
             .enumerate()
@@ -215,14 +155,6 @@ impl Bed {
             .unwrap_or_else(|| panic!("no ready #{nth_ready}:\n{}", self.report_text()));
         let stop = lines.iter().position(|l| l.starts_with("stopping")).unwrap();
         assert!(ready < stop, "the old generation was stopped before the new one was ready:\n{}", self.report_text());
-    }
-}
-
-impl Drop for Bed {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("----- probe report -----\n{}----- end of report -----", self.report_text());
-        }
     }
 }
 
@@ -236,29 +168,29 @@ fn reload_is_an_overlapped_restart(b: &Bed) {
     let probe_opts = format!("--ready-delay-ms 1500 --fail-if-exists {}", fail.display());
     b.install_app(&Unit { probe_opts: &probe_opts, ..Unit::default() });
     let t0 = Instant::now();
-    b.ok(&["start", APP]);
+    b.systemctl_ok(&["start", APP]);
     let took = t0.elapsed();
     // The probe writes `ready` right before READY=1, after 1.5 s.
-    assert!(b.lines().iter().any(|l| l == "ready"), "start returned before READY=1:\n{}", b.report_text());
+    assert!(b.report_lines().iter().any(|l| l == "ready"), "start returned before READY=1:\n{}", b.report_text());
     assert!(took >= Duration::from_millis(1500), "start returned after {took:?}, before the probe's delay");
-    assert_eq!(b.show("ActiveState"), "active");
+    assert_eq!(b.show(APP, "ActiveState"), "active");
 
-    let main: u32 = b.show("MainPID").parse().unwrap();
-    let pid1 = b.starts()[0];
+    let main: u32 = b.show(APP, "MainPID").parse().unwrap();
+    let pid1 = b.probe_starts()[0];
     assert_eq!(b.run(&["cat", &format!("/proc/{main}/comm")]).stdout_trimmed(), "baton");
     assert_eq!(b.proc_status(pid1, "PPid"), Some(main.to_string()), "the probe is Baton's child");
     assert_eq!(b.baton_status()["pid"], main, "baton status names MainPID");
-    assert_eq!(b.show("StatusText"), format!("generation 1 serving as pid {pid1}"));
+    assert_eq!(b.show(APP, "StatusText"), format!("generation 1 serving as pid {pid1}"));
     assert_eq!(ask(b.port).unwrap(), format!("http {pid1}"));
 
     let t0 = Instant::now();
-    b.ok(&["reload", APP]);
+    b.systemctl_ok(&["reload", APP]);
     let reload_took = t0.elapsed();
-    let pid2 = b.starts()[1];
+    let pid2 = b.probe_starts()[1];
     b.wait_serving(pid2);
-    assert_eq!(b.show("MainPID"), main.to_string(), "reload must not replace Baton");
-    assert_eq!(b.show("StatusText"), format!("generation 2 serving as pid {pid2}"));
-    assert_eq!(b.show("ActiveState"), "active");
+    assert_eq!(b.show(APP, "MainPID"), main.to_string(), "reload must not replace Baton");
+    assert_eq!(b.show(APP, "StatusText"), format!("generation 2 serving as pid {pid2}"));
+    assert_eq!(b.show(APP, "ActiveState"), "active");
     b.assert_overlapped(2);
     eprintln!("reload_is_an_overlapped_restart: start {took:?}, reload {reload_took:?} (1.5 s ready delay)");
 
@@ -266,11 +198,11 @@ fn reload_is_an_overlapped_restart(b: &Bed) {
     std::fs::write(&fail, "").unwrap();
     let out = b.systemctl(&["reload", APP]);
     assert!(!out.success(), "a failed restart must fail `systemctl reload`: {out}");
-    assert!(b.lines().iter().any(|l| l == "failing before ready"), "{}", b.report_text());
+    assert!(b.report_lines().iter().any(|l| l == "failing before ready"), "{}", b.report_text());
     assert_eq!(ask(b.port).unwrap(), format!("http {pid2}"));
-    assert_eq!(b.show("ActiveState"), "active");
-    assert_eq!(b.show("MainPID"), main.to_string());
-    let status = b.show("StatusText");
+    assert_eq!(b.show(APP, "ActiveState"), "active");
+    assert_eq!(b.show(APP, "MainPID"), main.to_string());
+    let status = b.show(APP, "StatusText");
     assert!(
         status.starts_with("generation 3 failed: exited with status 3 before READY=1")
             && status.ends_with("generation 2 keeps serving"),
@@ -280,10 +212,10 @@ fn reload_is_an_overlapped_restart(b: &Bed) {
 
     // And the next reload works again.
     std::fs::remove_file(&fail).unwrap();
-    b.ok(&["reload", APP]);
-    let pid4 = b.starts()[3];
+    b.systemctl_ok(&["reload", APP]);
+    let pid4 = b.probe_starts()[3];
     b.wait_serving(pid4);
-    assert_eq!(b.show("StatusText"), format!("generation 4 serving as pid {pid4}"));
+    assert_eq!(b.show(APP, "StatusText"), format!("generation 4 serving as pid {pid4}"));
 }
 
 /// `Type=notify-reload` (≥ 253): systemd's SIGHUP makes Baton restart, and
@@ -297,22 +229,22 @@ fn notify_reload(b: &Bed) {
         probe_opts: "--ready-delay-ms 500",
         ..Unit::default()
     });
-    b.ok(&["start", APP]);
-    let main = b.show("MainPID");
-    let pid1 = b.starts()[0];
+    b.systemctl_ok(&["start", APP]);
+    let main = b.show(APP, "MainPID");
+    let pid1 = b.probe_starts()[0];
     assert_eq!(ask(b.port).unwrap(), format!("http {pid1}"));
 
     let t0 = Instant::now();
-    b.ok(&["reload", APP]);
+    b.systemctl_ok(&["reload", APP]);
     let took = t0.elapsed();
-    let starts = b.starts();
+    let starts = b.probe_starts();
     assert_eq!(starts.len(), 2, "{}", b.report_text());
     assert!(b.block(starts[1]).iter().any(|l| l == "ready"), "reload returned before READY=1");
     b.wait_serving(starts[1]);
-    assert_eq!(b.show("MainPID"), main);
-    assert_eq!(b.show("ActiveState"), "active");
-    assert_eq!(b.show("SubState"), "running");
-    assert_eq!(b.show("ReloadResult"), "success");
+    assert_eq!(b.show(APP, "MainPID"), main);
+    assert_eq!(b.show(APP, "ActiveState"), "active");
+    assert_eq!(b.show(APP, "SubState"), "running");
+    assert_eq!(b.show(APP, "ReloadResult"), "success");
     b.assert_overlapped(2);
     // 20 s is TimeoutStartSec: a reload systemd did not accept would end there.
     assert!(took < Duration::from_secs(20), "reload took {took:?}");
@@ -322,14 +254,14 @@ fn notify_reload(b: &Bed) {
 /// Continuous loopback load during 5 `systemctl reload`s: nothing fails.
 fn reloads_under_load_lose_nothing(b: &Bed) {
     b.install_app(&Unit::default());
-    b.ok(&["start", APP]);
-    b.wait_serving(b.starts()[0]);
+    b.systemctl_ok(&["start", APP]);
+    b.wait_serving(b.probe_starts()[0]);
     let load = ProbeClients::start(b.port, 4, "http ");
     let t0 = Instant::now();
     for n in 2..=6 {
-        b.ok(&["reload", APP]);
+        b.systemctl_ok(&["reload", APP]);
         let pid = b.wait_start(n);
-        assert_eq!(b.show("StatusText"), format!("generation {n} serving as pid {pid}"));
+        assert_eq!(b.show(APP, "StatusText"), format!("generation {n} serving as pid {pid}"));
     }
     let took = t0.elapsed();
     let (served, failures) = load.finish();
@@ -352,9 +284,9 @@ fn reloads_under_load_lose_nothing(b: &Bed) {
 fn baton_crash(b: &Bed, kill_mode: &str) {
     let extra = format!("Restart=always\nRestartSec=2s\nKillMode={kill_mode}");
     b.install_app(&Unit { extra: &extra, probe_opts: "--store state=kept-by-systemd", ..Unit::default() });
-    b.ok(&["start", APP]);
-    let main1 = b.show("MainPID");
-    let pid1 = b.starts()[0];
+    b.systemctl_ok(&["start", APP]);
+    let main1 = b.show(APP, "MainPID");
+    let pid1 = b.probe_starts()[0];
     assert!(b.block(pid1).iter().any(|l| l == "store-sent name=state"), "{}", b.report_text());
     if b.tb.systemd_version() >= 254 {
         // `systemd-analyze fdstore` exists from 254 on.
@@ -364,25 +296,25 @@ fn baton_crash(b: &Bed, kill_mode: &str) {
     }
 
     let load = ProbeClients::start(b.port, 2, "http ");
-    b.ok(&["kill", "-s", "SIGKILL", "--kill-whom=main", APP]);
-    b.wait_for("app.service in auto-restart", || b.show("SubState") == "auto-restart");
+    b.systemctl_ok(&["kill", "-s", "SIGKILL", "--kill-whom=main", APP]);
+    b.wait_for("app.service in auto-restart", || b.show(APP, "SubState") == "auto-restart");
     // During the gap (RestartSec=2s) no Baton runs; with KillMode=control-group
     // or mixed no generation either, and the listener lives only in the fd
     // store. With KillMode=process the first generation keeps serving.
     let survivors = b.probe_pids();
     let gap = TcpStream::connect(("127.0.0.1", b.port)).expect("a connect during the gap must not be refused");
-    let gap_substate = b.show("SubState");
+    let gap_substate = b.show(APP, "SubState");
 
-    b.wait_for("a new Baton", || b.show("MainPID") != main1 && b.show("ActiveState") == "active");
-    let main2 = b.show("MainPID");
-    assert_eq!(b.show("NRestarts"), "1");
-    let pid2 = *b.starts().last().unwrap();
+    b.wait_for("a new Baton", || b.show(APP, "MainPID") != main1 && b.show(APP, "ActiveState") == "active");
+    let main2 = b.show(APP, "MainPID");
+    assert_eq!(b.show(APP, "NRestarts"), "1");
+    let pid2 = *b.probe_starts().last().unwrap();
     assert_ne!(pid2, pid1, "{}", b.report_text());
     let block = b.block(pid2);
     assert!(block.iter().any(|l| l == "fd 3 name=http kind=a listening TCP socket"), "{}", b.report_text());
     assert!(block.iter().any(|l| l == "stored name=state content=kept-by-systemd"), "{}", b.report_text());
     assert!(!block.iter().any(|l| l == "store-sent name=state"), "the stored fd was not passed on");
-    let journal = b.journal();
+    let journal = b.journal(Some(APP));
     assert!(
         journal.contains(&format!("took back http (tcp 127.0.0.1:{}) from the fd store", b.port)),
         "the new Baton bound a new socket instead of taking the stored one:\n{journal}"
@@ -417,7 +349,7 @@ fn baton_crash(b: &Bed, kill_mode: &str) {
     // What became of the first generation, and of it after a stop.
     let orphan_alive = b.alive(pid1);
     let left_over = journal.contains("left-over process");
-    b.ok(&["stop", APP]);
+    b.systemctl_ok(&["stop", APP]);
     let after_stop = b.probe_pids();
     eprintln!(
         "baton_crash KillMode={kill_mode} (systemd {}): baton {main1} -> {main2}; generation pid {pid1} -> {pid2}; \
@@ -431,7 +363,7 @@ fn baton_crash(b: &Bed, kill_mode: &str) {
         // The reason `process` is never generated: the orphan escapes both
         // Batons and the stop.
         assert_eq!(after_stop, vec![pid1], "KillMode=process: the orphaned generation outlives `systemctl stop`");
-        b.signal(&pid1.to_string(), "KILL");
+        b.signal(pid1, "KILL");
     } else {
         assert_eq!(after_stop, Vec::<u32>::new(), "KillMode={kill_mode}: `systemctl stop` left probes running");
     }
@@ -884,18 +816,18 @@ fn crash_costs(b: &Bed, kill_mode: &str) -> Costs {
     std::fs::write(root.join("small.txt"), "small\n").unwrap();
     std::fs::write(root.join("big.bin"), vec![b'x'; BIG_LEN]).unwrap();
     let port = free_loopback_port();
-    b.install(
+    b.install_unit(
         APP,
         &format!(
             "[Unit]\nStartLimitIntervalSec=0\n[Service]\nType=notify\nRuntimeDirectory=baton\nFileDescriptorStoreMax=64\n\
              Restart=always\nRestartSec=2s\nKillMode={kill_mode}\n\
              ExecStart={} run -l http=127.0.0.1:{port} --name app -- {} --root {} --drain-timeout 20s\n",
-            b.baton.display(),
+            baton_bin().display(),
             httpd.display(),
             root.display()
         ),
     );
-    b.ok(&["start", APP]);
+    b.systemctl_ok(&["start", APP]);
     let old_pid = Client::connect(port, None).and_then(|mut c| c.get("/healthz", true)).expect("first generation");
 
     let mut idle: Vec<Client> = (0..IDLE)
@@ -938,14 +870,14 @@ fn crash_costs(b: &Bed, kill_mode: &str) -> Costs {
     b.wait_for("new connections served before the kill", || new.ok_count() >= 2 * NEW_CLIENTS);
 
     let killed = Instant::now();
-    b.ok(&["kill", "-s", "SIGKILL", "--kill-whom=main", APP]);
+    b.systemctl_ok(&["kill", "-s", "SIGKILL", "--kill-whom=main", APP]);
     // Release the downloads once systemd has acted on the old generation:
     // SIGTERM sent (`stop-sigterm`, control-group only: `mixed` never
     // lingers there), SIGKILLed (gone), or left alone (`auto-restart` with
     // the generation still running, `process`).
     let mut acted_substate = String::new();
     b.wait_for("systemd acting on the old generation", || {
-        acted_substate = b.show("SubState");
+        acted_substate = b.show(APP, "SubState");
         acted_substate == "stop-sigterm" || acted_substate == "auto-restart" || !b.alive(old_pid)
     });
     release.wait();
@@ -979,15 +911,15 @@ fn crash_costs(b: &Bed, kill_mode: &str) -> Costs {
     // makes Baton start a replacement (possible only when systemd signals
     // the generations itself, control-group): observed, not asserted.
     const ON_ITS_OWN: &str = "is stopping on its own";
-    let before_stop = b.journal().matches(ON_ITS_OWN).count();
-    b.ok(&["stop", APP]);
-    let stop_result = b.show("Result");
-    let stop_replacements = b.journal().matches(ON_ITS_OWN).count() - before_stop;
+    let before_stop = b.journal(Some(APP)).matches(ON_ITS_OWN).count();
+    b.systemctl_ok(&["stop", APP]);
+    let stop_result = b.show(APP, "Result");
+    let stop_replacements = b.journal(Some(APP)).matches(ON_ITS_OWN).count() - before_stop;
     let after_stop = httpd_pids(b);
     for pid in &after_stop {
         // Only `process` leaves one (asserted by the caller); the testbed's
         // teardown would end it too.
-        b.signal(&pid.to_string(), "KILL");
+        b.signal(pid, "KILL");
     }
     Costs {
         kill_mode: kill_mode.to_owned(),
@@ -1011,20 +943,20 @@ fn crash_costs(b: &Bed, kill_mode: &str) -> Costs {
 /// starts it, the socket reaches the app under its `FileDescriptorName=`,
 /// and reloads keep it (and Baton does not copy it into the fd store).
 fn socket_activated(b: &Bed) {
-    b.install(
+    b.install_unit(
         "app.socket",
         &format!("[Socket]\nListenStream=127.0.0.1:{}\nFileDescriptorName=http\nService={APP}\n", b.port),
     );
     b.install_app(&Unit { listen: false, ..Unit::default() });
-    b.ok(&["start", "app.socket"]);
-    assert_eq!(b.show("ActiveState"), "inactive");
+    b.systemctl_ok(&["start", "app.socket"]);
+    assert_eq!(b.show(APP, "ActiveState"), "inactive");
     // This connection triggers the start and is answered by the first
     // generation.
     let first = ask(b.port).expect("the activating connection is served");
-    let pid1 = b.starts()[0];
+    let pid1 = b.probe_starts()[0];
     assert_eq!(first, format!("http {pid1}"));
-    assert_eq!(b.show("ActiveState"), "active");
-    let main = b.show("MainPID");
+    assert_eq!(b.show(APP, "ActiveState"), "active");
+    let main = b.show(APP, "MainPID");
     assert_eq!(b.proc_status(pid1, "PPid"), Some(main.clone()));
     assert!(b.block(pid1).iter().any(|l| l == "fd 3 name=http kind=a listening TCP socket"), "{}", b.report_text());
     let status = b.baton_status();
@@ -1032,12 +964,12 @@ fn socket_activated(b: &Bed) {
     assert_eq!(status["sockets"][0]["local"], format!("tcp 127.0.0.1:{}", b.port), "{status}");
 
     for n in 2..=3 {
-        b.ok(&["reload", APP]);
-        let pid = b.starts()[n - 1];
+        b.systemctl_ok(&["reload", APP]);
+        let pid = b.probe_starts()[n - 1];
         b.wait_serving(pid);
         assert!(b.block(pid).iter().any(|l| l == "fd 3 name=http kind=a listening TCP socket"), "{}", b.report_text());
     }
-    assert_eq!(b.show("MainPID"), main);
+    assert_eq!(b.show(APP, "MainPID"), main);
     assert_eq!(b.tb.show("app.socket", "SubState").unwrap(), "running");
     if b.tb.systemd_version() >= 254 {
         let out = b.run(&["systemd-analyze", "fdstore", APP]);
@@ -1054,12 +986,12 @@ fn stop(b: &Bed) {
     let hang = b.tb.scratch().join("hang");
     let probe_opts = format!("--hang-if-exists {}", hang.display());
     b.install_app(&Unit { baton_args: "--stop-timeout 5s", probe_opts: &probe_opts, ..Unit::default() });
-    b.ok(&["start", APP]);
-    let pid1 = b.starts()[0];
+    b.systemctl_ok(&["start", APP]);
+    let pid1 = b.probe_starts()[0];
     assert!(b.run(&["test", "-S", CONTROL]).success(), "no control socket at {CONTROL}");
-    b.ok(&["stop", APP]);
-    assert_eq!(b.show("ActiveState"), "inactive");
-    assert_eq!(b.show("Result"), "success");
+    b.systemctl_ok(&["stop", APP]);
+    assert_eq!(b.show(APP, "ActiveState"), "inactive");
+    assert_eq!(b.show(APP, "Result"), "success");
     let block = b.block(pid1);
     assert!(
         block.iter().any(|l| l.starts_with("stopping signal=Terminate notified=true drained=true")),
@@ -1069,27 +1001,27 @@ fn stop(b: &Bed) {
     assert_eq!(b.probe_pids(), Vec::<u32>::new());
     assert!(!b.run(&["test", "-e", CONTROL]).success(), "the control socket outlived the service");
     assert!(!b.run(&["test", "-e", "/run/baton/app.notify"]).success(), "the notify socket outlived the service");
-    assert!(b.journal().contains("stopping all generations"));
+    assert!(b.journal(Some(APP)).contains("stopping all generations"));
 
     // Baton stopping on its own (SIGTERM straight to it, not through
     // systemctl): its STOPPING=1 turns the running unit into
     // `deactivating` while it still waits for the generation, which ignores
     // the stop signal (SIGWINCH) until Baton's 5 s deadline.
     b.install_app(&Unit { baton_args: "--stop-signal SIGWINCH --stop-timeout 5s", ..Unit::default() });
-    b.ok(&["start", APP]);
-    let main = b.show("MainPID");
+    b.systemctl_ok(&["start", APP]);
+    let main = b.show(APP, "MainPID");
     b.signal(&main, "TERM");
     let mut seen = String::new();
     b.wait_for("app.service deactivating by STOPPING=1", || {
-        seen = format!("{}/{}", b.show("ActiveState"), b.show("SubState"));
+        seen = format!("{}/{}", b.show(APP, "ActiveState"), b.show(APP, "SubState"));
         seen.starts_with("deactivating/")
     });
-    assert_eq!(b.show("MainPID"), main, "systemd must still see Baton running while it stops");
-    assert_eq!(b.show("StatusText"), "stopping");
-    b.wait_for("app.service inactive", || b.show("ActiveState") == "inactive");
-    assert_eq!(b.show("Result"), "success");
+    assert_eq!(b.show(APP, "MainPID"), main, "systemd must still see Baton running while it stops");
+    assert_eq!(b.show(APP, "StatusText"), "stopping");
+    b.wait_for("app.service inactive", || b.show(APP, "ActiveState") == "inactive");
+    assert_eq!(b.show(APP, "Result"), "success");
     assert_eq!(b.probe_pids(), Vec::<u32>::new());
-    assert!(b.journal().contains("still running at the stop deadline; SIGKILL"));
+    assert!(b.journal(Some(APP)).contains("still running at the stop deadline; SIGKILL"));
 
     // Observation only: the same stop while a restart is in flight (Baton
     // sent RELOADING=1 and generation 2 hangs before READY=1); SIGWINCH
@@ -1099,25 +1031,27 @@ fn stop(b: &Bed) {
         probe_opts: &probe_opts,
         ..Unit::default()
     });
-    b.ok(&["start", APP]);
-    let main = b.show("MainPID");
+    b.systemctl_ok(&["start", APP]);
+    let main = b.show(APP, "MainPID");
     std::fs::write(&hang, "").unwrap();
-    let before = b.lines().iter().filter(|l| *l == "hanging before ready").count();
-    let baton = b.baton.display().to_string();
+    let before = b.report_lines().iter().filter(|l| *l == "hanging before ready").count();
+    let baton = baton_bin().display().to_string();
     let out = b.run(&[&baton, "restart", "--no-block", "--control", CONTROL]);
     assert!(out.success(), "{out}");
-    b.wait_for("generation 2 hanging", || b.lines().iter().filter(|l| *l == "hanging before ready").count() > before);
-    let reloading = format!("{}/{}", b.show("ActiveState"), b.show("SubState"));
+    b.wait_for("generation 2 hanging", || {
+        b.report_lines().iter().filter(|l| *l == "hanging before ready").count() > before
+    });
+    let reloading = format!("{}/{}", b.show(APP, "ActiveState"), b.show(APP, "SubState"));
     b.signal(&main, "TERM");
     std::thread::sleep(Duration::from_secs(1));
-    let stopping = format!("{}/{}", b.show("ActiveState"), b.show("SubState"));
-    b.wait_for("app.service inactive", || b.show("ActiveState") == "inactive");
+    let stopping = format!("{}/{}", b.show(APP, "ActiveState"), b.show(APP, "SubState"));
+    b.wait_for("app.service inactive", || b.show(APP, "ActiveState") == "inactive");
     assert_eq!(b.probe_pids(), Vec::<u32>::new());
     eprintln!(
         "stop (systemd {}): self-initiated stop showed {seen}; during a restart: {reloading}, \
          1 s after SIGTERM {stopping}, then inactive with Result={}",
         b.tb.systemd_version(),
-        b.show("Result")
+        b.show(APP, "Result")
     );
 }
 
@@ -1127,10 +1061,10 @@ fn stop(b: &Bed) {
 /// to `MESSAGE`.
 fn journal_fields(b: &Bed) {
     b.install_app(&Unit::default());
-    b.ok(&["start", APP]);
-    b.ok(&["reload", APP]);
-    let (pid1, pid2) = (b.starts()[0], b.starts()[1]);
-    let main = b.show("MainPID");
+    b.systemctl_ok(&["start", APP]);
+    b.systemctl_ok(&["reload", APP]);
+    let (pid1, pid2) = (b.probe_starts()[0], b.probe_starts()[1]);
+    let main = b.show(APP, "MainPID");
     let _ = b.tb.run(&["journalctl", "--sync"]);
     let out = b.run(&["journalctl", "--no-pager", "-b", "-u", APP, "-o", "json"]);
     assert!(out.success(), "{out}");
@@ -1169,13 +1103,13 @@ fn journal_fields(b: &Bed) {
 fn slow_generation_extends_the_timeout(b: &Bed) {
     b.install_app(&Unit { extra: "TimeoutStartSec=2s", probe_opts: "--ready-delay-ms 4000", ..Unit::default() });
     let t0 = Instant::now();
-    b.ok(&["start", APP]);
+    b.systemctl_ok(&["start", APP]);
     assert!(t0.elapsed() >= Duration::from_secs(4));
-    assert_eq!(b.show("ActiveState"), "active");
-    b.ok(&["reload", APP]);
-    let pid2 = b.starts()[1];
+    assert_eq!(b.show(APP, "ActiveState"), "active");
+    b.systemctl_ok(&["reload", APP]);
+    let pid2 = b.probe_starts()[1];
     b.wait_serving(pid2);
-    assert_eq!(b.show("NRestarts"), "0");
+    assert_eq!(b.show(APP, "NRestarts"), "0");
 }
 
 // ---- the app's output when Baton dies --------------------------------------
@@ -1205,7 +1139,7 @@ const BATON_INSIDE: &str = "/usr/local/bin/baton";
 /// to `baton run`.
 fn install_generated(b: &Bed, output: Option<&str>) {
     let dir = b.tb.scratch().join(format!("units-{}", output.unwrap_or("auto")));
-    let out = std::process::Command::new(&b.baton)
+    let out = std::process::Command::new(baton_bin())
         .args(["units", "--name", "app", "-l"])
         .arg(format!("http=127.0.0.1:{}", b.port))
         .args(["--baton", BATON_INSIDE, "--systemd-version"])
@@ -1225,7 +1159,7 @@ fn install_generated(b: &Bed, output: Option<&str>) {
             text = text.replace(&run, &format!("{BATON_INSIDE} run --notify-access all {mode}--name app "));
             assert!(text.contains("\nKillMode=control-group\n"), "the generated default: {text}");
         }
-        b.install(name, &text);
+        b.install_unit(name, &text);
     }
 }
 
@@ -1233,7 +1167,7 @@ fn install_generated(b: &Bed, output: Option<&str>) {
 fn wait_app_line(b: &Bed, prefix: &str, not: &[u32]) -> (u32, String) {
     let mut found = None;
     b.wait_for(&format!("an app line {prefix:?} in the journal"), || {
-        found = b.journal().lines().find_map(|l| {
+        found = b.journal(Some(APP)).lines().find_map(|l| {
             let text = &l[l.find(prefix)?..];
             let pid: u32 = text.split_whitespace().find_map(|w| w.strip_prefix("pid="))?.parse().ok()?;
             (!not.contains(&pid)).then(|| (pid, text.to_owned()))
@@ -1271,17 +1205,17 @@ fn wait_death(b: &Bed, pid: u32) -> String {
 /// report names the journalctl command that shows the failed generation's
 /// output.
 fn output_outlives_baton(b: &Bed) {
-    std::fs::copy(&b.baton, b.tb.host_path(BATON_INSIDE)).unwrap();
+    std::fs::copy(baton_bin(), b.tb.host_path(BATON_INSIDE)).unwrap();
     b.tb.write_file(APP_SCRIPT, LOGGING_APP).unwrap();
     install_generated(b, None);
-    b.ok(&["start", APP]);
-    let main1 = b.show("MainPID");
+    b.systemctl_ok(&["start", APP]);
+    let main1 = b.show(APP, "MainPID");
     let (pid1, started) = wait_app_line(b, "app started pid=", &[]);
     // JOURNAL_STREAM reached the app and names its stderr: it may log natively.
     let stream = started.split_whitespace().find_map(|w| w.strip_prefix("stream=")).unwrap_or("");
     let stderr = started.split_whitespace().find_map(|w| w.strip_prefix("stderr=")).unwrap_or("-");
     assert!(!stream.is_empty() && stream == stderr, "{started}");
-    assert!(b.journal().contains("the app's stdout and stderr: inherited"), "{}", b.journal());
+    assert!(b.journal(Some(APP)).contains("the app's stdout and stderr: inherited"), "{}", b.journal(Some(APP)));
 
     // A failed restart points to the journal, and the command it names shows
     // the failed generation's lines.
@@ -1316,15 +1250,15 @@ fn output_outlives_baton(b: &Bed) {
     assert_eq!(entry["_SYSTEMD_UNIT"], APP, "{entry}");
     assert_eq!(entry["_PID"], pid1.to_string(), "filed under the writer's pid, not the stream's: {entry}");
 
-    b.ok(&["log-level", "debug"]);
-    b.ok(&["kill", "-s", "SIGKILL", "--kill-whom=main", APP]);
+    b.systemctl_ok(&["log-level", "debug"]);
+    b.systemctl_ok(&["kill", "-s", "SIGKILL", "--kill-whom=main", APP]);
     let death = wait_death(b, pid1);
     assert!(death.contains("died (code=exited, status=0/SUCCESS)"), "{death}");
-    let journal = b.journal();
+    let journal = b.journal(Some(APP));
     for line in [format!("draining 99 pid={pid1}"), format!("exiting pid={pid1}")] {
         assert!(journal.contains(&line), "no {line:?} under -u {APP}:\n{journal}");
     }
-    b.wait_for("a new Baton", || b.show("MainPID") != main1 && b.show("ActiveState") == "active");
+    b.wait_for("a new Baton", || b.show(APP, "MainPID") != main1 && b.show(APP, "ActiveState") == "active");
     let (pid2, _) = wait_app_line(b, "app started pid=", &[pid1]);
     eprintln!(
         "output_outlives_baton (systemd {}): inherited; the app's journal entries carry _PID={} (baton {main1}, app \
@@ -1336,54 +1270,33 @@ fn output_outlives_baton(b: &Bed) {
     );
 
     // The control: piped output breaks with Baton.
-    b.ok(&["stop", APP]);
+    b.systemctl_ok(&["stop", APP]);
     install_generated(b, Some("pipe"));
-    b.ok(&["start", APP]);
+    b.systemctl_ok(&["start", APP]);
     let (pid3, _) = wait_app_line(b, "app started pid=", &[pid1, pid2]);
-    b.ok(&["kill", "-s", "SIGKILL", "--kill-whom=main", APP]);
+    b.systemctl_ok(&["kill", "-s", "SIGKILL", "--kill-whom=main", APP]);
     let death = wait_death(b, pid3);
     assert!(death.contains("died (code=killed, status=13/PIPE)"), "{death}");
-    assert!(!b.journal().contains(&format!("exiting pid={pid3}")));
+    assert!(!b.journal(Some(APP)).contains(&format!("exiting pid={pid3}")));
     eprintln!("output_outlives_baton: piped, after Baton's SIGKILL: {death:?}");
-    b.ok(&["log-level", "info"]);
+    b.systemctl_ok(&["log-level", "info"]);
 }
 
 // ---- test generation -----------------------------------------------------
 
-fn run_scenario(flavor: Flavor, version: u32, name: &str, scenario: fn(&Bed)) {
-    let Some(b) = Bed::boot(flavor, name) else { return };
-    assert_eq!(b.tb.systemd_version(), version);
+/// Boots `flavor` for the test `name` (with the probe's report) and runs
+/// `scenario` in it.
+fn run_scenario(flavor: Flavor, name: &str, scenario: fn(&Bed)) {
+    let Some(b) = Bed::builder(flavor, name).report().boot() else { return };
+    assert_eq!(b.tb.systemd_version(), flavor.expected_systemd());
     let t0 = Instant::now();
     scenario(&b);
     eprintln!("{name}: scenario {:?} (boot {:?})", t0.elapsed(), b.tb.boot_duration());
 }
 
-/// Instantiates each scenario on systemd 252, 257 and 262 (the name is from
-/// when there were two).
-macro_rules! on_both {
-    ($($scenario:ident),* $(,)?) => {
-        mod systemd_252 {
-            $(#[test] fn $scenario() {
-                super::run_scenario(baton_testbed::Flavor::Host, 252,
-                    concat!("systemd_252::", stringify!($scenario)), super::$scenario);
-            })*
-        }
-        mod systemd_257 {
-            $(#[test] fn $scenario() {
-                super::run_scenario(baton_testbed::Flavor::Trixie, 257,
-                    concat!("systemd_257::", stringify!($scenario)), super::$scenario);
-            })*
-        }
-        mod systemd_262 {
-            $(#[test] fn $scenario() {
-                super::run_scenario(baton_testbed::Flavor::Forky, 262,
-                    concat!("systemd_262::", stringify!($scenario)), super::$scenario);
-            })*
-        }
-    };
-}
-
-on_both!(
+// Each scenario on systemd 252, 257 and 262: `systemd_252::stop`, ...
+baton_testbed::systemd_tests!(
+    grouped by version, run_scenario:
     reload_is_an_overlapped_restart,
     reloads_under_load_lose_nothing,
     baton_crash_killmode_process,
@@ -1399,10 +1312,10 @@ on_both!(
 /// `Type=notify-reload` exists only from systemd 253 on.
 #[test]
 fn systemd_257_notify_reload() {
-    run_scenario(Flavor::Trixie, 257, "systemd_257_notify_reload", notify_reload);
+    run_scenario(Flavor::Trixie, "systemd_257_notify_reload", notify_reload);
 }
 
 #[test]
 fn systemd_262_notify_reload() {
-    run_scenario(Flavor::Forky, 262, "systemd_262_notify_reload", notify_reload);
+    run_scenario(Flavor::Forky, "systemd_262_notify_reload", notify_reload);
 }

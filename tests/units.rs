@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use baton::units::{self, UnitFile, UnitsArgs, UnitsError, generate, to_stdout_text, write_files};
 use baton_testbed::probe::ask;
-use baton_testbed::{Flavor, Testbed, cargo_bin, free_loopback_port, skip_unless_root};
+use baton_testbed::{Bed, Flavor, cargo_bin, free_loopback_port};
 use clap::Parser;
 
 /// Generous: the machine is a noisy 2-core box.
@@ -708,25 +708,28 @@ fn generated_units_verify_on_the_host() {
     }
 }
 
-/// Copies a host binary into the testbed, at a path that none of the
-/// hardening hides (ProtectHome= would hide a target dir under /root).
-fn install_binary(tb: &Testbed, from: &Path, to: &str) {
-    let dest = tb.host_path(to);
-    std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
-    std::fs::copy(from, &dest).unwrap_or_else(|e| panic!("copy {} to {to}: {e}", from.display()));
+/// Boots `flavor` with Baton and the probe installed at /usr/local/bin, a
+/// path that none of the hardening hides (ProtectHome= would hide a target
+/// dir under /root).
+fn boot(flavor: Flavor, test: &str) -> Option<Bed> {
+    Bed::builder(flavor, test)
+        .wait(WAIT)
+        .binary(env!("CARGO_BIN_EXE_baton"), "/usr/local/bin/baton")
+        .binary(cargo_bin("sd-probe", "baton-sd-probe"), "/usr/local/bin/baton-sd-probe")
+        .boot()
+}
+
+/// `(name, contents)` of each file, for [`Bed::install_units`].
+fn named(files: &[UnitFile]) -> impl Iterator<Item = (&str, &str)> {
+    files.iter().map(|f| (f.name.as_str(), f.contents.as_str()))
 }
 
 /// `systemd-analyze verify` inside `flavor`'s own systemd, on the units for
 /// that version and on the 252 baseline.
 fn generated_units_verify_in(flavor: Flavor, test: &str) {
-    if !skip_unless_root(test) {
-        return;
-    }
-    let probe = cargo_bin("sd-probe", "baton-sd-probe");
-    let tb = Testbed::boot(flavor).unwrap_or_else(|e| panic!("{test}: boot {flavor}: {e}"));
+    let Some(bed) = boot(flavor, test) else { return };
+    let tb = &bed.tb;
     assert_eq!(tb.systemd_version(), flavor.expected_systemd());
-    install_binary(&tb, Path::new(env!("CARGO_BIN_EXE_baton")), "/usr/local/bin/baton");
-    install_binary(&tb, &probe, "/usr/local/bin/baton-sd-probe");
     // Both the units for this systemd and the 252 baseline must pass.
     for version in [252, tb.systemd_version()] {
         for (name, files) in matrix("/usr/local/bin/baton", "/usr/local/bin/baton-sd-probe", version) {
@@ -751,61 +754,14 @@ fn generated_units_verify_in(flavor: Flavor, test: &str) {
     }
 }
 
-#[test]
-fn generated_units_verify_on_trixie() {
-    generated_units_verify_in(Flavor::Trixie, "generated_units_verify_on_trixie");
-}
-
-/// 262 has neither cgroup v1 (gone in 258) nor SysV scripts (gone in 260):
-/// a unit depending on either would fail to verify here.
-#[test]
-fn generated_units_verify_on_forky() {
-    generated_units_verify_in(Flavor::Forky, "generated_units_verify_on_forky");
+// On forky: 262 has neither cgroup v1 (gone in 258) nor SysV scripts (gone
+// in 260): a unit depending on either would fail to verify here.
+baton_testbed::systemd_tests! { generated_units_verify_in:
+    generated_units_verify_on_trixie: Trixie,
+    generated_units_verify_on_forky: Forky,
 }
 
 // ---- running them ----------------------------------------------------------
-
-struct Bed {
-    tb: Testbed,
-}
-
-impl Bed {
-    fn boot(flavor: Flavor, test: &str) -> Option<Bed> {
-        if !skip_unless_root(test) {
-            return None;
-        }
-        let probe = cargo_bin("sd-probe", "baton-sd-probe");
-        let tb = Testbed::boot(flavor).unwrap_or_else(|e| panic!("{test}: boot {flavor}: {e}"));
-        install_binary(&tb, Path::new(env!("CARGO_BIN_EXE_baton")), "/usr/local/bin/baton");
-        install_binary(&tb, &probe, "/usr/local/bin/baton-sd-probe");
-        Some(Bed { tb })
-    }
-
-    fn install(&self, files: &[UnitFile]) {
-        for f in files {
-            self.tb.write_file(format!("/etc/systemd/system/{}", f.name), &f.contents).unwrap();
-        }
-        self.tb.daemon_reload().unwrap();
-    }
-
-    fn ok(&self, args: &[&str]) {
-        self.tb.systemctl_checked(args).unwrap_or_else(|e| panic!("systemctl {args:?}: {e}"));
-    }
-
-    fn show(&self, unit: &str, prop: &str) -> String {
-        self.tb.show(unit, prop).unwrap_or_else(|e| panic!("show {unit} {prop}: {e}"))
-    }
-
-    fn wait_for(&self, what: &str, mut pred: impl FnMut() -> bool) {
-        self.tb.wait_for(what, WAIT, &mut pred).unwrap_or_else(|e| panic!("{e}"));
-    }
-
-    /// Whether `pid` (in the testbed) exists; trixie's minimal root has no
-    /// `kill` binary, so ask /proc.
-    fn alive(&self, pid: &str) -> bool {
-        self.tb.run(&["test", "-d", &format!("/proc/{pid}")]).unwrap().success()
-    }
-}
 
 /// Checks in /proc that `pid` runs hardened as generated: a dynamic
 /// (non-root) user, no new privileges, a seccomp filter.
@@ -865,10 +821,10 @@ fn supervised_probe(bed: &Bed) {
         ],
         version,
     );
-    bed.install(&files);
+    bed.install_units(named(&files));
     let svc = "probe-sup.service";
     assert_eq!(bed.show(svc, "Type"), "notify");
-    bed.ok(&["start", "probe-sup.socket", svc]);
+    bed.systemctl_ok(&["start", "probe-sup.socket", svc]);
     let baton_pid = bed.show(svc, "MainPID");
     let first = probe_pid(port);
     assert_ne!(first, baton_pid, "the app runs as a generation, Baton is the main process");
@@ -876,7 +832,7 @@ fn supervised_probe(bed: &Bed) {
     assert_hardened(bed, &first, "generation 1");
     assert_eq!(bed.show(svc, "NFileDescriptorStore"), "1", "Baton mirrors the app's stored fd");
 
-    bed.ok(&["reload", svc]);
+    bed.systemctl_ok(&["reload", svc]);
     bed.wait_for("the new generation to serve", || ask(port).is_ok_and(|a| a != format!("http {first}")));
     let second = probe_pid(port);
     assert_eq!(bed.show(svc, "MainPID"), baton_pid, "reload keeps Baton");
@@ -901,7 +857,7 @@ fn supervised_probe(bed: &Bed) {
 
     // Baton crashes: the .socket keeps listening, systemd restarts Baton,
     // which gets the socket and the stored fd back.
-    bed.ok(&["kill", "--signal=SIGKILL", "--kill-whom=main", svc]);
+    bed.systemctl_ok(&["kill", "--signal=SIGKILL", "--kill-whom=main", svc]);
     bed.wait_for("Baton to be restarted", || {
         bed.show(svc, "NRestarts") == "1" && bed.show(svc, "ActiveState") == "active"
     });
@@ -914,13 +870,13 @@ fn supervised_probe(bed: &Bed) {
     assert_ne!(third, second);
     assert_eq!(bed.show(svc, "NFileDescriptorStore"), "1");
 
-    bed.ok(&["stop", svc]);
+    bed.systemctl_ok(&["stop", svc]);
     assert_eq!(bed.show(svc, "Result"), "success", "Baton drained the generation before TimeoutStopSec");
     assert!(!bed.alive(&third));
     assert_eq!(bed.show("probe-sup.socket", "ActiveState"), "active");
     // The socket starts the service again on the next connection.
     assert!(probe_pid(port).parse::<u32>().is_ok());
-    bed.ok(&["stop", svc, "probe-sup.socket"]);
+    bed.systemctl_ok(&["stop", svc, "probe-sup.socket"]);
 }
 
 /// Direct: the probe is socket-activated by systemd; `systemctl restart`
@@ -947,10 +903,10 @@ fn direct_probe(bed: &Bed) {
         ],
         bed.tb.systemd_version(),
     );
-    bed.install(&files);
+    bed.install_units(named(&files));
     let svc = "probe-dir.service";
     assert_eq!(bed.show(svc, "Type"), "notify");
-    bed.ok(&["start", "probe-dir.socket", svc]);
+    bed.systemctl_ok(&["start", "probe-dir.socket", svc]);
     // A runtime property (252 and 257 alike): `infinity` until the service runs.
     assert_eq!(bed.show(svc, "WatchdogUSec"), "5s");
     let first = probe_pid(port);
@@ -958,7 +914,7 @@ fn direct_probe(bed: &Bed) {
     assert_hardened(bed, &first, "the directly run probe");
     assert_eq!(bed.show(svc, "NFileDescriptorStore"), "1");
 
-    bed.ok(&["restart", svc]);
+    bed.systemctl_ok(&["restart", svc]);
     let second = probe_pid(port);
     assert_ne!(second, first);
     assert_eq!(bed.show(svc, "MainPID"), second);
@@ -966,29 +922,20 @@ fn direct_probe(bed: &Bed) {
     assert_eq!(bed.show("probe-dir.socket", "ActiveState"), "active");
     assert!(!bed.tb.systemctl(&["reload", svc]).unwrap().success(), "direct units have no reload");
 
-    bed.ok(&["stop", svc, "probe-dir.socket"]);
+    bed.systemctl_ok(&["stop", svc, "probe-dir.socket"]);
     assert_eq!(bed.show(svc, "Result"), "success");
 }
 
 fn generated_units_run(flavor: Flavor, test: &str) {
-    let Some(bed) = Bed::boot(flavor, test) else { return };
+    let Some(bed) = boot(flavor, test) else { return };
     supervised_probe(&bed);
     direct_probe(&bed);
 }
 
-#[test]
-fn generated_units_run_on_252() {
-    generated_units_run(Flavor::Host, "generated_units_run_on_252");
-}
-
-#[test]
-fn generated_units_run_on_257() {
-    generated_units_run(Flavor::Trixie, "generated_units_run_on_257");
-}
-
-#[test]
-fn generated_units_run_on_262() {
-    generated_units_run(Flavor::Forky, "generated_units_run_on_262");
+baton_testbed::systemd_tests! { generated_units_run:
+    generated_units_run_on_252: Host,
+    generated_units_run_on_257: Trixie,
+    generated_units_run_on_262: Forky,
 }
 
 /// One HTTP/1.0 GET; returns the whole response.
@@ -1004,10 +951,10 @@ fn http_get(port: u16, path: &str) -> Option<String> {
 /// The units in `units/` run the reference server as shipped: binaries at
 /// /usr/bin, the default document root, only the port moved by a drop-in.
 fn reference_units_run(flavor: Flavor, test: &str) {
-    let Some(bed) = Bed::boot(flavor, test) else { return };
+    let Some(bed) = boot(flavor, test) else { return };
     let httpd = cargo_bin("baton-httpd", "baton-httpd");
-    install_binary(&bed.tb, Path::new(env!("CARGO_BIN_EXE_baton")), "/usr/bin/baton");
-    install_binary(&bed.tb, &httpd, "/usr/bin/baton-httpd");
+    bed.install_binary(Path::new(env!("CARGO_BIN_EXE_baton")), "/usr/bin/baton");
+    bed.install_binary(&httpd, "/usr/bin/baton-httpd");
     bed.tb.write_file("/usr/share/baton-httpd/www/index.html", "hello from the reference units\n").unwrap();
     let all = reference_files();
     let svc = "baton-httpd.service";
@@ -1019,44 +966,35 @@ fn reference_units_run(flavor: Flavor, test: &str) {
                 &format!("[Socket]\nListenStream=\nListenStream=127.0.0.1:{port}\n"),
             )
             .unwrap();
-        bed.install(files);
-        bed.ok(&["start", "baton-httpd.socket", svc]);
+        bed.install_units(named(files));
+        bed.systemctl_ok(&["start", "baton-httpd.socket", svc]);
         let get = || http_get(port, "/index.html").is_some_and(|r| r.contains("hello from the reference units"));
         assert!(get(), "{dir}: {:?}", http_get(port, "/index.html"));
         let main = bed.show(svc, "MainPID");
         if dir == "units" {
-            bed.ok(&["reload", svc]);
+            bed.systemctl_ok(&["reload", svc]);
             assert_eq!(bed.show(svc, "MainPID"), main, "{dir}: reload keeps Baton");
             assert!(bed.show(svc, "StatusText").starts_with("generation 2 serving"), "{dir}");
         }
-        bed.ok(&["restart", svc]);
+        bed.systemctl_ok(&["restart", svc]);
         assert_ne!(bed.show(svc, "MainPID"), main, "{dir}");
         assert!(get(), "{dir} after restart");
-        bed.ok(&["stop", svc, "baton-httpd.socket"]);
+        bed.systemctl_ok(&["stop", svc, "baton-httpd.socket"]);
         assert_eq!(bed.show(svc, "Result"), "success", "{dir}");
     }
 }
 
-#[test]
-fn reference_units_run_on_252() {
-    reference_units_run(Flavor::Host, "reference_units_run_on_252");
-}
-
-#[test]
-fn reference_units_run_on_257() {
-    reference_units_run(Flavor::Trixie, "reference_units_run_on_257");
-}
-
-#[test]
-fn reference_units_run_on_262() {
-    reference_units_run(Flavor::Forky, "reference_units_run_on_262");
+baton_testbed::systemd_tests! { reference_units_run:
+    reference_units_run_on_252: Host,
+    reference_units_run_on_257: Trixie,
+    reference_units_run_on_262: Forky,
 }
 
 /// ExecStart= quoting survives systemd's own parser: a shell prints every
 /// argument it got, and the journal shows them unchanged.
 #[test]
 fn exec_start_words_reach_the_app_unchanged() {
-    let Some(bed) = Bed::boot(Flavor::Host, "exec_start_words_reach_the_app_unchanged") else { return };
+    let Some(bed) = boot(Flavor::Host, "exec_start_words_reach_the_app_unchanged") else { return };
     let words = [
         "a b",
         "$HOME",
@@ -1077,7 +1015,7 @@ fn exec_start_words_reach_the_app_unchanged() {
     argv.extend(["printf '<%s>\\n' \"$@\"", "sh"]);
     argv.extend(words);
     let files = gen_for(&argv, bed.tb.systemd_version());
-    bed.install(&files);
+    bed.install_units(named(&files));
     // The shell never sends READY=1, so the start fails once it exits.
     let _ = bed.tb.systemctl(&["start", "quoting.socket", "quoting.service"]).unwrap();
     let expected: String = words.iter().map(|w| format!("<{w}>\n")).collect();

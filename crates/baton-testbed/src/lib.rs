@@ -55,12 +55,19 @@
 //!   (default [`DEFAULT_STATE_BASE`]).
 //! - `CI`: when `true`, [`skip_unless_root`] panics instead of skipping.
 //!
+//! # In integration tests
+//!
+//! [`Bed`] wraps a [`Testbed`] with the operations the tests under systemd
+//! share (panicking with the test's name), and [`systemd_tests!`] makes a
+//! test once per flavor.
+//!
 //! # Without systemd
 //!
 //! [`baton`] starts `baton run` itself, as a child of the test (no root
 //! needed); [`probe`] holds the clients of the conformance probe's answer.
 
 pub mod baton;
+mod bed;
 mod boot;
 mod cargo;
 mod cgroup;
@@ -76,6 +83,7 @@ mod testbed;
 
 use std::fmt;
 
+pub use bed::{Bed, BedBuilder, DEFAULT_WAIT};
 pub use boot::{DEFAULT_BOOT_TIMEOUT, DEFAULT_COMMAND_TIMEOUT, DEFAULT_STATE_BASE, STATE_DIR_ENV, TestbedBuilder};
 pub use cargo::{cargo_bin, try_cargo_bin};
 pub use cmd::CmdOutput;
