@@ -244,6 +244,24 @@ fn a_watchdog_trigger_while_starting_fails_the_start() {
     assert_eq!(b.core.restart(), None);
 }
 
+/// A draining generation's `WATCHDOG=trigger` hurries it (SIGABRT) and
+/// nothing else: the serving one goes on, no failure is counted, nothing
+/// is spawned. Found while moving the generation table into the core: the
+/// shell used to count it as the serving generation hanging and start a
+/// replacement of a healthy generation.
+#[test]
+fn a_watchdog_trigger_while_draining_only_hurries_it() {
+    let mut b = Bench::new(false, 10, true);
+    b.restart(1, 2);
+    b.take_over(2);
+    let actions = b.notice(1, Notice { watchdog_trigger: true, ..Notice::default() });
+    assert!(actions.contains(&Action::Signal { generation: 1, signal: Sig::Abort }), "{actions:?}");
+    assert!(!actions.iter().any(|a| matches!(a, Action::Spawn { .. })), "{actions:?}");
+    assert_eq!(b.core.active().map(|g| g.number), Some(2));
+    assert_eq!((b.core.counters().crash_restarts, b.core.counters().crashes.len()), (0, 0));
+    assert_eq!(b.core.restart(), None);
+}
+
 #[test]
 fn connections_from_a_draining_generation_are_pushed_to_the_active_one() {
     let store = |fds, name: &str| Notice {
