@@ -361,21 +361,15 @@ fn journal_and_status(flavor: Flavor, test: &str) {
     assert!(out.stdout.contains("ROOT="), "native journal fields expected:\n{}", out.stdout);
 }
 
-macro_rules! on_both {
-    ($($name:ident),* $(,)?) => {
-        mod systemd_252 {
-            $( #[test] fn $name() { super::$name(baton_testbed::Flavor::Host, concat!("systemd_252::", stringify!($name))) } )*
-        }
-        mod systemd_257 {
-            $( #[test] fn $name() { super::$name(baton_testbed::Flavor::Trixie, concat!("systemd_257::", stringify!($name))) } )*
-        }
-        mod systemd_262 {
-            $( #[test] fn $name() { super::$name(baton_testbed::Flavor::Forky, concat!("systemd_262::", stringify!($name))) } )*
-        }
-    };
+/// Runs `scenario` on `flavor` (the shape `baton_testbed::systemd_tests!`
+/// calls: every scenario takes the flavor and the test's name).
+fn run(flavor: baton_testbed::Flavor, name: &str, scenario: fn(baton_testbed::Flavor, &str)) {
+    scenario(flavor, name)
 }
 
-on_both!(
+baton_testbed::systemd_tests!(
+    grouped by version,
+    run:
     keepalive,
     thousand_idle,
     in_flight,
