@@ -191,6 +191,12 @@ pub struct RunArgs {
     /// Shell command run after READY=1 (with BATON_PID set); the cutover happens only if it succeeds.
     #[arg(long)]
     pub health_cmd: Option<String>,
+    /// Give each generation a private loopback listener (127.0.0.1 or ::1, like the first
+    /// listening socket), passed after the listening sockets as `probe` in LISTEN_FDNAMES; its
+    /// address (host:port) is $BATON_PROBE_ADDR in --health-cmd, so the check reaches that
+    /// generation only. Needs a TCP or UDP first listening socket.
+    #[arg(long)]
+    pub probe: bool,
     /// Draining generations allowed at once; the oldest is killed beyond this.
     #[arg(long, default_value_t = 4)]
     pub max_draining: usize,
@@ -243,6 +249,7 @@ impl RunArgs {
             max_draining: self.max_draining.max(1),
             backoff: Backoff { burst: self.restart_burst, interval: self.restart_interval, ..Backoff::default() },
             output: self.output.resolve(),
+            probe: self.probe,
         }
     }
 }

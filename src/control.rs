@@ -193,6 +193,10 @@ pub struct GenerationStatus {
     pub uptime_s: f64,
     /// Milliseconds from spawn to READY=1.
     pub ready_ms: Option<u64>,
+    /// Its probe listener's address (`host:port`), under `baton run
+    /// --probe`; absent otherwise, and from Batons without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe: Option<String>,
 }
 
 /// One socket in [`Status`].

@@ -139,7 +139,11 @@ fn print_response(response: &Response, json: bool) -> ExitCode {
                 }
                 for g in &s.generations {
                     let status = g.status_text.as_deref().unwrap_or("");
-                    println!("  generation {} pid {} {} up {:.0}s {status}", g.generation, g.pid, g.state, g.uptime_s);
+                    let probe = g.probe.as_ref().map(|a| format!("probe {a} ")).unwrap_or_default();
+                    println!(
+                        "  generation {} pid {} {} up {:.0}s {probe}{status}",
+                        g.generation, g.pid, g.state, g.uptime_s
+                    );
                 }
                 println!("  fd store: {}", count(s.fdstore as u64, "entry", "entries"));
                 println!(
@@ -404,6 +408,12 @@ fn run(args: RunArgs) -> ExitCode {
         println!("baton: watch with `baton status {target}`; stop with Ctrl-C or `baton stop {target}`");
     }
     let policy = args.policy();
+    if policy.probe
+        && let Err(e) = baton::supervisor::probe::family_for(&sockets)
+    {
+        tracing::error!("{e}");
+        return ExitCode::from(1);
+    }
     let output = policy.output;
     tracing::info!(
         event = "output",

@@ -467,6 +467,11 @@ pub struct GenerationState {
     pub handoff: Option<RawFd>,
     /// Fd-store fds it received at start.
     pub passed: Vec<RawFd>,
+    /// Its probe listener (`--probe`). Absent without one (so such states
+    /// are what Batons before it wrote) and in states written before it
+    /// existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe: Option<RawFd>,
 }
 
 impl Handover {
@@ -484,6 +489,7 @@ impl Handover {
             fds.extend(g.main_pidfd);
             fds.extend(g.output_fd);
             fds.extend(g.handoff);
+            fds.extend(g.probe);
         }
         fds
     }

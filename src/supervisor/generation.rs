@@ -21,6 +21,9 @@ pub(super) struct Procs {
     pub(super) handoff: Option<ReceivedFd>,
     /// The store's fds it got in `LISTEN_FDS`: never pushed to it again.
     pub(super) passed: Vec<std::os::fd::RawFd>,
+    /// Its private probe listener (`--probe`), Baton's copy: closed when
+    /// the generation is forgotten (this is dropped).
+    pub(super) probe: Option<ProbeSocket>,
 }
 
 impl Procs {
@@ -48,11 +51,21 @@ impl Procs {
 
 impl Supervisor {
     pub(super) fn spawn(&self, number: u64) -> Result<Procs, String> {
+        let probe = match self.cfg.policy.probe {
+            true => Some(
+                probe::family_for(&self.cfg.sockets)
+                    .and_then(|f| ProbeSocket::bind(f).map_err(|e| format!("cannot bind its probe listener: {e}")))?,
+            ),
+            false => None,
+        };
+        // The probe right after the listening sockets: apps that serve
+        // every socket find it among them, before the store's entries.
         let fds: Vec<(BorrowedFd<'_>, &str)> = self
             .cfg
             .sockets
             .iter()
             .map(|s| (s.fd.as_fd(), s.name.as_str()))
+            .chain(probe.as_ref().map(|p| (p.as_fd(), probe::PROBE_FDNAME)))
             .chain(self.store.entries().map(|(name, fd)| (fd, name)))
             .collect();
         let passed: Vec<std::os::fd::RawFd> =
@@ -83,6 +96,16 @@ impl Supervisor {
         // Only the child (and its descendants) may hold the write end, so
         // the copying task sees end-of-file when they are all gone.
         drop(output_fd);
-        Ok(Procs { number, main: None, child, spawned_at: Instant::now(), output, health: None, handoff: None, passed })
+        Ok(Procs {
+            number,
+            main: None,
+            child,
+            spawned_at: Instant::now(),
+            output,
+            health: None,
+            handoff: None,
+            passed,
+            probe,
+        })
     }
 }

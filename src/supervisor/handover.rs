@@ -59,6 +59,7 @@ impl Supervisor {
                 output_unwritten: p.output.unwritten(),
                 handoff: p.handoff.as_ref().map(|h| h.as_raw_fd()),
                 passed: p.passed.clone(),
+                probe: p.probe.as_ref().map(|x| x.fd.as_raw_fd()),
             });
         }
         let supervisor = upgrade::SupervisorState {
@@ -141,6 +142,7 @@ impl Supervisor {
             main: Option<MainProcess>,
             output: Option<OwnedFd>,
             handoff: Option<OwnedFd>,
+            probe: Option<OwnedFd>,
         }
         let mut taken = Vec::with_capacity(s.generations.len());
         for g in &s.generations {
@@ -156,6 +158,7 @@ impl Supervisor {
                 },
                 output: g.output_fd.map(|fd| fds.take(fd, &what("output pipe"))).transpose()?,
                 handoff: g.handoff.map(|fd| fds.take(fd, &what("handoff connection"))).transpose()?,
+                probe: g.probe.map(|fd| fds.take(fd, &what("probe listener"))).transpose()?,
             });
         }
 
@@ -257,6 +260,7 @@ impl Supervisor {
             }
             let spawned_at = upgrade::from_mono(g.spawned_mono_us);
             let handoff = t.handoff.map(ReceivedFd::new);
+            let probe = t.probe.map(ProbeSocket::adopt).transpose().map_err(io("adopting a probe listener"))?;
             gens.push(Gen {
                 number: g.number,
                 leader: g.pid,
@@ -280,6 +284,7 @@ impl Supervisor {
                 health: None,
                 handoff,
                 passed: g.passed,
+                probe,
             });
         }
         let counters = Counters {

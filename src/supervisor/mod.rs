@@ -33,7 +33,8 @@
 //! processes, failure reports), `notify` datagrams and their attribution,
 //! stored `connections`, `render`ing the core's events, outcomes and
 //! upstream notifications, `stop` signals, `self_upgrade` (`baton
-//! upgrade`) and its `handover`.
+//! upgrade`) and its `handover`, and each generation's [`probe`] listener
+//! (`--probe`).
 
 use std::ffi::OsString;
 use std::mem::ManuallyDrop;
@@ -78,6 +79,7 @@ mod lifecycle;
 mod notify;
 mod phase;
 mod policy;
+pub mod probe;
 mod render;
 mod restart;
 mod self_upgrade;
@@ -92,6 +94,7 @@ use generation::Procs;
 use lifecycle::{Life, State};
 use phase::Waiters;
 pub use policy::{Backoff, NotifyAccess, Policy};
+use probe::ProbeSocket;
 use self_upgrade::probe_result;
 
 /// Everything `baton run` was asked to do.
@@ -402,6 +405,7 @@ impl Supervisor {
                     status_text: g.status_text.clone(),
                     uptime_s: (now - g.spawned_at).as_secs_f64(),
                     ready_ms: g.ready_at.map(|r| (r - g.spawned_at).as_millis() as u64),
+                    probe: self.procs(g.number).and_then(|p| p.probe.as_ref()).map(|p| p.addr.to_string()),
                 })
                 .collect(),
             sockets: self

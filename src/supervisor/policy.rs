@@ -100,6 +100,12 @@ pub struct Policy {
     pub backoff: Backoff,
     /// Where generations' stdout and stderr go (`--output`, resolved).
     pub output: OutputMode,
+    /// Give each generation a private loopback listener, `probe` in
+    /// `LISTEN_FDNAMES`, its address in the health command's
+    /// `$BATON_PROBE_ADDR` (`--probe`). Absent in states written before it
+    /// existed: off, as those Batons had none.
+    #[serde(default)]
+    pub probe: bool,
 }
 
 impl Default for Policy {
@@ -116,6 +122,7 @@ impl Default for Policy {
             max_draining: 4,
             backoff: Backoff::default(),
             output: OutputMode::Pipe,
+            probe: false,
         }
     }
 }
@@ -150,13 +157,22 @@ mod tests {
             health_cmd: Some("true".into()),
             backoff: Backoff { burst: 3, ..Backoff::default() },
             output: OutputMode::Inherit,
+            probe: true,
             ..Policy::default()
         };
         let json = serde_json::to_value(&policy).unwrap();
+        assert_eq!(json["probe"], true);
         assert_eq!(json["stop_signal"], 2);
         assert_eq!(json["notify_access"], "all");
         assert_eq!(json["output"], "inherit");
         assert_eq!(serde_json::from_value::<Policy>(json).unwrap(), policy);
+    }
+
+    #[test]
+    fn a_policy_written_without_probe_reads_as_no_probe() {
+        let mut json = serde_json::to_value(Policy { probe: true, ..Policy::default() }).unwrap();
+        json.as_object_mut().unwrap().remove("probe");
+        assert!(!serde_json::from_value::<Policy>(json).unwrap().probe);
     }
 
     #[test]

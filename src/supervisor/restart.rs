@@ -23,12 +23,16 @@ impl Supervisor {
         }
     }
 
-    /// Runs `--health-cmd` for generation `number`, which sent READY=1.
+    /// Runs `--health-cmd` for generation `number`, which sent READY=1
+    /// (with its probe listener's address, under `--probe`).
     pub(super) fn run_health_check(&mut self, number: u64) {
         let Some(cmd) = self.cfg.policy.health_cmd.clone() else { return };
         let pid = self.main_pid(number);
         let sh = AppCommand::new("/bin/sh".as_ref(), &["-c".into(), cmd.into()]);
-        let extra = [("BATON_PID", pid.to_string()), ("BATON_GENERATION", number.to_string())];
+        let mut extra = vec![("BATON_PID", pid.to_string()), ("BATON_GENERATION", number.to_string())];
+        if let Some(probe) = self.procs(number).and_then(|p| p.probe.as_ref()) {
+            extra.push((probe::PROBE_ADDR_ENV, probe.addr.to_string()));
+        }
         let setup =
             GenerationSetup { fds: &[], notify_socket: None, watchdog_usec: None, extra_env: &extra, output: None };
         match sh.and_then(|sh| sh.spawn(&setup)) {

@@ -119,6 +119,7 @@ mod tests {
                     interval: Duration::from_secs(45),
                 },
                 output: OutputMode::Pipe,
+                probe: false,
             }
         );
         // The rest is read as before.

@@ -5,7 +5,8 @@
 //!    `--fail-startup` act here, before any passed fd is touched.
 //! 3. Open the root, get the listening socket ([`crate::listener`]), the
 //!    generation ([`crate::generation`]) and the handed-over connections
-//!    ([`crate::handoff::adopt`]); under Baton, connect to
+//!    ([`crate::handoff::adopt`]), and Baton's `probe` listener if passed
+//!    (`baton run --probe`, served like the listening socket); under Baton, connect to
 //!    `$BATON_HANDOFF_SOCKET` (before `READY=1`: Baton pushes connections
 //!    only to the active generation, which this one becomes at `READY=1`).
 //! 4. Serve the adopted connections, then `READY=1` — only now can every
@@ -154,6 +155,9 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
         .map(str::to_owned)
         .collect();
     let acquired = listener::acquire(&mut fds, &config.socket_name, config.listen, n.filter(|_| config.handoff))?;
+    // Baton's private probe listener (`baton run --probe`): served like the
+    // listening socket, so a health check reaches this generation only.
+    let probe = fds.take_probe_listener()?;
     let generation = generation::determine(&mut fds, n)?;
     let adoption = handoff::adopt(&mut fds, n);
     for (fd, name, available) in fds.names() {
@@ -193,6 +197,14 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
     acquired.listener.set_nonblocking(true).map_err(setup("making the listening socket non-blocking"))?;
     let listener = TcpListener::from_std(acquired.listener).map_err(setup("registering the listening socket"))?;
     let local = listener.local_addr().map_err(setup("reading the listening address"))?;
+    let probe = match probe {
+        Some(p) => {
+            p.set_nonblocking(true).map_err(setup("making the probe listener non-blocking"))?;
+            Some(TcpListener::from_std(p).map_err(setup("registering the probe listener"))?)
+        }
+        None => None,
+    };
+    let probe_addr = probe.as_ref().and_then(|p| p.local_addr().ok());
 
     let drain = DrainSignal::new();
     let deadlines =
@@ -235,6 +247,7 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
         header_timeout = ?deadlines.header,
         idle_timeout = ?deadlines.idle,
         max_request_head = deadlines.max_head,
+        probe = ?probe_addr,
         "{serving}"
     );
 
@@ -249,7 +262,7 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
     // nothing stored now would reach anyone.
     let manager_reachable = loop {
         tokio::select! {
-            accepted = listener.accept(), if pacer.paused_until().is_none() => match accepted {
+            accepted = accept_any(&listener, probe.as_ref()), if pacer.paused_until().is_none() => match accepted {
                 Ok((stream, _)) => {
                     pacer.accepted();
                     if refuser.over_limit(conns.len()) {
@@ -302,6 +315,7 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
 
     // Stop accepting. A passed or stored listener stays open in the manager.
     drop(listener);
+    drop(probe);
     let open = conns.len();
     status(n, &format!("draining {open} connections"));
     let mode =
@@ -413,6 +427,21 @@ fn adopt_stream(stream: std::net::TcpStream) -> std::io::Result<TcpStream> {
 fn far_or(timeout: std::time::Duration) -> tokio::time::Instant {
     let now = tokio::time::Instant::now();
     now.checked_add(timeout).unwrap_or_else(|| now + std::time::Duration::from_secs(30 * 365 * 86_400))
+}
+
+/// The next connection on the listening socket or, if there is one, the
+/// probe listener (both are served alike; `accept` is cancel-safe).
+async fn accept_any(
+    listener: &TcpListener,
+    probe: Option<&TcpListener>,
+) -> std::io::Result<(TcpStream, std::net::SocketAddr)> {
+    match probe {
+        Some(probe) => tokio::select! {
+            accepted = listener.accept() => accepted,
+            accepted = probe.accept() => accepted,
+        },
+        None => listener.accept().await,
+    }
 }
 
 /// Ready when an accept pause ends (never, without one).

@@ -76,6 +76,11 @@ impl From<ActivationError> for std::io::Error {
     }
 }
 
+/// The `LISTEN_FDNAMES` name of the probe listener Baton passes with `baton
+/// run --probe`, after the listening sockets (see
+/// [`ListenFds::take_probe_listener`]).
+pub const PROBE_FDNAME: &str = "probe";
+
 /// Which passed fd to take: by position (0 is fd 3) or by name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Select<'a> {
@@ -317,6 +322,15 @@ impl ListenFds {
         self.take_kind(which.into(), Kind::UnixDatagram).map(|o| o.map(Into::into))
     }
 
+    /// Takes the probe listener Baton passes with `baton run --probe`
+    /// (named [`PROBE_FDNAME`]): a loopback TCP listener that only this
+    /// process received, so a health check connecting to it
+    /// (`$BATON_PROBE_ADDR`) reaches this generation and no other. Serve it
+    /// like the listening socket. `Ok(None)` when none was passed.
+    pub fn take_probe_listener(&mut self) -> Result<Option<std::net::TcpListener>, ActivationError> {
+        self.take_tcp_listener(PROBE_FDNAME)
+    }
+
     fn find(&mut self, which: Select<'_>) -> Option<&mut Entry> {
         match which {
             Select::Index(i) => self.entries.get_mut(i),
@@ -372,6 +386,12 @@ macro_rules! tokio_take {
 
 #[cfg(feature = "tokio")]
 impl ListenFds {
+    /// [`take_probe_listener`](Self::take_probe_listener) as a tokio
+    /// listener (`O_NONBLOCK` set). Must run inside a tokio runtime.
+    pub fn take_tokio_probe_listener(&mut self) -> Result<Option<tokio::net::TcpListener>, ActivationError> {
+        self.take_tokio_tcp_listener(PROBE_FDNAME)
+    }
+
     tokio_take!(
         /// Takes a listening TCP socket as a tokio listener.
         take_tokio_tcp_listener, take_tcp_listener, tokio::net::TcpListener

@@ -6,7 +6,9 @@
 //!
 //! - [`ListenFds`]: sockets passed by socket activation (`LISTEN_FDS`,
 //!   `LISTEN_PID`, `LISTEN_FDNAMES`, `LISTEN_PIDFDID`), taken by name or index as std or tokio
-//!   sockets, each checked to really be what was asked for.
+//!   sockets, each checked to really be what was asked for; the private
+//!   probe listener of `baton run --probe` in one call
+//!   ([`ListenFds::take_probe_listener`]).
 //! - [`Notifier`]: `sd_notify(3)` messages (`READY=1`, `STATUS=`,
 //!   `RELOADING=1`, `STOPPING=1`, watchdog, `EXTEND_TIMEOUT_USEC=`,
 //!   `BARRIER=1`, …) over path and abstract sockets; a message systemd would
@@ -94,7 +96,7 @@ pub mod shutdown;
 pub mod watchdog;
 pub mod wire;
 
-pub use activation::{ActivationError, FdKind, ListenFds, Select};
+pub use activation::{ActivationError, FdKind, ListenFds, PROBE_FDNAME, Select};
 pub use fdstore::{FdPoll, StoredName};
 pub use notify::{Notifier, NotifyError, notify};
 pub use wire::{NotifyState, monotonic_usec};
