@@ -188,7 +188,8 @@ pub struct RunArgs {
     /// Fd-store capacity (FDSTORE=1 from the app); 0 disables it.
     #[arg(long, default_value_t = 4096)]
     pub fdstore_max: usize,
-    /// Shell command run after READY=1 (with BATON_PID set); the cutover happens only if it succeeds.
+    /// Shell command run after READY=1 (with BATON_PID, BATON_GENERATION and, with --probe,
+    /// BATON_PROBE_ADDR set); the cutover happens only if it succeeds.
     #[arg(long)]
     pub health_cmd: Option<String>,
     /// Give each generation a private loopback listener (127.0.0.1 or ::1, like the first
@@ -402,4 +403,27 @@ pub fn parse_signal(s: &str) -> Result<rustix::process::Signal, String> {
         "WINCH" => Signal::WINCH,
         _ => return Err(format!("unsupported signal {s:?}: use TERM, INT, QUIT, HUP, USR1, USR2, WINCH or KILL")),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn run_args(args: &[&str]) -> RunArgs {
+        let argv = ["baton", "run"].iter().chain(args).chain(&["--", "app"]).copied();
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Run(r) => r,
+            _ => unreachable!("parsed `run`"),
+        }
+    }
+
+    #[test]
+    fn probe_is_off_unless_asked_and_reaches_the_policy() {
+        assert!(!run_args(&[]).policy().probe);
+        let policy = run_args(&["--probe", "--health-cmd", "true"]).policy();
+        assert!(policy.probe);
+        assert_eq!(policy.health_cmd.as_deref(), Some("true"));
+    }
 }

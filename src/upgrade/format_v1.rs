@@ -165,6 +165,20 @@ mod tests {
     }
 
     #[test]
+    fn a_generations_probe_listener_is_carried_and_absent_without_one() {
+        let mut h = parse_state(CAPTURED_V1.as_bytes()).unwrap();
+        h.format = STATE_FORMAT;
+        // Without probes the generations are written as before probes existed.
+        let plain: serde_json::Value = serde_json::from_slice(&state_json(&h).unwrap()).unwrap();
+        assert!(plain["supervisor"]["generations"].as_array().unwrap().iter().all(|g| g.get("probe").is_none()));
+        h.supervisor.generations[1].probe = Some(1000);
+        let again = parse_state(&state_json(&h).unwrap()).unwrap();
+        assert_eq!(again.supervisor.generations[1].probe, Some(1000));
+        assert_eq!(again.supervisor.generations[0].probe, None);
+        assert!(again.fds().contains(&1000), "the probe listener must survive the exec");
+    }
+
+    #[test]
     fn the_current_format_round_trips() {
         let mut h = parse_state(CAPTURED_V1.as_bytes()).unwrap();
         h.format = STATE_FORMAT;

@@ -19,6 +19,8 @@
 //!   `KIND SEL: ok fd=N cloexec=yes|no`, `KIND SEL: none` or `KIND SEL: err MESSAGE`
 //!   (`SEL` is an index if it parses as one, a name otherwise; taken fds stay
 //!   open until exit);
+//! - `take-probe`: [`ListenFds::take_probe_listener`], reported like
+//!   `take-tcp probe`.
 //! - `take-matching PREFIX`: takes every fd whose name starts with `PREFIX`,
 //!   `matching NAME fd=N cloexec=yes|no` for each;
 //! - `tokio-accept SEL`: takes a tokio TCP listener inside a runtime, prints
@@ -115,6 +117,7 @@ fn main() {
                     say(format_args!("env {var} {value}"));
                 }
             }
+            "take-probe" => report(cmd, "probe", fds.take_probe_listener().map(|o| o.map(OwnedFd::from)), &mut keep),
             "take-matching" => {
                 let prefix = args.next().expect("take-matching PREFIX");
                 for (name, fd) in fds.take_matching(|n| n.starts_with(prefix)) {

@@ -46,6 +46,19 @@ fn a_named_tcp_listener_is_taken_by_name() {
 }
 
 #[test]
+fn the_probe_listener_is_taken_in_one_call_and_only_if_it_listens() {
+    let (http, probe) = (tcp_listener(), tcp_listener());
+    let lines = run(activated(&[http.as_fd(), probe.as_fd()], Some("http:probe")).args(["take-probe", "take-probe"]));
+    let takes: Vec<&String> = lines.iter().filter(|l| l.starts_with("take-probe")).collect();
+    assert_eq!(takes, ["take-probe probe: ok fd=4 cloexec=yes", "take-probe probe: none"]);
+    // Not a listener under that name: refused, not taken.
+    let udp = udp_socket();
+    let lines = run(activated(&[udp.as_fd()], Some("probe")).args(["take-probe"]));
+    let take = line(&lines, "take-probe");
+    assert!(take.starts_with("take-probe probe: err ") && take.contains("listening TCP"), "{take}");
+}
+
+#[test]
 fn four_kinds_by_index_and_by_name() {
     let dir = TempDir::new("kinds");
     let web = tcp_listener();
