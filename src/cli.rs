@@ -198,6 +198,49 @@ pub struct RunArgs {
     /// generation only. Needs a TCP or UDP first listening socket.
     #[arg(long)]
     pub probe: bool,
+    /// Built-in probe: GET PATH over the generation's probe listener (implies --probe); a 2xx
+    /// answer passes. Probes run every --health-interval from readiness to the end of
+    /// probation; one failure rejects the new generation.
+    #[arg(long, value_name = "PATH", value_parser = parse_http_path, conflicts_with = "health_tcp")]
+    pub health_http: Option<String>,
+    /// Built-in probe: a TCP connect to the generation's probe listener (implies --probe).
+    #[arg(long)]
+    pub health_tcp: bool,
+    /// Time between two built-in probes of one generation.
+    #[arg(long, default_value = "200ms", value_parser = parse_duration)]
+    pub health_interval: Duration,
+    /// How long one built-in probe may take before it fails.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub health_timeout: Duration,
+    /// Consecutive passing probes needed before the new generation gets real traffic.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub health_passes: u32,
+    /// When a new generation is ready: `notify` (it sends READY=1), `probe` (its first passing
+    /// built-in probe: for apps without sd_notify; needs --health-http or --health-tcp), or
+    /// `after:DURATION` (a timer from its start).
+    #[arg(long, default_value = "notify", value_parser = parse_readiness, value_name = "WHEN")]
+    pub ready: crate::supervisor::Readiness,
+    /// After readiness, how long the new generation must stay alive and keep passing its probes,
+    /// with no real traffic (steered away), before it gets any. 0 turns it off.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub quiet_period: Duration,
+    /// After the new generation got the traffic, how long the old one keeps running, unsignalled:
+    /// should the new one exit, fail a probe or miss its watchdog meanwhile, the traffic goes back
+    /// to the old one and the restart fails. 0 turns it off.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub probation: Duration,
+    /// `auto` steers new connections to the proven generation only (TCP and UDP listeners, by a
+    /// SO_REUSEPORT pair and a classic BPF program); `off` lets every generation accept from the
+    /// same sockets.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub steering: SteeringArg,
+    /// Percent of new connections the new generation gets during its quiet period (0-99).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..100))]
+    pub canary: u8,
+    /// Also speak another supervisor's protocol to the app: `crank` (NOTIFY_FD, CRANK_NAME) or
+    /// `einhorn` (EINHORN_FDS, EINHORN_FD_COUNT, EINHORN_FD_n). Repeatable.
+    #[arg(long, value_enum, value_name = "PROTOCOL")]
+    pub compat: Vec<CompatArg>,
     /// Draining generations allowed at once; the oldest is killed beyond this.
     #[arg(long, default_value_t = 4)]
     pub max_draining: usize,
@@ -250,9 +293,96 @@ impl RunArgs {
             max_draining: self.max_draining.max(1),
             backoff: Backoff { burst: self.restart_burst, interval: self.restart_interval, ..Backoff::default() },
             output: self.output.resolve(),
-            probe: self.probe,
+            probe: self.probe || self.proving().needs_probe_socket(),
+            proving: self.proving(),
+            compat: crate::supervisor::Compat {
+                crank: self.compat.contains(&CompatArg::Crank),
+                einhorn: self.compat.contains(&CompatArg::Einhorn),
+            },
         }
     }
+
+    /// How new generations are proven, from these options.
+    fn proving(&self) -> crate::supervisor::Proving {
+        use crate::supervisor::{HealthProbe, Proving, SteeringMode};
+        let probe = match (&self.health_http, self.health_tcp) {
+            (Some(path), _) => Some(HealthProbe::Http { path: path.clone() }),
+            (None, true) => Some(HealthProbe::Tcp),
+            (None, false) => None,
+        };
+        Proving {
+            ready: self.ready,
+            probe,
+            interval: self.health_interval,
+            timeout: self.health_timeout,
+            passes: self.health_passes,
+            quiet_period: self.quiet_period,
+            probation: self.probation,
+            steering: match self.steering {
+                SteeringArg::Auto => SteeringMode::Auto,
+                SteeringArg::Off => SteeringMode::Off,
+            },
+            canary: self.canary,
+        }
+    }
+
+    /// Options that contradict each other, refused before anything is
+    /// bound, with the fix named.
+    pub fn check(&self) -> Result<(), String> {
+        use crate::supervisor::Readiness;
+        if self.ready == Readiness::Probe && self.health_http.is_none() && !self.health_tcp {
+            return Err("--ready probe needs a built-in probe: add --health-http PATH or --health-tcp".into());
+        }
+        if self.canary > 0 && self.quiet_period.is_zero() {
+            return Err("--canary needs a quiet period to send that share in: set --quiet-period".into());
+        }
+        Ok(())
+    }
+}
+
+/// `--steering` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SteeringArg {
+    /// Steer where the listener allows it; share the others.
+    Auto,
+    /// Share every listener between generations.
+    Off,
+}
+
+/// `--compat` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CompatArg {
+    /// pusher/crank: NOTIFY_FD and CRANK_NAME.
+    Crank,
+    /// einhorn: EINHORN_FDS, EINHORN_FD_COUNT, EINHORN_FD_n.
+    Einhorn,
+}
+
+/// Parses `--ready`: `notify`, `probe` or `after:DURATION`.
+pub fn parse_readiness(s: &str) -> Result<crate::supervisor::Readiness, String> {
+    use crate::supervisor::Readiness;
+    match s.trim() {
+        "notify" => Ok(Readiness::Notify),
+        "probe" => Ok(Readiness::Probe),
+        other => match other.strip_prefix("after:") {
+            Some(d) => parse_duration(d).map(Readiness::After),
+            None => Err(format!("{other:?} is not a readiness: use notify, probe or after:DURATION (e.g. after:1s)")),
+        },
+    }
+}
+
+/// Parses `--health-http`'s path: an origin-form request target, printable
+/// ASCII without spaces (it goes into the request line as it is).
+pub fn parse_http_path(s: &str) -> Result<String, String> {
+    if !s.starts_with('/') {
+        return Err(format!("{s:?} is not a request path: start it with / (e.g. /healthz)"));
+    }
+    if let Some(c) = s.chars().find(|c| !c.is_ascii_graphic()) {
+        return Err(format!(
+            "{s:?} has {c:?} in it: percent-encode it (a request path is printable ASCII without spaces)"
+        ));
+    }
+    Ok(s.to_string())
 }
 
 /// `--output` values.
@@ -425,5 +555,48 @@ mod tests {
         let policy = run_args(&["--probe", "--health-cmd", "true"]).policy();
         assert!(policy.probe);
         assert_eq!(policy.health_cmd.as_deref(), Some("true"));
+    }
+
+    #[test]
+    fn proving_defaults_are_a_quiet_period_and_a_probation_with_steering() {
+        let policy = run_args(&[]).policy();
+        assert_eq!(policy.proving, crate::supervisor::Proving::defaults());
+        assert!(!policy.probe, "no probe socket without a built-in probe");
+    }
+
+    #[test]
+    fn built_in_probes_imply_the_probe_socket() {
+        use crate::supervisor::{HealthProbe, Readiness};
+        let policy = run_args(&["--health-http", "/healthz", "--ready", "probe", "--health-passes", "5"]).policy();
+        assert!(policy.probe);
+        assert_eq!(policy.proving.probe, Some(HealthProbe::Http { path: "/healthz".into() }));
+        assert_eq!((policy.proving.ready, policy.proving.passes), (Readiness::Probe, 5));
+        assert!(run_args(&["--health-tcp"]).policy().probe);
+        assert_eq!(
+            run_args(&["--ready", "after:1500ms"]).policy().proving.ready,
+            Readiness::After(Duration::from_millis(1500))
+        );
+    }
+
+    #[test]
+    fn contradicting_proving_options_are_refused_with_the_fix() {
+        let e = run_args(&["--ready", "probe"]).check().unwrap_err();
+        assert!(e.contains("add --health-http PATH or --health-tcp"), "{e}");
+        let e = run_args(&["--canary", "10", "--quiet-period", "0"]).check().unwrap_err();
+        assert!(e.contains("set --quiet-period"), "{e}");
+        assert!(run_args(&["--canary", "10"]).check().is_ok());
+    }
+
+    #[test]
+    fn bad_readiness_and_paths_name_the_fix() {
+        assert!(parse_readiness("later").unwrap_err().contains("use notify, probe or after:DURATION"));
+        assert!(parse_readiness("after:soon").is_err());
+        assert!(parse_http_path("healthz").unwrap_err().contains("start it with /"));
+        assert!(parse_http_path("/a b").unwrap_err().contains("percent-encode"));
+        assert_eq!(parse_http_path("/healthz?x=1").unwrap(), "/healthz?x=1");
+        let argv = ["baton", "run", "--health-passes", "0", "--", "app"];
+        assert!(Cli::try_parse_from(argv).is_err());
+        let argv = ["baton", "run", "--canary", "100", "--", "app"];
+        assert!(Cli::try_parse_from(argv).is_err());
     }
 }

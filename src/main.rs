@@ -308,6 +308,10 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if let Err(e) = args.check() {
+        tracing::error!("{e}");
+        return ExitCode::from(2);
+    }
     let program = PathBuf::from(&args.command[0]);
     let name = args
         .name

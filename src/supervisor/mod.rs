@@ -93,7 +93,7 @@ pub use failure::{Exit, Failure, StartFailure, WatchdogCause};
 use generation::Procs;
 use lifecycle::{Life, State};
 use phase::Waiters;
-pub use policy::{Backoff, NotifyAccess, Policy};
+pub use policy::{Backoff, Compat, HealthProbe, NotifyAccess, Policy, Proving, Readiness, SteeringMode};
 use probe::ProbeSocket;
 use self_upgrade::probe_result;
 

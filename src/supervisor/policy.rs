@@ -106,10 +106,143 @@ pub struct Policy {
     /// existed: off, as those Batons had none.
     #[serde(default)]
     pub probe: bool,
+    /// How a new generation is proven before, and after, it takes real
+    /// traffic (readiness, built-in probes, quiet period, steering,
+    /// probation). Absent in states written before it existed: proven as
+    /// those Batons did, by READY=1 (and `--health-cmd`) alone.
+    #[serde(default = "Proving::by_ready_alone")]
+    pub proving: Proving,
+    /// Protocols of other supervisors Baton also speaks to its apps
+    /// (`--compat`). Absent in older states: none.
+    #[serde(default)]
+    pub compat: Compat,
+}
+
+/// When a new generation counts as ready (`--ready`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Readiness {
+    /// It sends `READY=1` (systemd's `Type=notify`).
+    Notify,
+    /// The first passing built-in probe (for apps without sd_notify).
+    Probe,
+    /// This long after it was spawned (einhorn's default, a timer).
+    After(Duration),
+}
+
+/// A built-in probe Baton sends to a generation's private probe socket
+/// (`--health-http`, `--health-tcp`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthProbe {
+    /// `GET path`: a 2xx answer passes.
+    Http {
+        /// The request target, starting with `/`.
+        path: String,
+    },
+    /// A TCP connect that is accepted passes.
+    Tcp,
+}
+
+/// Whether Baton steers new connections between generations
+/// (`--steering`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SteeringMode {
+    /// Steer every listener that can be (TCP and UDP with a `SO_REUSEPORT`
+    /// pair); the others are shared, as without steering.
+    #[default]
+    Auto,
+    /// Every generation accepts from the same sockets.
+    Off,
+}
+
+/// How a candidate generation is proven (see the lifecycle in README's
+/// "No-impact deploys").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proving {
+    /// When it counts as ready (`--ready`).
+    pub ready: Readiness,
+    /// The built-in probe, if any (`--health-http`, `--health-tcp`).
+    pub probe: Option<HealthProbe>,
+    /// Time between two probes of one generation (`--health-interval`).
+    pub interval: Duration,
+    /// How long one probe may take (`--health-timeout`).
+    pub timeout: Duration,
+    /// Consecutive passing probes needed before it takes traffic
+    /// (`--health-passes`, at least 1).
+    pub passes: u32,
+    /// After readiness, how long it must stay alive and keep passing its
+    /// probes, with no real traffic, before it takes any
+    /// (`--quiet-period`).
+    pub quiet_period: Duration,
+    /// After it took the traffic, how long the old generation keeps
+    /// running, unsignalled, to take it back should the new one fail
+    /// (`--probation`).
+    pub probation: Duration,
+    /// Whether to steer (`--steering`).
+    pub steering: SteeringMode,
+    /// Share of new connections, in percent, the candidate gets during
+    /// its quiet period (`--canary`, 0 to 99).
+    pub canary: u8,
+}
+
+impl Proving {
+    /// `baton run`'s defaults.
+    pub const DEFAULT_QUIET_PERIOD: Duration = Duration::from_secs(2);
+    /// `baton run`'s default `--probation`.
+    pub const DEFAULT_PROBATION: Duration = Duration::from_secs(2);
+
+    /// Proven by READY=1 (and `--health-cmd`) alone, taking over at once:
+    /// what Batons before `--quiet-period` did, and what their handed-over
+    /// states mean.
+    pub fn by_ready_alone() -> Proving {
+        Proving {
+            ready: Readiness::Notify,
+            probe: None,
+            interval: Duration::from_millis(200),
+            timeout: Duration::from_secs(2),
+            passes: 1,
+            quiet_period: Duration::ZERO,
+            probation: Duration::ZERO,
+            steering: SteeringMode::Off,
+            canary: 0,
+        }
+    }
+
+    /// `baton run`'s defaults: READY=1, a 2 s quiet period and a 2 s
+    /// probation, steering where possible.
+    pub fn defaults() -> Proving {
+        Proving {
+            passes: 3,
+            quiet_period: Self::DEFAULT_QUIET_PERIOD,
+            probation: Self::DEFAULT_PROBATION,
+            steering: SteeringMode::Auto,
+            ..Self::by_ready_alone()
+        }
+    }
+
+    /// Whether Baton needs a private probe listener per generation for
+    /// these probes.
+    pub fn needs_probe_socket(&self) -> bool {
+        self.probe.is_some() || self.ready == Readiness::Probe
+    }
+}
+
+/// Protocols of other supervisors, spoken besides systemd's (`--compat`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Compat {
+    /// crank's: a datagram socket to Baton's notify socket as `NOTIFY_FD`
+    /// (the fd after the listeners), and `CRANK_NAME`.
+    pub crank: bool,
+    /// einhorn's: `EINHORN_FDS`, `EINHORN_FD_COUNT`, `EINHORN_FD_<n>`.
+    pub einhorn: bool,
 }
 
 impl Default for Policy {
-    /// `baton run`'s defaults (with `--output pipe`).
+    /// `baton run`'s defaults (with `--output pipe`), but proven by
+    /// READY=1 alone ([`Proving::by_ready_alone`]): `baton run` itself
+    /// proves with [`Proving::defaults`].
     fn default() -> Self {
         Policy {
             ready_timeout: Duration::from_secs(90),
@@ -123,6 +256,8 @@ impl Default for Policy {
             backoff: Backoff::default(),
             output: OutputMode::Pipe,
             probe: false,
+            proving: Proving::by_ready_alone(),
+            compat: Compat::default(),
         }
     }
 }

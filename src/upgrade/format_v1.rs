@@ -120,6 +120,10 @@ mod tests {
                 },
                 output: OutputMode::Pipe,
                 probe: false,
+                // Proven as that release did: by READY=1 and the health
+                // command, taking over at once.
+                proving: crate::supervisor::Proving::by_ready_alone(),
+                compat: crate::supervisor::Compat::default(),
             }
         );
         // The rest is read as before.
