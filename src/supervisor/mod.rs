@@ -80,6 +80,7 @@ mod notify;
 mod phase;
 mod policy;
 pub mod probe;
+pub(crate) mod probes;
 mod render;
 mod restart;
 mod self_upgrade;
