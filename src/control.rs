@@ -197,6 +197,18 @@ pub struct GenerationStatus {
     /// --probe`; absent otherwise, and from Batons without it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probe: Option<String>,
+    /// While it is proven or on probation: its probes and the time left,
+    /// e.g. `2 of 3 probes passed, quiet period 1.2s left`; absent
+    /// otherwise, and from Batons without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proving: Option<String>,
+    /// Which socket of each steered pair it accepts from (`a` or `b`), where
+    /// Baton steers; absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<String>,
+    /// Whether new connections are steered to it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub steered: bool,
 }
 
 /// One socket in [`Status`].

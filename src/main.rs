@@ -140,8 +140,10 @@ fn print_response(response: &Response, json: bool) -> ExitCode {
                 for g in &s.generations {
                     let status = g.status_text.as_deref().unwrap_or("");
                     let probe = g.probe.as_ref().map(|a| format!("probe {a} ")).unwrap_or_default();
+                    let proving = g.proving.as_ref().map(|p| format!("({p}) ")).unwrap_or_default();
+                    let steered = if g.steered { "takes new connections " } else { "" };
                     println!(
-                        "  generation {} pid {} {} up {:.0}s {probe}{status}",
+                        "  generation {} pid {} {} up {:.0}s {proving}{steered}{probe}{status}",
                         g.generation, g.pid, g.state, g.uptime_s
                     );
                 }

@@ -472,6 +472,11 @@ pub struct GenerationState {
     /// existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probe: Option<RawFd>,
+    /// Which socket of each steered pair it accepts from: the first (0) or
+    /// the second (1). Absent when 0, so states without steering are what
+    /// Batons before it wrote.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub slot: u8,
 }
 
 impl Handover {
@@ -802,6 +807,11 @@ fn prepare_and_exec(
     }
     drop(file);
     result
+}
+
+/// Whether `n` is 0 (for `skip_serializing_if`).
+fn is_zero(n: &u8) -> bool {
+    *n == 0
 }
 
 #[cfg(test)]

@@ -35,7 +35,12 @@ impl Supervisor {
     pub(super) fn execute(&mut self, actions: Vec<Action>) {
         for action in actions {
             match action {
-                Action::Spawn { generation, .. } => self.spawn_generation(generation),
+                Action::Spawn { generation, slot, .. } => self.spawn_generation(generation, slot),
+                Action::Probe { generation } => self.start_probe(generation),
+                Action::Steer { to } => self.steer(to, None),
+                Action::Canary { to, percent } => self.steer(to, Some(percent)),
+                Action::AwaitQueueDrained { slot } => self.await_queue_drained(slot),
+                Action::RescueQueued { from, to } => self.rescue_queued(from, to),
                 Action::Signal { generation, signal } => self.signal(generation, signal),
                 Action::RunHealthCheck { generation } => self.run_health_check(generation),
                 Action::KillHealthCheck { generation } => {

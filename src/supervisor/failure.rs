@@ -89,6 +89,79 @@ pub enum StartFailure {
     /// It sent `WATCHDOG=trigger` before it took over (it is sent SIGABRT,
     /// as systemd does).
     WatchdogTriggered,
+    /// `--ready probe`: no built-in probe passed within the ready timeout.
+    NoPassingProbe {
+        /// `--ready-timeout`.
+        timeout: Duration,
+        /// The last probe's failure, if one was answered.
+        last: Option<String>,
+    },
+    /// It was ready but not proven (too few probes passed in a row) within
+    /// the ready timeout.
+    NotProven {
+        /// `--ready-timeout`.
+        timeout: Duration,
+        /// Probes passed in a row.
+        passes: u32,
+        /// `--health-passes`.
+        needed: u32,
+    },
+    /// It ended before it was ready (`--ready probe` or `after:`).
+    ExitedUnready {
+        /// How.
+        exit: Exit,
+        /// Its last `STATUS=`.
+        last_status: Option<String>,
+    },
+    /// It ended after it was ready, before it got any real traffic.
+    ExitedWhileProving {
+        /// How.
+        exit: Exit,
+        /// Its last `STATUS=`.
+        last_status: Option<String>,
+    },
+    /// A built-in probe failed after it was ready, before it got any real
+    /// traffic.
+    ProbeFailed {
+        /// The probe's failure.
+        detail: String,
+    },
+    /// It failed on probation, after it took the traffic: the traffic went
+    /// back to the generation it was to replace.
+    OnProbation(ProbationFailure),
+}
+
+/// How a generation failed on probation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbationFailure {
+    /// It ended.
+    Exited {
+        /// How.
+        exit: Exit,
+        /// Its last `STATUS=`.
+        last_status: Option<String>,
+    },
+    /// A built-in probe failed.
+    ProbeFailed {
+        /// The probe's failure.
+        detail: String,
+    },
+    /// It missed its watchdog, or sent `WATCHDOG=trigger`.
+    Watchdog,
+    /// It sent `STOPPING=1`.
+    Stopping,
+}
+
+impl fmt::Display for ProbationFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProbationFailure::Exited { exit, last_status: Some(s) } => write!(f, "{exit} (last status: {s})"),
+            ProbationFailure::Exited { exit, last_status: None } => write!(f, "{exit}"),
+            ProbationFailure::ProbeFailed { detail } => write!(f, "probe failed: {detail}"),
+            ProbationFailure::Watchdog => f.write_str("missed its watchdog"),
+            ProbationFailure::Stopping => f.write_str("sent STOPPING=1"),
+        }
+    }
 }
 
 impl fmt::Display for StartFailure {
@@ -114,6 +187,31 @@ impl fmt::Display for StartFailure {
             }
             StartFailure::HealthCheckNotRun(why) => write!(f, "cannot run the health check: {why}"),
             StartFailure::WatchdogTriggered => f.write_str("sent WATCHDOG=trigger before it took over"),
+            StartFailure::NoPassingProbe { timeout, last } => {
+                write!(f, "no passing probe within {timeout:?}")?;
+                match last {
+                    Some(l) => write!(f, " (last: {l})"),
+                    None => Ok(()),
+                }
+            }
+            StartFailure::NotProven { timeout, passes, needed } => write!(
+                f,
+                "ready, but {passes} of {needed} probes in a row passed within the ready timeout of {timeout:?}"
+            ),
+            StartFailure::ExitedUnready { exit, last_status } => {
+                write!(f, "{exit} before it was ready")?;
+                last(f, last_status)
+            }
+            StartFailure::ExitedWhileProving { exit, last_status } => {
+                write!(f, "{exit} after it was ready, before it got any traffic")?;
+                last(f, last_status)
+            }
+            StartFailure::ProbeFailed { detail } => {
+                write!(f, "probe failed after it was ready, before it got any traffic: {detail}")
+            }
+            StartFailure::OnProbation(why) => {
+                write!(f, "{why} on probation, after it took the traffic (handed back to the old generation)")
+            }
         }
     }
 }

@@ -50,7 +50,7 @@ impl Procs {
 }
 
 impl Supervisor {
-    pub(super) fn spawn(&self, number: u64) -> Result<Procs, String> {
+    pub(super) fn spawn(&self, number: u64, slot: Slot) -> Result<Procs, String> {
         let probe = match self.cfg.policy.probe {
             true => Some(
                 probe::family_for(&self.cfg.sockets)
@@ -61,10 +61,7 @@ impl Supervisor {
         // The probe right after the listening sockets: apps that serve
         // every socket find it among them, before the store's entries.
         let fds: Vec<(BorrowedFd<'_>, &str)> = self
-            .cfg
-            .sockets
-            .iter()
-            .map(|s| (s.fd.as_fd(), s.name.as_str()))
+            .listeners_for(slot)
             .chain(probe.as_ref().map(|p| (p.as_fd(), probe::PROBE_FDNAME)))
             .chain(self.store.entries().map(|(name, fd)| (fd, name)))
             .collect();

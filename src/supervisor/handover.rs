@@ -60,6 +60,10 @@ impl Supervisor {
                 handoff: p.handoff.as_ref().map(|h| h.as_raw_fd()),
                 passed: p.passed.clone(),
                 probe: p.probe.as_ref().map(|x| x.fd.as_raw_fd()),
+                slot: match g.slot {
+                    Slot::A => 0,
+                    Slot::B => 1,
+                },
             });
         }
         let supervisor = upgrade::SupervisorState {
@@ -274,6 +278,9 @@ impl Supervisor {
                 ready_at: g.ready_mono_us.map(upgrade::from_mono),
                 status_text: g.status_text,
                 handoff: handoff.is_some(),
+                slot: if g.slot == 1 { Slot::B } else { Slot::A },
+                // Active or draining: proven by the image before.
+                proof: self::core::Proof { ready: true, cmd_passed: true, ..Default::default() },
             });
             procs.push(Procs {
                 number: g.number,
@@ -332,6 +339,7 @@ impl Supervisor {
                 previous_binary: h.previous_binary,
             }),
             refusals: RefusalLog::new(),
+            probes: tokio::task::JoinSet::new(),
         };
         Ok((supervisor, requests))
     }

@@ -16,10 +16,26 @@ use super::after;
 /// Where a generation is in its life (see the diagram in [`super`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum State {
+    /// Spawned, not yet proven: waiting for its readiness, then in its
+    /// quiet period (no real traffic) until its probes prove it.
     Starting,
-    HealthCheck { pid: u32 },
+    /// Its `--health-cmd` runs (after readiness; still no real traffic).
+    HealthCheck {
+        pid: u32,
+    },
+    /// It took the traffic (steering flipped to it), and the generation it
+    /// replaces still runs, unsignalled, until `until`, to take the
+    /// traffic back should it fail; `retiring`: that is over, and the old
+    /// generation's accept queue is being emptied before it is signalled.
+    Probation {
+        until: Instant,
+        retiring: bool,
+    },
     Active,
-    Draining { kill_at: Instant, killed: bool },
+    Draining {
+        kill_at: Instant,
+        killed: bool,
+    },
 }
 
 /// What is due for a generation at a given time.
@@ -59,7 +75,11 @@ impl Life {
             State::Starting if self.start_deadline <= now => Some(Due::ReadyTimeout),
             State::HealthCheck { .. } if self.start_deadline <= now => Some(Due::HealthCheckTimeout),
             State::Draining { kill_at, killed: false } if kill_at <= now => Some(Due::Kill),
-            State::Active if self.watchdog.is_some_and(|w| after(self.last_ping, w) <= now) => Some(Due::Watchdog),
+            State::Active | State::Probation { .. }
+                if self.watchdog.is_some_and(|w| after(self.last_ping, w) <= now) =>
+            {
+                Some(Due::Watchdog)
+            }
             _ => None,
         }
     }
@@ -69,7 +89,7 @@ impl Life {
         match self.state {
             State::Starting | State::HealthCheck { .. } => Some(self.start_deadline),
             State::Draining { kill_at, killed: false } => Some(kill_at),
-            State::Active => self.watchdog.map(|w| after(self.last_ping, w)),
+            State::Active | State::Probation { .. } => self.watchdog.map(|w| after(self.last_ping, w)),
             State::Draining { killed: true, .. } => None,
         }
     }
@@ -97,9 +117,19 @@ impl Life {
         }
     }
 
-    /// It took over at `now` (its watchdog counts from now).
+    /// It took over at `now` (its watchdog counts from now, unless it
+    /// already did, from its probation).
     pub(super) fn activate(&mut self, now: Instant) {
+        if !matches!(self.state, State::Probation { .. }) {
+            self.last_ping = now;
+        }
         self.state = State::Active;
+    }
+
+    /// It took the traffic at `now`, on probation until `until` (its
+    /// watchdog counts from now).
+    pub(super) fn on_probation(&mut self, now: Instant, until: Instant) {
+        self.state = State::Probation { until, retiring: false };
         self.last_ping = now;
     }
 

@@ -87,10 +87,11 @@ mod self_upgrade;
 #[cfg(test)]
 mod simulation;
 mod stop;
+mod traffic;
 
-use self::core::{Action, Core, Counters, FdsHandle, Gen, Input};
+use self::core::{Action, Core, Counters, FdsHandle, Gen, Input, Slot};
 use execute::FdHandles;
-pub use failure::{Exit, Failure, StartFailure, WatchdogCause};
+pub use failure::{Exit, Failure, ProbationFailure, StartFailure, WatchdogCause};
 use generation::Procs;
 use lifecycle::{Life, State};
 use phase::Waiters;
@@ -180,6 +181,9 @@ pub struct Supervisor {
     /// Rate limit and summaries for the log of refused notify datagrams and
     /// handoff connections.
     refusals: RefusalLog,
+    /// Built-in probes out: one per generation at most (the core's rule),
+    /// each bounded by `--health-timeout`.
+    probes: tokio::task::JoinSet<(u64, Result<(), String>)>,
 }
 
 /// `baton upgrade` as asked.
@@ -266,6 +270,7 @@ impl Supervisor {
             upgrade_request: None,
             adopted: None,
             refusals: RefusalLog::new(),
+            probes: tokio::task::JoinSet::new(),
         })
     }
 
@@ -348,6 +353,12 @@ impl Supervisor {
                 }
                 _ = self.output_closed.notified(), if self.core.awaiting_output().is_some() => self.output_maybe_complete(),
                 Some(peer) = next_peer(&mut self.handoff) => self.on_handoff_peer(peer),
+                Some(done) = self.probes.join_next(), if !self.probes.is_empty() => match done {
+                    Ok((generation, result)) => self.feed(Input::Probed { generation, result }),
+                    // A probe task cannot panic by design; were one to, its
+                    // generation's next probe is simply never due.
+                    Err(e) => tracing::error!(event = "probe-task-failed", "a probe task failed: {e}"),
+                },
                 probed = probe_result(&mut self.upgrading) => self.on_probe(probed),
                 _ = hup.recv() => self.request_restart(None),
                 _ = term.recv() => self.begin_stop(None),
@@ -407,6 +418,11 @@ impl Supervisor {
                     uptime_s: (now - g.spawned_at).as_secs_f64(),
                     ready_ms: g.ready_at.map(|r| (r - g.spawned_at).as_millis() as u64),
                     probe: self.procs(g.number).and_then(|p| p.probe.as_ref()).map(|p| p.addr.to_string()),
+                    proving: traffic::proving_text(g, &self.cfg.policy.proving, now),
+                    slot: self.steers().then(|| if g.slot == Slot::A { "a" } else { "b" }.to_owned()),
+                    steered: self.steers()
+                        && g.slot == self.core.steered()
+                        && !matches!(g.life.state, lifecycle::State::Draining { .. }),
                 })
                 .collect(),
             sockets: self

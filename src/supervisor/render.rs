@@ -53,6 +53,31 @@ impl Supervisor {
                     "generation {generation} ready after {ready_ms} ms"
                 );
             }
+            Event::Proving { generation, ready_ms } => {
+                let pid = self.main_pid(generation);
+                let quiet = self.cfg.policy.proving.quiet_period;
+                tracing::info!(
+                    event = "proving",
+                    generation,
+                    pid,
+                    ready_ms,
+                    "generation {generation} ready after {ready_ms} ms; proving it (quiet period {quiet:?})"
+                );
+            }
+            Event::Flipped { generation, replaced, probation } => {
+                let replaced = replaced.map_or(String::new(), |r| {
+                    format!("; generation {r} keeps running for its probation of {probation:?}")
+                });
+                tracing::info!(event = "flipped", generation, "generation {generation} takes the traffic{replaced}");
+            }
+            Event::HandedBack { generation, to } => {
+                tracing::warn!(
+                    event = "handed-back",
+                    generation,
+                    to,
+                    "generation {generation} failed; traffic handed back to generation {to}"
+                );
+            }
             Event::RestartFailed { generation, why } => {
                 let failure = self.start_failure(generation, why);
                 tracing::error!(event = "restart-failed", generation, "{failure}");

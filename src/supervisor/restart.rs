@@ -6,8 +6,8 @@ use super::*;
 
 impl Supervisor {
     /// Starts generation `number` (the core's [`Action::Spawn`]).
-    pub(super) fn spawn_generation(&mut self, number: u64) {
-        match self.spawn(number) {
+    pub(super) fn spawn_generation(&mut self, number: u64, slot: Slot) {
+        match self.spawn(number, slot) {
             Ok(p) => {
                 let leader = p.child.pid;
                 tracing::info!(
@@ -17,7 +17,7 @@ impl Supervisor {
                     "generation {number} started as pid {leader}"
                 );
                 self.procs.push(p);
-                self.feed(Input::Spawned { generation: number, leader });
+                self.feed(Input::Spawned { generation: number, leader, slot });
             }
             Err(why) => self.feed(Input::SpawnFailed { generation: number, why }),
         }

@@ -9,9 +9,10 @@
 use std::time::Instant;
 
 use super::{Action, Core, Event, Exit, Lost, Outcome, PendingExit, Sig, StartFailure, Token, Upstream};
-use crate::supervisor::failure::WatchdogCause;
+use crate::supervisor::failure::{ProbationFailure, WatchdogCause};
 use crate::supervisor::lifecycle::State;
 use crate::supervisor::phase::{Phase, Trigger};
+use crate::supervisor::policy::Readiness;
 use crate::supervisor::{Ended, after};
 
 impl Core {
@@ -24,7 +25,8 @@ impl Core {
             self.gens[i].life.state = State::Starting;
             if exit.success() {
                 self.log(Event::HealthCheckPassed { generation });
-                self.cutover(now, generation);
+                // Proven once the rest is (`settle`).
+                self.health_check_passed(i);
             } else {
                 self.fail_start(now, generation, StartFailure::HealthCheckFailed { exit });
             }
@@ -42,6 +44,10 @@ impl Core {
                 let last_status = g.status_text.clone();
                 let why = match g.life.state {
                     State::HealthCheck { .. } => StartFailure::ExitedDuringHealthCheck { exit, last_status },
+                    _ if g.proof.ready => StartFailure::ExitedWhileProving { exit, last_status },
+                    _ if self.policy.proving.ready != Readiness::Notify => {
+                        StartFailure::ExitedUnready { exit, last_status }
+                    }
                     _ => StartFailure::ExitedBeforeReady { exit, last_status },
                 };
                 self.log(Event::ExitedStarting { generation, pid, why: why.clone() });
@@ -53,6 +59,22 @@ impl Core {
                     self.actions.push(Action::KillHealthCheck { generation });
                 }
                 // Reported once its output is complete (or at the deadline).
+                self.pending_exit = Some(PendingExit {
+                    generation,
+                    why,
+                    status_text: g.status_text,
+                    deadline: after(now, super::OUTPUT_GRACE),
+                });
+                self.actions.push(Action::AwaitOutput { generation });
+            }
+            State::Probation { .. } => {
+                // The traffic goes back at once; the report waits for its
+                // last output, as a failed start's does.
+                self.steer_back(generation, g.slot);
+                let why =
+                    StartFailure::OnProbation(ProbationFailure::Exited { exit, last_status: g.status_text.clone() });
+                self.log(Event::ExitedStarting { generation, pid, why: why.clone() });
+                self.actions.push(Action::Signal { generation, signal: Sig::Kill });
                 self.pending_exit = Some(PendingExit {
                     generation,
                     why,
@@ -105,6 +127,10 @@ impl Core {
                 self.enforce_draining_limit(now);
                 // Counted as a failure, and replaced (not once stopping).
                 self.serving_lost(now, Lost::Hung);
+            }
+            State::Probation { .. } => {
+                self.gens[i].life.watchdog = None;
+                self.hand_back(now, i, ProbationFailure::Watchdog, Some(Sig::Abort));
             }
             State::Starting | State::HealthCheck { .. } => {
                 // Found while moving the generation table into the core:

@@ -22,6 +22,28 @@ pub(in crate::supervisor) struct Token(pub(in crate::supervisor) u64);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(in crate::supervisor) struct FdsHandle(pub(in crate::supervisor) u64);
 
+/// Which socket of each steered pair (two sockets per address in one
+/// `SO_REUSEPORT` group, see `crate::steering`) a generation accepts from.
+/// A new generation gets the slot the serving one does not have, so the
+/// two can be told apart by steering; without steering, both accept from
+/// the same sockets and the slot changes nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub(in crate::supervisor) enum Slot {
+    #[default]
+    A,
+    B,
+}
+
+impl Slot {
+    /// The other one.
+    pub(in crate::supervisor) fn other(self) -> Slot {
+        match self {
+            Slot::A => Slot::B,
+            Slot::B => Slot::A,
+        }
+    }
+}
+
 /// Why the serving generation stopped serving.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(in crate::supervisor) enum Lost {
@@ -83,9 +105,9 @@ pub(in crate::supervisor) enum Input {
     RestartRequested { waiter: Option<Token> },
     /// `baton stop` (with its caller), SIGTERM or SIGINT.
     StopRequested { waiter: Option<Token> },
-    /// Generation `generation` runs, led by `leader` (after
-    /// [`Action::Spawn`]).
-    Spawned { generation: u64, leader: u32 },
+    /// Generation `generation` runs on `slot`'s sockets, led by `leader`
+    /// (after [`Action::Spawn`]).
+    Spawned { generation: u64, leader: u32, slot: Slot },
     /// It could not be spawned.
     SpawnFailed { generation: u64, why: String },
     /// Its health check runs as `pid` (after [`Action::RunHealthCheck`]).
@@ -112,6 +134,12 @@ pub(in crate::supervisor) enum Input {
     /// The upgrade did not happen after all (the exec failed, a signal
     /// came): Baton goes on as before.
     UpgradeAbandoned,
+    /// A built-in probe of generation `generation` ended (after
+    /// [`Action::Probe`]): passed, or failed with the text to report.
+    Probed { generation: u64, result: Result<(), String> },
+    /// Slot `slot`'s accept queues are empty (after
+    /// [`Action::AwaitQueueDrained`]; at once without steering).
+    QueueDrained { slot: Slot },
     /// Time passed (a deadline of [`Core::next_deadline`](super::Core::next_deadline) may be due).
     Tick,
 }
@@ -223,14 +251,46 @@ pub(in crate::supervisor) enum Event {
         delay: Duration,
     },
     StoppingAll,
+    /// It is ready; its quiet period (no real traffic) begins.
+    Proving {
+        generation: u64,
+        ready_ms: u64,
+    },
+    /// It is proven and takes the traffic; the old one stays for
+    /// `probation`.
+    Flipped {
+        generation: u64,
+        replaced: Option<u64>,
+        probation: Duration,
+    },
+    /// It failed on probation: the traffic went back to `to`.
+    HandedBack {
+        generation: u64,
+        to: u64,
+    },
 }
 
 /// What the shell must do, in order.
 #[derive(Debug, PartialEq)]
 pub(in crate::supervisor) enum Action {
-    /// Start generation `generation`; the outcome comes back as
-    /// [`Input::Spawned`] or [`Input::SpawnFailed`].
-    Spawn { generation: u64, trigger: Trigger },
+    /// Start generation `generation` on `slot`'s sockets; the outcome
+    /// comes back as [`Input::Spawned`] or [`Input::SpawnFailed`].
+    Spawn { generation: u64, trigger: Trigger, slot: Slot },
+    /// Send one built-in probe to its probe listener; the result comes
+    /// back as [`Input::Probed`].
+    Probe { generation: u64 },
+    /// Steer every new connection to `to`'s sockets (atomic per address).
+    Steer { to: Slot },
+    /// Steer `percent` % of new connections to `to`'s sockets, the rest to
+    /// the other slot's.
+    Canary { to: Slot, percent: u8 },
+    /// Say [`Input::QueueDrained`] once `slot`'s listeners have nothing
+    /// queued (their generation accepted it all).
+    AwaitQueueDrained { slot: Slot },
+    /// Take what is queued on `from`'s listeners (its generation failed
+    /// after connections were steered to it) and give it to generation
+    /// `to`.
+    RescueQueued { from: Slot, to: u64 },
     /// Signal the generation's process group.
     Signal { generation: u64, signal: Sig },
     /// Start its health check (`BATON_PID`: its main process); the outcome

@@ -47,13 +47,14 @@ mod eligibility;
 mod exits;
 mod interface;
 mod notices;
+mod proving;
 #[cfg(test)]
 mod tests;
 mod timers;
 mod transaction;
 
 pub(super) use interface::{
-    Action, Event, FdStore, FdsHandle, Input, Lost, Notice, Outcome, Said, Sig, Timing, Token, Upstream,
+    Action, Event, FdStore, FdsHandle, Input, Lost, Notice, Outcome, Said, Sig, Slot, Timing, Token, Upstream,
 };
 
 /// A generation as the core keeps it.
@@ -70,14 +71,47 @@ pub(super) struct Gen {
     pub(super) status_text: Option<String>,
     /// Whether it connected to `$BATON_HANDOFF_SOCKET`.
     pub(super) handoff: bool,
+    /// Which socket of each steered pair it accepts from.
+    pub(super) slot: Slot,
+    /// How far it is proven (see [`proving`]).
+    pub(super) proof: Proof,
+}
+
+/// How far a generation is proven: readiness, probes, its health command,
+/// its quiet period (see [`proving`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) struct Proof {
+    /// It is ready (READY=1, its first passing probe, or the timer).
+    pub(super) ready: bool,
+    /// `--ready after:`: when it is.
+    pub(super) ready_after: Option<Instant>,
+    /// The end of its quiet period (set at readiness).
+    pub(super) quiet_until: Option<Instant>,
+    /// Probes passed in a row.
+    pub(super) passes: u32,
+    /// Probes answered, passed or not.
+    pub(super) probes: u32,
+    /// The last probe's result: its failure's text.
+    pub(super) last_failure: Option<String>,
+    /// When its next probe is due (none while one is out, or once it no
+    /// longer needs probing).
+    pub(super) probe_due: Option<Instant>,
+    /// A probe is out ([`Action::Probe`] given, [`Input::Probed`] not yet):
+    /// one at a time per generation.
+    pub(super) probing: bool,
+    /// Its `--health-cmd` passed (or there is none).
+    pub(super) cmd_passed: bool,
 }
 
 impl Gen {
     /// `baton status`'s word for its state.
     pub(super) fn state_name(&self) -> &'static str {
         match self.life.state {
+            State::Starting if self.proof.ready => "proving",
             State::Starting => "starting",
             State::HealthCheck { .. } => "health-check",
+            State::Probation { retiring: false, .. } => "probation",
+            State::Probation { retiring: true, .. } => "taking-over",
             State::Active => "active",
             State::Draining { .. } => "draining",
         }
@@ -171,6 +205,10 @@ pub(super) struct Core {
     /// [`Input::Spawned`] or [`Input::SpawnFailed`] not yet): a stop does
     /// not end while it may still appear.
     spawning: Option<u64>,
+    /// Where new connections go: the slot steering sends them to, and
+    /// whether a canary share goes to the other.
+    steered: Slot,
+    canary: bool,
     actions: Vec<Action>,
 }
 
@@ -188,6 +226,8 @@ impl Core {
             flush_retry: None,
             upgrade: None,
             spawning: None,
+            steered: Slot::A,
+            canary: false,
             actions: Vec::new(),
         }
     }
@@ -197,7 +237,10 @@ impl Core {
     /// retry. The image before proved its generations already: an upgrade
     /// is no restart systemd counts, so no `RESTART_RESET=1` is due.
     pub(super) fn adopt(policy: Policy, counters: Counters, gens: Vec<Gen>, flush_retry: Option<Instant>) -> Core {
-        Core { gens, flush_retry, restart_reset: RestartReset::Done, ..Core::new(policy, counters) }
+        // Traffic goes where the serving generation accepts (the image
+        // before steered there).
+        let steered = gens.iter().find(|g| g.life.state == State::Active).map_or(Slot::A, |g| g.slot);
+        Core { gens, flush_retry, restart_reset: RestartReset::Done, steered, ..Core::new(policy, counters) }
     }
 
     /// The first generation.
@@ -211,7 +254,7 @@ impl Core {
         match input {
             Input::RestartRequested { waiter } => self.request_restart(waiter),
             Input::StopRequested { waiter } => self.begin_stop(now, waiter),
-            Input::Spawned { generation, leader } => self.spawned(now, generation, leader),
+            Input::Spawned { generation, leader, slot } => self.spawned(now, generation, leader, slot),
             Input::SpawnFailed { generation, why } => self.spawn_failed(now, generation, why),
             Input::HealthCheckStarted { generation, pid } => self.health_check_started(generation, pid),
             Input::HealthCheckNotRun { generation, why } => {
@@ -225,8 +268,13 @@ impl Core {
             Input::UpgradeRequested => self.upgrade_requested(),
             Input::UpgradeProbed { ok } => self.upgrade_probed(ok),
             Input::UpgradeAbandoned => self.upgrade = None,
+            Input::Probed { generation, result } => self.probed(now, generation, result),
+            Input::QueueDrained { slot } => self.queue_drained(now, slot),
             Input::Tick => self.tick(now),
         }
+        // What the input changed may prove a candidate, or leave one on
+        // probation with nothing left to hand back to.
+        self.settle(now);
         std::mem::take(&mut self.actions)
     }
 
@@ -250,6 +298,11 @@ impl Core {
     /// Generation `number`, if it lives.
     pub(super) fn generation(&self, number: u64) -> Option<&Gen> {
         self.gens.iter().find(|g| g.number == number)
+    }
+
+    /// Where new connections go (steering's slot).
+    pub(super) fn steered(&self) -> Slot {
+        self.steered
     }
 
     /// The serving generation.

@@ -34,11 +34,20 @@ impl Bench {
             },
             ..Policy::default()
         };
+        Bench::with_policy(policy, serving)
+    }
+
+    /// Generation 1 spawned as pid 101 under `policy` (and, if `serving`,
+    /// active).
+    fn with_policy(policy: Policy, serving: bool) -> Bench {
         let mut b =
             Bench { core: Core::new(policy, Counters { next_number: 1, ..Counters::default() }), now: Instant::now() };
         let actions = b.core.start();
-        assert!(actions.contains(&Action::Spawn { generation: 1, trigger: Trigger::Initial }), "{actions:?}");
-        b.input(Input::Spawned { generation: 1, leader: 101 });
+        assert!(
+            actions.iter().any(|a| matches!(a, Action::Spawn { generation: 1, trigger: Trigger::Initial, .. })),
+            "{actions:?}"
+        );
+        b.input(Input::Spawned { generation: 1, leader: 101, slot: Slot::A });
         if serving {
             b.take_over(1);
         }
@@ -78,9 +87,21 @@ impl Bench {
     /// `100 + generation`.
     fn restart(&mut self, token: u64, generation: u64) -> Vec<Action> {
         let actions = self.input(Input::RestartRequested { waiter: Some(Token(token)) });
-        assert!(actions.contains(&Action::Spawn { generation, trigger: Trigger::Requested }), "{actions:?}");
+        assert!(
+            actions.iter().any(
+                |a| matches!(a, Action::Spawn { generation: g, trigger: Trigger::Requested, .. } if *g == generation)
+            ),
+            "{actions:?}"
+        );
         assert!(actions.contains(&Action::Upstream(Upstream::Reloading { generation })), "{actions:?}");
-        self.input(Input::Spawned { generation, leader: 100 + generation as u32 });
+        let slot = actions
+            .iter()
+            .find_map(|a| match a {
+                Action::Spawn { slot, .. } => Some(*slot),
+                _ => None,
+            })
+            .unwrap();
+        self.input(Input::Spawned { generation, leader: 100 + generation as u32, slot });
         actions
     }
 }
@@ -198,7 +219,10 @@ fn a_crash_while_serving_backs_off_then_spawns_at_the_deadline() {
     assert_eq!(b.core.next_deadline(), Some(b.now + BACKOFF));
     assert_eq!(b.after(BACKOFF - Duration::from_millis(1)), []);
     let actions = b.after(Duration::from_millis(1));
-    assert!(actions.contains(&Action::Spawn { generation: 2, trigger: Trigger::Replace }), "{actions:?}");
+    assert!(
+        actions.iter().any(|a| matches!(a, Action::Spawn { generation: 2, trigger: Trigger::Replace, .. })),
+        "{actions:?}"
+    );
     assert!(actions.contains(&Action::Upstream(Upstream::Reloading { generation: 2 })));
 }
 
@@ -210,12 +234,18 @@ fn a_crash_loop_gives_up_and_waiters_hear_stopping() {
     let mut b = Bench::new(false, 1, true);
     let actions = b.notice(1, trigger.clone());
     assert!(actions.contains(&Action::Signal { generation: 1, signal: Sig::Abort }));
-    assert!(actions.contains(&Action::Spawn { generation: 2, trigger: Trigger::Replace }), "{actions:?}");
-    b.input(Input::Spawned { generation: 2, leader: 102 });
+    assert!(
+        actions.iter().any(|a| matches!(a, Action::Spawn { generation: 2, trigger: Trigger::Replace, .. })),
+        "{actions:?}"
+    );
+    b.input(Input::Spawned { generation: 2, leader: 102, slot: Slot::A });
     assert_eq!(b.input(Input::RestartRequested { waiter: Some(Token(1)) }), [], "queued");
     let actions = b.take_over(2);
-    assert!(actions.contains(&Action::Spawn { generation: 3, trigger: Trigger::Requested }), "{actions:?}");
-    b.input(Input::Spawned { generation: 3, leader: 103 });
+    assert!(
+        actions.iter().any(|a| matches!(a, Action::Spawn { generation: 3, trigger: Trigger::Requested, .. })),
+        "{actions:?}"
+    );
+    b.input(Input::Spawned { generation: 3, leader: 103, slot: Slot::A });
     let actions = b.notice(2, trigger);
     assert_eq!(*answer(&actions, 1), Outcome::Stopping);
     assert!(matches!(actions.last(), Some(Action::GiveUp(Failure::CrashLoop { failures: 2, .. }))), "{actions:?}");
@@ -227,7 +257,10 @@ fn stopping_1_starts_a_replacement_without_a_signal() {
     let mut b = Bench::new(false, 10, true);
     let actions = b.said(1, Said::Stopping);
     assert!(actions.contains(&Action::Log(Event::StoppingOnItsOwn { generation: 1, replaced: true })));
-    assert!(actions.contains(&Action::Spawn { generation: 2, trigger: Trigger::Replace }), "{actions:?}");
+    assert!(
+        actions.iter().any(|a| matches!(a, Action::Spawn { generation: 2, trigger: Trigger::Replace, .. })),
+        "{actions:?}"
+    );
     assert!(!actions.iter().any(|a| matches!(a, Action::Signal { .. })), "{actions:?}");
 }
 
@@ -298,7 +331,7 @@ fn an_upgrade_is_refused_while_busy() {
     b.input(Input::Exited { pid: 101, exit: Exit::Code(1) });
     assert_eq!(b.input(Input::UpgradeRequested), [Action::RefuseUpgrade(Busy::Replacing)]);
     b.after(BACKOFF);
-    b.input(Input::Spawned { generation: 2, leader: 102 });
+    b.input(Input::Spawned { generation: 2, leader: 102, slot: Slot::A });
     assert_eq!(b.input(Input::UpgradeRequested), [Action::RefuseUpgrade(Busy::Restarting { generation: 2 })]);
     // A starting generation's exit waiting for its output.
     b.input(Input::Exited { pid: 102, exit: Exit::Code(1) });
@@ -374,7 +407,7 @@ fn a_generation_spawned_after_its_restart_ended_only_drains() {
     // The stop comes before the shell reports the spawn.
     let actions = b.input(Input::StopRequested { waiter: None });
     assert_eq!(*answer(&actions, 1), Outcome::Stopping);
-    let actions = b.input(Input::Spawned { generation: 2, leader: 102 });
+    let actions = b.input(Input::Spawned { generation: 2, leader: 102, slot: Slot::A });
     assert_eq!(actions, [Action::Signal { generation: 2, signal: Sig::Stop }]);
     assert!(matches!(b.core.generation(2).unwrap().life.state, State::Draining { .. }));
 }
@@ -396,3 +429,6 @@ fn the_draining_limit_holds_after_a_failed_start() {
     let why = StartFailure::WatchdogTriggered;
     assert_eq!(*answer(&actions, 3), Outcome::RestartFailed { generation: 4, why, serving: Some(3) });
 }
+
+/// Proving: quiet period, probes, steering, probation, hand-back.
+mod proving;

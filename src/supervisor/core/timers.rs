@@ -8,6 +8,7 @@ use super::{Core, Event, RestartReset, StartFailure, Upstream};
 use crate::supervisor::failure::WatchdogCause;
 use crate::supervisor::lifecycle::Due;
 use crate::supervisor::phase::Phase;
+use crate::supervisor::policy::Readiness;
 
 impl Core {
     /// The earliest time [`Input::Tick`](super::Input::Tick) has something
@@ -25,6 +26,7 @@ impl Core {
             .into_iter()
             .flatten()
             .chain(self.gens.iter().filter_map(|g| g.life.next_deadline()))
+            .chain(self.proving_deadlines())
             .min()
     }
 
@@ -38,13 +40,14 @@ impl Core {
         }
         self.restart_reset_if_due(now);
         self.backoff_due(now);
+        self.proving_due(now);
         let mut failed = None;
         let mut watchdog = Vec::new();
         let timeout = self.policy.ready_timeout;
         for i in 0..self.gens.len() {
             let generation = self.gens[i].number;
             match self.gens[i].life.due(now) {
-                Some(Due::ReadyTimeout) => failed = Some((generation, StartFailure::NoReady { timeout })),
+                Some(Due::ReadyTimeout) => failed = Some((generation, self.not_ready_in_time(i))),
                 Some(Due::HealthCheckTimeout) => {
                     failed = Some((generation, StartFailure::HealthCheckTimedOut { timeout }))
                 }
@@ -63,6 +66,19 @@ impl Core {
             if let Some(i) = self.index(generation) {
                 self.watchdog_expired(now, i, WatchdogCause::Timeout);
             }
+        }
+    }
+
+    /// Why generation `i`, still starting at its start deadline, failed.
+    fn not_ready_in_time(&self, i: usize) -> StartFailure {
+        let timeout = self.policy.ready_timeout;
+        let proof = &self.gens[i].proof;
+        if proof.ready {
+            StartFailure::NotProven { timeout, passes: proof.passes, needed: self.policy.proving.passes }
+        } else if self.policy.proving.ready == Readiness::Probe {
+            StartFailure::NoPassingProbe { timeout, last: proof.last_failure.clone() }
+        } else {
+            StartFailure::NoReady { timeout }
         }
     }
 

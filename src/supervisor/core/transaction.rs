@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use super::{Action, Core, Event, Gen, Lost, Outcome, RestartReset, Sig, StartFailure, Token, Upstream};
+use super::{Action, Core, Event, Gen, Lost, Outcome, Proof, RestartReset, Sig, Slot, StartFailure, Token, Upstream};
 use crate::supervisor::lifecycle::{Life, State};
 use crate::supervisor::phase::{Phase, Restart, Trigger};
 use crate::supervisor::{Ended, Failure, after, micros};
@@ -36,11 +36,15 @@ impl Core {
         let usec = micros(self.policy.ready_timeout).saturating_add(5_000_000);
         self.upstream(Upstream::ExtendTimeout { usec });
         self.spawning = Some(generation);
-        self.actions.push(Action::Spawn { generation, trigger });
+        // The slot the serving generation does not have, so steering can
+        // tell them apart; with nothing serving, the slot traffic goes to
+        // already (what is queued there is the new one's to accept).
+        let slot = self.active().map_or(self.steered, |a| a.slot.other());
+        self.actions.push(Action::Spawn { generation, trigger, slot });
     }
 
-    /// The restart's generation runs.
-    pub(super) fn spawned(&mut self, now: Instant, generation: u64, leader: u32) {
+    /// The restart's generation runs, on `slot`.
+    pub(super) fn spawned(&mut self, now: Instant, generation: u64, leader: u32, slot: Slot) {
         if self.spawning == Some(generation) {
             self.spawning = None;
         }
@@ -55,7 +59,10 @@ impl Core {
             ready_at: None,
             status_text: None,
             handoff: false,
+            slot,
+            proof: Proof::default(),
         });
+        self.begin_proving(now, self.gens.len() - 1);
         if self.restart().is_none_or(|(g, _)| g != generation) {
             // Its restart ended while it was being spawned (a stop signal
             // handed over first, see `Supervisor::feed`): it only drains,
@@ -76,20 +83,6 @@ impl Core {
         self.fail_start(now, generation, StartFailure::SpawnFailed(why));
         // A stop that came while it was being spawned may be complete.
         self.check_stopped();
-    }
-
-    /// READY=1 from generation `i`.
-    pub(super) fn on_ready(&mut self, now: Instant, i: usize) {
-        let g = &mut self.gens[i];
-        if g.life.state != State::Starting {
-            return; // READY=1 after a reload of the app itself, or repeated
-        }
-        g.ready_at = Some(now);
-        let generation = g.number;
-        match self.policy.health_cmd {
-            None => self.cutover(now, generation),
-            Some(_) => self.actions.push(Action::RunHealthCheck { generation }),
-        }
     }
 
     pub(super) fn health_check_started(&mut self, generation: u64, pid: u32) {
@@ -151,6 +144,10 @@ impl Core {
         why: StartFailure,
         status_text: Option<String>,
     ) {
+        if let Some(g) = self.generation(generation) {
+            let slot = g.slot;
+            self.steer_back(generation, slot);
+        }
         if self.restart().is_none_or(|(g, _)| g != generation) {
             // Not the restart's (it ended): a generation still starting can
             // never take over any more, so it drains rather than fall due

@@ -11,7 +11,9 @@ impl World {
         }
         self.same_table()?;
         let gens = self.core.generations();
-        let mut starting = gens.iter().filter(|g| matches!(g.life.state, State::Starting | State::HealthCheck { .. }));
+        let mut starting = gens
+            .iter()
+            .filter(|g| matches!(g.life.state, State::Starting | State::HealthCheck { .. } | State::Probation { .. }));
         let first = starting.next().map(|g| g.number);
         // Invariant 4: at most one starting, and it is the restart's.
         if let Some(second) = starting.next() {
@@ -38,6 +40,30 @@ impl World {
         let draining = gens.iter().filter(|g| matches!(g.life.state, State::Draining { killed: false, .. })).count();
         if draining > MAX_DRAINING && !stopping {
             return Err(format!("{draining} generations draining, more than {MAX_DRAINING}"));
+        }
+        // Invariant 12: real traffic goes to proven generations only. While
+        // one serves (or is on probation), new connections are steered to
+        // no generation that is still being proven; and the shell steers
+        // where the core says.
+        let proven = |s: &State| matches!(s, State::Active | State::Probation { .. });
+        if gens.iter().any(|g| proven(&g.life.state)) {
+            let steered = self.core.steered();
+            if let Some(g) = gens
+                .iter()
+                .find(|g| g.slot == steered && matches!(g.life.state, State::Starting | State::HealthCheck { .. }))
+            {
+                return Err(format!(
+                    "new connections steered to generation {}, which is still {}",
+                    g.number,
+                    g.state_name()
+                ));
+            }
+        }
+        if self.policy.proving.steering != crate::supervisor::policy::SteeringMode::Off
+            && self.steered != self.core.steered()
+            && self.depth == 0
+        {
+            return Err(format!("the core steers to {:?}, the shell to {:?}", self.core.steered(), self.steered));
         }
         // Invariant 7: fds never outlive the input that brought them.
         if let Some(fds) = self.fds_open.first() {

@@ -221,6 +221,12 @@ pub(super) enum Move {
         ok: bool,
     },
     Next(Choice),
+    /// The oldest built-in probe out ends: passed, or failed.
+    ProbeAnswer {
+        ok: bool,
+    },
+    /// The listeners whose queue the shell watches are empty.
+    QueueDrains,
     /// `Tick` now, whether or not a deadline is due.
     Tick,
     /// Time passes, in ms (ticking at every deadline on the way).
@@ -309,6 +315,8 @@ fn random_move(rng: &mut Rng, w: &World) -> Move {
                 k => Choice::UpgradeAbandoned(k == 5),
             }),
             878..888 => Move::Tick,
+            888..930 => Move::ProbeAnswer { ok: rng.below(12) != 0 },
+            930..940 => Move::QueueDrains,
             _ => Move::Advance(match rng.below(4) {
                 0 => rng.below(10),
                 1 => rng.below(500),
@@ -329,20 +337,28 @@ pub(super) struct Config {
     access: NotifyAccess,
     health_check: bool,
     watchdog: bool,
+    /// Proving as `baton run`'s defaults do: a built-in probe, a quiet
+    /// period, steering and a probation (else: by READY=1 alone).
+    proving: bool,
 }
 
 impl Config {
     /// What [`replay`] runs: the defaults (no health check, no watchdog).
-    const DEFAULT: Config = Config { access: NotifyAccess::Main, health_check: false, watchdog: false };
+    const DEFAULT: Config = Config { access: NotifyAccess::Main, health_check: false, watchdog: false, proving: false };
 
     /// Seeds go through every combination.
     fn of_seed(seed: u64) -> Config {
         let access = [NotifyAccess::Main, NotifyAccess::Exec, NotifyAccess::All][(seed % 3) as usize];
-        Config { access, health_check: (seed / 3) % 2 == 1, watchdog: (seed / 6) % 2 == 1 }
+        Config {
+            access,
+            health_check: (seed / 3) % 2 == 1,
+            watchdog: (seed / 6) % 2 == 1,
+            proving: (seed / 12) % 2 == 1,
+        }
     }
 
     fn world(self) -> World {
-        World::new(self.access, self.health_check, self.watchdog)
+        World::new(self.access, self.health_check, self.watchdog, self.proving)
     }
 }
 

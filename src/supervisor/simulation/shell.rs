@@ -3,7 +3,7 @@
 //! the way (invariants 2 to 7 and 9 to 11, see [`super`]).
 
 use super::world::{Asked, READY_TIMEOUT, STOP_TIMEOUT, Violation, World};
-use crate::supervisor::core::{Action, Core, Event, FdsHandle, Input, Outcome, Sig, Token, Upstream};
+use crate::supervisor::core::{Action, Core, Event, FdsHandle, Input, Outcome, Sig, Slot, Token, Upstream};
 
 impl World {
     /// Carries out `actions`, in order. `stopping_before`: whether the core
@@ -17,7 +17,32 @@ impl World {
 
     fn carry_out(&mut self, action: Action, stopping_before: bool) -> Result<(), Violation> {
         match action {
-            Action::Spawn { generation, .. } => self.spawn(generation, stopping_before)?,
+            Action::Spawn { generation, slot, .. } => self.spawn(generation, slot, stopping_before)?,
+            Action::Probe { generation } => {
+                self.known(generation, "Probe")?;
+                if self.probes_out.contains(&generation) {
+                    return Err(format!("a second probe of generation {generation} while one is out"));
+                }
+                self.probes_out.push(generation);
+            }
+            Action::Steer { to } | Action::Canary { to, .. } => {
+                if matches!(action, Action::Steer { .. }) {
+                    self.steered = to;
+                }
+            }
+            Action::AwaitQueueDrained { slot } => {
+                if let Some((other, _)) = self.queue_watched.replace((slot, self.now)) {
+                    return Err(format!("watching the queue of {slot:?} while still watching {other:?}'s"));
+                }
+            }
+            Action::RescueQueued { from, to } => {
+                // To the generation that served when the core decided (it
+                // may have stopped serving later in the same input).
+                self.known(to, "RescueQueued")?;
+                if self.core.generation(to).is_some_and(|g| g.slot == from) {
+                    return Err(format!("rescued {from:?}'s queue to generation {to}, on that same slot"));
+                }
+            }
             Action::Signal { generation, signal } => {
                 self.known(generation, "Signal")?;
                 if signal == Sig::Kill {
@@ -129,7 +154,7 @@ impl World {
     }
 
     /// Invariant 4 (and the shell's spawn: it runs, or it cannot be spawned).
-    fn spawn(&mut self, generation: u64, stopping_before: bool) -> Result<(), Violation> {
+    fn spawn(&mut self, generation: u64, slot: Slot, stopping_before: bool) -> Result<(), Violation> {
         if stopping_before || self.core.is_stopping() {
             return Err(format!("spawned generation {generation} while stopping"));
         }
@@ -147,7 +172,7 @@ impl World {
         } else {
             let leader = self.pids.spawned(generation);
             self.running.insert(generation);
-            self.feed(Input::Spawned { generation, leader })?;
+            self.feed(Input::Spawned { generation, leader, slot })?;
         }
         Ok(())
     }

@@ -16,7 +16,7 @@ fn started(config: Config) -> World {
 }
 
 fn config(access: NotifyAccess, health_check: bool) -> Config {
-    Config { access, health_check, watchdog: false }
+    Config { access, health_check, watchdog: false, proving: false }
 }
 
 /// Found by the simulation of the old core (seed 3 with the limit enforced
@@ -46,7 +46,7 @@ fn regression_stopping_1_beyond_the_draining_limit() {
 /// systemd's reload. Now the start fails (`StartFailure::WatchdogTriggered`).
 #[test]
 fn regression_watchdog_trigger_while_starting_wedged_the_restart() {
-    let seed_16 = Config { access: NotifyAccess::Exec, health_check: true, watchdog: false };
+    let seed_16 = Config { access: NotifyAccess::Exec, health_check: true, watchdog: false, proving: false };
     replay_with(seed_16, &[Move::Notify(Sender::Leader(2), Msg::Trigger)]).unwrap();
     // The same during a requested restart, with a caller waiting.
     let moves = [
@@ -220,7 +220,7 @@ fn an_upgrade_is_adopted_by_a_new_core() {
 /// (`Core::check_stopped`), and the generation drains when it appears.
 #[test]
 fn a_spawn_in_flight_when_the_stop_ends_the_run_is_never_reaped() {
-    let seed_3 = Config { access: NotifyAccess::Main, health_check: true, watchdog: false };
+    let seed_3 = Config { access: NotifyAccess::Main, health_check: true, watchdog: false, proving: false };
     let moves =
         [Move::Next(Choice::OutputLater), Move::FailStart, Move::Next(Choice::SigtermInTurn), Move::Advance(11_163)];
     replay_with(seed_3, &moves).unwrap();

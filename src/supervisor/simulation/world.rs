@@ -9,16 +9,19 @@ use std::time::{Duration, Instant};
 use super::senders::{Msg, Pids, Sender};
 use super::{Choice, Move, Who};
 use crate::supervisor::Ended;
+use crate::supervisor::core::Slot;
 use crate::supervisor::core::{Core, Counters, FdsHandle, Input, Token};
 use crate::supervisor::failure::Exit;
 use crate::supervisor::lifecycle::State;
-use crate::supervisor::policy::{Backoff, NotifyAccess, Policy};
+use crate::supervisor::policy::{Backoff, HealthProbe, NotifyAccess, Policy, Proving, SteeringMode};
 
 /// `--ready-timeout` and `--stop-timeout` of every run.
 pub(super) const READY_TIMEOUT: Duration = Duration::from_secs(5);
 pub(super) const STOP_TIMEOUT: Duration = Duration::from_secs(3);
 /// `--watchdog`, for the seeds that have one.
 const WATCHDOG: Duration = Duration::from_secs(4);
+/// The longest the shell waits for a queue to drain.
+pub(super) const QUEUE_WAIT: Duration = Duration::from_secs(1);
 /// `--max-draining`.
 pub(super) const MAX_DRAINING: usize = 2;
 /// How often [`World::advance`] may tick at one instant before a deadline
@@ -84,6 +87,12 @@ pub(super) struct World {
     /// [`Action::AwaitOutput`](crate::supervisor::core::Action::AwaitOutput).
     pub(super) output_pending: Option<u64>,
     pub(super) probing: bool,
+    /// Built-in probes out, oldest first (the shell runs them as tasks).
+    pub(super) probes_out: Vec<u64>,
+    /// The slot whose accept queue the shell watches for the core.
+    pub(super) queue_watched: Option<(Slot, Duration)>,
+    /// Where the shell steers new connections.
+    pub(super) steered: Slot,
     /// Generations connected to the handoff socket.
     pub(super) handoff: BTreeSet<u64>,
     /// Generations that sent `EXTEND_TIMEOUT_USEC=` (once each).
@@ -130,7 +139,7 @@ pub(super) struct World {
 pub(super) type Violation = String;
 
 impl World {
-    pub(super) fn new(access: NotifyAccess, health_check: bool, watchdog: bool) -> World {
+    pub(super) fn new(access: NotifyAccess, health_check: bool, watchdog: bool, proving: bool) -> World {
         let policy = Policy {
             ready_timeout: READY_TIMEOUT,
             stop_timeout: STOP_TIMEOUT,
@@ -143,6 +152,20 @@ impl World {
                 max: Duration::from_secs(2),
                 burst: 10,
                 interval: Duration::from_secs(20),
+            },
+            proving: match proving {
+                true => Proving {
+                    probe: Some(HealthProbe::Tcp),
+                    interval: Duration::from_millis(200),
+                    timeout: Duration::from_secs(1),
+                    passes: 2,
+                    quiet_period: Duration::from_secs(1),
+                    probation: Duration::from_secs(1),
+                    steering: SteeringMode::Auto,
+                    canary: 10,
+                    ..Proving::by_ready_alone()
+                },
+                false => Proving::by_ready_alone(),
             },
             ..Policy::default()
         };
@@ -160,6 +183,9 @@ impl World {
             choices: Choices::default(),
             output_pending: None,
             probing: false,
+            probes_out: Vec::new(),
+            queue_watched: None,
+            steered: Slot::A,
             handoff: BTreeSet::new(),
             extended: BTreeSet::new(),
             next_fds: 0,
@@ -267,8 +293,10 @@ impl World {
         self.core.generations().iter().find(|g| want(&g.life.state)).map(|g| g.number)
     }
 
+    /// The restart's generation, not serving alone yet (on probation it
+    /// may still fail the start).
     pub(super) fn starting(&self) -> Option<u64> {
-        self.in_state(|s| matches!(s, State::Starting | State::HealthCheck { .. }))
+        self.in_state(|s| matches!(s, State::Starting | State::HealthCheck { .. } | State::Probation { .. }))
     }
 
     pub(super) fn active(&self) -> Option<u64> {
@@ -289,7 +317,32 @@ impl World {
             Move::Reap => !self.dying.is_empty(),
             Move::Output => self.output_pending.is_some(),
             Move::Probed { .. } => self.probing,
+            Move::ProbeAnswer { .. } => !self.probes_out.is_empty(),
+            Move::QueueDrains => self.queue_watched.is_some(),
             _ => true,
+        }
+    }
+
+    /// The oldest probe out ends.
+    fn answer_probe(&mut self, ok: bool) -> Result<(), Violation> {
+        match self.probes_out.first().copied() {
+            Some(g) => self.answer_probe_of(g, ok),
+            None => Ok(()),
+        }
+    }
+
+    /// Generation `g`'s probe ends.
+    fn answer_probe_of(&mut self, g: u64, ok: bool) -> Result<(), Violation> {
+        self.probes_out.retain(|p| *p != g);
+        let result = if ok { Ok(()) } else { Err("TCP probe: not accepted within 1s".into()) };
+        self.feed(Input::Probed { generation: g, result })
+    }
+
+    /// The watched queue is empty.
+    fn queue_drains(&mut self) -> Result<(), Violation> {
+        match self.queue_watched.take() {
+            Some((slot, _)) => self.feed(Input::QueueDrained { slot }),
+            None => Ok(()),
         }
     }
 
@@ -316,6 +369,11 @@ impl World {
             }
             Move::TakeOver => {
                 let g = self.starting();
+                if let Some(g) = g
+                    && self.probes_out.contains(&g)
+                {
+                    self.answer_probe_of(g, true)?;
+                }
                 if g.is_some_and(|g| self.core.generation(g).is_some_and(|g| g.life.state == State::Starting)) {
                     self.main_sends(g, Msg::Ready)?;
                 }
@@ -405,6 +463,8 @@ impl World {
                 Choice::SigtermInTurn => self.choices.sigterm_in_turn = true,
             },
             Move::Tick => self.feed(Input::Tick)?,
+            Move::ProbeAnswer { ok } => self.answer_probe(ok)?,
+            Move::QueueDrains => self.queue_drains()?,
             Move::Advance(ms) => self.advance(self.now + Duration::from_millis(ms))?,
         }
         Ok(())
@@ -474,6 +534,16 @@ impl World {
                 return Ok(());
             }
             let next = self.core.next_deadline().map(|at| at.saturating_duration_since(self.base));
+            // The shell waits for a queue to drain a bounded time
+            // (`QUEUE_WAIT`): by then it says so anyway.
+            if let Some((_, since)) = self.queue_watched
+                && since + QUEUE_WAIT <= until
+                && next.is_none_or(|n| since + QUEUE_WAIT < n)
+            {
+                self.now = self.now.max(since + QUEUE_WAIT);
+                self.queue_drains()?;
+                continue;
+            }
             match next {
                 Some(at) if at <= until => {
                     ticks_here = if at <= self.now { ticks_here + 1 } else { 0 };
@@ -535,6 +605,8 @@ fn kind(input: &Input) -> &'static str {
         Input::UpgradeRequested => "UpgradeRequested",
         Input::UpgradeProbed { .. } => "UpgradeProbed",
         Input::UpgradeAbandoned => "UpgradeAbandoned",
+        Input::Probed { .. } => "Probed",
+        Input::QueueDrained { .. } => "QueueDrained",
         Input::Tick => "Tick",
     }
 }
