@@ -9,7 +9,7 @@ use baton_sd::StoredName;
 
 use super::{Action, Core, FdStore, Lost, Notice, Said, Timing, Upstream};
 use crate::supervisor::core::Event;
-use crate::supervisor::failure::WatchdogCause;
+use crate::supervisor::failure::{ProbationFailure, WatchdogCause};
 use crate::supervisor::lifecycle::State;
 
 impl Core {
@@ -73,6 +73,10 @@ impl Core {
                 if replaced {
                     self.serving_lost(now, Lost::Stopping);
                 }
+            }
+            // On probation: it gives up the traffic it just took.
+            Some(Said::Stopping) if matches!(self.gens[i].life.state, State::Probation { .. }) => {
+                self.hand_back(now, i, ProbationFailure::Stopping, None);
             }
             Some(Said::Stopping) | None => {}
         }
