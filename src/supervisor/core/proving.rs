@@ -25,8 +25,8 @@
 
 use std::time::Instant;
 
-use super::{Action, Core, Event, Sig, Slot, StartFailure};
-use crate::supervisor::after;
+use super::{Action, Core, Event, Sig, Slot, StartFailure, Upstream};
+use crate::supervisor::{after, micros};
 use crate::supervisor::failure::ProbationFailure;
 use crate::supervisor::lifecycle::State;
 use crate::supervisor::policy::{Readiness, SteeringMode};
@@ -62,7 +62,12 @@ impl Core {
         g.ready_at = Some(now);
         g.proof.ready = true;
         g.proof.ready_after = None;
-        g.proof.quiet_until = Some(after(now, self.policy.proving.quiet_period));
+        let quiet = self.policy.proving.quiet_period;
+        g.proof.quiet_until = Some(after(now, quiet));
+        // Proving has the ready timeout again, after the quiet period (the
+        // timeout is the app's, to get ready; proving is Baton's).
+        let ready_timeout = self.policy.ready_timeout;
+        g.life.start_deadline = g.life.start_deadline.max(after(now, quiet + ready_timeout));
         if self.policy.proving.probe.is_some() && g.proof.probe_due.is_none() && !g.proof.probing {
             g.proof.probe_due = Some(now);
         }
@@ -70,9 +75,14 @@ impl Core {
         g.proof.cmd_passed = !cmd;
         let (generation, slot, ready_ms) = (g.number, g.slot, g.ready_ms());
         let proving = &self.policy.proving;
+        let (probe, probation) = (proving.probe.is_some(), proving.probation);
         // With nothing serving, it takes over at once: nothing to prove.
-        if (!proving.quiet_period.is_zero() || proving.probe.is_some()) && self.active().is_some() {
+        if (!quiet.is_zero() || probe) && self.active().is_some() {
             self.log(Event::Proving { generation, ready_ms });
+            // Our own reload timeout upstream must not fire before proving
+            // and probation can end.
+            let usec = micros(quiet + ready_timeout + probation).saturating_add(5_000_000);
+            self.upstream(Upstream::ExtendTimeout { usec });
         }
         if cmd {
             self.actions.push(Action::RunHealthCheck { generation });
