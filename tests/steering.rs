@@ -470,3 +470,90 @@ fn bind_sibling_refuses_what_cannot_have_one() {
     assert!(!sockopt::ipv6_v6only(&sib).unwrap());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+// ---- under systemd ---------------------------------------------------------
+
+/// Run by the service in [`generated_pair_under_systemd`] (`T_ROLE=systemd-pair`),
+/// as a `DynamicUser=` with the sockets of the two generated `.socket` units:
+/// pairs them, and steers real connections to each slot in turn; a
+/// sibling of its own it cannot bind (another uid than the group's owner).
+#[test]
+fn systemd_pair_helper() {
+    if std::env::var("T_ROLE").as_deref() != Ok("systemd-pair") {
+        return;
+    }
+    let uid = rustix::process::getuid().as_raw();
+    assert_ne!(uid, 0, "the helper runs as a DynamicUser");
+    let mut fds = baton_sd::ListenFds::from_env().unwrap();
+    let listeners = listen::inherit(&mut fds).unwrap();
+    let described: Vec<String> = listeners.iter().map(|l| format!("{} {}", l.name, l.local)).collect();
+    println!("STEER passed: {described:?}");
+    assert_eq!(listeners.len(), 2);
+    let (steering, unsteered) = Steering::new(&listeners, &SteeringOptions::default()).unwrap();
+    assert_eq!(unsteered, vec![]);
+    assert_eq!(steering.names(), vec!["http"]);
+    let addr = local(listeners[0].fd.as_fd());
+    wait_until("the calibration connections", || {
+        steering.queued(Slot::A).unwrap() == 1 && steering.queued(Slot::B).unwrap() == 1
+    });
+    steering.take_queued(Slot::A, 10).unwrap();
+    steering.take_queued(Slot::B, 10).unwrap();
+    for to in [Slot::B, Slot::A, Slot::B] {
+        steering.steer(to).unwrap();
+        let _c = connect(addr, 5);
+        wait_until("5 queued", || steering.queued(to).unwrap() == 5);
+        assert_eq!(steering.queued(to.other()).unwrap(), 0);
+        assert_eq!(steering.take_queued(to, 10).unwrap().len(), 5);
+    }
+    let e = listen::bind_sibling(listeners[0].fd.as_fd()).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EADDRINUSE), "{e}");
+    println!("STEER OK uid={uid}: 3 flips, 5 of 5 connections on the chosen socket each; own sibling: {e}");
+}
+
+fn generated_pair_under_systemd(flavor: baton_testbed::Flavor, test: &str) {
+    let exe = std::env::current_exe().unwrap();
+    let Some(bed) = baton_testbed::Bed::builder(flavor, test).binary(exe, "/usr/local/bin/baton-steering-test").boot()
+    else {
+        return;
+    };
+    assert_eq!(bed.tb.systemd_version(), flavor.expected_systemd());
+    let port = bed.port;
+    let listen = format!("http=127.0.0.1:{port}");
+    let args: baton::units::UnitsArgs = {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: baton::units::UnitsArgs,
+        }
+        let argv = ["u", "--name", "pairtest", "-l", &listen, "--steering", "auto", "--", "/bin/true"];
+        <Cli as clap::Parser>::parse_from(argv).args
+    };
+    let files = baton::units::generate(&args, bed.tb.systemd_version()).unwrap();
+    let sockets: Vec<_> = files.iter().filter(|f| f.name.ends_with(".socket")).collect();
+    assert_eq!(sockets.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(), ["pairtest.socket", "pairtest-b.socket"]);
+    let service = "[Unit]\nRequires=pairtest.socket pairtest-b.socket\nAfter=pairtest.socket pairtest-b.socket\n\
+                   [Service]\nType=oneshot\nDynamicUser=yes\nEnvironment=T_ROLE=systemd-pair RUST_BACKTRACE=1\n\
+                   ExecStart=/usr/local/bin/baton-steering-test systemd_pair_helper --exact --nocapture --test-threads=1\n\
+                   Sockets=pairtest.socket pairtest-b.socket\n";
+    let mut units: Vec<(&str, &str)> = sockets.iter().map(|f| (f.name.as_str(), f.contents.as_str())).collect();
+    units.push(("pairtest.service", service));
+    bed.install_units(units);
+    bed.systemctl_ok(&["start", "pairtest.socket", "pairtest-b.socket"]);
+    for unit in ["pairtest.socket", "pairtest-b.socket"] {
+        assert_eq!(bed.show(unit, "ActiveState"), "active", "{unit}");
+    }
+    // PID 1 holds two listeners on the port.
+    let tcp = bed.run_ok(&["cat", "/proc/net/tcp"]);
+    let needle = format!("0100007F:{port:04X} 00000000:0000 0A");
+    assert_eq!(tcp.lines().filter(|l| l.contains(&needle)).count(), 2, "{tcp}");
+    let out = bed.systemctl(&["start", "pairtest.service"]);
+    let journal = bed.journal(Some("pairtest.service"));
+    assert!(out.success(), "pairtest.service failed: {}\n{journal}", out.stderr);
+    assert!(journal.contains("STEER OK"), "{journal}");
+    assert!(journal.contains("Address already in use"), "{journal}");
+}
+
+baton_testbed::systemd_tests! { generated_pair_under_systemd:
+    generated_pair_under_systemd_252: Host,
+    generated_pair_under_systemd_257: Trixie,
+}
