@@ -65,7 +65,7 @@ use crate::listen::BoundSocket;
 /// One of the two sockets of every steered pair. Generations alternate:
 /// the first runs on [`Slot::A`], its replacement on [`Slot::B`], the next
 /// on A again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Slot {
     /// The socket listed first (standalone: the one `-l` bound).
     A,
@@ -121,6 +121,8 @@ pub enum Fallback {
     Sibling(String),
     /// The sockets' order in their group could not be measured.
     Calibration(String),
+    /// After `baton upgrade`: the pair is not in the [`Layout`] passed on.
+    NotInLayout,
 }
 
 impl fmt::Display for Fallback {
@@ -140,6 +142,9 @@ impl fmt::Display for Fallback {
             Fallback::ExtraSocket => f.write_str("a further socket at an address whose pair is already steered"),
             Fallback::Sibling(e) => write!(f, "cannot bind its sibling socket: {e}"),
             Fallback::Calibration(e) => write!(f, "cannot tell the two sockets apart: {e}"),
+            Fallback::NotInLayout => {
+                f.write_str("the previous Baton did not steer this pair (not in its steering layout)")
+            }
         }
     }
 }
@@ -177,7 +182,7 @@ impl Default for SteeringOptions {
 }
 
 /// Where new connections go now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Target {
     /// All of them to this slot.
     All(Slot),
@@ -188,6 +193,29 @@ pub enum Target {
         /// The share, 1..=99.
         percent: u8,
     },
+}
+
+/// What [`Steering::restore`] needs to take over a running [`Steering`]
+/// without measuring again (which only works while nobody accepts): each
+/// pair's group indices and where connections go. Serializable, for
+/// `baton upgrade`'s state.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Layout {
+    /// The steered pairs, in listener order.
+    pub pairs: Vec<PairLayout>,
+    /// Where new connections go.
+    pub target: Target,
+}
+
+/// One steered pair in a [`Layout`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PairLayout {
+    /// Its `LISTEN_FDNAMES` name.
+    pub name: String,
+    /// Its address ([`crate::listen::describe`]).
+    pub local: String,
+    /// Group index of slot A's socket, then of slot B's.
+    pub index: [u32; 2],
 }
 
 /// One logical listener: what one `LISTEN_FDS` entry of a generation is.
@@ -202,6 +230,8 @@ struct Pair {
     name: String,
     local: String,
     stream: bool,
+    /// Slot B's socket was bound by this Baton ([`crate::listen::bind_sibling`]).
+    bound_here: bool,
     /// By slot: `socks[Slot::A.at()]` is slot A's socket.
     socks: [OwnedFd; 2],
     /// By slot: the socket's index in the group.
@@ -305,6 +335,7 @@ impl Steering {
                     name: listeners[first].name.clone(),
                     local: listeners[first].local.clone(),
                     stream,
+                    bound_here: second.is_none(),
                     socks: [a, b],
                     index,
                 })),
@@ -320,6 +351,69 @@ impl Steering {
             }
         }
         Ok((Steering { entries, target: Mutex::new(Target::All(Slot::A)) }, unsteered))
+    }
+
+    /// Takes over the steering of a previous Baton (`baton upgrade`): pairs
+    /// `listeners` as [`new`](Self::new) does, without binding siblings
+    /// (the previous Baton's [`bound_siblings`](Self::bound_siblings) must
+    /// be among `listeners`, each after its first socket), and takes each
+    /// pair's indices and the target from `layout` instead of measuring
+    /// them. Attaches nothing: the group's program stays as the previous
+    /// Baton left it. A pair missing from `layout` is shared
+    /// ([`Fallback::NotInLayout`]).
+    pub fn restore(listeners: &[BoundSocket], layout: &Layout) -> io::Result<(Steering, Vec<Unsteered>)> {
+        let facts: Vec<SocketFacts> = listeners.iter().map(|l| facts(&l.name, l.fd.as_fd())).collect();
+        let mut entries = Vec::new();
+        let mut unsteered = Vec::new();
+        let mut share = |entries: &mut Vec<Entry>, at: usize, why: Fallback| -> io::Result<()> {
+            let l = &listeners[at];
+            entries.push(Entry::Shared { name: l.name.clone(), fd: dup(l.fd.as_fd())? });
+            unsteered.push(Unsteered { name: l.name.clone(), local: l.local.clone(), why });
+            Ok(())
+        };
+        for plan in pair_up(&facts, false) {
+            match plan {
+                Plan::Shared { at, why } => share(&mut entries, at, why)?,
+                Plan::BindSibling { at } => share(&mut entries, at, Fallback::NoSibling)?,
+                Plan::Pair { first, second } => {
+                    let (a, b) = (&listeners[first], &listeners[second]);
+                    let known = layout.pairs.iter().find(|p| p.name == a.name && p.local == a.local);
+                    let (Some(known), Kind::Ip { stream, .. }) = (known, facts[first].kind) else {
+                        share(&mut entries, first, Fallback::NotInLayout)?;
+                        share(&mut entries, second, Fallback::NotInLayout)?;
+                        continue;
+                    };
+                    entries.push(Entry::Pair(Pair {
+                        name: a.name.clone(),
+                        local: a.local.clone(),
+                        stream,
+                        bound_here: false,
+                        socks: [dup(a.fd.as_fd())?, dup(b.fd.as_fd())?],
+                        index: known.index,
+                    }));
+                }
+            }
+        }
+        Ok((Steering { entries, target: Mutex::new(layout.target) }, unsteered))
+    }
+
+    /// What [`restore`](Self::restore) needs, for `baton upgrade`'s state.
+    pub fn layout(&self) -> Layout {
+        Layout {
+            pairs: self
+                .pairs()
+                .map(|p| PairLayout { name: p.name.clone(), local: p.local.clone(), index: p.index })
+                .collect(),
+            target: self.target(),
+        }
+    }
+
+    /// The sibling sockets this Baton bound itself (standalone), with their
+    /// names: to keep across `baton upgrade` (and a restart of Baton, in the
+    /// fd store) along with the listeners, each passed after its listener.
+    /// Under systemd there are none: both sockets belong to `.socket` units.
+    pub fn bound_siblings(&self) -> Vec<(&str, BorrowedFd<'_>)> {
+        self.pairs().filter(|p| p.bound_here).map(|p| (p.name.as_str(), p.socks[Slot::B.at()].as_fd())).collect()
     }
 
     /// The listeners' names in the order of [`sockets_for`](Self::sockets_for)

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use baton::listen::{self, BoundSocket, ListenSpec, SocketOptions};
-use baton::steering::{Fallback, Slot, Steering, SteeringOptions, Target};
+use baton::steering::{Fallback, Layout, Slot, Steering, SteeringOptions, Target};
 use rustix::net::{self as rnet, AddressFamily, RecvFlags, SocketType, sockopt};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -469,6 +469,81 @@ fn bind_sibling_refuses_what_cannot_have_one() {
     assert_eq!(local(sib.as_fd()), local(dual.fd.as_fd()));
     assert!(!sockopt::ipv6_v6only(&sib).unwrap());
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `baton upgrade`: the new Baton takes the pairs over from the layout the
+/// old one passed on, measures nothing (no calibration connection) and
+/// changes no program; steering goes on from there.
+#[test]
+fn restore_takes_over_without_measuring() {
+    let (l, steering, addr) = tcp_pair();
+    steering.steer(Slot::B).unwrap();
+    let text = serde_json::to_string(&steering.layout()).unwrap();
+    let layout: Layout = serde_json::from_str(&text).unwrap();
+    assert_eq!(layout.target, Target::All(Slot::B));
+    assert_eq!(layout.pairs.len(), 1);
+    let siblings = steering.bound_siblings();
+    assert_eq!(siblings.iter().map(|(n, _)| *n).collect::<Vec<_>>(), ["http"]);
+    let socket = |name: &str, fd: BorrowedFd<'_>| BoundSocket {
+        name: name.into(),
+        fd: fd.try_clone_to_owned().unwrap(),
+        local: listen::describe(fd),
+    };
+    // What the new Baton inherits: the listener, then its sibling.
+    let inherited = [socket(&l.name, l.fd.as_fd()), socket(siblings[0].0, siblings[0].1)];
+    drop(siblings);
+    drop(steering);
+    let (restored, unsteered) = Steering::restore(&inherited, &layout).unwrap();
+    assert_eq!(unsteered, vec![]);
+    assert_eq!(restored.target(), Target::All(Slot::B));
+    assert!(restored.bound_siblings().is_empty(), "the new Baton bound nothing");
+    assert_eq!((restored.queued(Slot::A).unwrap(), restored.queued(Slot::B).unwrap()), (0, 0), "no calibration");
+    let _c = connect(addr, 5);
+    wait_until("5 on B, the program left as it was", || restored.queued(Slot::B).unwrap() == 5);
+    assert_eq!(restored.queued(Slot::A).unwrap(), 0);
+    restored.steer(Slot::A).unwrap();
+    let _c = connect(addr, 5);
+    wait_until("5 on A", || restored.queued(Slot::A).unwrap() == 5);
+    assert_eq!(restored.queued(Slot::B).unwrap(), 5);
+    // A layout without the pair: both sockets shared, said so.
+    let empty = Layout { pairs: vec![], target: Target::All(Slot::A) };
+    let (shared, unsteered) = Steering::restore(&inherited, &empty).unwrap();
+    assert!(!shared.is_steering());
+    assert_eq!(unsteered.iter().map(|u| &u.why).collect::<Vec<_>>(), [&Fallback::NotInLayout, &Fallback::NotInLayout]);
+    assert_eq!(shared.names(), ["http", "http"], "both sockets reach every generation");
+}
+
+/// A pair that cannot be measured is not steered: here a third socket of
+/// the same user sits at index 0 of the group, so the probe for index 0
+/// reaches neither of Baton's two. Both are shared, no program is left
+/// attached (the kernel's hash spreads connections again), and the reason
+/// says what to look for.
+#[test]
+fn a_pair_that_cannot_be_measured_falls_back_with_the_reason() {
+    let foreign = bind("other=127.0.0.1:0", &reuseport());
+    let port = local(foreign.fd.as_fd()).port();
+    let ours =
+        [bind(&format!("http=127.0.0.1:{port}"), &reuseport()), bind(&format!("http=127.0.0.1:{port}"), &reuseport())];
+    let opts = SteeringOptions { probe_wait: Duration::from_millis(300), ..SteeringOptions::default() };
+    let (steering, unsteered) = Steering::new(&ours, &opts).unwrap();
+    assert!(!steering.is_steering());
+    assert_eq!(unsteered.len(), 2);
+    for u in &unsteered {
+        let Fallback::Calibration(reason) = &u.why else { panic!("{:?}", u.why) };
+        assert!(reason.contains("reached neither socket"), "{reason}");
+        assert!(u.why.to_string().contains("SO_REUSEPORT group"), "{}", u.why);
+    }
+    assert_eq!(steering.names(), ["http", "http"]);
+    // No program: connections from many source ports reach all three sockets.
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let _c = connect(addr, 60);
+    let q = |fd: BorrowedFd<'_>| baton::steering::listen_backlog(fd).unwrap().0;
+    // 60 and the one probe for index 0, which the foreign socket took.
+    let total = || q(foreign.fd.as_fd()) + q(ours[0].fd.as_fd()) + q(ours[1].fd.as_fd());
+    wait_until("61 queued in all", || total() == 61);
+    for s in [&foreign, &ours[0], &ours[1]] {
+        assert!(q(s.fd.as_fd()) > 0, "{} got none: the program was left attached", s.local);
+    }
 }
 
 // ---- under systemd ---------------------------------------------------------
