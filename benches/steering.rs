@@ -119,7 +119,9 @@ fn main() {
     // served as measured ones.
     for s in [&steering, &canary] {
         for slot in [Slot::A, Slot::B] {
+            let deadline = Instant::now() + Duration::from_secs(30);
             while s.queued(slot).unwrap() < 1 {
+                assert!(Instant::now() < deadline, "the calibration connection on slot {slot} never arrived");
                 std::thread::sleep(Duration::from_millis(1));
             }
             drop(s.take_queued(slot, 10).unwrap());

@@ -40,7 +40,15 @@
 //! SYN-ACK retries later (`net.ipv4.tcp_synack_retries`); the request
 //! sockets are not visible in [`Steering::queued`]. On loopback this is
 //! microseconds; on a network it is one round trip, more when packets are
-//! lost.
+//! lost. When a slot is handed back, what its socket queued is taken with
+//! [`Steering::take_queued`]: Baton holds the socket, so the kernel's own
+//! migration of a closing listener's queue (`net.ipv4.tcp_migrate_req`,
+//! `reuseport_migrate_sock()`) never applies.
+//!
+//! [`Steering::new`] blocks while it measures (a few milliseconds per pair
+//! on loopback; up to twice `probe_wait` for a pair that fails): call it
+//! before the supervisor's runtime starts, or on a blocking thread. Every
+//! other method is a non-blocking system call or two.
 
 pub mod calibrate;
 mod pairing;

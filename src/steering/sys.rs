@@ -52,6 +52,10 @@ pub fn accept_queue(fd: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
     Ok((info.tcpi_unacked, info.tcpi_sacked))
 }
 
+/// `SO_MEMINFO` in include/uapi/asm-generic/socket.h (x86, arm, riscv, …;
+/// not mips, parisc, sparc or alpha, which Baton does not build for).
+const SO_MEMINFO: libc::c_int = 55;
+
 /// Bytes of receive buffer in use (`SK_MEMINFO_RMEM_ALLOC` of
 /// `SO_MEMINFO`): grows with every queued datagram, even an empty one.
 pub fn rmem_alloc(fd: BorrowedFd<'_>) -> io::Result<u32> {
@@ -61,9 +65,8 @@ pub fn rmem_alloc(fd: BorrowedFd<'_>) -> io::Result<u32> {
     // SAFETY: `mem` is writable for `len` bytes; the kernel writes at most
     // that many (and fails with EINVAL if it has more to say: never, as
     // it copies min(len, its size)).
-    let rc = unsafe {
-        libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, 55 /* SO_MEMINFO */, mem.as_mut_ptr().cast(), &mut len)
-    };
+    let rc =
+        unsafe { libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, SO_MEMINFO, mem.as_mut_ptr().cast(), &mut len) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
