@@ -311,27 +311,31 @@ impl Steering {
             Ok(())
         };
         for plan in plans {
-            let (first, second, sibling) = match plan {
+            // `second`: the partner's position when both were passed in;
+            // `b`: slot B's socket (a dup of it, or the sibling just bound).
+            let (first, second, b) = match plan {
                 Plan::Shared { at, why } => {
                     share(&mut entries, at, why)?;
                     continue;
                 }
-                Plan::Pair { first, second } => (first, Some(second), None),
+                Plan::Pair { first, second } => (first, Some(second), dup(listeners[second].fd.as_fd())?),
                 Plan::BindSibling { at } => match crate::listen::bind_sibling(listeners[at].fd.as_fd()) {
-                    Ok(fd) => (at, None, Some(fd)),
+                    Ok(fd) => (at, None, fd),
                     Err(e) => {
                         share(&mut entries, at, Fallback::Sibling(e.to_string()))?;
                         continue;
                     }
                 },
             };
-            let Kind::Ip { stream, local, .. } = facts[first].kind else { unreachable!("pairs are IP sockets") };
-            let a = dup(listeners[first].fd.as_fd())?;
-            let b = match (second, sibling) {
-                (Some(j), _) => dup(listeners[j].fd.as_fd())?,
-                (None, Some(fd)) => fd,
-                (None, None) => unreachable!("a pair has a second socket"),
+            // pair_up() pairs IP sockets only.
+            let Kind::Ip { stream, local, .. } = facts[first].kind else {
+                share(&mut entries, first, Fallback::NotIp)?;
+                if let Some(j) = second {
+                    share(&mut entries, j, Fallback::NotIp)?;
+                }
+                continue;
             };
+            let a = dup(listeners[first].fd.as_fd())?;
             let measured =
                 calibrate::indices([a.as_fd(), b.as_fd()], stream, local, opts.probe_wait).and_then(|index| {
                     sys::attach_cbpf(a.as_fd(), &program::select(index[0]))
