@@ -263,6 +263,45 @@ fn a_burst_across_the_flip_loses_nothing() {
     eprintln!("burst across the flip: A {served_a} (rescued {rescued}), B {served_b}, lost 0");
 }
 
+/// Handing the socket back: the candidate on slot B dies with connections
+/// queued on its socket. Steering flips back to A, and Baton takes what B
+/// queued, so nothing waits for a later generation: every client is
+/// answered, by the old generation (here: this test) through the taken fds.
+#[test]
+fn hand_back_rescues_what_the_failed_slot_queued() {
+    let (_l, steering, addr) = tcp_pair();
+    steering.steer(Slot::B).unwrap();
+    let send = |n: usize| -> Vec<TcpStream> {
+        connect(addr, n)
+            .into_iter()
+            .map(|mut c| {
+                c.write_all(b"req\n").unwrap();
+                c
+            })
+            .collect()
+    };
+    // Nobody accepts on B: the candidate crashed on its first request.
+    let stranded = send(10);
+    wait_until("10 queued on B", || steering.queued(Slot::B).unwrap() == 10);
+    steering.steer(Slot::A).unwrap();
+    let later = send(5);
+    wait_until("5 queued on A", || steering.queued(Slot::A).unwrap() == 5);
+    let rescued = steering.take_queued(Slot::B, 100).unwrap();
+    assert_eq!(rescued.len(), 10);
+    assert_eq!(steering.queued(Slot::B).unwrap(), 0);
+    for (_, fd) in rescued.into_iter().chain(steering.take_queued(Slot::A, 100).unwrap()) {
+        let conn = TcpStream::from(fd);
+        conn.set_nonblocking(false).unwrap();
+        answer(conn, Slot::A);
+    }
+    for c in stranded.iter().chain(&later) {
+        c.set_read_timeout(Some(WAIT)).unwrap();
+        let mut reply = String::new();
+        BufReader::new(c).read_line(&mut reply).unwrap();
+        assert_eq!(reply, "A req\n");
+    }
+}
+
 /// Two sockets bound and listened by hand (as systemd's two `.socket`
 /// units would), in `order`: the listener passed first is slot A whatever
 /// its index in the group.
