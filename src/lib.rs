@@ -26,6 +26,8 @@
 //!   hang-ups.
 //! - [`stop_signal`]: whether SIGTERM/SIGINT arrived, before tokio's stream
 //!   says so (no replacement is spawned once a stop is on its way).
+//! - [`steering`]: pairs of `SO_REUSEPORT` sockets and the classic-BPF
+//!   program that sends new connections to one generation's socket.
 //! - [`supervisor`]: the generation state machine: start, READY, overlapped
 //!   restart, drain, crash backoff.
 //! - [`control`]: the control socket and the client side of `baton restart`,
@@ -50,6 +52,7 @@ pub mod ratelimit;
 pub mod reaper;
 pub mod rundir;
 pub mod spawn;
+pub mod steering;
 pub mod stop_signal;
 pub mod store;
 pub mod supervisor;

@@ -11,6 +11,8 @@
 //! - [`inherit`]: takes the sockets Baton itself was passed (by systemd or a
 //!   parent Baton), so a socket-activated Baton keeps them too.
 //! - [`describe`]: a one-line human description of any socket fd.
+//! - [`bind_sibling`]: a second socket in a socket's `SO_REUSEPORT` group,
+//!   for [`steering`](crate::steering).
 
 use std::fmt;
 use std::io;
@@ -116,7 +118,8 @@ pub struct SocketOptions {
     /// the largest the kernel allows, which it caps at `net.core.somaxconn`
     /// (4096 by default): systemd's `Backlog=` default.
     pub backlog: Option<u32>,
-    /// `SO_REUSEPORT` on IP sockets (`ReusePort=`).
+    /// `SO_REUSEPORT` on IP sockets (`ReusePort=`). Set it when steering
+    /// is wanted: only then can [`bind_sibling`] join the socket's group.
     pub reuse_port: bool,
     /// `IPV6_V6ONLY` on IPv6 sockets (`BindIPv6Only=`). `None`: the wildcard
     /// address `[::]` (and so a bare port) serves IPv4 too, whatever
@@ -729,6 +732,9 @@ fn printable(bytes: &[u8]) -> String {
     }
     out
 }
+
+mod sibling;
+pub use sibling::bind_sibling;
 
 #[cfg(test)]
 mod tests;

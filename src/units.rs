@@ -48,7 +48,7 @@ use std::time::Duration;
 use crate::listen::{ListenAddr, ListenSpec, UNNAMED, UnixKind};
 
 mod render;
-use render::{service_unit, socket_unit};
+use render::{service_unit, sibling_unit, socket_unit};
 
 /// The systemd assumed when `--systemd-version` is not given and
 /// `systemctl --version` cannot be run: Debian 12's.
@@ -141,6 +141,13 @@ pub struct UnitsArgs {
     /// Where `baton` is installed on the target machine.
     #[arg(long, value_name = "PATH", default_value = DEFAULT_BATON)]
     pub baton: PathBuf,
+    /// auto: every fd name with TCP or UDP sockets also gets a sibling
+    /// .socket unit (NAME-b.socket, NAME-FDNAME-b.socket) listening on the
+    /// same addresses, both with ReusePort=yes, so that Baton holds two
+    /// sockets per address and steers new connections to the proven
+    /// generation only. Supervised topology only.
+    #[arg(long, value_enum, value_name = "MODE", default_value = "off")]
+    pub steering: SteeringMode,
     /// The app and its arguments; the program must be an absolute path.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
@@ -183,6 +190,9 @@ impl UnitsArgs {
         if self.baton != Path::new(DEFAULT_BATON) {
             words.extend(["--baton".into(), self.baton.to_string_lossy().into_owned()]);
         }
+        if self.steering == SteeringMode::Auto {
+            words.extend(["--steering".into(), "auto".into()]);
+        }
         words.push("--".into());
         words.extend(self.command.iter().map(|a| a.to_string_lossy().into_owned()));
         words.iter().map(|w| shell_quote(w)).collect::<Vec<_>>().join(" ")
@@ -212,6 +222,19 @@ impl FdStorePreserve {
         }
     }
 }
+
+/// `--steering`: whether the units provide the socket pairs steering needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SteeringMode {
+    /// A sibling `.socket` unit for every fd name with IP sockets.
+    Auto,
+    /// One socket per address: Baton falls back to shared accept.
+    Off,
+}
+
+/// The suffix of a sibling `.socket` unit's stem: `web.socket`'s sibling is
+/// `web-b.socket`.
+pub const SIBLING_SUFFIX: &str = "-b";
 
 /// Who runs the app and who owns the service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -270,6 +293,12 @@ pub enum UnitsError {
     BatonPath {
         /// As given.
         path: PathBuf,
+    },
+    /// `--steering auto` cannot be honoured.
+    #[error("cannot use --steering auto: {reason}")]
+    Steering {
+        /// What is wrong and the fix.
+        reason: String,
     },
     /// `--watchdog` is zero.
     #[error("--watchdog must be longer than 0; leave it out to run without a watchdog")]
@@ -392,6 +421,23 @@ struct SocketGroup<'a> {
     /// The fd name, `None` for unnamed specs.
     fdname: Option<&'a str>,
     specs: Vec<&'a ListenSpec>,
+    /// With `--steering auto` and TCP or UDP specs: the sibling unit's name
+    /// (`web-b.socket`), which listens on the same IP addresses.
+    sibling: Option<String>,
+}
+
+impl SocketGroup<'_> {
+    /// The specs a sibling unit repeats: the TCP and UDP ones.
+    fn ip_specs(&self) -> impl Iterator<Item = &&ListenSpec> {
+        self.specs.iter().filter(|s| matches!(s.addr, ListenAddr::Tcp(_) | ListenAddr::Udp(_)))
+    }
+
+    /// The fd name both units of a pair give their sockets: the
+    /// `FileDescriptorName=`, or for an unnamed group the unit's name (what
+    /// systemd names the first unit's fds), so that Baton pairs them.
+    fn pair_fdname(&self) -> &str {
+        self.fdname.unwrap_or(&self.unit)
+    }
 }
 
 /// Everything [`generate`] derives from the options, checked.
@@ -412,7 +458,13 @@ struct Plan<'a> {
 /// systemd `systemd_version` (which overrides `args.systemd_version`).
 pub fn generate(args: &UnitsArgs, systemd_version: u32) -> Result<Vec<UnitFile>, UnitsError> {
     let plan = plan(args, systemd_version)?;
-    let mut files: Vec<UnitFile> = plan.groups.iter().map(|g| socket_unit(&plan, g)).collect();
+    let mut files = Vec::new();
+    for g in &plan.groups {
+        files.push(socket_unit(&plan, g));
+        if g.sibling.is_some() {
+            files.push(sibling_unit(&plan, g));
+        }
+    }
     files.push(service_unit(&plan));
     Ok(files)
 }
@@ -443,7 +495,10 @@ fn plan(args: &UnitsArgs, version: u32) -> Result<Plan<'_>, UnitsError> {
     if !args.baton.is_absolute() || args.baton.to_str().is_none() {
         return Err(UnitsError::BatonPath { path: args.baton.clone() });
     }
-    let groups = group_sockets(args)?;
+    let mut groups = group_sockets(args)?;
+    if args.steering == SteeringMode::Auto {
+        add_siblings(args, &mut groups)?;
+    }
     let app_exec = exec_command(&args.command)?;
     let baton_exec = exec_quote(args.baton.to_str().unwrap_or_default());
     let syslog_identifier = syslog_identifier(&args.command);
@@ -524,9 +579,41 @@ fn group_sockets(args: &UnitsArgs) -> Result<Vec<SocketGroup<'_>>, UnitsError> {
                 "the unit name {unit} is longer than {UNIT_NAME_MAX} bytes; use a shorter FDNAME"
             )));
         }
-        groups.push(SocketGroup { unit, fdname, specs: vec![spec] });
+        groups.push(SocketGroup { unit, fdname, specs: vec![spec], sibling: None });
     }
     Ok(groups)
+}
+
+/// Names the sibling unit of every group with TCP or UDP sockets, refusing
+/// names that clash with another unit.
+fn add_siblings(args: &UnitsArgs, groups: &mut [SocketGroup<'_>]) -> Result<(), UnitsError> {
+    let fail = |reason: String| Err(UnitsError::Steering { reason });
+    if args.topology() == Topology::Direct {
+        return fail(
+            "in the direct topology systemd runs the app itself and no Baton steers its sockets; use the \
+             supervised topology, or leave --steering out"
+                .into(),
+        );
+    }
+    let units: Vec<String> = groups.iter().map(|g| g.unit.clone()).collect();
+    for g in groups.iter_mut() {
+        if g.ip_specs().next().is_none() {
+            continue;
+        }
+        let stem = g.unit.strip_suffix(".socket").unwrap_or(&g.unit);
+        let sibling = format!("{stem}{SIBLING_SUFFIX}.socket");
+        if units.contains(&sibling) {
+            return fail(format!(
+                "{sibling}, the steering sibling of {}, is already the unit of another fd name; rename that FDNAME",
+                g.unit
+            ));
+        }
+        if sibling.len() > UNIT_NAME_MAX {
+            return fail(format!("the unit name {sibling} is longer than {UNIT_NAME_MAX} bytes; use a shorter FDNAME"));
+        }
+        g.sibling = Some(sibling);
+    }
+    Ok(())
 }
 
 /// Refuses addresses a `.socket` unit cannot hold or that would break.

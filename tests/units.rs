@@ -340,6 +340,93 @@ fn several_fd_names_make_several_socket_units() {
 }
 
 #[test]
+fn steering_auto_writes_a_sibling_unit_per_ip_fd_name() {
+    let argv = [
+        "--name",
+        "web",
+        "-l",
+        "http=80",
+        "-l",
+        "http=unix:/run/web-http.sock",
+        "-l",
+        "admin=unix:/run/web-admin.sock",
+        "-l",
+        "dns=udp:127.0.0.1:53",
+        "--steering",
+        "auto",
+        "--",
+        "/usr/bin/app",
+    ];
+    let files = gen_for(&argv, 252);
+    assert_eq!(
+        names(&files),
+        ["web.socket", "web-b.socket", "web-admin.socket", "web-dns.socket", "web-dns-b.socket", "web.service"]
+    );
+    // Both units of a pair: ReusePort=yes, one fd name, the same IP addresses
+    // (the sibling without the group's Unix socket).
+    let http = ini(&files, "web.socket");
+    assert_eq!(http.all("Socket", "ListenStream"), ["80", "/run/web-http.sock"]);
+    assert_eq!(http.one("Socket", "ReusePort"), "yes");
+    let sib = ini(&files, "web-b.socket");
+    assert_eq!(sib.all("Socket", "ListenStream"), ["80"]);
+    assert_eq!(sib.one("Socket", "ReusePort"), "yes");
+    assert_eq!(sib.one("Socket", "FileDescriptorName"), "http");
+    assert_eq!(sib.one("Socket", "BindIPv6Only"), "both");
+    assert_eq!(sib.one("Socket", "Service"), "web.service");
+    assert_eq!(sib.one("Install", "WantedBy"), "sockets.target");
+    let dns = ini(&files, "web-dns-b.socket");
+    assert_eq!(dns.all("Socket", "ListenDatagram"), ["127.0.0.1:53"]);
+    assert_eq!(dns.one("Socket", "FileDescriptorName"), "dns");
+    assert_eq!(dns.get("Socket", "BindIPv6Only"), None);
+    // A Unix-only name has no sibling and no ReusePort=.
+    assert_eq!(ini(&files, "web-admin.socket").get("Socket", "ReusePort"), None);
+    // The service takes every socket, siblings included.
+    let svc = ini(&files, "web.service");
+    let all = "web.socket web-b.socket web-admin.socket web-dns.socket web-dns-b.socket";
+    assert_eq!(svc.one("Service", "Sockets"), all);
+    assert_eq!(svc.one("Unit", "Requires"), all);
+    assert_eq!(svc.one("Unit", "After"), all);
+    assert_eq!(svc.one("Install", "Also"), all);
+    // Baton pairs by name and address: nothing to add to `baton run`.
+    assert!(!svc.one("Service", "ExecStart").contains("steering"));
+    // The header regenerates the same units.
+    assert_eq!(regenerate(&file(&files, "web-b.socket").contents), files);
+
+    // Unnamed: systemd names the first unit's fds after it, so the sibling
+    // gives its sockets that name.
+    let files = gen_for(&["--name", "web", "-l", "8080", "--steering", "auto", "--", "/usr/bin/app"], 252);
+    assert_eq!(names(&files), ["web.socket", "web-b.socket", "web.service"]);
+    assert_eq!(ini(&files, "web.socket").get("Socket", "FileDescriptorName"), None);
+    assert_eq!(ini(&files, "web-b.socket").one("Socket", "FileDescriptorName"), "web.socket");
+
+    // Off (the default): one unit per name, no ReusePort=.
+    for off in [&["--steering", "off"][..], &[]] {
+        let mut argv = vec!["--name", "web", "-l", "http=8080"];
+        argv.extend(off);
+        argv.extend(["--", "/usr/bin/app"]);
+        let files = gen_for(&argv, 252);
+        assert_eq!(names(&files), ["web.socket", "web.service"]);
+        assert_eq!(ini(&files, "web.socket").get("Socket", "ReusePort"), None);
+        assert!(!file(&files, "web.socket").contents.lines().next().unwrap().contains("--steering"));
+    }
+}
+
+#[test]
+fn steering_auto_refusals_name_the_fix() {
+    let e = gen_err(&["--name", "web", "-l", "8080", "--direct", "--steering", "auto", "--", "/usr/bin/app"]);
+    assert!(matches!(e, UnitsError::Steering { .. }), "{e}");
+    assert!(e.to_string().contains("supervised topology"), "{e}");
+    assert!(e.is_usage());
+    // An fd name "b" already owns web-b.socket.
+    let e =
+        gen_err(&["--name", "web", "-l", "http=8080", "-l", "b=unix:@x", "--steering", "auto", "--", "/usr/bin/app"]);
+    assert!(e.to_string().contains("web-b.socket"), "{e}");
+    assert!(e.to_string().contains("rename that FDNAME"), "{e}");
+    let e = try_parse(&["--name", "web", "-l", "8080", "--steering", "on", "--", "/usr/bin/app"]).unwrap_err();
+    assert!(e.to_string().contains("auto"), "{e}");
+}
+
+#[test]
 fn command_words_are_quoted_for_exec_start() {
     let files = gen_for(
         &["--name", "web", "-l", "8080", "--", "/usr/bin/app", "a b", "$HOME", "50%", "", ";", "\"q\"\\", "it's"],
@@ -619,7 +706,8 @@ fn reference_units_are_the_documented_ones() {
 
 // ---- systemd-analyze verify ------------------------------------------------
 
-/// The option matrix: topology × user × watchdog × socket kind.
+/// The option matrix: topology × user × watchdog × socket kind (steered
+/// pairs: supervised only).
 fn matrix(baton: &str, app: &str, version: u32) -> Vec<(String, Vec<UnitFile>)> {
     let mut out = Vec::new();
     let kinds = [
@@ -627,11 +715,16 @@ fn matrix(baton: &str, app: &str, version: u32) -> Vec<(String, Vec<UnitFile>)> 
         ("unix", vec!["http=unix:/run/baton-units-test.sock"]),
         ("udp", vec!["http=udp:127.0.0.1:5353"]),
         ("multi", vec!["http=8080", "admin=seqpacket:@baton-units-test", "log=unixgram:/run/baton-units-test.log"]),
+        ("steered", vec!["http=8080", "http=unix:/run/baton-units-steer.sock", "dns=udp:127.0.0.1:5353"]),
     ];
     for topology in ["--supervised", "--direct"] {
         for user in [None, Some("daemon")] {
             for watchdog in [None, Some("10s")] {
                 for (kind, listens) in &kinds {
+                    let steered = *kind == "steered";
+                    if steered && topology == "--direct" {
+                        continue;
+                    }
                     let name = format!(
                         "t-{}-{}-{}-{kind}",
                         &topology[2..5],
@@ -647,6 +740,9 @@ fn matrix(baton: &str, app: &str, version: u32) -> Vec<(String, Vec<UnitFile>)> 
                     }
                     if let Some(w) = watchdog {
                         argv.extend(["--watchdog", w]);
+                    }
+                    if steered {
+                        argv.extend(["--steering", "auto"]);
                     }
                     argv.extend(["--", app, "--serve", "http", "50%", "$x"]);
                     let files = gen_for(&argv, version);

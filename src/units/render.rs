@@ -57,6 +57,15 @@ pub(super) fn socket_unit(plan: &Plan<'_>, g: &SocketGroup<'_>) -> UnitFile {
              # SocketMode=0660 and SocketGroup= a group of the clients.\n",
         );
     }
+    if let Some(sibling) = &g.sibling {
+        let _ = write!(
+            s,
+            "# Steering: {sibling} listens on the same TCP/UDP address(es); with ReusePort=yes on\n\
+             # both, the two sockets form one SO_REUSEPORT group and Baton chooses which one gets new\n\
+             # connections (the running generation's, until the next one is proven).\n\
+             ReusePort=yes\n"
+        );
+    }
     if let Some(n) = g.fdname {
         let _ = writeln!(s, "FileDescriptorName={n}");
     }
@@ -64,12 +73,53 @@ pub(super) fn socket_unit(plan: &Plan<'_>, g: &SocketGroup<'_>) -> UnitFile {
     UnitFile { name: g.unit.clone(), contents: s }
 }
 
+/// The second `.socket` unit of a steered group: the same TCP and UDP
+/// addresses, `ReusePort=yes`, the same fd name.
+pub(super) fn sibling_unit(plan: &Plan<'_>, g: &SocketGroup<'_>) -> UnitFile {
+    let name = &plan.args.name;
+    let unit = g.sibling.clone().unwrap_or_default();
+    let fdname = g.pair_fdname();
+    let mut s = header(plan, &unit);
+    let _ = write!(
+        s,
+        "#\n\
+         # The steering sibling of {primary}: a second socket on each of its TCP/UDP addresses,\n\
+         # in the same SO_REUSEPORT group (both units have ReusePort=yes; only sockets of one\n\
+         # owner may share a group, so systemd binds both, and Baton, running as another user,\n\
+         # could not). Baton gets both sockets under the one fd name {fdname:?}, gives each\n\
+         # generation one of them, and attaches a classic-BPF program that sends new connections\n\
+         # to the proven generation's socket only; `systemctl reload` flips it. Like {primary},\n\
+         # it stays open across every restart of the service.\n",
+        primary = g.unit
+    );
+    let label = g.fdname.map_or_else(String::new, |n| format!(" {n:?}"));
+    let _ = write!(s, "\n[Unit]\nDescription={name}: listening socket{label} (steering sibling)\n\n[Socket]\n");
+    let mut dual = false;
+    for spec in g.ip_specs() {
+        let (key, value) = listen_directive(&spec.addr);
+        let _ = writeln!(s, "{key}={value}");
+        dual |= matches!(&spec.addr, ListenAddr::Tcp(a) | ListenAddr::Udp(a) if is_dual_wildcard(a));
+    }
+    if dual {
+        s.push_str("# As in the first unit: a bare port serves IPv4 too.\nBindIPv6Only=both\n");
+    }
+    let _ = write!(
+        s,
+        "ReusePort=yes\n\
+         # The same name as the first unit's sockets, so that Baton pairs them.\n\
+         FileDescriptorName={fdname}\n\
+         Service={name}.service\n\n[Install]\nWantedBy=sockets.target\n"
+    );
+    UnitFile { name: unit, contents: s }
+}
+
 pub(super) fn service_unit(plan: &Plan<'_>) -> UnitFile {
     let args = plan.args;
     let name = &args.name;
     let unit = format!("{name}.service");
     let supervised = args.topology() == Topology::Supervised;
-    let sockets: Vec<&str> = plan.groups.iter().map(|g| g.unit.as_str()).collect();
+    let sockets: Vec<&str> =
+        plan.groups.iter().flat_map(|g| std::iter::once(g.unit.as_str()).chain(g.sibling.as_deref())).collect();
     let sockets = sockets.join(" ");
     let program = args.command.first().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
     let stop = format_duration(args.stop_timeout);
