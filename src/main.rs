@@ -358,9 +358,12 @@ fn run(args: RunArgs) -> ExitCode {
             tracing::warn!(event = "inherited-ignored", "inherited fd {fd} '{n}' is not a socket; closing it");
         }
     }
+    let steer = args.steering == baton::cli::SteeringArg::Auto;
     let opts = SocketOptions {
         backlog: args.backlog,
-        reuse_port: args.reuse_port,
+        // Steering pairs each IP socket with a sibling in its reuseport
+        // group (see `baton::steering`).
+        reuse_port: args.reuse_port || steer,
         v6_only: args.v6_only,
         freebind: args.freebind,
         unix_mode: args.socket_mode,
@@ -375,11 +378,15 @@ fn run(args: RunArgs) -> ExitCode {
         }
     };
     for spec in &args.listen {
-        if let Some(i) = own.iter().position(|(n, _)| *n == spec.name) {
-            let (name, fd) = own.remove(i);
-            let local = listen::describe(std::os::fd::AsFd::as_fd(&fd));
-            tracing::info!(event = "socket-adopted", name = %name, "took back {name} ({local}) from the fd store");
-            sockets.push(BoundSocket { name, fd, local });
+        if own.iter().any(|(n, _)| *n == spec.name) {
+            // All of them: a steered listener's sibling is kept under the
+            // same name.
+            while let Some(i) = own.iter().position(|(n, _)| *n == spec.name) {
+                let (name, fd) = own.remove(i);
+                let local = listen::describe(std::os::fd::AsFd::as_fd(&fd));
+                tracing::info!(event = "socket-adopted", name = %name, "took back {name} ({local}) from the fd store");
+                sockets.push(BoundSocket { name, fd, local });
+            }
             continue;
         }
         match listen::bind(spec, &opts) {
@@ -430,7 +437,17 @@ fn run(args: RunArgs) -> ExitCode {
             OutputMode::Pipe => "piped through baton",
         }
     );
-    let config = Config { name: name.clone(), command, command_line: args.command.clone(), sockets, stored, policy };
+    let steering = match steer_sockets(&sockets, steer, !args.listen.is_empty(), upstream.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::from(1);
+        }
+    };
+    // A pair adopted from the fd store is two listeners of one name: the
+    // steering holds both; the generations' list is the steering's.
+    let config =
+        Config { name: name.clone(), command, command_line: args.command.clone(), sockets, stored, policy, steering };
     let result = runtime().block_on(async move {
         let (server, requests) = control::ControlServer::start(&control_path).await.map_err(|e| e.to_string())?;
         let notify = NotifyServer::bind(&notify_path).map_err(|e| format!("notify socket {}: {e}", notify_path.display()))?;
@@ -452,6 +469,41 @@ fn run(args: RunArgs) -> ExitCode {
         ended
     });
     exit_code(result)
+}
+
+/// Pairs the listening sockets for steering (before any generation runs:
+/// it measures which socket is which), binding siblings where Baton bound
+/// the listener itself (`bind_siblings`), and keeps those siblings in
+/// systemd's fd store with their listeners. Says which listeners are
+/// shared, and why.
+fn steer_sockets(
+    sockets: &[BoundSocket],
+    enabled: bool,
+    bind_siblings: bool,
+    upstream: Option<&Notifier>,
+) -> Result<Option<baton::steering::Steering>, String> {
+    use baton::steering::{Steering, SteeringOptions};
+    if !enabled {
+        return Ok(None);
+    }
+    let opts = SteeringOptions { enabled, bind_siblings, ..SteeringOptions::default() };
+    let (steering, unsteered) =
+        Steering::new(sockets, &opts).map_err(|e| format!("cannot set up steering of the listening sockets: {e}"))?;
+    for (name, local) in steering.steered() {
+        tracing::info!(event = "steered", name = %name, "{name} ({local}): new connections go only to the proven generation (steered)");
+    }
+    for u in &unsteered {
+        tracing::info!(event = "unsteered", name = %u.name, "{} ({}) is shared by every generation: {}", u.name, u.local, u.why);
+    }
+    if let Some(up) = upstream {
+        for (name, fd) in steering.bound_siblings() {
+            let stored_name = format!("listen/{name}");
+            if let Err(e) = up.store_fds(&stored_name, &[fd], FdPoll::NoPoll) {
+                tracing::warn!("cannot keep the sibling of {name} in systemd's fd store: {e}");
+            }
+        }
+    }
+    Ok(Some(steering))
 }
 
 /// Baton's own sockets: the control socket (`--control` or the default,

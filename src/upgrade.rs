@@ -393,6 +393,16 @@ pub struct SupervisorState {
     pub last_failure: Option<String>,
     /// Pending retry of moving stored connections (µs).
     pub flush_retry_mono_us: Option<u64>,
+    /// The sibling sockets Baton bound for steering (standalone), each
+    /// named like the listener it pairs with. Absent without steering (so
+    /// such states are what Batons before it wrote).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub siblings: Vec<SocketState>,
+    /// Which socket of each pair is which, and where traffic goes
+    /// (`crate::steering::Layout`): the next image neither measures nor
+    /// re-attaches. Absent without steering.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steering: Option<crate::steering::Layout>,
 }
 
 /// One listening socket.
@@ -488,6 +498,7 @@ impl Handover {
         fds.extend(self.client);
         fds.extend(self.handoff.as_ref().map(|h| h.fd));
         fds.extend(s.sockets.iter().map(|x| x.fd));
+        fds.extend(s.siblings.iter().map(|x| x.fd));
         fds.extend(s.store.iter().map(|x| x.fd));
         for g in &s.generations {
             fds.push(g.pidfd);

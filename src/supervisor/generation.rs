@@ -62,6 +62,7 @@ impl Supervisor {
         // every socket find it among them, before the store's entries.
         let fds: Vec<(BorrowedFd<'_>, &str)> = self
             .listeners_for(slot)
+            .into_iter()
             .chain(probe.as_ref().map(|p| (p.as_fd(), probe::PROBE_FDNAME)))
             .chain(self.store.entries().map(|(name, fd)| (fd, name)))
             .collect();

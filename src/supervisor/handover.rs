@@ -92,6 +92,17 @@ impl Supervisor {
             crash_restarts: counters.crash_restarts,
             last_failure: self.last_failure.as_ref().map(|f| f.to_string()),
             flush_retry_mono_us: self.core.flush_retry().map(upgrade::to_mono),
+            siblings: cfg.steering.as_ref().map_or_else(Vec::new, |st| {
+                st.bound_siblings()
+                    .into_iter()
+                    .map(|(name, fd)| upgrade::SocketState {
+                        name: name.to_owned(),
+                        fd: fd.as_raw_fd(),
+                        local: crate::listen::describe(fd),
+                    })
+                    .collect()
+            }),
+            steering: cfg.steering.as_ref().filter(|st| st.is_steering()).map(|st| st.layout()),
         };
         Ok(Handover {
             format: up.format,
@@ -136,6 +147,11 @@ impl Supervisor {
         for x in &s.sockets {
             let fd = fds.take(x.fd, &format!("listening socket {}", x.name))?;
             sockets.push(BoundSocket { name: x.name.clone(), fd, local: x.local.clone() });
+        }
+        let mut siblings = Vec::with_capacity(s.siblings.len());
+        for x in &s.siblings {
+            let fd = fds.take(x.fd, &format!("the sibling of listening socket {}", x.name))?;
+            siblings.push(BoundSocket { name: x.name.clone(), fd, local: x.local.clone() });
         }
         let mut stored = Vec::with_capacity(s.store.len());
         for x in &s.store {
@@ -302,7 +318,21 @@ impl Supervisor {
             crashes: s.crashes.into_iter().map(upgrade::from_mono).collect(),
         };
         let core = Core::adopt(s.policy.clone(), counters, gens, s.flush_retry_mono_us.map(upgrade::from_mono));
-        let cfg = Config { name: s.name, command, command_line: argv, sockets, stored: Vec::new(), policy: s.policy };
+        let steering = match &s.steering {
+            Some(layout) => {
+                Some(restore_steering(&sockets, siblings, layout).map_err(io("adopting the steered sockets"))?)
+            }
+            None => None,
+        };
+        let cfg = Config {
+            name: s.name,
+            command,
+            command_line: argv,
+            sockets,
+            stored: Vec::new(),
+            policy: s.policy,
+            steering,
+        };
         let image = Image {
             binary: Some(h.binary),
             argv: h.argv.iter().map(|a| upgrade::bytes_os(a)).collect(),
@@ -340,6 +370,8 @@ impl Supervisor {
             }),
             refusals: RefusalLog::new(),
             probes: tokio::task::JoinSet::new(),
+            queue_watch: None,
+            relays: tokio::task::JoinSet::new(),
         };
         Ok((supervisor, requests))
     }
@@ -421,4 +453,26 @@ impl Supervisor {
             generations: self.core.generations().len(),
         })
     }
+}
+
+/// The steering of the image before, taken over as it was: each sibling
+/// right after the listener it pairs with, in the layout it measured.
+fn restore_steering(
+    sockets: &[BoundSocket],
+    siblings: Vec<BoundSocket>,
+    layout: &crate::steering::Layout,
+) -> std::io::Result<crate::steering::Steering> {
+    let mut siblings: Vec<Option<BoundSocket>> = siblings.into_iter().map(Some).collect();
+    let mut listeners = Vec::with_capacity(sockets.len() + siblings.len());
+    for s in sockets {
+        listeners.push(BoundSocket { name: s.name.clone(), fd: s.fd.try_clone()?, local: s.local.clone() });
+        if let Some(sib) = siblings.iter_mut().find(|x| x.as_ref().is_some_and(|x| x.name == s.name)) {
+            listeners.extend(sib.take());
+        }
+    }
+    let (steering, unsteered) = crate::steering::Steering::restore(&listeners, layout)?;
+    for u in unsteered {
+        tracing::info!(event = "unsteered", name = %u.name, "{} ({}) is shared by every generation: {}", u.name, u.local, u.why);
+    }
+    Ok(steering)
 }

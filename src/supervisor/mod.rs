@@ -114,6 +114,9 @@ pub struct Config {
     pub stored: Vec<(String, OwnedFd)>,
     /// How generations are started, checked, drained and replaced.
     pub policy: Policy,
+    /// The steered pairs of `sockets` (see [`crate::steering`]); `None`:
+    /// every generation gets `sockets` as they are.
+    pub steering: Option<crate::steering::Steering>,
 }
 
 /// How a supervisor run ended.
@@ -184,6 +187,12 @@ pub struct Supervisor {
     /// Built-in probes out: one per generation at most (the core's rule),
     /// each bounded by `--health-timeout`.
     probes: tokio::task::JoinSet<(u64, Result<(), String>)>,
+    /// The slot whose accept queue the core waits to see empty, and until
+    /// when Baton looks (see `traffic`).
+    queue_watch: Option<(Slot, Instant)>,
+    /// Connections rescued from a failed generation's queue, relayed to
+    /// the serving one (see `traffic`).
+    relays: tokio::task::JoinSet<()>,
 }
 
 /// `baton upgrade` as asked.
@@ -271,6 +280,8 @@ impl Supervisor {
             adopted: None,
             refusals: RefusalLog::new(),
             probes: tokio::task::JoinSet::new(),
+            queue_watch: None,
+            relays: tokio::task::JoinSet::new(),
         })
     }
 
@@ -353,6 +364,8 @@ impl Supervisor {
                 }
                 _ = self.output_closed.notified(), if self.core.awaiting_output().is_some() => self.output_maybe_complete(),
                 Some(peer) = next_peer(&mut self.handoff) => self.on_handoff_peer(peer),
+                _ = tokio::time::sleep(traffic::QUEUE_POLL), if self.queue_watch.is_some() => self.check_queue(),
+                Some(_) = self.relays.join_next(), if !self.relays.is_empty() => {}
                 Some(done) = self.probes.join_next(), if !self.probes.is_empty() => match done {
                     Ok((generation, result)) => self.feed(Input::Probed { generation, result }),
                     // A probe task cannot panic by design; were one to, its

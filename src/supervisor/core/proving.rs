@@ -26,10 +26,10 @@
 use std::time::Instant;
 
 use super::{Action, Core, Event, Sig, Slot, StartFailure, Upstream};
-use crate::supervisor::{after, micros};
 use crate::supervisor::failure::ProbationFailure;
 use crate::supervisor::lifecycle::State;
 use crate::supervisor::policy::{Readiness, SteeringMode};
+use crate::supervisor::{after, micros};
 
 impl Core {
     /// Generation `i` was just spawned: what its readiness waits for.
