@@ -98,6 +98,15 @@ pub struct RestartDone {
     pub ready_ms: u64,
     /// The generation it replaced, now draining.
     pub replaced: Option<u64>,
+    /// Milliseconds from spawn until it took the traffic (readiness, quiet
+    /// period, probes), when it was proven while another generation
+    /// served; absent otherwise and from Batons without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub took_traffic_ms: Option<u64>,
+    /// Milliseconds of its probation, until the old generation was asked
+    /// to drain; absent with `took_traffic_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probation_ms: Option<u64>,
 }
 
 /// A successful `upgrade`, as reported by the new program image.

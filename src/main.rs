@@ -94,9 +94,14 @@ fn print_response(response: &Response, json: bool) -> ExitCode {
     match response {
         Response::Restarted(done) => {
             if !json {
-                let replaced = done.replaced.map(|r| format!(", replacing generation {r}")).unwrap_or_default();
+                let took = done.took_traffic_ms.map(|t| format!(", took the traffic after {t} ms")).unwrap_or_default();
+                let replaced = match (done.replaced, done.probation_ms) {
+                    (Some(r), Some(p)) => format!(", replacing generation {r} after {p} ms of probation"),
+                    (Some(r), None) => format!(", replacing generation {r}"),
+                    (None, _) => String::new(),
+                };
                 println!(
-                    "generation {} (pid {}) ready after {} ms{replaced}",
+                    "generation {} (pid {}) ready after {} ms{took}{replaced}",
                     done.generation, done.pid, done.ready_ms
                 );
             }

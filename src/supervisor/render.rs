@@ -146,9 +146,14 @@ impl Supervisor {
 
     pub(super) fn render_outcome(&mut self, outcome: Outcome) -> Response {
         match outcome {
-            Outcome::Restarted { generation, ready_ms, replaced } => {
-                Response::Restarted(RestartDone { generation, pid: self.main_pid(generation), ready_ms, replaced })
-            }
+            Outcome::Restarted { generation, ready_ms, replaced, proven } => Response::Restarted(RestartDone {
+                generation,
+                pid: self.main_pid(generation),
+                ready_ms,
+                replaced,
+                took_traffic_ms: proven.map(|p| p.flip_ms),
+                probation_ms: proven.map(|p| p.probation_ms),
+            }),
             Outcome::RestartFailed { generation, why, serving } => {
                 let failed = self.failed_output.take().filter(|f| f.number == generation);
                 let (status_text, log_tail, hint) =

@@ -159,12 +159,24 @@ pub(in crate::supervisor) enum Sig {
 /// the shell, with what only it knows: the main pid, the output).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(in crate::supervisor) enum Outcome {
-    /// Generation `generation` took over, replacing `replaced`.
-    Restarted { generation: u64, ready_ms: u64, replaced: Option<u64> },
+    /// Generation `generation` took over, replacing `replaced`; `proven`:
+    /// when it took the traffic, and how long its probation lasted, if it
+    /// had one.
+    Restarted { generation: u64, ready_ms: u64, replaced: Option<u64>, proven: Option<Proven> },
     /// Generation `generation` did not take over; `serving` still serves.
     RestartFailed { generation: u64, why: StartFailure, serving: Option<u64> },
     /// Baton is stopping (or stopped).
     Stopping,
+}
+
+/// How a restart's generation was proven before it took over alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(in crate::supervisor) struct Proven {
+    /// Milliseconds from its spawn to the flip (readiness, quiet period,
+    /// probes).
+    pub(in crate::supervisor) flip_ms: u64,
+    /// Milliseconds from the flip to the old generation's retirement.
+    pub(in crate::supervisor) probation_ms: u64,
 }
 
 /// A notification to the service manager above Baton.

@@ -54,7 +54,7 @@ mod timers;
 mod transaction;
 
 pub(super) use interface::{
-    Action, Event, FdStore, FdsHandle, Input, Lost, Notice, Outcome, Said, Sig, Slot, Timing, Token, Upstream,
+    Action, Event, FdStore, FdsHandle, Input, Lost, Notice, Outcome, Proven, Said, Sig, Slot, Timing, Token, Upstream,
 };
 
 /// A generation as the core keeps it.
@@ -101,6 +101,9 @@ pub(super) struct Proof {
     pub(super) probing: bool,
     /// Its `--health-cmd` passed (or there is none).
     pub(super) cmd_passed: bool,
+    /// When it took the traffic while another generation still served
+    /// (the start of its probation).
+    pub(super) flipped_at: Option<Instant>,
 }
 
 impl Gen {

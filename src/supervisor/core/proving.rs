@@ -240,6 +240,12 @@ impl Core {
         self.log(Event::Flipped { generation, replaced: Some(replaced), probation });
         let until = after(now, probation);
         self.gens[i].life.on_probation(now, until);
+        let proving = &self.policy.proving;
+        if !proving.quiet_period.is_zero() || !probation.is_zero() || proving.probe.is_some() {
+            // Reported with the outcome; a generation taken at READY=1
+            // alone reports what it always did.
+            self.gens[i].proof.flipped_at = Some(now);
+        }
         // Probes go on through the probation (due already, or soon).
         if self.policy.proving.probe.is_some() && !self.gens[i].proof.probing {
             self.gens[i].proof.probe_due.get_or_insert(now);

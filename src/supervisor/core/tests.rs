@@ -133,7 +133,10 @@ fn ready_without_a_health_check_stops_the_old_before_the_answer() {
     let stop = position(&actions, |a| *a == Action::Signal { generation: 1, signal: Sig::Stop });
     let answered = position(&actions, |a| matches!(a, Action::Answer { .. }));
     assert!(stop < answered, "{actions:?}");
-    assert_eq!(*answer(&actions, 1), Outcome::Restarted { generation: 2, ready_ms: 0, replaced: Some(1) });
+    assert_eq!(
+        *answer(&actions, 1),
+        Outcome::Restarted { generation: 2, ready_ms: 0, replaced: Some(1), proven: None }
+    );
     assert!(actions.contains(&Action::Upstream(Upstream::Serving { generation: 2 })));
     assert_eq!(b.core.counters().restarts, 1);
 }

@@ -5,7 +5,9 @@
 
 use std::time::Instant;
 
-use super::{Action, Core, Event, Gen, Lost, Outcome, Proof, RestartReset, Sig, Slot, StartFailure, Token, Upstream};
+use super::{
+    Action, Core, Event, Gen, Lost, Outcome, Proof, Proven, RestartReset, Sig, Slot, StartFailure, Token, Upstream,
+};
 use crate::supervisor::lifecycle::{Life, State};
 use crate::supervisor::phase::{Phase, Restart, Trigger};
 use crate::supervisor::{Ended, Failure, after, micros};
@@ -110,6 +112,11 @@ impl Core {
         let Some(i) = self.index(generation) else { return };
         self.gens[i].life.activate(now);
         let ready_ms = self.gens[i].ready_ms();
+        let g = &self.gens[i];
+        let proven = g.proof.flipped_at.map(|at| Proven {
+            flip_ms: at.saturating_duration_since(g.spawned_at).as_millis() as u64,
+            probation_ms: now.saturating_duration_since(at).as_millis() as u64,
+        });
         if self.restart_reset != RestartReset::Done {
             self.restart_reset = RestartReset::Due { generation, at: after(now, super::PROVEN_HEALTHY_AFTER) };
         }
@@ -125,7 +132,7 @@ impl Core {
         if restart.trigger != Trigger::Initial {
             self.counters.restarts += 1;
         }
-        self.answer(restart.waiters, Outcome::Restarted { generation, ready_ms, replaced });
+        self.answer(restart.waiters, Outcome::Restarted { generation, ready_ms, replaced, proven });
         self.next_restart(queued);
     }
 
