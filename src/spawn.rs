@@ -3,7 +3,9 @@
 //! `LISTEN_FDNAMES` (and `LISTEN_PIDFDID` on kernels with pidfs, as systemd
 //! 259's `exec_child()` sets it), `NOTIFY_SOCKET`, `WATCHDOG_PID`/`WATCHDOG_USEC`, default
 //! signal dispositions and an empty signal mask, its own process group, and
-//! no other fd of Baton's.
+//! no other fd of Baton's. Under `--compat`, also crank's `NOTIFY_FD` socket
+//! (right after the passed fds) and einhorn's `EINHORN_FDS` (see
+//! [`compat`](CompatSetup)).
 //!
 //! # Why our own `fork()` rather than `std::process::Command` + `pre_exec`
 //!
@@ -41,6 +43,9 @@ use baton_sd::wire::{EnvError, ListenEnv};
 use rustix::process::{Pid, PidfdFlags, Signal};
 
 use crate::reaper::REAP_GATE;
+
+mod compat;
+pub use compat::{CRANK_NAME_ENV, CompatSetup, CrankSetup, NOTIFY_FD_ENV, crank_notify_socket};
 
 /// `PATH` used when Baton's own environment has none (systemd's default for
 /// system services).
@@ -181,6 +186,9 @@ pub struct GenerationSetup<'a> {
     pub extra_env: &'a [(&'a str, String)],
     /// Where the child's stdout and stderr go (`None`: inherited from Baton).
     pub output: Option<BorrowedFd<'a>>,
+    /// Other supervisors' protocols (`--compat`): crank's notify socket is
+    /// placed right after `fds`, outside `LISTEN_FDS`.
+    pub compat: CompatSetup<'a>,
 }
 
 /// A started generation's main process.
@@ -496,9 +504,13 @@ impl ExecPlan {
         for (name, value) in setup.extra_env {
             validate_extra(name, value)?;
         }
+        let compat_env = compat::env(&setup.compat, setup.fds.len())
+            .map_err(|reason| SpawnError::InvalidEnv { name: "EINHORN_FDS".into(), reason })?;
         let overridden = |key: &[u8]| {
             MANAGED_VARS.iter().chain(&BATONS_OWN_VARS).any(|m| m.as_bytes() == key)
+                || compat::is_foreign_fd_var(key)
                 || setup.extra_env.iter().any(|(name, _)| name.as_bytes() == key)
+                || compat_env.iter().any(|(name, _)| name.as_bytes() == key)
         };
         let mut env_storage: Vec<Box<[u8]>> = Vec::new();
         for (key, value) in std::env::vars_os() {
@@ -537,7 +549,8 @@ impl ExecPlan {
             env_storage.push(entry(b"WATCHDOG_PID", &[0; PID_DIGITS]));
             env_storage.push(entry(b"WATCHDOG_USEC", usec.to_string().as_bytes()));
         }
-        for (name, value) in setup.extra_env {
+        let extra = setup.extra_env.iter().map(|(name, value)| (*name, value.as_str()));
+        for (name, value) in extra.chain(compat_env.iter().map(|(name, value)| (name.as_str(), value.as_str()))) {
             env_storage.push(entry(name.as_bytes(), value.as_bytes()));
         }
         // Last, so the child can drop it by ending `envp` one entry early
@@ -573,7 +586,10 @@ impl ExecPlan {
         envp.push(std::ptr::null());
         let mut argv: Vec<*const c_char> = cmd.argv.iter().map(|a| a.as_ptr()).collect();
         argv.push(std::ptr::null());
-        let sources: Vec<c_int> = setup.fds.iter().map(|(fd, _)| fd.as_raw_fd()).collect();
+        // crank's socket last: the child places every source at 3.., and
+        // LISTEN_FDS counts only `fds`.
+        let crank = setup.compat.crank.map(|c| c.notify.as_raw_fd());
+        let sources: Vec<c_int> = setup.fds.iter().map(|(fd, _)| fd.as_raw_fd()).chain(crank).collect();
         let scratch = vec![-1; sources.len()];
         Ok(ExecPlan {
             env_storage,
@@ -635,6 +651,9 @@ fn validate_extra(name: &str, value: &str) -> Result<(), SpawnError> {
     }
     if BATONS_OWN_VARS.contains(&name) {
         return fail("it describes baton's own process and manager, never a generation's");
+    }
+    if compat::is_foreign_fd_var(name.as_bytes()) {
+        return fail("it names passed fds, which Baton sets itself under --compat");
     }
     Ok(())
 }
@@ -884,7 +903,9 @@ mod tests {
     #[test]
     fn extra_env_is_validated() {
         assert!(validate_extra("BATON_GENERATION", "3").is_ok());
-        for bad in ["", "A=B", "LISTEN_PID", "NOTIFY_SOCKET", "WATCHDOG_PID", "LISTEN_PIDFDID", "MAINPIDFDID"] {
+        for bad in
+            ["", "A=B", "LISTEN_PID", "NOTIFY_SOCKET", "WATCHDOG_PID", "LISTEN_PIDFDID", "MAINPIDFDID", "NOTIFY_FD"]
+        {
             assert!(matches!(validate_extra(bad, "x"), Err(SpawnError::InvalidEnv { .. })), "{bad}");
         }
         assert!(validate_extra("X", "a\0b").is_err());

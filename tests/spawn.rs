@@ -248,8 +248,14 @@ fn spawn_reporter(
     watchdog: Option<u64>,
 ) -> Child {
     let extra = [(ROLE, format!("report:{}", report.display())), ("BATON_GENERATION", "new".to_owned())];
-    let setup =
-        GenerationSetup { fds, notify_socket: notify, watchdog_usec: watchdog, extra_env: &extra, output: None };
+    let setup = GenerationSetup {
+        fds,
+        notify_socket: notify,
+        watchdog_usec: watchdog,
+        extra_env: &extra,
+        output: None,
+        ..Default::default()
+    };
     cmd.spawn(&setup).unwrap()
 }
 
@@ -685,8 +691,14 @@ fn measure_spawn_latency() {
     let fds: Vec<(BorrowedFd<'_>, &str)> =
         socks.iter().zip(["a", "b", "c"]).map(|((s, _), name)| (s.as_fd(), name)).collect();
     let extra = [("BATON_GENERATION", "1".to_owned())];
-    let setup =
-        GenerationSetup { fds: &fds, notify_socket: Some("@n"), watchdog_usec: None, extra_env: &extra, output: None };
+    let setup = GenerationSetup {
+        fds: &fds,
+        notify_socket: Some("@n"),
+        watchdog_usec: None,
+        extra_env: &extra,
+        output: None,
+        ..Default::default()
+    };
     let mut times = Vec::with_capacity(200);
     for _ in 0..200 {
         let start = Instant::now();

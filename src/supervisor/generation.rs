@@ -82,14 +82,28 @@ impl Supervisor {
             // Its 1 and 2 stay Baton's own (GenerationSetup::output: None).
             OutputMode::Inherit => (None, Output::Inherited),
         };
+        // crank's NOTIFY_FD: Baton's copy goes once the child has its own.
+        let crank = match self.cfg.policy.compat.crank {
+            true => Some(
+                crate::spawn::crank_notify_socket(self.notify.address())
+                    .map_err(|e| format!("cannot create its crank notify socket (--compat crank): {e}"))?,
+            ),
+            false => None,
+        };
+        let compat = crate::spawn::CompatSetup {
+            crank: crank.as_ref().map(|fd| crate::spawn::CrankSetup { notify: fd.as_fd(), name: &self.cfg.name }),
+            einhorn_sockets: self.cfg.policy.compat.einhorn.then(|| self.cfg.sockets.len() + probe.is_some() as usize),
+        };
         let setup = GenerationSetup {
             fds: &fds,
             notify_socket: Some(self.notify.address()),
             watchdog_usec: self.cfg.policy.watchdog.map(micros),
             extra_env: &extra,
             output: output_fd.as_ref().map(|fd| fd.as_fd()),
+            compat,
         };
         let child = self.cfg.command.spawn(&setup).map_err(|e| e.to_string())?;
+        drop(crank);
         output.set_pid(child.pid);
         // Only the child (and its descendants) may hold the write end, so
         // the copying task sees end-of-file when they are all gone.

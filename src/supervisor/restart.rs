@@ -33,8 +33,7 @@ impl Supervisor {
         if let Some(probe) = self.procs(number).and_then(|p| p.probe.as_ref()) {
             extra.push((probe::PROBE_ADDR_ENV, probe.addr.to_string()));
         }
-        let setup =
-            GenerationSetup { fds: &[], notify_socket: None, watchdog_usec: None, extra_env: &extra, output: None };
+        let setup = GenerationSetup { extra_env: &extra, ..GenerationSetup::default() };
         match sh.and_then(|sh| sh.spawn(&setup)) {
             Ok(child) => {
                 let pid = child.pid;

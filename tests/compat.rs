@@ -1,0 +1,232 @@
+//! `baton run --compat crank|einhorn`: apps written for those supervisors,
+//! as their docs describe them, run unchanged under Baton.
+//!
+//! The apps are small Python scripts (Debian's `/usr/bin/python3`) that
+//! know nothing of Baton or systemd:
+//!
+//! - the crank app serves HTTP on fd 3 and writes `READY=1` to the fd in
+//!   `$NOTIFY_FD`, as crank's `examples/server.rb` does;
+//! - the einhorn app serves on every fd of `$EINHORN_FDS`.
+//!
+//! Each writes, before opening anything itself, what it was given: its open
+//! fds (probed with `fstat`, which opens nothing), what kind of socket each
+//! one is, and its crank/einhorn variables. Needs no root.
+
+use std::ffi::OsStr;
+use std::path::PathBuf;
+
+use baton_testbed::baton::{Baton, BatonBuilder, WAIT};
+use baton_testbed::poll_until;
+use baton_testbed::probe::ask;
+
+const PYTHON: &str = "/usr/bin/python3";
+
+/// The app: `app.py REPORT_DIR`. Reads `REPORT_DIR/mode` at start:
+/// `silent` never signals readiness (for crank: writes nothing to
+/// NOTIFY_FD). Answers every connection with `NAME PID` and closes it.
+const APP: &str = r#"
+import os, socket, sys, signal, selectors
+report_dir = sys.argv[1]
+lines = []
+for fd in range(64):
+    try:
+        os.fstat(fd)
+    except OSError:
+        continue
+    lines.append("fd %d %s" % (fd, os.readlink("/proc/self/fd/%d" % fd)))
+for var in ["LISTEN_FDS", "LISTEN_FDNAMES", "NOTIFY_FD", "CRANK_NAME", "EINHORN_FDS", "EINHORN_FD_COUNT",
+            "EINHORN_FD_0", "EINHORN_FD_1", "EINHORN_FD_2"]:
+    if var in os.environ:
+        lines.append("env %s=%s" % (var, os.environ[var]))
+mode = open(os.path.join(report_dir, "mode")).read().strip()
+if "EINHORN_FDS" in os.environ:
+    name = "einhorn"
+    listeners = [socket.socket(fileno=int(n)) for n in os.environ["EINHORN_FDS"].split()]
+else:
+    name = "crank"
+    listeners = [socket.socket(fileno=3)]
+for s in listeners:
+    lines.append("listener %d %s" % (s.fileno(), s.getsockname()))
+if "NOTIFY_FD" in os.environ:
+    notify = socket.socket(fileno=int(os.environ["NOTIFY_FD"]))
+    lines.append("notify %s %s peer=%s" % (notify.family.name, notify.type.name, notify.getpeername()))
+path = os.path.join(report_dir, "report-%d" % os.getpid())
+with open(path + ".tmp", "w") as f:
+    f.write("\n".join(lines) + "\n")
+os.rename(path + ".tmp", path)
+signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+if "NOTIFY_FD" in os.environ and mode != "silent":
+    notify.send(b"READY=1")
+if os.environ.get("BATON_COMPAT_TEST_NOTIFY") == "1":
+    address = os.environ["NOTIFY_SOCKET"]
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b"READY=1", address)
+sel = selectors.DefaultSelector()
+for s in listeners:
+    sel.register(s, selectors.EVENT_READ)
+while True:
+    for key, _ in sel.select():
+        conn, _ = key.fileobj.accept()
+        conn.sendall(("%s %d\n" % (name, os.getpid())).encode())
+        conn.close()
+"#;
+
+struct App {
+    dir: PathBuf,
+}
+
+impl App {
+    fn new(test: &str) -> App {
+        let dir = baton_testbed::unique_temp_dir("baton-compat", test);
+        std::fs::write(dir.join("app.py"), APP).unwrap();
+        let app = App { dir };
+        app.set_mode("normal");
+        app
+    }
+
+    fn set_mode(&self, mode: &str) {
+        std::fs::write(self.dir.join("mode"), mode).unwrap();
+    }
+
+    fn baton(&self, args: &[&str]) -> BatonBuilder {
+        let script = self.dir.join("app.py");
+        let argv: [&OsStr; 3] = [PYTHON.as_ref(), script.as_os_str(), self.dir.as_os_str()];
+        BatonBuilder::new(env!("CARGO_BIN_EXE_baton"), self.dir.clone()).args(args).app(argv)
+    }
+
+    /// What generation `pid` reported about itself.
+    fn report(&self, pid: u32) -> String {
+        let path = self.dir.join(format!("report-{pid}"));
+        poll_until(&format!("the app's report {}", path.display()), WAIT, || std::fs::read_to_string(&path).ok())
+            .unwrap()
+    }
+}
+
+/// The fd numbers of a report's `fd N target` lines.
+fn fds(report: &str) -> Vec<u32> {
+    report.lines().filter_map(|l| l.strip_prefix("fd ")?.split(' ').next()?.parse().ok()).collect()
+}
+
+fn has_line(report: &str, line: &str) -> bool {
+    report.lines().any(|l| l == line)
+}
+
+fn restart_output(b: &Baton) -> (bool, String) {
+    let out = b.cli(&["restart"]);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+#[test]
+fn a_crank_app_signals_ready_on_notify_fd_and_restarts() {
+    let app = App::new("crank");
+    // Baton's own crank/einhorn variables (as if it ran under either)
+    // describe its fds, not the app's: they must not reach the app.
+    let b = app
+        .baton(&["--name", "web", "--compat", "crank", "--ready-timeout", "20s"])
+        .env("NOTIFY_FD", "9")
+        .env("EINHORN_FDS", "7")
+        .start();
+    let pid1 = b.active_pid();
+    assert_eq!(ask(b.port()).unwrap(), format!("crank {pid1}"));
+    let report = app.report(pid1);
+    // Exactly stdin/stdout/stderr, the listener and crank's socket.
+    assert_eq!(fds(&report), [0, 1, 2, 3, 4], "{report}");
+    for line in ["env LISTEN_FDS=1", "env LISTEN_FDNAMES=http", "env NOTIFY_FD=4", "env CRANK_NAME=web"] {
+        assert!(has_line(&report, line), "{line} missing:\n{report}");
+    }
+    assert!(!report.contains("EINHORN"), "{report}");
+    let notify = b.notify_socket();
+    assert!(
+        has_line(&report, &format!("notify AF_UNIX SOCK_DGRAM peer={}", notify.display())),
+        "NOTIFY_FD is not a datagram socket connected to {}:\n{report}",
+        notify.display()
+    );
+
+    // READY=1 on NOTIFY_FD is attributed to the new generation's main
+    // process (the kernel's credentials): the restart completes.
+    let (ok, text) = restart_output(&b);
+    assert!(ok, "{text}");
+    assert!(text.contains("generation 2") && text.contains("ready"), "{text}");
+    let pid2 = b.wait_active(2);
+    assert_ne!(pid1, pid2);
+    poll_until("generation 1 gone", WAIT, || (b.status().generations.len() == 1).then_some(())).unwrap();
+    assert_eq!(ask(b.port()).unwrap(), format!("crank {pid2}"));
+    assert_eq!(fds(&app.report(pid2)), [0, 1, 2, 3, 4]);
+}
+
+#[test]
+fn a_crank_app_that_never_writes_ready_fails_the_restart_and_the_old_one_serves() {
+    let app = App::new("crank-silent");
+    let b = app.baton(&["--compat", "crank", "--ready-timeout", "2s"]).start();
+    let pid1 = b.active_pid();
+    app.set_mode("silent");
+    let (ok, text) = restart_output(&b);
+    assert!(!ok, "a restart whose app never wrote READY=1 succeeded:\n{text}");
+    assert!(text.contains("READY=1") || text.contains("ready"), "{text}");
+    // The old generation serves, alone.
+    let s = b.wait_status("only generation 1 left", |s| s.generations.len() == 1);
+    assert_eq!(s.generations[0].pid, pid1, "{s:?}");
+    assert_eq!(ask(b.port()).unwrap(), format!("crank {pid1}"));
+}
+
+/// The einhorn app gets `EINHORN_FDS` for every passed socket, the probe
+/// listener included (which it serves like the others, unchanged).
+///
+/// einhorn's own readiness is a timer (`--ready after:D`); until the core
+/// on this branch implements it, the app here is made ready by READY=1 on
+/// `$NOTIFY_SOCKET`, sent by Python's socket module (see [`ready_by_notify`]).
+#[test]
+fn an_einhorn_app_serves_every_socket_in_einhorn_fds() {
+    let app = App::new("einhorn");
+    let b = ready_by_notify(app.baton(&["--compat", "einhorn", "--probe"]).env("NOTIFY_FD", "9")).start();
+    let pid1 = b.active_pid();
+    assert_eq!(ask(b.port()).unwrap(), format!("einhorn {pid1}"));
+    let report = app.report(pid1);
+    assert_eq!(fds(&report), [0, 1, 2, 3, 4], "{report}");
+    for line in [
+        "env EINHORN_FDS=3 4",
+        "env EINHORN_FD_COUNT=2",
+        "env EINHORN_FD_0=3",
+        "env EINHORN_FD_1=4",
+        "env LISTEN_FDNAMES=http:probe",
+    ] {
+        assert!(has_line(&report, line), "{line} missing:\n{report}");
+    }
+    assert!(!report.contains("NOTIFY_FD") && !report.contains("EINHORN_FD_2"), "{report}");
+    // It serves the probe listener too: fd 4's address.
+    let probe_port: u16 = report
+        .lines()
+        .find_map(|l| l.strip_prefix("listener 4 ('127.0.0.1', ")?.strip_suffix(')')?.parse().ok())
+        .unwrap_or_else(|| panic!("no probe listener at fd 4:\n{report}"));
+    assert_eq!(ask(probe_port).unwrap(), format!("einhorn {pid1}"));
+
+    let (ok, text) = restart_output(&b);
+    assert!(ok, "{text}");
+    let pid2 = b.wait_active(2);
+    assert_eq!(fds(&app.report(pid2)), [0, 1, 2, 3, 4]);
+    poll_until("generation 1 gone", WAIT, || (b.status().generations.len() == 1).then_some(())).unwrap();
+    assert_eq!(ask(b.port()).unwrap(), format!("einhorn {pid2}"));
+}
+
+/// Makes the app send READY=1 to `$NOTIFY_SOCKET` itself once it is
+/// listening: the stand-in for `--ready after:D` (see the test above).
+fn ready_by_notify(b: BatonBuilder) -> BatonBuilder {
+    b.env("BATON_COMPAT_TEST_NOTIFY", "1")
+}
+
+#[test]
+fn einhorn_and_crank_together() {
+    let app = App::new("both");
+    let b = app.baton(&["--compat", "crank", "--compat", "einhorn"]).start();
+    let pid1 = b.active_pid();
+    let report = app.report(pid1);
+    // The einhorn sockets are the LISTEN_FDS ones; crank's socket is after
+    // them, in neither list.
+    assert_eq!(fds(&report), [0, 1, 2, 3, 4], "{report}");
+    for line in ["env EINHORN_FDS=3", "env EINHORN_FD_COUNT=1", "env NOTIFY_FD=4", "env LISTEN_FDS=1"] {
+        assert!(has_line(&report, line), "{line} missing:\n{report}");
+    }
+    assert_eq!(ask(b.port()).unwrap(), format!("einhorn {pid1}"));
+}
