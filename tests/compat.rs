@@ -23,7 +23,8 @@ const PYTHON: &str = "/usr/bin/python3";
 
 /// The app: `app.py REPORT_DIR`. Reads `REPORT_DIR/mode` at start:
 /// `silent` never signals readiness (for crank: writes nothing to
-/// NOTIFY_FD). Answers every connection with `NAME PID` and closes it.
+/// NOTIFY_FD); `child-ready` has a child process write READY=1 to
+/// NOTIFY_FD instead of the app's main process. Answers every connection with `NAME PID` and closes it.
 const APP: &str = r#"
 import os, socket, sys, signal, selectors
 report_dir = sys.argv[1]
@@ -57,11 +58,12 @@ os.rename(path + ".tmp", path)
 signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
 if "NOTIFY_FD" in os.environ and mode != "silent":
     notify.send(b"READY=1")
-if os.environ.get("BATON_COMPAT_TEST_NOTIFY") == "1":
-    address = os.environ["NOTIFY_SOCKET"]
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b"READY=1", address)
+if "NOTIFY_FD" in os.environ and mode == "child-ready":
+    # READY=1 written by a child of the app, not by its main process.
+    if os.fork() == 0:
+        notify.send(b"READY=1")
+        os._exit(0)
+    os.wait()
 sel = selectors.DefaultSelector()
 for s in listeners:
     sel.register(s, selectors.EVENT_READ)
@@ -171,16 +173,39 @@ fn a_crank_app_that_never_writes_ready_fails_the_restart_and_the_old_one_serves(
     assert_eq!(ask(b.port()).unwrap(), format!("crank {pid1}"));
 }
 
+/// READY=1 on NOTIFY_FD is attributed by the writer's kernel-attested
+/// credentials, not by the socket it came through: written by a child of
+/// the app, it is refused under the default `--notify-access main` (the
+/// restart fails, the old generation serves) and accepted under `all`.
+#[test]
+fn crank_readiness_is_attributed_to_the_writing_process() {
+    let app = App::new("crank-child");
+    let b = app.baton(&["--compat", "crank", "--ready-timeout", "2s"]).start();
+    let pid1 = b.active_pid();
+    app.set_mode("child-ready");
+    let (ok, text) = restart_output(&b);
+    assert!(!ok, "READY=1 from a non-main process was accepted under --notify-access main:\n{text}");
+    let s = b.wait_status("only generation 1 left", |s| s.generations.len() == 1);
+    assert_eq!(s.generations[0].pid, pid1, "{s:?}");
+    let log = b.log();
+    assert!(log.contains("refused: not a generation's main process"), "no trace of the refused READY=1:\n{log}");
+    drop(b);
+
+    let app = App::new("crank-child-all");
+    let b = app.baton(&["--compat", "crank", "--notify-access", "all", "--ready-timeout", "20s"]).start();
+    app.set_mode("child-ready");
+    let (ok, text) = restart_output(&b);
+    assert!(ok, "{text}");
+    b.wait_active(2);
+}
+
 /// The einhorn app gets `EINHORN_FDS` for every passed socket, the probe
-/// listener included (which it serves like the others, unchanged).
-///
-/// einhorn's own readiness is a timer (`--ready after:D`); until the core
-/// on this branch implements it, the app here is made ready by READY=1 on
-/// `$NOTIFY_SOCKET`, sent by Python's socket module (see [`ready_by_notify`]).
+/// listener included (which it serves like the others, unchanged), and is
+/// ready by einhorn's own rule, a timer (`--ready after:300ms`).
 #[test]
 fn an_einhorn_app_serves_every_socket_in_einhorn_fds() {
     let app = App::new("einhorn");
-    let b = ready_by_notify(app.baton(&["--compat", "einhorn", "--probe"]).env("NOTIFY_FD", "9")).start();
+    let b = app.baton(&["--compat", "einhorn", "--probe", "--ready", "after:300ms"]).env("NOTIFY_FD", "9").start();
     let pid1 = b.active_pid();
     assert_eq!(ask(b.port()).unwrap(), format!("einhorn {pid1}"));
     let report = app.report(pid1);
@@ -210,12 +235,6 @@ fn an_einhorn_app_serves_every_socket_in_einhorn_fds() {
     assert_eq!(ask(b.port()).unwrap(), format!("einhorn {pid2}"));
 }
 
-/// Makes the app send READY=1 to `$NOTIFY_SOCKET` itself once it is
-/// listening: the stand-in for `--ready after:D` (see the test above).
-fn ready_by_notify(b: BatonBuilder) -> BatonBuilder {
-    b.env("BATON_COMPAT_TEST_NOTIFY", "1")
-}
-
 #[test]
 fn einhorn_and_crank_together() {
     let app = App::new("both");
@@ -229,4 +248,62 @@ fn einhorn_and_crank_together() {
         assert!(has_line(&report, line), "{line} missing:\n{report}");
     }
     assert_eq!(ask(b.port()).unwrap(), format!("einhorn {pid1}"));
+}
+
+/// Where crank's socket goes with more passed fds: after all of
+/// `LISTEN_FDS` (fd-store entries included), outside it; einhorn names only
+/// the sockets. Nothing else of the parent's reaches the child.
+#[test]
+fn spawn_places_crank_after_every_listed_fd_and_leaks_nothing() {
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixDatagram;
+
+    use baton::spawn::{AppCommand, CompatSetup, CrankSetup, GenerationSetup};
+
+    let dir = baton_testbed::unique_temp_dir("baton-compat", "spawn");
+    let out = dir.join("out");
+    // `exec >FILE` replaces fd 1 for good (no saved copy above 9);
+    // `[ -e ]` opens nothing.
+    let script = format!(
+        "exec >{}; for n in 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do [ -e /proc/$$/fd/$n ] && echo fd $n; \
+         done; echo LISTEN_FDS=$LISTEN_FDS NOTIFY_FD=$NOTIFY_FD CRANK_NAME=$CRANK_NAME EINHORN_FDS=$EINHORN_FDS \
+         EINHORN_FD_COUNT=$EINHORN_FD_COUNT",
+        out.display()
+    );
+    let cmd = AppCommand::new("/bin/sh".as_ref(), &["-c".into(), script.into()]).unwrap();
+    let (a, _a) = UnixDatagram::pair().unwrap();
+    let (b, _b) = UnixDatagram::pair().unwrap();
+    let (stored, _stored) = UnixDatagram::pair().unwrap();
+    let (crank, _peer) = UnixDatagram::pair().unwrap();
+    let fds = [(a.as_fd(), "http"), (b.as_fd(), "probe"), (stored.as_fd(), "kept")];
+    let setup = GenerationSetup {
+        fds: &fds,
+        compat: CompatSetup {
+            crank: Some(CrankSetup { notify: crank.as_fd(), name: "app" }),
+            einhorn_sockets: Some(2),
+        },
+        ..Default::default()
+    };
+    let child = cmd.spawn(&setup).unwrap();
+    let mut status = 0;
+    // SAFETY: waiting for our own child into a valid status pointer (no
+    // other waiter in this binary).
+    while unsafe { libc::waitpid(child.pid as i32, &mut status, 0) } < 0 {
+        assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EINTR));
+    }
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(
+        text,
+        "fd 3\nfd 4\nfd 5\nfd 6\nLISTEN_FDS=3 NOTIFY_FD=6 CRANK_NAME=app EINHORN_FDS=3 4 EINHORN_FD_COUNT=2\n"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // More einhorn sockets than passed fds is refused, by name.
+    let setup = GenerationSetup {
+        fds: &fds[..1],
+        compat: CompatSetup { einhorn_sockets: Some(2), ..Default::default() },
+        ..Default::default()
+    };
+    let e = cmd.spawn(&setup).unwrap_err().to_string();
+    assert!(e.contains("EINHORN_FDS") && e.contains("among the passed fds"), "{e}");
 }
