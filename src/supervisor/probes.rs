@@ -22,9 +22,6 @@
 //!   at once when the app writes or closes its end (which it can only do
 //!   after accepting).
 
-// The core's scheduling calls these; until it is wired, only the tests do.
-#![cfg_attr(not(test), allow(dead_code))]
-
 mod accepted;
 
 use std::net::SocketAddr;

@@ -294,3 +294,23 @@ async fn a_refused_connect_names_the_address() {
         assert!(e.to_string().contains(&format!("cannot connect to {addr}")), "{e}");
     }
 }
+
+#[tokio::test]
+async fn tcp_over_ipv6_sees_the_accept_too() {
+    // The probe listener takes the first socket's family: ::1 as well.
+    let Ok(listener) = TcpListener::bind((std::net::Ipv6Addr::LOCALHOST, 0)).await else {
+        return; // no IPv6 on this host
+    };
+    let addr = listener.local_addr().unwrap();
+    let held = StdListener::from(listener.as_fd().try_clone_to_owned().unwrap());
+    let e = probe(&HealthProbe::Tcp, &held, addr, SHORT).await.unwrap_err();
+    assert!(matches!(e, ProbeFailure::NotAccepted { .. }), "not accepted yet: {e}");
+    let server = tokio::spawn(async move {
+        let mut kept = Vec::new();
+        loop {
+            kept.push(listener.accept().await.unwrap());
+        }
+    });
+    probe(&HealthProbe::Tcp, &held, addr, TIMEOUT).await.unwrap();
+    server.abort();
+}
