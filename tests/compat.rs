@@ -307,3 +307,34 @@ fn spawn_places_crank_after_every_listed_fd_and_leaks_nothing() {
     let e = cmd.spawn(&setup).unwrap_err().to_string();
     assert!(e.contains("EINHORN_FDS") && e.contains("among the passed fds"), "{e}");
 }
+
+/// The built-in TCP probe through the real binary: an einhorn app serves
+/// every socket of `EINHORN_FDS`, the probe listener included, so its probes
+/// pass and make it ready (`--ready probe`); a crank app serves fd 3 only,
+/// so its connections to the probe listener are never accepted (the kernel
+/// still completes them: Baton holds the listener) and the restart is
+/// refused with the probe's reason while the old generation serves.
+#[test]
+fn tcp_probes_pass_only_for_an_app_that_accepts_on_the_probe_listener() {
+    let app = App::new("einhorn-tcp");
+    let b = app.baton(&["--compat", "einhorn", "--health-tcp", "--ready", "probe", "--quiet-period", "200ms"]).start();
+    let (ok, text) = restart_output(&b);
+    assert!(ok, "{text}");
+    b.wait_active(2);
+    drop(b);
+
+    let app = App::new("crank-tcp");
+    let b = app
+        .baton(&["--compat", "crank", "--health-tcp", "--health-timeout", "500ms", "--quiet-period", "200ms"])
+        .start();
+    let pid1 = b.active_pid();
+    let report = app.report(pid1);
+    // The probe listener is fd 4, crank's socket after it.
+    assert!(has_line(&report, "env NOTIFY_FD=5") && has_line(&report, "env LISTEN_FDNAMES=http:probe"), "{report}");
+    let (ok, text) = restart_output(&b);
+    assert!(!ok, "a generation that never accepts its probes took over:\n{text}");
+    assert!(text.contains("TCP probe: not accepted within 500ms"), "{text}");
+    let s = b.wait_status("only generation 1 left", |s| s.generations.len() == 1);
+    assert_eq!(s.generations[0].pid, pid1, "{s:?}");
+    assert_eq!(ask(b.port()).unwrap(), format!("crank {pid1}"));
+}
