@@ -92,7 +92,8 @@ impl Supervisor {
         };
         let compat = crate::spawn::CompatSetup {
             crank: crank.as_ref().map(|fd| crate::spawn::CrankSetup { notify: fd.as_fd(), name: &self.cfg.name }),
-            einhorn_sockets: self.cfg.policy.compat.einhorn.then(|| self.cfg.sockets.len() + probe.is_some() as usize),
+            // The sockets: every passed fd but the store's entries (last).
+            einhorn_sockets: self.cfg.policy.compat.einhorn.then(|| fds.len() - passed.len()),
         };
         let setup = GenerationSetup {
             fds: &fds,
