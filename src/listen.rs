@@ -118,9 +118,16 @@ pub struct SocketOptions {
     /// the largest the kernel allows, which it caps at `net.core.somaxconn`
     /// (4096 by default): systemd's `Backlog=` default.
     pub backlog: Option<u32>,
-    /// `SO_REUSEPORT` on IP sockets (`ReusePort=`). Set it when steering
-    /// is wanted: only then can [`bind_sibling`] join the socket's group.
+    /// `SO_REUSEPORT` on IP sockets (`ReusePort=`), before `bind()`: the
+    /// socket may join a group other sockets of this user already have.
     pub reuse_port: bool,
+    /// Make IP sockets steerable (`crate::steering`; [`bind_sibling`] can
+    /// then join their group): `SO_REUSEPORT` on a TCP listener only after
+    /// `bind()`, just before `listen()`, so the bind still fails with
+    /// `EADDRINUSE` on a port in use, the listener founds its reuseport
+    /// group (index 0) and a sibling listening next is index 1; on UDP
+    /// sockets before `bind()` (their group forms there).
+    pub steerable: bool,
     /// `IPV6_V6ONLY` on IPv6 sockets (`BindIPv6Only=`). `None`: the wildcard
     /// address `[::]` (and so a bare port) serves IPv4 too, whatever
     /// `net.ipv6.bindv6only` says; specific addresses keep the kernel default.
@@ -498,7 +505,7 @@ fn bind_inet(
     if ty == SocketType::STREAM {
         sockopt::set_socket_reuseaddr(&fd, true).map_err(setup_error(spec, "setsockopt(SO_REUSEADDR)"))?;
     }
-    if opts.reuse_port {
+    if opts.reuse_port || (opts.steerable && ty != SocketType::STREAM) {
         sockopt::set_socket_reuseport(&fd, true).map_err(setup_error(spec, "setsockopt(SO_REUSEPORT)"))?;
     }
     if addr.is_ipv6() {
@@ -516,6 +523,9 @@ fn bind_inet(
     }
     net::bind(&fd, &addr).map_err(|e| bind_error(spec, e.into()))?;
     if ty == SocketType::STREAM {
+        if opts.steerable && !opts.reuse_port {
+            sockopt::set_socket_reuseport(&fd, true).map_err(setup_error(spec, "setsockopt(SO_REUSEPORT)"))?;
+        }
         net::listen(&fd, listen_backlog(opts)).map_err(setup_error(spec, "listen"))?;
     }
     Ok(fd)

@@ -366,9 +366,10 @@ fn run(args: RunArgs) -> ExitCode {
     let steer = args.steering == baton::cli::SteeringArg::Auto;
     let opts = SocketOptions {
         backlog: args.backlog,
+        reuse_port: args.reuse_port,
         // Steering pairs each IP socket with a sibling in its reuseport
         // group (see `baton::steering`).
-        reuse_port: args.reuse_port || steer,
+        steerable: steer,
         v6_only: args.v6_only,
         freebind: args.freebind,
         unix_mode: args.socket_mode,
@@ -382,6 +383,9 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Which listeners this Baton just bound steerable (see
+    // `SteeringOptions::founded_group`).
+    let mut founded_group = vec![false; sockets.len()];
     for spec in &args.listen {
         if own.iter().any(|(n, _)| *n == spec.name) {
             // All of them: a steered listener's sibling is kept under the
@@ -391,6 +395,7 @@ fn run(args: RunArgs) -> ExitCode {
                 let local = listen::describe(std::os::fd::AsFd::as_fd(&fd));
                 tracing::info!(event = "socket-adopted", name = %name, "took back {name} ({local}) from the fd store");
                 sockets.push(BoundSocket { name, fd, local });
+                founded_group.push(false);
             }
             continue;
         }
@@ -406,6 +411,7 @@ fn run(args: RunArgs) -> ExitCode {
                     }
                 }
                 sockets.push(s);
+                founded_group.push(steer && !args.reuse_port);
             }
             Err(e) => {
                 tracing::error!("{e}");
@@ -442,7 +448,7 @@ fn run(args: RunArgs) -> ExitCode {
             OutputMode::Pipe => "piped through baton",
         }
     );
-    let steering = match steer_sockets(&sockets, steer, !args.listen.is_empty(), upstream.as_deref()) {
+    let steering = match steer_sockets(&sockets, steer, founded_group, !args.listen.is_empty(), upstream.as_deref()) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!("{e}");
@@ -484,6 +490,7 @@ fn run(args: RunArgs) -> ExitCode {
 fn steer_sockets(
     sockets: &[BoundSocket],
     enabled: bool,
+    founded_group: Vec<bool>,
     bind_siblings: bool,
     upstream: Option<&Notifier>,
 ) -> Result<Option<baton::steering::Steering>, String> {
@@ -491,7 +498,7 @@ fn steer_sockets(
     if !enabled {
         return Ok(None);
     }
-    let opts = SteeringOptions { enabled, bind_siblings, ..SteeringOptions::default() };
+    let opts = SteeringOptions { enabled, bind_siblings, founded_group, ..SteeringOptions::default() };
     let (steering, unsteered) =
         Steering::new(sockets, &opts).map_err(|e| format!("cannot set up steering of the listening sockets: {e}"))?;
     for (name, local) in steering.steered() {

@@ -181,11 +181,22 @@ pub struct SteeringOptions {
     pub bind_siblings: bool,
     /// How long one calibration probe may take to arrive.
     pub probe_wait: Duration,
+    /// Per listener (in order; missing: false): Baton just bound it as a
+    /// steerable TCP listener (`SocketOptions::steerable` without
+    /// `reuse_port`), so it founded its group and is index 0; the sibling
+    /// Baton binds next is index 1. Such a pair is not calibrated, so the
+    /// first generation sees no calibration connections.
+    pub founded_group: Vec<bool>,
 }
 
 impl Default for SteeringOptions {
     fn default() -> Self {
-        SteeringOptions { enabled: true, bind_siblings: false, probe_wait: Duration::from_secs(2) }
+        SteeringOptions {
+            enabled: true,
+            bind_siblings: false,
+            probe_wait: Duration::from_secs(2),
+            founded_group: Vec::new(),
+        }
     }
 }
 
@@ -336,12 +347,18 @@ impl Steering {
                 continue;
             };
             let a = dup(listeners[first].fd.as_fd())?;
-            let measured =
-                calibrate::indices([a.as_fd(), b.as_fd()], stream, local, opts.probe_wait).and_then(|index| {
-                    sys::attach_cbpf(a.as_fd(), &program::select(index[0]))
-                        .map(|()| index)
-                        .map_err(|e| format!("SO_ATTACH_REUSEPORT_CBPF failed: {e}"))
-                });
+            let founded = second.is_none() && stream && opts.founded_group.get(first).copied().unwrap_or(false);
+            let index = match founded {
+                // Join order is the index: it founded the group, the
+                // sibling bound just now joined second.
+                true => Ok([0, 1]),
+                false => calibrate::indices([a.as_fd(), b.as_fd()], stream, local, opts.probe_wait),
+            };
+            let measured = index.and_then(|index| {
+                sys::attach_cbpf(a.as_fd(), &program::select(index[0]))
+                    .map(|()| index)
+                    .map_err(|e| format!("SO_ATTACH_REUSEPORT_CBPF failed: {e}"))
+            });
             match measured {
                 Ok(index) => entries.push(Entry::Pair(Pair {
                     name: listeners[first].name.clone(),
