@@ -93,9 +93,12 @@ impl Server {
     pub fn command(self) -> Vec<String> {
         let fixtures = fixtures_dir().display().to_string();
         match self {
-            Server::Gunicorn => [PYTHON, "-m", "gunicorn", "--workers", "4", "--chdir", &fixtures, "wsgi_app:app"]
-                .map(str::to_owned)
-                .to_vec(),
+            Server::Gunicorn => {
+                let config = format!("{fixtures}/gunicorn_conf.py");
+                [PYTHON, "-m", "gunicorn", "--config", &config, "--workers", "4", "--chdir", &fixtures, "wsgi_app:app"]
+                    .map(str::to_owned)
+                    .to_vec()
+            }
             Server::Node => vec![NODE.to_owned(), format!("{fixtures}/node_app.js")],
         }
     }
