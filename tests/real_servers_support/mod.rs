@@ -116,11 +116,15 @@ impl Server {
 
     /// The `baton run` options this server is proven with (issue 12's CLI):
     /// gunicorn says READY=1 itself and gets an HTTP health probe; Node
-    /// never says it, so its first passing probe is its readiness.
+    /// never says it, so its first passing probe is its readiness. Until
+    /// then a failing probe only means "not ready yet", so a Node deploy
+    /// answering 500 is refused at the ready timeout: 15 s (it listens
+    /// within ~100 ms here) instead of the default 90 s, which would make
+    /// its test last a minute and a half.
     pub fn proven_args(self) -> Vec<&'static str> {
         match self {
             Server::Gunicorn => vec!["--health-http", HEALTH_PATH],
-            Server::Node => vec!["--ready", "probe", "--health-http", HEALTH_PATH],
+            Server::Node => vec!["--ready", "probe", "--health-http", HEALTH_PATH, "--ready-timeout", "15s"],
         }
     }
 
