@@ -13,8 +13,9 @@
 //!   request after the flip is refused and the old generation serves
 //!   after; its cost (failed requests) is printed, as `COST`.
 //!
-//! gunicorn's good restarts run with the options of main (no probe at
-//! all); everything else uses [`Server::proven_args`].
+//! gunicorn's plain good restarts run without any proving option (as
+//! before issue 12: READY=1 alone); everything else uses
+//! [`Server::proven_args`] with the default quiet period and probation.
 
 mod real_servers_support;
 
