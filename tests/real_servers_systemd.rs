@@ -37,6 +37,10 @@ impl UnderSystemd {
     /// Boots `flavor`, installs and starts `app.service` running `server`
     /// (good variant) under `baton run ARGS`; `None` when the test may skip.
     fn start(flavor: Flavor, test: &str, server: Server, args: &[&str]) -> Option<UnderSystemd> {
+        // Skipping (not root, outside CI) comes before needing the servers.
+        if !baton_testbed::skip_unless_root(test) {
+            return None;
+        }
         support::require_servers(test);
         let bed = Bed::builder(flavor, test).bind(support::fixtures_dir()).bind(support::GUNICORN_DIR).boot()?;
         assert_eq!(bed.tb.systemd_version(), flavor.expected_systemd(), "{test}");
