@@ -65,6 +65,7 @@ pub struct BedBuilder {
     wait: Duration,
     report: bool,
     binaries: Vec<(PathBuf, String)>,
+    binds: Vec<PathBuf>,
 }
 
 impl BedBuilder {
@@ -89,6 +90,15 @@ impl BedBuilder {
         self
     }
 
+    /// Also shares the host directory `dir` (absolute, existing) with the
+    /// testbed at the same path (see [`TestbedBuilder::bind`](crate::TestbedBuilder::bind)):
+    /// e.g. a test's fixtures, or software installed on the host that the
+    /// trixie and forky roots lack.
+    pub fn bind(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.binds.push(dir.into());
+        self
+    }
+
     /// Boots, or returns `None` when the test may skip (not root, outside
     /// CI: see [`skip_unless_root`]).
     ///
@@ -99,7 +109,8 @@ impl BedBuilder {
             return None;
         }
         let flavor = self.flavor;
-        let tb = Testbed::boot(flavor).unwrap_or_else(|e| panic!("{}: boot {flavor}: {e}", self.name));
+        let builder = self.binds.iter().fold(Testbed::builder(flavor), |b, dir| b.bind(dir));
+        let tb = builder.boot().unwrap_or_else(|e| panic!("{}: boot {flavor}: {e}", self.name));
         let report = self.report.then(|| tb.scratch().join(REPORT_FILE));
         let bed = Bed { tb, name: self.name, port: free_loopback_port(), report, wait: self.wait };
         for (from, to) in &self.binaries {
@@ -118,7 +129,14 @@ impl Bed {
 
     /// Starts configuring a [`Bed`] for the test `name`.
     pub fn builder(flavor: Flavor, name: &str) -> BedBuilder {
-        BedBuilder { flavor, name: name.to_owned(), wait: DEFAULT_WAIT, report: false, binaries: Vec::new() }
+        BedBuilder {
+            flavor,
+            name: name.to_owned(),
+            wait: DEFAULT_WAIT,
+            report: false,
+            binaries: Vec::new(),
+            binds: Vec::new(),
+        }
     }
 
     /// Panics with `what` and `e`, prefixed by the test's name and followed

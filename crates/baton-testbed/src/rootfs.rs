@@ -7,7 +7,10 @@
 //! the cache, so parallel tests in one or several processes build it once; it
 //! is built into a temporary sibling directory and `rename(2)`d into place, so
 //! a directory at the cache path is always complete. A stamp file in the root
-//! records the recipe; a root built from another recipe is refused.
+//! records the recipe; a root built from another recipe is refused. A
+//! recipe change therefore also changes its default cache path (the trixie
+//! root's `-v2`), so checkouts with the older recipe keep their root and
+//! each recipe is built once, on first use.
 
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
@@ -24,9 +27,11 @@ use crate::mounts;
 /// Environment variable overriding [`DEFAULT_TRIXIE_CACHE`].
 pub const CACHE_ENV: &str = "BATON_TESTBED_CACHE";
 /// Where the trixie root is cached unless [`CACHE_ENV`] says otherwise. It is
-/// outside the repository on purpose: it is large (~250 MB) and shared by all
-/// checkouts on the machine.
-pub const DEFAULT_TRIXIE_CACHE: &str = "/var/cache/baton-testbed/trixie";
+/// outside the repository on purpose: it is large (~350 MB) and shared by all
+/// checkouts on the machine. `-v2`: the recipe with the real servers'
+/// runtimes (python3, nodejs); the first recipe's root stays at `trixie` for
+/// the checkouts that still use it.
+pub const DEFAULT_TRIXIE_CACHE: &str = "/var/cache/baton-testbed/trixie-v2";
 /// Environment variable overriding [`DEFAULT_FORKY_CACHE`].
 pub const FORKY_CACHE_ENV: &str = "BATON_TESTBED_FORKY_CACHE";
 /// Where the forky root is cached unless [`FORKY_CACHE_ENV`] says otherwise.
@@ -35,9 +40,17 @@ pub const DEFAULT_FORKY_CACHE: &str = "/var/cache/baton-testbed/forky";
 pub const MIRROR_ENV: &str = "BATON_TESTBED_MIRROR";
 const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
 const STAMP_FILE: &str = ".baton-testbed-recipe";
-/// What every cached root is bootstrapped with: the smallest Debian that
-/// boots systemd as PID 1 and answers `systemctl` over D-Bus.
-const DEBOOTSTRAP_ARGS: [&str; 2] = ["--variant=minbase", "--include=systemd,systemd-sysv,dbus"];
+/// How every cached root is bootstrapped: the smallest Debian variant, plus
+/// the recipe's [`Recipe::include`].
+const DEBOOTSTRAP_VARIANT: &str = "--variant=minbase";
+/// The packages of a root that boots systemd as PID 1 and answers
+/// `systemctl` over D-Bus.
+const SYSTEMD_PACKAGES: &str = "systemd,systemd-sysv,dbus";
+/// [`SYSTEMD_PACKAGES`] and Debian's runtimes of the real servers the proof
+/// tests run under systemd 257 (`tests/real_servers*.rs`): python3 for
+/// gunicorn (whose pure-Python install the testbed shares from the host)
+/// and nodejs for the Node.js `http` server.
+const SERVER_PACKAGES: &str = "systemd,systemd-sysv,dbus,python3,nodejs";
 
 /// How one cached root is built and where it lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,17 +61,25 @@ pub struct Recipe {
     /// own in the host's debootstrap (bookworm's debootstrap 1.0.128 knows
     /// no `forky`; testing suites all use the `sid` script).
     pub script: Option<&'static str>,
+    /// debootstrap's `--include=` list (comma-separated Debian packages).
+    pub include: &'static str,
     /// The cache directory unless [`Recipe::cache_env`] is set.
     pub default_cache: &'static str,
     /// Environment variable overriding the cache directory.
     pub cache_env: &'static str,
 }
 
-const TRIXIE: Recipe =
-    Recipe { suite: "trixie", script: None, default_cache: DEFAULT_TRIXIE_CACHE, cache_env: CACHE_ENV };
+const TRIXIE: Recipe = Recipe {
+    suite: "trixie",
+    script: None,
+    include: SERVER_PACKAGES,
+    default_cache: DEFAULT_TRIXIE_CACHE,
+    cache_env: CACHE_ENV,
+};
 const FORKY: Recipe = Recipe {
     suite: "forky",
     script: Some("/usr/share/debootstrap/scripts/sid"),
+    include: SYSTEMD_PACKAGES,
     default_cache: DEFAULT_FORKY_CACHE,
     cache_env: FORKY_CACHE_ENV,
 };
@@ -85,12 +106,17 @@ impl Recipe {
     /// The stamp written into the root: the debootstrap command line
     /// without the paths that vary between machines.
     fn stamp(&self) -> String {
-        let mut stamp = format!("debootstrap {} {}", DEBOOTSTRAP_ARGS.join(" "), self.suite);
+        let mut stamp = format!("debootstrap {} {}", self.debootstrap_args().join(" "), self.suite);
         if let Some(script) = self.script {
             stamp.push_str(&format!(" DIR MIRROR {script}"));
         }
         stamp.push('\n');
         stamp
+    }
+
+    /// debootstrap's options before the suite.
+    fn debootstrap_args(&self) -> [String; 2] {
+        [DEBOOTSTRAP_VARIANT.to_owned(), format!("--include={}", self.include)]
     }
 
     /// Returns the cached root, building it first if needed (about a
@@ -191,7 +217,7 @@ impl Recipe {
         let status = Command::new(unshare)
             .args(["--mount", "--propagation", "private", "--"])
             .arg(debootstrap)
-            .args(DEBOOTSTRAP_ARGS)
+            .args(self.debootstrap_args())
             .arg(self.suite)
             .arg(&tmp)
             .arg(&mirror)
