@@ -131,6 +131,14 @@ impl Supervisor {
     /// it was made to (which steering now sends to the serving
     /// generation), until either side closes.
     fn relay(&mut self, fd: OwnedFd) {
+        if self.relays.len() >= RESCUE_MAX {
+            // Bounded: beyond it the connection is closed (its client sees
+            // a reset), never queued without limit.
+            return tracing::warn!(
+                event = "relay-refused",
+                "{RESCUE_MAX} rescued connections are relayed already; closing one more"
+            );
+        }
         let client = std::net::TcpStream::from(fd);
         let Ok(addr) = client.local_addr() else { return };
         self.relays.spawn(async move {
