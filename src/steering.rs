@@ -235,6 +235,10 @@ pub struct PairLayout {
     pub local: String,
     /// Group index of slot A's socket, then of slot B's.
     pub index: [u32; 2],
+    /// Slot B's socket is a sibling Baton bound itself (standalone), which
+    /// every `baton upgrade` carries. Absent in layouts without it: false.
+    #[serde(default)]
+    pub bound_here: bool,
 }
 
 /// One logical listener: what one `LISTEN_FDS` entry of a generation is.
@@ -416,7 +420,10 @@ impl Steering {
                         name: a.name.clone(),
                         local: a.local.clone(),
                         stream,
-                        bound_here: false,
+                        // Still Baton's to carry: the next upgrade hands
+                        // it over again (found by tests/upgrade.rs: the
+                        // second upgrade lost the sibling).
+                        bound_here: known.bound_here,
                         socks: [dup(a.fd.as_fd())?, dup(b.fd.as_fd())?],
                         index: known.index,
                     }));
@@ -431,7 +438,12 @@ impl Steering {
         Layout {
             pairs: self
                 .pairs()
-                .map(|p| PairLayout { name: p.name.clone(), local: p.local.clone(), index: p.index })
+                .map(|p| PairLayout {
+                    name: p.name.clone(),
+                    local: p.local.clone(),
+                    index: p.index,
+                    bound_here: p.bound_here,
+                })
                 .collect(),
             target: self.target(),
         }

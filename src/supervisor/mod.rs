@@ -320,6 +320,7 @@ impl Supervisor {
         crate::closer::start();
         match self.adopted.take() {
             None => {
+                self.rescue_stranded();
                 let actions = self.core.start();
                 self.execute(actions);
             }

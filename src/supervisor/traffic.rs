@@ -127,6 +127,30 @@ impl Supervisor {
         }
     }
 
+    /// At a fresh start (Baton restarted under systemd, its listeners taken
+    /// back from the fd store): connections that arrived while no Baton
+    /// ran went where the last program steered them, maybe to slot B's
+    /// sockets, which the first generation does not get. They are relayed
+    /// to it, so none waits for a later generation on that slot.
+    pub(super) fn rescue_stranded(&mut self) {
+        let Some(s) = self.cfg.steering.as_ref().filter(|s| s.is_steering()) else { return };
+        let taken = match s.take_queued(steering::Slot::B, RESCUE_MAX) {
+            Ok(t) => t,
+            Err(e) => return tracing::warn!(event = "rescue-failed", "cannot take connections queued on slot B: {e}"),
+        };
+        if !taken.is_empty() {
+            let count = taken.len();
+            tracing::info!(
+                event = "rescued",
+                count,
+                "{count} connection(s) queued while no baton ran go to the first generation"
+            );
+        }
+        for (_, fd) in taken {
+            self.relay(fd);
+        }
+    }
+
     /// Relays one rescued connection to a new connection to the address
     /// it was made to (which steering now sends to the serving
     /// generation), until either side closes.
