@@ -1,0 +1,621 @@
+//! Proving and steering, at the supervisor's level, with real processes
+//! and real sockets under load ([`baton_testbed::load`]): a candidate gets
+//! no real traffic during its quiet period, takes it all at the flip,
+//! and hands it back when it fails on probation; bad candidates (exiting
+//! while proven, exiting on probation, failing their HTTP probe, never
+//! accepting) are refused with the reason while the old generation serves;
+//! apps without `READY=1` become ready by probe or by timer; `baton
+//! upgrade` keeps the steering; `--steering off` and unix sockets share
+//! the sockets; Baton's fds come back to their count.
+//!
+//! Every generation runs what `DIR/cmd` says at its spawn (`sh -c 'exec
+//! $(cat DIR/cmd)'`), so a test chooses the next generation's program and
+//! flags by rewriting that file before `baton restart`. Apps: `baton-httpd`
+//! (answers with its generation), and `tiny.py` below (a python3 server
+//! without `sd_notify` unless asked, answering with its pid). No timing
+//! asserts: phases are observed in `baton status`, and the lengths chosen
+//! only make the observation possible on a slow machine. No root needed.
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use baton::control::{GenerationStatus, Status};
+use baton_testbed::baton::{Baton, BatonBuilder, WAIT};
+use baton_testbed::expect_success as ok;
+use baton_testbed::load::{Load, LoadConfig, LoadReport, Mode};
+use baton_testbed::{cargo_bin, poll_until};
+
+fn scratch(test: &str) -> PathBuf {
+    baton_testbed::unique_temp_dir("baton-proving", test)
+}
+
+fn baton_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_baton")
+}
+
+/// A python3 HTTP server for apps that know nothing of Baton: serves every
+/// passed listening socket (`LISTEN_FDS`, the probe listener included),
+/// one request per connection, answering `STATUS` with a `baton-pid`
+/// header. `--notify` sends `READY=1`; `--no-accept` never accepts. On
+/// SIGTERM it stops accepting, finishes what it accepted, exits 0.
+const TINY_PY: &str = r#"
+import os, selectors, signal, socket, sys, threading
+args = sys.argv[1:]
+code = int(args[args.index("--status") + 1]) if "--status" in args else 200
+def notify(msg):
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.connect(addr)
+    s.send(msg.encode())
+    s.close()
+n = int(os.environ.get("LISTEN_FDS", "0")) if os.environ.get("LISTEN_PID") == str(os.getpid()) else 0
+listeners = [socket.socket(fileno=3 + i) for i in range(n)]
+def serve(c):
+    try:
+        c.settimeout(10)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = c.recv(4096)
+            if not chunk:
+                return
+            head += chunk
+        body = b"tiny\n"
+        c.sendall(b"HTTP/1.1 %d X\r\nContent-Length: %d\r\nbaton-pid: %d\r\nConnection: close\r\n\r\n%s"
+                  % (code, len(body), os.getpid(), body))
+    except OSError:
+        pass
+    finally:
+        c.close()
+r, w = os.pipe()
+os.set_blocking(w, False)
+signal.set_wakeup_fd(w)
+signal.signal(signal.SIGTERM, lambda *a: None)
+sel = selectors.DefaultSelector()
+sel.register(r, selectors.EVENT_READ, None)
+if "--no-accept" not in args:
+    for l in listeners:
+        l.setblocking(False)
+        sel.register(l, selectors.EVENT_READ, l)
+if "--notify" in args:
+    notify("READY=1")
+threads = []
+while True:
+    events = sel.select()
+    if any(key.data is None for key, _ in events):
+        break
+    for key, _ in events:
+        try:
+            c, _ = key.data.accept()
+        except (BlockingIOError, InterruptedError):
+            continue
+        c.setblocking(True)
+        t = threading.Thread(target=serve, args=(c,))
+        t.start()
+        threads = [x for x in threads if x.is_alive()] + [t]
+for l in listeners:
+    l.close()
+for t in threads:
+    t.join()
+"#;
+
+/// The python3 interpreter itself (not a shim that may stay the main
+/// process).
+fn python3() -> String {
+    let out = std::process::Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .expect("python3 is needed (Debian's python3)");
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// One test's Baton and the command its next generation runs.
+struct Bed {
+    dir: PathBuf,
+    b: Baton,
+}
+
+impl Bed {
+    /// `baton run ARGS` whose generations run what [`Bed::next`] wrote;
+    /// the first runs `cmd`. `listen`: the `-l` of the app (the default
+    /// TCP listener when `None`).
+    fn start(test: &str, args: &[&str], listen: Option<&str>, cmd: impl FnOnce(&Path) -> String) -> Bed {
+        let dir = scratch(test);
+        for (root, probe) in [("www", true), ("www-noprobe", false)] {
+            std::fs::create_dir_all(dir.join(root)).unwrap();
+            std::fs::write(dir.join(root).join("index.html"), "proving\n").unwrap();
+            if probe {
+                std::fs::write(dir.join(root).join("probe.txt"), "ok\n").unwrap();
+            }
+        }
+        std::fs::write(dir.join("tiny.py"), TINY_PY).unwrap();
+        std::fs::write(dir.join("cmd"), cmd(&dir)).unwrap();
+        let app: [&OsStr; 3] = ["/bin/sh".as_ref(), "-c".as_ref(), r#"exec $(cat "$T_DIR/cmd")"#.as_ref()];
+        let mut builder = BatonBuilder::new(baton_bin(), &dir).args(args).app(app).env("T_DIR", &dir).current_dir(&dir);
+        if let Some(l) = listen {
+            builder = builder.no_http_listener().args(["-l", l]);
+        }
+        let b = builder.spawn();
+        if listen.is_none() {
+            b.port();
+        }
+        b.wait_active(1);
+        Bed { dir, b }
+    }
+
+    /// What the next generation runs.
+    fn next(&self, cmd: String) {
+        std::fs::write(self.dir.join("cmd"), cmd).unwrap();
+    }
+
+    fn addr(&self) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, self.b.port()))
+    }
+
+    /// A load on the listener.
+    fn load(&self, mode: Mode, connections: usize, rate: u32) -> Load {
+        let config = LoadConfig::new(self.addr())
+            .mode(mode)
+            .connections(connections)
+            .rate(Some(rate))
+            .request_timeout(Duration::from_secs(20))
+            .max_duration(Duration::from_secs(120));
+        Load::start(config).expect("the load")
+    }
+
+    /// `baton restart` in a thread (it returns only after proving and
+    /// probation).
+    fn restart_in_background(&self) -> std::thread::JoinHandle<Output> {
+        let (baton, control) = (baton_bin().to_owned(), self.b.control().to_owned());
+        std::thread::spawn(move || baton_testbed::baton::cli_at(Path::new(&baton), &control, &["restart"]))
+    }
+
+    /// Polls `status` until generation `n` is there and `pred` holds for it.
+    fn wait_gen(&self, what: &str, n: u64, mut pred: impl FnMut(&GenerationStatus) -> bool) -> Status {
+        self.b.wait_status(what, |s| s.generations.iter().any(|g| g.generation == n && pred(g)))
+    }
+}
+
+/// `baton-httpd` serving `DIR/ROOT`, with more flags.
+fn httpd(dir: &Path, root: &str, flags: &str) -> String {
+    let httpd = cargo_bin("baton-httpd", "baton-httpd");
+    format!("{} --root {} {flags}", httpd.display(), dir.join(root).display())
+}
+
+/// `tiny.py` with flags.
+fn tiny(dir: &Path, flags: &str) -> String {
+    format!("{} {} {flags}", python3(), dir.join("tiny.py").display())
+}
+
+fn gen_of(s: &Status, n: u64) -> &GenerationStatus {
+    s.generations.iter().find(|g| g.generation == n).unwrap_or_else(|| panic!("no generation {n}: {s:?}"))
+}
+
+/// Stops the loads, prints each report, and returns them.
+fn finish(test: &str, loads: Vec<(&'static str, Load)>) -> Vec<(&'static str, LoadReport)> {
+    loads
+        .into_iter()
+        .map(|(name, load)| {
+            let r = load.stop();
+            eprintln!("{test}: {name} load: {}", r.to_json());
+            (name, r)
+        })
+        .collect()
+}
+
+fn assert_nothing_failed(reports: &[(&str, LoadReport)]) {
+    for (name, r) in reports {
+        assert!(r.ok > 0, "{name}: nothing answered: {}", r.to_json());
+        assert_eq!(r.failed(), 0, "{} {name} requests failed: {}", r.failed(), r.to_json());
+        assert!(r.bad_statuses.is_empty(), "{name}: non-2xx answers: {}", r.to_json());
+    }
+}
+
+/// Answers by generation, all loads together.
+fn answered_by(reports: &[(&str, LoadReport)]) -> BTreeMap<String, u64> {
+    let mut by = BTreeMap::new();
+    for (_, r) in reports {
+        for (g, n) in &r.per_generation {
+            *by.entry(g.clone()).or_default() += n;
+        }
+    }
+    by
+}
+
+fn failed_restart(out: &Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "the restart should fail: {out:?}");
+    err
+}
+
+/// Before the flip every answer under load comes from the old generation
+/// (the candidate's probes go to its own listener); once the restart has
+/// answered, new connections reach the new one only. Nothing fails.
+#[test]
+fn the_candidate_gets_no_traffic_before_the_flip_and_all_new_connections_after() {
+    // A quiet period long enough to stop a load inside it on a slow
+    // machine (checked below, not assumed).
+    let bed =
+        Bed::start("quiet", &["--quiet-period", "8s", "--probation", "1s", "--health-http", "/probe.txt"], None, |d| {
+            httpd(d, "www", "")
+        });
+    let before = vec![
+        ("keep-alive", bed.load(Mode::KeepAlive, 4, 200)),
+        ("new-connection", bed.load(Mode::NewConnection, 4, 100)),
+    ];
+    for (name, l) in &before {
+        assert!(l.wait_for_ok(50, WAIT), "{name}: no answers: {:?}", l.progress());
+    }
+    let restart = bed.restart_in_background();
+    bed.wait_gen("generation 2 in its quiet period", 2, |g| {
+        g.proving.as_deref().is_some_and(|p| p.contains("3 of 3 probes passed") && p.contains("quiet period"))
+    });
+    // Traffic during the quiet period, then the load ends inside it.
+    for (name, l) in &before {
+        assert!(l.wait_for_ok(50, WAIT), "{name} stalled in the quiet period: {:?}", l.progress());
+    }
+    let quiet = finish("quiet period", before);
+    let s = bed.b.status();
+    let (g1, g2) = (gen_of(&s, 1), gen_of(&s, 2));
+    assert!(
+        g2.state == "proving" && !g2.steered && g1.steered,
+        "the quiet period ended before the load did (too slow a machine for this test?): {s:?}"
+    );
+    assert_nothing_failed(&quiet);
+    let by = answered_by(&quiet);
+    eprintln!("quiet period: answered by generation {by:?}");
+    assert_eq!(by.get("2"), None, "the candidate answered real traffic before the flip: {by:?}");
+    assert!(by.get("1").is_some_and(|n| *n >= 100), "{by:?}");
+
+    // Across the flip and the probation, and after.
+    let across = vec![
+        ("keep-alive", bed.load(Mode::KeepAlive, 4, 200)),
+        ("new-connection", bed.load(Mode::NewConnection, 4, 100)),
+    ];
+    let out = restart.join().unwrap();
+    assert!(ok(&out).contains("generation 2"), "{out:?}");
+    let after = bed.load(Mode::NewConnection, 2, 100);
+    assert!(after.wait_for_ok(100, WAIT), "no answers after the restart: {:?}", after.progress());
+    for (name, l) in &across {
+        assert!(l.wait_for_ok(20, WAIT), "{name} stalled after the restart: {:?}", l.progress());
+    }
+    let across = finish("across the flip", across);
+    assert_nothing_failed(&across);
+    eprintln!("across the flip: answered by generation {:?}", answered_by(&across));
+    let after = finish("after the restart", vec![("new-connection", after)]);
+    assert_nothing_failed(&after);
+    let by = answered_by(&after);
+    assert_eq!(by.keys().collect::<Vec<_>>(), ["2"], "new connections after the restart: {by:?}");
+}
+
+/// A candidate that is ready and exits during its quiet period (as
+/// gunicorn's arbiter does when its workers cannot boot) is refused before
+/// it got any traffic: nothing fails, the old generation serves
+/// throughout, no crash restart.
+#[test]
+fn a_candidate_exiting_in_its_quiet_period_costs_nothing() {
+    let bed = Bed::start("quiet-exit", &["--quiet-period", "10s"], None, |d| httpd(d, "www", ""));
+    let loads = vec![
+        ("keep-alive", bed.load(Mode::KeepAlive, 4, 200)),
+        ("new-connection", bed.load(Mode::NewConnection, 4, 100)),
+    ];
+    for (name, l) in &loads {
+        assert!(l.wait_for_ok(50, WAIT), "{name}: no answers: {:?}", l.progress());
+    }
+    let before = bed.b.status();
+    bed.next(httpd(&bed.dir, "www", "--fail-after-ready 300ms"));
+    let err = failed_restart(&bed.b.cli(&["restart"]));
+    assert!(err.contains("generation 2 exited with status 1 after it was ready, before it got any traffic"), "{err}");
+    assert!(err.contains("generation 1 keeps serving"), "{err}");
+    bed.next(httpd(&bed.dir, "www", ""));
+    for (name, l) in &loads {
+        assert!(l.wait_for_ok(50, WAIT), "{name} stalled after the refusal: {:?}", l.progress());
+    }
+    let reports = finish("quiet-period exit", loads);
+    assert_nothing_failed(&reports);
+    let by = answered_by(&reports);
+    assert_eq!(by.keys().collect::<Vec<_>>(), ["1"], "answered by {by:?}");
+    let s = bed.wait_gen("generation 2 gone", 1, |g| g.state == "active" && g.steered);
+    assert_eq!(s.generations.len(), 1, "{s:?}");
+    assert_eq!((s.restarts, s.crash_restarts), (before.restarts, before.crash_restarts));
+    assert!(s.last_failure.as_deref().unwrap_or("").contains("before it got any traffic"), "{s:?}");
+}
+
+/// A candidate killed on probation, after it took the traffic: the
+/// traffic is handed back, the restart fails naming probation, the old
+/// generation serves on, and no crash restart starts on the rejected
+/// code. What it costs under load is counted and printed (what the
+/// candidate had accepted and not answered dies with it; what was queued
+/// on its socket is rescued).
+#[test]
+fn a_candidate_dying_on_probation_hands_the_traffic_back() {
+    let bed =
+        Bed::start("probation", &["--quiet-period", "200ms", "--probation", "30s"], None, |d| httpd(d, "www", ""));
+    let loads = vec![
+        ("keep-alive", bed.load(Mode::KeepAlive, 4, 200)),
+        ("new-connection", bed.load(Mode::NewConnection, 4, 100)),
+    ];
+    for (name, l) in &loads {
+        assert!(l.wait_for_ok(50, WAIT), "{name}: no answers: {:?}", l.progress());
+    }
+    let before = bed.b.status();
+    let restart = bed.restart_in_background();
+    let s = bed.wait_gen("generation 2 on probation", 2, |g| g.state == "probation" && g.steered);
+    let pid2 = gen_of(&s, 2).pid;
+    assert!(!gen_of(&s, 1).steered, "{s:?}");
+    // It takes real traffic before it dies.
+    let taken = loads.iter().map(|(_, l)| l.progress().ok).sum::<u64>();
+    poll_until("new answers on probation", WAIT, || {
+        (loads.iter().map(|(_, l)| l.progress().ok).sum::<u64>() >= taken + 50).then_some(())
+    })
+    .unwrap();
+    rustix::process::kill_process(rustix::process::Pid::from_raw(pid2 as i32).unwrap(), rustix::process::Signal::KILL)
+        .unwrap();
+    let err = failed_restart(&restart.join().unwrap());
+    assert!(err.contains("generation 2 killed by SIGKILL"), "{err}");
+    assert!(err.contains("on probation, after it took the traffic (handed back to the old generation)"), "{err}");
+
+    let s = bed.wait_gen("generation 1 steered again, 2 gone", 1, |g| g.state == "active" && g.steered);
+    assert_eq!(s.generations.len(), 1, "{s:?}");
+    let after = bed.load(Mode::NewConnection, 2, 100);
+    assert!(after.wait_for_ok(100, WAIT), "no answers after the hand-back: {:?}", after.progress());
+    let reports = finish("probation death", loads);
+    let failed: u64 = reports.iter().map(|(_, r)| r.failed()).sum();
+    let by = answered_by(&reports);
+    eprintln!("probation death: {failed} failed requests under load, answered by generation {by:?}");
+    assert!(by.contains_key("2"), "generation 2 never got traffic on probation: {by:?}");
+    let after = finish("after the hand-back", vec![("new-connection", after)]);
+    assert_nothing_failed(&after);
+    assert_eq!(answered_by(&after).keys().collect::<Vec<_>>(), ["1"]);
+    // No crash restart on the rejected code, then or later.
+    let s = bed.b.status();
+    assert_eq!((s.restarts, s.crash_restarts), (before.restarts, before.crash_restarts), "{s:?}");
+    assert_eq!(s.generations.iter().map(|g| g.generation).collect::<Vec<_>>(), [1], "{s:?}");
+    assert!(s.last_failure.as_deref().unwrap_or("").contains("on probation"), "{s:?}");
+    // And a good restart still goes through.
+    assert_eq!(bed.b.restart(), 3);
+}
+
+/// `--health-http`: a candidate answering 500 on its probe, and one whose
+/// root has no such path (404), are refused before any traffic: nothing
+/// fails and nothing non-2xx reaches the load.
+#[test]
+fn a_candidate_failing_its_http_probe_is_refused_with_no_impact() {
+    let bed = Bed::start("http-probe", &["--health-http", "/probe.txt"], None, |d| httpd(d, "www", ""));
+    let loads = vec![
+        ("keep-alive", bed.load(Mode::KeepAlive, 4, 200)),
+        ("new-connection", bed.load(Mode::NewConnection, 4, 100)),
+    ];
+    for (name, l) in &loads {
+        assert!(l.wait_for_ok(50, WAIT), "{name}: no answers: {:?}", l.progress());
+    }
+    bed.next(tiny(&bed.dir, "--notify --status 500"));
+    let err = failed_restart(&bed.b.cli(&["restart"]));
+    assert!(err.contains("generation 2 probe failed after it was ready, before it got any traffic"), "{err}");
+    assert!(err.contains("500"), "{err}");
+    bed.next(httpd(&bed.dir, "www-noprobe", ""));
+    let err = failed_restart(&bed.b.cli(&["restart"]));
+    assert!(err.contains("generation 3 probe failed after it was ready, before it got any traffic"), "{err}");
+    assert!(err.contains("404"), "{err}");
+    bed.next(httpd(&bed.dir, "www", ""));
+    for (name, l) in &loads {
+        assert!(l.wait_for_ok(50, WAIT), "{name} stalled: {:?}", l.progress());
+    }
+    let reports = finish("http probe failures", loads);
+    assert_nothing_failed(&reports);
+    assert_eq!(answered_by(&reports).keys().collect::<Vec<_>>(), ["1"]);
+    // The good one passes the same probe.
+    assert_eq!(bed.b.restart(), 4);
+}
+
+/// Apps without `sd_notify`: `--ready probe` (the first passing probe is
+/// READY) and `--ready after:500ms`; restarts under load lose nothing. An
+/// app that never accepts never passes an HTTP probe: refused with the
+/// reason.
+#[test]
+fn apps_without_ready_become_ready_by_probe_or_timer() {
+    for (ready, extra) in [("probe", &["--health-http", "/", "--ready-timeout", "5s"][..]), ("after:500ms", &[][..])] {
+        let args = [&["--ready", ready, "--quiet-period", "500ms", "--probation", "500ms"][..], extra].concat();
+        let bed = Bed::start(&format!("ready-{}", ready.replace(':', "-")), &args, None, |d| tiny(d, ""));
+        let load = bed.load(Mode::NewConnection, 4, 100);
+        assert!(load.wait_for_ok(50, WAIT), "{ready}: no answers: {:?}", load.progress());
+        let mut last = 0;
+        for n in 2..=3 {
+            assert_eq!(bed.b.restart(), n, "{ready}");
+            last = bed.b.generation_pid(n);
+            assert!(load.wait_for_ok(30, WAIT), "{ready}: stalled after restart {n}: {:?}", load.progress());
+        }
+        let reports = finish(&format!("--ready {ready}"), vec![("new-connection", load)]);
+        assert_nothing_failed(&reports);
+        let by = answered_by(&reports);
+        assert!(by.contains_key(&format!("pid:{last}")), "generation 3 (pid {last}) answered nothing: {by:?}");
+
+        if ready == "probe" {
+            bed.next(tiny(&bed.dir, "--no-accept"));
+            let err = failed_restart(&bed.b.cli(&["restart"]));
+            assert!(err.contains("generation 4 no passing probe within"), "{err}");
+        }
+    }
+}
+
+/// `baton status --json` names the phase, the slots and the steering:
+/// during the quiet period the old generation is steered and the candidate
+/// is not; on probation the other way round, on the other slot.
+#[test]
+fn status_json_shows_proving_slot_and_steered() {
+    let bed = Bed::start("status", &["--quiet-period", "6s", "--probation", "6s", "--health-tcp"], None, |d| {
+        httpd(d, "www", "")
+    });
+    let json = |b: &Baton| -> serde_json::Value { serde_json::from_str(&ok(&b.cli(&["status", "--json"]))).unwrap() };
+    let j = json(&bed.b);
+    let g1 = &j["generations"][0];
+    assert_eq!(g1["steered"], true, "{j}");
+    assert!(g1.get("proving").is_none(), "nothing to prove for the serving generation: {j}");
+    let slot1 = g1["slot"].as_str().unwrap_or_else(|| panic!("no slot: {j}")).to_owned();
+    assert!(["a", "b"].contains(&slot1.as_str()), "{j}");
+
+    let restart = bed.restart_in_background();
+    let phase = |want: &str| {
+        poll_until(want, WAIT, || {
+            let j = json(&bed.b);
+            let g2 = j["generations"].as_array()?.iter().find(|g| g["generation"] == 2)?.clone();
+            g2["proving"].as_str()?.contains(want).then_some((j, g2))
+        })
+        .unwrap_or_else(|e| panic!("{e}: {}", bed.b.log_tail()))
+    };
+    let (j, g2) = phase("quiet period");
+    eprintln!("quiet period: {j}");
+    assert!(g2["proving"].as_str().unwrap().contains("probes passed"), "{j}");
+    assert_eq!(g2.get("steered"), None, "the candidate is not steered to in its quiet period: {j}");
+    assert_eq!(j["generations"][0]["steered"], true, "{j}");
+    let slot2 = g2["slot"].as_str().unwrap_or_else(|| panic!("no slot: {j}")).to_owned();
+    assert_ne!(slot1, slot2, "{j}");
+
+    let (j, g2) = phase("probation");
+    eprintln!("probation: {j}");
+    assert_eq!(g2["state"], "probation", "{j}");
+    assert_eq!(g2["steered"], true, "{j}");
+    assert_eq!(g2["slot"], slot2.as_str(), "{j}");
+    let g1 = &j["generations"][0];
+    assert_eq!((g1["generation"].as_u64(), g1.get("steered")), (Some(1), None), "{j}");
+    assert_eq!(g1["state"], "active", "the old generation is unsignalled on probation: {j}");
+
+    // And the text status says the same.
+    let text = ok(&bed.b.cli(&["status"]));
+    assert!(text.contains("probation"), "{text}");
+    ok(&restart.join().unwrap());
+    let j = json(&bed.b);
+    let g2 = j["generations"].as_array().unwrap().iter().find(|g| g["generation"] == 2).unwrap();
+    assert_eq!((g2["state"].as_str(), &g2["steered"]), (Some("active"), &serde_json::Value::Bool(true)), "{j}");
+    assert!(g2.get("proving").is_none(), "{j}");
+}
+
+/// `baton upgrade` with steering active keeps it: a restart afterwards
+/// still flips to the other slot and loses nothing under load.
+#[test]
+fn steering_survives_baton_upgrade() {
+    let bed =
+        Bed::start("upgrade", &["--quiet-period", "500ms", "--probation", "500ms"], None, |d| httpd(d, "www", ""));
+    let loads = vec![
+        ("keep-alive", bed.load(Mode::KeepAlive, 4, 200)),
+        ("new-connection", bed.load(Mode::NewConnection, 4, 100)),
+    ];
+    for (name, l) in &loads {
+        assert!(l.wait_for_ok(50, WAIT), "{name}: no answers: {:?}", l.progress());
+    }
+    let s = bed.b.status();
+    let slot1 = gen_of(&s, 1).slot.clone().unwrap_or_else(|| panic!("not steered: {s:?}"));
+    let out = ok(&bed.b.cli(&["upgrade"]));
+    assert!(out.contains("upgraded"), "{out}");
+    let s = bed.b.status();
+    assert_eq!(s.upgrades, 1, "{s:?}");
+    let g1 = gen_of(&s, 1);
+    assert_eq!((g1.slot.as_deref(), g1.steered), (Some(slot1.as_str()), true), "{s:?}");
+    for (name, l) in &loads {
+        assert!(l.wait_for_ok(50, WAIT), "{name} stalled after the upgrade: {:?}", l.progress());
+    }
+    assert_eq!(bed.b.restart(), 2);
+    let s = bed.b.status();
+    let g2 = gen_of(&s, 2);
+    assert!(g2.steered && g2.slot.is_some() && g2.slot.as_deref() != Some(slot1.as_str()), "{s:?}");
+    let after = bed.load(Mode::NewConnection, 2, 100);
+    assert!(after.wait_for_ok(100, WAIT), "no answers after the restart: {:?}", after.progress());
+    for (name, l) in &loads {
+        assert!(l.wait_for_ok(20, WAIT), "{name} stalled after the restart: {:?}", l.progress());
+    }
+    let reports = finish("upgrade then restart", loads);
+    assert_nothing_failed(&reports);
+    let after = finish("after upgrade and restart", vec![("new-connection", after)]);
+    assert_nothing_failed(&after);
+    assert_eq!(answered_by(&after).keys().collect::<Vec<_>>(), ["2"]);
+}
+
+/// `--steering off` (TCP, under load) and a unix socket (steering cannot
+/// apply): restarts work on the shared socket, and status shows no slot
+/// and nothing steered.
+#[test]
+fn shared_accept_without_steering_still_restarts() {
+    let bed = Bed::start("steering-off", &["--steering", "off"], None, |d| httpd(d, "www", ""));
+    let loads = vec![
+        ("keep-alive", bed.load(Mode::KeepAlive, 4, 200)),
+        ("new-connection", bed.load(Mode::NewConnection, 4, 100)),
+    ];
+    for (name, l) in &loads {
+        assert!(l.wait_for_ok(50, WAIT), "{name}: no answers: {:?}", l.progress());
+    }
+    for n in 2..=3 {
+        assert_eq!(bed.b.restart(), n);
+        let s = bed.b.status();
+        assert!(s.generations.iter().all(|g| g.slot.is_none() && !g.steered), "{s:?}");
+        for (name, l) in &loads {
+            assert!(l.wait_for_ok(30, WAIT), "{name} stalled after restart {n}: {:?}", l.progress());
+        }
+    }
+    let reports = finish("--steering off", loads);
+    assert_nothing_failed(&reports);
+    assert!(answered_by(&reports).contains_key("3"));
+
+    // A unix socket, steering left on auto: shared, and said so.
+    let path = scratch("unix-sock").join("app.sock");
+    let listen = format!("http=unix:{}", path.display());
+    let bed = Bed::start("unix", &["--ready", "after:300ms"], Some(&listen), |d| tiny(d, ""));
+    let ask = || -> String {
+        let mut c = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        c.set_read_timeout(Some(WAIT)).unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).unwrap();
+        assert!(out.starts_with("HTTP/1.1 200"), "{out:?}");
+        out.lines().find_map(|l| l.strip_prefix("baton-pid: ")).unwrap().trim().to_owned()
+    };
+    assert_eq!(ask(), bed.b.generation_pid(1).to_string());
+    for n in 2..=3 {
+        assert_eq!(bed.b.restart(), n);
+        let s = bed.b.status();
+        assert!(s.generations.iter().all(|g| g.slot.is_none() && !g.steered), "{s:?}");
+        // Whichever generation answers (both accept on one socket while the
+        // old one drains), every request is answered.
+        for _ in 0..20 {
+            ask();
+        }
+    }
+    bed.b.wait_status("only generation 3", |s| s.generations.len() == 1);
+    assert_eq!(ask(), bed.b.generation_pid(3).to_string());
+    let log = bed.b.log();
+    assert!(log.contains("is shared by every generation"), "{}", bed.b.log_tail());
+}
+
+/// Restarts with steering, probe listeners and built-in probes leave
+/// Baton's fd count where it was.
+#[test]
+fn no_fd_leak_over_20_steered_restarts() {
+    let bed =
+        Bed::start("fds", &["--quiet-period", "0", "--probation", "0", "--health-http", "/probe.txt"], None, |d| {
+            httpd(d, "www", "")
+        });
+    // Warm up lazily created fds (runtime, logging).
+    assert_eq!(bed.b.restart(), 2);
+    bed.b.wait_status("generation 1 gone", |s| s.generations.len() == 1);
+    let before = bed.b.settled_fd_count();
+    for n in 3..=22 {
+        assert_eq!(bed.b.restart(), n);
+    }
+    bed.b.wait_status("draining generations gone", |s| s.generations.len() == 1);
+    let settled = poll_until("baton's fd count back to its start", Duration::from_secs(10), || {
+        (bed.b.fd_count() <= before).then_some(())
+    });
+    let after = bed.b.fd_count();
+    eprintln!("baton fds: {before} before, {after} after 20 steered restarts");
+    settled.unwrap_or_else(|e| panic!("{e}: {before} before, {after} after: {:?}", bed.b.fd_targets()));
+    let s = bed.b.status();
+    assert_eq!(s.restarts, 21);
+    assert!(gen_of(&s, 22).steered, "{s:?}");
+}
