@@ -41,7 +41,10 @@ fn baton_bin() -> &'static str {
 /// A python3 HTTP server for apps that know nothing of Baton: serves every
 /// passed listening socket (`LISTEN_FDS`, the probe listener included),
 /// one request per connection, answering `STATUS` with a `baton-pid`
-/// header. `--notify` sends `READY=1`; `--no-accept` never accepts. On
+/// header. `--notify` sends `READY=1`; `--no-accept` never accepts;
+/// `--probe-only` accepts from the `probe` listener only;
+/// `--die-on-traffic` exits 1 at its first connection that did not come
+/// through the `probe` listener (a crash on the first real request). On
 /// SIGTERM it stops accepting, finishes what it accepted, exits 0.
 const TINY_PY: &str = r#"
 import os, selectors, signal, socket, sys, threading
@@ -59,6 +62,8 @@ def notify(msg):
     s.close()
 n = int(os.environ.get("LISTEN_FDS", "0")) if os.environ.get("LISTEN_PID") == str(os.getpid()) else 0
 listeners = [socket.socket(fileno=3 + i) for i in range(n)]
+names = os.environ.get("LISTEN_FDNAMES", "").split(":")
+real = [i >= len(names) or names[i] != "probe" for i in range(n)]
 def serve(c):
     try:
         c.settimeout(10)
@@ -83,8 +88,10 @@ sel = selectors.DefaultSelector()
 sel.register(r, selectors.EVENT_READ, None)
 if "--no-accept" not in args:
     for l in listeners:
+        if "--probe-only" in args and real[listeners.index(l)]:
+            continue
         l.setblocking(False)
-        sel.register(l, selectors.EVENT_READ, l)
+        sel.register(l, selectors.EVENT_READ, (l, real[listeners.index(l)]))
 if "--notify" in args:
     notify("READY=1")
 threads = []
@@ -94,9 +101,11 @@ while True:
         break
     for key, _ in events:
         try:
-            c, _ = key.data.accept()
+            c, _ = key.data[0].accept()
         except (BlockingIOError, InterruptedError):
             continue
+        if key.data[1] and "--die-on-traffic" in args:
+            os._exit(1)
         c.setblocking(True)
         t = threading.Thread(target=serve, args=(c,))
         t.start()
@@ -591,6 +600,77 @@ fn shared_accept_without_steering_still_restarts() {
     assert_eq!(ask(), bed.b.generation_pid(3).to_string());
     let log = bed.b.log();
     assert!(log.contains("is shared by every generation"), "{}", bed.b.log_tail());
+}
+
+/// What was queued on a candidate's socket when it died on probation is
+/// rescued: handed to the old generation (baton-httpd adopts connections)
+/// and answered there, requests already sent included. Then a candidate
+/// that passes its probes but dies at its first real request: what that
+/// costs under load is counted and printed (the connection it accepted
+/// dies with it; what was still queued is rescued).
+#[test]
+fn what_a_failed_candidate_had_queued_is_rescued() {
+    let bed = Bed::start("rescue", &["--quiet-period", "200ms", "--probation", "30s", "--health-tcp"], None, |d| {
+        httpd(d, "www", "")
+    });
+    // A candidate that is ready, passes its probes and never accepts real
+    // connections: after the flip every new one waits in its queue.
+    bed.next(tiny(&bed.dir, "--notify --probe-only"));
+    let load = bed.load(Mode::NewConnection, 2, 50);
+    assert!(load.wait_for_ok(20, WAIT), "no answers: {:?}", load.progress());
+    let restart = bed.restart_in_background();
+    let s = bed.wait_gen("generation 2 on probation", 2, |g| g.state == "probation" && g.steered);
+    let mut queued: Vec<std::net::TcpStream> = (0..20)
+        .map(|_| {
+            let mut c = std::net::TcpStream::connect(bed.addr()).unwrap();
+            c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+            c
+        })
+        .collect();
+    let pid2 = gen_of(&s, 2).pid;
+    rustix::process::kill_process(rustix::process::Pid::from_raw(pid2 as i32).unwrap(), rustix::process::Signal::KILL)
+        .unwrap();
+    let err = failed_restart(&restart.join().unwrap());
+    assert!(err.contains("on probation, after it took the traffic (handed back to the old generation)"), "{err}");
+    for (i, c) in queued.iter_mut().enumerate() {
+        c.set_read_timeout(Some(WAIT)).unwrap();
+        let mut out = String::new();
+        let read = c.read_to_string(&mut out);
+        assert!(
+            read.is_ok() && out.starts_with("HTTP/1.1 200") && out.contains("baton-generation: 1"),
+            "queued connection {i}: {read:?} {out:?}\n{}",
+            bed.b.log_tail()
+        );
+    }
+    assert!(load.wait_for_ok(50, WAIT), "no answers after the hand-back: {:?}", load.progress());
+    let reports = finish("rescue of a never-accepting candidate", vec![("new-connection", load)]);
+    assert_nothing_failed(&reports);
+    assert_eq!(answered_by(&reports).keys().collect::<Vec<_>>(), ["1"]);
+
+    // Passes its probes, dies at its first real request.
+    bed.next(tiny(&bed.dir, "--notify --die-on-traffic"));
+    let loads = vec![
+        ("keep-alive", bed.load(Mode::KeepAlive, 4, 200)),
+        ("new-connection", bed.load(Mode::NewConnection, 4, 100)),
+    ];
+    for (name, l) in &loads {
+        assert!(l.wait_for_ok(50, WAIT), "{name}: no answers: {:?}", l.progress());
+    }
+    let err = failed_restart(&bed.b.cli(&["restart"]));
+    assert!(err.contains("generation 3 exited with status 1"), "{err}");
+    assert!(err.contains("on probation"), "{err}");
+    bed.b.wait_status("generation 1 steered again, alone", |s| s.generations.len() == 1 && s.generations[0].steered);
+    for (name, l) in &loads {
+        assert!(l.wait_for_ok(50, WAIT), "{name}: no answers after the hand-back: {:?}", l.progress());
+    }
+    let reports = finish("crash on the first real request", loads);
+    let failed: u64 = reports.iter().map(|(_, r)| r.failed()).sum();
+    eprintln!(
+        "crash on the first real request after the flip: {failed} failed requests under load, answered by {:?}",
+        answered_by(&reports)
+    );
+    assert_eq!(answered_by(&reports).keys().collect::<Vec<_>>(), ["1"], "the dying candidate answered nothing");
+    assert_eq!(bed.b.status().crash_restarts, 0);
 }
 
 /// Restarts with steering, probe listeners and built-in probes leave
