@@ -46,75 +46,7 @@ fn baton_bin() -> &'static str {
 /// `--die-on-traffic` exits 1 at its first connection that did not come
 /// through the `probe` listener (a crash on the first real request). On
 /// SIGTERM it stops accepting, finishes what it accepted, exits 0.
-const TINY_PY: &str = r#"
-import os, selectors, signal, socket, sys, threading
-args = sys.argv[1:]
-code = int(args[args.index("--status") + 1]) if "--status" in args else 200
-def notify(msg):
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    s.connect(addr)
-    s.send(msg.encode())
-    s.close()
-n = int(os.environ.get("LISTEN_FDS", "0")) if os.environ.get("LISTEN_PID") == str(os.getpid()) else 0
-listeners = [socket.socket(fileno=3 + i) for i in range(n)]
-names = os.environ.get("LISTEN_FDNAMES", "").split(":")
-real = [i >= len(names) or names[i] != "probe" for i in range(n)]
-def serve(c):
-    try:
-        c.settimeout(10)
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = c.recv(4096)
-            if not chunk:
-                return
-            head += chunk
-        body = b"tiny\n"
-        c.sendall(b"HTTP/1.1 %d X\r\nContent-Length: %d\r\nbaton-pid: %d\r\nConnection: close\r\n\r\n%s"
-                  % (code, len(body), os.getpid(), body))
-    except OSError:
-        pass
-    finally:
-        c.close()
-r, w = os.pipe()
-os.set_blocking(w, False)
-signal.set_wakeup_fd(w)
-signal.signal(signal.SIGTERM, lambda *a: None)
-sel = selectors.DefaultSelector()
-sel.register(r, selectors.EVENT_READ, None)
-if "--no-accept" not in args:
-    for l in listeners:
-        if "--probe-only" in args and real[listeners.index(l)]:
-            continue
-        l.setblocking(False)
-        sel.register(l, selectors.EVENT_READ, (l, real[listeners.index(l)]))
-if "--notify" in args:
-    notify("READY=1")
-threads = []
-while True:
-    events = sel.select()
-    if any(key.data is None for key, _ in events):
-        break
-    for key, _ in events:
-        try:
-            c, _ = key.data[0].accept()
-        except (BlockingIOError, InterruptedError):
-            continue
-        if key.data[1] and "--die-on-traffic" in args:
-            os._exit(1)
-        c.setblocking(True)
-        t = threading.Thread(target=serve, args=(c,))
-        t.start()
-        threads = [x for x in threads if x.is_alive()] + [t]
-for l in listeners:
-    l.close()
-for t in threads:
-    t.join()
-"#;
+const TINY_PY: &str = include_str!("proving/tiny.py");
 
 /// The python3 interpreter itself (not a shim that may stay the main
 /// process).
@@ -505,6 +437,42 @@ fn status_json_shows_proving_slot_and_steered() {
     let g2 = j["generations"].as_array().unwrap().iter().find(|g| g["generation"] == 2).unwrap();
     assert_eq!((g2["state"].as_str(), &g2["steered"]), (Some("active"), &serde_json::Value::Bool(true)), "{j}");
     assert!(g2.get("proving").is_none(), "{j}");
+}
+
+/// Restart requests that arrive while a candidate is proven or on
+/// probation are queued, not refused: each caller gets an answer, the
+/// first from the candidate, the later ones from the next generation,
+/// which they share. Nothing fails under load meanwhile.
+#[test]
+fn restarts_asked_during_proving_and_probation_are_answered_after() {
+    let bed = Bed::start("queued", &["--quiet-period", "3s", "--probation", "3s"], None, |d| httpd(d, "www", ""));
+    let loads = vec![
+        ("keep-alive", bed.load(Mode::KeepAlive, 4, 200)),
+        ("new-connection", bed.load(Mode::NewConnection, 4, 100)),
+    ];
+    for (name, l) in &loads {
+        assert!(l.wait_for_ok(50, WAIT), "{name}: no answers: {:?}", l.progress());
+    }
+    let first = bed.restart_in_background();
+    bed.wait_gen("generation 2 in its quiet period", 2, |g| g.state == "proving");
+    let during_quiet = bed.restart_in_background();
+    let s = bed.wait_gen("generation 2 on probation", 2, |g| g.state == "probation");
+    assert!(s.generations.iter().all(|g| g.generation <= 2), "a restart was started early: {s:?}");
+    let during_probation = bed.restart_in_background();
+    let answer = |h: std::thread::JoinHandle<Output>| ok(&h.join().unwrap());
+    let first = answer(first);
+    assert!(first.starts_with("generation 2 "), "{first}");
+    for (when, out) in [("quiet period", answer(during_quiet)), ("probation", answer(during_probation))] {
+        assert!(out.starts_with("generation 3 "), "the restart asked during the {when}: {out}");
+    }
+    let s = bed.wait_gen("generation 3 active", 3, |g| g.state == "active" && g.steered);
+    assert_eq!(s.restarts, 2, "{s:?}");
+    for (name, l) in &loads {
+        assert!(l.wait_for_ok(50, WAIT), "{name}: no answers after the restarts: {:?}", l.progress());
+    }
+    let reports = finish("restarts queued behind proving", loads);
+    assert_nothing_failed(&reports);
+    assert!(answered_by(&reports).contains_key("3"));
 }
 
 /// `baton upgrade` with steering active keeps it: a restart afterwards
