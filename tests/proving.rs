@@ -325,6 +325,53 @@ fn a_candidate_dying_on_probation_hands_the_traffic_back() {
     assert_eq!(bed.b.restart(), 3);
 }
 
+/// A candidate whose probe starts failing on probation (its probed file
+/// removed after the flip: 404) is asked to stop, not killed: the traffic
+/// goes back, the keep-alive connections it served are handed back to the
+/// old generation, and nothing fails under load.
+#[test]
+fn a_probe_failing_on_probation_hands_everything_back() {
+    let bed = Bed::start(
+        "probe-probation",
+        &["--quiet-period", "200ms", "--probation", "30s", "--health-http", "/probe.txt"],
+        None,
+        |d| httpd(d, "www", ""),
+    );
+    let root2 = bed.dir.join("www2");
+    std::fs::create_dir_all(&root2).unwrap();
+    for f in ["index.html", "probe.txt"] {
+        std::fs::copy(bed.dir.join("www").join(f), root2.join(f)).unwrap();
+    }
+    bed.next(httpd(&bed.dir, "www2", ""));
+    let loads = vec![
+        ("keep-alive", bed.load(Mode::KeepAlive, 4, 200)),
+        ("new-connection", bed.load(Mode::NewConnection, 4, 100)),
+    ];
+    for (name, l) in &loads {
+        assert!(l.wait_for_ok(50, WAIT), "{name}: no answers: {:?}", l.progress());
+    }
+    let restart = bed.restart_in_background();
+    bed.wait_gen("generation 2 on probation", 2, |g| g.state == "probation" && g.steered);
+    for (name, l) in &loads {
+        assert!(l.wait_for_ok(50, WAIT), "{name}: no answers on probation: {:?}", l.progress());
+    }
+    std::fs::remove_file(root2.join("probe.txt")).unwrap();
+    let err = failed_restart(&restart.join().unwrap());
+    assert!(err.contains("generation 2 probe failed: GET /probe.txt answered 404"), "{err}");
+    assert!(err.contains("on probation, after it took the traffic (handed back to the old generation)"), "{err}");
+    let s = bed.b.wait_status("generation 2 gone", |s| s.generations.len() == 1);
+    assert!(gen_of(&s, 1).steered && s.crash_restarts == 0, "{s:?}");
+    for (name, l) in &loads {
+        assert!(l.wait_for_ok(50, WAIT), "{name}: no answers after the hand-back: {:?}", l.progress());
+    }
+    let reports = finish("probe failing on probation", loads);
+    let by = answered_by(&reports);
+    eprintln!("probe failing on probation: answered by {by:?}");
+    assert_nothing_failed(&reports);
+    assert!(by.contains_key("2"), "generation 2 got no traffic on probation: {by:?}");
+    assert!(bed.b.log().contains("generation 2 failed; traffic handed back to generation 1"), "{}", bed.b.log_tail());
+}
+
 /// `--health-http`: a candidate answering 500 on its probe, and one whose
 /// root has no such path (404), are refused before any traffic: nothing
 /// fails and nothing non-2xx reaches the load.
@@ -570,24 +617,17 @@ fn shared_accept_without_steering_still_restarts() {
     assert!(log.contains("is shared by every generation"), "{}", bed.b.log_tail());
 }
 
-/// What was queued on a candidate's socket when it died on probation is
-/// rescued: handed to the old generation (baton-httpd adopts connections)
-/// and answered there, requests already sent included. Then a candidate
-/// that passes its probes but dies at its first real request: what that
-/// costs under load is counted and printed (the connection it accepted
-/// dies with it; what was still queued is rescued).
-#[test]
-fn what_a_failed_candidate_had_queued_is_rescued() {
-    let bed = Bed::start("rescue", &["--quiet-period", "200ms", "--probation", "30s", "--health-tcp"], None, |d| {
-        httpd(d, "www", "")
-    });
-    // A candidate that is ready, passes its probes and never accepts real
-    // connections: after the flip every new one waits in its queue.
+/// Generation 1 serving on `bed`; a candidate that is ready, passes its
+/// probes and never accepts real connections (after the flip every new
+/// one waits in its queue) is killed on probation with 20 requests and a
+/// load queued on it: all are answered by generation 1, whose answers
+/// carry `header` and count in the load as `key`.
+fn rescue_from_a_killed_candidate(bed: &Bed, header: &str, key: &str) {
     bed.next(tiny(&bed.dir, "--notify --probe-only"));
     let load = bed.load(Mode::NewConnection, 2, 50);
     assert!(load.wait_for_ok(20, WAIT), "no answers: {:?}", load.progress());
     let restart = bed.restart_in_background();
-    let s = bed.wait_gen("generation 2 on probation", 2, |g| g.state == "probation" && g.steered);
+    let s = bed.wait_gen("the candidate on probation", 2, |g| g.state == "probation" && g.steered);
     let mut queued: Vec<std::net::TcpStream> = (0..20)
         .map(|_| {
             let mut c = std::net::TcpStream::connect(bed.addr()).unwrap();
@@ -605,15 +645,45 @@ fn what_a_failed_candidate_had_queued_is_rescued() {
         let mut out = String::new();
         let read = c.read_to_string(&mut out);
         assert!(
-            read.is_ok() && out.starts_with("HTTP/1.1 200") && out.contains("baton-generation: 1"),
+            read.is_ok() && out.starts_with("HTTP/1.1 200") && out.contains(header),
             "queued connection {i}: {read:?} {out:?}\n{}",
             bed.b.log_tail()
         );
     }
     assert!(load.wait_for_ok(50, WAIT), "no answers after the hand-back: {:?}", load.progress());
-    let reports = finish("rescue of a never-accepting candidate", vec![("new-connection", load)]);
+    let reports = finish("rescue from a killed candidate", vec![("new-connection", load)]);
     assert_nothing_failed(&reports);
-    assert_eq!(answered_by(&reports).keys().collect::<Vec<_>>(), ["1"]);
+    assert_eq!(answered_by(&reports).keys().collect::<Vec<_>>(), [key]);
+    assert!(
+        bed.b.log().contains("connection(s) queued for the failed generation go to generation 1"),
+        "{}",
+        bed.b.log_tail()
+    );
+}
+
+/// The old generation does not adopt connections (`tiny.py`): what was
+/// queued on the failed candidate is relayed to it through the address.
+#[test]
+fn what_a_failed_candidate_had_queued_is_relayed_to_an_old_generation() {
+    let bed = Bed::start("relay", &["--quiet-period", "200ms", "--probation", "30s", "--health-tcp"], None, |d| {
+        tiny(d, "--notify")
+    });
+    let pid1 = bed.b.generation_pid(1);
+    rescue_from_a_killed_candidate(&bed, &format!("baton-pid: {pid1}"), &format!("pid:{pid1}"));
+}
+
+/// What was queued on a candidate's socket when it died on probation is
+/// rescued: handed to the old generation (baton-httpd adopts connections)
+/// and answered there, requests already sent included. Then a candidate
+/// that passes its probes but dies at its first real request: what that
+/// costs under load is counted and printed (the connection it accepted
+/// dies with it; what was still queued is rescued).
+#[test]
+fn what_a_failed_candidate_had_queued_is_rescued() {
+    let bed = Bed::start("rescue", &["--quiet-period", "200ms", "--probation", "30s", "--health-tcp"], None, |d| {
+        httpd(d, "www", "")
+    });
+    rescue_from_a_killed_candidate(&bed, "baton-generation: 1", "1");
 
     // Passes its probes, dies at its first real request.
     bed.next(tiny(&bed.dir, "--notify --die-on-traffic"));
