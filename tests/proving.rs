@@ -1,7 +1,7 @@
 //! Proving and steering, at the supervisor's level, with real processes
 //! and real sockets under load ([`baton_testbed::load`]): a candidate gets
 //! no real traffic during its quiet period, takes it all at the flip,
-//! and hands it back when it fails on probation; bad candidates (exiting
+//! and hands it back when it fails on probation (tests/probation.rs); bad candidates (exiting
 //! while proven, exiting on probation, failing their HTTP probe, never
 //! accepting) are refused with the reason while the old generation serves;
 //! apps without `READY=1` become ready by probe or by timer; `baton
@@ -11,171 +11,24 @@
 //! Every generation runs what `DIR/cmd` says at its spawn (`sh -c 'exec
 //! $(cat DIR/cmd)'`), so a test chooses the next generation's program and
 //! flags by rewriting that file before `baton restart`. Apps: `baton-httpd`
-//! (answers with its generation), and `tiny.py` below (a python3 server
+//! (answers with its generation), and `proving/tiny.py` (a python3 server
 //! without `sd_notify` unless asked, answering with its pid). No timing
 //! asserts: phases are observed in `baton status`, and the lengths chosen
 //! only make the observation possible on a slow machine. No root needed.
 
-use std::collections::BTreeMap;
-use std::ffi::OsStr;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use baton::control::{GenerationStatus, Status};
-use baton_testbed::baton::{Baton, BatonBuilder, WAIT};
+use baton_testbed::baton::{Baton, WAIT};
 use baton_testbed::expect_success as ok;
-use baton_testbed::load::{Load, LoadConfig, LoadReport, Mode};
-use baton_testbed::{cargo_bin, poll_until};
+use baton_testbed::load::Mode;
+use baton_testbed::poll_until;
 
-fn scratch(test: &str) -> PathBuf {
-    baton_testbed::unique_temp_dir("baton-proving", test)
-}
+#[path = "proving/bed.rs"]
+mod bed;
 
-fn baton_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_baton")
-}
-
-/// A python3 HTTP server for apps that know nothing of Baton: serves every
-/// passed listening socket (`LISTEN_FDS`, the probe listener included),
-/// one request per connection, answering `STATUS` with a `baton-pid`
-/// header. `--notify` sends `READY=1`; `--no-accept` never accepts;
-/// `--probe-only` accepts from the `probe` listener only;
-/// `--die-on-traffic` exits 1 at its first connection that did not come
-/// through the `probe` listener (a crash on the first real request). On
-/// SIGTERM it stops accepting, finishes what it accepted, exits 0.
-const TINY_PY: &str = include_str!("proving/tiny.py");
-
-/// The python3 interpreter itself (not a shim that may stay the main
-/// process).
-fn python3() -> String {
-    let out = std::process::Command::new("python3")
-        .args(["-c", "import sys; print(sys.executable)"])
-        .output()
-        .expect("python3 is needed (Debian's python3)");
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
-
-/// One test's Baton and the command its next generation runs.
-struct Bed {
-    dir: PathBuf,
-    b: Baton,
-}
-
-impl Bed {
-    /// `baton run ARGS` whose generations run what [`Bed::next`] wrote;
-    /// the first runs `cmd`. `listen`: the `-l` of the app (the default
-    /// TCP listener when `None`).
-    fn start(test: &str, args: &[&str], listen: Option<&str>, cmd: impl FnOnce(&Path) -> String) -> Bed {
-        let dir = scratch(test);
-        for (root, probe) in [("www", true), ("www-noprobe", false)] {
-            std::fs::create_dir_all(dir.join(root)).unwrap();
-            std::fs::write(dir.join(root).join("index.html"), "proving\n").unwrap();
-            if probe {
-                std::fs::write(dir.join(root).join("probe.txt"), "ok\n").unwrap();
-            }
-        }
-        std::fs::write(dir.join("tiny.py"), TINY_PY).unwrap();
-        std::fs::write(dir.join("cmd"), cmd(&dir)).unwrap();
-        let app: [&OsStr; 3] = ["/bin/sh".as_ref(), "-c".as_ref(), r#"exec $(cat "$T_DIR/cmd")"#.as_ref()];
-        let mut builder = BatonBuilder::new(baton_bin(), &dir).args(args).app(app).env("T_DIR", &dir).current_dir(&dir);
-        if let Some(l) = listen {
-            builder = builder.no_http_listener().args(["-l", l]);
-        }
-        let b = builder.spawn();
-        if listen.is_none() {
-            b.port();
-        }
-        b.wait_active(1);
-        Bed { dir, b }
-    }
-
-    /// What the next generation runs.
-    fn next(&self, cmd: String) {
-        std::fs::write(self.dir.join("cmd"), cmd).unwrap();
-    }
-
-    fn addr(&self) -> SocketAddr {
-        SocketAddr::from((Ipv4Addr::LOCALHOST, self.b.port()))
-    }
-
-    /// A load on the listener.
-    fn load(&self, mode: Mode, connections: usize, rate: u32) -> Load {
-        let config = LoadConfig::new(self.addr())
-            .mode(mode)
-            .connections(connections)
-            .rate(Some(rate))
-            .request_timeout(Duration::from_secs(20))
-            .max_duration(Duration::from_secs(120));
-        Load::start(config).expect("the load")
-    }
-
-    /// `baton restart` in a thread (it returns only after proving and
-    /// probation).
-    fn restart_in_background(&self) -> std::thread::JoinHandle<Output> {
-        let (baton, control) = (baton_bin().to_owned(), self.b.control().to_owned());
-        std::thread::spawn(move || baton_testbed::baton::cli_at(Path::new(&baton), &control, &["restart"]))
-    }
-
-    /// Polls `status` until generation `n` is there and `pred` holds for it.
-    fn wait_gen(&self, what: &str, n: u64, mut pred: impl FnMut(&GenerationStatus) -> bool) -> Status {
-        self.b.wait_status(what, |s| s.generations.iter().any(|g| g.generation == n && pred(g)))
-    }
-}
-
-/// `baton-httpd` serving `DIR/ROOT`, with more flags.
-fn httpd(dir: &Path, root: &str, flags: &str) -> String {
-    let httpd = cargo_bin("baton-httpd", "baton-httpd");
-    format!("{} --root {} {flags}", httpd.display(), dir.join(root).display())
-}
-
-/// `tiny.py` with flags.
-fn tiny(dir: &Path, flags: &str) -> String {
-    format!("{} {} {flags}", python3(), dir.join("tiny.py").display())
-}
-
-fn gen_of(s: &Status, n: u64) -> &GenerationStatus {
-    s.generations.iter().find(|g| g.generation == n).unwrap_or_else(|| panic!("no generation {n}: {s:?}"))
-}
-
-/// Stops the loads, prints each report, and returns them.
-fn finish(test: &str, loads: Vec<(&'static str, Load)>) -> Vec<(&'static str, LoadReport)> {
-    loads
-        .into_iter()
-        .map(|(name, load)| {
-            let r = load.stop();
-            eprintln!("{test}: {name} load: {}", r.to_json());
-            (name, r)
-        })
-        .collect()
-}
-
-fn assert_nothing_failed(reports: &[(&str, LoadReport)]) {
-    for (name, r) in reports {
-        assert!(r.ok > 0, "{name}: nothing answered: {}", r.to_json());
-        assert_eq!(r.failed(), 0, "{} {name} requests failed: {}", r.failed(), r.to_json());
-        assert!(r.bad_statuses.is_empty(), "{name}: non-2xx answers: {}", r.to_json());
-    }
-}
-
-/// Answers by generation, all loads together.
-fn answered_by(reports: &[(&str, LoadReport)]) -> BTreeMap<String, u64> {
-    let mut by = BTreeMap::new();
-    for (_, r) in reports {
-        for (g, n) in &r.per_generation {
-            *by.entry(g.clone()).or_default() += n;
-        }
-    }
-    by
-}
-
-fn failed_restart(out: &Output) -> String {
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(1), "the restart should fail: {out:?}");
-    err
-}
+use bed::*;
 
 /// Before the flip every answer under load comes from the old generation
 /// (the candidate's probes go to its own listener); once the restart has
@@ -268,108 +121,6 @@ fn a_candidate_exiting_in_its_quiet_period_costs_nothing() {
     assert_eq!(s.generations.len(), 1, "{s:?}");
     assert_eq!((s.restarts, s.crash_restarts), (before.restarts, before.crash_restarts));
     assert!(s.last_failure.as_deref().unwrap_or("").contains("before it got any traffic"), "{s:?}");
-}
-
-/// A candidate killed on probation, after it took the traffic: the
-/// traffic is handed back, the restart fails naming probation, the old
-/// generation serves on, and no crash restart starts on the rejected
-/// code. What it costs under load is counted and printed (what the
-/// candidate had accepted and not answered dies with it; what was queued
-/// on its socket is rescued).
-#[test]
-fn a_candidate_dying_on_probation_hands_the_traffic_back() {
-    let bed =
-        Bed::start("probation", &["--quiet-period", "200ms", "--probation", "30s"], None, |d| httpd(d, "www", ""));
-    let loads = vec![
-        ("keep-alive", bed.load(Mode::KeepAlive, 4, 200)),
-        ("new-connection", bed.load(Mode::NewConnection, 4, 100)),
-    ];
-    for (name, l) in &loads {
-        assert!(l.wait_for_ok(50, WAIT), "{name}: no answers: {:?}", l.progress());
-    }
-    let before = bed.b.status();
-    let restart = bed.restart_in_background();
-    let s = bed.wait_gen("generation 2 on probation", 2, |g| g.state == "probation" && g.steered);
-    let pid2 = gen_of(&s, 2).pid;
-    assert!(!gen_of(&s, 1).steered, "{s:?}");
-    // It takes real traffic before it dies.
-    let taken = loads.iter().map(|(_, l)| l.progress().ok).sum::<u64>();
-    poll_until("new answers on probation", WAIT, || {
-        (loads.iter().map(|(_, l)| l.progress().ok).sum::<u64>() >= taken + 50).then_some(())
-    })
-    .unwrap();
-    rustix::process::kill_process(rustix::process::Pid::from_raw(pid2 as i32).unwrap(), rustix::process::Signal::KILL)
-        .unwrap();
-    let err = failed_restart(&restart.join().unwrap());
-    assert!(err.contains("generation 2 killed by SIGKILL"), "{err}");
-    assert!(err.contains("on probation, after it took the traffic (handed back to the old generation)"), "{err}");
-
-    let s = bed.wait_gen("generation 1 steered again, 2 gone", 1, |g| g.state == "active" && g.steered);
-    assert_eq!(s.generations.len(), 1, "{s:?}");
-    let after = bed.load(Mode::NewConnection, 2, 100);
-    assert!(after.wait_for_ok(100, WAIT), "no answers after the hand-back: {:?}", after.progress());
-    let reports = finish("probation death", loads);
-    let failed: u64 = reports.iter().map(|(_, r)| r.failed()).sum();
-    let by = answered_by(&reports);
-    eprintln!("probation death: {failed} failed requests under load, answered by generation {by:?}");
-    assert!(by.contains_key("2"), "generation 2 never got traffic on probation: {by:?}");
-    let after = finish("after the hand-back", vec![("new-connection", after)]);
-    assert_nothing_failed(&after);
-    assert_eq!(answered_by(&after).keys().collect::<Vec<_>>(), ["1"]);
-    // No crash restart on the rejected code, then or later.
-    let s = bed.b.status();
-    assert_eq!((s.restarts, s.crash_restarts), (before.restarts, before.crash_restarts), "{s:?}");
-    assert_eq!(s.generations.iter().map(|g| g.generation).collect::<Vec<_>>(), [1], "{s:?}");
-    assert!(s.last_failure.as_deref().unwrap_or("").contains("on probation"), "{s:?}");
-    // And a good restart still goes through.
-    assert_eq!(bed.b.restart(), 3);
-}
-
-/// A candidate whose probe starts failing on probation (its probed file
-/// removed after the flip: 404) is asked to stop, not killed: the traffic
-/// goes back, the keep-alive connections it served are handed back to the
-/// old generation, and nothing fails under load.
-#[test]
-fn a_probe_failing_on_probation_hands_everything_back() {
-    let bed = Bed::start(
-        "probe-probation",
-        &["--quiet-period", "200ms", "--probation", "30s", "--health-http", "/probe.txt"],
-        None,
-        |d| httpd(d, "www", ""),
-    );
-    let root2 = bed.dir.join("www2");
-    std::fs::create_dir_all(&root2).unwrap();
-    for f in ["index.html", "probe.txt"] {
-        std::fs::copy(bed.dir.join("www").join(f), root2.join(f)).unwrap();
-    }
-    bed.next(httpd(&bed.dir, "www2", ""));
-    let loads = vec![
-        ("keep-alive", bed.load(Mode::KeepAlive, 4, 200)),
-        ("new-connection", bed.load(Mode::NewConnection, 4, 100)),
-    ];
-    for (name, l) in &loads {
-        assert!(l.wait_for_ok(50, WAIT), "{name}: no answers: {:?}", l.progress());
-    }
-    let restart = bed.restart_in_background();
-    bed.wait_gen("generation 2 on probation", 2, |g| g.state == "probation" && g.steered);
-    for (name, l) in &loads {
-        assert!(l.wait_for_ok(50, WAIT), "{name}: no answers on probation: {:?}", l.progress());
-    }
-    std::fs::remove_file(root2.join("probe.txt")).unwrap();
-    let err = failed_restart(&restart.join().unwrap());
-    assert!(err.contains("generation 2 probe failed: GET /probe.txt answered 404"), "{err}");
-    assert!(err.contains("on probation, after it took the traffic (handed back to the old generation)"), "{err}");
-    let s = bed.b.wait_status("generation 2 gone", |s| s.generations.len() == 1);
-    assert!(gen_of(&s, 1).steered && s.crash_restarts == 0, "{s:?}");
-    for (name, l) in &loads {
-        assert!(l.wait_for_ok(50, WAIT), "{name}: no answers after the hand-back: {:?}", l.progress());
-    }
-    let reports = finish("probe failing on probation", loads);
-    let by = answered_by(&reports);
-    eprintln!("probe failing on probation: answered by {by:?}");
-    assert_nothing_failed(&reports);
-    assert!(by.contains_key("2"), "generation 2 got no traffic on probation: {by:?}");
-    assert!(bed.b.log().contains("generation 2 failed; traffic handed back to generation 1"), "{}", bed.b.log_tail());
 }
 
 /// `--health-http`: a candidate answering 500 on its probe, and one whose
@@ -615,100 +366,6 @@ fn shared_accept_without_steering_still_restarts() {
     assert_eq!(ask(), bed.b.generation_pid(3).to_string());
     let log = bed.b.log();
     assert!(log.contains("is shared by every generation"), "{}", bed.b.log_tail());
-}
-
-/// Generation 1 serving on `bed`; a candidate that is ready, passes its
-/// probes and never accepts real connections (after the flip every new
-/// one waits in its queue) is killed on probation with 20 requests and a
-/// load queued on it: all are answered by generation 1, whose answers
-/// carry `header` and count in the load as `key`.
-fn rescue_from_a_killed_candidate(bed: &Bed, header: &str, key: &str) {
-    bed.next(tiny(&bed.dir, "--notify --probe-only"));
-    let load = bed.load(Mode::NewConnection, 2, 50);
-    assert!(load.wait_for_ok(20, WAIT), "no answers: {:?}", load.progress());
-    let restart = bed.restart_in_background();
-    let s = bed.wait_gen("the candidate on probation", 2, |g| g.state == "probation" && g.steered);
-    let mut queued: Vec<std::net::TcpStream> = (0..20)
-        .map(|_| {
-            let mut c = std::net::TcpStream::connect(bed.addr()).unwrap();
-            c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-            c
-        })
-        .collect();
-    let pid2 = gen_of(&s, 2).pid;
-    rustix::process::kill_process(rustix::process::Pid::from_raw(pid2 as i32).unwrap(), rustix::process::Signal::KILL)
-        .unwrap();
-    let err = failed_restart(&restart.join().unwrap());
-    assert!(err.contains("on probation, after it took the traffic (handed back to the old generation)"), "{err}");
-    for (i, c) in queued.iter_mut().enumerate() {
-        c.set_read_timeout(Some(WAIT)).unwrap();
-        let mut out = String::new();
-        let read = c.read_to_string(&mut out);
-        assert!(
-            read.is_ok() && out.starts_with("HTTP/1.1 200") && out.contains(header),
-            "queued connection {i}: {read:?} {out:?}\n{}",
-            bed.b.log_tail()
-        );
-    }
-    assert!(load.wait_for_ok(50, WAIT), "no answers after the hand-back: {:?}", load.progress());
-    let reports = finish("rescue from a killed candidate", vec![("new-connection", load)]);
-    assert_nothing_failed(&reports);
-    assert_eq!(answered_by(&reports).keys().collect::<Vec<_>>(), [key]);
-    assert!(
-        bed.b.log().contains("connection(s) queued for the failed generation go to generation 1"),
-        "{}",
-        bed.b.log_tail()
-    );
-}
-
-/// The old generation does not adopt connections (`tiny.py`): what was
-/// queued on the failed candidate is relayed to it through the address.
-#[test]
-fn what_a_failed_candidate_had_queued_is_relayed_to_an_old_generation() {
-    let bed = Bed::start("relay", &["--quiet-period", "200ms", "--probation", "30s", "--health-tcp"], None, |d| {
-        tiny(d, "--notify")
-    });
-    let pid1 = bed.b.generation_pid(1);
-    rescue_from_a_killed_candidate(&bed, &format!("baton-pid: {pid1}"), &format!("pid:{pid1}"));
-}
-
-/// What was queued on a candidate's socket when it died on probation is
-/// rescued: handed to the old generation (baton-httpd adopts connections)
-/// and answered there, requests already sent included. Then a candidate
-/// that passes its probes but dies at its first real request: what that
-/// costs under load is counted and printed (the connection it accepted
-/// dies with it; what was still queued is rescued).
-#[test]
-fn what_a_failed_candidate_had_queued_is_rescued() {
-    let bed = Bed::start("rescue", &["--quiet-period", "200ms", "--probation", "30s", "--health-tcp"], None, |d| {
-        httpd(d, "www", "")
-    });
-    rescue_from_a_killed_candidate(&bed, "baton-generation: 1", "1");
-
-    // Passes its probes, dies at its first real request.
-    bed.next(tiny(&bed.dir, "--notify --die-on-traffic"));
-    let loads = vec![
-        ("keep-alive", bed.load(Mode::KeepAlive, 4, 200)),
-        ("new-connection", bed.load(Mode::NewConnection, 4, 100)),
-    ];
-    for (name, l) in &loads {
-        assert!(l.wait_for_ok(50, WAIT), "{name}: no answers: {:?}", l.progress());
-    }
-    let err = failed_restart(&bed.b.cli(&["restart"]));
-    assert!(err.contains("generation 3 exited with status 1"), "{err}");
-    assert!(err.contains("on probation"), "{err}");
-    bed.b.wait_status("generation 1 steered again, alone", |s| s.generations.len() == 1 && s.generations[0].steered);
-    for (name, l) in &loads {
-        assert!(l.wait_for_ok(50, WAIT), "{name}: no answers after the hand-back: {:?}", l.progress());
-    }
-    let reports = finish("crash on the first real request", loads);
-    let failed: u64 = reports.iter().map(|(_, r)| r.failed()).sum();
-    eprintln!(
-        "crash on the first real request after the flip: {failed} failed requests under load, answered by {:?}",
-        answered_by(&reports)
-    );
-    assert_eq!(answered_by(&reports).keys().collect::<Vec<_>>(), ["1"], "the dying candidate answered nothing");
-    assert_eq!(bed.b.status().crash_restarts, 0);
 }
 
 /// Restarts with steering, probe listeners and built-in probes leave
