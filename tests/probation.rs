@@ -46,8 +46,7 @@ fn a_candidate_dying_on_probation_hands_the_traffic_back() {
         (loads.iter().map(|(_, l)| l.progress().ok).sum::<u64>() >= taken + 50).then_some(())
     })
     .unwrap();
-    rustix::process::kill_process(rustix::process::Pid::from_raw(pid2 as i32).unwrap(), rustix::process::Signal::KILL)
-        .unwrap();
+    kill(pid2);
     let err = failed_restart(&restart.join().unwrap());
     assert!(err.contains("generation 2 killed by SIGKILL"), "{err}");
     assert!(err.contains("on probation, after it took the traffic (handed back to the old generation)"), "{err}");
@@ -139,8 +138,7 @@ fn rescue_from_a_killed_candidate(bed: &Bed, header: &str, key: &str) {
         })
         .collect();
     let pid2 = gen_of(&s, 2).pid;
-    rustix::process::kill_process(rustix::process::Pid::from_raw(pid2 as i32).unwrap(), rustix::process::Signal::KILL)
-        .unwrap();
+    kill(pid2);
     let err = failed_restart(&restart.join().unwrap());
     assert!(err.contains("on probation, after it took the traffic (handed back to the old generation)"), "{err}");
     for (i, c) in queued.iter_mut().enumerate() {
@@ -212,4 +210,79 @@ fn what_a_failed_candidate_had_queued_is_rescued() {
     );
     assert_eq!(answered_by(&reports).keys().collect::<Vec<_>>(), ["1"], "the dying candidate answered nothing");
     assert_eq!(bed.b.status().crash_restarts, 0);
+}
+
+/// A restart asked while the candidate is on probation waits for it; when
+/// the candidate then fails, the waiting request is not lost: it starts
+/// the next generation and is answered by it. `baton upgrade` meanwhile is
+/// refused with the reason, and the probation goes on.
+#[test]
+fn a_restart_waiting_behind_a_failed_probation_gets_the_next_generation() {
+    let bed = Bed::start("behind-probation", &["--quiet-period", "200ms", "--probation", "6s"], None, |d| {
+        httpd(d, "www", "")
+    });
+    let load = bed.load(Mode::NewConnection, 4, 100);
+    assert!(load.wait_for_ok(50, WAIT), "no answers: {:?}", load.progress());
+    let first = bed.restart_in_background();
+    let s = bed.wait_gen("generation 2 on probation", 2, |g| g.state == "probation" && g.steered);
+    let waiting = bed.restart_in_background();
+    // Nothing shows a waiting request; the upgrade asked below is a
+    // round trip after it was sent, so it is in by the kill (were it not,
+    // it would be a fresh restart, answered the same).
+    let upgrade = bed.b.cli(&["upgrade"]);
+    let err = String::from_utf8_lossy(&upgrade.stderr).into_owned();
+    eprintln!("upgrade on probation: {:?} {err}", upgrade.status.code());
+    assert!(!upgrade.status.success(), "an upgrade during probation: {upgrade:?}");
+    assert!(err.contains("busy: a restart is in progress (generation 2 "), "{err}");
+    assert!(gen_of(&bed.b.status(), 2).state == "probation", "the upgrade refusal ended the probation");
+    kill(gen_of(&s, 2).pid);
+    let err = failed_restart(&first.join().unwrap());
+    assert!(err.contains("generation 2 killed by SIGKILL"), "{err}");
+    let out = waiting.join().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success() && text.starts_with("generation 3 "), "the waiting restart: {out:?}");
+    let s = bed.wait_gen("generation 3 active", 3, |g| g.state == "active" && g.steered);
+    assert_eq!((s.restarts, s.crash_restarts), (1, 0), "{s:?}");
+    assert!(load.wait_for_ok(50, WAIT), "no answers after: {:?}", load.progress());
+    let reports = finish("restart behind a failed probation", vec![("new-connection", load)]);
+    let failed: u64 = reports.iter().map(|(_, r)| r.failed()).sum();
+    eprintln!("restart behind a failed probation: {failed} failed requests, answered by {:?}", answered_by(&reports));
+    assert!(answered_by(&reports).contains_key("3"));
+}
+
+/// `WATCHDOG=trigger` on probation (at its first real request): the
+/// traffic is handed back, the candidate is aborted (SIGABRT, as systemd
+/// does), the restart fails naming its watchdog, no crash restart. What it
+/// costs under load is counted and printed.
+#[test]
+fn a_watchdog_trigger_on_probation_hands_the_traffic_back() {
+    let bed =
+        Bed::start("watchdog", &["--quiet-period", "200ms", "--probation", "30s", "--health-http", "/"], None, |d| {
+            httpd(d, "www", "")
+        });
+    let loads = vec![
+        ("keep-alive", bed.load(Mode::KeepAlive, 4, 200)),
+        ("new-connection", bed.load(Mode::NewConnection, 4, 100)),
+    ];
+    for (name, l) in &loads {
+        assert!(l.wait_for_ok(50, WAIT), "{name}: no answers: {:?}", l.progress());
+    }
+    bed.next(tiny(&bed.dir, "--notify --trigger-on-traffic"));
+    let err = failed_restart(&bed.b.cli(&["restart"]));
+    assert!(err.contains("generation 2 missed its watchdog on probation"), "{err}");
+    assert!(err.contains("(handed back to the old generation)"), "{err}");
+    let s = bed.b.wait_status("generation 2 gone", |s| s.generations.len() == 1);
+    assert!(gen_of(&s, 1).steered, "{s:?}");
+    assert_eq!((s.restarts, s.crash_restarts), (0, 0), "{s:?}");
+    for (name, l) in &loads {
+        assert!(l.wait_for_ok(50, WAIT), "{name}: no answers after the hand-back: {:?}", l.progress());
+    }
+    let reports = finish("watchdog trigger on probation", loads);
+    let failed: u64 = reports.iter().map(|(_, r)| r.failed()).sum();
+    eprintln!(
+        "watchdog trigger on probation: {failed} failed requests under load, answered by {:?}",
+        answered_by(&reports)
+    );
+    assert!(answered_by(&reports).contains_key("1"));
+    assert!(bed.b.log().contains("generation 2 failed; traffic handed back to generation 1"), "{}", bed.b.log_tail());
 }

@@ -29,8 +29,9 @@ pub fn baton_bin() -> &'static str {
 /// one request per connection, answering `STATUS` with a `baton-pid`
 /// header. `--notify` sends `READY=1`; `--no-accept` never accepts;
 /// `--probe-only` accepts from the `probe` listener only;
-/// `--die-on-traffic` exits 1 at its first connection that did not come
-/// through the `probe` listener (a crash on the first real request). On
+/// `--die-on-traffic` exits 1 at its first request that did not come
+/// through the `probe` listener (a crash on the first real request);
+/// `--trigger-on-traffic` sends `WATCHDOG=trigger` then, and serves on. On
 /// SIGTERM it stops accepting, finishes what it accepted, exits 0.
 pub const TINY_PY: &str = include_str!("tiny.py");
 
@@ -161,4 +162,10 @@ pub fn failed_restart(out: &Output) -> String {
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(1), "the restart should fail: {out:?}");
     err
+}
+
+/// SIGKILL to `pid` (a crash, as the kernel's OOM killer would).
+pub fn kill(pid: u32) {
+    let pid = rustix::process::Pid::from_raw(pid as i32).expect("a pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::KILL).expect("kill");
 }

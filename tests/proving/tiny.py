@@ -16,7 +16,8 @@ n = int(os.environ.get("LISTEN_FDS", "0")) if os.environ.get("LISTEN_PID") == st
 listeners = [socket.socket(fileno=3 + i) for i in range(n)]
 names = os.environ.get("LISTEN_FDNAMES", "").split(":")
 real = [i >= len(names) or names[i] != "probe" for i in range(n)]
-def serve(c):
+triggered = []
+def serve(c, real):
     try:
         c.settimeout(10)
         head = b""
@@ -25,6 +26,13 @@ def serve(c):
             if not chunk:
                 return
             head += chunk
+        # A real request (not a probe, nor an empty connection such as
+        # Baton's steering calibration leaves for the first generation).
+        if real and "--die-on-traffic" in args:
+            os._exit(1)
+        if real and "--trigger-on-traffic" in args and not triggered:
+            triggered.append(True)
+            notify("WATCHDOG=trigger")
         body = b"tiny\n"
         c.sendall(b"HTTP/1.1 %d X\r\nContent-Length: %d\r\nbaton-pid: %d\r\nConnection: close\r\n\r\n%s"
                   % (code, len(body), os.getpid(), body))
@@ -56,10 +64,8 @@ while True:
             c, _ = key.data[0].accept()
         except (BlockingIOError, InterruptedError):
             continue
-        if key.data[1] and "--die-on-traffic" in args:
-            os._exit(1)
         c.setblocking(True)
-        t = threading.Thread(target=serve, args=(c,))
+        t = threading.Thread(target=serve, args=(c, key.data[1]))
         t.start()
         threads = [x for x in threads if x.is_alive()] + [t]
 for l in listeners:
