@@ -24,7 +24,8 @@ impl fmt::Display for Busy {
             Busy::Stopping => f.write_str("baton is stopping"),
             Busy::AnotherUpgrade => f.write_str("another upgrade is in progress"),
             Busy::Restarting { generation } => {
-                write!(f, "a restart is in progress (generation {generation} is starting)")
+                // It may be starting, proven, or on probation.
+                write!(f, "a restart is in progress (generation {generation} is not serving alone yet)")
             }
             Busy::Replacing => f.write_str("a crashed generation is being replaced"),
             Busy::Starting { generation } => write!(f, "generation {generation} is starting"),
