@@ -47,10 +47,14 @@
 //! new generation served, the benchmark waits a fixed settle time before
 //! the next restart.
 //!
-//! Baton (4, 4b, 5) proves each new generation before it takes traffic
+//! Baton (4, 4b, 5) proves each new generation before the old one drains
 //! (quiet period 2 s, then probation 2 s: README "No-impact deploys"), so
-//! its new generation's first response comes after the quiet period, and
-//! its restart command returns after the probation. For 5 the table is
+//! its restart command returns after both. Standalone (5) it steers new
+//! connections to the old generation during the quiet period: the new
+//! one's first response comes at the flip. Under systemd (4, 4b) the units
+//! `baton units` writes by default hold one socket per address (its
+//! `--steering off`), shared accept: the new generation answers real
+//! requests from READY=1. For 5 the table is
 //! followed by the split `baton restart` reports: ready (spawn → READY=1),
 //! probes + quiet period (READY=1 → the flip), probation (the flip → the
 //! old generation asked to drain).
@@ -532,9 +536,13 @@ fn main() {
                  {table}\n\
                  A request is in a *restart window* when it was in flight between the restart command and \
                  {} ms after the later of the new generation's first response and the command's return; \
-                 *steady state* is every other request after warm-up. *Restart → first response from the new \
-                 generation*: for Baton (4, 4b, 5) that comes after the proof (its 2 s quiet period), and the \
-                 command returns after the 2 s probation on top. Latencies are of successful requests, open loop: measured from the scheduled \
+                 *steady state* is every other request after warm-up. Baton proves every new generation (2 s \
+                 quiet period, then 2 s probation before the old one drains), so its restart commands return \
+                 after about 4 s. *Restart → first response from the new generation*: standalone (5) Baton \
+                 steers new connections away from the candidate, which answers its first real request after \
+                 the quiet period, at the flip; under systemd (4, 4b) the units `baton units` writes by default \
+                 have one socket per address (`--steering off`), shared by both generations, so the candidate \
+                 answers real requests from READY=1. Latencies are of successful requests, open loop: measured from the scheduled \
                  send time when the client was held up by an earlier request, so stalls are not hidden. \
                  *Server-closed connections*: keep-alive connections the server \
                  closed while the client still wanted them.\n\n\

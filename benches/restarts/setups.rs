@@ -88,8 +88,12 @@ impl SetupKind {
             SetupKind::Naive => "naive: app binds its port, Type=simple",
             SetupKind::SocketActivation => "systemd socket activation, Type=notify",
             SetupKind::FdStoreHandoff => "socket activation + fd-store handoff",
-            SetupKind::BatonSystemd => "Baton under systemd 252 (supervised: ExecReload=+baton restart)",
-            SetupKind::BatonSystemd257 => "Baton under systemd 257 (supervised: ExecReload=+baton restart)",
+            SetupKind::BatonSystemd => {
+                "Baton under systemd 252 (supervised: ExecReload=+baton restart; one socket unit: shared accept)"
+            }
+            SetupKind::BatonSystemd257 => {
+                "Baton under systemd 257 (supervised: ExecReload=+baton restart; one socket unit: shared accept)"
+            }
             SetupKind::BatonStandalone => "Baton standalone",
         }
     }
