@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use super::load::{LoadReport, Outcome, Sample};
-use super::setups::SetupKind;
+use super::setups::{RestartReport, SetupKind};
 
 /// One restart, as the benchmark drove it.
 #[derive(Debug, Clone)]
@@ -22,6 +22,8 @@ pub struct Restart {
     pub old: String,
     /// The generation started by this restart.
     pub new: String,
+    /// What `baton restart` reported (standalone only).
+    pub report: Option<RestartReport>,
 }
 
 /// Everything one setup's run produced.
@@ -157,6 +159,8 @@ pub struct Analysis {
     pub window_after: Lat,
     /// Restart command → first response of the new generation, per restart.
     pub to_serving_us: Vec<u64>,
+    /// What `baton restart` reported, per restart that reported it.
+    pub reports: Vec<RestartReport>,
     /// Restarts whose new generation no load sample saw (the benchmark's
     /// probe time was used).
     pub served_from_probe: usize,
@@ -211,8 +215,11 @@ pub fn analyse(run: &Run, tail: Duration) -> Analysis {
             })
         })
         .collect();
+    // Until the later of the first response and the command's return: a
+    // proven Baton restart returns after its probation, when the old
+    // generation is asked to drain and hands its idle connections over.
     let windows: Vec<(Instant, Instant)> =
-        run.restarts.iter().zip(&served).map(|(r, s)| (r.t_cmd, (*s).max(r.t_cmd) + tail)).collect();
+        run.restarts.iter().zip(&served).map(|(r, s)| (r.t_cmd, (*s).max(r.t_returned) + tail)).collect();
 
     // A request belongs to a restart window when it was in flight during
     // one: open-loop latency counts from the scheduled send time.
@@ -308,6 +315,7 @@ pub fn analyse(run: &Run, tail: Duration) -> Analysis {
         window,
         steady,
         to_serving_us,
+        reports: run.restarts.iter().filter_map(|r| r.report).collect(),
         served_from_probe,
         command_us,
         generations: run.restarts.iter().map(|r| (r.old.clone(), r.new.clone())).collect(),

@@ -95,7 +95,7 @@ pub fn table(results: &[Analysis]) -> String {
     t.push_str(
         "| # | setup | restart by | requests | failed | server-closed connections | \
          restart windows p50 / p99 / max (ms) | steady state p50 / p99 / max (ms) | \
-         restart → new generation serving median / p90 / max (ms) |\n",
+         restart → first response from the new generation median / p90 / max (ms) |\n",
     );
     t.push_str("|---|---|---|--:|--:|--:|--:|--:|--:|\n");
     for a in results {
@@ -119,6 +119,38 @@ pub fn table(results: &[Analysis]) -> String {
             triple(a.steady.p50_us, a.steady.p99_us, a.steady.max_us),
             triple(s50, s90, smax),
         );
+    }
+    t
+}
+
+/// The rows of one restart split: (what, values in µs).
+fn split_rows(a: &Analysis) -> Vec<(&'static str, Vec<u64>)> {
+    let us = |v: u64| v * 1000;
+    let reports = &a.reports;
+    let proven: Vec<_> =
+        reports.iter().filter_map(|r| Some((r.ready_ms, r.took_traffic_ms?, r.probation_ms?))).collect();
+    vec![
+        ("ready: spawn → READY=1", reports.iter().map(|r| us(r.ready_ms)).collect()),
+        ("probes + quiet period: READY=1 → flip", proven.iter().map(|(r, t, _)| us(t.saturating_sub(*r))).collect()),
+        ("spawn → new generation takes all traffic (the flip)", proven.iter().map(|(_, t, _)| us(*t)).collect()),
+        ("probation: flip → old generation asked to drain", proven.iter().map(|(_, _, p)| us(*p)).collect()),
+        ("restart command → first response from the new generation (load)", a.to_serving_us.clone()),
+        ("restart command → `baton restart` returned", a.command_us.clone()),
+    ]
+}
+
+/// The restart split of the setups whose `baton restart` reported it
+/// (standalone); empty when none did.
+pub fn split_table(results: &[Analysis]) -> String {
+    let mut t = String::new();
+    for a in results.iter().filter(|a| !a.reports.is_empty()) {
+        if t.is_empty() {
+            t.push_str("| # | phase | restarts | median / p90 / max (ms) |\n|---|---|--:|--:|\n");
+        }
+        for (what, values) in split_rows(a) {
+            let (m, p90, max) = summary(&values);
+            let _ = writeln!(t, "| {} | {what} | {} | {} |", a.kind.label(), values.len(), triple(m, p90, max));
+        }
     }
     t
 }
@@ -175,6 +207,10 @@ pub fn json(
                     "from_probe_not_load": a.served_from_probe,
                 },
                 "restart_command_ms": { "median": ms(c50), "p90": ms(c90), "max": ms(cmax) },
+                "restart_split_ms": split_rows(a).into_iter().filter(|_| !a.reports.is_empty()).map(|(what, v)| {
+                    let (m, p90, max) = summary(&v);
+                    serde_json::json!({ "phase": what, "median": ms(m), "p90": ms(p90), "max": ms(max) })
+                }).collect::<Vec<_>>(),
                 "restarts": a.generations.iter().zip(&a.to_serving_us).zip(&a.command_us)
                     .map(|(((old, new), serving), command)| serde_json::json!({
                         "old_generation": old, "new_generation": new,

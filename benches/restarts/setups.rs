@@ -18,6 +18,13 @@ const BIN_DIR: &str = "/usr/local/bin";
 /// The served directory inside a testbed (the load asks `/healthz`, but
 /// `--root` is mandatory).
 const WWW: &str = "/srv/bench-www";
+/// The broken release inside a testbed: an empty directory.
+const WWW_BROKEN: &str = "/srv/bench-www-broken";
+/// The `current` symlink inside a testbed, to [`WWW`] or [`WWW_BROKEN`].
+const WWW_CURRENT: &str = "/srv/bench-current";
+/// The file of the good release (the bad-deploy load asks for it).
+pub const INDEX_PATH: &str = "/index.html";
+const INDEX_HTML: &str = "<!doctype html><title>bench</title>\n";
 /// Deadline for a start, a stop, a new generation to serve.
 pub const WAIT: Duration = Duration::from_secs(30);
 
@@ -81,8 +88,12 @@ impl SetupKind {
             SetupKind::Naive => "naive: app binds its port, Type=simple",
             SetupKind::SocketActivation => "systemd socket activation, Type=notify",
             SetupKind::FdStoreHandoff => "socket activation + fd-store handoff",
-            SetupKind::BatonSystemd => "Baton under systemd 252 (supervised: ExecReload=+baton restart)",
-            SetupKind::BatonSystemd257 => "Baton under systemd 257 (supervised: ExecReload=+baton restart)",
+            SetupKind::BatonSystemd => {
+                "Baton under systemd 252 (supervised: ExecReload=+baton restart; one socket unit: shared accept)"
+            }
+            SetupKind::BatonSystemd257 => {
+                "Baton under systemd 257 (supervised: ExecReload=+baton restart; one socket unit: shared accept)"
+            }
             SetupKind::BatonStandalone => "Baton standalone",
         }
     }
@@ -123,6 +134,114 @@ impl SetupKind {
         let s = s.trim();
         Self::ALL.into_iter().find(|k| k.key().eq_ignore_ascii_case(s) || k.label().eq_ignore_ascii_case(s))
     }
+}
+
+/// Which release the served root points at. A deploy switches the
+/// `current` symlink, as release-directory deploys (Capistrano's
+/// `current`) do; baton-httpd opens its root once at start, so a running
+/// generation keeps the release it started with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    /// `index.html` present: every request answers 200.
+    Good,
+    /// An empty directory: every file request answers 404 (`/healthz`,
+    /// built in, still answers 200: a liveness check alone passes).
+    Broken,
+}
+
+/// What a deployment needs beyond its kind.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Serve `--root` through a `current` symlink to a good or a broken
+    /// [`Release`] (good at start).
+    pub releases: bool,
+    /// Extra `baton run` options (standalone only).
+    pub baton_args: Vec<String>,
+}
+
+/// How a restart command ended.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    /// It exited 0.
+    pub success: bool,
+    /// Its exit code.
+    pub code: Option<i32>,
+    /// What `baton restart` reported of a successful restart (standalone
+    /// only).
+    pub report: Option<RestartReport>,
+    /// Its output, for messages.
+    pub output: String,
+}
+
+/// The timings `baton restart` prints for a successful restart, from the
+/// new generation's spawn (src/main.rs: `generation N (pid P) ready after R
+/// ms, took the traffic after T ms, replacing generation M after B ms of
+/// probation`; `baton restart` has no `--json`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestartReport {
+    /// Spawn → READY=1.
+    pub ready_ms: u64,
+    /// Spawn → the flip (readiness, quiet period, probes), when it was
+    /// proven while another generation served.
+    pub took_traffic_ms: Option<u64>,
+    /// The flip → the old generation asked to drain.
+    pub probation_ms: Option<u64>,
+}
+
+impl RestartReport {
+    /// Parses `baton restart`'s success line; `None` for any other line.
+    pub fn parse(line: &str) -> Option<RestartReport> {
+        let rest = line.trim().strip_prefix("generation ")?;
+        let number_after = |marker: &str| -> Option<u64> {
+            let (_, tail) = rest.split_once(marker)?;
+            tail.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+        };
+        Some(RestartReport {
+            ready_ms: number_after(" ready after ")?,
+            took_traffic_ms: number_after(", took the traffic after "),
+            probation_ms: rest
+                .split_once(" ms of probation")
+                .and_then(|(head, _)| head.rsplit(' ').next()?.parse().ok()),
+        })
+    }
+}
+
+/// Checks [`RestartReport::parse`] on the lines `baton restart` prints
+/// (src/main.rs); run by every invocation, the smoke run included, so a
+/// changed format fails CI instead of silently emptying the split table.
+///
+/// # Panics
+/// When a line is parsed wrong.
+pub fn check_report_parser() {
+    let cases = [
+        (
+            "generation 7 (pid 4242) ready after 3 ms, took the traffic after 2004 ms, replacing generation 6 after 2001 ms of probation",
+            Some(RestartReport { ready_ms: 3, took_traffic_ms: Some(2004), probation_ms: Some(2001) }),
+        ),
+        (
+            "generation 2 (pid 17) ready after 12 ms, replacing generation 1",
+            Some(RestartReport { ready_ms: 12, took_traffic_ms: None, probation_ms: None }),
+        ),
+        (
+            "generation 1 (pid 9) ready after 0 ms",
+            Some(RestartReport { ready_ms: 0, took_traffic_ms: None, probation_ms: None }),
+        ),
+        ("restart requested", None),
+        ("baton: restart failed: generation 3 probe failed", None),
+    ];
+    for (line, want) in cases {
+        assert_eq!(RestartReport::parse(line), want, "RestartReport::parse({line:?})");
+    }
+}
+
+/// Points the `current` symlink at `target`, atomically (a new symlink
+/// renamed over the old one).
+fn point_current(current: &Path, target: &Path) -> Result<(), String> {
+    let tmp = current.with_extension("next");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(target, &tmp)
+        .and_then(|()| std::fs::rename(&tmp, current))
+        .map_err(|e| format!("pointing {} at {}: {e}", current.display(), target.display()))
 }
 
 /// The binaries under test, on the host.
@@ -168,10 +287,15 @@ struct HostBaton {
 impl Deployment {
     /// Starts `kind` and waits until it serves on its port.
     pub fn start(kind: SetupKind, bins: &Bins) -> Result<Deployment, String> {
+        Self::start_with(kind, bins, &Options::default())
+    }
+
+    /// Starts `kind` with `opts` and waits until it serves on its port.
+    pub fn start_with(kind: SetupKind, bins: &Bins, opts: &Options) -> Result<Deployment, String> {
         let port = free_loopback_port();
         let inner = match kind.flavor() {
-            None => Inner::Host(HostBaton::start(bins, port)?),
-            Some(flavor) => Inner::Systemd(SystemdBed::start(kind, flavor, bins, port)?),
+            None => Inner::Host(HostBaton::start(bins, port, opts)?),
+            Some(flavor) => Inner::Systemd(SystemdBed::start(kind, flavor, bins, port, opts)?),
         };
         let d = Deployment { kind, port, inner };
         let mut last = String::new();
@@ -206,10 +330,35 @@ impl Deployment {
         }
     }
 
+    /// Deploys `release`: points the `current` symlink at it (needs
+    /// [`Options::releases`]); the next generation started serves it.
+    pub fn switch_release(&mut self, release: Release) -> Result<(), String> {
+        let (current, target) = match &self.inner {
+            Inner::Systemd(s) => {
+                let target = if release == Release::Good { WWW } else { WWW_BROKEN };
+                (s.tb.host_path(WWW_CURRENT), PathBuf::from(target))
+            }
+            Inner::Host(h) => {
+                let target = if release == Release::Good { "www" } else { "www-broken" };
+                (h.dir.join("current"), h.dir.join(target))
+            }
+        };
+        point_current(&current, &target)
+    }
+
     /// Issues the restart command and returns when it returned (each one
     /// waits for the new generation's readiness, except `systemctl restart`
-    /// of the `Type=simple` service, which returns once it forked).
-    pub fn restart(&mut self) -> Result<(), String> {
+    /// of the `Type=simple` service, which returns once it forked); an
+    /// unsuccessful command is an error. Standalone: what `baton restart`
+    /// reported.
+    pub fn restart(&mut self) -> Result<Option<RestartReport>, String> {
+        let attempt = self.try_restart()?;
+        if attempt.success { Ok(attempt.report) } else { Err(attempt.output) }
+    }
+
+    /// Like [`Deployment::restart`], but a command that ran and failed is
+    /// an [`Attempt`] too (a refused bad deploy); `Err`: it could not run.
+    pub fn try_restart(&mut self) -> Result<Attempt, String> {
         let verb = match self.kind {
             SetupKind::BatonSystemd | SetupKind::BatonSystemd257 => "reload",
             _ => "restart",
@@ -223,11 +372,11 @@ impl Deployment {
                 let out =
                     s.tb.run(&[baton.as_str(), "restart", "--control", &format!("/run/{name}/{name}.sock"), "--wait"])
                         .map_err(|e| format!("baton restart: {e}"))?;
-                if out.success() { Ok(()) } else { Err(out.to_string()) }
+                Ok(Attempt { success: out.success(), code: out.code(), report: None, output: out.to_string() })
             }
             Inner::Systemd(s) => {
                 let out = s.tb.systemctl(&[verb, &s.service]).map_err(|e| format!("systemctl {verb}: {e}"))?;
-                if out.success() { Ok(()) } else { Err(out.to_string()) }
+                Ok(Attempt { success: out.success(), code: out.code(), report: None, output: out.to_string() })
             }
             Inner::Host(h) => h.restart(),
         }
@@ -267,7 +416,7 @@ impl Deployment {
 }
 
 impl SystemdBed {
-    fn start(kind: SetupKind, flavor: Flavor, bins: &Bins, port: u16) -> Result<SystemdBed, String> {
+    fn start(kind: SetupKind, flavor: Flavor, bins: &Bins, port: u16, opts: &Options) -> Result<SystemdBed, String> {
         let tb = Testbed::boot(flavor).map_err(|e| format!("booting the {flavor} testbed: {e}"))?;
         // Copies at BIN_DIR, in both flavours: the host's binaries (built
         // against Debian 12's glibc) run in the trixie root too.
@@ -277,8 +426,16 @@ impl SystemdBed {
                 .and_then(|_| std::fs::copy(bin, &dest))
                 .map_err(|e| format!("copying {} into the testbed: {e}", bin.display()))?;
         }
-        tb.write_file(format!("{WWW}/index.html"), "<!doctype html><title>bench</title>\n")
+        tb.write_file(format!("{WWW}{INDEX_PATH}"), INDEX_HTML)
             .map_err(|e| format!("writing the served directory: {e}"))?;
+        let www = if opts.releases {
+            std::fs::create_dir_all(tb.host_path(WWW_BROKEN))
+                .map_err(|e| format!("creating the broken release {WWW_BROKEN}: {e}"))?;
+            point_current(&tb.host_path(WWW_CURRENT), Path::new(WWW))?;
+            WWW_CURRENT
+        } else {
+            WWW
+        };
         let httpd = format!("{BIN_DIR}/baton-httpd");
         let mut bed = SystemdBed { tb, service: String::new(), units: Vec::new(), next_generation: Some(1) };
         match kind {
@@ -287,7 +444,7 @@ impl SystemdBed {
                 let unit = format!(
                     "[Unit]\nDescription=baton-httpd binding its own port\nStartLimitIntervalSec=0\n\
                      [Service]\nType=simple\n\
-                     ExecStart={httpd} --root {WWW} --listen 127.0.0.1:{port} --handoff=false\n\
+                     ExecStart={httpd} --root {www} --listen 127.0.0.1:{port} --handoff=false\n\
                      Restart=on-failure\n"
                 );
                 bed.tb.install_unit("naive.service", &unit).map_err(|e| format!("installing naive.service: {e}"))?;
@@ -296,7 +453,7 @@ impl SystemdBed {
             }
             SetupKind::SocketActivation | SetupKind::FdStoreHandoff => {
                 let handoff = kind == SetupKind::FdStoreHandoff;
-                let mut cmd = vec![httpd.clone(), "--root".into(), WWW.into()];
+                let mut cmd = vec![httpd.clone(), "--root".into(), www.into()];
                 if !handoff {
                     cmd.push("--handoff=false".into());
                 }
@@ -310,7 +467,7 @@ impl SystemdBed {
                 // ExecReload=+baton restart on both (until issue 14, 257 got
                 // Type=notify-reload, whose reloads cannot fail).
                 bed.next_generation = None;
-                let cmd = vec![httpd.clone(), "--root".into(), WWW.into()];
+                let cmd = vec![httpd.clone(), "--root".into(), www.into()];
                 bed.install_generated("httpd-baton", port, false, &cmd, bins)?;
                 // A reload is no start: the limit would not be hit, but keep
                 // every setup's units alike in this respect.
@@ -382,12 +539,18 @@ impl SystemdBed {
 }
 
 impl HostBaton {
-    fn start(bins: &Bins, port: u16) -> Result<HostBaton, String> {
+    fn start(bins: &Bins, port: u16, opts: &Options) -> Result<HostBaton, String> {
         let dir = unique_temp_dir("baton-bench-restarts", "standalone");
-        let www = dir.join("www");
+        let mut www = dir.join("www");
         std::fs::create_dir_all(&www)
-            .and_then(|_| std::fs::write(www.join("index.html"), "<!doctype html><title>bench</title>\n"))
+            .and_then(|_| std::fs::write(www.join("index.html"), INDEX_HTML))
             .map_err(|e| format!("creating {}: {e}", www.display()))?;
+        if opts.releases {
+            let broken = dir.join("www-broken");
+            std::fs::create_dir_all(&broken).map_err(|e| format!("creating {}: {e}", broken.display()))?;
+            point_current(&dir.join("current"), &www)?;
+            www = dir.join("current");
+        }
         let control = dir.join("baton.sock");
         let log = File::create(dir.join("baton.log")).map_err(|e| format!("creating baton.log: {e}"))?;
         let log2 = log.try_clone().map_err(|e| format!("baton.log: {e}"))?;
@@ -395,6 +558,7 @@ impl HostBaton {
             .arg("run")
             .args(["-l", &format!("http=127.0.0.1:{port}"), "--control"])
             .arg(&control)
+            .args(&opts.baton_args)
             .arg("--")
             .arg(&bins.httpd)
             .arg("--root")
@@ -417,7 +581,7 @@ impl HostBaton {
         Ok(HostBaton { child: Some(child), control, baton: bins.baton.clone(), dir })
     }
 
-    fn restart(&mut self) -> Result<(), String> {
+    fn restart(&mut self) -> Result<Attempt, String> {
         let out = Command::new(&self.baton)
             .arg("restart")
             .arg("--control")
@@ -426,16 +590,13 @@ impl HostBaton {
             .stdin(Stdio::null())
             .output()
             .map_err(|e| format!("running baton restart: {e}"))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "baton restart failed ({}): {}{}",
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ))
-        }
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        Ok(Attempt {
+            success: out.status.success(),
+            code: out.status.code(),
+            report: stdout.lines().find_map(RestartReport::parse),
+            output: format!("baton restart ({}): {stdout}{}", out.status, String::from_utf8_lossy(&out.stderr)),
+        })
     }
 
     /// SIGTERM to Baton (it drains and stops its generations), SIGKILL to
@@ -473,27 +634,38 @@ impl Drop for HostBaton {
 /// One `GET /healthz` on a new connection; the `baton-generation` header of
 /// a 200 answer.
 pub fn probe_generation(port: u16) -> Result<String, String> {
+    match fetch(port, "/healthz")? {
+        (200, Some(generation)) => Ok(generation),
+        (200, None) => Err("no baton-generation header".to_owned()),
+        (status, _) => Err(format!("unexpected answer {status}")),
+    }
+}
+
+/// One `GET path` on a new connection: the answer's status code and its
+/// `baton-generation` header.
+pub fn fetch(port: u16, path: &str) -> Result<(u16, Option<String>), String> {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| format!("connect: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(2))).map_err(|e| format!("set_read_timeout: {e}"))?;
     s.set_write_timeout(Some(Duration::from_secs(2))).map_err(|e| format!("set_write_timeout: {e}"))?;
-    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes())
         .map_err(|e| format!("send: {e}"))?;
     let mut buf = Vec::new();
     s.take(64 * 1024).read_to_end(&mut buf).map_err(|e| format!("read: {e}"))?;
     let text = String::from_utf8_lossy(&buf);
     let head = text.split("\r\n\r\n").next().unwrap_or_default();
     let mut lines = head.lines();
-    let status = lines.next().unwrap_or_default();
-    if !status.starts_with("HTTP/1.1 200") {
-        return Err(format!("unexpected answer {status:?}"));
-    }
-    lines
-        .find_map(|l| {
-            let (name, value) = l.split_once(':')?;
-            name.trim().eq_ignore_ascii_case("baton-generation").then(|| value.trim().to_owned())
-        })
-        .ok_or_else(|| "no baton-generation header".to_owned())
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| format!("unexpected answer {status_line:?}"))?;
+    let generation = lines.find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.trim().eq_ignore_ascii_case("baton-generation").then(|| value.trim().to_owned())
+    });
+    Ok((status, generation))
 }
 
 /// Whether `candidate` is a later generation than `old` (numerically when
