@@ -92,11 +92,15 @@ baton_upgrade_service() {
 # SO_REUSEPORT group has no steering program: Baton attaches one only to a
 # pair it holds), where, with the service already running, systemd no longer
 # looks at it and nobody accepts them: measured 21 of 40 connections stuck.
-# So it is left for the service's next start (its Requires= starts it
-# first): until `systemctl restart $BATON_SERVICE` or the next boot, Baton
-# shares the one socket between its generations, unsteered (as `baton
-# status` and its log say), and every connection is served; the restart
-# (connections wait in the backlog meanwhile, none refused) turns steering on.
+# So it is left stopped, and Baton shares the one socket between its
+# generations, unsteered (as `baton status` and its log say), every
+# connection served. Nor can the service's next start take it (its Wants=
+# starts it first): the old baton-httpd.socket's listener was bound before
+# its unit said ReusePort=yes, so the sibling cannot join it (EADDRINUSE)
+# and the service starts without it, unsteered still. Steering begins at the
+# next boot, or with `systemctl restart baton-httpd.socket $BATON_SIBLING
+# $BATON_SERVICE`, which closes the listener once (connections are refused
+# meanwhile): the administrator's choice, never the package's.
 baton_start_sibling() {
 	baton_state=$(systemctl show --property=ActiveState --value "$BATON_SERVICE" 2>/dev/null) || baton_state=""
 	case "$baton_state" in
@@ -105,7 +109,7 @@ baton_start_sibling() {
 		;;
 	*)
 		if ! systemctl --quiet is-active "$BATON_SIBLING" 2>/dev/null; then
-			baton_log 5 "$BATON_SERVICE: $BATON_SIBLING (new: the second listener of each address, for steering new connections to proven generations only) starts with the service's next start: until then (systemctl restart $BATON_SERVICE, or the next boot) Baton shares one listener between its generations, unsteered"
+			baton_log 5 "$BATON_SERVICE: $BATON_SIBLING (new: the second listener of each address, for steering new connections to proven generations only) is left inactive: Baton shares one listener between its generations, unsteered, until the next boot or a fresh start of baton-httpd.socket, $BATON_SIBLING and $BATON_SERVICE together (the running listener lacks SO_REUSEPORT; that start closes it once)"
 		fi
 		;;
 	esac

@@ -521,8 +521,10 @@ fn fresh_gets(bed: &Bed, n: usize) -> usize {
 /// steering), under load: in place as ever, the new sibling enabled but not
 /// started while the service runs (it could not take it, and the socket
 /// would hold connections nobody accepts), the reason on the terminal;
-/// Baton unsteered, every connection served; `systemctl restart` then
-/// starts the sibling with the service, and Baton steers the pair.
+/// Baton unsteered, every connection served, also after `systemctl restart`
+/// of the service (the sibling cannot join the old listener, which lacks
+/// SO_REUSEPORT: the service starts without it); restarting both sockets
+/// and the service then steers the pair.
 fn deb_upgrade_from_unsteered(flavor: Flavor, name: &str) {
     if !skip_unless_root(name) {
         return;
@@ -541,7 +543,9 @@ fn deb_upgrade_from_unsteered(flavor: Flavor, name: &str) {
     assert_eq!(bed.tb.show(SOCKET, "ActiveEnterTimestampMonotonic").unwrap(), socket_since, "{SOCKET} restarted");
     assert_eq!(bed.run(&["systemctl", "is-enabled", SIBLING]).stdout_trimmed(), "enabled", "{SIBLING}");
     assert_eq!(bed.tb.show(SIBLING, "ActiveState").unwrap(), "inactive", "{SIBLING} started under a running Baton");
-    let notice = format!("{SIBLING} (new: the second listener of each address");
+    let notice = format!(
+        "{SIBLING} (new: the second listener of each address, for steering new connections to proven generations only) is left inactive"
+    );
     assert!(terminal(&f).contains(&notice), "{name}: the postinst did not say why: {}", f.output);
     let unsteered = status(&bed);
     assert!(!unsteered.contains(" takes new connections "), "steered without a pair: {unsteered}");
@@ -549,17 +553,28 @@ fn deb_upgrade_from_unsteered(flavor: Flavor, name: &str) {
     eprintln!("MEASURED {name}: unsteered after the upgrade, {answered} of 40 fresh connections answered");
     assert_eq!(answered, 40, "{name}: fresh connections lost after the upgrade");
 
-    // The next start of the service takes the sibling (Requires=), and steers.
+    // The service's next start cannot take the sibling: the running
+    // listener was bound before its unit said ReusePort=yes. The service
+    // only wants it, and starts unsteered.
     let main = bed.show(SERVICE, "MainPID");
     bed.systemctl_ok(&["restart", SERVICE]);
     assert_ne!(bed.show(SERVICE, "MainPID"), main);
-    assert_eq!(bed.tb.show(SIBLING, "ActiveState").unwrap(), "active", "{SIBLING} not started with the service");
+    assert_ne!(bed.tb.show(SIBLING, "ActiveState").unwrap(), "active", "{SIBLING} joined a non-reuseport listener");
     assert_eq!(bed.tb.show(SOCKET, "ActiveEnterTimestampMonotonic").unwrap(), socket_since, "{SOCKET} restarted");
+    bed.tb.wait_for("baton-httpd serving", WAIT, || fresh_gets(&bed, 1) == 1).unwrap();
+    let unsteered = status(&bed);
+    assert!(!unsteered.contains(" takes new connections "), "steered without a pair: {unsteered}");
+    assert_eq!(fresh_gets(&bed, 40), 40, "{name}: fresh connections lost after the service's restart");
+
+    // The administrator's restart of both sockets and the service (the
+    // listener closes once): steered.
+    bed.systemctl_ok(&["restart", SOCKET, SIBLING, SERVICE]);
+    assert_eq!(bed.tb.show(SIBLING, "ActiveState").unwrap(), "active", "{SIBLING} after the restart");
     bed.tb.wait_for("baton-httpd serving", WAIT, || fresh_gets(&bed, 1) == 1).unwrap();
     let steered = status(&bed);
     assert!(steered.contains(" takes new connections "), "not steered after the restart: {steered}");
     let answered = fresh_gets(&bed, 40);
-    eprintln!("MEASURED {name}: steered after systemctl restart, {answered} of 40 fresh connections answered");
+    eprintln!("MEASURED {name}: steered after restarting both sockets and the service, {answered} of 40 answered");
     assert_eq!(answered, 40, "{name}: fresh connections lost once steered");
     bed.package_op(&["dpkg", "--purge", "baton"]);
 }

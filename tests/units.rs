@@ -145,7 +145,9 @@ fn supervised_on_252_uses_exec_reload() {
     assert_eq!(svc.get("Service", "ReloadSignal"), None);
     assert_eq!(svc.one("Service", "NotifyAccess"), "main");
     assert_eq!(svc.one("Service", "Sockets"), "web.socket web-b.socket");
-    assert_eq!(svc.one("Unit", "Requires"), "web.socket web-b.socket");
+    assert_eq!(svc.one("Unit", "Requires"), "web.socket");
+    // Wanted only: a sibling that cannot listen leaves Baton unsteered, not down.
+    assert_eq!(svc.one("Unit", "Wants"), "web-b.socket");
     assert_eq!(svc.one("Unit", "After"), "web.socket web-b.socket");
     assert_eq!(svc.one("Service", "FileDescriptorStoreMax"), "4096");
     // Baton's own crash lets the generations drain (see tests/under_systemd.rs for the figures).
@@ -334,7 +336,8 @@ fn several_fd_names_make_several_socket_units() {
     let svc = ini(&files, "web.service");
     let all = "web.socket web-b.socket web-admin.socket web-metrics.socket web-metrics-b.socket";
     assert_eq!(svc.one("Service", "Sockets"), all);
-    assert_eq!(svc.one("Unit", "Requires"), all);
+    assert_eq!(svc.one("Unit", "Requires"), "web.socket web-admin.socket web-metrics.socket");
+    assert_eq!(svc.one("Unit", "Wants"), "web-b.socket web-metrics-b.socket");
     assert_eq!(svc.one("Install", "Also"), all);
 
     // Unnamed first: NAME.socket without FileDescriptorName=, named ones apart.
@@ -388,7 +391,8 @@ fn steering_auto_writes_a_sibling_unit_per_ip_fd_name() {
     let svc = ini(&files, "web.service");
     let all = "web.socket web-b.socket web-admin.socket web-dns.socket web-dns-b.socket";
     assert_eq!(svc.one("Service", "Sockets"), all);
-    assert_eq!(svc.one("Unit", "Requires"), all);
+    assert_eq!(svc.one("Unit", "Requires"), "web.socket web-admin.socket web-dns.socket");
+    assert_eq!(svc.one("Unit", "Wants"), "web-b.socket web-dns-b.socket");
     assert_eq!(svc.one("Unit", "After"), all);
     assert_eq!(svc.one("Install", "Also"), all);
     // Baton pairs by name and address: nothing to add to `baton run`.
@@ -416,6 +420,7 @@ fn steering_auto_writes_a_sibling_unit_per_ip_fd_name() {
     let files = gen_for(&["--name", "web", "-l", "http=8080", "--steering", "off", "--", "/usr/bin/app"], 252);
     assert_eq!(names(&files), ["web.socket", "web.service"]);
     assert_eq!(ini(&files, "web.socket").get("Socket", "ReusePort"), None);
+    assert_eq!(ini(&files, "web.service").get("Unit", "Wants"), None);
     assert!(file(&files, "web.socket").contents.lines().next().unwrap().contains(" --steering off "));
     assert_eq!(
         ini(&files, "web.service").one("Service", "ExecStart"),
@@ -1230,7 +1235,7 @@ fn reference_units_run(flavor: Flavor, test: &str) {
                 .unwrap();
         }
         bed.install_units(named(files));
-        // The service pulls its sibling socket in (Requires=).
+        // The service pulls its sibling socket in (Wants=).
         bed.systemctl_ok(&["start", "baton-httpd.socket", svc]);
         for socket in &sockets {
             assert_eq!(bed.show(socket, "ActiveState"), "active", "{dir}: {socket}");

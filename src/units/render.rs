@@ -92,10 +92,11 @@ pub(super) fn sibling_unit(plan: &Plan<'_>, g: &SocketGroup<'_>) -> UnitFile {
          # generation one of them, and attaches a classic-BPF program that sends new connections\n\
          # to the proven generation's socket only; `systemctl reload` flips it. Like {primary},\n\
          # it stays open across every restart of the service. Keep its addresses the same as\n\
-         # {primary}'s (a drop-in changing one needs its twin here). systemd passes it to the\n\
-         # service at start only: one running since before this unit existed gets it, and\n\
-         # steering, at its next `systemctl restart`; never start this unit while such a\n\
-         # service runs, or half the new connections wait in a queue nobody accepts from.\n",
+         # {primary}'s (a drop-in changing one needs its twin here). It can listen only beside\n\
+         # a twin that listens with ReusePort=yes: one started before its unit said so (units\n\
+         # from before steering) must be restarted with it, which closes the listener once.\n\
+         # Never start this unit alone while the service runs: the service takes it at its next\n\
+         # start only, and meanwhile half the new connections would wait in its queue.\n",
         primary = g.unit
     );
     let label = g.fdname.map_or_else(String::new, |n| format!(" {n:?}"));
@@ -156,12 +157,29 @@ pub(super) fn service_unit(plan: &Plan<'_>) -> UnitFile {
         );
     }
 
+    let primaries: Vec<&str> = plan.groups.iter().map(|g| g.unit.as_str()).collect();
+    let primaries = primaries.join(" ");
+    let siblings: Vec<&str> = plan.groups.iter().filter_map(|g| g.sibling.as_deref()).collect();
+    // Wanted, not required: a sibling that cannot listen must not keep the service down. It
+    // cannot when its twin's listener was bound without SO_REUSEPORT (its unit predates
+    // ReusePort=yes, as after a package upgrade from units without siblings: EADDRINUSE until
+    // the twin is restarted); Baton then shares the one socket, unsteered, and says so.
+    let wants = if siblings.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "# The steering siblings: without one (it failed to listen) Baton serves unsteered.\n\
+             Wants={}\n",
+            siblings.join(" ")
+        )
+    };
     let _ = write!(
         s,
         "\n[Unit]\n\
          Description={name}{}\n\
          # The sockets come from the .socket unit(s) only; never run without them.\n\
-         Requires={sockets}\n\
+         Requires={primaries}\n\
+         {wants}\
          After={sockets}\n\
          # Every start counts here, `systemctl restart` and automatic restarts included. The\n\
          # default (5 starts in 10 s) is easily hit by scripted restarts; once hit, the service\n\
