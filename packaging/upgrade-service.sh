@@ -98,9 +98,10 @@ baton_upgrade_service() {
 # starts it first): the old baton-httpd.socket's listener was bound before
 # its unit said ReusePort=yes, so the sibling cannot join it (EADDRINUSE)
 # and the service starts without it, unsteered still. Steering begins at the
-# next boot, or with `systemctl restart baton-httpd.socket $BATON_SIBLING
-# $BATON_SERVICE`, which closes the listener once (connections are refused
-# meanwhile): the administrator's choice, never the package's.
+# next boot, or once the administrator stops $BATON_SERVICE and both socket
+# units and starts them again (stopped first: the old listener must be gone
+# before the sibling binds), which closes the listener once (connections
+# are refused meanwhile): the administrator's choice, never the package's.
 baton_start_sibling() {
 	baton_state=$(systemctl show --property=ActiveState --value "$BATON_SERVICE" 2>/dev/null) || baton_state=""
 	case "$baton_state" in

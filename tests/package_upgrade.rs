@@ -566,9 +566,11 @@ fn deb_upgrade_from_unsteered(flavor: Flavor, name: &str) {
     assert!(!unsteered.contains(" takes new connections "), "steered without a pair: {unsteered}");
     assert_eq!(fresh_gets(&bed, 40), 40, "{name}: fresh connections lost after the service's restart");
 
-    // The administrator's restart of both sockets and the service (the
-    // listener closes once): steered.
-    bed.systemctl_ok(&["restart", SOCKET, SIBLING, SERVICE]);
+    // The administrator stops and starts both sockets and the service (the
+    // listener closes once; stopped first, so that the old listener is gone
+    // before the sibling binds): steered.
+    bed.systemctl_ok(&["stop", SERVICE, SOCKET, SIBLING]);
+    bed.systemctl_ok(&["start", SOCKET, SIBLING, SERVICE]);
     assert_eq!(bed.tb.show(SIBLING, "ActiveState").unwrap(), "active", "{SIBLING} after the restart");
     bed.tb.wait_for("baton-httpd serving", WAIT, || fresh_gets(&bed, 1) == 1).unwrap();
     let steered = status(&bed);
