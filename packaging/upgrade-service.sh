@@ -4,7 +4,9 @@
 # packages upgrade the running service the same way. POSIX sh; safe under
 # `set -e`.
 #
-# A package upgrade never restarts Baton when it can take the upgrade:
+# A package upgrade never restarts Baton when it can take the upgrade (nor
+# starts a socket unit the running service could not take: see
+# baton_start_sibling below):
 #  1. `baton upgrade`: the running Baton re-executes the new /usr/bin/baton in
 #     the same process (systemd's MainPID, the listeners, the fd store and the
 #     generations all stay);
@@ -19,6 +21,9 @@
 # script, update-rc.d or invoke-rc.d is involved anywhere.
 
 BATON_SERVICE=baton-httpd.service
+# The steering sibling of baton-httpd.socket (the second socket of port 80,
+# ReusePort=yes in both units): see baton_start_sibling.
+BATON_SIBLING=baton-httpd-b.socket
 BATON_CONTROL=/run/baton-httpd/baton-httpd.sock
 BATON_LOG_TAG=baton-package
 
@@ -77,5 +82,37 @@ baton_upgrade_service() {
 		return 0
 	fi
 	baton_log 5 "$BATON_SERVICE: reloaded: a new generation of /usr/bin/baton-httpd serves"
+}
+# baton_start_sibling START...: starts $BATON_SIBLING with START (a command
+# taking the unit: `deb-systemd-invoke start`, `systemctl start`) unless the
+# service runs already. systemd passes a socket unit's fds to the service at
+# its start only, so a Baton running since before $BATON_SIBLING existed (an
+# upgrade from a package without it) cannot get it; and once that socket
+# listened, the kernel would give it about half of the new connections (its
+# SO_REUSEPORT group has no steering program: Baton attaches one only to a
+# pair it holds), where, with the service already running, systemd no longer
+# looks at it and nobody accepts them: measured 21 of 40 connections stuck.
+# So it is left stopped, and Baton shares the one socket between its
+# generations, unsteered (as `baton status` and its log say), every
+# connection served. Nor can the service's next start take it (its Wants=
+# starts it first): the old baton-httpd.socket's listener was bound before
+# its unit said ReusePort=yes, so the sibling cannot join it (EADDRINUSE)
+# and the service starts without it, unsteered still. Steering begins at the
+# next boot, or once the administrator stops $BATON_SERVICE and both socket
+# units and starts them again (stopped first: the old listener must be gone
+# before the sibling binds), which closes the listener once (connections
+# are refused meanwhile): the administrator's choice, never the package's.
+baton_start_sibling() {
+	baton_state=$(systemctl show --property=ActiveState --value "$BATON_SERVICE" 2>/dev/null) || baton_state=""
+	case "$baton_state" in
+	"" | inactive | failed)
+		"$@" "$BATON_SIBLING" >/dev/null 2>&1 || :
+		;;
+	*)
+		if ! systemctl --quiet is-active "$BATON_SIBLING" 2>/dev/null; then
+			baton_log 5 "$BATON_SERVICE: $BATON_SIBLING (new: the second listener of each address, for steering new connections to proven generations only) is left inactive: Baton shares one listener between its generations, unsteered, until the next boot or a fresh start of baton-httpd.socket, $BATON_SIBLING and $BATON_SERVICE together (the running listener lacks SO_REUSEPORT; that start closes it once)"
+		fi
+		;;
+	esac
 }
 # ---- end of packaging/upgrade-service.sh -------------------------------------

@@ -47,8 +47,15 @@ use std::time::Duration;
 
 use crate::listen::{ListenAddr, ListenSpec, UNNAMED, UnixKind};
 
+mod args;
 mod render;
+mod validate;
+pub use args::{
+    FdStorePreserve, SteeringMode, UnitsArgs, format_duration, format_readiness, parse_whole_ms_duration,
+    parse_whole_ms_readiness,
+};
 use render::{service_unit, sibling_unit, socket_unit};
+use validate::{check_addr, check_name, check_proving, check_unit_value, valid_user};
 
 /// The systemd assumed when `--systemd-version` is not given and
 /// `systemctl --version` cannot be run: Debian 12's.
@@ -77,160 +84,6 @@ const UNIX_PATH_MAX: usize = crate::listen::UNIX_PATH_MAX;
 
 /// Longest unit name systemd accepts (`UNIT_NAME_MAX` less the NUL).
 const UNIT_NAME_MAX: usize = 255;
-
-/// `baton units`: the options.
-#[derive(Debug, Clone, clap::Args)]
-pub struct UnitsArgs {
-    /// Service name: writes NAME.socket and NAME.service (letters, digits,
-    /// '.', '_', '-'; it also names the runtime directory and Baton's
-    /// control socket).
-    #[arg(long, short = 'n')]
-    pub name: String,
-    /// The sockets, in `baton run -l` syntax; each fd name gets its own
-    /// `.socket` unit.
-    #[arg(
-        long = "listen",
-        short = 'l',
-        value_name = "[FDNAME=]ADDR",
-        required = true,
-        help = "Socket to listen on, as [FDNAME=]ADDR (the forms of `baton run -l`): 8080, 127.0.0.1:8080, \
-                [::1]:443, udp:ADDR, unix:/PATH, unix:@NAME, seqpacket:..., unixgram:.... Repeatable; each FDNAME \
-                gets its own .socket unit"
-    )]
-    pub listen: Vec<ListenSpec>,
-    /// Run as this existing user (default: DynamicUser=yes, a transient user
-    /// per start).
-    #[arg(long)]
-    pub user: Option<String>,
-    /// Fd-store size (FileDescriptorStoreMax=, and Baton's --fdstore-max):
-    /// one entry per connection the app hands over.
-    #[arg(long, default_value_t = DEFAULT_FDSTORE_MAX)]
-    pub fdstore_max: u32,
-    /// When systemd empties the fd store (FileDescriptorStorePreserve=,
-    /// systemd 254 and later): restart (systemd's default) keeps it across
-    /// restarts and crashes, not across `systemctl stop`; yes keeps it across
-    /// stop and start too; no empties it at every stop, restarts included.
-    #[arg(long, value_enum, value_name = "WHEN")]
-    pub fdstore_preserve: Option<FdStorePreserve>,
-    /// Watchdog interval (e.g. 10s): WatchdogSec= in direct mode; in
-    /// supervised mode Baton enforces it on each generation.
-    #[arg(long, value_name = "DURATION", value_parser = parse_whole_ms_duration)]
-    pub watchdog: Option<Duration>,
-    /// How long a stopping app may drain (Baton's --stop-timeout; the app's
-    /// own drain deadline should be a few seconds shorter, as baton-httpd's
-    /// 25 s is below the default 30 s). TimeoutStopSec= is this plus 15 s.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_whole_ms_duration)]
-    pub stop_timeout: Duration,
-    /// Baton is the main process and `systemctl reload` is an overlapped
-    /// restart (the default).
-    #[arg(long, conflicts_with = "direct")]
-    pub supervised: bool,
-    /// systemd socket-activates the app itself; `systemctl restart` restarts
-    /// it while the .socket unit keeps listening.
-    #[arg(long)]
-    pub direct: bool,
-    /// The systemd the units are for (default: the local `systemctl
-    /// --version`, else 252). It decides which directives the units may use
-    /// (--fdstore-preserve needs 254).
-    #[arg(long, value_name = "N")]
-    pub systemd_version: Option<u32>,
-    /// Write the units into this directory (created if missing) instead of
-    /// printing them.
-    #[arg(long, short = 'o', value_name = "DIR")]
-    pub output: Option<PathBuf>,
-    /// Where `baton` is installed on the target machine.
-    #[arg(long, value_name = "PATH", default_value = DEFAULT_BATON)]
-    pub baton: PathBuf,
-    /// auto: every fd name with TCP or UDP sockets also gets a sibling
-    /// .socket unit (NAME-b.socket, NAME-FDNAME-b.socket) listening on the
-    /// same addresses, both with ReusePort=yes, so that Baton holds two
-    /// sockets per address and steers new connections to the proven
-    /// generation only. Supervised topology only.
-    #[arg(long, value_enum, value_name = "MODE", default_value = "off")]
-    pub steering: SteeringMode,
-    /// The app and its arguments; the program must be an absolute path.
-    #[arg(last = true, required = true, value_name = "COMMAND")]
-    pub command: Vec<OsString>,
-}
-
-impl UnitsArgs {
-    /// The topology these options ask for.
-    pub fn topology(&self) -> Topology {
-        if self.direct { Topology::Direct } else { Topology::Supervised }
-    }
-
-    /// The command line that reproduces these units on any machine: every
-    /// option that is not at its default, `--systemd-version` always (its
-    /// default depends on the machine), never `--output`. Shell-quoted.
-    pub fn command_line(&self, systemd_version: u32) -> String {
-        let mut words: Vec<String> = vec!["baton".into(), "units".into(), "--name".into(), self.name.clone()];
-        for spec in &self.listen {
-            words.push("--listen".into());
-            words.push(spec_text(spec));
-        }
-        if let Some(u) = &self.user {
-            words.extend(["--user".into(), u.clone()]);
-        }
-        if self.fdstore_max != DEFAULT_FDSTORE_MAX {
-            words.extend(["--fdstore-max".into(), self.fdstore_max.to_string()]);
-        }
-        if let Some(p) = self.fdstore_preserve {
-            words.extend(["--fdstore-preserve".into(), p.as_str().into()]);
-        }
-        if let Some(w) = self.watchdog {
-            words.extend(["--watchdog".into(), format_duration(w)]);
-        }
-        if self.stop_timeout != Duration::from_secs(30) {
-            words.extend(["--stop-timeout".into(), format_duration(self.stop_timeout)]);
-        }
-        if self.direct {
-            words.push("--direct".into());
-        }
-        words.extend(["--systemd-version".into(), systemd_version.to_string()]);
-        if self.baton != Path::new(DEFAULT_BATON) {
-            words.extend(["--baton".into(), self.baton.to_string_lossy().into_owned()]);
-        }
-        if self.steering == SteeringMode::Auto {
-            words.extend(["--steering".into(), "auto".into()]);
-        }
-        words.push("--".into());
-        words.extend(self.command.iter().map(|a| a.to_string_lossy().into_owned()));
-        words.iter().map(|w| shell_quote(w)).collect::<Vec<_>>().join(" ")
-    }
-}
-
-/// `--fdstore-preserve`: systemd's `FileDescriptorStorePreserve=`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum FdStorePreserve {
-    /// Empty the store whenever the service stops, a restart's stop included.
-    No,
-    /// Keep the store across `systemctl stop` and start, until the unit is
-    /// unloaded or `systemctl clean --what=fdstore`.
-    Yes,
-    /// Keep the store across restarts (systemd's default), empty it at
-    /// `systemctl stop`.
-    Restart,
-}
-
-impl FdStorePreserve {
-    /// The value as `FileDescriptorStorePreserve=` spells it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FdStorePreserve::No => "no",
-            FdStorePreserve::Yes => "yes",
-            FdStorePreserve::Restart => "restart",
-        }
-    }
-}
-
-/// `--steering`: whether the units provide the socket pairs steering needs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum SteeringMode {
-    /// A sibling `.socket` unit for every fd name with IP sockets.
-    Auto,
-    /// One socket per address: Baton falls back to shared accept.
-    Off,
-}
 
 /// The suffix of a sibling `.socket` unit's stem: `web.socket`'s sibling is
 /// `web-b.socket`.
@@ -297,6 +150,13 @@ pub enum UnitsError {
     /// `--steering auto` cannot be honoured.
     #[error("cannot use --steering auto: {reason}")]
     Steering {
+        /// What is wrong and the fix.
+        reason: String,
+    },
+    /// The proving options (`--health-http`, `--ready`, …) cannot be used
+    /// as given.
+    #[error("cannot use the proving options: {reason}")]
+    Proving {
         /// What is wrong and the fix.
         reason: String,
     },
@@ -496,55 +356,14 @@ fn plan(args: &UnitsArgs, version: u32) -> Result<Plan<'_>, UnitsError> {
         return Err(UnitsError::BatonPath { path: args.baton.clone() });
     }
     let mut groups = group_sockets(args)?;
-    if args.steering == SteeringMode::Auto {
+    if args.steering() == SteeringMode::Auto {
         add_siblings(args, &mut groups)?;
     }
+    check_proving(args)?;
     let app_exec = exec_command(&args.command)?;
     let baton_exec = exec_quote(args.baton.to_str().unwrap_or_default());
     let syslog_identifier = syslog_identifier(&args.command);
     Ok(Plan { args, header: args.command_line(version), groups, app_exec, baton_exec, syslog_identifier })
-}
-
-fn check_name(name: &str) -> Result<(), UnitsError> {
-    let fail = |reason: &str| Err(UnitsError::Name { name: name.to_owned(), reason: reason.to_owned() });
-    if name.is_empty() {
-        return fail("it is empty");
-    }
-    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')) {
-        return fail("use only ASCII letters, digits, '.', '_' and '-' (it names units, a directory and sockets)");
-    }
-    if !name.as_bytes()[0].is_ascii_alphanumeric() {
-        return fail("it must start with a letter or a digit");
-    }
-    if name.ends_with(".service") || name.ends_with(".socket") {
-        return fail("give the name without a unit suffix (web, not web.service)");
-    }
-    // Baton's notify socket, /run/NAME/NAME.notify, is the longest path.
-    let longest = runtime_dir(name).len() + 1 + name.len() + ".notify".len();
-    if longest > UNIX_PATH_MAX {
-        return fail(&format!(
-            "it is too long: Baton's socket {}/{name}.notify would exceed the {UNIX_PATH_MAX}-byte limit of socket paths",
-            runtime_dir(name)
-        ));
-    }
-    Ok(())
-}
-
-/// `RuntimeDirectory=NAME` of a system service.
-fn runtime_dir(name: &str) -> String {
-    format!("/run/{name}")
-}
-
-/// systemd's rules for `User=` (relaxed: dots allowed), or a numeric uid
-/// other than the invalid 4294967295 and the overflow uid 65535.
-fn valid_user(user: &str) -> bool {
-    if !user.is_empty() && user.bytes().all(|b| b.is_ascii_digit()) {
-        return user.parse::<u32>().is_ok_and(|uid| uid != u32::MAX && uid != 65535);
-    }
-    let mut bytes = user.bytes();
-    bytes.next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
-        && bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
-        && user.len() <= 31
 }
 
 fn group_sockets(args: &UnitsArgs) -> Result<Vec<SocketGroup<'_>>, UnitsError> {
@@ -612,46 +431,6 @@ fn add_siblings(args: &UnitsArgs, groups: &mut [SocketGroup<'_>]) -> Result<(), 
             return fail(format!("the unit name {sibling} is longer than {UNIT_NAME_MAX} bytes; use a shorter FDNAME"));
         }
         g.sibling = Some(sibling);
-    }
-    Ok(())
-}
-
-/// Refuses addresses a `.socket` unit cannot hold or that would break.
-fn check_addr(args: &UnitsArgs, spec: &ListenSpec) -> Result<(), String> {
-    match &spec.addr {
-        ListenAddr::Tcp(a) | ListenAddr::Udp(a) if a.port() == 0 => {
-            Err("port 0 would be a different random port at every start of the socket; give a fixed port".into())
-        }
-        ListenAddr::Tcp(_) | ListenAddr::Udp(_) => Ok(()),
-        ListenAddr::Unix { path, .. } => {
-            let text = path.to_str().ok_or("the path is not UTF-8, which a unit file cannot hold")?;
-            check_unit_value("path", text)?;
-            let dir = runtime_dir(&args.name);
-            if path.starts_with(&dir) {
-                return Err(format!(
-                    "{dir} is the service's RuntimeDirectory=, which systemd deletes whenever the service stops, \
-                     socket file included; put the socket elsewhere, such as /run/{}.sock",
-                    args.name
-                ));
-            }
-            Ok(())
-        }
-        ListenAddr::UnixAbstract { name, .. } => check_unit_value("abstract name", name),
-    }
-}
-
-/// A value taken verbatim by a unit file directive: no control characters
-/// (a line ends there), no backslash (it would continue the line or
-/// escape), no surrounding blanks (systemd strips them).
-fn check_unit_value(what: &str, value: &str) -> Result<(), String> {
-    if value.chars().any(|c| c.is_control()) {
-        return Err(format!("the {what} contains a control character, which a unit file cannot hold"));
-    }
-    if value.contains('\\') {
-        return Err(format!("the {what} contains a backslash, which a unit file would read as an escape"));
-    }
-    if value.trim() != value {
-        return Err(format!("the {what} starts or ends with a blank, which systemd would strip"));
     }
     Ok(())
 }
@@ -729,36 +508,6 @@ pub fn exec_quote(word: &str) -> String {
     out
 }
 
-/// One word for a POSIX shell: plain, `'single-quoted'`, or `$'…'` when it
-/// holds control characters.
-fn shell_quote(word: &str) -> String {
-    let plain = |c: char| c.is_ascii_alphanumeric() || "_@%+=:,./-".contains(c);
-    if !word.is_empty() && word.chars().all(plain) {
-        return word.to_owned();
-    }
-    if word.chars().any(|c| c.is_control()) {
-        let mut out = String::from("$'");
-        for c in word.chars() {
-            match c {
-                '\'' => out.push_str("\\'"),
-                '\\' => out.push_str("\\\\"),
-                '\n' => out.push_str("\\n"),
-                '\t' => out.push_str("\\t"),
-                c if c.is_control() => {
-                    let mut buf = [0; 4];
-                    for b in c.encode_utf8(&mut buf).bytes() {
-                        let _ = write!(out, "\\x{b:02x}");
-                    }
-                }
-                c => out.push(c),
-            }
-        }
-        out.push('\'');
-        return out;
-    }
-    format!("'{}'", word.replace('\'', "'\\''"))
-}
-
 fn exec_command(command: &[OsString]) -> Result<String, UnitsError> {
     let fail = |reason: String| UnitsError::Command { reason };
     let words: Vec<&str> = command
@@ -784,23 +533,6 @@ fn syslog_identifier(command: &[OsString]) -> Option<String> {
     Some(escape_specifiers(name))
 }
 
-/// Parses a duration as `baton run` does ([`crate::cli::parse_duration`]:
-/// the unit passes it on to `baton run`, which must accept it), in whole
-/// milliseconds: [`format_duration`] writes no finer unit.
-pub fn parse_whole_ms_duration(s: &str) -> Result<Duration, String> {
-    let d = crate::cli::parse_duration(s)?;
-    if d.subsec_nanos() % 1_000_000 != 0 {
-        return Err(format!("{s:?}: give a whole number of milliseconds"));
-    }
-    Ok(d)
-}
-
-/// A duration both systemd and Baton read: `30s`, `1500ms`.
-pub fn format_duration(d: Duration) -> String {
-    let ms = d.as_millis();
-    if ms.is_multiple_of(1000) { format!("{}s", ms / 1000) } else { format!("{ms}ms") }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -817,31 +549,6 @@ mod tests {
         assert_eq!(exec_quote(";"), "\";\"");
         assert_eq!(exec_quote("l1\nl2\x01"), "\"l1\\nl2\\x01\"");
         assert_eq!(exec_quote("é"), "\"é\"");
-    }
-
-    #[test]
-    fn shell_quoting() {
-        assert_eq!(shell_quote("--listen"), "--listen");
-        assert_eq!(shell_quote("http=[::1]:80"), "'http=[::1]:80'");
-        assert_eq!(shell_quote("it's"), "'it'\\''s'");
-        assert_eq!(shell_quote(""), "''");
-        assert_eq!(shell_quote("a\nb'"), "$'a\\nb\\''");
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_whole_ms_duration("30"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_whole_ms_duration("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_whole_ms_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_whole_ms_duration("2min"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_whole_ms_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert!(parse_whole_ms_duration("0.5ms").unwrap_err().contains("whole number of milliseconds"));
-        assert!(parse_whole_ms_duration("3 days").unwrap_err().contains("unknown unit"));
-        assert!(parse_whole_ms_duration("soon").is_err());
-        // `baton run`'s limit: a unit must not carry what it would refuse.
-        assert!(parse_whole_ms_duration("8761h").unwrap_err().contains("the maximum is 8760h"));
-        assert_eq!(format_duration(Duration::from_secs(45)), "45s");
-        assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
     }
 
     #[test]

@@ -212,7 +212,9 @@ fn install_generated(tb: &Testbed, output: Option<&str>) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_baton"))
         .args(["units", "--name", "app", "-l"])
         .arg(format!("http=127.0.0.1:{}", free_loopback_port()))
-        .args(["--baton", BATON_INSIDE, "--systemd-version"])
+        // Only app.socket is installed: its subject is not steering, whose
+        // sibling socket unit (the default) it would need.
+        .args(["--steering", "off", "--baton", BATON_INSIDE, "--systemd-version"])
         .arg(tb.systemd_version().to_string())
         .arg("-o")
         .arg(&dir)

@@ -38,6 +38,11 @@ const PACKAGE_OP: Duration = Duration::from_secs(300);
 const IDLE: usize = 20;
 const SERVICE: &str = "baton-httpd.service";
 const SOCKET: &str = "baton-httpd.socket";
+/// Its steering sibling (the second socket of the port), new in the packages
+/// since steering: revision 0 below is a package without it.
+const SIBLING: &str = "baton-httpd-b.socket";
+/// Baton's control socket in the packaged service.
+const CONTROL: &str = "/run/baton-httpd/baton-httpd.sock";
 /// What the running Baton's probe of the fallback package's `baton` prints.
 const PROBE_REFUSAL: &str = "this baton reads state format 99 only";
 
@@ -63,12 +68,14 @@ fn have(test: &str, tool: &str) -> bool {
     found
 }
 
-/// The packages of revisions 1, 2 and 3 of the workspace version, and a
-/// revision 4 .deb whose `baton` refuses the upgrade probe.
+/// The packages of revisions 1, 2 and 3 of the workspace version, a
+/// revision 4 .deb whose `baton` refuses the upgrade probe, and a revision 0
+/// .deb as packages were before steering: no `baton-httpd-b.socket`.
 struct Built {
     deb: [PathBuf; 3],
     rpm: [PathBuf; 3],
     deb_refusing: PathBuf,
+    deb_unsteered: PathBuf,
 }
 
 fn workspace_root() -> &'static Path {
@@ -117,8 +124,79 @@ fn build_all() -> Result<Built, String> {
         }
     }
     let deb_refusing = repack_refusing(&debs[2], &keep)?;
+    let deb_unsteered = repack_unsteered(&debs[0], &keep)?;
     let three = |v: Vec<PathBuf>| -> [PathBuf; 3] { [v[0].clone(), v[1].clone(), v[2].clone()] };
-    Ok(Built { deb: three(debs), rpm: three(rpms), deb_refusing })
+    Ok(Built { deb: three(debs), rpm: three(rpms), deb_refusing, deb_unsteered })
+}
+
+/// Runs a host command, which must succeed.
+fn host(argv: &[&str]) -> Result<(), String> {
+    let out = Command::new(argv[0]).args(&argv[1..]).output().map_err(|e| format!("{argv:?}: {e}"))?;
+    out.status.success().then_some(()).ok_or_else(|| format!("{argv:?}: {}", String::from_utf8_lossy(&out.stderr)))
+}
+
+/// Sets the `Version:` of an unpacked .deb's control file.
+fn set_deb_version(tree: &Path, version: &str) -> Result<(), String> {
+    let control = tree.join("DEBIAN/control");
+    let text = std::fs::read_to_string(&control).map_err(|e| e.to_string())?;
+    let text: String = text
+        .lines()
+        .map(|l| if l.starts_with("Version:") { format!("Version: {version}\n") } else { format!("{l}\n") })
+        .collect();
+    std::fs::write(&control, text).map_err(|e| e.to_string())
+}
+
+/// Revision 0: revision 1 as the package was before steering, with the
+/// units `baton units --steering off` writes for it (one socket unit, no
+/// `baton-httpd-b.socket`, `baton run --steering off`). Its maintainer
+/// scripts are revision 1's, which act on the missing unit harmlessly (each
+/// such call is `|| true`); what is under test is the next package's
+/// postinst meeting a running service without the sibling.
+fn repack_unsteered(deb: &Path, dir: &Path) -> Result<PathBuf, String> {
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: baton::units::UnitsArgs,
+    }
+    let tree = dir.join("unsteered");
+    let _ = std::fs::remove_dir_all(&tree);
+    let t = tree.to_str().unwrap();
+    host(&["dpkg-deb", "-R", deb.to_str().unwrap(), t])?;
+    let units = tree.join("usr/lib/systemd/system");
+    std::fs::remove_file(units.join(SIBLING)).map_err(|e| format!("{SIBLING} in {}: {e}", deb.display()))?;
+    let argv = [
+        "units",
+        "--name",
+        "baton-httpd",
+        "--listen",
+        "http=80",
+        "--steering",
+        "off",
+        "--systemd-version",
+        "252",
+        "--",
+        "/usr/bin/baton-httpd",
+        "--root",
+        "/usr/share/baton-httpd/www",
+    ];
+    let args = <Cli as clap::Parser>::try_parse_from(argv).map_err(|e| e.to_string())?.args;
+    let files = baton::units::generate(&args, 252).map_err(|e| e.to_string())?;
+    let names: Vec<&str> = files.iter().map(|f| f.name.as_str()).collect();
+    if names != [SOCKET, SERVICE] {
+        return Err(format!("baton units --steering off wrote {names:?}"));
+    }
+    baton::units::write_files(&units, &files).map_err(|e| e.to_string())?;
+    // md5sums lists the removed unit; dpkg-deb does not check it, but keep it true.
+    let md5sums = tree.join("DEBIAN/md5sums");
+    if let Ok(text) = std::fs::read_to_string(&md5sums) {
+        let kept: String = text.lines().filter(|l| !l.ends_with(SIBLING)).map(|l| format!("{l}\n")).collect();
+        std::fs::write(&md5sums, kept).map_err(|e| e.to_string())?;
+    }
+    let version = format!("{}-0", env!("CARGO_PKG_VERSION"));
+    set_deb_version(&tree, &version)?;
+    let out = dir.join(format!("baton_{version}_unsteered.deb"));
+    host(&["dpkg-deb", "--root-owner-group", "-b", t, out.to_str().unwrap()])?;
+    Ok(out)
 }
 
 /// Revision 4: revision 3 with `/usr/bin/baton` moved to `baton-real` and
@@ -140,14 +218,8 @@ fn repack_refusing(deb: &Path, dir: &Path) -> Result<PathBuf, String> {
     );
     std::fs::write(bin.join("baton"), wrapper).map_err(|e| e.to_string())?;
     run(&["chmod", "755", bin.join("baton").to_str().unwrap()])?;
-    let control = tree.join("DEBIAN/control");
-    let text = std::fs::read_to_string(&control).map_err(|e| e.to_string())?;
     let version = format!("{}-4", env!("CARGO_PKG_VERSION"));
-    let text: String = text
-        .lines()
-        .map(|l| if l.starts_with("Version:") { format!("Version: {version}\n") } else { format!("{l}\n") })
-        .collect();
-    std::fs::write(&control, text).map_err(|e| e.to_string())?;
+    set_deb_version(&tree, &version)?;
     let out = dir.join(format!("baton_{version}_refusing.deb"));
     run(&["dpkg-deb", "--root-owner-group", "-b", t, out.to_str().unwrap()])?;
     Ok(out)
@@ -216,8 +288,11 @@ impl UpgradeBed for Bed {
     fn boot_prepared(flavor: Flavor, name: &str) -> Option<Bed> {
         let bed = Bed::builder(flavor, name).wait(WAIT).boot()?;
         bed.package_op(&["rm", "-f", "/usr/sbin/policy-rc.d"]);
+        // Both units of the steered pair move (a pair keeps one address).
         let dropin = format!("[Socket]\nListenStream=\nListenStream=127.0.0.1:{}\n", bed.port);
-        bed.tb.write_file("/etc/systemd/system/baton-httpd.socket.d/port.conf", &dropin).unwrap();
+        for socket in [SOCKET, SIBLING] {
+            bed.tb.write_file(format!("/etc/systemd/system/{socket}.d/port.conf"), &dropin).unwrap();
+        }
         Some(bed)
     }
 
@@ -393,6 +468,8 @@ fn deb_upgrades(flavor: Flavor, name: &str) {
     bed.package_op(&["dpkg", "-i", &debs[0]]);
     bed.tb.wait_for("baton-httpd serving", WAIT, || TcpStream::connect(bed.addr()).is_ok()).unwrap();
     let socket_since = bed.tb.show(SOCKET, "ActiveEnterTimestampMonotonic").unwrap();
+    let sibling_since = bed.tb.show(SIBLING, "ActiveEnterTimestampMonotonic").unwrap();
+    assert_eq!(bed.tb.show(SIBLING, "ActiveState").unwrap(), "active", "{SIBLING} not started at install");
 
     let f = upgrade_under_load(&bed, "dpkg -i (upgrade)", &["dpkg", "-i", &debs[1]]);
     assert_in_place(&bed, "dpkg -i", &f);
@@ -421,6 +498,92 @@ fn deb_upgrades(flavor: Flavor, name: &str) {
     }
     assert_eq!(bed.tb.show(SOCKET, "ActiveEnterTimestampMonotonic").unwrap(), socket_since, "{SOCKET} restarted");
     assert_eq!(bed.tb.show(SOCKET, "ActiveState").unwrap(), "active");
+    assert_eq!(bed.tb.show(SIBLING, "ActiveEnterTimestampMonotonic").unwrap(), sibling_since, "{SIBLING} restarted");
+}
+
+/// `baton status` of the packaged service.
+fn status(bed: &Bed) -> String {
+    bed.run_ok(&["/usr/bin/baton", "status", "--name", "baton-httpd", "--control", CONTROL])
+}
+
+/// `n` fresh connections, one `GET /` each: how many were answered 200.
+fn fresh_gets(bed: &Bed, n: usize) -> usize {
+    (0..n)
+        .filter(|_| {
+            let Ok(s) = TcpStream::connect(bed.addr()) else { return false };
+            s.set_read_timeout(Some(WAIT)).unwrap();
+            get(&mut BufReader::new(s)).is_ok()
+        })
+        .count()
+}
+
+/// An upgrade from a package without `baton-httpd-b.socket` (before
+/// steering), under load: in place as ever, the new sibling enabled but not
+/// started while the service runs (it could not take it, and the socket
+/// would hold connections nobody accepts), the reason on the terminal;
+/// Baton unsteered, every connection served, also after `systemctl restart`
+/// of the service (the sibling cannot join the old listener, which lacks
+/// SO_REUSEPORT: the service starts without it); restarting both sockets
+/// and the service then steers the pair.
+fn deb_upgrade_from_unsteered(flavor: Flavor, name: &str) {
+    if !skip_unless_root(name) {
+        return;
+    }
+    let Some(b) = built(name) else { return };
+    let Some(bed) = Bed::boot_prepared(flavor, name) else { return };
+    let (old, new) = (bed.carry(&b.deb_unsteered), bed.carry(&b.deb[0]));
+    bed.package_op(&["dpkg", "-i", &old]);
+    bed.tb.wait_for("baton-httpd serving", WAIT, || TcpStream::connect(bed.addr()).is_ok()).unwrap();
+    assert_eq!(bed.tb.show(SIBLING, "LoadState").unwrap(), "not-found", "revision 0 has no {SIBLING}");
+    assert!(!status(&bed).contains(" takes new connections "), "revision 0 steers: {}", status(&bed));
+    let socket_since = bed.tb.show(SOCKET, "ActiveEnterTimestampMonotonic").unwrap();
+
+    let f = upgrade_under_load(&bed, "dpkg -i (upgrade from a package without the sibling)", &["dpkg", "-i", &new]);
+    assert_in_place(&bed, "dpkg -i from unsteered", &f);
+    assert_eq!(bed.tb.show(SOCKET, "ActiveEnterTimestampMonotonic").unwrap(), socket_since, "{SOCKET} restarted");
+    assert_eq!(bed.run(&["systemctl", "is-enabled", SIBLING]).stdout_trimmed(), "enabled", "{SIBLING}");
+    assert_eq!(bed.tb.show(SIBLING, "ActiveState").unwrap(), "inactive", "{SIBLING} started under a running Baton");
+    let notice = format!(
+        "{SIBLING} (new: the second listener of each address, for steering new connections to proven generations only) is left inactive"
+    );
+    assert!(terminal(&f).contains(&notice), "{name}: the postinst did not say why: {}", f.output);
+    let unsteered = status(&bed);
+    assert!(!unsteered.contains(" takes new connections "), "steered without a pair: {unsteered}");
+    let answered = fresh_gets(&bed, 40);
+    eprintln!("MEASURED {name}: unsteered after the upgrade, {answered} of 40 fresh connections answered");
+    assert_eq!(answered, 40, "{name}: fresh connections lost after the upgrade");
+
+    // The service's next start cannot take the sibling: the running
+    // listener was bound before its unit said ReusePort=yes. The service
+    // only wants it, and starts unsteered.
+    let main = bed.show(SERVICE, "MainPID");
+    bed.systemctl_ok(&["restart", SERVICE]);
+    assert_ne!(bed.show(SERVICE, "MainPID"), main);
+    assert_ne!(bed.tb.show(SIBLING, "ActiveState").unwrap(), "active", "{SIBLING} joined a non-reuseport listener");
+    assert_eq!(bed.tb.show(SOCKET, "ActiveEnterTimestampMonotonic").unwrap(), socket_since, "{SOCKET} restarted");
+    bed.tb.wait_for("baton-httpd serving", WAIT, || fresh_gets(&bed, 1) == 1).unwrap();
+    let unsteered = status(&bed);
+    assert!(!unsteered.contains(" takes new connections "), "steered without a pair: {unsteered}");
+    assert_eq!(fresh_gets(&bed, 40), 40, "{name}: fresh connections lost after the service's restart");
+
+    // The administrator stops and starts both sockets and the service (the
+    // listener closes once; stopped first, so that the old listener is gone
+    // before the sibling binds): steered.
+    bed.systemctl_ok(&["stop", SERVICE, SOCKET, SIBLING]);
+    bed.systemctl_ok(&["start", SOCKET, SIBLING, SERVICE]);
+    assert_eq!(bed.tb.show(SIBLING, "ActiveState").unwrap(), "active", "{SIBLING} after the restart");
+    bed.tb.wait_for("baton-httpd serving", WAIT, || fresh_gets(&bed, 1) == 1).unwrap();
+    let steered = status(&bed);
+    assert!(steered.contains(" takes new connections "), "not steered after the restart: {steered}");
+    let answered = fresh_gets(&bed, 40);
+    eprintln!("MEASURED {name}: steered after restarting both sockets and the service, {answered} of 40 answered");
+    assert_eq!(answered, 40, "{name}: fresh connections lost once steered");
+    bed.package_op(&["dpkg", "--purge", "baton"]);
+}
+
+baton_testbed::systemd_tests! { deb_upgrade_from_unsteered:
+    deb_upgrade_from_unsteered_on_252: Host,
+    deb_upgrade_from_unsteered_on_257: Trixie,
 }
 
 /// `rpm -U` on 252 (Debian's rpm): the old package's %postun upgrades Baton

@@ -4,8 +4,9 @@
 //!
 //! - both packages build; the .rpm holds the expected files and scriptlets
 //!   (`rpm -qlp`, `rpm -qp --scripts`); `lintian` finds no error in the .deb;
-//! - `dpkg -i` enables and starts the socket and the service, and the
-//!   default document root answers (`curl`);
+//! - `dpkg -i` enables and starts both sockets (baton-httpd.socket and its
+//!   steering sibling baton-httpd-b.socket) and the service, Baton steers
+//!   the pair, and the default document root answers (`curl`);
 //! - `dpkg -i` of a rebuilt package (next revision) under loopback load
 //!   fails no request: the postinst upgrades Baton in place (same MainPID)
 //!   and reloads baton-httpd.service, the socket keeps its listener, and
@@ -53,6 +54,8 @@ const LOAD_MAX: Duration = Duration::from_secs(300);
 const PACE: Duration = Duration::from_millis(5);
 
 const SOCKET: &str = "baton-httpd.socket";
+/// Its steering sibling: the second socket of the port.
+const SIBLING: &str = "baton-httpd-b.socket";
 const SERVICE: &str = "baton-httpd.service";
 
 /// The document root's page, as shipped.
@@ -62,6 +65,7 @@ const INDEX: &str = include_str!("../packaging/www/index.html");
 const PACKAGED: &[&str] = &[
     "/usr/bin/baton",
     "/usr/bin/baton-httpd",
+    "/usr/lib/systemd/system/baton-httpd-b.socket",
     "/usr/lib/systemd/system/baton-httpd.service",
     "/usr/lib/systemd/system/baton-httpd.socket",
     "/usr/share/bash-completion/completions/baton",
@@ -245,7 +249,10 @@ fn rpm_contents_and_scriptlets() {
         sections[s].lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_owned).collect()
     };
     let post = code("postinstall").join("\n");
-    assert!(post.contains("systemctl --no-reload preset baton-httpd.socket baton-httpd.service"), "{post}");
+    assert!(
+        post.contains("systemctl --no-reload preset baton-httpd.socket baton-httpd-b.socket baton-httpd.service"),
+        "{post}"
+    );
     let postun = code("postuninstall");
     assert!(postun.iter().any(|l| l.contains("systemctl try-restart baton-httpd.service")), "{postun:?}");
     // Never restart, stop or reload the socket on the upgrade path.
@@ -303,7 +310,8 @@ fn deb_contents_scripts_and_lintian() {
         let text = std::fs::read_to_string(control.join(script)).unwrap_or_else(|e| panic!("{script}: {e}"));
         host_ok(&["sh", "-n", control.join(script).to_str().unwrap()]);
         for line in text.lines().map(str::trim).filter(|l| !l.starts_with('#')) {
-            let touches_socket = line.contains("SOCKET") || line.contains("baton-httpd.socket");
+            let touches_socket =
+                ["SOCKET", "SIBLING", "baton-httpd.socket", "baton-httpd-b.socket"].iter().any(|s| line.contains(s));
             assert!(
                 !(touches_socket && (line.contains("restart") || line.contains("reload"))),
                 "{script} restarts the socket: {line}"
@@ -502,10 +510,13 @@ impl PackageBed for Bed {
     fn boot_prepared(flavor: Flavor, name: &str) -> Option<Bed> {
         let bed = Bed::builder(flavor, name).wait(WAIT).boot()?;
         bed.run_ok(&["rm", "-f", "/usr/sbin/policy-rc.d"]);
-        bed.write_file(
-            "/etc/systemd/system/baton-httpd.socket.d/port.conf",
-            &format!("[Socket]\nListenStream=\nListenStream=127.0.0.1:{}\n", bed.port),
-        );
+        // Both units of the steered pair move (a pair keeps one address).
+        for socket in [SOCKET, SIBLING] {
+            bed.write_file(
+                &format!("/etc/systemd/system/{socket}.d/port.conf"),
+                &format!("[Socket]\nListenStream=\nListenStream=127.0.0.1:{}\n", bed.port),
+            );
+        }
         Some(bed)
     }
 
@@ -517,7 +528,12 @@ impl PackageBed for Bed {
     }
 
     fn socket_epoch(&self) -> (String, String) {
-        (self.show(SOCKET, "ActiveEnterTimestampMonotonic"), self.show(SOCKET, "InactiveEnterTimestampMonotonic"))
+        let epoch = |unit| {
+            [self.show(unit, "ActiveEnterTimestampMonotonic"), self.show(unit, "InactiveEnterTimestampMonotonic")]
+        };
+        let [a, b] = epoch(SOCKET);
+        let [c, d] = epoch(SIBLING);
+        (format!("{SOCKET} {a} {b}"), format!("{SIBLING} {c} {d}"))
     }
 
     fn wait_serving(&self, port: u16) -> u32 {
@@ -576,12 +592,22 @@ fn deb_lifecycle(flavor: Flavor, name: &str) {
 
     // ---- install: enabled, started, serving the default document root.
     bed.package_op(&["dpkg", "-i", &deb1]);
-    for unit in [SOCKET, SERVICE] {
+    for unit in [SOCKET, SIBLING, SERVICE] {
         assert_eq!(bed.run(&["systemctl", "is-enabled", unit]).stdout_trimmed(), "enabled", "{unit}");
         assert_eq!(bed.show(unit, "ActiveState"), "active", "{unit} started by the postinst");
     }
     let main1 = bed.show(SERVICE, "MainPID");
     assert_eq!(bed.exe(&main1), "/usr/bin/baton");
+    // Both sockets of the pair reached Baton, which steers them.
+    let status = bed.run_ok(&[
+        "/usr/bin/baton",
+        "status",
+        "--name",
+        "baton-httpd",
+        "--control",
+        "/run/baton-httpd/baton-httpd.sock",
+    ]);
+    assert!(status.contains(" takes new connections "), "not steered: {status}");
     let url = format!("http://127.0.0.1:{port}/");
     let page = host_ok(&["curl", "--fail", "--silent", "--show-error", "--max-time", "30", &url]);
     assert_eq!(page, INDEX, "curl {url}");
@@ -646,11 +672,11 @@ fn deb_lifecycle(flavor: Flavor, name: &str) {
     // the old version as `$2`, as after an upgrade) enables and starts both.
     bed.package_op(&["dpkg", "--remove", "baton"]);
     assert_stopped(&bed);
-    for unit in [SOCKET, SERVICE] {
+    for unit in [SOCKET, SIBLING, SERVICE] {
         assert_eq!(bed.run(&["systemctl", "is-enabled", unit]).stdout_trimmed(), "masked", "{unit} after remove");
     }
     bed.package_op(&["dpkg", "-i", &deb2]);
-    for unit in [SOCKET, SERVICE] {
+    for unit in [SOCKET, SIBLING, SERVICE] {
         assert_eq!(bed.run(&["systemctl", "is-enabled", unit]).stdout_trimmed(), "enabled", "{unit} reinstalled");
         assert_eq!(bed.show(unit, "ActiveState"), "active", "{unit} started again");
     }
@@ -716,7 +742,7 @@ fn assert_stopped(bed: &Bed) {
 /// no helper state; only the admin's own drop-in stays.
 fn assert_purged(bed: &Bed) {
     assert_stopped(bed);
-    for unit in [SOCKET, SERVICE] {
+    for unit in [SOCKET, SIBLING, SERVICE] {
         assert_eq!(bed.show(unit, "ActiveState"), "inactive", "{unit}");
         assert_eq!(bed.show(unit, "LoadState"), "not-found", "{unit}");
     }
@@ -736,7 +762,11 @@ fn assert_purged(bed: &Bed) {
     // Only the admin's drop-in, and the testbed's own boot target.
     let leftovers: Vec<&str> = leftovers
         .lines()
-        .filter(|l| !l.starts_with("/etc/systemd/system/baton-httpd.socket.d") && !l.contains("baton-testbed"))
+        .filter(|l| {
+            !l.starts_with("/etc/systemd/system/baton-httpd.socket.d")
+                && !l.starts_with("/etc/systemd/system/baton-httpd-b.socket.d")
+                && !l.contains("baton-testbed")
+        })
         .collect();
     assert!(leftovers.is_empty(), "left after removal: {leftovers:?}");
 }
@@ -762,7 +792,7 @@ fn rpm_lifecycle_on_252() {
     let port = bed.port;
     // --nodeps: the rpm database of a Debian system knows no libc.
     bed.package_op(&["rpm", "-i", "--nodeps", &rpm1]);
-    for unit in [SOCKET, SERVICE] {
+    for unit in [SOCKET, SIBLING, SERVICE] {
         assert_eq!(bed.run(&["systemctl", "is-enabled", unit]).stdout_trimmed(), "enabled", "{unit}: preset");
         assert_eq!(bed.show(unit, "ActiveState"), "active", "{unit} started by %post");
     }
@@ -802,7 +832,7 @@ fn deb_without_systemd_or_with_policy_rc_d() {
     let script = format!("mount -t tmpfs none /run/systemd && dpkg -i {deb1}");
     bed.package_op(&["unshare", "--mount", "--propagation", "private", "sh", "-c", &script]);
     bed.tb.daemon_reload().unwrap();
-    for unit in [SOCKET, SERVICE] {
+    for unit in [SOCKET, SIBLING, SERVICE] {
         assert_eq!(bed.run(&["systemctl", "is-enabled", unit]).stdout_trimmed(), "enabled", "{unit}");
         assert_eq!(bed.show(unit, "ActiveState"), "inactive", "{unit} started without systemd running");
     }
@@ -818,7 +848,7 @@ fn deb_without_systemd_or_with_policy_rc_d() {
             .unwrap();
     }
     bed.package_op(&["dpkg", "-i", &deb1]);
-    for unit in [SOCKET, SERVICE] {
+    for unit in [SOCKET, SIBLING, SERVICE] {
         assert_eq!(bed.run(&["systemctl", "is-enabled", unit]).stdout_trimmed(), "enabled", "{unit}");
         assert_eq!(bed.show(unit, "ActiveState"), "inactive", "{unit} started against policy-rc.d");
     }
@@ -827,7 +857,7 @@ fn deb_without_systemd_or_with_policy_rc_d() {
     // Allowed again: the upgrade starts the enabled socket and service.
     bed.run_ok(&["rm", "/usr/sbin/policy-rc.d"]);
     bed.package_op(&["dpkg", "-i", &deb2]);
-    for unit in [SOCKET, SERVICE] {
+    for unit in [SOCKET, SIBLING, SERVICE] {
         assert_eq!(bed.show(unit, "ActiveState"), "active", "{unit} after the upgrade");
     }
     bed.wait_serving(bed.port);

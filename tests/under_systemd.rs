@@ -1143,7 +1143,9 @@ fn install_generated(b: &Bed, output: Option<&str>) {
     let out = std::process::Command::new(baton_bin())
         .args(["units", "--name", "app", "-l"])
         .arg(format!("http=127.0.0.1:{}", b.port))
-        .args(["--baton", BATON_INSIDE, "--systemd-version"])
+        // Only app.socket is installed: its subject is not steering, whose
+        // sibling socket unit (the default) it would need.
+        .args(["--steering", "off", "--baton", BATON_INSIDE, "--systemd-version"])
         .arg(b.tb.systemd_version().to_string())
         .arg("-o")
         .arg(&dir)

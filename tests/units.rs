@@ -125,7 +125,8 @@ fn names(files: &[UnitFile]) -> Vec<&str> {
 #[test]
 fn supervised_on_252_uses_exec_reload() {
     let files = gen_for(&["--name", "web", "--listen", "http=8080", "--", "/usr/bin/app", "--flag"], 252);
-    assert_eq!(names(&files), ["web.socket", "web.service"]);
+    // Steering is on by default (as for `baton run`): a sibling socket unit.
+    assert_eq!(names(&files), ["web.socket", "web-b.socket", "web.service"]);
     let sock = ini(&files, "web.socket");
     assert_eq!(sock.all("Socket", "ListenStream"), ["8080"]);
     assert_eq!(sock.one("Socket", "BindIPv6Only"), "both");
@@ -143,9 +144,11 @@ fn supervised_on_252_uses_exec_reload() {
     assert_eq!(svc.one("Service", "ExecReload"), "+/usr/bin/baton restart --name web --wait");
     assert_eq!(svc.get("Service", "ReloadSignal"), None);
     assert_eq!(svc.one("Service", "NotifyAccess"), "main");
-    assert_eq!(svc.one("Service", "Sockets"), "web.socket");
+    assert_eq!(svc.one("Service", "Sockets"), "web.socket web-b.socket");
     assert_eq!(svc.one("Unit", "Requires"), "web.socket");
-    assert_eq!(svc.one("Unit", "After"), "web.socket");
+    // Wanted only: a sibling that cannot listen leaves Baton unsteered, not down.
+    assert_eq!(svc.one("Unit", "Wants"), "web-b.socket");
+    assert_eq!(svc.one("Unit", "After"), "web.socket web-b.socket");
     assert_eq!(svc.one("Service", "FileDescriptorStoreMax"), "4096");
     // Baton's own crash lets the generations drain (see tests/under_systemd.rs for the figures).
     assert_eq!(svc.one("Service", "KillMode"), "control-group");
@@ -157,7 +160,7 @@ fn supervised_on_252_uses_exec_reload() {
     assert_eq!(svc.get("Service", "WatchdogSec"), None);
     assert_eq!(svc.one("Service", "LimitNOFILE"), "65536");
     assert_eq!(svc.one("Unit", "StartLimitBurst"), "20");
-    assert_eq!(svc.one("Install", "Also"), "web.socket");
+    assert_eq!(svc.one("Install", "Also"), "web.socket web-b.socket");
     for (key, value) in [
         ("NoNewPrivileges", "yes"),
         ("ProtectSystem", "strict"),
@@ -316,7 +319,10 @@ fn several_fd_names_make_several_socket_units() {
         ],
         252,
     );
-    assert_eq!(names(&files), ["web.socket", "web-admin.socket", "web-metrics.socket", "web.service"]);
+    assert_eq!(
+        names(&files),
+        ["web.socket", "web-b.socket", "web-admin.socket", "web-metrics.socket", "web-metrics-b.socket", "web.service"]
+    );
     let http = ini(&files, "web.socket");
     assert_eq!(http.all("Socket", "ListenStream"), ["80", "[::1]:8080"]);
     assert_eq!(http.one("Socket", "FileDescriptorName"), "http");
@@ -328,14 +334,15 @@ fn several_fd_names_make_several_socket_units() {
     let metrics = ini(&files, "web-metrics.socket");
     assert_eq!(metrics.all("Socket", "ListenDatagram"), ["127.0.0.1:9125"]);
     let svc = ini(&files, "web.service");
-    let all = "web.socket web-admin.socket web-metrics.socket";
+    let all = "web.socket web-b.socket web-admin.socket web-metrics.socket web-metrics-b.socket";
     assert_eq!(svc.one("Service", "Sockets"), all);
-    assert_eq!(svc.one("Unit", "Requires"), all);
+    assert_eq!(svc.one("Unit", "Requires"), "web.socket web-admin.socket web-metrics.socket");
+    assert_eq!(svc.one("Unit", "Wants"), "web-b.socket web-metrics-b.socket");
     assert_eq!(svc.one("Install", "Also"), all);
 
     // Unnamed first: NAME.socket without FileDescriptorName=, named ones apart.
     let files = gen_for(&["--name", "web", "-l", "80", "-l", "admin=unix:@web-admin", "--", "/usr/bin/app"], 252);
-    assert_eq!(names(&files), ["web.socket", "web-admin.socket", "web.service"]);
+    assert_eq!(names(&files), ["web.socket", "web-b.socket", "web-admin.socket", "web.service"]);
     assert_eq!(ini(&files, "web.socket").get("Socket", "FileDescriptorName"), None);
 }
 
@@ -384,7 +391,8 @@ fn steering_auto_writes_a_sibling_unit_per_ip_fd_name() {
     let svc = ini(&files, "web.service");
     let all = "web.socket web-b.socket web-admin.socket web-dns.socket web-dns-b.socket";
     assert_eq!(svc.one("Service", "Sockets"), all);
-    assert_eq!(svc.one("Unit", "Requires"), all);
+    assert_eq!(svc.one("Unit", "Requires"), "web.socket web-admin.socket web-dns.socket");
+    assert_eq!(svc.one("Unit", "Wants"), "web-b.socket web-dns-b.socket");
     assert_eq!(svc.one("Unit", "After"), all);
     assert_eq!(svc.one("Install", "Also"), all);
     // Baton pairs by name and address: nothing to add to `baton run`.
@@ -399,15 +407,152 @@ fn steering_auto_writes_a_sibling_unit_per_ip_fd_name() {
     assert_eq!(ini(&files, "web.socket").get("Socket", "FileDescriptorName"), None);
     assert_eq!(ini(&files, "web-b.socket").one("Socket", "FileDescriptorName"), "web.socket");
 
-    // Off (the default): one unit per name, no ReusePort=.
+    // Auto is the default of the supervised topology: the same units, and
+    // the header needs no --steering.
+    let default = gen_for(&["--name", "web", "-l", "http=8080", "--", "/usr/bin/app"], 252);
+    let auto = gen_for(&["--name", "web", "-l", "http=8080", "--steering", "auto", "--", "/usr/bin/app"], 252);
+    assert_eq!(default, auto);
+    assert_eq!(names(&default), ["web.socket", "web-b.socket", "web.service"]);
+    assert!(!file(&default, "web.socket").contents.lines().next().unwrap().contains("--steering"));
+
+    // Off: one unit per name, no ReusePort=, and Baton told so (its status
+    // then says steering is off rather than that a sibling is missing).
+    let files = gen_for(&["--name", "web", "-l", "http=8080", "--steering", "off", "--", "/usr/bin/app"], 252);
+    assert_eq!(names(&files), ["web.socket", "web.service"]);
+    assert_eq!(ini(&files, "web.socket").get("Socket", "ReusePort"), None);
+    assert_eq!(ini(&files, "web.service").get("Unit", "Wants"), None);
+    assert!(file(&files, "web.socket").contents.lines().next().unwrap().contains(" --steering off "));
+    assert_eq!(
+        ini(&files, "web.service").one("Service", "ExecStart"),
+        "/usr/bin/baton run --name web --fdstore-max 4096 --stop-timeout 30s --steering off -- /usr/bin/app"
+    );
+    assert_eq!(regenerate(&file(&files, "web.service").contents), files);
+
+    // Direct: no Baton, no steering, whether off is said or not.
     for off in [&["--steering", "off"][..], &[]] {
-        let mut argv = vec!["--name", "web", "-l", "http=8080"];
+        let mut argv = vec!["--name", "web", "-l", "http=8080", "--direct"];
         argv.extend(off);
         argv.extend(["--", "/usr/bin/app"]);
         let files = gen_for(&argv, 252);
         assert_eq!(names(&files), ["web.socket", "web.service"]);
         assert_eq!(ini(&files, "web.socket").get("Socket", "ReusePort"), None);
         assert!(!file(&files, "web.socket").contents.lines().next().unwrap().contains("--steering"));
+        assert_eq!(regenerate(&file(&files, "web.service").contents), files);
+    }
+    // Unix sockets only: nothing to steer, no sibling.
+    let files = gen_for(&["--name", "web", "-l", "unix:/run/web.sock", "--", "/usr/bin/app"], 252);
+    assert_eq!(names(&files), ["web.socket", "web.service"]);
+}
+
+#[test]
+fn proving_options_pass_through_into_exec_start() {
+    let argv = [
+        "--name",
+        "web",
+        "-l",
+        "http=127.0.0.1:8080",
+        "--probe",
+        "--health-http",
+        "/healthz?full=1",
+        "--health-cmd",
+        "curl -fsS \"http://$BATON_PROBE_ADDR/\" > /dev/null; echo 100%",
+        "--health-interval",
+        "250ms",
+        "--health-timeout",
+        "1.5s",
+        "--health-passes",
+        "5",
+        "--ready",
+        "after:1500ms",
+        "--quiet-period",
+        "3s",
+        "--probation",
+        "1min",
+        "--canary",
+        "10",
+        "--",
+        "/usr/bin/app",
+    ];
+    let files = gen_for(&argv, 252);
+    assert_eq!(
+        ini(&files, "web.service").one("Service", "ExecStart"),
+        "/usr/bin/baton run --name web --fdstore-max 4096 --stop-timeout 30s --probe --health-http \"/healthz?full=1\" \
+         --health-cmd \"curl -fsS \\\"http://$$BATON_PROBE_ADDR/\\\" > /dev/null; echo 100%%\" --health-interval 250ms \
+         --health-timeout 1500ms --health-passes 5 --ready after:1500ms --quiet-period 3s --probation 60s --canary 10 \
+         -- /usr/bin/app"
+    );
+    let header = file(&files, "web.service").contents.lines().next().unwrap().to_owned();
+    assert!(
+        header.contains(" --health-cmd 'curl -fsS \"http://$BATON_PROBE_ADDR/\" > /dev/null; echo 100%' "),
+        "{header}"
+    );
+    // The header reproduces the same units.
+    assert_eq!(regenerate(&file(&files, "web.service").contents), files);
+    // `baton run` itself takes the words (unquoted as systemd passes them).
+    let args = parse(&argv);
+    let mut run = vec!["baton".to_owned(), "run".into()];
+    run.extend(args.run_words());
+    run.extend(["--".into(), "/usr/bin/app".into()]);
+    let cli = baton::cli::Cli::try_parse_from(&run).unwrap_or_else(|e| panic!("{run:?}: {e}"));
+    let baton::cli::Command::Run(run) = cli.command else { panic!("not run") };
+    run.check().unwrap();
+    let policy = run.policy();
+    assert!(policy.probe);
+    assert_eq!(policy.health_cmd.as_deref(), Some("curl -fsS \"http://$BATON_PROBE_ADDR/\" > /dev/null; echo 100%"));
+    assert_eq!(policy.proving.passes, 5);
+    assert_eq!(policy.proving.interval, Duration::from_millis(250));
+    assert_eq!(policy.proving.timeout, Duration::from_millis(1500));
+    assert_eq!(policy.proving.quiet_period, Duration::from_secs(3));
+    assert_eq!(policy.proving.probation, Duration::from_secs(60));
+    assert_eq!(policy.proving.canary, 10);
+
+    // Left out, they are left to `baton run`'s defaults.
+    let plain = gen_for(&["--name", "web", "-l", "http=8080", "--", "/usr/bin/app"], 252);
+    let exec = ini(&plain, "web.service").one("Service", "ExecStart").to_owned();
+    for option in ["--probe", "--health", "--ready", "--quiet-period", "--probation", "--canary", "--steering"] {
+        assert!(!exec.contains(option), "{exec}");
+    }
+    // A zero turns a period off and is written out.
+    let zero =
+        gen_for(&["--name", "web", "-l", "8080", "--quiet-period", "0", "--probation", "0", "--", "/usr/bin/app"], 252);
+    assert!(ini(&zero, "web.service").one("Service", "ExecStart").contains(" --quiet-period 0s --probation 0s -- "));
+    let tcp = gen_for(&["--name", "web", "-l", "8080", "--health-tcp", "--ready", "probe", "--", "/usr/bin/app"], 252);
+    assert!(ini(&tcp, "web.service").one("Service", "ExecStart").contains(" --health-tcp --ready probe -- "));
+    assert!(file(&tcp, "web.service").contents.contains("# Its probe: a TCP connect to its private probe socket.\n"));
+}
+
+#[test]
+fn proving_refusals_name_the_fix() {
+    let app = ["--", "/usr/bin/app"];
+    let refused = |extra: &[&str]| {
+        let argv: Vec<&str> = ["--name", "web", "-l", "8080"].iter().chain(extra).chain(&app).copied().collect();
+        let e = gen_err(&argv);
+        assert!(matches!(e, UnitsError::Proving { .. }) && e.is_usage(), "{extra:?}: {e}");
+        e.to_string()
+    };
+    let e = refused(&["--direct", "--health-http", "/"]);
+    assert!(e.contains("--health-http") && e.contains("use the supervised topology"), "{e}");
+    let e = refused(&["--direct", "--probation", "5s"]);
+    assert!(e.contains("leave --probation out"), "{e}");
+    let e = refused(&["--ready", "probe"]);
+    assert!(e.contains("add --health-http PATH or --health-tcp"), "{e}");
+    let e = refused(&["--canary", "10", "--quiet-period", "0"]);
+    assert!(e.contains("set --quiet-period"), "{e}");
+    // Refused by the parser, with `baton run`'s own messages.
+    for (extra, needle) in [
+        (&["--health-http", "healthz"][..], "start it with /"),
+        (&["--health-http", "/a b"], "percent-encode"),
+        (&["--health-http", "/", "--health-tcp"], "cannot be used with"),
+        (&["--health-passes", "0"], "--health-passes"),
+        (&["--canary", "100"], "--canary"),
+        (&["--ready", "later"], "use notify, probe or after:DURATION"),
+        (&["--ready", "after:0.5ms"], "whole number of milliseconds"),
+        (&["--quiet-period", "0.5ms"], "whole number of milliseconds"),
+        (&["--health-interval", "soon"], "not a duration"),
+    ] {
+        let argv: Vec<&str> = ["--name", "web", "-l", "8080"].iter().chain(extra).chain(&app).copied().collect();
+        let e = try_parse(&argv).map(|_| ()).expect_err(&format!("{extra:?} should be refused")).to_string();
+        assert!(e.contains(needle), "{extra:?}: {e}");
     }
 }
 
@@ -529,7 +674,7 @@ fn output_to_a_directory_or_stdout() {
     let mut listed: Vec<String> =
         std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     listed.sort();
-    assert_eq!(listed, ["web-admin.socket", "web.service", "web.socket"], "no temporary file is left");
+    assert_eq!(listed, ["web-admin.socket", "web-b.socket", "web.service", "web.socket"], "no temporary file is left");
     // Writing again replaces the files.
     write_files(&out, &files).unwrap();
 
@@ -692,13 +837,17 @@ fn reference_units_are_the_documented_ones() {
     assert_eq!(svc.one("Service", "Type"), "notify", "the 252 baseline");
     assert_eq!(
         svc.one("Service", "ExecStart"),
-        "/usr/bin/baton run --name baton-httpd --fdstore-max 4096 --stop-timeout 30s -- \
+        "/usr/bin/baton run --name baton-httpd --fdstore-max 4096 --stop-timeout 30s --health-http /healthz -- \
          /usr/bin/baton-httpd --root /usr/share/baton-httpd/www"
     );
-    assert_eq!(
-        Ini::parse(&file(supervised, "baton-httpd.socket").contents).one("Socket", "FileDescriptorName"),
-        "http"
-    );
+    // Steered: the package ships both units of the pair.
+    assert_eq!(svc.one("Service", "Sockets"), "baton-httpd.socket baton-httpd-b.socket");
+    for socket in ["baton-httpd.socket", "baton-httpd-b.socket"] {
+        let sock = Ini::parse(&file(supervised, socket).contents);
+        assert_eq!(sock.one("Socket", "FileDescriptorName"), "http", "{socket}");
+        assert_eq!(sock.one("Socket", "ReusePort"), "yes", "{socket}");
+        assert_eq!(sock.all("Socket", "ListenStream"), ["80"], "{socket}");
+    }
     let direct = &files[&reference_dir().join("direct")];
     let svc = Ini::parse(&file(direct, "baton-httpd.service").contents);
     assert_eq!(svc.one("Service", "ExecStart"), "/usr/bin/baton-httpd --root /usr/share/baton-httpd/www");
@@ -707,7 +856,8 @@ fn reference_units_are_the_documented_ones() {
 // ---- systemd-analyze verify ------------------------------------------------
 
 /// The option matrix: topology × user × watchdog × socket kind (steered
-/// pairs: supervised only).
+/// pairs, steering turned off and the proving options: supervised only;
+/// TCP and UDP are steered by default there).
 fn matrix(baton: &str, app: &str, version: u32) -> Vec<(String, Vec<UnitFile>)> {
     let mut out = Vec::new();
     let kinds = [
@@ -716,13 +866,15 @@ fn matrix(baton: &str, app: &str, version: u32) -> Vec<(String, Vec<UnitFile>)> 
         ("udp", vec!["http=udp:127.0.0.1:5353"]),
         ("multi", vec!["http=8080", "admin=seqpacket:@baton-units-test", "log=unixgram:/run/baton-units-test.log"]),
         ("steered", vec!["http=8080", "http=unix:/run/baton-units-steer.sock", "dns=udp:127.0.0.1:5353"]),
+        ("unsteered", vec!["http=127.0.0.1:8080"]),
+        ("proving", vec!["http=8080"]),
     ];
     for topology in ["--supervised", "--direct"] {
         for user in [None, Some("daemon")] {
             for watchdog in [None, Some("10s")] {
                 for (kind, listens) in &kinds {
-                    let steered = *kind == "steered";
-                    if steered && topology == "--direct" {
+                    let supervised_only = ["steered", "unsteered", "proving"].contains(kind);
+                    if supervised_only && topology == "--direct" {
                         continue;
                     }
                     let name = format!(
@@ -741,8 +893,24 @@ fn matrix(baton: &str, app: &str, version: u32) -> Vec<(String, Vec<UnitFile>)> 
                     if let Some(w) = watchdog {
                         argv.extend(["--watchdog", w]);
                     }
-                    if steered {
-                        argv.extend(["--steering", "auto"]);
+                    match *kind {
+                        "steered" => argv.extend(["--steering", "auto"]),
+                        "unsteered" => argv.extend(["--steering", "off"]),
+                        "proving" => argv.extend([
+                            "--health-http",
+                            "/healthz",
+                            "--health-cmd",
+                            "test -n \"$BATON_PROBE_ADDR\" && echo 100%",
+                            "--ready",
+                            "after:1s",
+                            "--quiet-period",
+                            "1500ms",
+                            "--probation",
+                            "3s",
+                            "--canary",
+                            "5",
+                        ]),
+                        _ => {}
                     }
                     argv.extend(["--", app, "--serve", "http", "50%", "$x"]);
                     let files = gen_for(&argv, version);
@@ -1056,26 +1224,46 @@ fn reference_units_run(flavor: Flavor, test: &str) {
     let svc = "baton-httpd.service";
     for (dir, files) in [("units", &all[&reference_dir()]), ("units/direct", &all[&reference_dir().join("direct")])] {
         let port = free_loopback_port();
-        bed.tb
-            .write_file(
-                "/etc/systemd/system/baton-httpd.socket.d/port.conf",
-                &format!("[Socket]\nListenStream=\nListenStream=127.0.0.1:{port}\n"),
-            )
-            .unwrap();
+        // Both units of the steered pair move (a pair must keep one address).
+        let sockets: Vec<&str> = files.iter().map(|f| f.name.as_str()).filter(|n| n.ends_with(".socket")).collect();
+        for socket in &sockets {
+            bed.tb
+                .write_file(
+                    format!("/etc/systemd/system/{socket}.d/port.conf"),
+                    &format!("[Socket]\nListenStream=\nListenStream=127.0.0.1:{port}\n"),
+                )
+                .unwrap();
+        }
         bed.install_units(named(files));
+        // The service pulls its sibling socket in (Wants=).
         bed.systemctl_ok(&["start", "baton-httpd.socket", svc]);
+        for socket in &sockets {
+            assert_eq!(bed.show(socket, "ActiveState"), "active", "{dir}: {socket}");
+        }
         let get = || http_get(port, "/index.html").is_some_and(|r| r.contains("hello from the reference units"));
         assert!(get(), "{dir}: {:?}", http_get(port, "/index.html"));
         let main = bed.show(svc, "MainPID");
         if dir == "units" {
+            // Both sockets of the pair reach Baton, which steers them.
+            let control = "/run/baton-httpd/baton-httpd.sock";
+            let status =
+                bed.tb.run(&["/usr/bin/baton", "status", "--name", "baton-httpd", "--control", control]).unwrap();
+            assert!(status.success(), "{dir}: {status:?}");
+            assert!(status.stdout.contains(" takes new connections "), "{dir}: not steered: {}", status.stdout);
             bed.systemctl_ok(&["reload", svc]);
             assert_eq!(bed.show(svc, "MainPID"), main, "{dir}: reload keeps Baton");
             assert!(bed.show(svc, "StatusText").starts_with("generation 2 serving"), "{dir}");
+            assert!(get(), "{dir} after reload");
         }
         bed.systemctl_ok(&["restart", svc]);
         assert_ne!(bed.show(svc, "MainPID"), main, "{dir}");
         assert!(get(), "{dir} after restart");
-        bed.systemctl_ok(&["stop", svc, "baton-httpd.socket"]);
+        let mut stop = vec!["stop", svc];
+        stop.extend(&sockets);
+        bed.systemctl_ok(&stop);
+        for socket in &sockets {
+            bed.tb.run_checked(&["rm", "-r", &format!("/etc/systemd/system/{socket}.d")]).unwrap();
+        }
         assert_eq!(bed.show(svc, "Result"), "success", "{dir}");
     }
 }

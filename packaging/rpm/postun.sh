@@ -4,9 +4,9 @@
 # baton-httpd.service runs, upgrade its Baton in place (`baton upgrade`: same
 # MainPID, sockets, fd store and generations) and reload it (a new generation
 # of the new baton-httpd); only a Baton that cannot take the upgrade is
-# restarted (try-restart), with the reason logged. Never baton-httpd.socket:
-# the socket unit holds the listener, and restarting it would refuse
-# connections. This runs from the old package once the new files are in, so
+# restarted (try-restart), with the reason logged. Never baton-httpd.socket
+# or baton-httpd-b.socket: the socket units hold the listeners, and
+# restarting one would refuse connections. This runs from the old package once the new files are in, so
 # an upgrade from a package older than this logic restarts the service once.
 # The template is packaging/rpm/postun.sh; packaging/build.sh inserts
 # packaging/upgrade-service.sh at the marker below.

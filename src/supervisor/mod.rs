@@ -320,9 +320,9 @@ impl Supervisor {
         crate::closer::start();
         match self.adopted.take() {
             None => {
-                self.rescue_stranded();
                 let actions = self.core.start();
                 self.execute(actions);
+                self.rescue_startup_queue();
             }
             Some(adopted) => self.finish_adoption(adopted),
         }

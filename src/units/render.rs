@@ -62,7 +62,9 @@ pub(super) fn socket_unit(plan: &Plan<'_>, g: &SocketGroup<'_>) -> UnitFile {
             s,
             "# Steering: {sibling} listens on the same TCP/UDP address(es); with ReusePort=yes on\n\
              # both, the two sockets form one SO_REUSEPORT group and Baton chooses which one gets new\n\
-             # connections (the running generation's, until the next one is proven).\n\
+             # connections (the running generation's, until the next one is proven). To move an\n\
+             # address, change it in both units (a drop-in each): else they are no pair, and Baton\n\
+             # shares both sockets between the generations, unsteered.\n\
              ReusePort=yes\n"
         );
     }
@@ -89,7 +91,12 @@ pub(super) fn sibling_unit(plan: &Plan<'_>, g: &SocketGroup<'_>) -> UnitFile {
          # could not). Baton gets both sockets under the one fd name {fdname:?}, gives each\n\
          # generation one of them, and attaches a classic-BPF program that sends new connections\n\
          # to the proven generation's socket only; `systemctl reload` flips it. Like {primary},\n\
-         # it stays open across every restart of the service.\n",
+         # it stays open across every restart of the service. Keep its addresses the same as\n\
+         # {primary}'s (a drop-in changing one needs its twin here). It can listen only beside\n\
+         # a twin that listens with ReusePort=yes: one started before its unit said so (units\n\
+         # from before steering) must be restarted with it, which closes the listener once.\n\
+         # Never start this unit alone while the service runs: the service takes it at its next\n\
+         # start only, and meanwhile half the new connections would wait in its queue.\n",
         primary = g.unit
     );
     let label = g.fdname.map_or_else(String::new, |n| format!(" {n:?}"));
@@ -135,9 +142,9 @@ pub(super) fn service_unit(plan: &Plan<'_>) -> UnitFile {
             "# Topology: supervised. Baton is the main process for the life of the service and runs\n\
              # {program} as generations.\n\
              # `systemctl reload {name}` (ExecReload=, that is `baton restart`) starts a new\n\
-             # generation, waits for its READY=1 and only then retires the old one, which drains:\n\
-             # an overlapped, zero-downtime restart. `systemctl restart` restarts Baton too; the\n\
-             # sockets stay open in the .socket unit(s) meanwhile.\n"
+             # generation, waits for it to be ready and proven, and only then retires the old one,\n\
+             # which drains: an overlapped, zero-downtime restart. `systemctl restart` restarts Baton\n\
+             # too; the sockets stay open in the .socket unit(s) meanwhile.\n"
         );
     } else {
         let _ = write!(
@@ -150,12 +157,29 @@ pub(super) fn service_unit(plan: &Plan<'_>) -> UnitFile {
         );
     }
 
+    let primaries: Vec<&str> = plan.groups.iter().map(|g| g.unit.as_str()).collect();
+    let primaries = primaries.join(" ");
+    let siblings: Vec<&str> = plan.groups.iter().filter_map(|g| g.sibling.as_deref()).collect();
+    // Wanted, not required: a sibling that cannot listen must not keep the service down. It
+    // cannot when its twin's listener was bound without SO_REUSEPORT (its unit predates
+    // ReusePort=yes, as after a package upgrade from units without siblings: EADDRINUSE until
+    // the twin is restarted); Baton then shares the one socket, unsteered, and says so.
+    let wants = if siblings.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "# The steering siblings: without one (it failed to listen) Baton serves unsteered.\n\
+             Wants={}\n",
+            siblings.join(" ")
+        )
+    };
     let _ = write!(
         s,
         "\n[Unit]\n\
          Description={name}{}\n\
          # The sockets come from the .socket unit(s) only; never run without them.\n\
-         Requires={sockets}\n\
+         Requires={primaries}\n\
+         {wants}\
          After={sockets}\n\
          # Every start counts here, `systemctl restart` and automatic restarts included. The\n\
          # default (5 starts in 10 s) is easily hit by scripted restarts; once hit, the service\n\
@@ -196,9 +220,11 @@ pub(super) fn service_unit(plan: &Plan<'_>) -> UnitFile {
              Type=notify\n"
         );
         let watchdog = args.watchdog.map(|w| format!(" --watchdog {}", format_duration(w))).unwrap_or_default();
+        let run_words: String = args.run_words().iter().map(|w| format!(" {}", exec_quote(w))).collect();
+        s.push_str(&proving_text(args));
         let _ = writeln!(
             s,
-            "ExecStart={} run --name {name} --fdstore-max {fdstore} --stop-timeout {stop}{watchdog} -- {}",
+            "ExecStart={} run --name {name} --fdstore-max {fdstore} --stop-timeout {stop}{watchdog}{run_words} -- {}",
             plan.baton_exec, plan.app_exec
         );
         // `+`: systemd forks ExecReload= without the sandbox (no DynamicUser=, namespaces, mounts
@@ -390,6 +416,40 @@ pub(super) fn service_unit(plan: &Plan<'_>) -> UnitFile {
          Also={sockets}\n"
     );
     UnitFile { name: unit, contents: s }
+}
+
+/// The comment before the supervised `ExecStart=`: how a new generation
+/// is proven before it gets real traffic, with what these options change.
+fn proving_text(args: &UnitsArgs) -> String {
+    let steered = args.steering() == SteeringMode::Auto;
+    let mut s = String::from(
+        "# A new generation is proven before it gets real traffic (`baton run --help`): once ready\n\
+         # (READY=1 by default, or --ready) it must stay alive and pass its probes for a quiet\n\
+         # period,",
+    );
+    s.push_str(if steered {
+        " steered away from real connections by the socket pairs; then new connections\n\
+         # flip to it, and the old generation keeps running, unsignalled, for a probation: should\n\
+         # the new one fail in it, the connections flip back and the reload fails.\n"
+    } else {
+        " then it gets real traffic and the old generation keeps running, unsignalled, for\n\
+         # a probation: should the new one fail in it, it is stopped and the reload fails.\n\
+         # --steering off: the two generations share each socket meanwhile (no sibling units).\n"
+    });
+    match &args.health_http {
+        Some(path) => {
+            let _ = writeln!(
+                s,
+                "# Its probe: GET {path} over its private probe socket (never through the shared ones,\n\
+                 # which the old generation may answer); a 2xx answer passes."
+            );
+        }
+        None if args.health_tcp => s.push_str("# Its probe: a TCP connect to its private probe socket.\n"),
+        None => {
+            s.push_str("# No built-in probe (--health-http PATH or --health-tcp adds one): it must only stay alive.\n")
+        }
+    }
+    s
 }
 
 /// `FileDescriptorStorePreserve=` with what it means for the stored fds:
