@@ -107,7 +107,7 @@ fn a_candidate_exiting_in_its_quiet_period_costs_nothing() {
     let before = bed.b.status();
     bed.next(httpd(&bed.dir, "www", "--fail-after-ready 300ms"));
     let err = failed_restart(&bed.b.cli(&["restart"]));
-    assert!(err.contains("generation 2 exited with status 1 after it was ready, before it got any traffic"), "{err}");
+    assert!(err.contains("generation 2 exited with status 1 during its quiet period, before it took over"), "{err}");
     assert!(err.contains("generation 1 keeps serving"), "{err}");
     bed.next(httpd(&bed.dir, "www", ""));
     for (name, l) in &loads {
@@ -120,7 +120,7 @@ fn a_candidate_exiting_in_its_quiet_period_costs_nothing() {
     let s = bed.wait_gen("generation 2 gone", 1, |g| g.state == "active" && g.steered);
     assert_eq!(s.generations.len(), 1, "{s:?}");
     assert_eq!((s.restarts, s.crash_restarts), (before.restarts, before.crash_restarts));
-    assert!(s.last_failure.as_deref().unwrap_or("").contains("before it got any traffic"), "{s:?}");
+    assert!(s.last_failure.as_deref().unwrap_or("").contains("before it took over"), "{s:?}");
 }
 
 /// `--health-http`: a candidate answering 500 on its probe, and one whose
@@ -138,11 +138,11 @@ fn a_candidate_failing_its_http_probe_is_refused_with_no_impact() {
     }
     bed.next(tiny(&bed.dir, "--notify --status 500"));
     let err = failed_restart(&bed.b.cli(&["restart"]));
-    assert!(err.contains("generation 2 probe failed after it was ready, before it got any traffic"), "{err}");
+    assert!(err.contains("generation 2 probe failed during its quiet period, before it took over"), "{err}");
     assert!(err.contains("500"), "{err}");
     bed.next(httpd(&bed.dir, "www-noprobe", ""));
     let err = failed_restart(&bed.b.cli(&["restart"]));
-    assert!(err.contains("generation 3 probe failed after it was ready, before it got any traffic"), "{err}");
+    assert!(err.contains("generation 3 probe failed during its quiet period, before it took over"), "{err}");
     assert!(err.contains("404"), "{err}");
     bed.next(httpd(&bed.dir, "www", ""));
     for (name, l) in &loads {

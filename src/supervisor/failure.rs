@@ -203,11 +203,11 @@ impl fmt::Display for StartFailure {
                 last(f, last_status)
             }
             StartFailure::ExitedWhileProving { exit, last_status } => {
-                write!(f, "{exit} after it was ready, before it got any traffic")?;
+                write!(f, "{exit} during its quiet period, before it took over")?;
                 last(f, last_status)
             }
             StartFailure::ProbeFailed { detail } => {
-                write!(f, "probe failed after it was ready, before it got any traffic: {detail}")
+                write!(f, "probe failed during its quiet period, before it took over: {detail}")
             }
             StartFailure::OnProbation(why) => {
                 write!(f, "{why} on probation, after it took the traffic (handed back to the old generation)")
