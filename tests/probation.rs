@@ -156,7 +156,7 @@ fn rescue_from_a_killed_candidate(bed: &Bed, header: &str, key: &str) {
     assert_nothing_failed(&reports);
     assert_eq!(answered_by(&reports).keys().collect::<Vec<_>>(), [key]);
     assert!(
-        bed.b.log().contains("connection(s) queued for the failed generation go to generation 1"),
+        bed.b.log().contains("connection(s) queued on slot B's sockets go to generation 1"),
         "{}",
         bed.b.log_tail()
     );

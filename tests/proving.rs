@@ -394,3 +394,64 @@ fn no_fd_leak_over_20_steered_restarts() {
     assert_eq!(s.restarts, 21);
     assert!(gen_of(&s, 22).steered, "{s:?}");
 }
+
+/// Like systemd's two `.socket` units with `ReusePort=yes` (what `baton
+/// units` writes): a pair of listeners on one port, bound before Baton
+/// starts, and clients connecting before it does, so the kernel spreads
+/// them over both sockets. Every one of them is answered by generation 1,
+/// with no restart: none waits on the socket of the slot nothing serves.
+const ACTIVATE_PY: &str = r#"
+import os, socket, sys, time
+port = int(os.environ["T_PORT"])
+fds = []
+for i in range(2):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.bind(("127.0.0.1", port))
+    s.listen(128)
+    fds.append(os.dup2(s.detach(), 10 + i))
+for i in range(2):
+    os.dup2(10 + i, 3 + i)
+    os.close(10 + i)
+open(os.path.join(os.environ["T_DIR"], "bound"), "w").close()
+while not os.path.exists(os.path.join(os.environ["T_DIR"], "go")):
+    time.sleep(0.01)
+os.environ.update(LISTEN_FDS="2", LISTEN_PID=str(os.getpid()), LISTEN_FDNAMES="http:http")
+os.execv(sys.argv[1], sys.argv[1:])
+"#;
+
+#[test]
+fn connections_made_before_baton_started_are_all_answered() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (dir, builder) = Bed::prepare("activated", &[], |d| httpd(d, "www", ""));
+    std::fs::write(dir.join("activate.py"), ACTIVATE_PY).unwrap();
+    let python = python3();
+    let b = builder
+        .no_http_listener()
+        .wrapped_in([python.as_str(), dir.join("activate.py").to_str().unwrap()])
+        .env("T_PORT", port.to_string())
+        .spawn();
+    poll_until("the pair bound", WAIT, || dir.join("bound").exists().then_some(())).unwrap();
+    let mut early: Vec<std::net::TcpStream> = (0..40)
+        .map(|_| {
+            let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+            c
+        })
+        .collect();
+    std::fs::write(dir.join("go"), "").unwrap();
+    b.wait_active(1);
+    let s = b.status();
+    assert!(gen_of(&s, 1).steered, "the inherited pair is not steered: {s:?}\n{}", b.log_tail());
+    let mut answered = 0;
+    for (i, c) in early.iter_mut().enumerate() {
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut out = String::new();
+        match c.read_to_string(&mut out) {
+            Ok(_) if out.starts_with("HTTP/1.1 200") && out.contains("baton-generation: 1") => answered += 1,
+            other => eprintln!("early connection {i}: {other:?} {out:?}"),
+        }
+    }
+    eprintln!("connections made before baton started: {answered} of 40 answered by generation 1");
+    assert_eq!(answered, 40, "{}", b.log_tail());
+}

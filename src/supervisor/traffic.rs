@@ -108,6 +108,10 @@ impl Supervisor {
                 );
             }
         };
+        // A client that closed before sending anything (calibration's
+        // probe, one that gave up) needs no server: relayed, it would
+        // reach the app as a connection from Baton.
+        let taken: Vec<_> = taken.into_iter().filter(|(_, fd)| !closed_unused(fd.as_fd())).collect();
         if taken.is_empty() {
             return;
         }
@@ -116,7 +120,7 @@ impl Supervisor {
             event = "rescued",
             generation = to,
             count,
-            "{count} connection(s) queued for the failed generation go to generation {to}"
+            "{count} connection(s) queued on slot {from:?}'s sockets go to generation {to}"
         );
         if self.procs(to).is_some_and(|p| p.handoff.is_some()) {
             let fds = taken.into_iter().map(|(_, fd)| ReceivedFd::new(fd)).collect();
@@ -207,6 +211,13 @@ impl Supervisor {
             (generation, result)
         });
     }
+}
+
+/// Whether the peer of `conn` closed it without sending a byte (it reads
+/// EOF at once); a peek, so nothing is taken from one that did send.
+fn closed_unused(conn: BorrowedFd<'_>) -> bool {
+    let flags = rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT;
+    matches!(rustix::net::recv(conn, &mut [0u8; 1][..], flags), Ok((0, _)))
 }
 
 /// The steering module's name for a core slot.

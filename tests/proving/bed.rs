@@ -56,6 +56,21 @@ impl Bed {
     /// the first runs `cmd`. `listen`: the `-l` of the app (the default
     /// TCP listener when `None`).
     pub fn start(test: &str, args: &[&str], listen: Option<&str>, cmd: impl FnOnce(&Path) -> String) -> Bed {
+        let (dir, mut builder) = Bed::prepare(test, args, cmd);
+        if let Some(l) = listen {
+            builder = builder.no_http_listener().args(["-l", l]);
+        }
+        let b = builder.spawn();
+        if listen.is_none() {
+            b.port();
+        }
+        b.wait_active(1);
+        Bed { dir, b }
+    }
+
+    /// The test's directory (web roots, `tiny.py`, `cmd`) and the builder
+    /// of its `baton run ARGS` (with the default listener).
+    pub fn prepare(test: &str, args: &[&str], cmd: impl FnOnce(&Path) -> String) -> (PathBuf, BatonBuilder) {
         let dir = scratch(test);
         for (root, probe) in [("www", true), ("www-noprobe", false)] {
             std::fs::create_dir_all(dir.join(root)).unwrap();
@@ -67,16 +82,8 @@ impl Bed {
         std::fs::write(dir.join("tiny.py"), TINY_PY).unwrap();
         std::fs::write(dir.join("cmd"), cmd(&dir)).unwrap();
         let app: [&OsStr; 3] = ["/bin/sh".as_ref(), "-c".as_ref(), r#"exec $(cat "$T_DIR/cmd")"#.as_ref()];
-        let mut builder = BatonBuilder::new(baton_bin(), &dir).args(args).app(app).env("T_DIR", &dir).current_dir(&dir);
-        if let Some(l) = listen {
-            builder = builder.no_http_listener().args(["-l", l]);
-        }
-        let b = builder.spawn();
-        if listen.is_none() {
-            b.port();
-        }
-        b.wait_active(1);
-        Bed { dir, b }
+        let builder = BatonBuilder::new(baton_bin(), &dir).args(args).app(app).env("T_DIR", &dir).current_dir(&dir);
+        (dir, builder)
     }
 
     /// What the next generation runs.

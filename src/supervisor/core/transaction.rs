@@ -10,6 +10,7 @@ use super::{
 };
 use crate::supervisor::lifecycle::{Life, State};
 use crate::supervisor::phase::{Phase, Restart, Trigger};
+use crate::supervisor::policy::SteeringMode;
 use crate::supervisor::{Ended, Failure, after, micros};
 
 impl Core {
@@ -111,6 +112,14 @@ impl Core {
         }
         let Some(i) = self.index(generation) else { return };
         self.gens[i].life.activate(now);
+        if replaced.is_none() && self.policy.proving.steering != SteeringMode::Off {
+            // Nothing served before it: what waits on the other slot's
+            // sockets (clients that came before Baton attached its program,
+            // as systemd's sockets take them; calibration's probe) would
+            // wait there until the next restart. It is this one's.
+            let from = self.gens[i].slot.other();
+            self.actions.push(Action::RescueQueued { from, to: generation });
+        }
         let ready_ms = self.gens[i].ready_ms();
         let g = &self.gens[i];
         let proven = g.proof.flipped_at.map(|at| Proven {

@@ -208,3 +208,22 @@ fn ready_after_a_timer_and_a_timeout_without_a_passing_probe_names_the_last_fail
         other => panic!("{other:?}"),
     }
 }
+
+/// With nothing serving before it, the generation that takes over gets
+/// what waits on the other slot's sockets (clients that came before Baton
+/// steered, as systemd's pair takes them); with steering off, nothing.
+#[test]
+fn the_first_generation_takes_what_waits_on_the_other_slot() {
+    let mut b = Bench::with_policy(proving(Readiness::Notify), false);
+    let actions = b.said(1, Said::Ready);
+    assert!(actions.contains(&Action::RescueQueued { from: Slot::B, to: 1 }), "{actions:?}");
+    // A restart that replaces it does not (its old slot is the server's).
+    let actions = b.restart(1, 2);
+    assert!(!actions.iter().any(|a| matches!(a, Action::RescueQueued { .. })), "{actions:?}");
+
+    let mut off = proving(Readiness::Notify);
+    off.proving.steering = SteeringMode::Off;
+    let mut b = Bench::with_policy(off, false);
+    let actions = b.said(1, Said::Ready);
+    assert!(!actions.iter().any(|a| matches!(a, Action::RescueQueued { .. })), "{actions:?}");
+}
