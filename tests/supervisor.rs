@@ -270,9 +270,7 @@ fn no_fd_leak_over_200_restarts() {
 
 #[test]
 fn connections_stored_by_the_old_generation_reach_the_running_one() {
-    // Shared sockets: with steering, the first generation also accepts
-    // (and would hold, and hand over) the calibration's empty connection.
-    let b = start("handoff", &["--steering", "off"], &["--hold"]);
+    let b = start("handoff", &[], &["--hold"]);
     let pid1 = b.active_pid();
     // Connections generation 1 accepted and holds without answering.
     let clients: Vec<TcpStream> = (0..5).map(|_| TcpStream::connect(("127.0.0.1", b.port())).unwrap()).collect();
@@ -303,8 +301,7 @@ fn connections_stored_by_the_old_generation_reach_the_running_one() {
 fn connections_wait_in_the_store_for_a_late_receiver() {
     let dir = scratch("late-gate");
     let gate = dir.join("gate");
-    // Shared sockets, as above.
-    let b = start("late", &["--steering", "off"], &["--hold", "--handoff-gate", gate.to_str().unwrap()]);
+    let b = start("late", &[], &["--hold", "--handoff-gate", gate.to_str().unwrap()]);
     // Generation 1's own receiver is gated too; it never matters for it.
     let clients: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(("127.0.0.1", b.port())).unwrap()).collect();
     poll_until("generation 1 holding 3 connections", WAIT, || {

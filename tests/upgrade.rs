@@ -433,9 +433,7 @@ fn under_systemd_mainpid_is_unchanged() {
 /// are moved to generation 2 on restart and answered there.
 #[test]
 fn store_and_handoff_survive_the_upgrade() {
-    // Shared sockets: with steering, generation 1 also accepts (and would
-    // hold, and hand over) the steering calibration's empty connection.
-    let b = start("store", &["--steering", "off"], App::Probe(&["--hold", "--store", "state=hello"]));
+    let b = start("store", &[], App::Probe(&["--hold", "--store", "state=hello"]));
     let report = || std::fs::read_to_string(b.dir().join("report")).unwrap_or_default();
     poll_until("the memfd stored", WAIT, || (b.status().fdstore == 1).then_some(())).unwrap();
     // Held (accepted, unanswered) by generation 1 across the upgrade.

@@ -322,7 +322,6 @@ impl Supervisor {
             None => {
                 let actions = self.core.start();
                 self.execute(actions);
-                self.rescue_startup_queue();
             }
             Some(adopted) => self.finish_adoption(adopted),
         }

@@ -131,36 +131,6 @@ impl Supervisor {
         }
     }
 
-    /// At a fresh start (not after `baton upgrade`): relays what already
-    /// waits on slot B's listeners, which no generation serves before the
-    /// first flip, through the listening address to the first generation
-    /// (slot A, where steering now sends new connections). Real
-    /// connections land there while [`steering::Steering::new`] measures
-    /// slot B's index (every new connection goes to B then), and before it
-    /// when the previous Baton's program, which outlives it in the group,
-    /// pointed at B (a restart under systemd).
-    pub(super) fn rescue_startup_queue(&mut self) {
-        let Some(s) = self.cfg.steering.as_ref().filter(|s| s.is_steering()) else { return };
-        let taken = match s.take_queued(to_steering(Slot::B), RESCUE_MAX) {
-            Ok(t) => t,
-            Err(e) => {
-                return tracing::error!(event = "rescue-failed", "cannot take the connections queued on slot B: {e}");
-            }
-        };
-        if taken.is_empty() {
-            return;
-        }
-        let count = taken.len();
-        tracing::info!(
-            event = "rescued",
-            count,
-            "{count} connection(s) queued on slot B at start go to the first generation"
-        );
-        for (_, fd) in taken {
-            self.relay(fd);
-        }
-    }
-
     /// Relays one rescued connection to a new connection to the address
     /// it was made to (which steering now sends to the serving
     /// generation), until either side closes.
