@@ -445,7 +445,11 @@ fn new_generation_crashing_right_after_ready_is_replaced_and_no_request_fails() 
         r#"if [ -e "$T_DIR/crash" ]; then rm "$T_DIR/crash"; "$T_BATON" notify --ready && exit 1; exit 2; fi
 {PROBE_FAULT} --fail-if-exists "$T_DIR/fault"; fi"#
     );
-    let b = start_httpd(&dir, &["--notify-access", "all"], &fault);
+    // The immediate cutover at READY=1: with the default quiet period the
+    // crash is caught before generation 2 takes over, and refused
+    // (tests/proving.rs); this test is about what follows a crash after it
+    // took over (replacement, backoff).
+    let b = start_httpd(&dir, &["--notify-access", "all", "--quiet-period", "0", "--probation", "0"], &fault);
     let first = b.http();
     let clients = Clients::start(b.port());
 
