@@ -32,6 +32,21 @@
 //! `FileDescriptorName=` (systemd then names the fd after the unit) and so
 //! must come first.
 //!
+//! Steering (`--steering auto`: the default of the supervised topology, as
+//! of `baton run`): every fd name with TCP or UDP sockets also gets a
+//! sibling unit, `NAME-b.socket` (`NAME-FDNAME-b.socket`), on the same
+//! addresses, with `ReusePort=yes` in both, so that Baton holds two sockets
+//! per address in one `SO_REUSEPORT` group and sends new connections to the
+//! proven generation only ([`crate::steering`]). The service `Requires=` the
+//! first units and only `Wants=` the siblings: a sibling that cannot listen
+//! leaves Baton unsteered (it says so), not down. One cannot when its twin's
+//! listener was bound before its unit said `ReusePort=yes` (an upgrade from
+//! units without siblings: `EADDRINUSE` until both are stopped and started).
+//! The proving options of `baton run` (`--health-http`, `--ready`,
+//! `--quiet-period`, `--probation`, `--canary`, …) pass into `ExecStart=`
+//! when given ([`UnitsArgs::proving_words`]), else `baton run`'s defaults
+//! apply.
+//!
 //! [`generate`] is pure (text in, text out); [`run`] resolves the target
 //! systemd version and writes the files.
 // Field docs double as clap's --help text, where brackets such as

@@ -169,7 +169,7 @@ fn refused_restart_fails_reload(flavor: Flavor, test: &str) {
         took_bad.as_millis(),
         bad.code()
     );
-    bed.systemctl_ok(&["stop", svc, "reload-fail.socket"]);
+    bed.systemctl_ok(&["stop", svc, "reload-fail.socket", "reload-fail-b.socket"]);
 }
 
 /// The probe's report blocks, one per start.
@@ -236,6 +236,8 @@ fn fdstore_preserve_yes_keeps_the_store_across_stop(flavor: Flavor, test: &str) 
             assert_eq!(kept_while_stopped, "0", "systemd {version}: the default empties the store at stop");
             assert!(!passed_in, "{second:?}");
         }
-        bed.systemctl_ok(&["stop", &svc, &format!("{name}.socket")]);
+        // The steering sibling too: left listening on the port, the next
+        // units' sockets would join its SO_REUSEPORT group.
+        bed.systemctl_ok(&["stop", &svc, &format!("{name}.socket"), &format!("{name}-b.socket")]);
     }
 }

@@ -1140,7 +1140,7 @@ fn supervised_probe(bed: &Bed) {
     assert_eq!(bed.show("probe-sup.socket", "ActiveState"), "active");
     // The socket starts the service again on the next connection.
     assert!(probe_pid(port).parse::<u32>().is_ok());
-    bed.systemctl_ok(&["stop", svc, "probe-sup.socket"]);
+    bed.systemctl_ok(&["stop", svc, "probe-sup.socket", "probe-sup-b.socket"]);
 }
 
 /// Direct: the probe is socket-activated by systemd; `systemctl restart`
