@@ -59,11 +59,16 @@ signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
 if "NOTIFY_FD" in os.environ and mode == "normal":
     notify.send(b"READY=1")
 if "NOTIFY_FD" in os.environ and mode == "child-ready":
-    # READY=1 written by a child of the app, not by its main process.
+    # READY=1 written by a child of the app, not by its main process. The
+    # child lives on for a while, as a worker that reports readiness does:
+    # one that exits at once may be gone before Baton reads its lineage
+    # (`--notify-access all` then cannot admit it, as systemd cannot).
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     if os.fork() == 0:
         notify.send(b"READY=1")
+        import time
+        time.sleep(3)
         os._exit(0)
-    os.wait()
 sel = selectors.DefaultSelector()
 for s in listeners:
     sel.register(s, selectors.EVENT_READ)
