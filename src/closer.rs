@@ -34,10 +34,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
-/// How many fds may wait for the closer thread. Each waiting fd holds a slot
-/// of Baton's `RLIMIT_NOFILE`, so this stays far below the usual soft limit
-/// of 1024 (even with one more notify datagram of 253 fds in hand).
-pub const QUEUE_CAPACITY: usize = 256;
+/// How many fds may wait for the closer thread: four full notify datagrams'
+/// worth, since a handover moves thousands of connections a datagram (253)
+/// at a time and Baton's copies of each batch are discarded together. A
+/// waiting fd is not in Baton's fd table, but an unprivileged sender's
+/// fds in flight count against its `RLIMIT_NOFILE` (`too_many_unix_fds()`
+/// in `net/unix/af_unix.c`), so this stays below the usual soft limit of
+/// 1024; a send refused for that reason takes the inline fallback.
+pub const QUEUE_CAPACITY: usize = 4 * baton_sd::wire::SCM_MAX_FD;
 
 /// The closer thread needs next to no stack: it only closes fds.
 const CLOSER_STACK: usize = 64 * 1024;
@@ -111,7 +115,8 @@ fn closer() -> &'static Closer {
 /// is dropped (only test closers are), after closing what is queued.
 ///
 /// The queue is not in Baton's fd table: a discarded fd is sent (one
-/// `SCM_RIGHTS` message each) into a socket pair whose receiving end only
+/// `SCM_RIGHTS` message each, or up to 253 together by [`discard_all`])
+/// into a socket pair whose receiving end only
 /// the closer thread reads, and Baton's own copy is closed at once, which is
 /// never the last reference (the message in flight holds one). The closer
 /// receives each message *without* a control buffer, so the kernel releases
@@ -148,6 +153,9 @@ struct State {
     capacity: usize,
     /// Fds sent into the socket pair (and closed in the table).
     sent: u64,
+    /// How many fds each message in the socket pair carries, oldest first
+    /// (at most [`QUEUE_CAPACITY`] messages).
+    messages: std::collections::VecDeque<usize>,
     /// Of those, taken off by the closer thread or the pre-exec drain.
     claimed: u64,
     /// Of those, released.
@@ -200,7 +208,15 @@ impl Closer {
         )?;
         let _ = rustix::net::sockopt::set_socket_send_buffer_size(&sender, SEND_BUFFER);
         let shared = Arc::new(Shared {
-            state: Mutex::new(State { capacity, sent: 0, claimed: 0, done: 0, spawns: 0, shutdown: false }),
+            state: Mutex::new(State {
+                capacity,
+                sent: 0,
+                messages: std::collections::VecDeque::new(),
+                claimed: 0,
+                done: 0,
+                spawns: 0,
+                shutdown: false,
+            }),
             changed: Condvar::new(),
             closed: Condvar::new(),
             sender,
@@ -212,19 +228,33 @@ impl Closer {
     }
 
     fn discard(&self, fd: OwnedFd) {
-        let Some(shared) = &self.shared else { return close_without_lingering(fd) };
-        let mut state = shared.lock();
-        if state.queued() >= state.capacity as u64 || send_fd(&shared.sender, fd.as_fd()).is_err() {
+        self.discard_all(vec![fd]);
+    }
+
+    /// Queues `fds` in messages of up to [`SCM_MAX_FD`](baton_sd::wire::SCM_MAX_FD);
+    /// what does not fit is closed inline, without lingering.
+    fn discard_all(&self, fds: Vec<OwnedFd>) {
+        let Some(shared) = &self.shared else { return fds.into_iter().for_each(close_without_lingering) };
+        let mut fds = fds.into_iter().peekable();
+        while fds.peek().is_some() {
+            let batch: Vec<OwnedFd> = fds.by_ref().take(baton_sd::wire::SCM_MAX_FD).collect();
+            let mut state = shared.lock();
+            let room = state.queued() + batch.len() as u64 <= state.capacity as u64;
+            if !room || send_fds(&shared.sender, &batch).is_err() {
+                drop(state);
+                batch.into_iter().for_each(close_without_lingering);
+                continue;
+            }
+            // Not the last references: the message just sent holds one
+            // each. Closed under the lock, so that `spawning` and the closer
+            // see the fds either still in the table or already sent, never
+            // in between.
+            state.sent += batch.len() as u64;
+            state.messages.push_back(batch.len());
+            drop(batch);
             drop(state);
-            return close_without_lingering(fd);
+            shared.changed.notify_one();
         }
-        // Not the last reference: the message just sent holds one. Closed
-        // under the lock, so that `spawning` and the closer see the fd
-        // either still in the table or already sent, never in between.
-        drop(fd);
-        state.sent += 1;
-        drop(state);
-        shared.changed.notify_one();
     }
 
     fn spawning(&self) -> SpawnGuard {
@@ -247,12 +277,11 @@ impl Closer {
         let Some(shared) = &self.shared else { return };
         let mut state = shared.lock();
         let queued = state.queued();
+        let messages = std::mem::take(&mut state.messages);
         state.claimed += queued;
         drop(state);
-        for _ in 0..queued {
-            if let Some(fd) = recv_fd(&shared.receiver) {
-                close_without_lingering(fd);
-            }
+        for _ in messages {
+            recv_fds(&shared.receiver).into_iter().for_each(close_without_lingering);
         }
         shared.lock().done += queued;
         shared.closed.notify_all();
@@ -305,28 +334,30 @@ fn run(shared: &Shared) {
             }
             state = shared.changed.wait(state).unwrap_or_else(|e| e.into_inner());
         }
-        state.claimed += 1;
+        let count = state.messages.pop_front().unwrap_or(1) as u64;
+        state.claimed += count;
         drop(state);
-        // The release that may wait happens here, in this thread only.
+        // The releases that may wait happen here, in this thread only.
         release_one(&shared.receiver);
-        shared.lock().done += 1;
+        shared.lock().done += count;
         shared.closed.notify_all();
     }
 }
 
-/// Sends `fd` as one `SCM_RIGHTS` message of one byte, without blocking.
-fn send_fd(sender: &OwnedFd, fd: BorrowedFd<'_>) -> rustix::io::Result<()> {
+/// Sends `fds` (at most 253) as one `SCM_RIGHTS` message of one byte,
+/// without blocking.
+fn send_fds(sender: &OwnedFd, fds: &[OwnedFd]) -> rustix::io::Result<()> {
     use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
-    let mut space = [std::mem::MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut space = [std::mem::MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(baton_sd::wire::SCM_MAX_FD))];
     let mut control = SendAncillaryBuffer::new(&mut space);
-    let fds = [fd];
+    let fds: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
     control.push(SendAncillaryMessage::ScmRights(&fds));
     let iov = [std::io::IoSlice::new(&[0])];
     rustix::net::sendmsg(sender, &iov, &mut control, SendFlags::DONTWAIT | SendFlags::NOSIGNAL).map(drop)
 }
 
 /// Takes one message off without a control buffer: the kernel releases the
-/// fd it carried, in this thread, and never installs it.
+/// fds it carried, in this thread, and never installs them.
 fn release_one(receiver: &OwnedFd) {
     use rustix::net::{RecvAncillaryBuffer, RecvFlags};
     let mut byte = [0u8; 1];
@@ -337,19 +368,24 @@ fn release_one(receiver: &OwnedFd) {
     let _ = rustix::net::recvmsg(receiver, &mut iov, &mut control, RecvFlags::DONTWAIT);
 }
 
-/// Takes one message off with its fd, installed close-on-exec.
-fn recv_fd(receiver: &OwnedFd) -> Option<OwnedFd> {
+/// Takes one message off with its fds, installed close-on-exec.
+fn recv_fds(receiver: &OwnedFd) -> Vec<OwnedFd> {
     use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
     let mut byte = [0u8; 1];
     let mut iov = [std::io::IoSliceMut::new(&mut byte)];
-    let mut space = [std::mem::MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut space = [std::mem::MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(baton_sd::wire::SCM_MAX_FD))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
-    rustix::net::recvmsg(receiver, &mut iov, &mut control, RecvFlags::DONTWAIT | RecvFlags::CMSG_CLOEXEC).ok()?;
-    let mut fds = control.drain().filter_map(|m| match m {
-        RecvAncillaryMessage::ScmRights(fds) => Some(fds),
-        _ => None,
-    });
-    fds.next().and_then(|mut fds| fds.next())
+    if rustix::net::recvmsg(receiver, &mut iov, &mut control, RecvFlags::DONTWAIT | RecvFlags::CMSG_CLOEXEC).is_err() {
+        return Vec::new();
+    }
+    control
+        .drain()
+        .filter_map(|m| match m {
+            RecvAncillaryMessage::ScmRights(fds) => Some(fds),
+            _ => None,
+        })
+        .flatten()
+        .collect()
 }
 
 /// For `baton upgrade`, right before the exec: `execve` closes every
@@ -378,6 +414,12 @@ pub fn close_queued_without_lingering() {
 /// behind hundreds of such files first.
 pub fn discard(fd: OwnedFd) {
     closer().discard(fd);
+}
+
+/// [`discard`] for many fds at once, as a handover drops them: one message
+/// to the closer per 253 instead of one per fd.
+pub fn discard_all(fds: impl IntoIterator<Item = ReceivedFd>) {
+    closer().discard_all(fds.into_iter().map(ReceivedFd::into_owned).collect());
 }
 
 /// `SO_LINGER {on, 0}`, then close: an abortive close that never waits for
@@ -502,6 +544,30 @@ mod tests {
         // Only the busy one is left, and it lingers 2 s, not 60.
         closer.flush();
         assert!(started.elapsed() < Duration::from_secs(20), "flush took {:?}", started.elapsed());
+    }
+
+    /// A handover's worth of fds in one call: sent 253 to a message, all
+    /// released by the closer thread, none inline, and the counts add up.
+    #[test]
+    fn many_fds_at_once_go_in_batches() {
+        let closer = Closer::with_capacity(QUEUE_CAPACITY);
+        let pipes: Vec<(OwnedFd, OwnedFd)> =
+            (0..600).map(|_| rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap()).collect();
+        let (reads, writes): (Vec<OwnedFd>, Vec<OwnedFd>) = pipes.into_iter().unzip();
+        let shared = closer.shared.as_ref().unwrap();
+        // 600 fit the queue (1,012), in three messages of up to 253.
+        closer.discard_all(writes);
+        assert_eq!(shared.lock().sent, 600);
+        closer.flush();
+        let state = shared.lock();
+        assert_eq!((state.done, state.queued()), (600, 0));
+        assert!(state.messages.is_empty());
+        drop(state);
+        // Every write end is gone: each read end sees end-of-file.
+        for r in &reads {
+            let mut byte = [0u8; 1];
+            assert_eq!(rustix::io::read(r, &mut byte).unwrap(), 0);
+        }
     }
 
     #[test]

@@ -303,6 +303,12 @@ fn init_logging() {
         .init();
 }
 
+/// Fds reserved ahead beyond the store's maximum: two notify datagrams' fds
+/// in hand, sockets, pipes, pidfds.
+const FD_RESERVE_EXTRA: usize = 1024;
+/// The largest fd table reserved ahead (512 KiB of kernel memory).
+const FD_RESERVE_MAX: usize = 65_536;
+
 fn run(args: RunArgs) -> ExitCode {
     // Before any thread exists: take and unset what our own manager passed.
     // SAFETY: single-threaded until the runtime is built below.
@@ -318,6 +324,13 @@ fn run(args: RunArgs) -> ExitCode {
     if let Err(e) = args.check() {
         tracing::error!("{e}");
         return ExitCode::from(2);
+    }
+    // Before the closer thread and the runtime: growing the fd table while
+    // another thread runs waits for RCU each time (see
+    // `baton_sd::fdtable`), and a handover brings fds a datagram at a time
+    // while the store may hold up to --fdstore-max.
+    if let Err(e) = baton_sd::reserve_fds(args.fdstore_max.saturating_add(FD_RESERVE_EXTRA).min(FD_RESERVE_MAX)) {
+        tracing::debug!("cannot grow the fd table ahead: {e}");
     }
     let program = PathBuf::from(&args.command[0]);
     let name = args

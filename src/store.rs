@@ -13,7 +13,10 @@
 //!   of that message are closed (checked *before* de-duplication, as in
 //!   systemd);
 //! - an fd referring to the same open file description as an entry already
-//!   stored is closed silently (systemd's `same_fd()`);
+//!   stored is closed silently (systemd's `same_fd()`). Two such fds have
+//!   the same inode, so only entries with the new fd's inode are compared
+//!   (by `kcmp`): one `fstat` per fd, where systemd 252 compares each new
+//!   fd with every stored one (10,000 connections cost it ~35 s);
 //! - polled entries (the default) are removed automatically when they report
 //!   `EPOLLHUP` or `EPOLLERR` — a connection whose peer is gone — while
 //!   `FDPOLL=0` entries and fds that cannot be polled (regular files,
@@ -45,6 +48,7 @@
 //! supervisor's (see [`crate::closer`]). Closing is therefore asynchronous:
 //! an fd is gone shortly after the call that dropped it.
 
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -125,6 +129,16 @@ struct Entry {
     /// fd is closed: other processes may hold copies of the description, and
     /// epoll forgets an fd only when the description's last copy closes).
     polled: bool,
+    /// Its inode, the key of [`FdStore::inodes`]; `None` if `fstat` failed.
+    inode: Option<Inode>,
+}
+
+/// A file's device and inode number: every fd of one open file description
+/// has the same.
+type Inode = (u64, u64);
+
+fn inode_of(fd: BorrowedFd<'_>) -> Option<Inode> {
+    rustix::fs::fstat(fd).ok().map(|st| (st.st_dev, st.st_ino))
 }
 
 /// The private epoll instance, created on the first polled entry and handed
@@ -153,6 +167,9 @@ impl Watcher {
 pub struct FdStore {
     max: usize,
     entries: Vec<Entry>,
+    /// How many entries have each inode: a new fd is compared only with
+    /// the entries of its own inode (see the [module docs](self)).
+    inodes: HashMap<Inode, usize>,
     next_id: u64,
     watcher: Watcher,
     spurious_wakeups: u64,
@@ -164,7 +181,14 @@ impl FdStore {
     /// Needs no runtime; [`hangup`](Self::hangup) must be awaited within a
     /// tokio runtime.
     pub fn new(max: usize) -> FdStore {
-        FdStore { max, entries: Vec::new(), next_id: 0, watcher: Watcher::None, spurious_wakeups: 0 }
+        FdStore {
+            max,
+            entries: Vec::new(),
+            inodes: HashMap::new(),
+            next_id: 0,
+            watcher: Watcher::None,
+            spurious_wakeups: 0,
+        }
     }
 
     /// Creates the private epoll instance now rather than with the first
@@ -221,7 +245,8 @@ impl FdStore {
                     StoreError::Full { max: self.max, closed }
                 });
             }
-            if self.entries.iter().any(|e| same_fd(e.fd.as_fd(), fd.as_fd())) {
+            let inode = inode_of(fd.as_fd());
+            if self.holds(inode, fd.as_fd()) {
                 outcome.push(Added::Duplicate);
                 continue;
             }
@@ -235,7 +260,7 @@ impl FdStore {
             } else {
                 false
             };
-            self.entries.push(Entry { id, name: name.to_owned(), fd, polled });
+            self.push(Entry { id, name: name.to_owned(), fd, polled, inode });
             outcome.push(Added::Stored);
         }
         Ok(outcome)
@@ -244,33 +269,55 @@ impl FdStore {
     /// `FDSTOREREMOVE=1`: removes and closes every entry named `name`;
     /// returns how many.
     pub fn remove(&mut self, name: &str) -> usize {
-        let before = self.entries.len();
-        let mut kept = Vec::with_capacity(before);
-        for entry in std::mem::take(&mut self.entries) {
-            if entry.name == name {
-                self.close(entry);
-            } else {
-                kept.push(entry);
-            }
-        }
-        self.entries = kept;
-        before - self.entries.len()
+        self.remove_where(|e| e.name == name)
     }
 
     /// Removes (and closes) the entries holding these fd numbers; returns
     /// how many.
     pub fn remove_raw(&mut self, raws: &[std::os::fd::RawFd]) -> usize {
+        // A set: thousands of connections are moved out at once.
+        let raws: HashSet<std::os::fd::RawFd> = raws.iter().copied().collect();
+        self.remove_where(|e| raws.contains(&e.fd.as_raw_fd()))
+    }
+
+    /// Removes (and closes) the entries `doomed` picks, in one pass;
+    /// returns how many.
+    fn remove_where(&mut self, mut doomed: impl FnMut(&Entry) -> bool) -> usize {
         let before = self.entries.len();
         let mut kept = Vec::with_capacity(before);
+        let mut closed = Vec::new();
         for entry in std::mem::take(&mut self.entries) {
-            if raws.contains(&std::os::fd::AsRawFd::as_raw_fd(&entry.fd)) {
-                self.close(entry);
+            if doomed(&entry) {
+                closed.push(self.unlist(entry));
             } else {
                 kept.push(entry);
             }
         }
         self.entries = kept;
+        // Together: thousands of connections leave at once when they are
+        // moved to a generation.
+        crate::closer::discard_all(closed);
         before - self.entries.len()
+    }
+
+    /// Whether an entry refers to `fd`'s open file description: only the
+    /// entries with its inode can (`kcmp` tells them apart).
+    fn holds(&self, inode: Option<Inode>, fd: BorrowedFd<'_>) -> bool {
+        match inode {
+            Some(inode) if self.inodes.contains_key(&inode) => {
+                self.entries.iter().any(|e| e.inode == Some(inode) && same_fd(e.fd.as_fd(), fd))
+            }
+            // No entry has its inode, or it has none to compare (`fstat`
+            // failed: stored rather than lost, as `same_fd` does).
+            _ => false,
+        }
+    }
+
+    fn push(&mut self, entry: Entry) {
+        if let Some(inode) = entry.inode {
+            *self.inodes.entry(inode).or_default() += 1;
+        }
+        self.entries.push(entry);
     }
 
     /// The entries in insertion order, for passing to the next generation.
@@ -299,7 +346,7 @@ impl FdStore {
                 }
             };
         }
-        let FdStore { entries, watcher, spurious_wakeups, .. } = self;
+        let FdStore { entries, inodes, watcher, spurious_wakeups, .. } = self;
         let Watcher::Registered(afd) = &*watcher else {
             // Nothing polled yet (a later call will see new entries), or
             // hang-ups cannot be watched at all.
@@ -347,7 +394,7 @@ impl FdStore {
             }
             let entry = entries.remove(pos);
             let name = entry.name.clone();
-            close_entry(watcher.epoll_fd(), entry);
+            close_entry(watcher.epoll_fd(), inodes, entry);
             return Hangup { name };
         }
     }
@@ -395,16 +442,15 @@ impl FdStore {
             } else {
                 false
             };
-            store.entries.push(Entry { id, name, fd, polled });
+            let inode = inode_of(fd.as_fd());
+            store.push(Entry { id, name, fd, polled, inode });
         }
         Ok(store)
     }
 
     /// Empties the store, closing everything.
     pub fn clear(&mut self) {
-        for entry in std::mem::take(&mut self.entries) {
-            self.close(entry);
-        }
+        self.remove_where(|_| true);
     }
 
     /// How often [`hangup`](Self::hangup) woke up without any hang-up to
@@ -432,18 +478,36 @@ impl FdStore {
         }
     }
 
-    fn close(&self, entry: Entry) {
-        close_entry(self.watcher.epoll_fd(), entry);
+    /// A removed entry's fd, out of the epoll instance and the inode count,
+    /// for the caller to close.
+    fn unlist(&mut self, entry: Entry) -> ReceivedFd {
+        unlist(self.watcher.epoll_fd(), &mut self.inodes, entry)
     }
 }
 
-fn close_entry(epoll_fd: Option<BorrowedFd<'_>>, entry: Entry) {
+/// Closes a removed entry: out of the epoll instance and the inode count
+/// first.
+fn close_entry(epoll_fd: Option<BorrowedFd<'_>>, inodes: &mut HashMap<Inode, usize>, entry: Entry) {
+    drop(unlist(epoll_fd, inodes, entry));
+}
+
+/// Takes a removed entry out of the epoll instance and the inode count;
+/// returns its fd.
+fn unlist(epoll_fd: Option<BorrowedFd<'_>>, inodes: &mut HashMap<Inode, usize>, entry: Entry) -> ReceivedFd {
     if entry.polled
         && let Some(ep) = epoll_fd
     {
         let _ = epoll::delete(ep, &entry.fd);
     }
-    drop(entry);
+    if let Some(inode) = entry.inode
+        && let Some(count) = inodes.get_mut(&inode)
+    {
+        *count -= 1;
+        if *count == 0 {
+            inodes.remove(&inode);
+        }
+    }
+    entry.fd
 }
 
 /// systemd's `same_fd()`: whether two fds refer to the same open file

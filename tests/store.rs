@@ -117,6 +117,40 @@ fn add_stores_and_dedupes_same_description() {
     assert!(writers_gone(&r), "the duplicates were closed when refused");
 }
 
+/// Only entries of a new fd's own inode are compared with it: the count
+/// per inode follows every way an entry leaves (remove by name, by number,
+/// hang-up), so a copy of a removed entry is stored again while a copy of
+/// one still stored is not; and thousands of sockets, each its own inode,
+/// are all stored.
+#[test]
+fn dedupe_by_inode_follows_removals() {
+    serially(async {
+        let mut store = FdStore::new(4096);
+        let (a, _a_peer) = UnixStream::pair().unwrap();
+        let (b, _b_peer) = UnixStream::pair().unwrap();
+        let (c, c_peer) = UnixStream::pair().unwrap();
+        store.add("a", vec![dup(&a)], true).unwrap();
+        store.add("b", vec![dup(&b)], true).unwrap();
+        store.add("c", vec![dup(&c)], true).unwrap();
+        store.remove("a");
+        assert_eq!(store.add("a", vec![dup(&a)], true).unwrap(), [Added::Stored], "removed by name");
+        let raw_b = store.entries().find(|(n, _)| *n == "b").map(|(_, fd)| fd.as_raw_fd()).unwrap();
+        assert_eq!(store.remove_raw(&[raw_b]), 1);
+        assert_eq!(store.add("b", vec![dup(&b)], true).unwrap(), [Added::Stored], "removed by number");
+        drop(c_peer);
+        drop(c);
+        assert_eq!(hangup_within(&mut store).await, Hangup { name: "c".into() });
+        assert_eq!(store.add("a", vec![dup(&a)], true).unwrap(), [Added::Duplicate], "still stored");
+
+        let pairs: Vec<(UnixStream, UnixStream)> = (0..1000).map(|_| UnixStream::pair().unwrap()).collect();
+        let outcome = store.add("many", pairs.iter().map(|(x, _)| dup(x)).collect(), true).unwrap();
+        assert!(outcome.iter().all(|o| *o == Added::Stored), "{outcome:?}");
+        assert_eq!(store.len(), 1002);
+        store.clear();
+        assert_eq!(store.add("b", vec![dup(&b)], true).unwrap(), [Added::Stored], "cleared");
+    });
+}
+
 #[test]
 fn full_store_closes_the_rest_and_reports_how_many() {
     let _s = serial();

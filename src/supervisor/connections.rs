@@ -19,9 +19,12 @@ impl Supervisor {
                     event = "handoff",
                     generation = to,
                     count = fds.len(),
+                    mono_us = baton_sd::monotonic_usec(),
                     "moved {} fd(s) to generation {to}",
                     fds.len()
                 );
+                // Our copies, in one message to the closer.
+                crate::closer::discard_all(fds);
             }
             Err((sent, e)) => {
                 tracing::warn!(
@@ -31,7 +34,9 @@ impl Supervisor {
                 );
                 // Those sent are the receiver's now; the rest wait in the
                 // store and are moved by `flush_connections` shortly.
-                let rest: Vec<ReceivedFd> = fds.into_iter().skip(sent).collect();
+                let mut fds = fds;
+                let rest: Vec<ReceivedFd> = fds.split_off(sent);
+                crate::closer::discard_all(fds);
                 self.store_fds(name, rest, poll);
                 self.feed(Input::HandoffBlocked);
             }

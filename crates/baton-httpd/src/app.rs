@@ -85,6 +85,13 @@ fn setup(what: &'static str) -> impl FnOnce(std::io::Error) -> AppError {
     move |source| AppError::Setup { what, source }
 }
 
+/// Fds reserved ahead beyond the connection limit: sockets, files served,
+/// the runtime's own.
+const FD_RESERVE_EXTRA: usize = 1024;
+/// The largest fd table reserved ahead (512 KiB of kernel memory); beyond
+/// it the table grows as needed.
+const FD_RESERVE_MAX: usize = 65_536;
+
 /// `baton-httpd`'s `main`: parses the command line, runs one generation,
 /// and maps the outcome to the exit status.
 pub fn main() -> ExitCode {
@@ -92,6 +99,13 @@ pub fn main() -> ExitCode {
     logging::init();
     // SAFETY: no other thread exists yet; the runtime is built below.
     let fds = unsafe { ListenFds::from_env_and_unset() };
+    // Before the runtime's threads: a handover brings thousands of fds at
+    // once, and growing the table while threads run waits for RCU each
+    // time (see `baton_sd::fdtable`). Up to a bound: the table is kept for
+    // good.
+    if let Err(e) = baton_sd::reserve_fds((config.connection_limit() + FD_RESERVE_EXTRA).min(FD_RESERVE_MAX)) {
+        tracing::debug!(error = %e, "cannot grow the fd table ahead");
+    }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = config.threads {
         builder.worker_threads(n.get());
@@ -211,13 +225,14 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
         Deadlines { header: config.header_deadline(), idle: config.idle_deadline(), max_head: config.max_request_head };
     let mut refuser = Refuser::new(config.connection_limit());
     let mut pacer = AcceptPacer::default();
-    let mut conns: JoinSet<Outcome> = JoinSet::new();
+    let mut conns: JoinSet<()> = JoinSet::new();
+    let pen = Pen::default();
     // Adopted and pushed connections count towards the limit but are never
     // refused: their clients are already being served.
     for stream in adoption.streams {
         match adopt_stream(stream) {
             Ok(s) => {
-                conns.spawn(conn::drive(s, handler.clone(), drain.clone(), deadlines, Arrival::HandedOver));
+                spawn_conn(&mut conns, &pen, conn::drive_handed_over(s, handler.clone(), drain.clone(), deadlines));
             }
             Err(e) => tracing::warn!(error = %e, "cannot serve an adopted connection; closing it"),
         }
@@ -260,6 +275,8 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
     tokio::pin!(fail_after_ready);
     // Whether the manager took `STOPPING=1`: if not (Baton was killed),
     // nothing stored now would reach anyone.
+    // Connections pushed by Baton while serving, for the log.
+    let mut adopted_pushed = 0usize;
     let manager_reachable = loop {
         tokio::select! {
             accepted = accept_any(&listener, probe.as_ref()), if pacer.paused_until().is_none() => match accepted {
@@ -270,7 +287,8 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
                     } else {
                         // Small responses must not wait for Nagle.
                         let _ = stream.set_nodelay(true);
-                        conns.spawn(conn::drive(stream, handler.clone(), drain.clone(), deadlines, Arrival::Accepted));
+                        let served = conn::drive(stream, handler.clone(), drain.clone(), deadlines, Arrival::Accepted);
+                        spawn_conn(&mut conns, &pen, served);
                     }
                 }
                 Err(e) => pacer.failed(&e),
@@ -280,14 +298,28 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
             // (connections ending, pushes, SIGTERM) going.
             () = pause_over(pacer.paused_until()), if pacer.paused_until().is_some() => pacer.resume(),
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            next = next_pushed(&mut pushed) => match next {
-                Some(stream) => match adopt_stream(stream) {
-                    Ok(s) => {
-                        handler.count_adopted(1);
-                        conns.spawn(conn::drive(s, handler.clone(), drain.clone(), deadlines, Arrival::HandedOver));
+            next = next_pushed_batch(&mut pushed) => match next {
+                Some(batch) => {
+                    let count = batch.len();
+                    for stream in batch {
+                        match adopt_stream(stream) {
+                            Ok(s) => {
+                                spawn_conn(&mut conns, &pen, conn::drive_handed_over(s, handler.clone(), drain.clone(), deadlines));
+                            }
+                            Err(e) => tracing::warn!(error = %e, "cannot serve a pushed connection; closing it"),
+                        }
                     }
-                    Err(e) => tracing::warn!(error = %e, "cannot serve a pushed connection; closing it"),
-                },
+                    handler.count_adopted(count as u64);
+                    adopted_pushed += count;
+                    // For the handover benchmark's breakdown (one line per
+                    // batch of up to 253).
+                    tracing::debug!(
+                        count,
+                        total = adopted_pushed,
+                        mono_us = baton_sd::monotonic_usec(),
+                        "adopted pushed connections"
+                    );
+                }
                 None => {
                     if let Some(p) = pushed.take() {
                         let r = p.finish().await;
@@ -303,7 +335,7 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
                 if let Err(e) = &sent {
                     tracing::warn!(error = %e, "cannot send STOPPING=1");
                 }
-                tracing::info!(?signal, connections = conns.len(), "stopping");
+                tracing::info!(?signal, connections = conns.len(), mono_us = baton_sd::monotonic_usec(), "stopping");
                 break sent.is_ok();
             }
             () = &mut fail_after_ready => {
@@ -334,36 +366,26 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
     });
     let deadline = far_or(config.drain_timeout);
     let mut cut = 0;
+    // The connections' tasks put what they stop into the pen; it is swept
+    // every PEN_SWEEP rather than woken for by each task (thousands end
+    // within a burst, and a wake-up each cost more than storing them).
+    let mut sweep = tokio::time::interval(PEN_SWEEP);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let next = async {
             tokio::select! {
+                biased;
                 // Never served here: idle by definition, straight on.
-                Some(stream) = next_pushed(&mut pushed) => Drained::Pushed(stream),
-                joined = conns.join_next() => Drained::Joined(joined),
+                Some(batch) = next_pushed_batch(&mut pushed) => Drained::Pushed(batch),
+                _ = sweep.tick() => Drained::Sweep,
             }
         };
         match tokio::time::timeout_at(deadline, next).await {
-            Ok(Drained::Pushed(stream)) => {
-                handler.count_adopted(1);
-                worker.hand_over_std(stream).await;
+            Ok(Drained::Pushed(batch)) => {
+                handler.count_adopted(batch.len() as u64);
+                worker.hand_over_all(batch).await;
             }
-            Ok(Drained::Joined(Some(Ok(Outcome::Idle(stream))))) => worker.hand_over(stream).await,
-            Ok(Drained::Joined(Some(Ok(Outcome::Closed)))) => {}
-            Ok(Drained::Joined(Some(Err(e)))) => tracing::error!(error = %e, "a connection task failed"),
-            Ok(Drained::Joined(None)) => {
-                // No connection left: done once no pushed one can come.
-                match pushed.take() {
-                    None => break,
-                    Some(mut p) => match p.next().await {
-                        Some(stream) => {
-                            pushed = Some(p);
-                            handler.count_adopted(1);
-                            worker.hand_over_std(stream).await;
-                        }
-                        None => drop(p.finish().await),
-                    },
-                }
-            }
+            Ok(Drained::Sweep) => {}
             Err(_) => {
                 cut = conns.len();
                 tracing::warn!(
@@ -372,13 +394,33 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
                     "drain deadline passed; closing connections still busy"
                 );
                 conns.shutdown().await;
+                worker.hand_over_all(pen.take()).await;
                 break;
             }
         }
+        // Ended tasks first: what they stopped is in the pen by then.
+        while let Some(ended) = conns.try_join_next() {
+            if let Err(e) = ended {
+                tracing::error!(error = %e, "a connection task failed");
+            }
+        }
+        worker.hand_over_all(pen.take()).await;
         if conns.is_empty() {
             // No connection left that could still become idle: what is
             // queued goes now, not after the batching gap.
             worker.flush().await;
+            // Done once no pushed one can come.
+            match pushed.take() {
+                None => break,
+                Some(mut p) => match p.next_batch().await {
+                    Some(batch) => {
+                        pushed = Some(p);
+                        handler.count_adopted(batch.len() as u64);
+                        worker.hand_over_all(batch).await;
+                    }
+                    None => drop(p.finish().await),
+                },
+            }
         }
     }
     if let Some(p) = pushed.take() {
@@ -391,35 +433,64 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
         report.closed_no_handoff + report.closed_over_budget + report.store_failed,
         cut
     );
-    tracing::info!(
-        with_queued_bytes = report.with_queued_bytes,
-        over_budget = report.closed_over_budget,
-        store_failed = report.store_failed,
-        "{summary}"
-    );
+    tracing::info!(over_budget = report.closed_over_budget, store_failed = report.store_failed, "{summary}");
     status(n, &summary);
     Ok(())
 }
 
 /// What the drain loop waits for.
 enum Drained {
-    Pushed(std::net::TcpStream),
-    Joined(Option<Result<Outcome, tokio::task::JoinError>>),
+    Pushed(Vec<std::net::TcpStream>),
+    Sweep,
 }
 
-/// The next pushed connection, or `None` when the stream ended; never
-/// ready when there is no receiver.
-async fn next_pushed(pushed: &mut Option<PushedConnections>) -> Option<std::net::TcpStream> {
+/// How often a drain collects the connections its tasks stopped.
+const PEN_SWEEP: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// Where connection tasks leave the connections a drain stopped at a
+/// request boundary ([`Outcome::Idle`]), for the drain loop to hand over.
+#[derive(Clone, Default)]
+struct Pen(Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>);
+
+impl Pen {
+    fn put(&self, stream: std::net::TcpStream) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(stream);
+    }
+
+    fn take(&self) -> Vec<std::net::TcpStream> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// Serves one connection as a task of `conns`; if a drain stops it idle,
+/// it goes into `pen`.
+fn spawn_conn(conns: &mut JoinSet<()>, pen: &Pen, conn: impl std::future::Future<Output = Outcome> + Send + 'static) {
+    let pen = pen.clone();
+    conns.spawn(async move {
+        if let Outcome::Idle(stream) = conn.await {
+            pen.put(stream);
+        }
+    });
+}
+
+/// The next batch of pushed connections, or `None` when the stream ended;
+/// never ready when there is no receiver.
+async fn next_pushed_batch(pushed: &mut Option<PushedConnections>) -> Option<Vec<std::net::TcpStream>> {
     match pushed {
-        Some(p) => p.next().await,
+        Some(p) => p.next_batch().await,
         None => std::future::pending().await,
     }
 }
 
-fn adopt_stream(stream: std::net::TcpStream) -> std::io::Result<TcpStream> {
+/// A handed-over connection, ready for [`conn::drive_handed_over`].
+/// `TCP_NODELAY` is the socket's and was set where it was accepted (by a
+/// generation of this server): one syscall fewer per connection, thousands
+/// at once. The file status flags are shared with the sender's copy, so
+/// `O_NONBLOCK` is most likely set already, but the runtime cannot do
+/// without it.
+fn adopt_stream(stream: std::net::TcpStream) -> std::io::Result<std::net::TcpStream> {
     stream.set_nonblocking(true)?;
-    let _ = stream.set_nodelay(true);
-    TcpStream::from_std(stream)
+    Ok(stream)
 }
 
 /// `timeout` from now; a timeout too long to add to the clock (e.g.

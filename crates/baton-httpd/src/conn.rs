@@ -192,8 +192,10 @@ pub enum Outcome {
     /// The client closed it, or it failed; nothing to hand over.
     Closed,
     /// Draining stopped it at a request boundary with nothing buffered: it
-    /// can be handed over (or closed) as is.
-    Idle(TcpStream),
+    /// can be handed over (or closed) as is. Already out of the runtime
+    /// (deregistered by the connection's own task: at a drain thousands
+    /// are, and the worker threads share that work).
+    Idle(std::net::TcpStream),
 }
 
 /// State shared by the wrapper, the service and the response bodies of one
@@ -615,9 +617,118 @@ pub async fn drive(
     arrival: Arrival,
 ) -> Outcome {
     let state = Arc::new(ConnState::new(arrival));
-    let _registration = drain.register(&state);
-    let builder = http1_builder(deadlines.max_head);
+    let registration = drain.register(&state);
+    let timer = PhaseTimer::new(deadlines);
+    // Boxed: hyper's connection state is most of a task's size (see
+    // `drive_handed_over`, whose idle connections never need it).
+    Box::pin(serve(stream, handler, state, registration, deadlines, timer)).await
+}
+
+/// [`drive`] for a connection handed over from an earlier generation
+/// (non-blocking already): until its client sends something it is watched
+/// for readability only, without hyper — thousands arrive at once in a
+/// handover and most stay idle a while. Watching for reading alone matters
+/// as much: registered for writing too, as a [`TcpStream`] is, an idle
+/// socket is reported writable at once, so every registration would wake
+/// the runtime's I/O driver. A drain that starts meanwhile hands it on at
+/// once (hyper would find it idle at a request boundary); its idle deadline
+/// counts from its adoption.
+pub async fn drive_handed_over(
+    stream: std::net::TcpStream,
+    handler: Handler,
+    drain: DrainSignal,
+    deadlines: Deadlines,
+) -> Outcome {
+    let state = Arc::new(ConnState::new(Arrival::HandedOver));
+    let registration = drain.register(&state);
     let mut timer = PhaseTimer::new(deadlines);
+    // SAFETY: the stream moves into the AsyncFd, which owns it until
+    // `into_inner` below: it is neither closed nor replaced while registered.
+    let watched =
+        match unsafe { tokio::io::unix::AsyncFd::register_with_interest(stream, tokio::io::Interest::READABLE) }
+            .map_err(std::io::Error::from)
+        {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch a handed-over connection; closing it");
+                return Outcome::Closed;
+            }
+        };
+    let waited = until_readable(&watched, &state, &mut timer).await;
+    let stream = watched.into_inner();
+    match waited {
+        FirstWait::Readable => {}
+        FirstWait::Drained => return Outcome::Idle(stream),
+        FirstWait::Expired => {
+            tracing::debug!(deadline = ?deadlines.idle, "closing an idle connection (--idle-timeout)");
+            return Outcome::Closed;
+        }
+    }
+    let stream = match TcpStream::from_std(stream) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot serve a handed-over connection; closing it");
+            return Outcome::Closed;
+        }
+    };
+    Box::pin(serve(stream, handler, state, registration, deadlines, timer)).await
+}
+
+/// [`Outcome::Idle`], once the runtime lets go of the socket.
+fn idle(stream: TcpStream) -> Outcome {
+    match stream.into_std() {
+        Ok(s) => Outcome::Idle(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot take a connection back from the runtime; closing it");
+            Outcome::Closed
+        }
+    }
+}
+
+/// How waiting for a handed-over connection's next request ended.
+enum FirstWait {
+    /// Bytes (or the client's end of stream) arrived: hyper takes over.
+    Readable,
+    /// Draining began before anything arrived: hand it on as it is.
+    Drained,
+    /// Its idle deadline passed.
+    Expired,
+}
+
+/// See [`drive_handed_over`].
+async fn until_readable(
+    watched: &tokio::io::unix::AsyncFd<std::net::TcpStream>,
+    state: &ConnState,
+    timer: &mut PhaseTimer,
+) -> FirstWait {
+    poll_fn(|cx| {
+        state.waker.register(cx.waker());
+        if state.draining.load(Relaxed) {
+            return Poll::Ready(FirstWait::Drained);
+        }
+        // Readiness only: the bytes stay in the kernel for hyper to read.
+        if watched.poll_read_ready(cx).is_ready() {
+            return Poll::Ready(FirstWait::Readable);
+        }
+        match timer.poll_expired(state, cx) {
+            Some(_) => Poll::Ready(FirstWait::Expired),
+            None => Poll::Pending,
+        }
+    })
+    .await
+}
+
+/// [`drive`] once the connection has something to read (or was accepted
+/// here): hyper serves it.
+async fn serve(
+    stream: TcpStream,
+    handler: Handler,
+    state: Arc<ConnState>,
+    _registration: Registration,
+    deadlines: Deadlines,
+    mut timer: PhaseTimer,
+) -> Outcome {
+    let builder = http1_builder(deadlines.max_head);
     // Armed the first time the connection is seen awaiting its first
     // request in a drain, so counted from the drain.
     let mut grace: Option<Pin<Box<Sleep>>> = None;
@@ -675,7 +786,7 @@ pub async fn drive(
         stream = parts.io.stream.into_inner();
         if parts.read_buf.is_empty() {
             return match result {
-                Ok(()) => Outcome::Idle(stream),
+                Ok(()) => idle(stream),
                 Err(e) => {
                     // Cannot happen by the rules above (no request in
                     // flight), but if it does the connection state is

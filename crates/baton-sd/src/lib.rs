@@ -87,6 +87,7 @@
 
 pub mod activation;
 pub mod fdstore;
+pub mod fdtable;
 #[cfg(feature = "tokio")]
 pub mod handoff;
 pub mod notify;
@@ -98,5 +99,6 @@ pub mod wire;
 
 pub use activation::{ActivationError, FdKind, ListenFds, PROBE_FDNAME, Select};
 pub use fdstore::{FdPoll, StoredName};
+pub use fdtable::reserve_fds;
 pub use notify::{Notifier, NotifyError, notify};
 pub use wire::{NotifyState, monotonic_usec};

@@ -104,6 +104,12 @@ pub fn get(conn: &mut BufReader<TcpStream>, path: &str, close: bool) -> Result<R
     conn.get_mut()
         .write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: {connection}\r\n\r\n").as_bytes())
         .map_err(|e| format!("write: {e}"))?;
+    read_response(conn)
+}
+
+/// Reads exactly one response from `conn` (see [`get`]), e.g. to a request
+/// written earlier.
+pub fn read_response(conn: &mut BufReader<TcpStream>) -> Result<Response, String> {
     let mut line = String::new();
     if conn.read_line(&mut line).map_err(|e| format!("read status line: {e}"))? == 0 {
         return Err("closed by the server without a response".into());

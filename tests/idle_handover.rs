@@ -1,0 +1,149 @@
+//! Ten thousand idle keep-alive connections across a restart: `baton
+//! restart` (standalone) and `systemctl reload` (supervised by systemd 252
+//! and 257), each connection used once before and answered again
+//! afterwards, on the same TCP connection, by the new generation. Nothing
+//! here is timed: `cargo bench --bench idle_handover` measures how fast.
+
+use std::io::{BufReader, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use baton_testbed::baton::BatonBuilder;
+use baton_testbed::{Bed, Flavor, cargo_bin, httpd, unique_temp_dir};
+
+/// The figure.
+const IDLE: usize = 10_000;
+/// Generous: the machine is a noisy 2-core box.
+const WAIT: Duration = Duration::from_secs(120);
+
+/// One test at a time: each holds [`IDLE`] client fds in this process, and
+/// a process may hold 20,000 here.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit (children inherit
+/// it), which must leave room for the clients here and the connections in
+/// a generation.
+fn raise_nofile() {
+    let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    rustix::process::setrlimit(
+        rustix::process::Resource::Nofile,
+        rustix::process::Rlimit { current: lim.maximum, maximum: lim.maximum },
+    )
+    .expect("raise RLIMIT_NOFILE");
+    let now = rustix::process::getrlimit(rustix::process::Resource::Nofile).current.unwrap_or(u64::MAX);
+    assert!(now >= IDLE as u64 + 2048, "RLIMIT_NOFILE {now} is too low for {IDLE} connections");
+}
+
+/// [`IDLE`] connections to `port`, each answered once: the pid that
+/// answered them all.
+fn open_idle(port: u16) -> (Vec<BufReader<TcpStream>>, u32) {
+    let mut conns = Vec::with_capacity(IDLE);
+    let mut pid = 0;
+    for i in 0..IDLE {
+        let mut c = httpd::connect(port, WAIT).unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        let r = httpd::get(&mut c, "/healthz", false).unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        assert_eq!(r.status, 200, "connection {i}");
+        let p = r.pid().unwrap();
+        assert!(pid == 0 || p == pid, "connection {i} answered by pid {p}, the others by {pid}");
+        pid = p;
+        conns.push(c);
+    }
+    (conns, pid)
+}
+
+/// One more request on every connection (all written first, then all
+/// read): every one must be answered 200 by a pid other than `old`, the
+/// same one for all.
+fn all_answered_by_the_new_generation(conns: &mut [BufReader<TcpStream>], old: u32, what: &str) {
+    const REQUEST: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n";
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.get_mut().write_all(REQUEST).unwrap_or_else(|e| panic!("{what}: connection {i} is closed: {e}"));
+    }
+    let mut new = 0;
+    for (i, c) in conns.iter_mut().enumerate() {
+        let r = httpd::read_response(c).unwrap_or_else(|e| panic!("{what}: connection {i} was not answered: {e}"));
+        assert_eq!(r.status, 200, "{what}: connection {i}");
+        let pid = r.pid().unwrap();
+        assert_ne!(pid, old, "{what}: connection {i} was answered by the old generation");
+        assert!(new == 0 || pid == new, "{what}: connection {i} answered by pid {pid}, the others by {new}");
+        new = pid;
+    }
+}
+
+#[test]
+fn ten_thousand_idle_connections_survive_baton_restart() {
+    let _one = one_at_a_time();
+    raise_nofile();
+    let dir = unique_temp_dir("baton-test", "idle-handover");
+    std::fs::create_dir_all(dir.join("www")).unwrap();
+    let baton = BatonBuilder::new(env!("CARGO_BIN_EXE_baton"), &dir)
+        .args(["--fdstore-max", "32768"])
+        .app([cargo_bin("baton-httpd", "baton-httpd").into_os_string(), "--root".into(), dir.join("www").into()])
+        .env("RUST_LOG", "warn")
+        .log_level(Some("info"))
+        .kill_on_drop()
+        .start();
+    let (mut conns, old) = open_idle(baton.port());
+    assert_eq!(baton.active_pid(), old);
+    let generation = baton.restart();
+    baton.wait_status("the old generation to exit", |s| s.generations.len() == 1);
+    all_answered_by_the_new_generation(&mut conns, old, "baton restart");
+    assert_eq!(baton.generation_pid(generation), baton.active_pid());
+}
+
+fn systemctl_reload(flavor: Flavor, name: &str) {
+    let _one = one_at_a_time();
+    raise_nofile();
+    let Some(bed) = Bed::builder(flavor, name)
+        .wait(WAIT)
+        .binary(env!("CARGO_BIN_EXE_baton"), "/usr/bin/baton")
+        .binary(cargo_bin("baton-httpd", "baton-httpd"), "/usr/bin/baton-httpd")
+        .boot()
+    else {
+        return;
+    };
+    let listen = format!("http=127.0.0.1:{}", bed.port);
+    let generate = [
+        "/usr/bin/baton",
+        "units",
+        "--name",
+        "baton-httpd",
+        "--listen",
+        &listen,
+        "--fdstore-max",
+        "32768",
+        "--output",
+        "/etc/systemd/system",
+        "--",
+        "/usr/bin/baton-httpd",
+        "--root",
+        "/tmp",
+    ];
+    bed.tb.run_checked(&generate).unwrap_or_else(|e| panic!("{name}: baton units: {e}"));
+    bed.tb.daemon_reload().unwrap();
+    bed.systemctl_ok(&["start", "baton-httpd.socket", "baton-httpd.service"]);
+    let port = bed.port;
+    bed.wait_for("baton-httpd to serve", || httpd::healthz(port).is_ok());
+    let main_pid = bed.show("baton-httpd.service", "MainPID");
+    let (mut conns, old) = open_idle(port);
+    bed.systemctl_ok(&["reload", "baton-httpd.service"]);
+    bed.wait_for("the old generation to exit", || {
+        bed.tb
+            .run(&["/usr/bin/baton", "status", "--json", "--control", "/run/baton-httpd/baton-httpd.sock"])
+            .ok()
+            .and_then(|out| serde_json::from_str::<serde_json::Value>(&out.stdout).ok())
+            .and_then(|v| v["generations"].as_array().map(Vec::len))
+            == Some(1)
+    });
+    all_answered_by_the_new_generation(&mut conns, old, &format!("{name}: systemctl reload"));
+    assert_eq!(bed.show("baton-httpd.service", "MainPID"), main_pid, "{name}: Baton itself stayed");
+}
+
+baton_testbed::systemd_tests! {
+    systemctl_reload:
+    ten_thousand_idle_connections_survive_systemctl_reload_on_252: Host,
+    ten_thousand_idle_connections_survive_systemctl_reload_on_257: Trixie,
+}
