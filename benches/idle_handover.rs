@@ -539,26 +539,7 @@ fn supervised(flavor: Flavor, n: usize) -> Option<Run> {
         .binary(env!("CARGO_BIN_EXE_baton"), "/usr/bin/baton")
         .binary(cargo_bin("baton-httpd", "baton-httpd"), "/usr/bin/baton-httpd")
         .boot()?;
-    let listen = format!("http=127.0.0.1:{}", bed.port);
-    let generate = [
-        "/usr/bin/baton",
-        "units",
-        "--name",
-        "baton-httpd",
-        "--listen",
-        &listen,
-        "--fdstore-max",
-        "32768",
-        "--output",
-        "/etc/systemd/system",
-        "--",
-        "/usr/bin/baton-httpd",
-        "--root",
-        "/tmp",
-        "--max-connections",
-        MAX_CONNECTIONS,
-    ];
-    bed.tb.run_checked(&generate).unwrap_or_else(|e| panic!("baton units: {e}"));
+    bed.generate_httpd_units(&["--fdstore-max", "32768"], &["--root", "/tmp", "--max-connections", MAX_CONNECTIONS]);
     bed.tb
         .install_dropin(
             "baton-httpd.service",

@@ -394,7 +394,7 @@ impl FdStore {
             }
             let entry = entries.remove(pos);
             let name = entry.name.clone();
-            close_entry(watcher.epoll_fd(), inodes, entry);
+            drop(unlist(watcher.epoll_fd(), inodes, entry));
             return Hangup { name };
         }
     }
@@ -483,12 +483,6 @@ impl FdStore {
     fn unlist(&mut self, entry: Entry) -> ReceivedFd {
         unlist(self.watcher.epoll_fd(), &mut self.inodes, entry)
     }
-}
-
-/// Closes a removed entry: out of the epoll instance and the inode count
-/// first.
-fn close_entry(epoll_fd: Option<BorrowedFd<'_>>, inodes: &mut HashMap<Inode, usize>, entry: Entry) {
-    drop(unlist(epoll_fd, inodes, entry));
 }
 
 /// Takes a removed entry out of the epoll instance and the inode count;

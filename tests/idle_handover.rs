@@ -105,25 +105,7 @@ fn systemctl_reload(flavor: Flavor, name: &str) {
     else {
         return;
     };
-    let listen = format!("http=127.0.0.1:{}", bed.port);
-    let generate = [
-        "/usr/bin/baton",
-        "units",
-        "--name",
-        "baton-httpd",
-        "--listen",
-        &listen,
-        "--fdstore-max",
-        "32768",
-        "--output",
-        "/etc/systemd/system",
-        "--",
-        "/usr/bin/baton-httpd",
-        "--root",
-        "/tmp",
-    ];
-    bed.tb.run_checked(&generate).unwrap_or_else(|e| panic!("{name}: baton units: {e}"));
-    bed.tb.daemon_reload().unwrap();
+    bed.generate_httpd_units(&["--fdstore-max", "32768"], &["--root", "/tmp"]);
     bed.systemctl_ok(&["start", "baton-httpd.socket", "baton-httpd.service"]);
     let port = bed.port;
     bed.wait_for("baton-httpd to serve", || httpd::healthz(port).is_ok());

@@ -126,23 +126,7 @@ impl RestartBed for Bed {
             .boot()?;
         assert_eq!(bed.tb.systemd_version(), flavor.expected_systemd(), "{name}");
         bed.tb.write_file("/usr/share/baton-httpd/www/index.html", INDEX).unwrap();
-        let listen = format!("http=127.0.0.1:{}", bed.port);
-        let generate = [
-            "/usr/bin/baton",
-            "units",
-            "--name",
-            "baton-httpd",
-            "--listen",
-            &listen,
-            "--output",
-            "/etc/systemd/system",
-            "--",
-            "/usr/bin/baton-httpd",
-            "--root",
-            "/usr/share/baton-httpd/www",
-        ];
-        bed.tb.run_checked(&generate).unwrap_or_else(|e| panic!("{name}: baton units: {e}"));
-        bed.tb.daemon_reload().unwrap();
+        bed.generate_httpd_units(&[], &["--root", "/usr/share/baton-httpd/www"]);
         assert_eq!(bed.show(SERVICE, "Type"), "notify", "{name}: the units were generated for this systemd");
         bed.systemctl_ok(&["start", SOCKET, SERVICE]);
         bed.wait_new_pid(0);

@@ -307,14 +307,6 @@ impl HandoffWorker {
         Self { tx, unflushed: AtomicBool::new(false), task }
     }
 
-    /// Queues an idle connection.
-    pub async fn hand_over(&self, stream: tokio::net::TcpStream) {
-        match stream.into_std() {
-            Ok(s) => self.hand_over_std(s).await,
-            Err(e) => tracing::warn!(error = %e, "cannot take a connection back from the runtime; closing it"),
-        }
-    }
-
     /// Queues an idle connection that the runtime does not own.
     pub async fn hand_over_std(&self, stream: std::net::TcpStream) {
         self.hand_over_all(vec![stream]).await;

@@ -192,6 +192,29 @@ impl Bed {
         self.tb.systemctl(args).unwrap_or_else(|e| self.fail(&format!("systemctl {args:?}"), e))
     }
 
+    /// Writes the units `baton units` generates inside for `baton-httpd`
+    /// supervised by Baton (`/usr/bin/baton` and `/usr/bin/baton-httpd`, as
+    /// packaged), listening on this bed's port as `http`, into
+    /// `/etc/systemd/system`, and reloads systemd. `units_args` go to `baton
+    /// units`, `app_args` to `baton-httpd`.
+    ///
+    /// # Panics
+    /// If `baton units` or the reload fails.
+    #[track_caller]
+    pub fn generate_httpd_units(&self, units_args: &[&str], app_args: &[&str]) {
+        let listen = format!("http=127.0.0.1:{}", self.port);
+        let mut argv = vec!["/usr/bin/baton", "units", "--name", "baton-httpd", "--listen", &listen];
+        argv.extend_from_slice(units_args);
+        argv.extend(["--output", "/etc/systemd/system", "--", "/usr/bin/baton-httpd"]);
+        argv.extend_from_slice(app_args);
+        if let Err(e) = self.tb.run_checked(&argv) {
+            self.fail("baton units", e);
+        }
+        if let Err(e) = self.tb.daemon_reload() {
+            self.fail("daemon-reload", e);
+        }
+    }
+
     /// `systemctl <args>` inside, which must succeed.
     ///
     /// # Panics
