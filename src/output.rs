@@ -47,7 +47,13 @@ use tokio::io::unix::AsyncFd;
 use crate::journal::Identity;
 
 /// Lines kept per generation.
-pub const TAIL_LINES: usize = 20;
+///
+/// Enough for the cause to survive what a failing app prints after it: a
+/// gunicorn whose workers fail to import the app ends with the arbiter's own
+/// chained `HaltServer` traceback, up to ~40 lines after the last worker's
+/// `RuntimeError` (measured; 20 lines lost the cause in about one run of
+/// six). At most `TAIL_LINES * LINE_MAX` = 60 KiB per generation.
+pub const TAIL_LINES: usize = 60;
 /// Longest line kept (longer lines are cut, not dropped).
 pub const LINE_MAX: usize = 1024;
 
@@ -588,14 +594,15 @@ mod tests {
     #[test]
     fn tail_keeps_the_last_lines_bounded() {
         let t = Tail::default();
-        for i in 0..50 {
+        let printed = TAIL_LINES + 30;
+        for i in 0..printed {
             t.push(format!("line {i}\n").as_bytes());
         }
         t.push(&[b'x'; 5000]);
         let lines = t.lines();
         assert_eq!(lines.len(), TAIL_LINES + 1);
         assert_eq!(lines[0], "line 30");
-        assert_eq!(lines[TAIL_LINES - 1], "line 49");
+        assert_eq!(lines[TAIL_LINES - 1], format!("line {}", printed - 1));
         assert_eq!(lines[TAIL_LINES].len(), LINE_MAX);
     }
 
