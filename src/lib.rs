@@ -58,3 +58,4 @@ pub mod store;
 pub mod supervisor;
 pub mod units;
 pub mod upgrade;
+pub mod vault;

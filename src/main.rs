@@ -359,11 +359,28 @@ fn run(args: RunArgs) -> ExitCode {
         .into_iter()
         .map(|(n, fd)| (n["listen/".len()..].to_owned(), fd))
         .collect();
-    let stored: Vec<(String, std::os::fd::OwnedFd)> = inherited
+    let mut stored: Vec<(String, std::os::fd::OwnedFd)> = inherited
         .take_matching(|n| n.starts_with("app/"))
         .into_iter()
         .map(|(n, fd)| (n["app/".len()..].to_owned(), fd))
         .collect();
+    // Connections an earlier Baton kept for its crash (see `baton::vault`).
+    let mut inherited_vaults = Vec::new();
+    for (name, kept) in inherited.take_matching(|n| n.starts_with(baton::vault::VAULT_PREFIX)) {
+        match baton::vault::recover(&kept) {
+            Ok(fds) => {
+                tracing::info!(
+                    event = "vault-recovered",
+                    count = fds.len(),
+                    "took back {} connection(s) from {name} in the fd store",
+                    fds.len()
+                );
+                stored.extend(fds.into_iter().map(|fd| (baton_sd::fdstore::CONNECTION.to_owned(), fd)));
+            }
+            Err(e) => tracing::warn!(event = "vault-failed", "cannot read the connections in {name}: {e}"),
+        }
+        inherited_vaults.push(name);
+    }
     let mut sockets: Vec<BoundSocket> = match listen::inherit(&mut inherited) {
         Ok(s) => s,
         Err(e) => {
@@ -470,8 +487,16 @@ fn run(args: RunArgs) -> ExitCode {
     };
     // A pair adopted from the fd store is two listeners of one name: the
     // steering holds both; the generations' list is the steering's.
-    let config =
-        Config { name: name.clone(), command, command_line: args.command.clone(), sockets, stored, policy, steering };
+    let config = Config {
+        name: name.clone(),
+        command,
+        command_line: args.command.clone(),
+        sockets,
+        stored,
+        inherited_vaults,
+        policy,
+        steering,
+    };
     let result = runtime().block_on(async move {
         let (server, requests) = control::ControlServer::start(&control_path).await.map_err(|e| e.to_string())?;
         let notify = NotifyServer::bind(&notify_path).map_err(|e| format!("notify socket {}: {e}", notify_path.display()))?;

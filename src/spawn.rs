@@ -45,6 +45,7 @@ use rustix::process::{Pid, PidfdFlags, Signal};
 use crate::reaper::REAP_GATE;
 
 mod compat;
+mod place;
 pub use compat::{CRANK_NAME_ENV, CompatSetup, CrankSetup, NOTIFY_FD_ENV, crank_notify_socket};
 
 /// `PATH` used when Baton's own environment has none (systemd's default for
@@ -474,9 +475,7 @@ struct ExecPlan {
     /// The index of that entry in `envp` (the last one).
     pidfd_id_entry: Option<usize>,
     /// Source fds, in passing order.
-    sources: Vec<c_int>,
-    /// Scratch space for the child's temporary duplicates, one per source.
-    scratch: Vec<c_int>,
+    placement: place::Placement,
     /// The empty signal mask the child installs before `execve()`.
     empty_mask: SigSet,
 }
@@ -491,8 +490,7 @@ struct ChildPlan {
     pidfd_id_slot: *mut u8,
     /// The `envp` element of `LISTEN_PIDFDID=`, nulled when there is no id.
     pidfd_id_envp: *mut *const c_char,
-    sources: *const c_int,
-    scratch: *mut c_int,
+    placement: place::RawPlacement,
     count: usize,
     status_fd: c_int,
     output: c_int,
@@ -590,7 +588,8 @@ impl ExecPlan {
         // LISTEN_FDS counts only `fds`.
         let crank = setup.compat.crank.map(|c| c.notify.as_raw_fd());
         let sources: Vec<c_int> = setup.fds.iter().map(|(fd, _)| fd.as_raw_fd()).chain(crank).collect();
-        let scratch = vec![-1; sources.len()];
+        let placement = place::Placement::new(sources)
+            .map_err(|source| SpawnError::Io { context: "duplicating an fd passed twice", source })?;
         Ok(ExecPlan {
             env_storage,
             envp,
@@ -598,8 +597,7 @@ impl ExecPlan {
             pid_slots,
             pidfd_id_slot,
             pidfd_id_entry,
-            sources,
-            scratch,
+            placement,
             empty_mask: SigSet::empty(),
         })
     }
@@ -618,9 +616,8 @@ impl ExecPlan {
             pid_slots: self.pid_slots,
             pidfd_id_slot: self.pidfd_id_slot,
             pidfd_id_envp,
-            sources: self.sources.as_ptr(),
-            scratch: self.scratch.as_mut_ptr(),
-            count: self.sources.len(),
+            count: self.placement.len(),
+            placement: self.placement.raw(),
             status_fd,
             output,
             empty_mask: &self.empty_mask.0,
@@ -740,33 +737,16 @@ unsafe fn child_after_fork(plan: &ChildPlan) -> ! {
             fail(status_fd, STEP_OUTPUT);
         }
 
-        // Phase 1: move every source (and the status pipe) above every target
-        // number, so no source is clobbered by phase 2 whatever its number.
+        // Every source at 3+i, the status pipe at 3+n (see `place`).
         let n = plan.count;
-        let above = (3 + n + 1) as c_int;
-        let moved = libc::fcntl(status_fd, libc::F_DUPFD_CLOEXEC, above);
-        if moved < 0 {
-            fail(status_fd, STEP_DUP);
-        }
-        status_fd = moved;
-        for i in 0..n {
-            let tmp = libc::fcntl(*plan.sources.add(i), libc::F_DUPFD_CLOEXEC, above);
-            if tmp < 0 {
-                fail(status_fd, STEP_DUP);
-            }
-            *plan.scratch.add(i) = tmp;
-        }
-        // Phase 2: the status pipe to 3+n (still close-on-exec), each fd to
-        // 3+i without FD_CLOEXEC (dup3 with no flags clears it).
-        let status_target = (3 + n) as c_int;
-        if libc::dup3(status_fd, status_target, libc::O_CLOEXEC) < 0 {
-            fail(status_fd, STEP_PLACE);
-        }
-        status_fd = status_target;
-        for i in 0..n {
-            if libc::dup3(*plan.scratch.add(i), (3 + i) as c_int, 0) < 0 {
-                fail(status_fd, STEP_PLACE);
-            }
+        if let Err(failed) = place::place(&plan.placement, &mut status_fd) {
+            fail(
+                status_fd,
+                match failed {
+                    place::Failed::Dup => STEP_DUP,
+                    place::Failed::Place => STEP_PLACE,
+                },
+            );
         }
         // Everything above: the temporaries and any fd of Baton's, even one
         // that forgot O_CLOEXEC.

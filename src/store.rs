@@ -57,6 +57,8 @@ use rustix::event::epoll;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
+use baton_sd::fdstore::CONNECTION;
+
 use crate::closer::ReceivedFd;
 
 /// `KCMP_FILE` from `<linux/kcmp.h>`: compare two fds' open file
@@ -170,6 +172,8 @@ pub struct FdStore {
     /// How many entries have each inode: a new fd is compared only with
     /// the entries of its own inode (see the [module docs](self)).
     inodes: HashMap<Inode, usize>,
+    /// How many entries are connections ([`CONNECTION`]).
+    connections: usize,
     next_id: u64,
     watcher: Watcher,
     spurious_wakeups: u64,
@@ -185,6 +189,7 @@ impl FdStore {
             max,
             entries: Vec::new(),
             inodes: HashMap::new(),
+            connections: 0,
             next_id: 0,
             watcher: Watcher::None,
             spurious_wakeups: 0,
@@ -210,6 +215,11 @@ impl FdStore {
     /// The number of entries.
     pub fn len(&self) -> usize {
         self.entries.len()
+    }
+
+    /// How many entries are connections (named [`CONNECTION`]).
+    pub fn connections(&self) -> usize {
+        self.connections
     }
 
     /// Whether the store holds no fd.
@@ -317,6 +327,7 @@ impl FdStore {
         if let Some(inode) = entry.inode {
             *self.inodes.entry(inode).or_default() += 1;
         }
+        self.connections += usize::from(entry.name == CONNECTION);
         self.entries.push(entry);
     }
 
@@ -346,7 +357,7 @@ impl FdStore {
                 }
             };
         }
-        let FdStore { entries, inodes, watcher, spurious_wakeups, .. } = self;
+        let FdStore { entries, inodes, connections, watcher, spurious_wakeups, .. } = self;
         let Watcher::Registered(afd) = &*watcher else {
             // Nothing polled yet (a later call will see new entries), or
             // hang-ups cannot be watched at all.
@@ -394,7 +405,7 @@ impl FdStore {
             }
             let entry = entries.remove(pos);
             let name = entry.name.clone();
-            drop(unlist(watcher.epoll_fd(), inodes, entry));
+            drop(unlist(watcher.epoll_fd(), inodes, connections, entry));
             return Hangup { name };
         }
     }
@@ -481,13 +492,19 @@ impl FdStore {
     /// A removed entry's fd, out of the epoll instance and the inode count,
     /// for the caller to close.
     fn unlist(&mut self, entry: Entry) -> ReceivedFd {
-        unlist(self.watcher.epoll_fd(), &mut self.inodes, entry)
+        unlist(self.watcher.epoll_fd(), &mut self.inodes, &mut self.connections, entry)
     }
 }
 
-/// Takes a removed entry out of the epoll instance and the inode count;
-/// returns its fd.
-fn unlist(epoll_fd: Option<BorrowedFd<'_>>, inodes: &mut HashMap<Inode, usize>, entry: Entry) -> ReceivedFd {
+/// Takes a removed entry out of the epoll instance, the inode count and the
+/// count of connections; returns its fd.
+fn unlist(
+    epoll_fd: Option<BorrowedFd<'_>>,
+    inodes: &mut HashMap<Inode, usize>,
+    connections: &mut usize,
+    entry: Entry,
+) -> ReceivedFd {
+    *connections -= usize::from(entry.name == CONNECTION);
     if entry.polled
         && let Some(ep) = epoll_fd
     {

@@ -403,6 +403,24 @@ pub struct SupervisorState {
     /// re-attaches. Absent without steering.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub steering: Option<crate::steering::Layout>,
+    /// The connection vault under systemd (see [`crate::vault`]); absent
+    /// when there is none (so such states are what Batons before it wrote).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vault: Option<VaultState>,
+}
+
+/// The connection vault: its sending end (the receiving end is in
+/// systemd's store), its name there and how many connections it holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VaultState {
+    /// Its name in systemd's store.
+    pub name: String,
+    /// Its sending end.
+    pub fd: RawFd,
+    /// Connections queued in it, live or gone.
+    pub held: usize,
+    /// The serial of the last vault created.
+    pub serial: u64,
 }
 
 /// One listening socket.
@@ -500,6 +518,7 @@ impl Handover {
         fds.extend(s.sockets.iter().map(|x| x.fd));
         fds.extend(s.siblings.iter().map(|x| x.fd));
         fds.extend(s.store.iter().map(|x| x.fd));
+        fds.extend(s.vault.as_ref().map(|v| v.fd));
         for g in &s.generations {
             fds.push(g.pidfd);
             fds.extend(g.main_pidfd);

@@ -94,23 +94,28 @@ fn ten_thousand_idle_connections_survive_baton_restart() {
     assert_eq!(baton.generation_pid(generation), baton.active_pid());
 }
 
-fn systemctl_reload(flavor: Flavor, name: &str) {
-    let _one = one_at_a_time();
+/// baton-httpd supervised by Baton under systemd `flavor`, holding
+/// [`IDLE`] idle connections (each answered once, by the pid returned);
+/// `None` when this machine cannot boot it (the reason is printed).
+fn supervised_with_idle_connections(flavor: Flavor, name: &str) -> Option<(Bed, Vec<BufReader<TcpStream>>, u32)> {
     raise_nofile();
-    let Some(bed) = Bed::builder(flavor, name)
+    let bed = Bed::builder(flavor, name)
         .wait(WAIT)
         .binary(env!("CARGO_BIN_EXE_baton"), "/usr/bin/baton")
         .binary(cargo_bin("baton-httpd", "baton-httpd"), "/usr/bin/baton-httpd")
-        .boot()
-    else {
-        return;
-    };
+        .boot()?;
     bed.generate_httpd_units(&["--fdstore-max", "32768"], &["--root", "/tmp"]);
     bed.systemctl_ok(&["start", "baton-httpd.socket", "baton-httpd.service"]);
     let port = bed.port;
     bed.wait_for("baton-httpd to serve", || httpd::healthz(port).is_ok());
+    let (conns, old) = open_idle(port);
+    Some((bed, conns, old))
+}
+
+fn systemctl_reload(flavor: Flavor, name: &str) {
+    let _one = one_at_a_time();
+    let Some((bed, mut conns, old)) = supervised_with_idle_connections(flavor, name) else { return };
     let main_pid = bed.show("baton-httpd.service", "MainPID");
-    let (mut conns, old) = open_idle(port);
     bed.systemctl_ok(&["reload", "baton-httpd.service"]);
     bed.wait_for("the old generation to exit", || {
         bed.tb
@@ -122,6 +127,49 @@ fn systemctl_reload(flavor: Flavor, name: &str) {
     });
     all_answered_by_the_new_generation(&mut conns, old, &format!("{name}: systemctl reload"));
     assert_eq!(bed.show("baton-httpd.service", "MainPID"), main_pid, "{name}: Baton itself stayed");
+}
+
+/// utime + stime of `pid`, in ms (clock ticks of 10 ms).
+fn cpu_ms(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/PID/stat");
+    let fields: Vec<&str> = stat.rsplit_once(')').expect("stat").1.split_whitespace().collect();
+    (fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()) * 10
+}
+
+/// `systemctl restart` of the supervised service: Baton itself stops, the
+/// connections its last generation stored wait in its vault in systemd's
+/// store (one fd, see `baton::vault`), and the next Baton takes them back
+/// and gives them to its first generation.
+fn systemctl_restart(flavor: Flavor, name: &str) {
+    let _one = one_at_a_time();
+    let Some((bed, mut conns, old)) = supervised_with_idle_connections(flavor, name) else { return };
+    let main_pid = bed.show("baton-httpd.service", "MainPID");
+    let pid1_before = cpu_ms(bed.tb.pid());
+    let started = std::time::Instant::now();
+    bed.systemctl_ok(&["restart", "baton-httpd.service"]);
+    let took = started.elapsed();
+    let pid1_ms = cpu_ms(bed.tb.pid()) - pid1_before;
+    assert_ne!(bed.show("baton-httpd.service", "MainPID"), main_pid, "{name}: Baton itself restarted");
+    let journal = bed.journal(Some("baton-httpd.service"));
+    assert!(journal.contains(&format!("took back {IDLE} connection(s) from vault/")), "{name}:\n{journal}");
+    all_answered_by_the_new_generation(&mut conns, old, &format!("{name}: systemctl restart"));
+    eprintln!("{name}: systemctl restart with {IDLE} idle connections took {took:?}; PID 1 spent {pid1_ms} ms of CPU");
+    // `systemd-analyze fdstore` exists from 254 on. Adopted, the
+    // connections leave Baton's store and the vault goes (the listeners
+    // are the socket units').
+    if bed.tb.systemd_version() >= 254 {
+        bed.wait_for("the vault to go once every connection is adopted", || {
+            !bed.run(&["systemd-analyze", "fdstore", "baton-httpd.service"]).stdout.contains("vault/")
+        });
+        let out = bed.run(&["systemd-analyze", "fdstore", "baton-httpd.service"]);
+        assert!(!out.stdout.contains("conn"), "{name}: {out}");
+    }
+}
+
+baton_testbed::systemd_tests! {
+    systemctl_restart:
+    ten_thousand_idle_connections_survive_systemctl_restart_on_252: Host,
+    ten_thousand_idle_connections_survive_systemctl_restart_on_257: Trixie,
 }
 
 baton_testbed::systemd_tests! {

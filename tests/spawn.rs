@@ -157,6 +157,24 @@ fn relay(case: &str, path: &Path) -> i32 {
             drop(placed);
             child
         }
+        // 600 sockets at about 3..603, passed in reverse order with the
+        // first one again at the end, under a soft RLIMIT_NOFILE of 800:
+        // moving every source above the targets first would need fd
+        // numbers up to ~1,200; placing them in place needs ~610.
+        "crowded" => {
+            let limit = libc::rlimit { rlim_cur: 800, rlim_max: 800.max(current_nofile_max()) };
+            // SAFETY: a valid rlimit structure; lowering our own soft limit.
+            assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+            let socks: Vec<UnixDatagram> = (0..600).map(|_| UnixDatagram::unbound().unwrap()).collect();
+            let mut order: Vec<&UnixDatagram> = socks.iter().rev().collect();
+            order.push(&socks[599]);
+            for sock in &order {
+                let (dev, ino) = dev_ino(sock.as_fd());
+                meta += &format!("source {dev} {ino}\n");
+            }
+            let fds: Vec<(BorrowedFd<'_>, &str)> = order.iter().map(|sock| (sock.as_fd(), "c")).collect();
+            spawn_reporter(&cmd, path, &fds, None, None)
+        }
         // A pipe without O_CLOEXEC and a socket whose FD_CLOEXEC was cleared:
         // neither may reach the child.
         "leak" => {
@@ -433,14 +451,7 @@ fn three_named_fds_land_at_3_with_notify_and_watchdog() {
 fn sources_at_target_numbers_in_swapped_order() {
     as_child();
     let (r, meta) = run_relay("sources_at_target_numbers_in_swapped_order", "awkward", &[]);
-    let sources: Vec<(u64, u64)> = meta
-        .lines()
-        .filter_map(|l| l.strip_prefix("source "))
-        .map(|l| {
-            let (d, i) = l.split_once(' ').unwrap();
-            (d.parse().unwrap(), i.parse().unwrap())
-        })
-        .collect();
+    let sources = sources_in(&meta);
     assert_eq!(sources.len(), 3);
     assert_eq!(r.open_fds(), fd_set(0..6), "{:?}", r.fds);
     for (i, source) in sources.iter().enumerate() {
@@ -449,6 +460,38 @@ fn sources_at_target_numbers_in_swapped_order() {
         assert!(!fd.cloexec);
     }
     assert_eq!(r.env("LISTEN_FDNAMES"), Some("a:b:c"));
+}
+
+/// The (dev, inode) of each source the relay passed, in order.
+fn sources_in(meta: &str) -> Vec<(u64, u64)> {
+    meta.lines()
+        .filter_map(|l| l.strip_prefix("source "))
+        .map(|l| {
+            let (d, i) = l.split_once(' ').unwrap();
+            (d.parse().unwrap(), i.parse().unwrap())
+        })
+        .collect()
+}
+
+fn current_nofile_max() -> libc::rlim_t {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit fills the structure.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) }, 0);
+    limit.rlim_max
+}
+
+#[test]
+fn many_sources_in_the_target_range_are_placed_in_place() {
+    as_child();
+    let (r, meta) = run_relay("many_sources_in_the_target_range_are_placed_in_place", "crowded", &[]);
+    let sources = sources_in(&meta);
+    assert_eq!(sources.len(), 601);
+    assert_eq!(r.open_fds(), fd_set(0..3 + 601), "{:?}", r.open_fds());
+    for (i, source) in sources.iter().enumerate() {
+        let fd = r.fds[&(3 + i as RawFd)];
+        assert_eq!((fd.dev, fd.ino), *source, "fd {} holds source {i}", 3 + i);
+        assert!(!fd.cloexec, "fd {} is close-on-exec", 3 + i);
+    }
 }
 
 #[test]

@@ -76,6 +76,7 @@ impl Supervisor {
                 moved.len()
             );
             self.store.remove_raw(&moved);
+            self.tidy_vault();
             // They were also kept in systemd's store for a crash of ours;
             // once none is left here, drop them there too.
             if !self.store.entries().any(|(n, _)| baton_sd::StoredName::parse(n) == baton_sd::StoredName::Connection) {
@@ -125,15 +126,94 @@ impl Supervisor {
         // Forward first (the store takes ownership): under systemd, the
         // store must survive Baton itself. The `app/` prefix tells the next
         // Baton which entries are the app's.
+        // Connections, which come by the thousand, go into one vault there
+        // instead (see `crate::vault`).
         if let Some(up) = &self.upstream {
             let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
             let poll = if poll { FdPoll::Poll } else { FdPoll::NoPoll };
-            if let Err(e) = up.store_fds(&format!("app/{name}"), &borrowed, poll) {
+            if name == baton_sd::fdstore::CONNECTION {
+                self.keep_in_vault(&borrowed);
+            } else if let Err(e) = up.store_fds(&format!("app/{name}"), &borrowed, poll) {
                 tracing::warn!(event = "fdstore-forward-failed", name, "cannot forward to systemd's fd store: {e}");
             }
         }
         if let Err(e) = self.store.add_received(name, fds, poll) {
             tracing::warn!(event = "fdstore-full", name, "{e}");
+        }
+    }
+}
+
+impl Supervisor {
+    /// Copies connections entering the store into the vault (a new one if
+    /// none is open).
+    fn keep_in_vault(&mut self, fds: &[BorrowedFd<'_>]) {
+        let Some(up) = &self.upstream else { return };
+        let kept = match &mut self.vault {
+            Some(vault) => vault.append(fds),
+            None => {
+                self.vault_serial += 1;
+                crate::vault::Vault::create(up, self.vault_serial, fds).map(|v| self.vault = Some(v))
+            }
+        };
+        if let Err(e) = kept {
+            tracing::warn!(
+                event = "vault-failed",
+                count = fds.len(),
+                "cannot keep {} connection(s) in systemd's fd store for a crash of baton: {e}; baton holds them, \
+                 a crash of baton would close them",
+                fds.len()
+            );
+        }
+    }
+
+    /// After connections left the store: rebuilds the vault once it holds
+    /// mostly gone ones, drops it once none is left ([`crate::vault::next_step`]).
+    pub(super) fn tidy_vault(&mut self) {
+        let Some(vault) = &self.vault else { return };
+        match crate::vault::next_step(vault.held(), self.store.connections()) {
+            crate::vault::Step::Keep => {}
+            crate::vault::Step::Drop => {
+                if let Some(old) = self.vault.take() {
+                    self.upstream_notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(old.name())]);
+                }
+            }
+            crate::vault::Step::Rebuild => self.rebuild_vault(),
+        }
+    }
+
+    /// A new vault with the store's connections, stored before the old one
+    /// is removed: a crash in between leaves both, never neither.
+    fn rebuild_vault(&mut self) {
+        let Some(up) = &self.upstream else { return };
+        let live: Vec<BorrowedFd<'_>> =
+            self.store.entries().filter(|(name, _)| *name == baton_sd::fdstore::CONNECTION).map(|(_, fd)| fd).collect();
+        if live.is_empty() {
+            return;
+        }
+        self.vault_serial += 1;
+        match crate::vault::Vault::create(up, self.vault_serial, &live) {
+            Ok(new) => {
+                tracing::debug!(event = "vault-rebuilt", count = new.held(), "vault rebuilt as {}", new.name());
+                if let Some(old) = self.vault.replace(new) {
+                    self.upstream_notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(old.name())]);
+                }
+            }
+            // The old vault still holds every live connection.
+            Err(e) => {
+                tracing::warn!(event = "vault-failed", "cannot rebuild the connection vault: {e}; keeping the old one")
+            }
+        }
+    }
+
+    /// At start: the connections recovered from an earlier Baton's vaults
+    /// (`names`, already in the store) go into a vault of ours; then those
+    /// vaults are removed from systemd's store.
+    pub(super) fn adopt_vaults(&mut self, names: &[String]) {
+        if self.store.connections() > 0 {
+            self.rebuild_vault();
+        }
+        for name in names {
+            self.upstream_notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(name)]);
         }
     }
 }

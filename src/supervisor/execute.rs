@@ -74,6 +74,7 @@ impl Supervisor {
                 Action::RemoveStored { name } => {
                     let removed = self.store.remove(&name);
                     tracing::debug!(event = "fdstore-remove", name, removed);
+                    self.tidy_vault();
                 }
                 Action::FlushConnections { to } => self.flush_connections(to),
                 Action::ProbeUpgrade => self.probe_upgrade(),

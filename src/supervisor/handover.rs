@@ -83,6 +83,12 @@ impl Supervisor {
                 .map(|(name, fd, polled)| upgrade::StoredState { name, fd, polled })
                 .collect(),
             store_watching: self.store.is_watching(),
+            vault: self.vault.as_ref().map(|v| upgrade::VaultState {
+                name: v.name().to_owned(),
+                fd: v.sender().as_raw_fd(),
+                held: v.held(),
+                serial: self.vault_serial,
+            }),
             generations,
             next_number: counters.next_number,
             crashes: counters.crashes.iter().map(|c| upgrade::to_mono(*c)).collect(),
@@ -157,6 +163,12 @@ impl Supervisor {
         for x in &s.store {
             stored.push((x.name.clone(), fds.take(x.fd, &format!("fd-store entry {}", x.name))?, x.polled));
         }
+        let vault = match &s.vault {
+            Some(v) => {
+                Some(crate::vault::Vault::restore(fds.take(v.fd, "the connection vault")?, v.name.clone(), v.held))
+            }
+            None => None,
+        };
         struct Taken {
             pidfd: OwnedFd,
             main: Option<MainProcess>,
@@ -330,6 +342,7 @@ impl Supervisor {
             command_line: argv,
             sockets,
             stored: Vec::new(),
+            inherited_vaults: Vec::new(),
             policy: s.policy,
             steering,
         };
@@ -346,6 +359,8 @@ impl Supervisor {
             reaper,
             store,
             upstream,
+            vault,
+            vault_serial: s.vault.as_ref().map_or(0, |v| v.serial),
             procs,
             core,
             waiters: Waiters::default(),

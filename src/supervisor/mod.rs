@@ -110,8 +110,12 @@ pub struct Config {
     pub command_line: Vec<OsString>,
     /// Listening sockets, passed to every generation at 3.. in this order.
     pub sockets: Vec<BoundSocket>,
-    /// Fd-store entries inherited at start (from systemd's store).
+    /// Fd-store entries inherited at start (from systemd's store), with the
+    /// connections recovered from its vaults (see [`crate::vault`]).
     pub stored: Vec<(String, OwnedFd)>,
+    /// The names of the vaults those connections came from, to remove from
+    /// systemd's store once they are in a vault of this Baton's.
+    pub inherited_vaults: Vec<String>,
     /// How generations are started, checked, drained and replaced.
     pub policy: Policy,
     /// The steered pairs of `sockets` (see [`crate::steering`]); `None`:
@@ -152,6 +156,11 @@ pub struct Supervisor {
     reaper: Reaper,
     store: FdStore,
     upstream: Option<Arc<Notifier>>,
+    /// Under systemd, the crash-safe copy of the store's connections (see
+    /// [`crate::vault`]).
+    vault: Option<crate::vault::Vault>,
+    /// The serial of the last vault created (names are never reused).
+    vault_serial: u64,
     /// The processes and handles of each generation the core keeps (and of
     /// those it has not forgotten yet), oldest first.
     procs: Vec<Procs>,
@@ -257,12 +266,16 @@ impl Supervisor {
             }
         }
         let core = Core::new(cfg.policy.clone(), Counters { next_number: 1, ..Counters::default() });
-        Ok(Supervisor {
+        let inherited_vaults = std::mem::take(&mut cfg.inherited_vaults);
+        let vault_serial = inherited_vaults.iter().filter_map(|n| crate::vault::Vault::serial_of(n)).max().unwrap_or(0);
+        let mut supervisor = Supervisor {
             cfg,
             notify,
             reaper,
             store,
             upstream,
+            vault: None,
+            vault_serial,
             procs: Vec::new(),
             core,
             waiters: Waiters::default(),
@@ -282,7 +295,9 @@ impl Supervisor {
             probes: tokio::task::JoinSet::new(),
             queue_watch: None,
             relays: tokio::task::JoinSet::new(),
-        })
+        };
+        supervisor.adopt_vaults(&inherited_vaults);
+        Ok(supervisor)
     }
 
     /// Serves `control` (which delivers its requests to [`run`](Self::run)):
@@ -357,6 +372,7 @@ impl Supervisor {
                 Some(exit) = self.reaper.next() => self.on_exit(exit.pid, &exit.status),
                 hangup = self.store.hangup() => {
                     tracing::info!(event = "fdstore-hangup", name = %hangup.name, "stored fd hung up; removed");
+                    self.tidy_vault();
                 }
                 _ = tokio::time::sleep_until(deadline.into()) => self.feed(Input::Tick),
                 _ = tokio::time::sleep_until(summaries_due.unwrap_or(deadline).into()), if summaries_due.is_some() => {

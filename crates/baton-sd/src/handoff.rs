@@ -99,7 +99,10 @@ impl HandoffReceiver {
     }
 }
 
-fn receive(fd: std::os::fd::BorrowedFd<'_>) -> Result<Option<Handoff>, rustix::io::Errno> {
+/// One message of this protocol from `fd`, without waiting: `Ok(None)` at
+/// the end of the stream, `Err(WOULDBLOCK)` when nothing is queued. Baton's
+/// connection vault holds its messages in the same format.
+pub fn receive(fd: std::os::fd::BorrowedFd<'_>) -> Result<Option<Handoff>, rustix::io::Errno> {
     let mut name = [0u8; NAME_MAX];
     let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(SCM_MAX_FD))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
