@@ -11,6 +11,7 @@
 //! |---|---|
 //! | `listen/<name>` | a listening socket the service bound itself, `<name>` as in `LISTEN_FDNAMES` |
 //! | `conn` | a live connection handed over to the next generation |
+//! | `vault/<n>` | Baton's: connections queued in one socket, kept for a crash of Baton |
 //! | anything else | the application's own (`stored` is systemd's default) |
 //!
 //! All connections share the one name `conn`, on purpose: `LISTEN_FDNAMES`
