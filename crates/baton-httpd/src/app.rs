@@ -38,7 +38,7 @@ use tokio::task::JoinSet;
 
 use crate::admission::{AcceptPacer, Refuser};
 use crate::config::Config;
-use crate::conn::{self, Arrival, Deadlines, DrainMode, DrainSignal, Outcome};
+use crate::conn::{self, Arrival, Deadlines, DrainMode, DrainSignal, IdleConnection, Outcome};
 use crate::files::{Files, FilesError};
 use crate::generation::{self, GENERATION_FDNAME, GenerationError};
 use crate::handoff::{self, HandoffPlan, HandoffWorker, NameBudget, PushedConnections};
@@ -111,7 +111,17 @@ pub fn main() -> ExitCode {
         builder.worker_threads(n.get());
     }
     let result = match builder.enable_all().build() {
-        Ok(rt) => rt.block_on(run(config, fds)),
+        Ok(rt) => {
+            let result = rt.block_on(run(config, fds));
+            // Not shut down: that would drop every task still pending one
+            // by one — after a handover, those of the thousands of
+            // connections the drain took (see `conn::park`): tens of ms of
+            // CPU while the next generation serves the same connections.
+            // The process exits right after; the kernel reclaims it all at
+            // once.
+            std::mem::forget(rt);
+            result
+        }
         Err(e) => Err(setup("starting the tokio runtime")(e)),
     };
     match result {
@@ -353,7 +363,8 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
     let mode =
         if config.handoff && notifier.is_some() && manager_reachable { DrainMode::HandOver } else { DrainMode::Close };
     tracing::debug!(?mode, "draining");
-    drain.start(mode);
+    pen.reserve(open);
+    let parked = drain.start(mode);
     // Pushes that were queued before we were asked to stop still arrive;
     // then the stream ends.
     if let Some(p) = &mut pushed {
@@ -364,6 +375,11 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
         enabled: config.handoff,
         budget: NameBudget::new(kept.iter().map(String::as_str), handoff::fdstore_max_from_env()),
     });
+    // The parked connections, most of the idle ones, go at once; their
+    // tasks stay pending until released (see `conn::park`).
+    let mut unreleased = parked.len();
+    worker.hand_over_all(parked).await;
+    let release_at = tokio::time::Instant::now() + handoff::RELEASE_GAP;
     let deadline = far_or(config.drain_timeout);
     let mut cut = 0;
     // The connections' tasks put what they stop into the pen; it is swept
@@ -383,7 +399,7 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
         match tokio::time::timeout_at(deadline, next).await {
             Ok(Drained::Pushed(batch)) => {
                 handler.count_adopted(batch.len() as u64);
-                worker.hand_over_all(batch).await;
+                worker.hand_over_all(batch.into_iter().map(IdleConnection::from).collect()).await;
             }
             Ok(Drained::Sweep) => {}
             Err(_) => {
@@ -405,7 +421,13 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
             }
         }
         worker.hand_over_all(pen.take()).await;
-        if conns.is_empty() {
+        if unreleased > 0 && conns.len() > unreleased && tokio::time::Instant::now() >= release_at {
+            // Other connections keep the drain going: let go of our copies
+            // of the taken ones.
+            drain.release_taken();
+            unreleased = 0;
+        }
+        if conns.len() == unreleased {
             // No connection left that could still become idle: what is
             // queued goes now, not after the batching gap.
             worker.flush().await;
@@ -416,7 +438,7 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
                     Some(batch) => {
                         pushed = Some(p);
                         handler.count_adopted(batch.len() as u64);
-                        worker.hand_over_all(batch).await;
+                        worker.hand_over_all(batch.into_iter().map(IdleConnection::from).collect()).await;
                     }
                     None => drop(p.finish().await),
                 },
@@ -426,6 +448,9 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
     if let Some(p) = pushed.take() {
         p.finish().await;
     }
+    // The tasks of taken connections, still pending: left to the process's
+    // exit (see `main`), not aborted one by one.
+    conns.detach_all();
     let report = worker.finish(n).await;
     let summary = format!(
         "stopped: {} connections handed over, {} closed idle, {} cut at the drain deadline",
@@ -450,15 +475,28 @@ const PEN_SWEEP: std::time::Duration = std::time::Duration::from_millis(1);
 /// Where connection tasks leave the connections a drain stopped at a
 /// request boundary ([`Outcome::Idle`]), for the drain loop to hand over.
 #[derive(Clone, Default)]
-struct Pen(Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>);
+struct Pen(Arc<std::sync::Mutex<Vec<IdleConnection>>>);
 
 impl Pen {
-    fn put(&self, stream: std::net::TcpStream) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(stream);
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<IdleConnection>> {
+        // A push or a drain cannot leave the Vec inconsistent.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn take(&self) -> Vec<std::net::TcpStream> {
-        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    /// Room for `n` more without growing: growing a Vec of thousands in
+    /// the burst (copied, under the lock) showed in the drain's profile.
+    fn reserve(&self, n: usize) {
+        self.lock().reserve(n);
+    }
+
+    fn put(&self, connection: IdleConnection) {
+        self.lock().push(connection);
+    }
+
+    /// What is in the pen, in a Vec of its own size; the pen keeps its
+    /// room.
+    fn take(&self) -> Vec<IdleConnection> {
+        self.lock().drain(..).collect()
     }
 }
 

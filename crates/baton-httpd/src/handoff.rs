@@ -69,7 +69,6 @@
 //! copied: nothing needs removing from any store.
 
 use std::collections::BTreeSet;
-use std::net::Shutdown;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -80,6 +79,8 @@ use baton_sd::fdstore::CONNECTION;
 use baton_sd::handoff::{Handoff, HandoffReceiver};
 use baton_sd::wire::SCM_MAX_FD;
 use baton_sd::{FdKind, FdPoll, ListenFds, Notifier, NotifyState, StoredName};
+
+use crate::conn::IdleConnection;
 use rustix::net::{AddressFamily, SocketType};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -280,7 +281,7 @@ pub struct HandoffPlan {
 #[derive(Debug)]
 enum ToWorker {
     /// Idle connections to store.
-    Connections(Vec<std::net::TcpStream>),
+    Connections(Vec<IdleConnection>),
     /// No connection is left that could join the batch: send it now rather
     /// than after [`BATCH_GAP`].
     Flush,
@@ -288,13 +289,27 @@ enum ToWorker {
 
 /// Stores (or closes) idle connections on a blocking thread, in batches, as
 /// the connection tasks finish.
+///
+/// Our copies of the connections it stored are released (deregistered
+/// from the runtime and closed, see [`IdleConnection`]) only once no
+/// connection came for [`RELEASE_GAP`], or at [`finish`](Self::finish)
+/// after the manager confirmed them: during the burst every syscall spent
+/// here is one the next generation waits for. Not later than that gap
+/// either: while this process holds a copy, the next generation closing a
+/// connection without `shutdown` would not reach its client.
 #[derive(Debug)]
 pub struct HandoffWorker {
     tx: mpsc::Sender<ToWorker>,
     /// A connection was queued since the last [`flush`](Self::flush).
     unflushed: AtomicBool,
-    task: JoinHandle<HandoffReport>,
+    task: JoinHandle<(HandoffReport, Vec<Vec<IdleConnection>>)>,
 }
+
+/// How long the store worker waits without a new connection before it
+/// releases our copies of those it stored (see [`HandoffWorker`]): longer
+/// than the pauses within a drain's burst (the drain sweeps every
+/// millisecond), short next to any idle timeout.
+pub const RELEASE_GAP: Duration = Duration::from_millis(20);
 
 impl HandoffWorker {
     /// Starts the worker. Must run inside a tokio runtime.
@@ -303,27 +318,26 @@ impl HandoffWorker {
         // full batch can queue while the previous one is being sent.
         let (tx, rx) = mpsc::channel(SCM_MAX_FD);
         let runtime = tokio::runtime::Handle::current();
-        let task = tokio::task::spawn_blocking(move || store_all(plan, rx, &runtime));
+        let task = tokio::task::spawn_blocking(move || Worker::new(plan).run(rx, &runtime));
         Self { tx, unflushed: AtomicBool::new(false), task }
     }
 
     /// Queues an idle connection that the runtime does not own.
     pub async fn hand_over_std(&self, stream: std::net::TcpStream) {
-        self.hand_over_all(vec![stream]).await;
+        self.hand_over_all(vec![stream.into()]).await;
     }
 
-    /// Queues idle connections the runtime does not own, in one message to
-    /// the worker: at shutdown thousands become idle within a burst, and
-    /// one wake-up of the worker per connection would cost more than
-    /// storing them.
-    pub async fn hand_over_all(&self, streams: Vec<std::net::TcpStream>) {
-        if streams.is_empty() {
+    /// Queues idle connections, in one message to the worker: at shutdown
+    /// thousands become idle within a burst, and one wake-up of the worker
+    /// per connection would cost more than storing them.
+    pub async fn hand_over_all(&self, connections: Vec<IdleConnection>) {
+        if connections.is_empty() {
             return;
         }
         // The worker lives until `finish`, which needs `self`.
-        match self.tx.send(ToWorker::Connections(streams)).await {
+        match self.tx.send(ToWorker::Connections(connections)).await {
             Ok(()) => self.unflushed.store(true, Relaxed),
-            Err(mpsc::error::SendError(ToWorker::Connections(streams))) => close_all(streams.into_iter()),
+            Err(mpsc::error::SendError(ToWorker::Connections(connections))) => close_all(connections),
             Err(mpsc::error::SendError(ToWorker::Flush)) => {}
         }
     }
@@ -343,14 +357,15 @@ impl HandoffWorker {
     }
 
     /// Waits until every queued connection is stored or closed, then sends
-    /// `BARRIER=1` so the manager has processed them all before we exit.
+    /// `BARRIER=1` so the manager has processed them all before we exit,
+    /// and releases our copies of the stored ones.
     pub async fn finish(self, notifier: Option<&Notifier>) -> HandoffReport {
         drop(self.tx);
-        let report = match self.task.await {
+        let (report, stored) = match self.task.await {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, "the handoff worker failed");
-                HandoffReport::default()
+                (HandoffReport::default(), Vec::new())
             }
         };
         if report.stored > 0
@@ -359,111 +374,145 @@ impl HandoffWorker {
         {
             tracing::warn!(error = %e, "the service manager did not confirm the handed-over connections");
         }
+        drop(stored);
         report
     }
 }
 
-fn store_all(
-    mut plan: HandoffPlan,
-    mut rx: mpsc::Receiver<ToWorker>,
-    runtime: &tokio::runtime::Handle,
-) -> HandoffReport {
-    let mut report = HandoffReport::default();
-    let mut batch: Vec<std::net::TcpStream> = Vec::with_capacity(SCM_MAX_FD);
-    loop {
-        if batch.is_empty() {
-            match rx.blocking_recv() {
-                Some(ToWorker::Connections(first)) => batch.extend(first),
-                // A flush right after a full batch went: nothing to send.
-                Some(ToWorker::Flush) => continue,
-                None => return report,
-            }
-        }
-        while batch.len() < SCM_MAX_FD {
-            let next = match rx.try_recv() {
-                Ok(m) => Some(m),
-                Err(mpsc::error::TryRecvError::Disconnected) => None,
-                // On a blocking-pool thread, so blocking on the runtime is
-                // allowed.
-                Err(mpsc::error::TryRecvError::Empty) => {
-                    runtime.block_on(tokio::time::timeout(BATCH_GAP, rx.recv())).ok().flatten()
+/// The store worker's state (see [`HandoffWorker`]).
+struct Worker {
+    plan: HandoffPlan,
+    report: HandoffReport,
+    /// The datagram being filled: at most [`SCM_MAX_FD`] connections.
+    batch: Vec<IdleConnection>,
+    /// Batches stored, our copies not released yet.
+    stored: Vec<Vec<IdleConnection>>,
+}
+
+impl Worker {
+    fn new(plan: HandoffPlan) -> Self {
+        Self { plan, report: HandoffReport::default(), batch: Vec::with_capacity(SCM_MAX_FD), stored: Vec::new() }
+    }
+
+    /// Until the channel closes; returns the report and the stored
+    /// connections not released yet.
+    fn run(
+        mut self,
+        mut rx: mpsc::Receiver<ToWorker>,
+        runtime: &tokio::runtime::Handle,
+    ) -> (HandoffReport, Vec<Vec<IdleConnection>>) {
+        loop {
+            let next = if !self.batch.is_empty() {
+                // A datagram is open: more of the burst may join it.
+                match rx.try_recv() {
+                    Ok(m) => Some(m),
+                    Err(mpsc::error::TryRecvError::Disconnected) => None,
+                    // On a blocking-pool thread, so blocking on the runtime
+                    // is allowed.
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        match runtime.block_on(tokio::time::timeout(BATCH_GAP, rx.recv())) {
+                            Ok(m) => m,
+                            Err(_) => Some(ToWorker::Flush),
+                        }
+                    }
                 }
+            } else if !self.stored.is_empty() {
+                match runtime.block_on(tokio::time::timeout(RELEASE_GAP, rx.recv())) {
+                    Ok(m) => m,
+                    Err(_) => {
+                        // The burst is over.
+                        self.stored.clear();
+                        continue;
+                    }
+                }
+            } else {
+                rx.blocking_recv()
             };
             match next {
-                Some(ToWorker::Connections(more)) => batch.extend(more),
-                Some(ToWorker::Flush) | None => break,
+                Some(ToWorker::Connections(more)) => {
+                    for connection in more {
+                        self.batch.push(connection);
+                        if self.batch.len() == SCM_MAX_FD {
+                            self.store_batch();
+                        }
+                    }
+                }
+                // Nothing more can join the open datagram (or it waited
+                // BATCH_GAP for more): it goes now.
+                Some(ToWorker::Flush) => self.store_batch(),
+                None => {
+                    self.store_batch();
+                    return (self.report, self.stored);
+                }
             }
         }
-        // Full datagrams go now; a remainder left by a full one waits for
-        // more (the burst goes on), one left by a flush, the gap or the end
-        // goes too.
-        let full = batch.len() >= SCM_MAX_FD;
-        while batch.len() >= SCM_MAX_FD {
-            let rest = batch.split_off(SCM_MAX_FD);
-            store_batch(&mut plan, &mut batch, &mut report);
-            batch = rest;
-        }
-        if !full {
-            store_batch(&mut plan, &mut batch, &mut report);
-        }
     }
-}
 
-/// Stores (or closes) `batch`, leaving it empty; our copies close here.
-fn store_batch(plan: &mut HandoffPlan, batch: &mut Vec<std::net::TcpStream>, report: &mut HandoffReport) {
-    let notifier = match &plan.notifier {
-        Some(n) if plan.enabled => Arc::clone(n),
-        _ => {
-            report.closed_no_handoff += batch.len();
-            close_all(batch.drain(..));
+    /// Stores (or closes) the open datagram's connections.
+    fn store_batch(&mut self) {
+        if self.batch.is_empty() {
             return;
         }
-    };
-    let fit = plan.budget.take(batch.len());
-    if fit < batch.len() {
-        if report.closed_over_budget == 0 {
-            tracing::warn!(
-                stored = report.stored + fit,
-                "no room for more connection names in the next generation's LISTEN_FDNAMES \
-                 (or $FDSTORE is reached): closing the remaining idle connections"
-            );
+        let mut batch = std::mem::replace(&mut self.batch, Vec::with_capacity(SCM_MAX_FD));
+        let report = &mut self.report;
+        let notifier = match &self.plan.notifier {
+            Some(n) if self.plan.enabled => Arc::clone(n),
+            _ => {
+                report.closed_no_handoff += batch.len();
+                close_all(batch);
+                return;
+            }
+        };
+        let fit = self.plan.budget.take(batch.len());
+        if fit < batch.len() {
+            if report.closed_over_budget == 0 {
+                tracing::warn!(
+                    stored = report.stored + fit,
+                    "no room for more connection names in the next generation's LISTEN_FDNAMES \
+                     (or $FDSTORE is reached): closing the remaining idle connections"
+                );
+            }
+            report.closed_over_budget += batch.len() - fit;
+            close_all(batch.drain(fit..));
         }
-        report.closed_over_budget += batch.len() - fit;
-        close_all(batch.drain(fit..));
-    }
-    if batch.is_empty() {
-        return;
-    }
-    let fds: Vec<_> = batch.iter().map(AsFd::as_fd).collect();
-    let before = report.stored;
-    match notifier.store_fds(CONNECTION, &fds, FdPoll::Poll) {
-        Ok(()) => {
-            report.stored += batch.len();
-            report.datagrams += 1;
-            // For the handover benchmark's breakdown.
-            tracing::debug!(
-                count = batch.len(),
-                total = report.stored,
-                mono_us = baton_sd::monotonic_usec(),
-                "stored connections"
-            );
-            batch.clear();
+        if batch.is_empty() {
+            return;
         }
-        Err(e) => {
-            tracing::warn!(count = batch.len(), error = %e, "storing connections failed; closing them");
-            report.store_failed += batch.len();
-            close_all(batch.drain(..));
+        let fds: Vec<_> = batch.iter().map(AsFd::as_fd).collect();
+        let before = report.stored;
+        let sent = notifier.store_fds(CONNECTION, &fds, FdPoll::Poll);
+        drop(fds);
+        match sent {
+            Ok(()) => {
+                report.stored += batch.len();
+                report.datagrams += 1;
+                // For the handover benchmark's breakdown.
+                tracing::debug!(
+                    count = batch.len(),
+                    total = report.stored,
+                    mono_us = baton_sd::monotonic_usec(),
+                    "stored connections"
+                );
+                self.stored.push(batch);
+            }
+            Err(e) => {
+                tracing::warn!(count = batch.len(), error = %e, "storing connections failed; closing them");
+                report.store_failed += batch.len();
+                close_all(batch);
+            }
         }
-    }
-    if report.stored / 1000 > before / 1000 {
-        let status = format!("handing over connections: {} stored", report.stored);
-        let _ = notifier.notify(&[NotifyState::Status(&status)]);
+        if report.stored / 1000 > before / 1000 {
+            let status = format!("handing over connections: {} stored", report.stored);
+            let _ = notifier.notify(&[NotifyState::Status(&status)]);
+        }
     }
 }
 
-fn close_all(streams: impl Iterator<Item = std::net::TcpStream>) {
-    for s in streams {
-        let _ = s.shutdown(Shutdown::Both);
+/// Shuts each connection down both ways (its client sees the close even if
+/// another process still holds a copy of the socket) and closes it.
+fn close_all<C: AsFd>(connections: impl IntoIterator<Item = C>) {
+    for c in connections {
+        let _ = rustix::net::shutdown(&c, rustix::net::Shutdown::Both);
     }
 }
 
@@ -542,7 +591,7 @@ impl PushedConnections {
         self.rx.close();
         close_all(std::mem::take(&mut self.current));
         while let Some(batch) = self.rx.recv().await {
-            close_all(batch.into_iter());
+            close_all(batch);
         }
         self.task.await.unwrap_or_default()
     }
@@ -612,7 +661,7 @@ async fn forward(handoff: Handoff, tx: &mpsc::Sender<Vec<std::net::TcpStream>>, 
         && let Err(mpsc::error::SendError(streams)) = tx.send(streams).await
     {
         // The server stopped taking connections: close them cleanly.
-        close_all(streams.into_iter());
+        close_all(streams);
     }
 }
 

@@ -138,6 +138,50 @@ fn idle_keepalive_connections_are_closed_after_the_idle_timeout() {
     assert_eq!(busy.get("/healthz").unwrap().status, 200, "the busy connection is still served");
 }
 
+/// A keep-alive connection idle longer than `PARK_AFTER` (1 s) leaves hyper
+/// and waits parked for its next request: it is still served on the same
+/// connection, pipelined requests included; a request head begun after
+/// parking is still cut at `--header-timeout`, counted from its first byte;
+/// and a parked connection is still closed at `--idle-timeout`.
+#[test]
+fn parked_connections_are_served_again_and_keep_their_deadlines() {
+    let d = Mini::start(&["--header-timeout", "2s", "--idle-timeout", "4s"]);
+    let port = d.m.port();
+    let park = baton_httpd::conn::PARK_AFTER + Duration::from_millis(500);
+
+    let mut again = HttpConn::connect(port).unwrap();
+    let mut stalls = HttpConn::connect(port).unwrap();
+    let mut stays_idle = HttpConn::connect(port).unwrap();
+    for c in [&mut again, &mut stalls, &mut stays_idle] {
+        assert_eq!(c.get("/hello.txt").unwrap().status, 200);
+    }
+    let last_response = Instant::now();
+    std::thread::sleep(park);
+
+    // Two requests in one write: the parked connection wakes, and hyper
+    // answers both in order.
+    let mut two = HttpConn::get_request("/hello.txt");
+    two.extend(HttpConn::get_request("/healthz"));
+    again.send(&two).unwrap();
+    let first = again.read_response(false).unwrap();
+    let second = again.read_response(false).unwrap();
+    assert_eq!((first.status, second.status), (200, 200), "{first:?} {second:?}");
+    assert_eq!(first.body_text(), "hello, world\n");
+    // Parked again, served again.
+    std::thread::sleep(park);
+    assert_eq!(again.get("/healthz").unwrap().status, 200);
+
+    let first_byte = Instant::now();
+    stalls.send(b"GET /hello.txt HTTP/1.1\r\nHost").unwrap();
+    assert!(stalls.closed_by_server(SOON), "a head begun after parking was never cut");
+    let cut = first_byte.elapsed();
+    assert!(cut >= Duration::from_millis(1900), "cut {cut:?} after its first byte, before the 2 s deadline");
+
+    assert!(stays_idle.closed_by_server(SOON), "a parked connection stayed open past --idle-timeout");
+    let idle = last_response.elapsed();
+    assert!(idle >= Duration::from_millis(3900), "closed {idle:?} after its last response, before 4 s");
+}
+
 /// Beyond `--max-connections`, a new connection is answered 503 with
 /// `Retry-After` and `Connection: close` and closed, rather than left
 /// waiting; those under the limit keep being served, and once one closes a

@@ -123,6 +123,11 @@ use tokio::time::{Instant, Sleep};
 
 use crate::service::{Handler, ResponseFuture};
 
+pub mod park;
+
+pub use park::{IdleConnection, PARK_AFTER};
+use park::{Slot, Socket, Unparked, park};
+
 /// The HTTP/1.1 settings shared by `baton-httpd` and the benchmark's plain
 /// hyper server: keep-alive on, no hyper header-read timeout (it would
 /// also close idle keep-alive connections, which are meant to stay open
@@ -192,10 +197,10 @@ pub enum Outcome {
     /// The client closed it, or it failed; nothing to hand over.
     Closed,
     /// Draining stopped it at a request boundary with nothing buffered: it
-    /// can be handed over (or closed) as is. Already out of the runtime
-    /// (deregistered by the connection's own task: at a drain thousands
-    /// are, and the worker threads share that work).
-    Idle(std::net::TcpStream),
+    /// can be handed over (or closed) as is.
+    Idle(IdleConnection),
+    /// It was parked, and the drain took it from its slot (see [`park`](mod@park)).
+    Taken,
 }
 
 /// State shared by the wrapper, the service and the response bodies of one
@@ -229,6 +234,10 @@ struct ConnState {
     /// The drain cannot hand over and [`FIRST_REQUEST_GRACE`] has not run
     /// out: a fresh connection is read rather than stopped.
     first_request_grace: AtomicBool,
+    /// Idle for [`PARK_AFTER`]: hyper is to let go of it at the boundary.
+    parking: AtomicBool,
+    /// Where its socket waits while parked.
+    slot: Slot,
 }
 
 /// What a connection is doing, for its deadline.
@@ -253,6 +262,8 @@ impl ConnState {
             head_begun: AtomicBool::new(false),
             read_while_busy: AtomicBool::new(false),
             transitions: AtomicU64::new(0),
+            parking: AtomicBool::new(false),
+            slot: Slot::default(),
         }
     }
 
@@ -284,7 +295,7 @@ impl ConnState {
     }
 
     fn may_stop_reading(&self) -> bool {
-        self.draining.load(Relaxed)
+        (self.draining.load(Relaxed) || self.parking.load(Relaxed))
             && self.armed.load(Relaxed)
             && self.in_flight.load(Relaxed) == 0
             && self.flushed.load(Relaxed)
@@ -299,7 +310,16 @@ impl ConnState {
     /// Draining has started, in `mode`.
     fn start_draining(&self, mode: DrainMode) {
         self.first_request_grace.store(mode == DrainMode::Close, Relaxed);
-        self.draining.store(true, Relaxed);
+        // SeqCst: read by a parking task after it filled its slot, which
+        // the drain reads after this (see `park`).
+        self.draining.store(true, SeqCst);
+    }
+
+    /// Whether an idle connection may be parked: not while draining (the
+    /// drain hands it over instead), nor before it carried a byte (a fresh
+    /// connection keeps [`FIRST_REQUEST_GRACE`]'s rule), nor twice.
+    fn may_park(&self) -> bool {
+        !self.draining.load(Relaxed) && !self.fresh.load(Relaxed) && !self.parking.load(Relaxed)
     }
 }
 
@@ -475,9 +495,9 @@ impl hyper::body::Body for TrackedBody {
 /// Tells every connection that draining has started. Cheap to clone.
 ///
 /// Each connection registers its state once (a lock per connection, not per
-/// request); [`start`](Self::start) flags them all and wakes their tasks.
-/// Nothing is polled per request: a connection only re-checks its own flag
-/// when hyper reads.
+/// request); [`start`](Self::start) flags them all, takes the parked ones
+/// and wakes the tasks of the others. Nothing is polled per request: a
+/// connection only re-checks its own flag when hyper reads.
 #[derive(Debug, Clone, Default)]
 pub struct DrainSignal {
     inner: Arc<Registry>,
@@ -522,12 +542,36 @@ impl DrainSignal {
     /// stops at its next request boundary — except, in [`DrainMode::Close`],
     /// a fresh one, which first gets [`FIRST_REQUEST_GRACE`] to send its
     /// request (see the [module docs](self)).
-    pub fn start(&self, mode: DrainMode) {
+    ///
+    /// Returns the parked connections (see [`park`](mod@park)), taken without waking
+    /// their tasks: idle keep-alive connections, to hand over (or close)
+    /// as they are. Their tasks stay pending until
+    /// [`release_taken`](Self::release_taken).
+    pub fn start(&self, mode: DrainMode) -> Vec<IdleConnection> {
         self.inner.closing.store(mode == DrainMode::Close, SeqCst);
         self.inner.started.store(true, SeqCst);
-        for state in self.inner.lock().values() {
+        let conns = self.inner.lock();
+        let mut taken = Vec::with_capacity(conns.len());
+        for state in conns.values() {
+            // Flagged first: a task parking meanwhile sees the flag once
+            // its slot is filled, or the slot is found filled here.
             state.start_draining(mode);
-            state.waker.wake();
+            match state.slot.take() {
+                Some(connection) => taken.push(connection),
+                None => state.waker.wake(),
+            }
+        }
+        taken
+    }
+
+    /// Lets the tasks of the connections [`start`](Self::start) took end
+    /// (without touching their sockets), and wakes them: until then they
+    /// stay pending, and hold our copies of their sockets (see [`park`](mod@park)).
+    pub fn release_taken(&self) {
+        for state in self.inner.lock().values() {
+            if state.slot.release() {
+                state.waker.wake();
+            }
         }
     }
 
@@ -567,20 +611,25 @@ impl PhaseTimer {
         Self { deadlines, seen: 0, since: Instant::now(), sleep: None }
     }
 
-    /// The phase whose deadline passed, if one did; otherwise the timer is
-    /// set to wake the task by the deadline.
-    fn poll_expired(&mut self, state: &ConnState, cx: &mut Context<'_>) -> Option<Phase> {
+    /// What passed, if anything did: the deadline of the phase, or (if
+    /// `may_park`, idle) [`PARK_AFTER`]; otherwise the timer is set to wake
+    /// the task by the earlier of the two.
+    fn poll_expired(&mut self, state: &ConnState, cx: &mut Context<'_>, may_park: bool) -> Option<Expired> {
         let seen = state.transitions.load(Relaxed);
         if seen != self.seen {
             self.seen = seen;
             self.since = Instant::now();
         }
         let phase = state.phase();
-        let limit = match phase {
-            Phase::Busy => None,
-            Phase::PartialHead => self.deadlines.header,
-            Phase::Idle => self.deadlines.idle,
-        }?;
+        let (limit, expired) = match phase {
+            Phase::Busy => (None, Expired::Deadline(phase)),
+            Phase::PartialHead => (self.deadlines.header, Expired::Deadline(phase)),
+            Phase::Idle if may_park && self.deadlines.idle.is_none_or(|idle| idle > PARK_AFTER) => {
+                (Some(PARK_AFTER), Expired::Park)
+            }
+            Phase::Idle => (self.deadlines.idle, Expired::Deadline(phase)),
+        };
+        let limit = limit?;
         // A limit too long to add to the clock is no limit.
         let deadline = self.since.checked_add(limit)?;
         let (sleep, set_for) =
@@ -591,7 +640,7 @@ impl PhaseTimer {
         }
         while sleep.as_mut().poll(cx).is_ready() {
             if *set_for >= deadline {
-                return Some(phase);
+                return Some(expired);
             }
             // Fired for an earlier deadline that no longer applies.
             sleep.as_mut().reset(deadline);
@@ -599,6 +648,15 @@ impl PhaseTimer {
         }
         None
     }
+}
+
+/// What [`PhaseTimer::poll_expired`] found passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expired {
+    /// The deadline of this phase: the connection is closed.
+    Deadline(Phase),
+    /// Idle for [`PARK_AFTER`]: the connection is parked.
+    Park,
 }
 
 /// Serves `stream` until the client closes it, a deadline of `deadlines`
@@ -621,18 +679,17 @@ pub async fn drive(
     let timer = PhaseTimer::new(deadlines);
     // Boxed: hyper's connection state is most of a task's size (see
     // `drive_handed_over`, whose idle connections never need it).
-    Box::pin(serve(stream, handler, state, registration, deadlines, timer)).await
+    Box::pin(serve(Next::Serve(stream, Bytes::new()), handler, state, registration, deadlines, timer)).await
 }
 
 /// [`drive`] for a connection handed over from an earlier generation
-/// (non-blocking already): until its client sends something it is watched
-/// for readability only, without hyper — thousands arrive at once in a
+/// (non-blocking already): it starts parked (see [`park`](mod@park)), watched for
+/// readability only, without hyper — thousands arrive at once in a
 /// handover and most stay idle a while. Watching for reading alone matters
 /// as much: registered for writing too, as a [`TcpStream`] is, an idle
 /// socket is reported writable at once, so every registration would wake
-/// the runtime's I/O driver. A drain that starts meanwhile hands it on at
-/// once (hyper would find it idle at a request boundary); its idle deadline
-/// counts from its adoption.
+/// the runtime's I/O driver. A drain that starts meanwhile takes it from
+/// its slot; its idle deadline counts from its adoption.
 pub async fn drive_handed_over(
     stream: std::net::TcpStream,
     handler: Handler,
@@ -641,9 +698,10 @@ pub async fn drive_handed_over(
 ) -> Outcome {
     let state = Arc::new(ConnState::new(Arrival::HandedOver));
     let registration = drain.register(&state);
-    let mut timer = PhaseTimer::new(deadlines);
-    // SAFETY: the stream moves into the AsyncFd, which owns it until
-    // `into_inner` below: it is neither closed nor replaced while registered.
+    let timer = PhaseTimer::new(deadlines);
+    // SAFETY: the stream moves into the AsyncFd, which owns it until it is
+    // dropped or `into_inner` takes it back: it is neither closed nor
+    // replaced while registered.
     let watched =
         match unsafe { tokio::io::unix::AsyncFd::register_with_interest(stream, tokio::io::Interest::READABLE) }
             .map_err(std::io::Error::from)
@@ -654,74 +712,22 @@ pub async fn drive_handed_over(
                 return Outcome::Closed;
             }
         };
-    let waited = until_readable(&watched, &state, &mut timer).await;
-    let stream = watched.into_inner();
-    match waited {
-        FirstWait::Readable => {}
-        FirstWait::Drained => return Outcome::Idle(stream),
-        FirstWait::Expired => {
-            tracing::debug!(deadline = ?deadlines.idle, "closing an idle connection (--idle-timeout)");
-            return Outcome::Closed;
-        }
-    }
-    let stream = match TcpStream::from_std(stream) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot serve a handed-over connection; closing it");
-            return Outcome::Closed;
-        }
-    };
-    Box::pin(serve(stream, handler, state, registration, deadlines, timer)).await
+    Box::pin(serve(Next::Park(Socket::Watched(watched)), handler, state, registration, deadlines, timer)).await
 }
 
-/// [`Outcome::Idle`], once the runtime lets go of the socket.
-fn idle(stream: TcpStream) -> Outcome {
-    match stream.into_std() {
-        Ok(s) => Outcome::Idle(s),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot take a connection back from the runtime; closing it");
-            Outcome::Closed
-        }
-    }
+/// What [`serve`] does next with a connection.
+enum Next {
+    /// hyper serves it, with these bytes read by an earlier hyper
+    /// connection first.
+    Serve(TcpStream, Bytes),
+    /// It waits parked for its next request.
+    Park(Socket),
 }
 
-/// How waiting for a handed-over connection's next request ended.
-enum FirstWait {
-    /// Bytes (or the client's end of stream) arrived: hyper takes over.
-    Readable,
-    /// Draining began before anything arrived: hand it on as it is.
-    Drained,
-    /// Its idle deadline passed.
-    Expired,
-}
-
-/// See [`drive_handed_over`].
-async fn until_readable(
-    watched: &tokio::io::unix::AsyncFd<std::net::TcpStream>,
-    state: &ConnState,
-    timer: &mut PhaseTimer,
-) -> FirstWait {
-    poll_fn(|cx| {
-        state.waker.register(cx.waker());
-        if state.draining.load(Relaxed) {
-            return Poll::Ready(FirstWait::Drained);
-        }
-        // Readiness only: the bytes stay in the kernel for hyper to read.
-        if watched.poll_read_ready(cx).is_ready() {
-            return Poll::Ready(FirstWait::Readable);
-        }
-        match timer.poll_expired(state, cx) {
-            Some(_) => Poll::Ready(FirstWait::Expired),
-            None => Poll::Pending,
-        }
-    })
-    .await
-}
-
-/// [`drive`] once the connection has something to read (or was accepted
-/// here): hyper serves it.
+/// [`drive`] and [`drive_handed_over`]: hyper serves the connection, and
+/// it is parked whenever it is idle for [`PARK_AFTER`].
 async fn serve(
-    stream: TcpStream,
+    first: Next,
     handler: Handler,
     state: Arc<ConnState>,
     _registration: Registration,
@@ -732,9 +738,29 @@ async fn serve(
     // Armed the first time the connection is seen awaiting its first
     // request in a drain, so counted from the drain.
     let mut grace: Option<Pin<Box<Sleep>>> = None;
-    let mut stream = stream;
-    let mut prefix = Bytes::new();
+    let mut next = first;
     loop {
+        let (stream, prefix) = match next {
+            Next::Serve(stream, prefix) => (stream, prefix),
+            Next::Park(socket) => match park(socket, &state, &mut timer).await {
+                Unparked::Readable(socket) => match socket.into_served() {
+                    Ok(stream) => {
+                        state.parking.store(false, Relaxed);
+                        (stream, Bytes::new())
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot serve a parked connection; closing it");
+                        return Outcome::Closed;
+                    }
+                },
+                Unparked::Drained(socket) => return Outcome::Idle(IdleConnection::new(socket)),
+                Unparked::Taken => return Outcome::Taken,
+                Unparked::Expired => {
+                    tracing::debug!(deadline = ?deadlines.idle, "closing an idle connection (--idle-timeout)");
+                    return Outcome::Closed;
+                }
+            },
+        };
         let io = HandoffIo { stream: TokioIo::new(stream), prefix, state: Arc::clone(&state) };
         let service = TrackedService { handler: handler.clone(), state: Arc::clone(&state) };
         let mut conn = builder.serve_connection(io, service);
@@ -755,8 +781,15 @@ async fn serve(
                 }
             }
             // After hyper's poll: it is what moves the connection on.
-            match timer.poll_expired(&state, cx) {
-                Some(phase) => Poll::Ready(Err(phase)),
+            match timer.poll_expired(&state, cx, state.may_park()) {
+                Some(Expired::Deadline(phase)) => Poll::Ready(Err(phase)),
+                Some(Expired::Park) => {
+                    // hyper lets go at its next read (the flag is now on,
+                    // and `may_park` off: no loop).
+                    state.parking.store(true, Relaxed);
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
+                }
                 None => Poll::Pending,
             }
         })
@@ -783,22 +816,29 @@ async fn serve(
             }
             return Outcome::Closed;
         }
-        stream = parts.io.stream.into_inner();
-        if parts.read_buf.is_empty() {
-            return match result {
-                Ok(()) => idle(stream),
-                Err(e) => {
-                    // Cannot happen by the rules above (no request in
-                    // flight), but if it does the connection state is
-                    // unknown: close rather than hand over.
-                    tracing::warn!(error = %e, "connection failed at the drain point; closing it");
-                    Outcome::Closed
-                }
-            };
+        let stream = parts.io.stream.into_inner();
+        if !parts.read_buf.is_empty() {
+            // hyper had read part of a request: serve on with those bytes
+            // first.
+            tracing::debug!(
+                buffered = parts.read_buf.len(),
+                "connection has a buffered partial request; serving it first"
+            );
+            state.armed.store(false, Relaxed);
+            state.parking.store(false, Relaxed);
+            next = Next::Serve(stream, parts.read_buf);
+            continue;
         }
-        // hyper had read part of a request: serve on with those bytes first.
-        tracing::debug!(buffered = parts.read_buf.len(), "connection has a buffered partial request; serving it first");
-        prefix = parts.read_buf;
-        state.armed.store(false, Relaxed);
+        if let Err(e) = result {
+            // Cannot happen by the rules above (no request in flight), but
+            // if it does the connection state is unknown: close rather than
+            // hand over.
+            tracing::warn!(error = %e, "connection failed at the drain point; closing it");
+            return Outcome::Closed;
+        }
+        if state.draining.load(Relaxed) {
+            return Outcome::Idle(IdleConnection::new(Socket::Served(stream)));
+        }
+        next = Next::Park(Socket::Served(stream));
     }
 }
