@@ -1,7 +1,8 @@
 //! Ten thousand idle keep-alive connections across a restart: `baton
-//! restart` (standalone) and `systemctl reload` (supervised by systemd 252
-//! and 257), each connection used once before and answered again
-//! afterwards, on the same TCP connection, by the new generation. Nothing
+//! restart` (standalone), `systemctl reload` and `systemctl restart`
+//! (supervised by systemd 252 and 257), and a SIGKILL of Baton while it
+//! holds them stored, each connection used once before and answered again
+//! afterwards, on the same TCP connection, by a new generation. Nothing
 //! here is timed: `cargo bench --bench idle_handover` measures how fast.
 
 use std::io::{BufReader, Write};
@@ -98,13 +99,20 @@ fn ten_thousand_idle_connections_survive_baton_restart() {
 /// [`IDLE`] idle connections (each answered once, by the pid returned);
 /// `None` when this machine cannot boot it (the reason is printed).
 fn supervised_with_idle_connections(flavor: Flavor, name: &str) -> Option<(Bed, Vec<BufReader<TcpStream>>, u32)> {
+    supervised_with(flavor, name, &[])
+}
+
+/// [`supervised_with_idle_connections`], `httpd_args` added to baton-httpd's
+/// command line.
+fn supervised_with(flavor: Flavor, name: &str, httpd_args: &[&str]) -> Option<(Bed, Vec<BufReader<TcpStream>>, u32)> {
     raise_nofile();
     let bed = Bed::builder(flavor, name)
         .wait(WAIT)
         .binary(env!("CARGO_BIN_EXE_baton"), "/usr/bin/baton")
         .binary(cargo_bin("baton-httpd", "baton-httpd"), "/usr/bin/baton-httpd")
         .boot()?;
-    bed.generate_httpd_units(&["--fdstore-max", "32768"], &["--root", "/tmp"]);
+    let httpd: Vec<&str> = ["--root", "/tmp"].iter().chain(httpd_args).copied().collect();
+    bed.generate_httpd_units(&["--fdstore-max", "32768"], &httpd);
     bed.systemctl_ok(&["start", "baton-httpd.socket", "baton-httpd.service"]);
     let port = bed.port;
     bed.wait_for("baton-httpd to serve", || httpd::healthz(port).is_ok());
@@ -118,12 +126,7 @@ fn systemctl_reload(flavor: Flavor, name: &str) {
     let main_pid = bed.show("baton-httpd.service", "MainPID");
     bed.systemctl_ok(&["reload", "baton-httpd.service"]);
     bed.wait_for("the old generation to exit", || {
-        bed.tb
-            .run(&["/usr/bin/baton", "status", "--json", "--control", "/run/baton-httpd/baton-httpd.sock"])
-            .ok()
-            .and_then(|out| serde_json::from_str::<serde_json::Value>(&out.stdout).ok())
-            .and_then(|v| v["generations"].as_array().map(Vec::len))
-            == Some(1)
+        status(&bed).and_then(|v| v["generations"].as_array().map(Vec::len)) == Some(1)
     });
     all_answered_by_the_new_generation(&mut conns, old, &format!("{name}: systemctl reload"));
     assert_eq!(bed.show("baton-httpd.service", "MainPID"), main_pid, "{name}: Baton itself stayed");
@@ -164,6 +167,52 @@ fn systemctl_restart(flavor: Flavor, name: &str) {
         let out = bed.run(&["systemd-analyze", "fdstore", "baton-httpd.service"]);
         assert!(!out.stdout.contains("conn"), "{name}: {out}");
     }
+}
+
+/// `baton status --json` of the supervised service, if Baton answers.
+fn status(bed: &Bed) -> Option<serde_json::Value> {
+    let out =
+        bed.tb.run(&["/usr/bin/baton", "status", "--json", "--control", "/run/baton-httpd/baton-httpd.sock"]).ok()?;
+    serde_json::from_str(&out.stdout).ok()
+}
+
+/// Baton killed (SIGKILL) while it holds [`IDLE`] stored connections, with
+/// no generation that took them yet: they survive in its vault in
+/// systemd's store, systemd restarts the service (`Restart=on-failure`),
+/// and the next Baton gives them to its first generation, which answers
+/// each on the same TCP connection.
+///
+/// To hold them there: the serving generation is stopped behind Baton's
+/// back (SIGTERM to it alone), so it stores its idle connections with
+/// Baton and exits; its replacement waits `--startup-delay` before it
+/// adopts them, and Baton is killed meanwhile.
+fn killed_baton(flavor: Flavor, name: &str) {
+    let _one = one_at_a_time();
+    let Some((bed, mut conns, old)) = supervised_with(flavor, name, &["--startup-delay", "5s"]) else { return };
+    let main_pid = bed.show("baton-httpd.service", "MainPID");
+    // The shell's kill: Debian's minimal roots have no /usr/bin/kill.
+    bed.run_ok(&["sh", "-c", &format!("kill -TERM {old}")]);
+    bed.wait_for("the stopped generation's connections to wait in Baton's store", || {
+        status(&bed).is_some_and(|v| {
+            v["fdstore"].as_u64().is_some_and(|n| n >= IDLE as u64)
+                && v["generations"].as_array().is_some_and(|g| g.iter().all(|g| g["pid"].as_u64() != Some(old.into())))
+        })
+    });
+    bed.run_ok(&["sh", "-c", &format!("kill -KILL {main_pid}")]);
+    bed.wait_for("systemd to start the next Baton", || {
+        let pid = bed.show("baton-httpd.service", "MainPID");
+        pid != main_pid && pid != "0"
+    });
+    bed.wait_for("the next generation to serve", || httpd::healthz(bed.port).is_ok());
+    let journal = bed.journal(Some("baton-httpd.service"));
+    assert!(journal.contains(&format!("took back {IDLE} connection(s) from vault/")), "{name}:\n{journal}");
+    all_answered_by_the_new_generation(&mut conns, old, &format!("{name}: Baton killed"));
+}
+
+baton_testbed::systemd_tests! {
+    killed_baton:
+    ten_thousand_stored_connections_survive_baton_killed_on_252: Host,
+    ten_thousand_stored_connections_survive_baton_killed_on_257: Trixie,
 }
 
 baton_testbed::systemd_tests! {

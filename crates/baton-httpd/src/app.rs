@@ -247,6 +247,20 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
             Err(e) => tracing::warn!(error = %e, "cannot serve an adopted connection; closing it"),
         }
     }
+    // A pushed connection's task checks it first (see
+    // `PushedConnections::next_batch`).
+    let serve_pushed = |fd: std::os::fd::OwnedFd| {
+        let (handler, drain) = (handler.clone(), drain.clone());
+        async move {
+            match handoff::pushed_connection(fd) {
+                Ok(s) => conn::drive_handed_over(s, handler, drain, deadlines).await,
+                Err(e) => {
+                    tracing::warn!("a pushed connection cannot be served: {e}; closing it");
+                    Outcome::Closed
+                }
+            }
+        }
+    };
     let adopted = conns.len();
     let receiving = if pushed.is_some() { ", receiving handed-over connections" } else { "" };
 
@@ -311,13 +325,8 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
             next = next_pushed_batch(&mut pushed) => match next {
                 Some(batch) => {
                     let count = batch.len();
-                    for stream in batch {
-                        match adopt_stream(stream) {
-                            Ok(s) => {
-                                spawn_conn(&mut conns, &pen, conn::drive_handed_over(s, handler.clone(), drain.clone(), deadlines));
-                            }
-                            Err(e) => tracing::warn!(error = %e, "cannot serve a pushed connection; closing it"),
-                        }
+                    for fd in batch {
+                        spawn_conn(&mut conns, &pen, serve_pushed(fd));
                     }
                     handler.count_adopted(count as u64);
                     adopted_pushed += count;
@@ -465,7 +474,7 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
 
 /// What the drain loop waits for.
 enum Drained {
-    Pushed(Vec<std::net::TcpStream>),
+    Pushed(Vec<std::os::fd::OwnedFd>),
     Sweep,
 }
 
@@ -513,7 +522,7 @@ fn spawn_conn(conns: &mut JoinSet<()>, pen: &Pen, conn: impl std::future::Future
 
 /// The next batch of pushed connections, or `None` when the stream ended;
 /// never ready when there is no receiver.
-async fn next_pushed_batch(pushed: &mut Option<PushedConnections>) -> Option<Vec<std::net::TcpStream>> {
+async fn next_pushed_batch(pushed: &mut Option<PushedConnections>) -> Option<Vec<std::os::fd::OwnedFd>> {
     match pushed {
         Some(p) => p.next_batch().await,
         None => std::future::pending().await,

@@ -128,6 +128,14 @@ impl From<std::net::TcpStream> for IdleConnection {
     }
 }
 
+/// An fd passed on unchecked (pushed by Baton while draining): the next
+/// generation checks it.
+impl From<std::os::fd::OwnedFd> for IdleConnection {
+    fn from(fd: std::os::fd::OwnedFd) -> Self {
+        Self::new(Socket::Plain(std::net::TcpStream::from(fd)))
+    }
+}
+
 /// The slot a parked connection's socket waits in (see the [module
 /// docs](self)).
 #[derive(Debug, Default)]
