@@ -387,6 +387,7 @@ impl Supervisor {
             probes: tokio::task::JoinSet::new(),
             queue_watch: None,
             relays: tokio::task::JoinSet::new(),
+            handoff_watch: None,
         };
         Ok((supervisor, requests))
     }

@@ -202,6 +202,9 @@ pub struct Supervisor {
     /// Connections rescued from a failed generation's queue, relayed to
     /// the serving one (see `traffic`).
     relays: tokio::task::JoinSet<()>,
+    /// A copy of the handoff connection that was full, watched until it
+    /// has room (see `connections`).
+    handoff_watch: Option<tokio::io::unix::AsyncFd<OwnedFd>>,
 }
 
 /// `baton upgrade` as asked.
@@ -295,6 +298,7 @@ impl Supervisor {
             probes: tokio::task::JoinSet::new(),
             queue_watch: None,
             relays: tokio::task::JoinSet::new(),
+            handoff_watch: None,
         };
         supervisor.adopt_vaults(&inherited_vaults);
         Ok(supervisor)
@@ -380,6 +384,10 @@ impl Supervisor {
                 }
                 _ = self.output_closed.notified(), if self.core.awaiting_output().is_some() => self.output_maybe_complete(),
                 Some(peer) = next_peer(&mut self.handoff) => self.on_handoff_peer(peer),
+                () = has_room(&self.handoff_watch), if self.handoff_watch.is_some() => {
+                    self.handoff_watch = None;
+                    self.feed(Input::HandoffWritable);
+                }
                 _ = tokio::time::sleep(traffic::QUEUE_POLL), if self.queue_watch.is_some() => self.check_queue(),
                 Some(_) = self.relays.join_next(), if !self.relays.is_empty() => {}
                 Some(done) = self.probes.join_next(), if !self.probes.is_empty() => match done {
@@ -523,6 +531,15 @@ async fn next_peer(
 ) -> Option<crate::handoff::Peer> {
     match handoff {
         Some((_, rx)) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Ready once the watched handoff connection is writable (or failed, which
+/// the next push reports); never without one.
+async fn has_room(watch: &Option<tokio::io::unix::AsyncFd<OwnedFd>>) {
+    match watch {
+        Some(w) => drop(w.writable().await),
         None => std::future::pending().await,
     }
 }

@@ -127,6 +127,9 @@ pub(in crate::supervisor) enum Input {
     /// Moving connections failed for now (the handoff socket was full):
     /// what was not sent is in the store; try again soon.
     HandoffBlocked,
+    /// The handoff socket that was full has room again: move the rest now
+    /// rather than when the retry timer fires.
+    HandoffWritable,
     /// `baton upgrade` was asked.
     UpgradeRequested,
     /// The new binary's probe ended (`ok`: it can take the state).

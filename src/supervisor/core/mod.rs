@@ -268,6 +268,11 @@ impl Core {
             Input::OutputComplete { generation } => self.output_complete(now, generation),
             Input::HandoffConnected { generation } => self.handoff_connected(generation),
             Input::HandoffBlocked => self.flush_retry = Some(super::after(now, FLUSH_RETRY)),
+            Input::HandoffWritable => {
+                if self.flush_retry.take().is_some() {
+                    self.flush_connections();
+                }
+            }
             Input::UpgradeRequested => self.upgrade_requested(),
             Input::UpgradeProbed { ok } => self.upgrade_probed(ok),
             Input::UpgradeAbandoned => self.upgrade = None,

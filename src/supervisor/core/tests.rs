@@ -318,9 +318,13 @@ fn connections_from_a_draining_generation_are_pushed_to_the_active_one() {
     assert_eq!(actions, [Action::StoreFds { fds: FdsHandle(3), name: "cache".into(), poll: true }]);
     let actions = b.notice(2, store(4, "conn"));
     assert_eq!(actions, [Action::StoreFds { fds: FdsHandle(4), name: "conn".into(), poll: true }]);
-    // A full handoff socket: flushed again soon.
+    // A full handoff socket: flushed again soon, or as soon as it has room.
     b.input(Input::HandoffBlocked);
     assert_eq!(b.after(FLUSH_RETRY), [Action::FlushConnections { to: 2 }]);
+    b.input(Input::HandoffBlocked);
+    assert_eq!(b.input(Input::HandoffWritable), [Action::FlushConnections { to: 2 }]);
+    assert_eq!(b.after(FLUSH_RETRY), [], "the retry was done already");
+    assert_eq!(b.input(Input::HandoffWritable), [], "nothing was blocked");
     // From a generation that is gone: closed, never leaked.
     assert_eq!(b.notice(7, store(5, "conn")), [Action::CloseFds { fds: FdsHandle(5) }]);
 }

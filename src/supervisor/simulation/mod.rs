@@ -207,6 +207,8 @@ pub(super) enum Move {
     Handoff(u8),
     /// Moving connections blocked: the handoff socket is full.
     Blocked,
+    /// The handoff socket that was full has room again.
+    Writable,
     /// The oldest process sent SIGKILL dies and is reaped.
     Reap,
     /// The awaited output is complete.
@@ -296,7 +298,8 @@ fn random_move(rng: &mut Rng, w: &World) -> Move {
             750..780 => Move::HealthCheckExits { passed: rng.below(3) != 0 },
             780..785 => Move::Orphan,
             785..800 => Move::Handoff(rng.below(4) as u8),
-            800..805 => Move::Blocked,
+            800..803 => Move::Blocked,
+            803..805 => Move::Writable,
             805..825 => Move::Reap,
             825..835 => Move::Output,
             835..838 => Move::Stale(rng.below(6) as u8),

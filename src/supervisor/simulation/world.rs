@@ -425,6 +425,7 @@ impl World {
                 }
             }
             Move::Blocked => self.feed(Input::HandoffBlocked)?,
+            Move::Writable => self.feed(Input::HandoffWritable)?,
             Move::Reap => {
                 if !self.dying.is_empty() {
                     let (pid, leader) = self.dying.remove(0);
@@ -602,6 +603,7 @@ fn kind(input: &Input) -> &'static str {
         Input::OutputComplete { .. } => "OutputComplete",
         Input::HandoffConnected { .. } => "HandoffConnected",
         Input::HandoffBlocked => "HandoffBlocked",
+        Input::HandoffWritable => "HandoffWritable",
         Input::UpgradeRequested => "UpgradeRequested",
         Input::UpgradeProbed { .. } => "UpgradeProbed",
         Input::UpgradeAbandoned => "UpgradeAbandoned",
