@@ -64,9 +64,10 @@
 //! told to stop, so what the old one stores could never reach it through
 //! `LISTEN_FDS`. Baton sets `$BATON_HANDOFF_SOCKET`; the generation connects
 //! before `READY=1` ([`HandoffReceiver::connect_from_env`]) and
-//! [`PushedConnections`] receives the batches Baton pushes, checks each fd
-//! like an adopted one and yields it to be served. Pushed fds are moved, not
-//! copied: nothing needs removing from any store.
+//! [`PushedConnections`] receives the batches Baton pushes and yields them
+//! to be served; each fd is checked like an adopted one
+//! ([`pushed_connection`]) by the task that serves it. Pushed fds are
+//! moved, not copied: nothing needs removing from any store.
 
 use std::collections::BTreeSet;
 use std::os::fd::{AsFd, OwnedFd};
