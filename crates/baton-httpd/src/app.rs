@@ -242,19 +242,21 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
     for stream in adoption.streams {
         match adopt_stream(stream) {
             Ok(s) => {
-                spawn_conn(&mut conns, &pen, conn::drive_handed_over(s, handler.clone(), drain.clone(), deadlines));
+                let served = conn::drive_handed_over(s, handler.clone(), drain.clone(), deadlines, || ());
+                spawn_conn(&mut conns, &pen, served);
             }
             Err(e) => tracing::warn!(error = %e, "cannot serve an adopted connection; closing it"),
         }
     }
     // A pushed connection's task checks it first (see
     // `PushedConnections::next_batch`).
-    let serve_pushed = |fd: std::os::fd::OwnedFd| {
+    let serve_pushed = |fd: std::os::fd::OwnedFd, batch: Arc<PushedBatch>| {
         let (handler, drain) = (handler.clone(), drain.clone());
         async move {
             match handoff::pushed_connection(fd) {
-                Ok(s) => conn::drive_handed_over(s, handler, drain, deadlines).await,
+                Ok(s) => conn::drive_handed_over(s, handler, drain, deadlines, move || drop(batch)).await,
                 Err(e) => {
+                    drop(batch);
                     tracing::warn!("a pushed connection cannot be served: {e}; closing it");
                     Outcome::Closed
                 }
@@ -325,19 +327,12 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
             next = next_pushed_batch(&mut pushed) => match next {
                 Some(batch) => {
                     let count = batch.len();
+                    adopted_pushed += count;
+                    let stamp = Arc::new(PushedBatch { count, total: adopted_pushed });
                     for fd in batch {
-                        spawn_conn(&mut conns, &pen, serve_pushed(fd));
+                        spawn_conn(&mut conns, &pen, serve_pushed(fd, Arc::clone(&stamp)));
                     }
                     handler.count_adopted(count as u64);
-                    adopted_pushed += count;
-                    // For the handover benchmark's breakdown (one line per
-                    // batch of up to 253).
-                    tracing::debug!(
-                        count,
-                        total = adopted_pushed,
-                        mono_us = baton_sd::monotonic_usec(),
-                        "adopted pushed connections"
-                    );
                 }
                 None => {
                     if let Some(p) = pushed.take() {
@@ -506,6 +501,28 @@ impl Pen {
     /// room.
     fn take(&self) -> Vec<IdleConnection> {
         self.lock().drain(..).collect()
+    }
+}
+
+/// A batch of pushed connections being adopted. Each connection's task
+/// holds it until the runtime watches that connection, so it is dropped
+/// when the last one of the batch is, which is the moment the handover
+/// benchmark's breakdown wants: its debug line (one per batch of up to 253)
+/// carries the stamp.
+struct PushedBatch {
+    count: usize,
+    /// Connections pushed so far, this batch included.
+    total: usize,
+}
+
+impl Drop for PushedBatch {
+    fn drop(&mut self) {
+        tracing::debug!(
+            count = self.count,
+            total = self.total,
+            mono_us = baton_sd::monotonic_usec(),
+            "adopted pushed connections"
+        );
     }
 }
 

@@ -677,9 +677,7 @@ pub async fn drive(
     let state = Arc::new(ConnState::new(arrival));
     let registration = drain.register(&state);
     let timer = PhaseTimer::new(deadlines);
-    // Boxed: hyper's connection state is most of a task's size (see
-    // `drive_handed_over`, whose idle connections never need it).
-    Box::pin(serve(Next::Serve(stream, Bytes::new()), handler, state, registration, deadlines, timer)).await
+    serve(Next::Serve(stream, Bytes::new()), handler, state, registration, deadlines, timer).await
 }
 
 /// [`drive`] for a connection handed over from an earlier generation
@@ -689,12 +687,14 @@ pub async fn drive(
 /// as much: registered for writing too, as a [`TcpStream`] is, an idle
 /// socket is reported writable at once, so every registration would wake
 /// the runtime's I/O driver. A drain that starts meanwhile takes it from
-/// its slot; its idle deadline counts from its adoption.
+/// its slot; its idle deadline counts from its adoption. `on_watched` is
+/// called once the runtime watches it (or could not).
 pub async fn drive_handed_over(
     stream: std::net::TcpStream,
     handler: Handler,
     drain: DrainSignal,
     deadlines: Deadlines,
+    on_watched: impl FnOnce(),
 ) -> Outcome {
     let state = Arc::new(ConnState::new(Arrival::HandedOver));
     let registration = drain.register(&state);
@@ -708,11 +708,13 @@ pub async fn drive_handed_over(
         {
             Ok(w) => w,
             Err(e) => {
+                on_watched();
                 tracing::warn!(error = %e, "cannot watch a handed-over connection; closing it");
                 return Outcome::Closed;
             }
         };
-    Box::pin(serve(Next::Park(Socket::Watched(watched)), handler, state, registration, deadlines, timer)).await
+    on_watched();
+    serve(Next::Park(Socket::Watched(watched)), handler, state, registration, deadlines, timer).await
 }
 
 /// What [`serve`] does next with a connection.
@@ -734,7 +736,6 @@ async fn serve(
     deadlines: Deadlines,
     mut timer: PhaseTimer,
 ) -> Outcome {
-    let builder = http1_builder(deadlines.max_head);
     // Armed the first time the connection is seen awaiting its first
     // request in a drain, so counted from the drain.
     let mut grace: Option<Pin<Box<Sleep>>> = None;
@@ -761,84 +762,110 @@ async fn serve(
                 }
             },
         };
-        let io = HandoffIo { stream: TokioIo::new(stream), prefix, state: Arc::clone(&state) };
-        let service = TrackedService { handler: handler.clone(), state: Arc::clone(&state) };
-        let mut conn = builder.serve_connection(io, service);
-        let result = poll_fn(|cx| {
-            // So that `DrainSignal::start` can wake an idle connection.
-            state.waker.register(cx.waker());
-            if let Poll::Ready(r) = conn.poll_without_shutdown(cx) {
-                return Poll::Ready(Ok(r));
-            }
-            if state.awaiting_first_request() {
-                let sleep = grace.get_or_insert_with(|| Box::pin(tokio::time::sleep(FIRST_REQUEST_GRACE)));
-                if sleep.as_mut().poll(cx).is_ready() {
-                    tracing::debug!(grace = ?FIRST_REQUEST_GRACE, "closing a fresh connection: no request arrived");
-                    state.first_request_grace.store(false, Relaxed);
-                    // hyper reads again only when polled: once, so that its
-                    // read sees the drain (the flag is now off: no loop).
-                    cx.waker().wake_by_ref();
-                }
-            }
-            // After hyper's poll: it is what moves the connection on.
-            match timer.poll_expired(&state, cx, state.may_park()) {
-                Some(Expired::Deadline(phase)) => Poll::Ready(Err(phase)),
-                Some(Expired::Park) => {
-                    // hyper lets go at its next read (the flag is now on,
-                    // and `may_park` off: no loop).
-                    state.parking.store(true, Relaxed);
-                    cx.waker().wake_by_ref();
-                    Poll::Pending
-                }
-                None => Poll::Pending,
-            }
-        })
-        .await;
-        let result = match result {
-            Ok(r) => r,
-            Err(phase) => {
-                // Dropping hyper's connection closes the socket.
-                match phase {
-                    Phase::PartialHead => {
-                        tracing::debug!(deadline = ?deadlines.header, "closing a connection: its request head did not arrive in time (--header-timeout)");
-                    }
-                    _ => tracing::debug!(deadline = ?deadlines.idle, "closing an idle connection (--idle-timeout)"),
-                }
-                return Outcome::Closed;
-            }
-        };
-        let parts = conn.into_parts();
-        if !state.faked_eof.swap(false, Relaxed) {
-            // The client closed the connection, sent `Connection: close`, or
-            // it failed: hyper is done with it.
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-            return Outcome::Closed;
+        // Boxed, and only while hyper serves: its connection state is most
+        // of a connection's memory (about 1 KiB), which a parked one, and
+        // each of the thousands handed over at once, does without.
+        let served = Box::pin(serve_with_hyper(stream, prefix, &handler, &state, deadlines, &mut timer, &mut grace));
+        match served.await {
+            Served::Ended(outcome) => return outcome,
+            Served::Next(then) => next = then,
         }
-        let stream = parts.io.stream.into_inner();
-        if !parts.read_buf.is_empty() {
-            // hyper had read part of a request: serve on with those bytes
-            // first.
-            tracing::debug!(
-                buffered = parts.read_buf.len(),
-                "connection has a buffered partial request; serving it first"
-            );
-            state.armed.store(false, Relaxed);
-            state.parking.store(false, Relaxed);
-            next = Next::Serve(stream, parts.read_buf);
-            continue;
-        }
-        if let Err(e) = result {
-            // Cannot happen by the rules above (no request in flight), but
-            // if it does the connection state is unknown: close rather than
-            // hand over.
-            tracing::warn!(error = %e, "connection failed at the drain point; closing it");
-            return Outcome::Closed;
-        }
-        if state.draining.load(Relaxed) {
-            return Outcome::Idle(IdleConnection::new(Socket::Served(stream)));
-        }
-        next = Next::Park(Socket::Served(stream));
     }
+}
+
+/// How hyper's part of [`serve`] ended.
+enum Served {
+    /// The connection ended this way.
+    Ended(Outcome),
+    /// It goes on (hyper let go of it at a request boundary).
+    Next(Next),
+}
+
+/// hyper serves `stream` (`prefix` first) until the connection ends, or
+/// until it lets go of it at a request boundary: to park, or to hand it
+/// over in a drain.
+async fn serve_with_hyper(
+    stream: TcpStream,
+    prefix: Bytes,
+    handler: &Handler,
+    state: &Arc<ConnState>,
+    deadlines: Deadlines,
+    timer: &mut PhaseTimer,
+    grace: &mut Option<Pin<Box<Sleep>>>,
+) -> Served {
+    let io = HandoffIo { stream: TokioIo::new(stream), prefix, state: Arc::clone(state) };
+    let service = TrackedService { handler: handler.clone(), state: Arc::clone(state) };
+    let mut conn = http1_builder(deadlines.max_head).serve_connection(io, service);
+    let result = poll_fn(|cx| {
+        // So that `DrainSignal::start` can wake an idle connection.
+        state.waker.register(cx.waker());
+        if let Poll::Ready(r) = conn.poll_without_shutdown(cx) {
+            return Poll::Ready(Ok(r));
+        }
+        if state.awaiting_first_request() {
+            let sleep = grace.get_or_insert_with(|| Box::pin(tokio::time::sleep(FIRST_REQUEST_GRACE)));
+            if sleep.as_mut().poll(cx).is_ready() {
+                tracing::debug!(grace = ?FIRST_REQUEST_GRACE, "closing a fresh connection: no request arrived");
+                state.first_request_grace.store(false, Relaxed);
+                // hyper reads again only when polled: once, so that its
+                // read sees the drain (the flag is now off: no loop).
+                cx.waker().wake_by_ref();
+            }
+        }
+        // After hyper's poll: it is what moves the connection on.
+        match timer.poll_expired(state, cx, state.may_park()) {
+            Some(Expired::Deadline(phase)) => Poll::Ready(Err(phase)),
+            Some(Expired::Park) => {
+                // hyper lets go at its next read (the flag is now on,
+                // and `may_park` off: no loop).
+                state.parking.store(true, Relaxed);
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            None => Poll::Pending,
+        }
+    })
+    .await;
+    let result = match result {
+        Ok(r) => r,
+        Err(phase) => {
+            // Dropping hyper's connection closes the socket.
+            match phase {
+                Phase::PartialHead => {
+                    tracing::debug!(deadline = ?deadlines.header, "closing a connection: its request head did not arrive in time (--header-timeout)");
+                }
+                _ => tracing::debug!(deadline = ?deadlines.idle, "closing an idle connection (--idle-timeout)"),
+            }
+            return Served::Ended(Outcome::Closed);
+        }
+    };
+    let parts = conn.into_parts();
+    if !state.faked_eof.swap(false, Relaxed) {
+        // The client closed the connection, sent `Connection: close`, or
+        // it failed: hyper is done with it.
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+        return Served::Ended(Outcome::Closed);
+    }
+    let stream = parts.io.stream.into_inner();
+    if !parts.read_buf.is_empty() {
+        // hyper had read part of a request: serve on with those bytes
+        // first.
+        tracing::debug!(buffered = parts.read_buf.len(), "connection has a buffered partial request; serving it first");
+        state.armed.store(false, Relaxed);
+        state.parking.store(false, Relaxed);
+        return Served::Next(Next::Serve(stream, parts.read_buf));
+    }
+    if let Err(e) = result {
+        // Cannot happen by the rules above (no request in flight), but if
+        // it does the connection state is unknown: close rather than hand
+        // over.
+        tracing::warn!(error = %e, "connection failed at the drain point; closing it");
+        return Served::Ended(Outcome::Closed);
+    }
+    if state.draining.load(Relaxed) {
+        return Served::Ended(Outcome::Idle(IdleConnection::new(Socket::Served(stream))));
+    }
+    Served::Next(Next::Park(Socket::Served(stream)))
 }
