@@ -14,24 +14,30 @@
 //! or 257); N keep-alive connections, each having made one request, held
 //! idle by client processes (at most 5,000 each: a process may hold 20,000
 //! fds here); then `baton restart` (standalone) or `systemctl reload`. The
-//! moment the old generation logs its stop signal, every client writes one
-//! request on each of its connections, so that whichever connection the new
-//! generation adopts first is answered at once. Every time is
+//! moment the old generation logs its stop signal, the clients write one
+//! request on every [`SAMPLE`]th connection, so that a connection among the
+//! first the new generation adopts is answered at once; once the old
+//! generation has exited, they write one on every other connection, and
+//! every connection must be answered by the new generation. Writing on all
+//! of them at the stop signal would have the clients, on the same two
+//! cores, take CPU time from the handover they measure (with 10,000
+//! connections, the last one was adopted some 30 ms later). Every time is
 //! `CLOCK_MONOTONIC`, shared by all processes on the machine; the servers'
 //! stamps are the `mono_us=` of their debug log lines:
 //!
 //! - **stored** (old generation): its last `FDSTORE=1` sent;
 //! - **moved** (Baton): its last push of connections to the new generation;
-//! - **adopted** (new generation): its last batch adopted (registered with
-//!   its runtime and being served);
+//! - **adopted** (new generation): the last connection adopted, watched by
+//!   its runtime (the last of a batch logs it);
 //! - **requests**: when the clients were told to write: once the stop
 //!   signal's log line arrived, through Baton's output pipe (standalone) or
 //!   through journald and `journalctl -f` (under systemd, a few hundred ms
 //!   later: there the two answer columns measure mostly that delay, while
 //!   the three handover columns are exact);
-//! - **first** / **last answer**: the first and last response read by the
-//!   clients, every one of which must come from the new generation on the
-//!   same TCP connection (none closed).
+//! - **first** / **last answer**: the first and last response to the
+//!   requests written at the stop signal. Every response, those and the
+//!   later ones, must come from the new generation on the same TCP
+//!   connection (none closed).
 //!
 //! Each figure is the median over the runs, in ms after the stop signal.
 //! A process may hold at most `RLIMIT_NOFILE` fds (20,000 here, and the
@@ -51,6 +57,8 @@ use baton_testbed::{Bed, Flavor, cargo_bin, free_loopback_port};
 const CLIENTS_ENV: &str = "BATON_BENCH_IDLE_CLIENTS";
 /// Connections per client process.
 const PER_CLIENT: usize = 5_000;
+/// One connection in this many gets its request at the stop signal.
+const SAMPLE: usize = 100;
 /// Fds a generation needs besides its connections (sockets, runtime,
 /// pipes), with room to spare.
 const OWN_FDS: usize = 200;
@@ -100,7 +108,7 @@ fn main() {
         "first",
         "last",
         "PID 1 CPU",
-        "answered by new / closed"
+        "answered new / old / closed"
     );
     println!(
         "|{:-<28}|{:->8}|{:->9}|{:->9}|{:->9}|{:->10}|{:->9}|{:->9}|{:->12}|{:-<26}|",
@@ -140,6 +148,9 @@ struct Run {
     first: u64,
     last: u64,
     new: usize,
+    /// Answered by the old generation: requests that reached it before
+    /// it handed their connection over.
+    old: usize,
     closed: usize,
     /// CPU time systemd (PID 1 of the testbed) spent during the run, ms.
     pid1_ms: Option<u64>,
@@ -155,7 +166,7 @@ fn print_row(label: &str, size: &str, rows: &[Run]) {
         v.sort_unstable();
         v[v.len() / 2] as f64 / 1000.0
     };
-    let answered: Vec<String> = rows.iter().map(|r| format!("{}/{}", r.new, r.closed)).collect();
+    let answered: Vec<String> = rows.iter().map(|r| format!("{}/{}/{}", r.new, r.old, r.closed)).collect();
     let pid1: Vec<String> = rows.iter().filter_map(|r| r.pid1_ms).map(|ms| ms.to_string()).collect();
     let pid1 = if pid1.is_empty() { "-".to_owned() } else { format!("{} ms", pid1.join("/")) };
     println!(
@@ -178,27 +189,31 @@ struct LogTap {
     lines: Arc<Mutex<Vec<String>>>,
     /// The clients' stdins, until told to write.
     trigger: Arc<Mutex<Option<Vec<ChildStdin>>>>,
+    /// Then, until told to write the rest.
+    fired: Arc<Mutex<Vec<ChildStdin>>>,
     fired_at: Arc<Mutex<Option<u64>>>,
 }
 
 impl LogTap {
     fn spawn(stream: impl Read + Send + 'static) -> LogTap {
-        let tap = LogTap { lines: Arc::default(), trigger: Arc::default(), fired_at: Arc::default() };
+        let tap =
+            LogTap { lines: Arc::default(), trigger: Arc::default(), fired: Arc::default(), fired_at: Arc::default() };
         let (lines, trigger, fired_at) = (Arc::clone(&tap.lines), Arc::clone(&tap.trigger), Arc::clone(&tap.fired_at));
+        let fired = Arc::clone(&tap.fired);
         std::thread::spawn(move || {
             for line in BufReader::new(stream).lines() {
                 let Ok(line) = line else { break };
                 let line = message_of(&line);
-                if line.contains("stopping") && line.contains("signal=") {
-                    let mut t = trigger.lock().unwrap();
-                    if let Some(stdins) = t.as_mut() {
-                        for s in stdins.iter_mut() {
-                            let _ = writeln!(s, "go");
-                            let _ = s.flush();
-                        }
-                        *fired_at.lock().unwrap() = Some(baton_sd::monotonic_usec());
-                        *t = None;
+                if line.contains("stopping")
+                    && line.contains("signal=")
+                    && let Some(mut stdins) = trigger.lock().unwrap().take()
+                {
+                    for s in &mut stdins {
+                        let _ = writeln!(s, "go");
+                        let _ = s.flush();
                     }
+                    *fired_at.lock().unwrap() = Some(baton_sd::monotonic_usec());
+                    *fired.lock().unwrap() = stdins;
                 }
                 lines.lock().unwrap().push(line);
             }
@@ -211,6 +226,14 @@ impl LogTap {
     fn arm(&self, clients: &mut Clients) {
         let stdins = clients.children.iter_mut().map(|c| c.stdin.take().expect("piped")).collect();
         *self.trigger.lock().unwrap() = Some(stdins);
+    }
+
+    /// Tells the clients to write on the rest of their connections.
+    fn write_the_rest(&self) {
+        for s in self.fired.lock().unwrap().iter_mut() {
+            writeln!(s, "rest").expect("a clients process takes its orders");
+            s.flush().expect("a clients process takes its orders");
+        }
     }
 
     /// The stamps of the run (the first stop signal since `since`).
@@ -294,33 +317,49 @@ impl Clients {
         clients
     }
 
-    /// Every process's result: the first and last answer, answers from the
-    /// new generation, connections closed.
-    fn results(mut self) -> (u64, u64, usize, usize) {
-        let (mut first, mut last, mut new, mut closed) = (u64::MAX, 0, 0, 0);
+    /// Every process's result: the first and last answer by the new
+    /// generation to the requests written at the stop signal; answers by
+    /// the new and by the old generation (all requests); connections
+    /// closed.
+    fn results(mut self) -> Answers {
+        let mut all = Answers { first: u64::MAX, ..Answers::default() };
         for out in &mut self.outs {
             let mut line = String::new();
             out.read_line(&mut line).expect("a clients process reports its answers");
             let v: Vec<u64> = line.split_whitespace().map(|x| x.parse().expect("numbers")).collect();
-            assert_eq!(v.len(), 4, "clients process said {line:?}");
-            if v[2] > 0 {
-                first = first.min(v[0]);
-                last = last.max(v[1]);
+            assert_eq!(v.len(), 5, "clients process said {line:?}");
+            if v[1] > 0 {
+                all.first = all.first.min(v[0]);
+                all.last = all.last.max(v[1]);
             }
-            new += v[2] as usize;
-            closed += v[3] as usize;
+            all.new += v[2] as usize;
+            all.old += v[3] as usize;
+            all.closed += v[4] as usize;
         }
         for c in &mut self.children {
             let _ = c.wait();
         }
-        (first, last, new, closed)
+        all
     }
+}
+
+/// What the clients saw (see [`Clients::results`]).
+#[derive(Debug, Default)]
+struct Answers {
+    first: u64,
+    last: u64,
+    new: usize,
+    old: usize,
+    closed: usize,
 }
 
 /// A clients process: opens its connections (one request each, noting the
 /// pid that answered), says `open`, waits for `go`, writes one request on
-/// every connection, reads every answer, and says `FIRST_US LAST_US NEW
-/// CLOSED` (answers from another pid than the first one's count as new).
+/// every [`SAMPLE`]th connection, waits for `rest`, writes one on each of
+/// the others, reads every answer, and says `FIRST_US LAST_US NEW OLD
+/// CLOSED` (first and last of the sampled answers by the new generation;
+/// answers from another pid than the first one's are the new
+/// generation's).
 fn clients_process(spec: &str) {
     let mut parts = spec.split_whitespace().map(|v| v.parse::<usize>().expect("a number"));
     let (port, n) = (parts.next().expect("port") as u16, parts.next().expect("count"));
@@ -340,33 +379,47 @@ fn clients_process(spec: &str) {
     let mut go = String::new();
     std::io::stdin().read_line(&mut go).expect("go");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let (first, last, new, closed) = rt.block_on(async move {
-        let mut tasks = tokio::task::JoinSet::new();
-        for s in streams {
+    let answers = rt.block_on(async move {
+        let ask = |s: TcpStream| {
             s.set_nonblocking(true).unwrap();
             let mut s = tokio::net::TcpStream::from_std(s).unwrap();
-            tasks.spawn(async move {
+            async move {
                 use tokio::io::AsyncWriteExt;
                 s.write_all(REQUEST).await.ok()?;
                 let (at, pid) = read_response_async(&mut s).await.ok()?;
                 Some((at, pid))
-            });
-        }
-        let (mut first, mut last, mut new, mut closed) = (u64::MAX, 0, 0, 0);
-        while let Some(r) = tasks.join_next().await {
-            match r.ok().flatten() {
-                Some((at, pid)) if pid != old_pid => {
-                    first = first.min(at);
-                    last = last.max(at);
-                    new += 1;
-                }
-                Some(_) => {}
-                None => closed += 1,
             }
+        };
+        let (sampled, rest): (Vec<_>, Vec<_>) = streams.into_iter().enumerate().partition(|(i, _)| i % SAMPLE == 0);
+        let mut asked: tokio::task::JoinSet<_> = sampled.into_iter().map(|(_, s)| ask(s)).collect();
+        let order = tokio::task::spawn_blocking(|| {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line).map(|_| line)
+        });
+        assert_eq!(order.await.unwrap().expect("rest").trim(), "rest");
+        let mut later: tokio::task::JoinSet<_> = rest.into_iter().map(|(_, s)| ask(s)).collect();
+        let mut all = Answers { first: u64::MAX, ..Answers::default() };
+        let mut count = |r: Option<(u64, u32)>, timed: bool| match r {
+            Some((at, pid)) if pid != old_pid => {
+                if timed {
+                    all.first = all.first.min(at);
+                    all.last = all.last.max(at);
+                }
+                all.new += 1;
+            }
+            Some(_) => all.old += 1,
+            None => all.closed += 1,
+        };
+        while let Some(r) = asked.join_next().await {
+            count(r.ok().flatten(), true);
         }
-        (first, last, new, closed)
+        while let Some(r) = later.join_next().await {
+            count(r.ok().flatten(), false);
+        }
+        all
     });
-    println!("{first} {last} {new} {closed}");
+    let Answers { first, last, new, old, closed } = answers;
+    println!("{first} {last} {new} {old} {closed}");
 }
 
 /// Reads one response: its status must be 200; returns when it was read
@@ -447,8 +500,9 @@ fn run_from(tap: &LogTap, port: u16, n: usize, since: u64, restart: impl FnOnce(
         tap.fired_at.lock().unwrap().map(drop)
     })
     .expect("the stop signal is logged");
-    let (first, last, new, closed) = clients.results();
     settled();
+    tap.write_the_rest();
+    let answers = clients.results();
     // The last lines come through Baton's output pipe.
     let deadline = Instant::now() + Duration::from_secs(10);
     let stamps = loop {
@@ -464,10 +518,11 @@ fn run_from(tap: &LogTap, port: u16, n: usize, since: u64, restart: impl FnOnce(
         moved: after(stamps.moved),
         adopted: after(stamps.adopted),
         requests: after(stamps.fired),
-        first: if new > 0 { after(first) } else { 0 },
-        last: after(last),
-        new,
-        closed,
+        first: if answers.last > 0 { after(answers.first) } else { 0 },
+        last: after(answers.last),
+        new: answers.new,
+        old: answers.old,
+        closed: answers.closed,
         pid1_ms: None,
     }
 }
