@@ -38,6 +38,7 @@ use tokio::task::JoinSet;
 
 use crate::admission::{AcceptPacer, Refuser};
 use crate::config::Config;
+use crate::conn::lot::Lot;
 use crate::conn::{self, Arrival, Deadlines, DrainMode, DrainSignal, IdleConnection, Outcome};
 use crate::files::{Files, FilesError};
 use crate::generation::{self, GENERATION_FDNAME, GenerationError};
@@ -237,9 +238,23 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
     let mut pacer = AcceptPacer::default();
     let mut conns: JoinSet<()> = JoinSet::new();
     let pen = Pen::default();
+    // Handed-over connections wait there for their next request, without a
+    // task each; without it (no epoll instance to be had), each waits in
+    // its own task.
+    let mut lot = match Lot::new(deadlines.idle) {
+        Ok(lot) => Some(lot),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot set up the lot for handed-over connections; each gets its own task");
+            None
+        }
+    };
     // Adopted and pushed connections count towards the limit but are never
     // refused: their clients are already being served.
     for stream in adoption.streams {
+        let stream = match park_in(&mut lot, stream.into()) {
+            None => continue,
+            Some(fd) => std::net::TcpStream::from(fd),
+        };
         match adopt_stream(stream) {
             Ok(s) => {
                 let served = conn::drive_handed_over(s, handler.clone(), drain.clone(), deadlines, || ());
@@ -263,7 +278,24 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
             }
         }
     };
-    let adopted = conns.len();
+    // A connection that became readable in the lot: checked, then served
+    // by hyper at once.
+    let serve_readable = |fd: std::os::fd::OwnedFd| {
+        let (handler, drain) = (handler.clone(), drain.clone());
+        async move {
+            let stream = handoff::pushed_connection(fd)
+                .map_err(|e| e.to_string())
+                .and_then(|s| TcpStream::from_std(s).map_err(|e| format!("cannot register it: {e}")));
+            match stream {
+                Ok(s) => conn::drive(s, handler, drain, deadlines, Arrival::HandedOver).await,
+                Err(e) => {
+                    tracing::warn!("a handed-over connection cannot be served: {e}; closing it");
+                    Outcome::Closed
+                }
+            }
+        }
+    };
+    let adopted = conns.len() + lot_len(&lot);
     let receiving = if pushed.is_some() { ", receiving handed-over connections" } else { "" };
 
     let serving = format!(
@@ -308,7 +340,7 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
             accepted = accept_any(&listener, probe.as_ref()), if pacer.paused_until().is_none() => match accepted {
                 Ok((stream, _)) => {
                     pacer.accepted();
-                    if refuser.over_limit(conns.len()) {
+                    if refuser.over_limit(conns.len() + lot_len(&lot)) {
                         refuser.refuse(stream);
                     } else {
                         // Small responses must not wait for Nagle.
@@ -324,13 +356,16 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
             // (connections ending, pushes, SIGTERM) going.
             () = pause_over(pacer.paused_until()), if pacer.paused_until().is_some() => pacer.resume(),
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            fd = lot_readable(&mut lot) => spawn_conn(&mut conns, &pen, serve_readable(fd)),
             next = next_pushed_batch(&mut pushed) => match next {
                 Some(batch) => {
                     let count = batch.len();
                     adopted_pushed += count;
                     let stamp = Arc::new(PushedBatch { count, total: adopted_pushed });
                     for fd in batch {
-                        spawn_conn(&mut conns, &pen, serve_pushed(fd, Arc::clone(&stamp)));
+                        if let Some(fd) = park_in(&mut lot, fd) {
+                            spawn_conn(&mut conns, &pen, serve_pushed(fd, Arc::clone(&stamp)));
+                        }
                     }
                     handler.count_adopted(count as u64);
                 }
@@ -349,7 +384,7 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
                 if let Err(e) = &sent {
                     tracing::warn!(error = %e, "cannot send STOPPING=1");
                 }
-                tracing::info!(?signal, connections = conns.len(), mono_us = baton_sd::monotonic_usec(), "stopping");
+                tracing::info!(?signal, connections = conns.len() + lot_len(&lot), mono_us = baton_sd::monotonic_usec(), "stopping");
                 break sent.is_ok();
             }
             () = &mut fail_after_ready => {
@@ -362,13 +397,19 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
     // Stop accepting. A passed or stored listener stays open in the manager.
     drop(listener);
     drop(probe);
-    let open = conns.len();
+    let open = conns.len() + lot_len(&lot);
     status(n, &format!("draining {open} connections"));
     let mode =
         if config.handoff && notifier.is_some() && manager_reachable { DrainMode::HandOver } else { DrainMode::Close };
     tracing::debug!(?mode, "draining");
     pen.reserve(open);
-    let parked = drain.start(mode);
+    let mut parked = drain.start(mode);
+    // Their tasks stay pending until released (see `conn::park`); the
+    // lot's have none.
+    let mut unreleased = parked.len();
+    if let Some(lot) = &mut lot {
+        parked.extend(lot.take_all().into_iter().map(IdleConnection::from));
+    }
     // Pushes that were queued before we were asked to stop still arrive;
     // then the stream ends.
     if let Some(p) = &mut pushed {
@@ -379,9 +420,7 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
         enabled: config.handoff,
         budget: NameBudget::new(kept.iter().map(String::as_str), handoff::fdstore_max_from_env()),
     });
-    // The parked connections, most of the idle ones, go at once; their
-    // tasks stay pending until released (see `conn::park`).
-    let mut unreleased = parked.len();
+    // The parked connections, most of the idle ones, go at once.
     worker.hand_over_all(parked).await;
     let release_at = tokio::time::Instant::now() + handoff::RELEASE_GAP;
     let deadline = far_or(config.drain_timeout);
@@ -501,6 +540,31 @@ impl Pen {
     /// room.
     fn take(&self) -> Vec<IdleConnection> {
         self.lock().drain(..).collect()
+    }
+}
+
+/// Parks `fd` in `lot`, if there is one; gives it back otherwise, or if it
+/// cannot wait there, to be served in a task of its own.
+fn park_in(lot: &mut Option<Lot>, fd: std::os::fd::OwnedFd) -> Option<std::os::fd::OwnedFd> {
+    let Some(lot) = lot else { return Some(fd) };
+    match lot.park(fd) {
+        Ok(()) => None,
+        Err((fd, e)) => {
+            tracing::debug!(error = %e, "a handed-over connection cannot wait in the lot; it gets its own task");
+            Some(fd)
+        }
+    }
+}
+
+fn lot_len(lot: &Option<Lot>) -> usize {
+    lot.as_ref().map_or(0, Lot::len)
+}
+
+/// The next connection of `lot` that became readable; never, without one.
+async fn lot_readable(lot: &mut Option<Lot>) -> std::os::fd::OwnedFd {
+    match lot {
+        Some(lot) => lot.readable().await,
+        None => std::future::pending().await,
     }
 }
 

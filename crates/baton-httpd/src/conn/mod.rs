@@ -123,6 +123,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::service::{Handler, ResponseFuture};
 
+pub mod lot;
 pub mod park;
 
 pub use park::{IdleConnection, PARK_AFTER};
@@ -681,14 +682,14 @@ pub async fn drive(
 }
 
 /// [`drive`] for a connection handed over from an earlier generation
-/// (non-blocking already): it starts parked (see [`park`](mod@park)), watched for
-/// readability only, without hyper — thousands arrive at once in a
-/// handover and most stay idle a while. Watching for reading alone matters
-/// as much: registered for writing too, as a [`TcpStream`] is, an idle
-/// socket is reported writable at once, so every registration would wake
-/// the runtime's I/O driver. A drain that starts meanwhile takes it from
-/// its slot; its idle deadline counts from its adoption. `on_watched` is
-/// called once the runtime watches it (or could not).
+/// (non-blocking already) that the [lot] could not take: it starts parked
+/// (see [`park`](mod@park)), watched for readability only, without hyper.
+/// Watching for reading alone matters: registered for writing too, as a
+/// [`TcpStream`] is, an idle socket is reported writable at once, so every
+/// registration would wake the runtime's I/O driver. A drain that starts
+/// meanwhile takes it from its slot; its idle deadline counts from its
+/// adoption. `on_watched` is called once the runtime watches it (or could
+/// not).
 pub async fn drive_handed_over(
     stream: std::net::TcpStream,
     handler: Handler,

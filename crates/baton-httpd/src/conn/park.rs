@@ -4,8 +4,10 @@
 //! A keep-alive connection idle for [`PARK_AFTER`] leaves hyper at a request
 //! boundary (the same end-of-stream trick as a drain, see the [parent
 //! module](super)) and waits for its next request in its task, watched for
-//! readability only, with its socket in a slot of the connection's state. A
-//! connection handed over from an earlier generation starts there.
+//! readability only, with its socket in a slot of the connection's state.
+//! (A connection handed over from an earlier generation waits in the
+//! [lot](super::lot) instead, without a task, and starts here only if the
+//! lot cannot take it.)
 //!
 //! Parked is where thousands of idle connections are when a drain starts,
 //! and the drain takes them straight from their slots
