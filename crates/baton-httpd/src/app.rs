@@ -38,7 +38,7 @@ use tokio::task::JoinSet;
 
 use crate::admission::{AcceptPacer, Refuser};
 use crate::config::Config;
-use crate::conn::lot::Lot;
+use crate::conn::lot::{Lot, TaskLot};
 use crate::conn::{self, Arrival, Deadlines, DrainMode, DrainSignal, IdleConnection, Outcome};
 use crate::files::{Files, FilesError};
 use crate::generation::{self, GENERATION_FDNAME, GenerationError};
@@ -248,14 +248,26 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
             None
         }
     };
+    // Pushed batches go alternately to a second lot kept by a task of its
+    // own, when the runtime has more than one thread to run it on.
+    let mut task_lot = match &lot {
+        Some(_) if tokio::runtime::Handle::current().metrics().num_workers() > 1 => {
+            match TaskLot::spawn(deadlines.idle) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot set up a second lot for handed-over connections");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    let mut to_task_lot = false;
     // Adopted and pushed connections count towards the limit but are never
     // refused: their clients are already being served.
-    for stream in adoption.streams {
-        let stream = match park_in(&mut lot, stream.into()) {
-            None => continue,
-            Some(fd) => std::net::TcpStream::from(fd),
-        };
-        match adopt_stream(stream) {
+    let adopted_fds = adoption.streams.into_iter().map(std::os::fd::OwnedFd::from).collect();
+    for fd in park_all_in(&mut lot, adopted_fds) {
+        match adopt_stream(std::net::TcpStream::from(fd)) {
             Ok(s) => {
                 let served = conn::drive_handed_over(s, handler.clone(), drain.clone(), deadlines, || ());
                 spawn_conn(&mut conns, &pen, served);
@@ -295,7 +307,7 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
             }
         }
     };
-    let adopted = conns.len() + lot_len(&lot);
+    let adopted = conns.len() + lot_len(&lot, &task_lot);
     let receiving = if pushed.is_some() { ", receiving handed-over connections" } else { "" };
 
     let serving = format!(
@@ -340,7 +352,7 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
             accepted = accept_any(&listener, probe.as_ref()), if pacer.paused_until().is_none() => match accepted {
                 Ok((stream, _)) => {
                     pacer.accepted();
-                    if refuser.over_limit(conns.len() + lot_len(&lot)) {
+                    if refuser.over_limit(conns.len() + lot_len(&lot, &task_lot)) {
                         refuser.refuse(stream);
                     } else {
                         // Small responses must not wait for Nagle.
@@ -357,14 +369,19 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
             () = pause_over(pacer.paused_until()), if pacer.paused_until().is_some() => pacer.resume(),
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             fd = lot_readable(&mut lot) => spawn_conn(&mut conns, &pen, serve_readable(fd)),
+            fd = task_lot_readable(&mut task_lot) => spawn_conn(&mut conns, &pen, serve_readable(fd)),
             next = next_pushed_batch(&mut pushed) => match next {
                 Some(batch) => {
                     let count = batch.len();
                     adopted_pushed += count;
                     let stamp = Arc::new(PushedBatch { count, total: adopted_pushed });
-                    for fd in batch {
-                        if let Some(fd) = park_in(&mut lot, fd) {
-                            spawn_conn(&mut conns, &pen, serve_pushed(fd, Arc::clone(&stamp)));
+                    to_task_lot = !to_task_lot;
+                    match task_lot.as_ref().filter(|_| to_task_lot) {
+                        Some(t) => t.park(batch, move || drop(stamp)).await,
+                        None => {
+                            for fd in park_all_in(&mut lot, batch) {
+                                spawn_conn(&mut conns, &pen, serve_pushed(fd, Arc::clone(&stamp)));
+                            }
                         }
                     }
                     handler.count_adopted(count as u64);
@@ -384,7 +401,7 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
                 if let Err(e) = &sent {
                     tracing::warn!(error = %e, "cannot send STOPPING=1");
                 }
-                tracing::info!(?signal, connections = conns.len() + lot_len(&lot), mono_us = baton_sd::monotonic_usec(), "stopping");
+                tracing::info!(?signal, connections = conns.len() + lot_len(&lot, &task_lot), mono_us = baton_sd::monotonic_usec(), "stopping");
                 break sent.is_ok();
             }
             () = &mut fail_after_ready => {
@@ -397,7 +414,7 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
     // Stop accepting. A passed or stored listener stays open in the manager.
     drop(listener);
     drop(probe);
-    let open = conns.len() + lot_len(&lot);
+    let open = conns.len() + lot_len(&lot, &task_lot);
     status(n, &format!("draining {open} connections"));
     let mode =
         if config.handoff && notifier.is_some() && manager_reachable { DrainMode::HandOver } else { DrainMode::Close };
@@ -409,6 +426,9 @@ pub async fn run(config: Config, fds: Result<ListenFds, ActivationError>) -> Res
     let mut unreleased = parked.len();
     if let Some(lot) = &mut lot {
         parked.extend(lot.take_all().into_iter().map(IdleConnection::from));
+    }
+    if let Some(lot) = &mut task_lot {
+        parked.extend(lot.take_all().await.into_iter().map(IdleConnection::from));
     }
     // Pushes that were queued before we were asked to stop still arrive;
     // then the stream ends.
@@ -543,25 +563,34 @@ impl Pen {
     }
 }
 
-/// Parks `fd` in `lot`, if there is one; gives it back otherwise, or if it
-/// cannot wait there, to be served in a task of its own.
-fn park_in(lot: &mut Option<Lot>, fd: std::os::fd::OwnedFd) -> Option<std::os::fd::OwnedFd> {
-    let Some(lot) = lot else { return Some(fd) };
-    match lot.park(fd) {
-        Ok(()) => None,
-        Err((fd, e)) => {
+/// Parks `fds` in `lot`, if there is one; gives back those that cannot
+/// wait there (all of them, without a lot), to be served in a task each.
+fn park_all_in(lot: &mut Option<Lot>, fds: Vec<std::os::fd::OwnedFd>) -> Vec<std::os::fd::OwnedFd> {
+    let Some(lot) = lot else { return fds };
+    let refused = lot.park_all(fds);
+    refused
+        .into_iter()
+        .map(|(fd, e)| {
             tracing::debug!(error = %e, "a handed-over connection cannot wait in the lot; it gets its own task");
-            Some(fd)
-        }
-    }
+            fd
+        })
+        .collect()
 }
 
-fn lot_len(lot: &Option<Lot>) -> usize {
-    lot.as_ref().map_or(0, Lot::len)
+fn lot_len(lot: &Option<Lot>, task_lot: &Option<TaskLot>) -> usize {
+    lot.as_ref().map_or(0, Lot::len) + task_lot.as_ref().map_or(0, TaskLot::len)
 }
 
 /// The next connection of `lot` that became readable; never, without one.
 async fn lot_readable(lot: &mut Option<Lot>) -> std::os::fd::OwnedFd {
+    match lot {
+        Some(lot) => lot.readable().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// [`lot_readable`] for the second lot.
+async fn task_lot_readable(lot: &mut Option<TaskLot>) -> std::os::fd::OwnedFd {
     match lot {
         Some(lot) => lot.readable().await,
         None => std::future::pending().await,

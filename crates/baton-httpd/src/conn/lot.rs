@@ -6,33 +6,47 @@
 //! non-blocking flag, its state, a timer, a registration with the runtime's
 //! one epoll instance, whose lock both runtime threads then fight over) was
 //! about 12 µs of CPU per connection, and it was what paced a handover of
-//! 10,000 (`perf`). In the lot a connection costs one `epoll_ctl(ADD)` on
-//! the lot's own epoll instance, made by one task (the server loop), and a
-//! slot. The lot's epoll fd is what the runtime watches. Only a connection
-//! that becomes readable (its client wrote, or closed) leaves the lot and
-//! gets a task ([`Lot::readable`]); a drain takes the rest as they are
-//! ([`Lot::take_all`]), and the idle deadline closes those that waited too
-//! long.
+//! 10,000 (`perf`). In the lot a connection costs a slot and one
+//! `epoll_ctl(ADD)` on the lot's own epoll instance, which the runtime
+//! watches. The server loop keeps one lot, and a task of its own keeps a
+//! second ([`TaskLot`]), so that the registrations of a handover run on two
+//! threads. Only a connection that becomes readable (its client wrote, or
+//! closed) leaves the lot and gets a task ([`Lot::readable`]). A drain
+//! takes the rest as they are ([`Lot::take_all`]), and the idle deadline
+//! closes those that waited too long.
+//!
+//! The lot's epoll instance is nested in the runtime's, and for a nested
+//! instance the kernel makes every `epoll_ctl(ADD)` take a global mutex
+//! (`epnested_mutex`) and check the paths between instances
+//! (`fs/eventpoll.c`, `do_epoll_ctl`): about a sixth of the time parking
+//! takes, and it serialises two lots on two threads a little (`perf`,
+//! 10,000 connections). Taking the lot out of the runtime's epoll while a
+//! batch is parked was tried and is far worse: adding it back checks every
+//! connection in it for loops, so a handover became quadratic.
 //!
 //! Registrations are one-shot: a connection is reported once and then
-//! disarmed, so one that left the lot (served, handed over, closed) is
+//! disarmed. So one that left the lot (served, handed over, closed) is
 //! never reported again, and it needs no `epoll_ctl(DEL)`: the kernel drops
 //! its registration when the socket is finally closed (`epoll(7)`). Keys
 //! carry a generation, so a stale report for a reused slot is recognised.
 //!
 //! Nothing here checks what the fds are: the lot only needs them pollable.
 //! A connection is checked when it leaves the lot to be served (see
-//! [`pushed_connection`](crate::handoff::pushed_connection)); one handed
+//! [`pushed_connection`](crate::handoff::pushed_connection)). One handed
 //! over from the lot is checked by whoever serves it next.
 
 use std::collections::VecDeque;
 use std::mem::MaybeUninit;
 use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use rustix::event::epoll;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 /// Events taken from the lot's epoll instance per `epoll_wait`.
@@ -128,10 +142,7 @@ impl Lot {
     /// An empty lot, watched by the current runtime; connections wait at
     /// most `idle` (`None`: for ever).
     pub fn new(idle: Option<Duration>) -> std::io::Result<Self> {
-        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
-        // SAFETY: the epoll fd moves into the AsyncFd, which owns it until
-        // it is dropped: it is neither closed nor replaced while registered.
-        let epoll = unsafe { AsyncFd::register_with_interest(epoll, Interest::READABLE) }?;
+        let epoll = watch(epoll::create(epoll::CreateFlags::CLOEXEC)?).map_err(|(_, e)| e)?;
         Ok(Self {
             epoll,
             slots: Slots::default(),
@@ -152,18 +163,24 @@ impl Lot {
         self.len() == 0
     }
 
-    /// Parks `fd` until it is readable; gives it back if it cannot be
+    /// Parks `fds` until each is readable; gives back those that cannot be
     /// watched (not pollable, or out of memory), for the caller to serve
     /// some other way.
-    pub fn park(&mut self, fd: OwnedFd) -> Result<(), (OwnedFd, std::io::Error)> {
-        let key = self.slots.vacant();
+    pub fn park_all(&mut self, fds: impl IntoIterator<Item = OwnedFd>) -> Vec<(OwnedFd, std::io::Error)> {
         let flags = epoll::EventFlags::IN | epoll::EventFlags::RDHUP | epoll::EventFlags::ONESHOT;
-        if let Err(e) = epoll::add(self.epoll.get_ref(), &fd, epoll::EventData::new_u64(key), flags) {
-            return Err((fd, e.into()));
+        let now = Instant::now();
+        let mut refused = Vec::new();
+        for fd in fds {
+            let key = self.slots.vacant();
+            match epoll::add(self.epoll.get_ref(), &fd, epoll::EventData::new_u64(key), flags) {
+                Ok(()) => {
+                    self.slots.insert(fd);
+                    self.arrivals.push_back((now, key));
+                }
+                Err(e) => refused.push((fd, e.into())),
+            }
         }
-        self.slots.insert(fd);
-        self.arrivals.push_back((Instant::now(), key));
-        Ok(())
+        refused
     }
 
     /// The next connection that became readable (its client wrote or
@@ -260,6 +277,140 @@ impl Lot {
     }
 }
 
+/// A [`Lot`] kept by a task of its own, so that a handover's
+/// registrations are spread over two threads: the server loop parks every
+/// other batch in its own lot and sends the others here. In one lot, on
+/// one thread, the `epoll_ctl(ADD)`s (mostly cache misses on sockets last
+/// touched by another process) paced a handover of 10,000 while the other
+/// core idled.
+#[derive(Debug)]
+pub struct TaskLot {
+    orders: mpsc::Sender<Order>,
+    readable: mpsc::Receiver<OwnedFd>,
+    len: Arc<AtomicUsize>,
+}
+
+/// What the server loop asks of a [`TaskLot`]'s task.
+enum Order {
+    /// Park these, then call this.
+    Park(Vec<OwnedFd>, Box<dyn FnOnce() + Send>),
+    /// Give back every connection; the task ends.
+    TakeAll(oneshot::Sender<Vec<OwnedFd>>),
+}
+
+impl std::fmt::Debug for Order {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Order::Park(fds, _) => write!(f, "Park({} fds)", fds.len()),
+            Order::TakeAll(_) => f.write_str("TakeAll"),
+        }
+    }
+}
+
+/// Batches waiting for a [`TaskLot`]'s task (of up to 253 connections), and
+/// readable connections waiting for the server loop.
+const QUEUE: usize = 64;
+
+impl TaskLot {
+    /// Starts the task, on the current runtime, with a lot of its own.
+    pub fn spawn(idle: Option<Duration>) -> std::io::Result<Self> {
+        let lot = Lot::new(idle)?;
+        let (orders, orders_rx) = mpsc::channel(QUEUE);
+        let (readable_tx, readable) = mpsc::channel(QUEUE);
+        let len = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(keep(lot, orders_rx, readable_tx, Arc::clone(&len)));
+        Ok(Self { orders, readable, len })
+    }
+
+    /// Connections waiting there (including readable ones not taken yet).
+    pub fn len(&self) -> usize {
+        self.len.load(Relaxed) + self.readable.len()
+    }
+
+    /// Whether no connection waits there.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Sends `batch` to be parked, and `parked` to be called then. What
+    /// the lot cannot watch comes back through [`readable`](Self::readable),
+    /// to be served. Waits while the task has 64 batches to park.
+    pub async fn park(&self, batch: Vec<OwnedFd>, parked: impl FnOnce() + Send + 'static) {
+        // The task ends only when told to (or if it panicked, and then its
+        // fds are gone with it): nothing to give back here.
+        let _ = self.orders.send(Order::Park(batch, Box::new(parked))).await;
+    }
+
+    /// The next connection that became readable there; never, once the
+    /// task has ended.
+    pub async fn readable(&mut self) -> OwnedFd {
+        match self.readable.recv().await {
+            Some(fd) => fd,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Every connection waiting there, readable or not, for a drain; the
+    /// task ends.
+    pub async fn take_all(&mut self) -> Vec<OwnedFd> {
+        let (reply, all) = oneshot::channel();
+        let mut taken = Vec::new();
+        if self.orders.send(Order::TakeAll(reply)).await.is_ok() {
+            taken = all.await.unwrap_or_default();
+        }
+        // Readable ones the task had passed on before it was asked.
+        while let Ok(fd) = self.readable.try_recv() {
+            taken.push(fd);
+        }
+        self.len.store(0, Relaxed);
+        taken
+    }
+}
+
+/// A [`TaskLot`]'s task: parks what it is sent, passes on what becomes
+/// readable, and never waits for the server loop to take it (readable
+/// connections wait in `passing`, at most all of the lot's), so an order is
+/// always taken.
+async fn keep(mut lot: Lot, mut orders: mpsc::Receiver<Order>, readable: mpsc::Sender<OwnedFd>, len: Arc<AtomicUsize>) {
+    let mut passing: VecDeque<OwnedFd> = VecDeque::new();
+    loop {
+        tokio::select! {
+            biased;
+            order = orders.recv() => match order {
+                Some(Order::Park(batch, parked)) => {
+                    for (fd, e) in lot.park_all(batch) {
+                        tracing::debug!(error = %e, "a handed-over connection cannot wait in the lot; serving it");
+                        passing.push_back(fd);
+                    }
+                    // Counted before the caller learns they are parked.
+                    len.store(lot.len() + passing.len(), Relaxed);
+                    parked();
+                }
+                Some(Order::TakeAll(reply)) => {
+                    let mut all: Vec<OwnedFd> = passing.drain(..).collect();
+                    all.append(&mut lot.take_all());
+                    let _ = reply.send(all);
+                    return;
+                }
+                None => return,
+            },
+            permit = readable.reserve(), if !passing.is_empty() => match (permit, passing.pop_front()) {
+                (Ok(permit), Some(fd)) => permit.send(fd),
+                _ => return,
+            },
+            fd = lot.readable(), if passing.is_empty() => passing.push_back(fd),
+        }
+        len.store(lot.len() + passing.len(), Relaxed);
+    }
+}
+
+/// `epoll` as the runtime watches it (for readability).
+fn watch(epoll: OwnedFd) -> Result<AsyncFd<OwnedFd>, (OwnedFd, std::io::Error)> {
+    // SAFETY: the epoll fd moves into the AsyncFd, which owns it until it
+    // is dropped: it is neither closed nor replaced while registered.
+    unsafe { AsyncFd::register_with_interest(epoll, Interest::READABLE) }.map_err(|e| e.into_parts())
+}
+
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(at) => tokio::time::sleep_until(at).await,
@@ -294,9 +445,7 @@ mod tests {
     async fn yields_the_connections_whose_clients_wrote_or_closed_and_hands_over_the_rest() {
         let (mut clients, servers) = pairs(600);
         let mut lot = Lot::new(None).unwrap();
-        for s in servers {
-            lot.park(OwnedFd::from(s)).unwrap();
-        }
+        assert!(lot.park_all(servers.into_iter().map(OwnedFd::from)).is_empty());
         assert_eq!(lot.len(), 600);
         // Nothing to read yet: nothing yielded.
         let quiet = tokio::time::timeout(Duration::from_millis(50), lot.readable()).await;
@@ -340,10 +489,10 @@ mod tests {
         let (mut clients, servers) = pairs(3);
         let mut lot = Lot::new(Some(Duration::from_secs(10))).unwrap();
         let mut servers = servers.into_iter();
-        lot.park(servers.next().unwrap().into()).unwrap();
-        lot.park(servers.next().unwrap().into()).unwrap();
+        assert!(lot.park_all(servers.next().map(OwnedFd::from)).is_empty());
+        assert!(lot.park_all(servers.next().map(OwnedFd::from)).is_empty());
         tokio::time::sleep(Duration::from_secs(5)).await;
-        lot.park(servers.next().unwrap().into()).unwrap();
+        assert!(lot.park_all(servers.next().map(OwnedFd::from)).is_empty());
         // The first two reach the deadline while the lot waits; their
         // clients see the connection closed.
         let waited = tokio::time::timeout(Duration::from_secs(7), lot.readable()).await;
@@ -364,9 +513,43 @@ mod tests {
         let mut lot = Lot::new(None).unwrap();
         let file = OwnedFd::from(std::fs::File::open("/proc/self/status").unwrap());
         let raw = file.as_raw_fd();
-        let (back, e) = lot.park(file).unwrap_err();
+        let mut refused = lot.park_all([file]);
+        let (back, e) = refused.pop().expect("refused");
         assert_eq!(back.as_raw_fd(), raw);
         assert_eq!(e.raw_os_error(), Some(rustix::io::Errno::PERM.raw_os_error()), "{e}");
+        assert!(lot.is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_task_lot_parks_what_it_is_sent_and_gives_everything_back_at_a_drain() {
+        let (mut clients, servers) = pairs(300);
+        let mut lot = TaskLot::spawn(None).unwrap();
+        let (parked_tx, parked) = oneshot::channel();
+        lot.park(servers.into_iter().map(OwnedFd::from).collect(), move || {
+            let _ = parked_tx.send(());
+        })
+        .await;
+        parked.await.expect("told when parked");
+        assert_eq!(lot.len(), 300);
+        // One written to is passed on, once.
+        clients[7].write_all(b"GET").unwrap();
+        let fd = tokio::time::timeout(Duration::from_secs(10), lot.readable()).await.expect("in time");
+        assert_eq!(peer_port(&fd), clients[7].local_addr().unwrap().port());
+        // Two more written to, not taken: the drain gets them with the
+        // others, every connection but the one served.
+        clients[8].write_all(b"GET").unwrap();
+        clients[9].write_all(b"GET").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while lot.readable.is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let all = lot.take_all().await;
+        let mut ports: Vec<u16> = all.iter().map(peer_port).collect();
+        ports.sort_unstable();
+        let mut wanted: Vec<u16> =
+            (0..300).filter(|&i| i != 7).map(|i| clients[i].local_addr().unwrap().port()).collect();
+        wanted.sort_unstable();
+        assert_eq!(ports, wanted);
         assert!(lot.is_empty());
     }
 
