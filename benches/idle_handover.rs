@@ -17,8 +17,8 @@
 //! moment the old generation logs its stop signal, the clients write one
 //! request on every [`SAMPLE`]th connection, so that a connection among the
 //! first the new generation adopts is answered at once; once the old
-//! generation has exited, they write one on every other connection, and
-//! every connection must be answered by the new generation. Writing on all
+//! generation has exited, they write one more on every connection, and
+//! every one of those must be answered by the new generation. Writing on all
 //! of them at the stop signal would have the clients, on the same two
 //! cores, take CPU time from the handover they measure (with 10,000
 //! connections, the last one was adopted some 30 ms later). Every time is
@@ -34,9 +34,11 @@
 //!   through journald and `journalctl -f` (under systemd, a few hundred ms
 //!   later: there the two answer columns measure mostly that delay, while
 //!   the three handover columns are exact);
-//! - **first** / **last answer**: the first and last response to the
-//!   requests written at the stop signal. Every response, those and the
-//!   later ones, must come from the new generation on the same TCP
+//! - **first** / **last answer**: the first and last response by the new
+//!   generation to the requests written at the stop signal. A request that
+//!   reached the old generation before it let go of its connection is
+//!   answered there (counted apart); every request written after the
+//!   handover must be answered by the new generation on the same TCP
 //!   connection (none closed).
 //!
 //! Each figure is the median over the runs, in ms after the stop signal.
@@ -148,8 +150,8 @@ struct Run {
     first: u64,
     last: u64,
     new: usize,
-    /// Answered by the old generation: requests that reached it before
-    /// it handed their connection over.
+    /// Requests written at the stop signal and answered by the old
+    /// generation: they reached it before it handed their connection over.
     old: usize,
     closed: usize,
     /// CPU time systemd (PID 1 of the testbed) spent during the run, ms.
@@ -346,19 +348,28 @@ impl Clients {
 /// What the clients saw (see [`Clients::results`]).
 #[derive(Debug, Default)]
 struct Answers {
+    /// The first and last answer by the new generation to a request
+    /// written at the stop signal.
     first: u64,
     last: u64,
+    /// Requests written after the handover (one per connection) answered
+    /// by the new generation.
     new: usize,
+    /// Requests written at the stop signal answered by the old generation
+    /// (they reached it before it let go of their connection).
     old: usize,
+    /// Requests written after the handover answered by the old generation:
+    /// never, or the handover failed.
+    old_after: usize,
     closed: usize,
 }
 
 /// A clients process: opens its connections (one request each, noting the
 /// pid that answered), says `open`, waits for `go`, writes one request on
-/// every [`SAMPLE`]th connection, waits for `rest`, writes one on each of
-/// the others, reads every answer, and says `FIRST_US LAST_US NEW OLD
-/// CLOSED` (first and last of the sampled answers by the new generation;
-/// answers from another pid than the first one's are the new
+/// every [`SAMPLE`]th connection, waits for `rest`, then writes one more on
+/// every connection (on a sampled one once its first is answered), reads
+/// every answer, and says `FIRST_US LAST_US NEW OLD CLOSED` (see
+/// [`Answers`]; answers from another pid than the first one's are the new
 /// generation's).
 fn clients_process(spec: &str) {
     let mut parts = spec.split_whitespace().map(|v| v.parse::<usize>().expect("a number"));
@@ -380,45 +391,58 @@ fn clients_process(spec: &str) {
     std::io::stdin().read_line(&mut go).expect("go");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let answers = rt.block_on(async move {
-        let ask = |s: TcpStream| {
-            s.set_nonblocking(true).unwrap();
-            let mut s = tokio::net::TcpStream::from_std(s).unwrap();
-            async move {
-                use tokio::io::AsyncWriteExt;
-                s.write_all(REQUEST).await.ok()?;
-                let (at, pid) = read_response_async(&mut s).await.ok()?;
-                Some((at, pid))
+        // One request on `s`; the answer (when, and from which pid) and the
+        // connection, unless it was closed.
+        async fn ask(mut s: tokio::net::TcpStream) -> (Option<(u64, u32)>, Option<tokio::net::TcpStream>) {
+            use tokio::io::AsyncWriteExt;
+            if s.write_all(REQUEST).await.is_err() {
+                return (None, None);
             }
-        };
-        let (sampled, rest): (Vec<_>, Vec<_>) = streams.into_iter().enumerate().partition(|(i, _)| i % SAMPLE == 0);
-        let mut asked: tokio::task::JoinSet<_> = sampled.into_iter().map(|(_, s)| ask(s)).collect();
+            match read_response_async(&mut s).await {
+                Ok(answer) => (Some(answer), Some(s)),
+                Err(_) => (None, None),
+            }
+        }
+        let streams = streams.into_iter().map(|s| {
+            s.set_nonblocking(true).unwrap();
+            tokio::net::TcpStream::from_std(s).unwrap()
+        });
+        let (sampled, rest): (Vec<_>, Vec<_>) = streams.enumerate().partition(|(i, _)| i % SAMPLE == 0);
+        let mut early: tokio::task::JoinSet<_> = sampled.into_iter().map(|(_, s)| ask(s)).collect();
         let order = tokio::task::spawn_blocking(|| {
             let mut line = String::new();
             std::io::stdin().read_line(&mut line).map(|_| line)
         });
         assert_eq!(order.await.unwrap().expect("rest").trim(), "rest");
-        let mut later: tokio::task::JoinSet<_> = rest.into_iter().map(|(_, s)| ask(s)).collect();
+        // After the handover, one more request on every connection, the
+        // sampled ones included (once their first is answered).
+        let mut after: tokio::task::JoinSet<_> = rest.into_iter().map(|(_, s)| ask(s)).collect();
         let mut all = Answers { first: u64::MAX, ..Answers::default() };
-        let mut count = |r: Option<(u64, u32)>, timed: bool| match r {
-            Some((at, pid)) if pid != old_pid => {
-                if timed {
-                    all.first = all.first.min(at);
-                    all.last = all.last.max(at);
+        while let Some(r) = early.join_next().await {
+            match r.expect("a client task") {
+                (Some((at, pid)), Some(s)) => {
+                    if pid == old_pid {
+                        all.old += 1;
+                    } else {
+                        all.first = all.first.min(at);
+                        all.last = all.last.max(at);
+                    }
+                    after.spawn(ask(s));
                 }
-                all.new += 1;
+                _ => all.closed += 1,
             }
-            Some(_) => all.old += 1,
-            None => all.closed += 1,
-        };
-        while let Some(r) = asked.join_next().await {
-            count(r.ok().flatten(), true);
         }
-        while let Some(r) = later.join_next().await {
-            count(r.ok().flatten(), false);
+        while let Some(r) = after.join_next().await {
+            match r.expect("a client task") {
+                (Some((_, pid)), _) if pid != old_pid => all.new += 1,
+                (Some(_), _) => all.old_after += 1,
+                (None, _) => all.closed += 1,
+            }
         }
         all
     });
-    let Answers { first, last, new, old, closed } = answers;
+    let Answers { first, last, new, old, old_after, closed } = answers;
+    assert_eq!(old_after, 0, "the old generation answered after the handover");
     println!("{first} {last} {new} {old} {closed}");
 }
 

@@ -180,6 +180,11 @@ impl Lot {
                 Err(e) => refused.push((fd, e.into())),
             }
         }
+        // Those already readable (their request arrived with them), at
+        // once: the runtime would report the lot's fd only when its I/O
+        // driver next runs, which in a burst can be the burst's end. An
+        // error is left to `readable`.
+        let _ = collect(self.epoll.get_ref(), &mut self.slots, &mut self.ready);
         refused
     }
 
@@ -209,18 +214,13 @@ impl Lot {
                             continue;
                         }
                     };
-                    let mut events = [const { MaybeUninit::<epoll::Event>::uninit() }; EVENTS];
-                    let zero = rustix::time::Timespec { tv_sec: 0, tv_nsec: 0 };
-                    match epoll::wait(guard.get_inner(), &mut events, Some(&zero)) {
-                        Ok((found, _)) => {
-                            if found.len() < EVENTS {
+                    match collect(guard.get_inner(), slots, ready) {
+                        Ok(found) => {
+                            if found < EVENTS {
                                 // Every ready one taken: wait for the next
                                 // edge of the lot's fd.
                                 guard.clear_ready();
                             }
-                            // One-shot: each is reported once; a stale key
-                            // (its slot reused) finds nothing.
-                            ready.extend(found.iter().filter_map(|ev| slots.take(ev.data.u64())));
                         }
                         Err(rustix::io::Errno::INTR) => {}
                         Err(e) => {
@@ -402,6 +402,18 @@ async fn keep(mut lot: Lot, mut orders: mpsc::Receiver<Order>, readable: mpsc::S
         }
         len.store(lot.len() + passing.len(), Relaxed);
     }
+}
+
+/// Takes the connections `epoll` reports readable (up to [`EVENTS`], without
+/// waiting) from `slots` into `ready`; returns how many it reported.
+fn collect(epoll: &OwnedFd, slots: &mut Slots, ready: &mut VecDeque<OwnedFd>) -> rustix::io::Result<usize> {
+    let mut events = [const { MaybeUninit::<epoll::Event>::uninit() }; EVENTS];
+    let zero = rustix::time::Timespec { tv_sec: 0, tv_nsec: 0 };
+    let (found, _) = epoll::wait(epoll, &mut events, Some(&zero))?;
+    // One-shot: each is reported once; a stale key (its slot reused) finds
+    // nothing.
+    ready.extend(found.iter().filter_map(|ev| slots.take(ev.data.u64())));
+    Ok(found.len())
 }
 
 /// `epoll` as the runtime watches it (for readability).
