@@ -5,7 +5,9 @@
 //!
 //! `cargo bench --bench idle_handover` (release builds; as root for the
 //! systemd rows). Options: `--sizes 1000,10000,20000` (the default),
-//! `--runs N` (3), `--only standalone|252|257`. Run without `--bench` (by
+//! `--runs N` (3), `--only standalone|252|257`, `--sample N` (100: one
+//! connection in N gets a request at the stop signal; 0: none, for the
+//! idle handover alone). Run without `--bench` (by
 //! `cargo test --benches`) it does one standalone smoke run of 200
 //! connections.
 //!
@@ -50,17 +52,19 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use baton_testbed::{Bed, Flavor, cargo_bin, free_loopback_port};
 
-/// Set (to `PORT COUNT`) in a child process that holds idle clients.
+/// Set (to `PORT COUNT SAMPLE`) in a child process that holds idle clients.
 const CLIENTS_ENV: &str = "BATON_BENCH_IDLE_CLIENTS";
 /// Connections per client process.
 const PER_CLIENT: usize = 5_000;
-/// One connection in this many gets its request at the stop signal.
-const SAMPLE: usize = 100;
+/// One connection in this many gets its request at the stop signal
+/// (`--sample N`; 0: none, the idle handover alone).
+static SAMPLE: AtomicUsize = AtomicUsize::new(100);
 /// Fds a generation needs besides its connections (sockets, runtime,
 /// pipes), with room to spare.
 const OWN_FDS: usize = 200;
@@ -88,6 +92,9 @@ fn main() {
         None if full => vec![1_000, 10_000, 20_000],
         None => vec![200],
     };
+    if let Some(v) = arg("--sample") {
+        SAMPLE.store(v.parse().expect("--sample: a number (0: no request at the stop signal)"), Ordering::Relaxed);
+    }
     let runs: usize = arg("--runs").map_or(if full { 3 } else { 1 }, |v| v.parse().expect("--runs: a number"));
     let only = arg("--only");
     let wanted = |what: &str| only.as_deref().is_none_or(|o| o == what);
@@ -303,7 +310,7 @@ impl Clients {
             let count = left.min(PER_CLIENT);
             left -= count;
             let mut child = Command::new(std::env::current_exe().expect("own path"))
-                .env(CLIENTS_ENV, format!("{port} {count}"))
+                .env(CLIENTS_ENV, format!("{port} {count} {}", SAMPLE.load(Ordering::Relaxed)))
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .spawn()
@@ -374,6 +381,7 @@ struct Answers {
 fn clients_process(spec: &str) {
     let mut parts = spec.split_whitespace().map(|v| v.parse::<usize>().expect("a number"));
     let (port, n) = (parts.next().expect("port") as u16, parts.next().expect("count"));
+    let sample = parts.next().expect("sample");
     raise_nofile(n as u64 + 100);
     let mut old_pid = 0;
     let mut streams = Vec::with_capacity(n);
@@ -407,7 +415,7 @@ fn clients_process(spec: &str) {
             s.set_nonblocking(true).unwrap();
             tokio::net::TcpStream::from_std(s).unwrap()
         });
-        let (sampled, rest): (Vec<_>, Vec<_>) = streams.enumerate().partition(|(i, _)| i % SAMPLE == 0);
+        let (sampled, rest): (Vec<_>, Vec<_>) = streams.enumerate().partition(|(i, _)| sample > 0 && i % sample == 0);
         let mut early: tokio::task::JoinSet<_> = sampled.into_iter().map(|(_, s)| ask(s)).collect();
         let order = tokio::task::spawn_blocking(|| {
             let mut line = String::new();
