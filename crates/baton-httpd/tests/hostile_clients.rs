@@ -414,13 +414,18 @@ fn a_stalled_head_does_not_hold_a_stop_and_idle_connections_are_still_handed_ove
     let status = d.m.wait_stopped(SOON).unwrap_or_else(|e| panic!("the old generation did not stop: {e}"));
     assert!(status.success(), "{status:?}");
     assert!(stop.elapsed() < SOON, "the stop took {:?}", stop.elapsed());
-    assert!(stalled.closed_by_server(SOON), "the stalled connection was neither cut nor closed");
     d.m.start(common::scenarios::WAIT).unwrap();
     for c in [&mut idle, &mut never_idle] {
         let r = c.get("/healthz").unwrap();
         assert_eq!(r.status, 200);
         assert_ne!(r.pid(), old_pid, "the idle connection was not handed over");
     }
+    // Checked once the next generation runs: if the drain began before the
+    // old generation read the partial head (a race on a loaded machine),
+    // the connection was idle to it and was rightly handed over with those
+    // bytes unread, and it is the next generation's header deadline that
+    // cuts it. A clean CI run once found it still open after the stop.
+    assert!(stalled.closed_by_server(SOON), "the stalled connection was neither cut nor closed");
 }
 
 /// Deadlines too long for the clock (a typo'd `--drain-timeout`, say) mean
